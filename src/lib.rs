@@ -1,0 +1,10 @@
+//! s3nfs: S3 buckets served over NFSv3 to the kernel's own NFS client.
+//!
+//! # Layout
+//! - [`store`]: the object-store trait and its three implementations (S3, embedded, faulty).
+//! - [`meta`]: the per-volume sled namespace and the write-ahead journal in front of it.
+//! - [`fs`]: the protocol-free filesystem core: namespace operations, staging, uploads, reads.
+//! - [`nfs`]: the thin nfsserve adapter over [`fs`].
+//! - [`actors`]: the supervisor and per-volume actors (actix) that own volumes and listeners.
+
+pub mod store;

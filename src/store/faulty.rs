@@ -1,0 +1,2 @@
+//! A store wrapper that injects failures for tests. (being written)
+pub struct FaultyStore;

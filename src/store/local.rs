@@ -1,0 +1,2 @@
+//! The embedded default store: objects in a local directory. (being written)
+pub struct LocalStore;
