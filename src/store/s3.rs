@@ -1,6 +1,34 @@
-//! aws-sdk-s3 implementation of [`ObjectStore`](super::ObjectStore). (being written)
+//! aws-sdk-s3 implementation of [`ObjectStore`](super::ObjectStore).
 
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::interceptors::{
+    BeforeDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextRef,
+};
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
+    ResponseChecksumValidation, RuntimeComponents,
+};
+use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
+use aws_sdk_s3::Client;
+use aws_smithy_http_client::tls;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use bytes::Bytes;
+use tracing::{Instrument, Span};
+
+use super::{
+    Body, ListPage, ObjectMeta, ObjectStore, ObjectSummary, Part, StoreError, StoreResult, UserMeta,
+};
 
 /// A secret string: never printed, never logged.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -28,4 +56,688 @@ pub struct S3Config {
     pub session_token: Option<Secret>,
 }
 
-pub struct S3Store;
+/// An [`ObjectStore`] over aws-sdk-s3: AWS, MinIO, Garage, or any S3-compatible service.
+///
+/// Built without aws-config: region, endpoint, path style and credentials come from
+/// [`S3Config`] (credentials fall back to the `AWS_*` environment variables). HTTPS works
+/// through rustls with ring and the platform's root certificates. Connect timeout 5 s,
+/// attempt timeout 60 s, the SDK's standard retry with 3 attempts.
+///
+/// Every request runs in a `tracing` span `s3.request` with the fields `op`, `bucket`, `key`,
+/// `bytes`, `status` (the last HTTP status seen), `attempts` and `error`.
+#[derive(Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    endpoint: String,
+}
+
+impl fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .finish()
+    }
+}
+
+/// Connect timeout of every connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of one attempt of one request (the body included).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts per request, the first included.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+impl S3Store {
+    /// Builds the client. Makes no request: call [`ObjectStore::check`] to find out whether the
+    /// bucket and the credentials work. Fails when no credentials are configured or found in
+    /// the environment, or when the bucket name is empty.
+    pub async fn connect(cfg: S3Config) -> anyhow::Result<S3Store> {
+        anyhow::ensure!(!cfg.bucket.is_empty(), "no bucket given");
+        let credentials = credentials(&cfg)?;
+        let region = if cfg.region.is_empty() {
+            "us-east-1".to_string()
+        } else {
+            cfg.region.clone()
+        };
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut builder = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(region.clone()))
+            .credentials_provider(credentials)
+            .http_client(http)
+            .force_path_style(cfg.path_style)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
+            // Checksums only where S3 requires them: the newer "when supported" default sends
+            // aws-chunked bodies with trailing checksums, which not every S3-compatible service
+            // accepts.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .interceptor(StatusRecorder);
+        if let Some(endpoint) = &cfg.endpoint {
+            builder = builder.endpoint_url(endpoint.clone());
+        }
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+        Ok(S3Store {
+            client: Client::from_conf(builder.build()),
+            bucket: cfg.bucket,
+            endpoint,
+        })
+    }
+
+    /// The bucket this store works in.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn span(&self, op: &'static str, key: &str) -> Span {
+        tracing::info_span!(
+            "s3.request",
+            op,
+            bucket = %self.bucket,
+            key = %key,
+            bytes = tracing::field::Empty,
+            status = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            error = tracing::field::Empty,
+        )
+    }
+
+    fn classify<E>(&self, err: SdkError<E, HttpResponse>, key: &str) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        classify(err, &self.bucket, key)
+    }
+
+    fn copy_source(&self, key: &str) -> String {
+        format!("{}/{}", self.bucket, encode_key(key))
+    }
+}
+
+/// Runs one request future inside its span, with the span reachable by [`StatusRecorder`].
+async fn traced<T, F>(span: Span, fut: F) -> StoreResult<T>
+where
+    F: Future<Output = StoreResult<T>>,
+{
+    let request = Request {
+        span: span.clone(),
+        attempts: Cell::new(0),
+    };
+    let result = REQUEST.scope(request, fut).instrument(span.clone()).await;
+    if let Err(e) = &result {
+        span.record("error", tracing::field::display(e));
+        if !matches!(e, StoreError::NotFound(_)) {
+            span.in_scope(|| tracing::debug!(error = %e, "s3 request failed"));
+        }
+    }
+    result
+}
+
+struct Request {
+    span: Span,
+    attempts: Cell<u32>,
+}
+
+tokio::task_local! {
+    static REQUEST: Request;
+}
+
+/// Records the attempt count and each response's status on the request's span.
+#[derive(Debug)]
+struct StatusRecorder;
+
+impl Intercept for StatusRecorder {
+    fn name(&self) -> &'static str {
+        "s3nfs::StatusRecorder"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _ctx: &BeforeTransmitInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let _ = REQUEST.try_with(|r| {
+            let n = r.attempts.get() + 1;
+            r.attempts.set(n);
+            r.span.record("attempts", n);
+        });
+        Ok(())
+    }
+
+    fn read_before_deserialization(
+        &self,
+        ctx: &BeforeDeserializationInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let status = ctx.response().status().as_u16();
+        let _ = REQUEST.try_with(|r| {
+            r.span.record("status", status);
+        });
+        Ok(())
+    }
+}
+
+fn credentials(cfg: &S3Config) -> anyhow::Result<Credentials> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let (access, secret, token) = match (&cfg.access_key, &cfg.secret_key) {
+        (Some(a), Some(s)) => (
+            a.clone(),
+            s.0.clone(),
+            cfg.session_token.as_ref().map(|t| t.0.clone()),
+        ),
+        (Some(_), None) | (None, Some(_)) => {
+            anyhow::bail!("give both the access key and the secret key, or neither")
+        }
+        (None, None) => match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+            (Some(a), Some(s)) => (a, s, env("AWS_SESSION_TOKEN")),
+            _ => anyhow::bail!(
+                "no S3 credentials: give an access key and secret key, \
+                 or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ),
+        },
+    };
+    Ok(Credentials::new(access, secret, token, None, "s3nfs"))
+}
+
+/// Percent-encodes a key for `x-amz-copy-source`: everything but unreserved characters and `/`.
+pub fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for &b in key.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn strip_etag(etag: Option<&str>) -> String {
+    etag.unwrap_or_default().trim_matches('"').to_string()
+}
+
+fn quote_etag(etag: &str) -> String {
+    if etag.starts_with('"') {
+        etag.to_string()
+    } else {
+        format!("\"{etag}\"")
+    }
+}
+
+fn secs(t: Option<&DateTime>) -> i64 {
+    t.map(|t| t.secs()).unwrap_or(0)
+}
+
+fn to_map(meta: &UserMeta) -> HashMap<String, String> {
+    meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn from_map(meta: Option<&HashMap<String, String>>) -> UserMeta {
+    meta.into_iter()
+        .flatten()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect()
+}
+
+async fn byte_stream(body: Body) -> StoreResult<ByteStream> {
+    match body {
+        Body::Bytes(b) => Ok(ByteStream::from(b)),
+        Body::File { path, offset, len } => ByteStream::read_from()
+            .path(&path)
+            .offset(offset)
+            .length(Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| StoreError::Io(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Maps an SDK error to a [`StoreError`].
+fn classify<E>(err: SdkError<E, HttpResponse>, bucket: &str, key: &str) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::ConstructionFailure(_) => {
+            StoreError::Invalid(DisplayErrorContext(&err).to_string())
+        }
+        SdkError::TimeoutError(_) => {
+            StoreError::Unavailable(format!("request timed out: {}", DisplayErrorContext(&err)))
+        }
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            StoreError::Unavailable(DisplayErrorContext(&err).to_string())
+        }
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let e = service.err();
+            let code = e.code().unwrap_or_default();
+            let message = e.message().unwrap_or_default();
+            let text = if code.is_empty() && message.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                format!("HTTP {status} {code}: {message}")
+            };
+            match code {
+                "NoSuchBucket" => return StoreError::NoSuchBucket(bucket.to_string()),
+                "NoSuchKey" | "NotFound" | "NoSuchUpload" => {
+                    return StoreError::NotFound(key.to_string())
+                }
+                "AccessDenied"
+                | "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "Forbidden"
+                | "InvalidToken"
+                | "ExpiredToken"
+                | "AccountProblem"
+                | "AllAccessDisabled" => return StoreError::AccessDenied(code.to_string()),
+                "SlowDown"
+                | "ServiceUnavailable"
+                | "InternalError"
+                | "RequestTimeout"
+                | "Throttling"
+                | "ThrottlingException"
+                | "RequestTimeTooSkewed" => return StoreError::Unavailable(text),
+                _ => {}
+            }
+            match status {
+                404 => StoreError::NotFound(key.to_string()),
+                401 | 403 => StoreError::AccessDenied(if code.is_empty() {
+                    format!("HTTP {status}")
+                } else {
+                    code.to_string()
+                }),
+                408 | 429 | 500..=599 => StoreError::Unavailable(text),
+                _ => StoreError::Invalid(text),
+            }
+        }
+        _ => StoreError::Unavailable(DisplayErrorContext(&err).to_string()),
+    }
+}
+
+fn is_invalid_range<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    match err {
+        SdkError::ServiceError(s) => {
+            s.raw().status().as_u16() == 416 || s.err().code() == Some("InvalidRange")
+        }
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    fn describe(&self) -> String {
+        format!("s3 bucket {:?} at {}", self.bucket, self.endpoint)
+    }
+
+    async fn check(&self) -> StoreResult<()> {
+        let span = self.span("ListObjectsV2", "");
+        traced(span, async {
+            self.client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .max_keys(1)
+                .send()
+                .await
+                .map_err(|e| self.classify(e, ""))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        let span = self.span("HeadObject", key);
+        traced(span, async {
+            let out = match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    return match self.classify(e, key) {
+                        StoreError::NotFound(_) => Ok(None),
+                        other => Err(other),
+                    }
+                }
+            };
+            Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+                etag: strip_etag(out.e_tag()),
+                last_modified: secs(out.last_modified()),
+                user: from_map(out.metadata()),
+            }))
+        })
+        .await
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        let span = self.span("GetObject", key);
+        traced(span.clone(), async {
+            if range.start >= range.end {
+                // No bytes asked for; S3 has no empty range, so only check the object exists.
+                return match self.head(key).await? {
+                    Some(_) => Ok(Bytes::new()),
+                    None => Err(StoreError::NotFound(key.to_string())),
+                };
+            }
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .range(format!("bytes={}-{}", range.start, range.end - 1))
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                // The range starts at or past the end: the object exists, no bytes there.
+                Err(e) if is_invalid_range(&e) => return Ok(Bytes::new()),
+                Err(e) => return Err(self.classify(e, key)),
+            };
+            let data = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?
+                .into_bytes();
+            span.record("bytes", data.len() as u64);
+            Ok(data)
+        })
+        .await
+    }
+
+    async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
+        let span = self.span("PutObject", key);
+        span.record("bytes", body.len());
+        traced(span, async {
+            let len = body.len();
+            let out = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .content_length(len as i64)
+                .set_metadata(Some(to_map(meta)))
+                .body(byte_stream(body).await?)
+                .send()
+                .await
+                .map_err(|e| self.classify(e, key))?;
+            Ok(strip_etag(out.e_tag()))
+        })
+        .await
+    }
+
+    async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
+        let span = self.span("CopyObject", dst);
+        traced(span, async {
+            let out = self
+                .client
+                .copy_object()
+                .bucket(&self.bucket)
+                .key(dst)
+                .copy_source(self.copy_source(src))
+                .metadata_directive(MetadataDirective::Replace)
+                .set_metadata(Some(to_map(meta)))
+                .send()
+                .await
+                .map_err(|e| self.classify(e, src))?;
+            Ok(strip_etag(out.copy_object_result().and_then(|r| r.e_tag())))
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let span = self.span("DeleteObject", key);
+        traced(span, async {
+            match self
+                .client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => match self.classify(e, key) {
+                    StoreError::NotFound(_) => Ok(()),
+                    other => Err(other),
+                },
+            }
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        continuation: Option<String>,
+        max_keys: usize,
+    ) -> StoreResult<ListPage> {
+        let span = self.span("ListObjectsV2", prefix);
+        traced(span, async {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_delimiter(delimiter.map(str::to_string))
+                .set_continuation_token(continuation)
+                .max_keys(max_keys.clamp(1, 1000) as i32)
+                .send()
+                .await
+                .map_err(|e| self.classify(e, prefix))?;
+            let objects = out
+                .contents()
+                .iter()
+                .map(|o| ObjectSummary {
+                    key: o.key().unwrap_or_default().to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: strip_etag(o.e_tag()),
+                    last_modified: secs(o.last_modified()),
+                })
+                .collect();
+            let prefixes = out
+                .common_prefixes()
+                .iter()
+                .filter_map(|p| p.prefix().map(str::to_string))
+                .collect();
+            let next = if out.is_truncated() == Some(true) {
+                out.next_continuation_token().map(str::to_string)
+            } else {
+                None
+            };
+            Ok(ListPage {
+                objects,
+                prefixes,
+                next,
+            })
+        })
+        .await
+    }
+
+    async fn create_multipart(&self, key: &str, meta: &UserMeta) -> StoreResult<String> {
+        let span = self.span("CreateMultipartUpload", key);
+        traced(span, async {
+            let out = self
+                .client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .set_metadata(Some(to_map(meta)))
+                .send()
+                .await
+                .map_err(|e| self.classify(e, key))?;
+            out.upload_id().map(str::to_string).ok_or_else(|| {
+                StoreError::Invalid("CreateMultipartUpload returned no upload id".into())
+            })
+        })
+        .await
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Body,
+    ) -> StoreResult<String> {
+        let span = self.span("UploadPart", key);
+        span.record("bytes", body.len());
+        traced(span, async {
+            let len = body.len();
+            let out = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .content_length(len as i64)
+                .body(byte_stream(body).await?)
+                .send()
+                .await
+                .map_err(|e| self.classify(e, key))?;
+            Ok(strip_etag(out.e_tag()))
+        })
+        .await
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        src: &str,
+        range: Range<u64>,
+    ) -> StoreResult<String> {
+        let span = self.span("UploadPartCopy", key);
+        span.record("bytes", range.end.saturating_sub(range.start));
+        traced(span, async {
+            if range.start >= range.end {
+                return Err(StoreError::Invalid(format!(
+                    "empty range {range:?} for UploadPartCopy from {src}"
+                )));
+            }
+            let out = self
+                .client
+                .upload_part_copy()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .copy_source(self.copy_source(src))
+                .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
+                .send()
+                .await
+                .map_err(|e| self.classify(e, src))?;
+            Ok(strip_etag(out.copy_part_result().and_then(|r| r.e_tag())))
+        })
+        .await
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[Part],
+    ) -> StoreResult<String> {
+        let span = self.span("CompleteMultipartUpload", key);
+        traced(span, async {
+            let completed = CompletedMultipartUpload::builder()
+                .set_parts(Some(
+                    parts
+                        .iter()
+                        .map(|p| {
+                            CompletedPart::builder()
+                                .part_number(p.number)
+                                .e_tag(quote_etag(&p.etag))
+                                .build()
+                        })
+                        .collect(),
+                ))
+                .build();
+            let out = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .multipart_upload(completed)
+                .send()
+                .await
+                .map_err(|e| self.classify(e, key))?;
+            Ok(strip_etag(out.e_tag()))
+        })
+        .await
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        let span = self.span("AbortMultipartUpload", key);
+        traced(span, async {
+            match self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => match self.classify(e, key) {
+                    StoreError::NotFound(_) => Ok(()),
+                    other => Err(other),
+                },
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_source_encoding() {
+        assert_eq!(encode_key("a/b c+d%é"), "a/b%20c%2Bd%25%C3%A9");
+        assert_eq!(encode_key("x-y_z.~/"), "x-y_z.~/");
+    }
+
+    #[test]
+    fn secret_is_not_printed() {
+        let cfg = S3Config {
+            secret_key: Some(Secret("hunter2".into())),
+            ..Default::default()
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn etags() {
+        assert_eq!(strip_etag(Some("\"abc\"")), "abc");
+        assert_eq!(quote_etag("abc"), "\"abc\"");
+        assert_eq!(quote_etag("\"abc\""), "\"abc\"");
+    }
+}
