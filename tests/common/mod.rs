@@ -1,0 +1,5 @@
+//! Shared helpers for the integration tests. Each test binary uses only some of them.
+#![allow(dead_code)]
+
+pub mod contract;
+pub mod garage;

@@ -1,0 +1,93 @@
+//! The store contract and the error mapping of `S3Store`, against a real Garage.
+
+mod common;
+
+use common::contract::contract;
+use common::garage;
+use s3nfs::store::s3::{S3Config, S3Store, Secret};
+use s3nfs::store::{ObjectStore, StoreError};
+
+async fn store(cfg: S3Config) -> S3Store {
+    S3Store::connect(cfg).await.expect("connect")
+}
+
+#[tokio::test]
+async fn s3_store_contract() {
+    let g = garage::shared();
+    let bucket = g.unique_bucket();
+    let s3 = store(g.s3_config(&bucket)).await;
+    assert!(s3.describe().contains(&bucket));
+    assert!(!s3.describe().contains(&g.secret_key));
+    contract(&s3).await;
+}
+
+#[tokio::test]
+async fn wrong_secret_is_access_denied() {
+    let g = garage::shared();
+    let bucket = g.unique_bucket();
+    let mut cfg = g.s3_config(&bucket);
+    cfg.secret_key = Some(Secret("0".repeat(64)));
+    match store(cfg).await.check().await {
+        Err(StoreError::AccessDenied(code)) => assert!(!code.is_empty()),
+        other => panic!("check with a wrong secret: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unknown_access_key_is_access_denied() {
+    let g = garage::shared();
+    let bucket = g.unique_bucket();
+    let mut cfg = g.s3_config(&bucket);
+    cfg.access_key = Some("GK0123456789abcdef01234567".into());
+    match store(cfg).await.check().await {
+        Err(StoreError::AccessDenied(_)) => {}
+        other => panic!("check with an unknown key: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn missing_bucket_is_no_such_bucket() {
+    let g = garage::shared();
+    let s3 = store(g.s3_config("no-such-bucket-here")).await;
+    match s3.check().await {
+        Err(StoreError::NoSuchBucket(b)) => assert_eq!(b, "no-such-bucket-here"),
+        other => panic!("check of a missing bucket: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn closed_port_is_unavailable() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = S3Config {
+        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        bucket: "b".into(),
+        region: "garage".into(),
+        path_style: true,
+        access_key: Some("GKtest".into()),
+        secret_key: Some(Secret("secret".into())),
+        session_token: None,
+    };
+    let s3 = store(cfg).await;
+    let err = s3.check().await.expect_err("check against a closed port");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.is_transient());
+    let err = s3.head("k").await.expect_err("head against a closed port");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn connect_without_credentials_fails_clearly() {
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+        return;
+    }
+    let cfg = S3Config {
+        bucket: "b".into(),
+        region: "us-east-1".into(),
+        ..Default::default()
+    };
+    let err = S3Store::connect(cfg).await.expect_err("no credentials");
+    assert!(err.to_string().contains("AWS_ACCESS_KEY_ID"), "{err}");
+}
