@@ -6,5 +6,12 @@
 //! - [`fs`]: the protocol-free filesystem core: namespace operations, staging, uploads, reads.
 //! - [`nfs`]: the thin nfsserve adapter over [`fs`].
 //! - [`actors`]: the supervisor and per-volume actors (actix) that own volumes and listeners.
+//! - [`config`]: exports, from flags or a config file.
 
+pub mod actors;
+pub mod config;
+pub mod fs;
+pub mod meta;
+pub mod nfs;
 pub mod store;
+pub mod telemetry;

@@ -1,0 +1,200 @@
+//! Exports: what to serve, where from, and on which port. From command-line flags (one export)
+//! or a TOML file (several, each on its own port).
+//!
+//! ```toml
+//! [[export]]
+//! name = "team-a"
+//! listen = "127.0.0.1:20490"
+//! endpoint = "http://127.0.0.1:9000"   # omit for the embedded store
+//! bucket = "data"
+//! prefix = "team-a/"
+//! region = "us-east-1"
+//! flush_delay = "2s"
+//! refresh = "5s"
+//! ```
+//! Credentials are never read from this file: they come from `AWS_ACCESS_KEY_ID` /
+//! `AWS_SECRET_ACCESS_KEY` (or the `--access-key` / `--secret-key` flags), so the file can be
+//! world-readable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::store::s3::S3Config;
+
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The embedded object store in a local directory.
+    Local {
+        dir: PathBuf,
+    },
+    S3(S3Config),
+}
+
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub backend: Backend,
+    pub prefix: String,
+    pub state_dir: PathBuf,
+    pub flush_delay: Duration,
+    pub refresh: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileExport {
+    name: String,
+    listen: SocketAddr,
+    endpoint: Option<String>,
+    bucket: Option<String>,
+    #[serde(default)]
+    prefix: String,
+    region: Option<String>,
+    path_style: Option<bool>,
+    data_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    flush_delay: Option<String>,
+    refresh: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(rename = "export")]
+    exports: Vec<FileExport>,
+}
+
+/// "2s", "500ms", "1m", or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected e.g. 2s, 500ms, 1m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?}: use ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Normalises a key prefix: no leading '/', one trailing '/' unless empty.
+pub fn normalize_prefix(p: &str) -> String {
+    let p = p.trim_matches('/');
+    if p.is_empty() {
+        String::new()
+    } else {
+        format!("{p}/")
+    }
+}
+
+pub fn load(path: &Path, base_state: &Path, creds: &S3Config) -> anyhow::Result<Vec<Export>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+    let file: File =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    let mut ports = std::collections::HashSet::new();
+    for e in file.exports {
+        if !ports.insert(e.listen) {
+            anyhow::bail!(
+                "config {}: two exports listen on {}",
+                path.display(),
+                e.listen
+            );
+        }
+        let backend = match (&e.endpoint, &e.bucket) {
+            (None, None) => Backend::Local {
+                dir: e
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("s3nfs-data"))
+                    .join("objects"),
+            },
+            (_, Some(bucket)) => Backend::S3(S3Config {
+                endpoint: e.endpoint.clone(),
+                bucket: bucket.clone(),
+                region: e.region.clone().unwrap_or_else(|| creds.region.clone()),
+                path_style: e.path_style.unwrap_or(true),
+                ..creds.clone()
+            }),
+            (Some(_), None) => anyhow::bail!("export {}: an endpoint needs a bucket", e.name),
+        };
+        out.push(Export {
+            listen: e.listen,
+            backend,
+            prefix: normalize_prefix(&e.prefix),
+            state_dir: e
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| base_state.join(&e.name)),
+            flush_delay: e
+                .flush_delay
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .unwrap_or(Duration::from_secs(2)),
+            refresh: e
+                .refresh
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .unwrap_or(Duration::from_secs(5)),
+            name: e.name,
+        });
+    }
+    if out.is_empty() {
+        anyhow::bail!("config {}: no [[export]] sections", path.display());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_prefixes() {
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("2h").is_err());
+        assert_eq!(normalize_prefix("/team-a"), "team-a/");
+        assert_eq!(normalize_prefix(""), "");
+    }
+
+    #[test]
+    fn config_file_with_two_exports() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[[export]]\nname='a'\nlisten='127.0.0.1:1'\n[[export]]\nname='b'\nlisten='127.0.0.1:2'\nendpoint='http://127.0.0.1:9'\nbucket='x'\nprefix='p'\n",
+        )
+        .unwrap();
+        let e = load(&p, dir.path(), &S3Config::default()).unwrap();
+        assert_eq!(e.len(), 2);
+        assert!(matches!(e[0].backend, Backend::Local { .. }));
+        assert_eq!(e[1].prefix, "p/");
+        std::fs::write(
+            &p,
+            "[[export]]\nname='a'\nlisten='127.0.0.1:1'\nsecret_key='x'\n",
+        )
+        .unwrap();
+        assert!(
+            load(&p, dir.path(), &S3Config::default()).is_err(),
+            "secrets are refused in the file"
+        );
+    }
+}

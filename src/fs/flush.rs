@@ -1,0 +1,590 @@
+//! The flusher: turns pending journal records into S3 requests.
+//!
+//! - `X` records (objects to delete) go first, each under the lock of its key and only when no
+//!   live inode maps to that key any more (a file created again under the same name, or moved onto
+//!   it, must not lose its new object to the old one's deletion).
+//! - `P` records: directories and symlinks are PUT at once; a file's staged bytes are uploaded
+//!   once the file has been idle for the flush delay (or at once when forced: shutdown, unpublish,
+//!   an operator's flush). Files past two parts stream as a multipart upload while they are still
+//!   being written. A file whose bytes are already in S3 but whose key or attributes changed is
+//!   moved or rewritten server-side by CopyObject.
+//! - A record is cleared only if nothing changed while its S3 request was in flight (the change
+//!   sequence in `P` and the staged file's generation are compared), so a write racing an upload
+//!   is never marked clean.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tracing::Instrument;
+
+use super::names::user_meta;
+use super::staging::{Multipart, Staged};
+use super::{FsError, FsResult, Volume};
+use crate::meta::{Batch, Ino, Inode, Kind, Remote, ROOT_INO};
+use crate::store::{Body, Part};
+
+pub struct FlushState {
+    pub(crate) uploads: tokio::sync::Semaphore,
+    notify: tokio::sync::Notify,
+    /// Bumped every time S3 catches up with an inode; listings older than an inode's epoch do
+    /// not override it.
+    epoch: AtomicU64,
+    dirty_bytes: AtomicU64,
+    stream_wanted: Mutex<HashSet<Ino>>,
+    streaming: Mutex<HashSet<Ino>>,
+    key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Counters for status and metrics.
+    pub uploaded_bytes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl FlushState {
+    pub fn new(concurrency: usize) -> FlushState {
+        FlushState {
+            uploads: tokio::sync::Semaphore::new(concurrency.max(1)),
+            notify: tokio::sync::Notify::new(),
+            epoch: AtomicU64::new(1),
+            dirty_bytes: AtomicU64::new(0),
+            stream_wanted: Mutex::new(HashSet::new()),
+            streaming: Mutex::new(HashSet::new()),
+            key_locks: Mutex::new(HashMap::new()),
+            uploaded_bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Acquire)
+    }
+
+    pub fn kick(&self) {
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn note_write(&self, st: &Staged, part_size: u64) {
+        if st.size() >= 2 * part_size && !self.streaming.lock().unwrap().contains(&st.ino) {
+            self.stream_wanted.lock().unwrap().insert(st.ino);
+            self.notify.notify_one();
+        }
+    }
+
+    pub async fn wait(&self) {
+        self.notify.notified().await
+    }
+
+    async fn key_lock(&self, key: &str) -> KeyGuard<'_> {
+        let m = self
+            .key_locks
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let guard = m.clone().lock_owned().await;
+        KeyGuard {
+            state: self,
+            key: key.to_string(),
+            _guard: Some(guard),
+            m,
+        }
+    }
+}
+
+struct KeyGuard<'a> {
+    state: &'a FlushState,
+    key: String,
+    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    m: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        self._guard.take();
+        let mut locks = self.state.key_locks.lock().unwrap();
+        // The map's own reference and ours: nobody else waits for this key.
+        if Arc::strong_count(&self.m) == 2 {
+            locks.remove(&self.key);
+        }
+    }
+}
+
+/// What an upload produced, to be recorded if nothing changed meanwhile.
+struct Synced {
+    remote: Remote,
+    /// Staged file generation the upload was taken from.
+    gen: Option<u64>,
+}
+
+impl Volume {
+    /// Uploads everything pending now, ignoring the flush delay; returns when nothing is pending
+    /// or an S3 error stops progress (the error is returned; the work stays journalled).
+    pub async fn flush_all(self: &Arc<Self>) -> FsResult<()> {
+        let mut last = usize::MAX;
+        loop {
+            let left = self.flush_round(true).await?;
+            if left == 0 {
+                return Ok(());
+            }
+            if left >= last {
+                // No progress in a forced round: something keeps failing.
+                return Err(FsError::Retry(format!(
+                    "{left} inodes still pending after a full flush round"
+                )));
+            }
+            last = left;
+        }
+    }
+
+    /// One pass over the journal. Returns how many inodes and deletions are still pending.
+    pub async fn flush_round(self: &Arc<Self>, force: bool) -> FsResult<usize> {
+        let span = tracing::info_span!("flush", force, pending = tracing::field::Empty);
+        async move {
+            self.start_streams();
+            let mut first_err: Option<FsError> = None;
+            let deletes = self.meta.all_deletes()?;
+            let results: Vec<_> =
+                futures::stream::iter(deletes.into_iter().map(|(seq, key)| async move {
+                    let r = self.delete_key(&key, None).await;
+                    if r.is_ok() {
+                        let mut b = Batch::new();
+                        b.done_delete(seq);
+                        self.meta.commit(b)?;
+                    }
+                    r
+                }))
+                .buffer_unordered(self.cfg.upload_concurrency)
+                .collect()
+                .await;
+            for r in results {
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+            }
+
+            let pending = self.meta.all_pending()?;
+            tracing::Span::current().record("pending", pending.len());
+            let mut dirty = 0;
+            let mut due = Vec::new();
+            for (ino, seq) in pending {
+                let st = self.staged(ino);
+                if let Some(st) = &st {
+                    if st.content_dirty.load(Ordering::Acquire) {
+                        dirty += st.size();
+                        let idle = st.last_write.lock().unwrap().elapsed();
+                        if !force
+                            && (idle < self.cfg.flush_delay
+                                || self.flusher.streaming.lock().unwrap().contains(&ino))
+                        {
+                            continue;
+                        }
+                    }
+                }
+                due.push((ino, seq));
+            }
+            self.flusher.dirty_bytes.store(dirty, Ordering::Release);
+            let results: Vec<_> =
+                futures::stream::iter(due.into_iter().map(|(ino, seq)| self.sync_inode(ino, seq)))
+                    .buffer_unordered(self.cfg.upload_concurrency)
+                    .collect()
+                    .await;
+            for r in results {
+                if let Err(e) = r {
+                    self.flusher.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "upload failed; it stays journalled and is retried");
+                    first_err.get_or_insert(e);
+                }
+            }
+            let left = self.meta.pending_count() + self.meta.all_deletes()?.len();
+            match first_err {
+                Some(e) if force => Err(e),
+                _ => Ok(left),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The inode whose key is `key` now, if any.
+    fn resolve_key(&self, key: &str) -> FsResult<Option<Ino>> {
+        let Some(rest) = key.strip_prefix(self.cfg.prefix.as_str()) else {
+            return Ok(None);
+        };
+        let is_dir = rest.ends_with('/');
+        let mut cur = ROOT_INO;
+        for comp in rest.trim_end_matches('/').split('/') {
+            match self.meta.lookup(cur, comp.as_bytes())? {
+                Some(i) => cur = i,
+                None => return Ok(None),
+            }
+        }
+        let inode = self.meta.inode(cur)?;
+        Ok(inode
+            .filter(|i| (i.kind == Kind::Dir) == is_dir)
+            .map(|i| i.ino))
+    }
+
+    /// Deletes `key` unless a live inode (other than `except`) maps to it.
+    async fn delete_key(&self, key: &str, except: Option<Ino>) -> FsResult<()> {
+        let _k = self.flusher.key_lock(key).await;
+        if let Some(owner) = self.resolve_key(key)? {
+            if Some(owner) != except {
+                return Ok(());
+            }
+        }
+        self.store.delete(key).await?;
+        Ok(())
+    }
+
+    async fn sync_inode(self: &Arc<Self>, ino: Ino, seq: u64) -> FsResult<()> {
+        let Some(inode) = self.meta.inode(ino)? else {
+            let mut b = Batch::new();
+            b.clear_pending(ino);
+            return Ok(self.meta.commit(b)?);
+        };
+        if ino == ROOT_INO {
+            return self.record(ino, seq, None, None).await;
+        }
+        let key = self.key_of(&inode)?;
+        let meta = user_meta(&inode);
+        let span = tracing::info_span!("sync_inode", ino, key = %key);
+        let synced = async {
+            match inode.kind {
+                Kind::Dir => self.put_small(&key, Bytes::new(), &meta).await.map(Some),
+                Kind::Symlink => self
+                    .put_small(&key, Bytes::from(inode.target.clone()), &meta)
+                    .await
+                    .map(Some),
+                Kind::File => match self.staged(ino) {
+                    Some(st) if st.content_dirty.load(Ordering::Acquire) => {
+                        self.upload_staged(&st, &inode, &key, &meta).await
+                    }
+                    _ => match &inode.remote {
+                        Some(r) => {
+                            let _k = self.flusher.key_lock(&key).await;
+                            let etag = self.store.copy(&r.key, &key, &meta).await?;
+                            Ok(Some(Synced {
+                                remote: Remote {
+                                    key: key.clone(),
+                                    etag,
+                                    size: r.size,
+                                },
+                                gen: None,
+                            }))
+                        }
+                        None => self.put_small(&key, Bytes::new(), &meta).await.map(Some),
+                    },
+                },
+            }
+        }
+        .instrument(span)
+        .await?;
+        let Some(synced) = synced else { return Ok(()) };
+        if let Some(old) = &inode.remote {
+            if old.key != synced.remote.key {
+                self.delete_key(&old.key, None).await?;
+            }
+        }
+        let st = self.staged(ino);
+        self.record(ino, seq, Some(synced), st).await
+    }
+
+    async fn put_small(
+        &self,
+        key: &str,
+        body: Bytes,
+        meta: &crate::store::UserMeta,
+    ) -> FsResult<Synced> {
+        let _permit = self
+            .flusher
+            .uploads
+            .acquire()
+            .await
+            .expect("semaphore never closed");
+        let _k = self.flusher.key_lock(key).await;
+        let size = body.len() as u64;
+        let etag = self.store.put(key, Body::Bytes(body), meta).await?;
+        self.flusher
+            .uploaded_bytes
+            .fetch_add(size, Ordering::Relaxed);
+        Ok(Synced {
+            remote: Remote {
+                key: key.to_string(),
+                etag,
+                size,
+            },
+            gen: None,
+        })
+    }
+
+    /// Uploads a staged file: one PUT of a consistent snapshot when small, else the multipart
+    /// upload (continuing what streaming started). `None` when writes raced it: try next round.
+    async fn upload_staged(
+        self: &Arc<Self>,
+        st: &Arc<Staged>,
+        inode: &Inode,
+        key: &str,
+        meta: &crate::store::UserMeta,
+    ) -> FsResult<Option<Synced>> {
+        let _ = inode;
+        if st.size() < self.cfg.part_size && st.multipart.lock().unwrap().is_none() {
+            let (bytes, gen) = {
+                let _w = st.lock.write().await;
+                let (bytes, _) = st.read_at(0, st.size() as u32)?;
+                (Bytes::from(bytes), st.gen())
+            };
+            let mut s = self.put_small(key, bytes, meta).await?;
+            s.gen = Some(gen);
+            return Ok(Some(s));
+        }
+        // Large: bring every part up to date, then complete with writers held off.
+        for _round in 0..3 {
+            self.upload_parts(st, key, meta, true).await?;
+            let _w = st.lock.write().await;
+            let size = st.size();
+            let n = size.div_ceil(self.cfg.part_size).max(1) as i32;
+            let (upload_id, mkey, parts) = {
+                let m = st.multipart.lock().unwrap();
+                let Some(m) = m.as_ref() else { continue };
+                let mut parts = Vec::new();
+                for p in 1..=n {
+                    match m.done.get(&p) {
+                        Some((etag, len)) if *len == self.part_len(size, p) => parts.push(Part {
+                            number: p,
+                            etag: etag.clone(),
+                        }),
+                        _ => break,
+                    }
+                }
+                (m.upload_id.clone(), m.key.clone(), parts)
+            };
+            if parts.len() != n as usize {
+                continue; // written to meanwhile
+            }
+            let gen = st.gen();
+            let etag = {
+                let _k = self.flusher.key_lock(&mkey).await;
+                self.store
+                    .complete_multipart(&mkey, &upload_id, &parts)
+                    .await?
+            };
+            *st.multipart.lock().unwrap() = None;
+            let mut b = Batch::new();
+            b.clear_upload(st.ino);
+            self.meta.commit(b)?;
+            return Ok(Some(Synced {
+                remote: Remote {
+                    key: mkey,
+                    etag,
+                    size,
+                },
+                gen: Some(gen),
+            }));
+        }
+        Ok(None)
+    }
+
+    fn part_len(&self, size: u64, p: i32) -> u64 {
+        let start = (p as u64 - 1) * self.cfg.part_size;
+        (size - start.min(size)).min(self.cfg.part_size)
+    }
+
+    /// Uploads parts not yet in S3: all of them when `all`, else only parts that writing has
+    /// left behind (a full part with another part written after it).
+    async fn upload_parts(
+        self: &Arc<Self>,
+        st: &Arc<Staged>,
+        key: &str,
+        meta: &crate::store::UserMeta,
+        all: bool,
+    ) -> FsResult<()> {
+        // Start (or restart, if the file moved) the multipart upload.
+        let existing = st
+            .multipart
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|m| (m.key.clone(), m.upload_id.clone()));
+        if let Some((k, id)) = &existing {
+            if k != key && all {
+                let _ = self.store.abort_multipart(k, id).await;
+                *st.multipart.lock().unwrap() = None;
+            }
+        }
+        if st.multipart.lock().unwrap().is_none() {
+            let id = self.store.create_multipart(key, meta).await?;
+            let mut b = Batch::new();
+            b.set_upload(st.ino, key, &id);
+            self.meta.commit(b)?;
+            *st.multipart.lock().unwrap() = Some(Multipart {
+                key: key.to_string(),
+                upload_id: id,
+                ..Default::default()
+            });
+        }
+        let size = st.size();
+        let n = size.div_ceil(self.cfg.part_size).max(1) as i32;
+        let todo: Vec<i32> = {
+            let mut m = st.multipart.lock().unwrap();
+            let m = m.as_mut().unwrap();
+            (1..=n)
+                .filter(|p| {
+                    let fits = m
+                        .done
+                        .get(p)
+                        .map(|(_, len)| *len == self.part_len(size, *p))
+                        .unwrap_or(false);
+                    let settled =
+                        all || (*p as u64) * self.cfg.part_size + self.cfg.part_size <= size;
+                    !fits && !m.in_flight.contains(p) && settled
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .inspect(|p| {
+                    m.in_flight.insert(*p);
+                    m.dirtied.remove(p);
+                })
+                .collect()
+        };
+        let (mkey, upload_id) = {
+            let m = st.multipart.lock().unwrap();
+            let m = m.as_ref().unwrap();
+            (m.key.clone(), m.upload_id.clone())
+        };
+        let results: Vec<FsResult<()>> = futures::stream::iter(todo.into_iter().map(|p| {
+            let mkey = mkey.clone();
+            let upload_id = upload_id.clone();
+            async move {
+                let _permit = self
+                    .flusher
+                    .uploads
+                    .acquire()
+                    .await
+                    .expect("semaphore never closed");
+                let offset = (p as u64 - 1) * self.cfg.part_size;
+                let len = self.part_len(size, p);
+                let body = Body::File {
+                    path: st.path.clone(),
+                    offset,
+                    len,
+                };
+                let r = self.store.upload_part(&mkey, &upload_id, p, body).await;
+                let mut m = st.multipart.lock().unwrap();
+                let Some(m) = m.as_mut() else { return Ok(()) };
+                m.in_flight.remove(&p);
+                let etag = r?;
+                self.flusher
+                    .uploaded_bytes
+                    .fetch_add(len, Ordering::Relaxed);
+                if !m.dirtied.remove(&p) && m.upload_id == upload_id {
+                    m.done.insert(p, (etag, len));
+                }
+                Ok(())
+            }
+        }))
+        .buffer_unordered(self.cfg.upload_concurrency)
+        .collect()
+        .await;
+        results.into_iter().collect()
+    }
+
+    /// Starts streaming uploads for files being written past two parts.
+    fn start_streams(self: &Arc<Self>) {
+        let wanted: Vec<Ino> = self.flusher.stream_wanted.lock().unwrap().drain().collect();
+        for ino in wanted {
+            if !self.flusher.streaming.lock().unwrap().insert(ino) {
+                continue;
+            }
+            let vol = self.clone();
+            tokio::spawn(
+                async move {
+                    let r = vol.stream_file(ino).await;
+                    vol.flusher.streaming.lock().unwrap().remove(&ino);
+                    if let Err(e) = r {
+                        tracing::warn!(ino, error = %e, "streaming upload paused; the file is uploaded when idle");
+                    }
+                    vol.flusher.kick();
+                }
+                .instrument(tracing::info_span!("stream_upload", ino)),
+            );
+        }
+    }
+
+    async fn stream_file(self: &Arc<Self>, ino: Ino) -> FsResult<()> {
+        loop {
+            let Some(st) = self.staged(ino) else {
+                return Ok(());
+            };
+            let Some(inode) = self.meta.inode(ino)? else {
+                return Ok(());
+            };
+            let key = self.key_of(&inode)?;
+            let before = st.size();
+            self.upload_parts(&st, &key, &user_meta(&inode), false)
+                .await?;
+            // Keep going while the writer keeps writing; stop once it pauses.
+            if st.size() == before
+                && st.last_write.lock().unwrap().elapsed() >= std::time::Duration::from_millis(200)
+            {
+                return Ok(());
+            }
+            if st.size() == before {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Records a finished sync: the remote location, and clears `P` if nothing changed meanwhile.
+    /// Takes the staged file's lock before `ns` (the lock order).
+    async fn record(
+        &self,
+        ino: Ino,
+        seq: u64,
+        synced: Option<Synced>,
+        st: Option<Arc<Staged>>,
+    ) -> FsResult<()> {
+        let _w = match &st {
+            Some(st) => Some(st.lock.write().await),
+            None => None,
+        };
+        let _g = self.ns.lock().await;
+        let mut b = Batch::new();
+        let Some(mut inode) = self.meta.inode(ino)? else {
+            // Removed while uploading: what we just wrote must go too.
+            if let Some(s) = &synced {
+                b.queue_delete(self.next_seq(), &s.remote.key);
+            }
+            b.clear_pending(ino);
+            return Ok(self.meta.commit(b)?);
+        };
+        let mut clean = self.meta.pending(ino)? == Some(seq);
+        if let Some(s) = synced {
+            if let (Some(st), Some(gen)) = (&st, s.gen) {
+                if st.gen() == gen {
+                    st.content_dirty.store(false, Ordering::Release);
+                    inode.size = s.remote.size;
+                    inode.mtime = st.mtime();
+                } else {
+                    clean = false;
+                }
+            }
+            inode.remote = Some(s.remote);
+            inode.synced_epoch = self.flusher.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+            b.put_inode(&inode);
+        }
+        if clean {
+            b.clear_pending(ino);
+            if let Some(st) = &st {
+                st.pending_marked.store(false, Ordering::Release);
+            }
+        }
+        self.meta.commit(b)?;
+        Ok(())
+    }
+}

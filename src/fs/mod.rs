@@ -1,0 +1,1265 @@
+//! The filesystem core: one [`Volume`] per export, free of any NFS type.
+//!
+//! # Design
+//! - **State.** sled (through [`MetaDb`]) is the desired state of the namespace; S3 catches up.
+//!   Every namespace change is one atomic [`Batch`] committed under `ns`, the one lock that
+//!   serialises namespace changes. File data does not queue behind it: WRITE and READ go to the
+//!   inode's staged file (see [`staging`]) or the read cache.
+//! - **Pending work.** An inode whose S3 object is behind has a `P` record; an object to delete
+//!   has an `X` record. The flusher ([`flush`]) turns them into S3 requests and clears them.
+//! - **Seeing S3.** A directory is listed from S3 (one delimiter listing) the first time it is
+//!   used and again when its listing is older than the refresh interval, so objects put, changed
+//!   or deleted by other tools show up. Local changes not yet in S3 always win over a listing.
+//! - **Lock order.** A staged file's `lock` before `ns`, never the other way round.
+
+pub mod flush;
+pub mod names;
+pub mod read;
+pub mod staging;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, MetaError, Remote, Time, ROOT_INO};
+use crate::store::{ObjectStore, StoreError};
+use names::check_name;
+use staging::Staged;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("name too long")]
+    NameTooLong,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("stale file handle")]
+    Stale,
+    #[error("no space left: {0}")]
+    NoSpace(String),
+    /// Temporarily impossible (S3 unreachable and the staging bound reached): retry later.
+    #[error("try again later: {0}")]
+    Retry(String),
+    #[error("permission denied by S3: {0}")]
+    Access(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("not supported: {0}")]
+    NotSupported(&'static str),
+}
+
+impl From<MetaError> for FsError {
+    fn from(e: MetaError) -> Self {
+        tracing::error!(error = %e, "metadata database failed");
+        FsError::Io(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for FsError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC) {
+            FsError::NoSpace(format!("staging disk full: {e}"))
+        } else {
+            FsError::Io(e.to_string())
+        }
+    }
+}
+
+impl From<StoreError> for FsError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(_) => FsError::NotFound,
+            StoreError::AccessDenied(m) => FsError::Access(m),
+            StoreError::Unavailable(m) => FsError::Retry(m),
+            StoreError::NoSuchBucket(b) => FsError::Io(format!("bucket {b} is gone")),
+            StoreError::Invalid(m) => FsError::Invalid(m),
+            StoreError::Io(m) => FsError::Io(m),
+        }
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+/// Attributes as the core reports them; the NFS adapter turns them into `fattr3`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub nlink: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(Time),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: Ino,
+    pub name: Vec<u8>,
+    pub attr: Attr,
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    /// Key prefix of the volume: empty, or ending in '/'.
+    pub prefix: String,
+    /// Local state: sled database, journal, staging files.
+    pub state_dir: PathBuf,
+    /// A dirty file is uploaded once it has been idle this long.
+    pub flush_delay: Duration,
+    /// A directory listing older than this is refreshed from S3 on next use.
+    pub refresh: Duration,
+    /// Multipart part size; also the dirty size past which a file streams to S3 as it is written.
+    pub part_size: u64,
+    /// S3 uploads in flight per volume.
+    pub upload_concurrency: usize,
+    /// Bytes per ranged GET of the read path.
+    pub read_chunk: u64,
+    /// Chunks fetched ahead of a sequential reader.
+    pub read_ahead: usize,
+    /// Memory for cached read chunks.
+    pub cache_bytes: u64,
+    /// Staged bytes not yet in S3 past which writes are told to retry later.
+    pub max_dirty_bytes: u64,
+    /// Owner reported for objects without `x-amz-meta-uid`/`gid`.
+    pub default_uid: u32,
+    pub default_gid: u32,
+}
+
+impl VolumeConfig {
+    pub fn new(state_dir: PathBuf) -> VolumeConfig {
+        VolumeConfig {
+            prefix: String::new(),
+            state_dir,
+            flush_delay: Duration::from_secs(2),
+            refresh: Duration::from_secs(5),
+            part_size: 16 << 20,
+            upload_concurrency: 8,
+            read_chunk: 4 << 20,
+            read_ahead: 8,
+            cache_bytes: 64 << 20,
+            max_dirty_bytes: 16 << 30,
+            default_uid: 0,
+            default_gid: 0,
+        }
+    }
+}
+
+pub struct Volume {
+    pub cfg: VolumeConfig,
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) meta: MetaDb,
+    /// Serialises namespace changes (see the module docs for the lock order).
+    pub(crate) ns: tokio::sync::Mutex<()>,
+    pub(crate) staged: Mutex<HashMap<Ino, Arc<Staged>>>,
+    /// Serialises bringing a file's bytes from S3 into staging.
+    stage_lock: tokio::sync::Mutex<()>,
+    staging_dir: PathBuf,
+    /// When each directory was last listed from S3 (memory only: after a restart, relist).
+    listed: Mutex<HashMap<Ino, Instant>>,
+    pub(crate) cache: read::ReadCache,
+    pub(crate) flusher: flush::FlushState,
+    volume_id: u64,
+    next_ino: AtomicU64,
+    next_seq: AtomicU64,
+}
+
+/// Inode numbers are taken from the database in blocks, so a create commits one counter update
+/// per block, not per file; the unused rest of a block after a crash is simply skipped.
+const INO_BLOCK: u64 = 1024;
+
+impl Volume {
+    /// Opens the volume's local state (replaying its journal), restores staged files and
+    /// in-flight uploads, and creates the root on first use.
+    pub async fn open(
+        cfg: VolumeConfig,
+        store: Arc<dyn ObjectStore>,
+    ) -> anyhow::Result<Arc<Volume>> {
+        std::fs::create_dir_all(&cfg.state_dir)?;
+        let staging_dir = cfg.state_dir.join("staging");
+        std::fs::create_dir_all(&staging_dir)?;
+        let meta = MetaDb::open(&cfg.state_dir.join("meta"))?;
+        let mut volume_id = meta.counter("volume_id")?;
+        let mut batch = Batch::new();
+        if volume_id == 0 {
+            volume_id = rand_u64() | 1;
+            batch.set_counter("volume_id", volume_id);
+        }
+        if meta.inode(ROOT_INO)?.is_none() {
+            let now = Time::now();
+            batch.put_inode(&Inode {
+                ino: ROOT_INO,
+                parent: ROOT_INO,
+                name: Vec::new(),
+                kind: Kind::Dir,
+                mode: 0o755,
+                uid: cfg.default_uid,
+                gid: cfg.default_gid,
+                size: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                target: Vec::new(),
+                remote: None,
+                meta_loaded: true,
+                synced_epoch: 0,
+            });
+        }
+        // Start past every number a previous run may have handed out.
+        let ino_base = meta.counter("ino_limit")?.max(ROOT_INO + 1);
+        batch.set_counter("ino_limit", ino_base + INO_BLOCK);
+        let seq_base = meta.counter("seq_limit")? + 1;
+        batch.set_counter("seq_limit", seq_base + (1 << 32));
+        meta.commit(batch)?;
+        meta.sync()?;
+
+        let cache = read::ReadCache::new(cfg.read_chunk, cfg.cache_bytes);
+        let flusher = flush::FlushState::new(cfg.upload_concurrency);
+        let vol = Volume {
+            store,
+            meta,
+            ns: tokio::sync::Mutex::new(()),
+            staged: Mutex::new(HashMap::new()),
+            stage_lock: tokio::sync::Mutex::new(()),
+            staging_dir,
+            listed: Mutex::new(HashMap::new()),
+            cache,
+            flusher,
+            volume_id,
+            next_ino: AtomicU64::new(ino_base),
+            next_seq: AtomicU64::new(seq_base),
+            cfg,
+        };
+        vol.restore_staged()?;
+        let vol = Arc::new(vol);
+        vol.abort_orphan_uploads().await;
+        Ok(vol)
+    }
+
+    /// Picks up staged files left by the previous run.
+    fn restore_staged(&self) -> FsResult<()> {
+        let mut restored = 0;
+        for entry in std::fs::read_dir(&self.staging_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(ino) = name.to_str().and_then(|n| n.parse::<Ino>().ok()) else {
+                // Leftover temporary download: never acknowledged to anyone.
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            };
+            let Some(inode) = self.meta.inode(ino)? else {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            };
+            let st = Staged::open(ino, entry.path(), false, self.cfg.part_size)?;
+            if self.meta.pending(ino)?.is_some() {
+                // Whatever is staged may be newer than S3: upload it again.
+                st.content_dirty.store(true, Ordering::Release);
+                st.pending_marked.store(true, Ordering::Release);
+                if st.mtime() < inode.mtime {
+                    *st.mtime.lock().unwrap() = inode.mtime;
+                }
+            } else {
+                *st.mtime.lock().unwrap() = inode.mtime;
+            }
+            self.staged.lock().unwrap().insert(ino, Arc::new(st));
+            restored += 1;
+        }
+        if restored > 0 {
+            tracing::info!(restored, "restored staged files");
+        }
+        Ok(())
+    }
+
+    async fn abort_orphan_uploads(&self) {
+        let Ok(uploads) = self.meta.all_uploads() else {
+            return;
+        };
+        for (ino, key, id) in uploads {
+            if let Err(e) = self.store.abort_multipart(&key, &id).await {
+                tracing::warn!(%key, error = %e, "could not abort an interrupted multipart upload");
+            }
+            let mut b = Batch::new();
+            b.clear_upload(ino);
+            let _ = self.meta.commit(b);
+        }
+    }
+
+    pub fn volume_id(&self) -> u64 {
+        self.volume_id
+    }
+
+    pub fn root(&self) -> Ino {
+        ROOT_INO
+    }
+
+    fn alloc_ino(&self, batch: &mut Batch) -> Ino {
+        let ino = self.next_ino.fetch_add(1, Ordering::AcqRel);
+        if (ino + 1) % INO_BLOCK == 0 || ino + 1 >= self.meta.counter("ino_limit").unwrap_or(0) {
+            batch.set_counter("ino_limit", ino + 1 + INO_BLOCK);
+        }
+        ino
+    }
+
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::AcqRel)
+    }
+
+    fn staged(&self, ino: Ino) -> Option<Arc<Staged>> {
+        self.staged.lock().unwrap().get(&ino).cloned()
+    }
+
+    pub(crate) fn inode(&self, ino: Ino) -> FsResult<Inode> {
+        self.meta.inode(ino)?.ok_or(FsError::Stale)
+    }
+
+    /// The S3 key of an inode: the volume prefix and its path; directories end in '/'.
+    pub(crate) fn key_of(&self, inode: &Inode) -> FsResult<String> {
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        let mut cur = inode.clone();
+        while cur.ino != ROOT_INO {
+            parts.push(cur.name.clone());
+            cur = self.inode(cur.parent)?;
+        }
+        let mut key = self.cfg.prefix.clone();
+        for (i, p) in parts.iter().rev().enumerate() {
+            if i > 0 {
+                key.push('/');
+            }
+            key.push_str(
+                std::str::from_utf8(p).map_err(|_| FsError::Invalid("non UTF-8 name".into()))?,
+            );
+        }
+        if inode.kind == Kind::Dir && inode.ino != ROOT_INO {
+            key.push('/');
+        }
+        Ok(key)
+    }
+
+    /// The key prefix under which a directory's children live.
+    fn dir_prefix(&self, dir: &Inode) -> FsResult<String> {
+        if dir.ino == ROOT_INO {
+            Ok(self.cfg.prefix.clone())
+        } else {
+            self.key_of(dir)
+        }
+    }
+
+    pub(crate) fn attr_of(&self, inode: &Inode) -> Attr {
+        let (size, mtime) = match self.staged(inode.ino) {
+            Some(st) if inode.kind == Kind::File => (st.size(), st.mtime()),
+            _ => (inode.size, inode.mtime),
+        };
+        Attr {
+            ino: inode.ino,
+            kind: inode.kind,
+            mode: inode.mode,
+            uid: inode.uid,
+            gid: inode.gid,
+            size: if inode.kind == Kind::Symlink {
+                inode.target.len() as u64
+            } else {
+                size
+            },
+            atime: inode.atime,
+            mtime,
+            ctime: inode.ctime.max(mtime),
+            nlink: if inode.kind == Kind::Dir { 2 } else { 1 },
+        }
+    }
+
+    // ---------------------------------------------------------------- namespace reads
+
+    pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        let mut inode = self.inode(ino)?;
+        if !inode.meta_loaded {
+            inode = self.load_meta(inode).await?;
+        }
+        Ok(self.attr_of(&inode))
+    }
+
+    /// Reads the `x-amz-meta-*` attributes of an object found by a listing (HEAD, once).
+    async fn load_meta(&self, inode: Inode) -> FsResult<Inode> {
+        let Some(remote) = inode.remote.clone() else {
+            return Ok(inode);
+        };
+        let head = self.store.head(&remote.key).await;
+        let _g = self.ns.lock().await;
+        let mut cur = self.inode(inode.ino)?;
+        if cur.meta_loaded {
+            return Ok(cur);
+        }
+        match head {
+            Ok(Some(h)) => {
+                names::apply_user_meta(&mut cur, &h.user);
+                if cur.kind == Kind::Symlink && cur.target.is_empty() {
+                    drop(_g);
+                    let target = self.store.get_range(&remote.key, 0..4096).await?;
+                    let _g = self.ns.lock().await;
+                    let mut again = self.inode(inode.ino)?;
+                    again.kind = Kind::Symlink;
+                    again.mode = cur.mode;
+                    again.uid = cur.uid;
+                    again.gid = cur.gid;
+                    again.mtime = cur.mtime;
+                    again.target = target.to_vec();
+                    again.meta_loaded = true;
+                    let mut b = Batch::new();
+                    b.put_inode(&again);
+                    self.meta.commit(b)?;
+                    return Ok(again);
+                }
+            }
+            Ok(None) => {} // deleted meanwhile; the next listing removes it
+            Err(e) => return Err(e.into()),
+        }
+        cur.meta_loaded = true;
+        let mut b = Batch::new();
+        b.put_inode(&cur);
+        self.meta.commit(b)?;
+        Ok(cur)
+    }
+
+    pub async fn lookup(&self, dir: Ino, name: &[u8]) -> FsResult<Ino> {
+        let d = self.inode(dir)?;
+        if d.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if name == b"." {
+            return Ok(dir);
+        }
+        if name == b".." {
+            return Ok(d.parent);
+        }
+        self.refresh_dir(&d, false).await?;
+        self.meta.lookup(dir, name)?.ok_or(FsError::NotFound)
+    }
+
+    pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let mut inode = self.inode(ino)?;
+        if !inode.meta_loaded {
+            inode = self.load_meta(inode).await?;
+        }
+        if inode.kind != Kind::Symlink {
+            return Err(FsError::Invalid("not a symlink".into()));
+        }
+        Ok(inode.target)
+    }
+
+    /// Entries of `dir` after the one with inode number `after` (0: from the start).
+    pub async fn readdir(
+        &self,
+        dir: Ino,
+        after: Ino,
+        max: usize,
+    ) -> FsResult<(Vec<DirEntry>, bool)> {
+        let d = self.inode(dir)?;
+        if d.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        // Refresh only when a listing starts: a listing in progress resumes over a stable order.
+        if after == 0 {
+            self.refresh_dir(&d, false).await?;
+        }
+        let kids = self.meta.children(dir, after, max + 1)?;
+        let end = kids.len() <= max;
+        let mut out = Vec::with_capacity(kids.len().min(max));
+        let mut unloaded = Vec::new();
+        for (ino, name) in kids.into_iter().take(max) {
+            let Some(inode) = self.meta.inode(ino)? else {
+                continue;
+            };
+            if !inode.meta_loaded {
+                unloaded.push(out.len());
+            }
+            out.push(DirEntry {
+                ino,
+                name,
+                attr: self.attr_of(&inode),
+            });
+        }
+        // Objects found by a listing: read their attributes in parallel, not one HEAD at a time.
+        use futures::StreamExt;
+        let todo: Vec<(usize, Ino)> = unloaded.into_iter().map(|i| (i, out[i].ino)).collect();
+        let loaded: Vec<(usize, FsResult<Attr>)> = futures::stream::iter(todo)
+            .map(|(i, ino)| async move { (i, self.getattr(ino).await) })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for (i, attr) in loaded {
+            if let Ok(a) = attr {
+                out[i].attr = a;
+            }
+        }
+        Ok((out, end))
+    }
+
+    /// Brings a directory's children in line with S3 when its listing is stale (or `force`).
+    pub(crate) async fn refresh_dir(&self, dir: &Inode, force: bool) -> FsResult<()> {
+        if !force {
+            if let Some(at) = self.listed.lock().unwrap().get(&dir.ino) {
+                if at.elapsed() < self.cfg.refresh {
+                    return Ok(());
+                }
+            }
+        }
+        let prefix = self.dir_prefix(dir)?;
+        let epoch_before = self.flusher.epoch();
+        let started = Instant::now();
+        let mut files: HashMap<String, crate::store::ObjectSummary> = HashMap::new();
+        let mut dirs: std::collections::HashSet<String> = Default::default();
+        let mut token = None;
+        loop {
+            let page = match self.store.list(&prefix, Some("/"), token, 1000).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(%prefix, error = %e, "listing failed; serving the local view");
+                    return match e {
+                        StoreError::Unavailable(_) => Ok(()),
+                        other => Err(other.into()),
+                    };
+                }
+            };
+            for o in page.objects {
+                let name = &o.key[prefix.len()..];
+                if name.is_empty() {
+                    continue; // the directory's own marker
+                }
+                if names::listable(name) {
+                    files.insert(name.to_string(), o);
+                } else {
+                    tracing::warn!(key = %o.key, "object name cannot be shown over NFS; skipped");
+                }
+            }
+            for p in page.prefixes {
+                let name = p[prefix.len()..].trim_end_matches('/');
+                if names::listable(name) {
+                    dirs.insert(name.to_string());
+                } else {
+                    tracing::warn!(prefix = %p, "prefix cannot be shown over NFS; skipped");
+                }
+            }
+            token = page.next;
+            if token.is_none() {
+                break;
+            }
+        }
+        let _g = self.ns.lock().await;
+        let Some(dir) = self.meta.inode(dir.ino)? else {
+            return Ok(());
+        };
+        let mut batch = Batch::new();
+        let mut seen = std::collections::HashSet::new();
+        let now = Time::now();
+        // What S3 has: add or update.
+        let remote_entries = dirs.iter().map(|n| (n.clone(), None)).chain(
+            files
+                .into_iter()
+                .filter(|(n, _)| !dirs.contains(n))
+                .map(|(n, o)| (n, Some(o))),
+        );
+        for (name, obj) in remote_entries {
+            seen.insert(name.clone());
+            let existing = self.meta.lookup(dir.ino, name.as_bytes())?;
+            let want_kind = if obj.is_none() { Kind::Dir } else { Kind::File };
+            if let Some(ino) = existing {
+                let Some(mut inode) = self.meta.inode(ino)? else {
+                    continue;
+                };
+                if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
+                    continue; // local changes not yet in S3, or newer than this listing
+                }
+                let same_kind = inode.kind == want_kind
+                    || (inode.kind == Kind::Symlink && want_kind == Kind::File);
+                if !same_kind {
+                    self.forget_subtree(&mut batch, &inode)?;
+                } else {
+                    if let Some(o) = obj {
+                        let changed = inode
+                            .remote
+                            .as_ref()
+                            .map(|r| r.etag != o.etag)
+                            .unwrap_or(true);
+                        if changed
+                            && self
+                                .staged(ino)
+                                .map(|s| !s.content_dirty.load(Ordering::Acquire))
+                                .unwrap_or(true)
+                        {
+                            inode.size = o.size;
+                            inode.mtime = Time::from_secs(o.last_modified);
+                            inode.remote = Some(Remote {
+                                key: o.key.clone(),
+                                etag: o.etag.clone(),
+                                size: o.size,
+                            });
+                            inode.meta_loaded = false;
+                            inode.target.clear();
+                            self.drop_staged(ino);
+                            batch.put_inode(&inode);
+                        }
+                    }
+                    continue;
+                }
+            }
+            let ino = self.alloc_ino(&mut batch);
+            let (size, mtime, remote, meta_loaded) = match &obj {
+                Some(o) => (
+                    o.size,
+                    Time::from_secs(o.last_modified),
+                    Some(Remote {
+                        key: o.key.clone(),
+                        etag: o.etag.clone(),
+                        size: o.size,
+                    }),
+                    false,
+                ),
+                None => (0, now, None, true),
+            };
+            let inode = Inode {
+                ino,
+                parent: dir.ino,
+                name: name.as_bytes().to_vec(),
+                kind: want_kind,
+                mode: if want_kind == Kind::Dir { 0o755 } else { 0o644 },
+                uid: self.cfg.default_uid,
+                gid: self.cfg.default_gid,
+                size,
+                atime: mtime,
+                mtime,
+                ctime: mtime,
+                target: Vec::new(),
+                remote,
+                meta_loaded,
+                synced_epoch: 0,
+            };
+            batch.put_inode(&inode);
+            batch.link(dir.ino, name.as_bytes(), ino);
+        }
+        // What S3 no longer has: forget, unless local changes are still on their way.
+        let mut after = 0;
+        loop {
+            let kids = self.meta.children(dir.ino, after, 1024)?;
+            if kids.is_empty() {
+                break;
+            }
+            after = kids.last().unwrap().0;
+            for (ino, name) in kids {
+                let Ok(n) = std::str::from_utf8(&name) else {
+                    continue;
+                };
+                if seen.contains(n) {
+                    continue;
+                }
+                let Some(inode) = self.meta.inode(ino)? else {
+                    continue;
+                };
+                if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
+                    continue;
+                }
+                if inode.kind == Kind::Dir && self.subtree_has_pending(ino)? {
+                    continue;
+                }
+                self.forget_subtree(&mut batch, &inode)?;
+            }
+        }
+        self.meta.commit(batch)?;
+        self.listed.lock().unwrap().insert(dir.ino, started);
+        Ok(())
+    }
+
+    fn subtree_has_pending(&self, dir: Ino) -> FsResult<bool> {
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let mut after = 0;
+            loop {
+                let kids = self.meta.children(d, after, 1024)?;
+                let Some(last) = kids.last() else { break };
+                after = last.0;
+                for (ino, _) in kids {
+                    if self.meta.pending(ino)?.is_some() {
+                        return Ok(true);
+                    }
+                    if let Some(i) = self.meta.inode(ino)? {
+                        if i.kind == Kind::Dir {
+                            stack.push(ino);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Removes an inode and everything under it from the namespace (not from S3).
+    fn forget_subtree(&self, batch: &mut Batch, inode: &Inode) -> FsResult<()> {
+        let mut stack = vec![inode.clone()];
+        while let Some(i) = stack.pop() {
+            if i.kind == Kind::Dir {
+                let mut after = 0;
+                loop {
+                    let kids = self.meta.children(i.ino, after, 1024)?;
+                    let Some(last) = kids.last() else { break };
+                    after = last.0;
+                    for (ino, _) in kids {
+                        if let Some(c) = self.meta.inode(ino)? {
+                            stack.push(c);
+                        }
+                    }
+                }
+                self.listed.lock().unwrap().remove(&i.ino);
+            }
+            batch.unlink(i.parent, &i.name, i.ino);
+            batch.del_inode(i.ino);
+            self.drop_staged(i.ino);
+        }
+        Ok(())
+    }
+
+    fn drop_staged(&self, ino: Ino) {
+        if let Some(st) = self.staged.lock().unwrap().remove(&ino) {
+            st.gone.store(true, Ordering::Release);
+            let _ = std::fs::remove_file(&st.path);
+        }
+    }
+
+    // ---------------------------------------------------------------- namespace changes
+
+    fn new_inode(
+        &self,
+        batch: &mut Batch,
+        parent: Ino,
+        name: &[u8],
+        kind: Kind,
+        mode: u32,
+    ) -> Inode {
+        let now = Time::now();
+        Inode {
+            ino: self.alloc_ino(batch),
+            parent,
+            name: name.to_vec(),
+            kind,
+            mode: mode & 0o7777,
+            uid: self.cfg.default_uid,
+            gid: self.cfg.default_gid,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            target: Vec::new(),
+            remote: None,
+            meta_loaded: true,
+            synced_epoch: 0,
+        }
+    }
+
+    /// Common checks for a new entry: the directory exists and is fresh, the name is valid, the
+    /// key fits in S3.
+    async fn prepare_new(&self, dir: Ino, name: &[u8]) -> FsResult<Inode> {
+        let d = self.inode(dir)?;
+        if d.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let n = check_name(name)?;
+        if self.dir_prefix(&d)?.len() + n.len() + 1 > names::KEY_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        self.refresh_dir(&d, false).await?;
+        Ok(d)
+    }
+
+    fn touch_dir(&self, batch: &mut Batch, dir: &Inode) {
+        let mut d = dir.clone();
+        d.mtime = Time::now();
+        d.ctime = d.mtime;
+        batch.put_inode(&d);
+    }
+
+    pub async fn create(
+        &self,
+        dir: Ino,
+        name: &[u8],
+        attr: SetAttr,
+        exclusive: bool,
+    ) -> FsResult<Attr> {
+        let d = self.prepare_new(dir, name).await?;
+        let g = self.ns.lock().await;
+        if let Some(existing) = self.meta.lookup(dir, name)? {
+            let inode = self.inode(existing)?;
+            if exclusive {
+                return Err(FsError::Exists);
+            }
+            if inode.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            drop(g);
+            // UNCHECKED create of an existing file: apply the attributes (O_TRUNC sends size 0).
+            return self.setattr(existing, attr).await;
+        }
+        let mut batch = Batch::new();
+        let mut inode = self.new_inode(
+            &mut batch,
+            dir,
+            name,
+            Kind::File,
+            attr.mode.unwrap_or(0o644),
+        );
+        if let Some(uid) = attr.uid {
+            inode.uid = uid;
+        }
+        if let Some(gid) = attr.gid {
+            inode.gid = gid;
+        }
+        if let Some(SetTime::At(t)) = attr.mtime {
+            inode.mtime = t;
+        }
+        let st = Staged::open(
+            inode.ino,
+            self.staging_dir.join(inode.ino.to_string()),
+            true,
+            self.cfg.part_size,
+        )?;
+        st.content_dirty.store(true, Ordering::Release);
+        st.pending_marked.store(true, Ordering::Release);
+        *st.mtime.lock().unwrap() = inode.mtime;
+        batch.put_inode(&inode);
+        batch.link(dir, name, inode.ino);
+        batch.mark_pending(inode.ino, self.next_seq());
+        self.touch_dir(&mut batch, &d);
+        self.meta.commit(batch)?;
+        self.staged.lock().unwrap().insert(inode.ino, Arc::new(st));
+        drop(g);
+        self.flusher.kick();
+        Ok(self.attr_of(&inode))
+    }
+
+    pub async fn mkdir(&self, dir: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
+        let d = self.prepare_new(dir, name).await?;
+        let _g = self.ns.lock().await;
+        if self.meta.lookup(dir, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let mut batch = Batch::new();
+        let inode = self.new_inode(&mut batch, dir, name, Kind::Dir, mode);
+        batch.put_inode(&inode);
+        batch.link(dir, name, inode.ino);
+        batch.mark_pending(inode.ino, self.next_seq());
+        self.touch_dir(&mut batch, &d);
+        self.meta.commit(batch)?;
+        // A new directory has nothing in S3 to list.
+        self.listed
+            .lock()
+            .unwrap()
+            .insert(inode.ino, Instant::now());
+        self.flusher.kick();
+        Ok(self.attr_of(&inode))
+    }
+
+    pub async fn symlink(
+        &self,
+        dir: Ino,
+        name: &[u8],
+        target: &[u8],
+        attr: SetAttr,
+    ) -> FsResult<Attr> {
+        let d = self.prepare_new(dir, name).await?;
+        if target.is_empty() || target.len() > 4095 {
+            return Err(FsError::Invalid(
+                "symlink target must be 1 to 4095 bytes".into(),
+            ));
+        }
+        let _g = self.ns.lock().await;
+        if self.meta.lookup(dir, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let mut batch = Batch::new();
+        let mut inode = self.new_inode(
+            &mut batch,
+            dir,
+            name,
+            Kind::Symlink,
+            attr.mode.unwrap_or(0o777),
+        );
+        inode.target = target.to_vec();
+        inode.size = target.len() as u64;
+        batch.put_inode(&inode);
+        batch.link(dir, name, inode.ino);
+        batch.mark_pending(inode.ino, self.next_seq());
+        self.touch_dir(&mut batch, &d);
+        self.meta.commit(batch)?;
+        self.flusher.kick();
+        Ok(self.attr_of(&inode))
+    }
+
+    /// Queues deletion of whatever S3 holds for an inode that leaves the namespace.
+    fn queue_remote_delete(&self, batch: &mut Batch, inode: &Inode) {
+        if let Some(r) = &inode.remote {
+            batch.queue_delete(self.next_seq(), &r.key);
+        }
+    }
+
+    /// REMOVE and RMDIR (nfsserve routes both here).
+    pub async fn remove(&self, dir: Ino, name: &[u8]) -> FsResult<()> {
+        let d = self.inode(dir)?;
+        if d.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        self.refresh_dir(&d, false).await?;
+        let ino = self.meta.lookup(dir, name)?.ok_or(FsError::NotFound)?;
+        let victim = self.inode(ino)?;
+        if victim.kind == Kind::Dir {
+            // Children only S3 knows about count too.
+            self.refresh_dir(&victim, true).await?;
+        }
+        let _g = self.ns.lock().await;
+        if self.meta.lookup(dir, name)? != Some(ino) {
+            return Err(FsError::NotFound);
+        }
+        if victim.kind == Kind::Dir && self.meta.has_children(ino)? {
+            return Err(FsError::NotEmpty);
+        }
+        let mut batch = Batch::new();
+        batch.unlink(dir, name, ino);
+        batch.del_inode(ino);
+        self.queue_remote_delete(&mut batch, &victim);
+        self.touch_dir(&mut batch, &d);
+        self.meta.commit(batch)?;
+        self.drop_staged(ino);
+        self.cache.forget(ino);
+        self.flusher.kick();
+        Ok(())
+    }
+
+    pub async fn rename(&self, from_dir: Ino, from: &[u8], to_dir: Ino, to: &[u8]) -> FsResult<()> {
+        let fd = self.inode(from_dir)?;
+        let _ = self.prepare_new(to_dir, to).await?;
+        self.refresh_dir(&fd, false).await?;
+        let ino = self.meta.lookup(from_dir, from)?.ok_or(FsError::NotFound)?;
+        let src = self.inode(ino)?;
+        if src.kind == Kind::Dir {
+            // Every object under it moves: the whole subtree must be known first.
+            self.load_subtree(&src).await?;
+        }
+        if let Some(t) = self.meta.lookup(to_dir, to)? {
+            let t = self.inode(t)?;
+            if t.kind == Kind::Dir {
+                self.refresh_dir(&t, true).await?;
+            }
+        }
+        let _g = self.ns.lock().await;
+        let mut src = self.inode(ino)?;
+        if self.meta.lookup(from_dir, from)? != Some(ino) {
+            return Err(FsError::NotFound);
+        }
+        if from_dir == to_dir && from == to {
+            return Ok(());
+        }
+        // No directory may move under itself.
+        if src.kind == Kind::Dir {
+            let mut cur = to_dir;
+            loop {
+                if cur == ino {
+                    return Err(FsError::Invalid(
+                        "cannot move a directory into itself".into(),
+                    ));
+                }
+                if cur == ROOT_INO {
+                    break;
+                }
+                cur = self.inode(cur)?.parent;
+            }
+        }
+        let mut batch = Batch::new();
+        if let Some(tino) = self.meta.lookup(to_dir, to)? {
+            let target = self.inode(tino)?;
+            match (src.kind == Kind::Dir, target.kind == Kind::Dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) if self.meta.has_children(tino)? => return Err(FsError::NotEmpty),
+                _ => {}
+            }
+            batch.unlink(to_dir, to, tino);
+            batch.del_inode(tino);
+            // The moved object lands on the target's key, replacing it; only a directory's
+            // marker needs deleting (the source's key differs from it only by being elsewhere).
+            self.queue_remote_delete(&mut batch, &target);
+            self.drop_staged(tino);
+            self.cache.forget(tino);
+        }
+        batch.unlink(from_dir, from, ino);
+        batch.link(to_dir, to, ino);
+        src.parent = to_dir;
+        src.name = to.to_vec();
+        src.ctime = Time::now();
+        batch.put_inode(&src);
+        let now_dir = |d: Ino, b: &mut Batch| -> FsResult<()> {
+            let mut di = self.inode(d)?;
+            di.mtime = Time::now();
+            di.ctime = di.mtime;
+            b.put_inode(&di);
+            Ok(())
+        };
+        now_dir(from_dir, &mut batch)?;
+        if to_dir != from_dir {
+            now_dir(to_dir, &mut batch)?;
+        }
+        // Everything under the moved inode has a new key: each is moved in the background.
+        let mut stack = vec![ino];
+        while let Some(i) = stack.pop() {
+            batch.mark_pending(i, self.next_seq());
+            let mut after = 0;
+            loop {
+                let kids = self.meta.children(i, after, 1024)?;
+                let Some(last) = kids.last() else { break };
+                after = last.0;
+                stack.extend(kids.into_iter().map(|k| k.0));
+            }
+        }
+        self.meta.commit(batch)?;
+        self.flusher.kick();
+        Ok(())
+    }
+
+    /// Lists a directory recursively (no delimiter) so every object under it is in the namespace.
+    async fn load_subtree(&self, dir: &Inode) -> FsResult<()> {
+        self.refresh_dir(dir, true).await?;
+        let mut stack = vec![dir.ino];
+        while let Some(d) = stack.pop() {
+            let mut after = 0;
+            loop {
+                let kids = self.meta.children(d, after, 1024)?;
+                let Some(last) = kids.last() else { break };
+                after = last.0;
+                for (ino, _) in kids {
+                    let Some(i) = self.meta.inode(ino)? else {
+                        continue;
+                    };
+                    if i.kind == Kind::Dir {
+                        self.refresh_dir(&i, false).await?;
+                        stack.push(ino);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn setattr(&self, ino: Ino, attr: SetAttr) -> FsResult<Attr> {
+        let mut inode = self.inode(ino)?;
+        if !inode.meta_loaded {
+            inode = self.load_meta(inode).await?;
+        }
+        if let Some(size) = attr.size {
+            if inode.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            if inode.kind != Kind::File {
+                return Err(FsError::Invalid("size of a symlink".into()));
+            }
+            let st = self.stage(ino, size == 0).await?;
+            let _w = st.lock.write().await;
+            if st.size() != size {
+                st.set_len(size)?;
+            }
+        }
+        let _g = self.ns.lock().await;
+        let mut inode = self.inode(ino)?;
+        if let Some(m) = attr.mode {
+            inode.mode = m & 0o7777;
+        }
+        if let Some(u) = attr.uid {
+            inode.uid = u;
+        }
+        if let Some(g) = attr.gid {
+            inode.gid = g;
+        }
+        let resolve = |t: SetTime| match t {
+            SetTime::Now => Time::now(),
+            SetTime::At(t) => t,
+        };
+        if let Some(t) = attr.atime {
+            inode.atime = resolve(t);
+        }
+        let staged = self.staged(ino);
+        if let Some(t) = attr.mtime {
+            inode.mtime = resolve(t);
+            if let Some(st) = &staged {
+                *st.mtime.lock().unwrap() = inode.mtime;
+            }
+        } else if let Some(st) = &staged {
+            inode.mtime = st.mtime();
+        }
+        if let Some(st) = &staged {
+            inode.size = st.size();
+        }
+        inode.ctime = Time::now();
+        let mut batch = Batch::new();
+        batch.put_inode(&inode);
+        // atime alone is not worth an S3 request.
+        let s3_visible = attr.mode.is_some()
+            || attr.uid.is_some()
+            || attr.gid.is_some()
+            || attr.mtime.is_some()
+            || attr.size.is_some();
+        if s3_visible && inode.ino != ROOT_INO {
+            batch.mark_pending(ino, self.next_seq());
+            if let Some(st) = &staged {
+                st.pending_marked.store(true, Ordering::Release);
+            }
+        }
+        self.meta.commit(batch)?;
+        drop(_g);
+        self.flusher.kick();
+        Ok(self.attr_of(&inode))
+    }
+
+    // ---------------------------------------------------------------- data
+
+    /// The staged copy of a file, bringing it from S3 first unless `empty` (about to be emptied).
+    async fn stage(&self, ino: Ino, empty: bool) -> FsResult<Arc<Staged>> {
+        if let Some(st) = self.staged(ino) {
+            return Ok(st);
+        }
+        let _s = self.stage_lock.lock().await;
+        if let Some(st) = self.staged(ino) {
+            return Ok(st);
+        }
+        let inode = self.inode(ino)?;
+        if inode.kind != Kind::File {
+            return Err(FsError::Invalid("not a regular file".into()));
+        }
+        let path = self.staging_dir.join(ino.to_string());
+        let tmp = self.staging_dir.join(format!("{ino}.download"));
+        {
+            let file = std::fs::File::create(&tmp)?;
+            if let (Some(r), false) = (&inode.remote, empty) {
+                // Streamed through disk chunk by chunk: memory stays bounded whatever the size.
+                use std::os::unix::fs::FileExt;
+                let mut off = 0;
+                while off < r.size {
+                    let end = (off + self.cfg.read_chunk).min(r.size);
+                    let bytes = self.store.get_range(&r.key, off..end).await?;
+                    if bytes.is_empty() {
+                        break;
+                    }
+                    file.write_all_at(&bytes, off)?;
+                    off += bytes.len() as u64;
+                }
+            }
+        }
+        std::fs::rename(&tmp, &path)?;
+        let st = Arc::new(Staged::open(ino, path, false, self.cfg.part_size)?);
+        *st.mtime.lock().unwrap() = inode.mtime;
+        self.staged.lock().unwrap().insert(ino, st.clone());
+        Ok(st)
+    }
+
+    pub async fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<Attr> {
+        if self.flusher.dirty_bytes() > self.cfg.max_dirty_bytes {
+            return Err(FsError::Retry("too much data waiting for S3".into()));
+        }
+        loop {
+            let st = self.stage(ino, false).await?;
+            {
+                let _r = st.lock.read().await;
+                if st.gone.load(Ordering::Acquire) {
+                    continue; // removed or evicted under us: look again
+                }
+                st.write_at(offset, data)?;
+            }
+            if !st.pending_marked.load(Ordering::Acquire) {
+                let _g = self.ns.lock().await;
+                if !st.pending_marked.load(Ordering::Acquire) {
+                    let mut b = Batch::new();
+                    b.mark_pending(ino, self.next_seq());
+                    self.meta.commit(b)?;
+                    st.pending_marked.store(true, Ordering::Release);
+                }
+            }
+            self.flusher.note_write(&st, self.cfg.part_size);
+            let inode = self.inode(ino)?;
+            return Ok(self.attr_of(&inode));
+        }
+    }
+
+    pub async fn read(&self, ino: Ino, offset: u64, count: u32) -> FsResult<(Vec<u8>, bool)> {
+        if let Some(st) = self.staged(ino) {
+            if !st.gone.load(Ordering::Acquire) {
+                return Ok(st.read_at(offset, count)?);
+            }
+        }
+        let inode = self.inode(ino)?;
+        match inode.kind {
+            Kind::Dir => return Err(FsError::IsDir),
+            Kind::Symlink => return Err(FsError::Invalid("read of a symlink".into())),
+            Kind::File => {}
+        }
+        let Some(remote) = inode.remote.clone() else {
+            return Ok((Vec::new(), true));
+        };
+        self.cache
+            .read(
+                &self.store,
+                ino,
+                &remote,
+                offset,
+                count,
+                self.cfg.read_ahead,
+            )
+            .await
+    }
+
+    /// Makes staged data and the journal durable against a reboot of the node.
+    pub fn sync_local(&self) -> FsResult<()> {
+        self.meta.sync()?;
+        let staged: Vec<_> = self.staged.lock().unwrap().values().cloned().collect();
+        for st in staged {
+            if st.content_dirty.load(Ordering::Acquire) {
+                st.sync()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
+}

@@ -1,0 +1,108 @@
+//! Names, keys and the s3fs-compatible attribute metadata.
+
+use crate::meta::{Inode, Kind, Time};
+use crate::store::UserMeta;
+
+use super::FsError;
+
+/// Longest name of one path component, as Linux allows.
+pub const NAME_MAX: usize = 255;
+/// Longest S3 key.
+pub const KEY_MAX: usize = 1024;
+
+/// File type bits of `st_mode`, stored in `x-amz-meta-mode` as s3fs does.
+const S_IFREG: u32 = 0o100000;
+const S_IFDIR: u32 = 0o040000;
+const S_IFLNK: u32 = 0o120000;
+
+/// Checks that `name` can be one component of an S3 key and of an NFS path.
+pub fn check_name(name: &[u8]) -> Result<&str, FsError> {
+    if name.is_empty() || name == b"." || name == b".." {
+        return Err(FsError::Invalid(format!(
+            "reserved name {:?}",
+            String::from_utf8_lossy(name)
+        )));
+    }
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::Invalid("name contains '/' or NUL".into()));
+    }
+    std::str::from_utf8(name)
+        .map_err(|_| FsError::Invalid("S3 keys must be UTF-8; this name is not".into()))
+}
+
+/// Whether a key component found in a listing can be shown as a file name.
+pub fn listable(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= NAME_MAX
+        && !name.contains('\0')
+}
+
+pub fn kind_bits(kind: Kind) -> u32 {
+    match kind {
+        Kind::File => S_IFREG,
+        Kind::Dir => S_IFDIR,
+        Kind::Symlink => S_IFLNK,
+    }
+}
+
+/// The user metadata s3fs and geesefs write for an inode.
+pub fn user_meta(inode: &Inode) -> UserMeta {
+    let mut m = UserMeta::new();
+    m.insert(
+        "mode".into(),
+        (kind_bits(inode.kind) | (inode.mode & 0o7777)).to_string(),
+    );
+    m.insert("uid".into(), inode.uid.to_string());
+    m.insert("gid".into(), inode.gid.to_string());
+    m.insert("mtime".into(), inode.mtime.secs.to_string());
+    m
+}
+
+/// Applies metadata found on an object (ours, s3fs's, or none at all) to an inode.
+pub fn apply_user_meta(inode: &mut Inode, meta: &UserMeta) {
+    if let Some(mode) = meta.get("mode").and_then(|v| v.parse::<u32>().ok()) {
+        inode.mode = mode & 0o7777;
+        if mode & 0o170000 == S_IFLNK && inode.kind == Kind::File {
+            inode.kind = Kind::Symlink;
+        }
+    }
+    if let Some(uid) = meta.get("uid").and_then(|v| v.parse().ok()) {
+        inode.uid = uid;
+    }
+    if let Some(gid) = meta.get("gid").and_then(|v| v.parse().ok()) {
+        inode.gid = gid;
+    }
+    // s3fs writes whole seconds; geesefs may write fractions.
+    if let Some(mtime) = meta.get("mtime").and_then(|v| v.parse::<f64>().ok()) {
+        inode.mtime = Time {
+            secs: mtime.trunc() as i64,
+            nanos: (mtime.fract() * 1e9) as u32,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_s3_or_nfs_cannot_hold_are_refused() {
+        assert!(check_name(b"ok name.txt").is_ok());
+        assert!(check_name("ünïcødé".as_bytes()).is_ok());
+        assert!(matches!(
+            check_name(&[0xff, 0xfe]),
+            Err(FsError::Invalid(_))
+        ));
+        assert!(matches!(
+            check_name(&[b'a'; 256]),
+            Err(FsError::NameTooLong)
+        ));
+        assert!(matches!(check_name(b".."), Err(FsError::Invalid(_))));
+        assert!(matches!(check_name(b"a\0b"), Err(FsError::Invalid(_))));
+    }
+}

@@ -1,0 +1,179 @@
+//! The read path for bytes only S3 has: ranged GETs of fixed-size chunks, a bounded in-memory
+//! chunk cache, and read-ahead that grows while a reader stays sequential.
+//!
+//! A chunk is fetched once however many READs want it (they wait on the same cell), and the
+//! cache holds at most `cache_bytes / chunk` chunks, so memory is bounded whatever the file size.
+//! Chunks are keyed by ETag as well as inode, so an object rewritten by another tool is never
+//! served from the old version's chunks.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tracing::Instrument;
+
+use super::{FsError, FsResult};
+use crate::meta::{Ino, Remote};
+use crate::store::ObjectStore;
+
+type Cell = Arc<tokio::sync::OnceCell<Bytes>>;
+
+pub struct ReadCache {
+    chunk: u64,
+    max_chunks: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<(Ino, u64), (String, Cell)>,
+    order: VecDeque<(Ino, u64)>,
+    /// Per inode: where a sequential reader is expected next, and its read-ahead window.
+    stream: HashMap<Ino, (u64, usize)>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl ReadCache {
+    pub fn new(chunk: u64, cache_bytes: u64) -> ReadCache {
+        ReadCache {
+            chunk,
+            max_chunks: (cache_bytes / chunk).max(2) as usize,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    pub fn forget(&self, ino: Ino) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.map.retain(|k, _| k.0 != ino);
+        inner.stream.remove(&ino);
+    }
+
+    /// (hits, misses) so far.
+    pub fn stats(&self) -> (u64, u64) {
+        let i = self.inner.lock().unwrap();
+        (i.hits, i.misses)
+    }
+
+    fn cell(&self, ino: Ino, etag: &str, idx: u64, count: bool) -> Cell {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some((e, cell)) = inner.map.get(&(ino, idx)) {
+            if e == etag {
+                let cell = cell.clone();
+                if count {
+                    inner.hits += 1;
+                }
+                return cell;
+            }
+        }
+        if count {
+            inner.misses += 1;
+        }
+        let cell: Cell = Arc::default();
+        inner
+            .map
+            .insert((ino, idx), (etag.to_string(), cell.clone()));
+        inner.order.push_back((ino, idx));
+        while inner.map.len() > self.max_chunks {
+            let Some(old) = inner.order.pop_front() else {
+                break;
+            };
+            inner.map.remove(&old);
+        }
+        // Entries replaced under the same key leave stale positions behind; keep the queue short.
+        if inner.order.len() > 4 * self.max_chunks {
+            let live: Vec<_> = inner
+                .order
+                .iter()
+                .filter(|k| inner.map.contains_key(k))
+                .copied()
+                .collect();
+            inner.order = live.into();
+        }
+        cell
+    }
+
+    async fn fetch(
+        store: &dyn ObjectStore,
+        cell: &Cell,
+        remote: &Remote,
+        idx: u64,
+        chunk: u64,
+    ) -> FsResult<Bytes> {
+        let start = idx * chunk;
+        let end = (start + chunk).min(remote.size);
+        let span = tracing::debug_span!("cache_fill", key = %remote.key, chunk = idx);
+        cell.get_or_try_init(|| async {
+            let b = store.get_range(&remote.key, start..end).await?;
+            Ok::<_, FsError>(b)
+        })
+        .instrument(span)
+        .await
+        .cloned()
+    }
+
+    pub async fn read(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        ino: Ino,
+        remote: &Remote,
+        offset: u64,
+        count: u32,
+        read_ahead: usize,
+    ) -> FsResult<(Vec<u8>, bool)> {
+        if offset >= remote.size {
+            return Ok((Vec::new(), true));
+        }
+        let end = (offset + count as u64).min(remote.size);
+        let first = offset / self.chunk;
+        let last = (end - 1) / self.chunk;
+        let window = {
+            let mut inner = self.inner.lock().unwrap();
+            let (next, window) = inner.stream.get(&ino).copied().unwrap_or((0, 0));
+            // Sequential if it starts where the last read ended (or close: the kernel reorders).
+            let sequential = offset <= next + self.chunk && offset + self.chunk >= next;
+            let w = if sequential {
+                (window * 2).clamp(1, read_ahead)
+            } else {
+                0
+            };
+            inner.stream.insert(ino, (end, w));
+            w
+        };
+        for idx in last + 1..=last + window as u64 {
+            if idx * self.chunk >= remote.size {
+                break;
+            }
+            let cell = self.cell(ino, &remote.etag, idx, false);
+            if cell.initialized() {
+                continue;
+            }
+            let store = store.clone();
+            let remote = remote.clone();
+            let chunk = self.chunk;
+            tokio::spawn(async move {
+                let _ = Self::fetch(&*store, &cell, &remote, idx, chunk).await;
+            });
+        }
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let cells: Vec<_> = (first..=last)
+            .map(|i| (i, self.cell(ino, &remote.etag, i, true)))
+            .collect();
+        let chunks = futures::future::try_join_all(
+            cells
+                .iter()
+                .map(|(i, c)| Self::fetch(&**store, c, remote, *i, self.chunk)),
+        )
+        .await?;
+        for (i, bytes) in (first..=last).zip(chunks) {
+            let cstart = i * self.chunk;
+            let from = offset.max(cstart) - cstart;
+            let to = (end.min(cstart + bytes.len() as u64)).saturating_sub(cstart);
+            if from < to {
+                out.extend_from_slice(&bytes[from as usize..to as usize]);
+            }
+        }
+        let eof = offset + out.len() as u64 >= remote.size;
+        Ok((out, eof))
+    }
+}

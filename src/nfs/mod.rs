@@ -1,0 +1,342 @@
+//! The NFSv3 adapter: nfsserve's `NFSFileSystem` over [`Volume`]. One span per operation, one
+//! call into the core, one mapping of errors to `nfsstat3`; no storage logic here.
+//!
+//! File handles are `S3NF` + volume id + inode number, all stable across restarts (the default
+//! handles of nfsserve embed the process start time, which would make every handle stale after a
+//! restart of the gateway).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use nfsserve::nfs::{
+    fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime,
+    set_gid3, set_mode3, set_mtime, set_size3, set_uid3, specdata3,
+};
+use nfsserve::vfs::{DirEntry as NfsDirEntry, NFSFileSystem, ReadDirResult, VFSCapabilities};
+use tracing::Instrument;
+
+use crate::fs::{Attr, FsError, SetAttr, SetTime, Volume};
+use crate::meta::{Kind, Time};
+
+const FH_MAGIC: &[u8; 4] = b"S3NF";
+
+pub struct NfsAdapter {
+    vol: Arc<Volume>,
+}
+
+impl NfsAdapter {
+    pub fn new(vol: Arc<Volume>) -> NfsAdapter {
+        NfsAdapter { vol }
+    }
+}
+
+/// The NFS status for a core error. NFS3ERR_JUKEBOX makes the kernel client wait and retry,
+/// which is what a hard mount should do while S3 is unreachable.
+pub fn status(e: &FsError) -> nfsstat3 {
+    match e {
+        FsError::NotFound => nfsstat3::NFS3ERR_NOENT,
+        FsError::Exists => nfsstat3::NFS3ERR_EXIST,
+        FsError::NotDir => nfsstat3::NFS3ERR_NOTDIR,
+        FsError::IsDir => nfsstat3::NFS3ERR_ISDIR,
+        FsError::NotEmpty => nfsstat3::NFS3ERR_NOTEMPTY,
+        FsError::NameTooLong => nfsstat3::NFS3ERR_NAMETOOLONG,
+        FsError::Invalid(_) => nfsstat3::NFS3ERR_INVAL,
+        FsError::Stale => nfsstat3::NFS3ERR_STALE,
+        FsError::NoSpace(_) => nfsstat3::NFS3ERR_NOSPC,
+        FsError::Retry(_) => nfsstat3::NFS3ERR_JUKEBOX,
+        FsError::Access(_) => nfsstat3::NFS3ERR_ACCES,
+        FsError::Io(_) => nfsstat3::NFS3ERR_IO,
+        FsError::NotSupported(_) => nfsstat3::NFS3ERR_NOTSUPP,
+    }
+}
+
+fn t(t: Time) -> nfstime3 {
+    nfstime3 {
+        seconds: t.secs.clamp(0, u32::MAX as i64) as u32,
+        nseconds: t.nanos,
+    }
+}
+
+fn fattr(vol: &Volume, a: &Attr) -> fattr3 {
+    fattr3 {
+        ftype: match a.kind {
+            Kind::File => ftype3::NF3REG,
+            Kind::Dir => ftype3::NF3DIR,
+            Kind::Symlink => ftype3::NF3LNK,
+        },
+        mode: a.mode,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        size: a.size,
+        used: a.size,
+        rdev: specdata3::default(),
+        fsid: vol.volume_id(),
+        fileid: a.ino,
+        atime: t(a.atime),
+        mtime: t(a.mtime),
+        ctime: t(a.ctime),
+    }
+}
+
+fn time_of(n: nfstime3) -> Time {
+    Time {
+        secs: n.seconds as i64,
+        nanos: n.nseconds,
+    }
+}
+
+fn setattr_of(s: &sattr3) -> SetAttr {
+    SetAttr {
+        mode: match s.mode {
+            set_mode3::mode(m) => Some(m),
+            set_mode3::Void => None,
+        },
+        uid: match s.uid {
+            set_uid3::uid(u) => Some(u),
+            set_uid3::Void => None,
+        },
+        gid: match s.gid {
+            set_gid3::gid(g) => Some(g),
+            set_gid3::Void => None,
+        },
+        size: match s.size {
+            set_size3::size(n) => Some(n),
+            set_size3::Void => None,
+        },
+        atime: match s.atime {
+            set_atime::DONT_CHANGE => None,
+            set_atime::SET_TO_SERVER_TIME => Some(SetTime::Now),
+            set_atime::SET_TO_CLIENT_TIME(n) => Some(SetTime::At(time_of(n))),
+        },
+        mtime: match s.mtime {
+            set_mtime::DONT_CHANGE => None,
+            set_mtime::SET_TO_SERVER_TIME => Some(SetTime::Now),
+            set_mtime::SET_TO_CLIENT_TIME(n) => Some(SetTime::At(time_of(n))),
+        },
+    }
+}
+
+/// Runs one operation in its span and records the outcome.
+async fn op<T>(
+    span: tracing::Span,
+    f: impl std::future::Future<Output = Result<T, FsError>>,
+) -> Result<T, nfsstat3> {
+    async {
+        match f.await {
+            Ok(v) => {
+                tracing::Span::current().record("status", "NFS3_OK");
+                Ok(v)
+            }
+            Err(e) => {
+                let s = status(&e);
+                tracing::Span::current().record("status", tracing::field::debug(&s));
+                match &e {
+                    FsError::Io(_)
+                    | FsError::Access(_)
+                    | FsError::NoSpace(_)
+                    | FsError::Retry(_) => {
+                        tracing::warn!(error = %e, "NFS operation failed")
+                    }
+                    _ => tracing::debug!(error = %e, "NFS operation failed"),
+                }
+                Err(s)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+macro_rules! nfs_span {
+    ($op:literal $(, $k:ident = $v:expr)*) => {
+        tracing::info_span!("nfs", op = $op, status = tracing::field::Empty $(, $k = $v)*)
+    };
+}
+
+#[async_trait]
+impl NFSFileSystem for NfsAdapter {
+    fn capabilities(&self) -> VFSCapabilities {
+        VFSCapabilities::ReadWrite
+    }
+
+    fn root_dir(&self) -> fileid3 {
+        self.vol.root()
+    }
+
+    async fn lookup(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
+        op(
+            nfs_span!("LOOKUP", ino = dirid),
+            self.vol.lookup(dirid, filename),
+        )
+        .await
+    }
+
+    async fn getattr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
+        let a = op(nfs_span!("GETATTR", ino = id), self.vol.getattr(id)).await?;
+        Ok(fattr(&self.vol, &a))
+    }
+
+    async fn setattr(&self, id: fileid3, setattr: sattr3) -> Result<fattr3, nfsstat3> {
+        let a = op(
+            nfs_span!("SETATTR", ino = id),
+            self.vol.setattr(id, setattr_of(&setattr)),
+        )
+        .await?;
+        Ok(fattr(&self.vol, &a))
+    }
+
+    async fn read(
+        &self,
+        id: fileid3,
+        offset: u64,
+        count: u32,
+    ) -> Result<(Vec<u8>, bool), nfsstat3> {
+        op(
+            nfs_span!("READ", ino = id, offset = offset, count = count),
+            self.vol.read(id, offset, count),
+        )
+        .await
+    }
+
+    async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
+        let a = op(
+            nfs_span!("WRITE", ino = id, offset = offset, count = data.len()),
+            self.vol.write(id, offset, data),
+        )
+        .await?;
+        Ok(fattr(&self.vol, &a))
+    }
+
+    async fn create(
+        &self,
+        dirid: fileid3,
+        filename: &filename3,
+        attr: sattr3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
+        let a = op(
+            nfs_span!("CREATE", ino = dirid),
+            self.vol.create(dirid, filename, setattr_of(&attr), false),
+        )
+        .await?;
+        Ok((a.ino, fattr(&self.vol, &a)))
+    }
+
+    async fn create_exclusive(
+        &self,
+        dirid: fileid3,
+        filename: &filename3,
+    ) -> Result<fileid3, nfsstat3> {
+        let a = op(
+            nfs_span!("CREATE", ino = dirid, exclusive = true),
+            self.vol.create(dirid, filename, SetAttr::default(), true),
+        )
+        .await?;
+        Ok(a.ino)
+    }
+
+    async fn mkdir(
+        &self,
+        dirid: fileid3,
+        dirname: &filename3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
+        // nfsserve does not pass MKDIR's attributes on; the client's SETATTR follows if needed.
+        let a = op(
+            nfs_span!("MKDIR", ino = dirid),
+            self.vol.mkdir(dirid, dirname, 0o755),
+        )
+        .await?;
+        Ok((a.ino, fattr(&self.vol, &a)))
+    }
+
+    async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
+        op(
+            nfs_span!("REMOVE", ino = dirid),
+            self.vol.remove(dirid, filename),
+        )
+        .await
+    }
+
+    async fn rename(
+        &self,
+        from_dirid: fileid3,
+        from_filename: &filename3,
+        to_dirid: fileid3,
+        to_filename: &filename3,
+    ) -> Result<(), nfsstat3> {
+        op(
+            nfs_span!("RENAME", ino = from_dirid, to_ino = to_dirid),
+            self.vol
+                .rename(from_dirid, from_filename, to_dirid, to_filename),
+        )
+        .await
+    }
+
+    async fn readdir(
+        &self,
+        dirid: fileid3,
+        start_after: fileid3,
+        max_entries: usize,
+    ) -> Result<ReadDirResult, nfsstat3> {
+        let (entries, end) = op(
+            nfs_span!("READDIR", ino = dirid, cookie = start_after),
+            self.vol.readdir(dirid, start_after, max_entries),
+        )
+        .await?;
+        Ok(ReadDirResult {
+            entries: entries
+                .into_iter()
+                .map(|e| NfsDirEntry {
+                    fileid: e.ino,
+                    name: e.name.into(),
+                    attr: fattr(&self.vol, &e.attr),
+                })
+                .collect(),
+            end,
+        })
+    }
+
+    async fn symlink(
+        &self,
+        dirid: fileid3,
+        linkname: &filename3,
+        symlink: &nfspath3,
+        attr: &sattr3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
+        let a = op(
+            nfs_span!("SYMLINK", ino = dirid),
+            self.vol.symlink(dirid, linkname, symlink, setattr_of(attr)),
+        )
+        .await?;
+        Ok((a.ino, fattr(&self.vol, &a)))
+    }
+
+    async fn readlink(&self, id: fileid3) -> Result<nfspath3, nfsstat3> {
+        let t = op(nfs_span!("READLINK", ino = id), self.vol.readlink(id)).await?;
+        Ok(t.into())
+    }
+
+    fn id_to_fh(&self, id: fileid3) -> nfs_fh3 {
+        let mut data = Vec::with_capacity(20);
+        data.extend_from_slice(FH_MAGIC);
+        data.extend_from_slice(&self.vol.volume_id().to_be_bytes());
+        data.extend_from_slice(&id.to_be_bytes());
+        nfs_fh3 { data }
+    }
+
+    fn fh_to_id(&self, fh: &nfs_fh3) -> Result<fileid3, nfsstat3> {
+        if fh.data.len() != 20 || &fh.data[..4] != FH_MAGIC {
+            return Err(nfsstat3::NFS3ERR_BADHANDLE);
+        }
+        let vol = u64::from_be_bytes(fh.data[4..12].try_into().unwrap());
+        if vol != self.vol.volume_id() {
+            // A handle from another volume (or one recreated from scratch): not ours any more.
+            return Err(nfsstat3::NFS3ERR_STALE);
+        }
+        Ok(u64::from_be_bytes(fh.data[12..20].try_into().unwrap()))
+    }
+
+    fn serverid(&self) -> nfsserve::nfs::cookieverf3 {
+        self.vol.volume_id().to_be_bytes()
+    }
+}
