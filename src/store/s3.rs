@@ -118,9 +118,9 @@ impl S3Store {
                     .build(),
             )
             .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
-            // Checksums only where S3 requires them: the newer "when supported" default sends
-            // aws-chunked bodies with trailing checksums, which not every S3-compatible service
-            // accepts.
+            // Checksums only where S3 requires them: with the SDK's "when supported" default,
+            // streamed bodies (`Body::File`) go out aws-chunked with a trailing CRC32, which
+            // Garage 2.5 refuses ("Invalid payload signature"), as do other S3-compatibles.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .interceptor(StatusRecorder);

@@ -303,8 +303,9 @@ root_domain = ".s3.garage.localhost"
     }
 }
 
-impl Drop for Garage {
-    fn drop(&mut self) {
+impl Garage {
+    /// Kills the server and removes its directory. Idempotent.
+    fn stop(&self) {
         // Dropping the sender wakes the keeper, which kills and reaps the server.
         drop(self.stop.lock().unwrap().take());
         if let Some(keeper) = self.keeper.lock().unwrap().take() {
@@ -314,8 +315,27 @@ impl Drop for Garage {
     }
 }
 
-/// One Garage per test process, started on first use.
+impl Drop for Garage {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+static SHARED: OnceLock<Garage> = OnceLock::new();
+
+extern "C" fn stop_shared() {
+    if let Some(garage) = SHARED.get() {
+        garage.stop();
+    }
+}
+
+/// One Garage per test process, started on first use and stopped (directory removed) when the
+/// process exits.
 pub fn shared() -> &'static Garage {
-    static SHARED: OnceLock<Garage> = OnceLock::new();
-    SHARED.get_or_init(Garage::start)
+    SHARED.get_or_init(|| {
+        let garage = Garage::start();
+        // Statics are never dropped; libtest ends with exit(3), which runs atexit handlers.
+        unsafe { libc::atexit(stop_shared) };
+        garage
+    })
 }
