@@ -463,23 +463,56 @@ async fn multipart_entity_too_small_abort_and_part_copy() {
     ));
 }
 
+/// Every file under objects/, sorted.
+fn object_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v = Vec::new();
+    for fan in std::fs::read_dir(root.join("objects")).unwrap() {
+        for f in std::fs::read_dir(fan.unwrap().path()).unwrap() {
+            v.push(f.unwrap().path());
+        }
+    }
+    v.sort();
+    v
+}
+
 #[tokio::test]
 async fn reopen_keeps_objects_and_cleans_orphans() {
     let dir = tempfile::tempdir().unwrap();
     let m = meta(&[("uid", "7")]);
+    let a_files;
+    let ab_files;
+    let saved: Vec<(std::path::PathBuf, Vec<u8>)>;
     {
         let s = LocalStore::open(dir.path()).unwrap();
         // The root is locked while open.
         assert!(LocalStore::open(dir.path()).is_err());
         s.put("a", b("A"), &m).await.unwrap();
+        let files = object_files(dir.path());
+        a_files = (files[0].clone(), files[1].clone());
         s.put("a/b", b("AB"), &none()).await.unwrap();
+        ab_files = object_files(dir.path());
         s.put("x", b("old"), &none()).await.unwrap();
+        // Keep the old version's files, to bring them back as a crash between the new
+        // version's commit and the old one's removal would leave them.
+        saved = object_files(dir.path())
+            .into_iter()
+            .filter(|p| {
+                p.file_name() != a_files.0.file_name() && p.file_name() != a_files.1.file_name()
+            })
+            .filter(|p| !ab_files.contains(p))
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        assert_eq!(saved.len(), 2);
         s.put("x", b("new"), &none()).await.unwrap();
         s.put("del", b("d"), &none()).await.unwrap();
         s.delete("del").await.unwrap();
         s.check().await.unwrap();
     }
-    // Leftovers of a crash: a half-written temp file and a data file without a sidecar.
+    // Leftovers of a crash: the replaced version of "x" still on disk,
+    for (p, bytes) in &saved {
+        std::fs::write(p, bytes).unwrap();
+    }
+    // a half-written temp file and a data file without a sidecar.
     std::fs::write(dir.path().join("tmp/00000000000000ff.data"), b"half").unwrap();
     let orphan = dir.path().join("objects/fe/00000000000000fe.data");
     std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
@@ -490,6 +523,9 @@ async fn reopen_keeps_objects_and_cleans_orphans() {
     assert_eq!(s.head("a").await.unwrap().unwrap().user, m);
     assert_eq!(s.get_range("x", 0..10).await.unwrap(), "new");
     assert!(!orphan.exists());
+    for (p, _) in &saved {
+        assert!(!p.exists(), "{} survived", p.display());
+    }
     assert_eq!(
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
         0
