@@ -98,19 +98,14 @@ pub fn normalize_prefix(p: &str) -> String {
 }
 
 pub fn load(path: &Path, base_state: &Path, creds: &S3Config) -> anyhow::Result<Vec<Export>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-    let file: File =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+    let file: File = toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
     let mut out = Vec::new();
     let mut ports = std::collections::HashSet::new();
     for e in file.exports {
         if !ports.insert(e.listen) {
-            anyhow::bail!(
-                "config {}: two exports listen on {}",
-                path.display(),
-                e.listen
-            );
+            anyhow::bail!("config {}: two exports listen on {}", path.display(), e.listen);
         }
         let backend = match (&e.endpoint, &e.bucket) {
             (None, None) => Backend::Local {
@@ -133,10 +128,7 @@ pub fn load(path: &Path, base_state: &Path, creds: &S3Config) -> anyhow::Result<
             listen: e.listen,
             backend,
             prefix: normalize_prefix(&e.prefix),
-            state_dir: e
-                .state_dir
-                .clone()
-                .unwrap_or_else(|| base_state.join(&e.name)),
+            state_dir: e.state_dir.clone().unwrap_or_else(|| base_state.join(&e.name)),
             flush_delay: e
                 .flush_delay
                 .as_deref()
@@ -187,11 +179,7 @@ mod tests {
         assert_eq!(e.len(), 2);
         assert!(matches!(e[0].backend, Backend::Local { .. }));
         assert_eq!(e[1].prefix, "p/");
-        std::fs::write(
-            &p,
-            "[[export]]\nname='a'\nlisten='127.0.0.1:1'\nsecret_key='x'\n",
-        )
-        .unwrap();
+        std::fs::write(&p, "[[export]]\nname='a'\nlisten='127.0.0.1:1'\nsecret_key='x'\n").unwrap();
         assert!(
             load(&p, dir.path(), &S3Config::default()).is_err(),
             "secrets are refused in the file"

@@ -70,10 +70,7 @@ struct ServeArgs {
 }
 
 fn exports(a: &ServeArgs) -> anyhow::Result<Vec<Export>> {
-    let state = a
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| a.data_dir.join("state"));
+    let state = a.state_dir.clone().unwrap_or_else(|| a.data_dir.join("state"));
     let creds = S3Config {
         endpoint: None,
         bucket: String::new(),

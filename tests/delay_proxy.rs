@@ -47,11 +47,7 @@ async fn each_request_is_delayed() {
         let msg = format!("request {i}");
         let start = Instant::now();
         assert_eq!(round_trip(&mut c, msg.as_bytes()).await, msg.as_bytes());
-        assert!(
-            start.elapsed() >= d,
-            "round trip {:?} < {d:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() >= d, "round trip {:?} < {d:?}", start.elapsed());
     }
 
     // A second connection at the same time.
@@ -64,9 +60,7 @@ async fn each_request_is_delayed() {
 #[tokio::test]
 async fn large_transfer_is_intact() {
     let echo = echo_server().await;
-    let proxy = DelayProxy::start(echo, Duration::from_millis(5))
-        .await
-        .unwrap();
+    let proxy = DelayProxy::start(echo, Duration::from_millis(5)).await.unwrap();
     let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
     let data: Vec<u8> = (0..4 * 1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
     let (mut r, mut w) = c.split();
@@ -86,9 +80,7 @@ async fn large_transfer_is_intact() {
 #[tokio::test]
 async fn drop_stops_the_proxy() {
     let echo = echo_server().await;
-    let proxy = DelayProxy::start(echo, Duration::from_millis(1))
-        .await
-        .unwrap();
+    let proxy = DelayProxy::start(echo, Duration::from_millis(1)).await.unwrap();
     let addr = proxy.addr();
     let mut c = TcpStream::connect(addr).await.unwrap();
     assert_eq!(round_trip(&mut c, b"hi").await, b"hi");

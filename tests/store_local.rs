@@ -72,10 +72,7 @@ async fn odd_and_long_keys() {
         s.put(&too_long, b("1"), &none()).await,
         Err(StoreError::Invalid(_))
     ));
-    assert!(matches!(
-        s.put("", b("1"), &none()).await,
-        Err(StoreError::Invalid(_))
-    ));
+    assert!(matches!(s.put("", b("1"), &none()).await, Err(StoreError::Invalid(_))));
 }
 
 #[tokio::test]
@@ -94,17 +91,7 @@ async fn overwrite_replaces() {
 #[tokio::test]
 async fn delimiter_listing_with_common_prefixes() {
     let (_d, s) = open();
-    for k in [
-        "a",
-        "a/b",
-        "a/c/d",
-        "a0",
-        "b/",
-        "b/x",
-        "c",
-        "dir/sub/f",
-        "dir/g",
-    ] {
+    for k in ["a", "a/b", "a/c/d", "a0", "b/", "b/x", "c", "dir/sub/f", "dir/g"] {
         s.put(k, b(k), &none()).await.unwrap();
     }
     let p = s.list("", Some("/"), None, 1000).await.unwrap();
@@ -144,9 +131,7 @@ async fn pagination_25_keys_10_per_page() {
         if i % 5 == 2 {
             // directory entries
             for j in 0..3 {
-                s.put(&format!("p/k{i:02}/f{j}"), b("x"), &none())
-                    .await
-                    .unwrap();
+                s.put(&format!("p/k{i:02}/f{j}"), b("x"), &none()).await.unwrap();
             }
             expected.push(format!("p/k{i:02}/"));
         } else {
@@ -255,10 +240,7 @@ async fn ranged_get() {
     assert_eq!(s.get_range("r", 8..100).await.unwrap(), "89");
     assert_eq!(s.get_range("r", 10..20).await.unwrap(), "");
     assert_eq!(s.get_range("r", 50..60).await.unwrap(), "");
-    assert!(matches!(
-        s.get_range("nope", 0..1).await,
-        Err(StoreError::NotFound(_))
-    ));
+    assert!(matches!(s.get_range("nope", 0..1).await, Err(StoreError::NotFound(_))));
 }
 
 fn filled(len: usize, seed: u8) -> Bytes {
@@ -278,21 +260,10 @@ async fn multipart() {
     let p2 = filled(MIN_PART_SIZE as usize, 2);
     let p3 = filled(1000, 3);
     // A first upload of part 1, then replaced.
-    s.upload_part("big", &id, 1, Body::Bytes(filled(10, 9)))
-        .await
-        .unwrap();
-    let e1 = s
-        .upload_part("big", &id, 1, Body::Bytes(p1.clone()))
-        .await
-        .unwrap();
-    let e3 = s
-        .upload_part("big", &id, 3, Body::Bytes(p3.clone()))
-        .await
-        .unwrap();
-    let e2 = s
-        .upload_part("big", &id, 2, Body::Bytes(p2.clone()))
-        .await
-        .unwrap();
+    s.upload_part("big", &id, 1, Body::Bytes(filled(10, 9))).await.unwrap();
+    let e1 = s.upload_part("big", &id, 1, Body::Bytes(p1.clone())).await.unwrap();
+    let e3 = s.upload_part("big", &id, 3, Body::Bytes(p3.clone())).await.unwrap();
+    let e2 = s.upload_part("big", &id, 2, Body::Bytes(p2.clone())).await.unwrap();
     // Not visible before completion.
     assert_eq!(s.head("big").await.unwrap(), None);
 
@@ -321,18 +292,9 @@ async fn multipart() {
     ));
 
     let parts = [
-        Part {
-            number: 1,
-            etag: e1,
-        },
-        Part {
-            number: 2,
-            etag: e2,
-        },
-        Part {
-            number: 3,
-            etag: e3,
-        },
+        Part { number: 1, etag: e1 },
+        Part { number: 2, etag: e2 },
+        Part { number: 3, etag: e3 },
     ];
     let etag = s.complete_multipart("big", &id, &parts).await.unwrap();
     assert!(etag.ends_with("-3"), "{etag}");
@@ -345,10 +307,7 @@ async fn multipart() {
     assert_eq!(s.get_range("big", n..2 * n).await.unwrap(), p2);
     assert_eq!(s.get_range("big", 2 * n..3 * n).await.unwrap(), p3);
     // A retried completion (the first reply lost) answers the same.
-    assert_eq!(
-        s.complete_multipart("big", &id, &parts).await.unwrap(),
-        etag
-    );
+    assert_eq!(s.complete_multipart("big", &id, &parts).await.unwrap(), etag);
     // The upload is gone.
     assert!(matches!(
         s.upload_part("big", &id, 4, b("x")).await,
@@ -367,32 +326,22 @@ async fn multipart_entity_too_small_abort_and_part_copy() {
             number: 1,
             etag: e1.clone(),
         },
-        Part {
-            number: 2,
-            etag: e2,
-        },
+        Part { number: 2, etag: e2 },
     ];
     assert!(matches!(
         s.complete_multipart("small", &id, &parts).await,
         Err(StoreError::Invalid(m)) if m.contains("EntityTooSmall")
     ));
     // A single small part is fine: the last part may be small.
-    let one = [Part {
-        number: 1,
-        etag: e1,
-    }];
+    let one = [Part { number: 1, etag: e1 }];
     let etag = s.complete_multipart("small", &id, &one).await.unwrap();
     assert!(etag.ends_with("-1"));
     assert_eq!(s.get_range("small", 0..10).await.unwrap(), "tiny");
 
     // Part copy from a range of an existing object.
-    s.put(
-        "src",
-        Body::Bytes(filled(MIN_PART_SIZE as usize + 10, 7)),
-        &none(),
-    )
-    .await
-    .unwrap();
+    s.put("src", Body::Bytes(filled(MIN_PART_SIZE as usize + 10, 7)), &none())
+        .await
+        .unwrap();
     let id = s.create_multipart("dst", &none()).await.unwrap();
     let c1 = s
         .upload_part_copy("dst", &id, 1, "src", 0..MIN_PART_SIZE)
@@ -403,23 +352,13 @@ async fn multipart_entity_too_small_abort_and_part_copy() {
         .await
         .unwrap();
     assert!(matches!(
-        s.upload_part_copy("dst", &id, 3, "src", 0..MIN_PART_SIZE + 11)
-            .await,
+        s.upload_part_copy("dst", &id, 3, "src", 0..MIN_PART_SIZE + 11).await,
         Err(StoreError::Invalid(_))
     ));
     s.complete_multipart(
         "dst",
         &id,
-        &[
-            Part {
-                number: 1,
-                etag: c1,
-            },
-            Part {
-                number: 2,
-                etag: c2,
-            },
-        ],
+        &[Part { number: 1, etag: c1 }, Part { number: 2, etag: c2 }],
     )
     .await
     .unwrap();
@@ -438,10 +377,7 @@ async fn multipart_entity_too_small_abort_and_part_copy() {
         Err(StoreError::NotFound(_))
     ));
     assert_eq!(s.head("gone").await.unwrap(), None);
-    assert_eq!(
-        std::fs::read_dir(d.path().join("uploads")).unwrap().count(),
-        0
-    );
+    assert_eq!(std::fs::read_dir(d.path().join("uploads")).unwrap().count(), 0);
 
     // Bad part numbers and unknown uploads.
     let id = s.create_multipart("k", &none()).await.unwrap();
@@ -496,9 +432,7 @@ async fn reopen_keeps_objects_and_cleans_orphans() {
         // version's commit and the old one's removal would leave them.
         saved = object_files(dir.path())
             .into_iter()
-            .filter(|p| {
-                p.file_name() != a_files.0.file_name() && p.file_name() != a_files.1.file_name()
-            })
+            .filter(|p| p.file_name() != a_files.0.file_name() && p.file_name() != a_files.1.file_name())
             .filter(|p| !ab_files.contains(p))
             .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
             .collect();
@@ -526,10 +460,7 @@ async fn reopen_keeps_objects_and_cleans_orphans() {
     for (p, _) in &saved {
         assert!(!p.exists(), "{} survived", p.display());
     }
-    assert_eq!(
-        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-        0
-    );
+    assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     // New writes after reopen do not collide with old ids.
     s.put("y", b("Y"), &none()).await.unwrap();
     assert_eq!(s.get_range("a", 0..10).await.unwrap(), "A");
@@ -630,9 +561,7 @@ async fn concurrent_overwrites_and_reads() {
         tasks.push(tokio::spawn(async move {
             for j in 0..20 {
                 if i % 2 == 0 {
-                    s.put("hot", b(&format!("w{i}-{j}")), &none())
-                        .await
-                        .unwrap();
+                    s.put("hot", b(&format!("w{i}-{j}")), &none()).await.unwrap();
                 } else {
                     let v = s.get_range("hot", 0..100).await.unwrap();
                     assert!(!v.is_empty());

@@ -60,21 +60,11 @@ pub struct VolumeActor {
 impl VolumeActor {
     /// Opens the volume and binds its listener (on the export's port, so that clients holding
     /// handles from before a restart find it again).
-    pub async fn start(
-        export: &Export,
-        store: Arc<dyn ObjectStore>,
-    ) -> anyhow::Result<VolumeActor> {
+    pub async fn start(export: &Export, store: Arc<dyn ObjectStore>) -> anyhow::Result<VolumeActor> {
         let vol = Volume::open(volume_config(export), store).await?;
-        let listener =
-            NFSTcpListener::bind(&export.listen.to_string(), NfsAdapter::new(vol.clone()))
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "export {}: cannot listen on {}: {e}",
-                        export.name,
-                        export.listen
-                    )
-                })?;
+        let listener = NFSTcpListener::bind(&export.listen.to_string(), NfsAdapter::new(vol.clone()))
+            .await
+            .map_err(|e| anyhow::anyhow!("export {}: cannot listen on {}: {e}", export.name, export.listen))?;
         let addr = SocketAddr::new(listener.get_listen_ip(), listener.get_listen_port());
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(async move {
@@ -200,18 +190,11 @@ pub struct FlushAll;
 impl Handler<FlushAll> for Supervisor {
     type Result = ResponseFuture<Vec<(String, Result<(), String>)>>;
     fn handle(&mut self, _: FlushAll, _: &mut Context<Self>) -> Self::Result {
-        let vols: Vec<_> = self
-            .volumes
-            .iter()
-            .map(|(n, a)| (n.clone(), a.clone()))
-            .collect();
+        let vols: Vec<_> = self.volumes.iter().map(|(n, a)| (n.clone(), a.clone())).collect();
         Box::pin(async move {
             let mut out = Vec::new();
             for (name, addr) in vols {
-                let r = addr
-                    .send(Flush)
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string()));
+                let r = addr.send(Flush).await.unwrap_or_else(|e| Err(e.to_string()));
                 out.push((name, r));
             }
             out

@@ -149,19 +149,18 @@ impl Volume {
             self.start_streams();
             let mut first_err: Option<FsError> = None;
             let deletes = self.meta.all_deletes()?;
-            let results: Vec<_> =
-                futures::stream::iter(deletes.into_iter().map(|(seq, key)| async move {
-                    let r = self.delete_key(&key, None).await;
-                    if r.is_ok() {
-                        let mut b = Batch::new();
-                        b.done_delete(seq);
-                        self.meta.commit(b)?;
-                    }
-                    r
-                }))
-                .buffer_unordered(self.cfg.upload_concurrency)
-                .collect()
-                .await;
+            let results: Vec<_> = futures::stream::iter(deletes.into_iter().map(|(seq, key)| async move {
+                let r = self.delete_key(&key, None).await;
+                if r.is_ok() {
+                    let mut b = Batch::new();
+                    b.done_delete(seq);
+                    self.meta.commit(b)?;
+                }
+                r
+            }))
+            .buffer_unordered(self.cfg.upload_concurrency)
+            .collect()
+            .await;
             for r in results {
                 if let Err(e) = r {
                     first_err.get_or_insert(e);
@@ -179,8 +178,7 @@ impl Volume {
                         dirty += st.size();
                         let idle = st.last_write.lock().unwrap().elapsed();
                         if !force
-                            && (idle < self.cfg.flush_delay
-                                || self.flusher.streaming.lock().unwrap().contains(&ino))
+                            && (idle < self.cfg.flush_delay || self.flusher.streaming.lock().unwrap().contains(&ino))
                         {
                             continue;
                         }
@@ -189,11 +187,10 @@ impl Volume {
                 due.push((ino, seq));
             }
             self.flusher.dirty_bytes.store(dirty, Ordering::Release);
-            let results: Vec<_> =
-                futures::stream::iter(due.into_iter().map(|(ino, seq)| self.sync_inode(ino, seq)))
-                    .buffer_unordered(self.cfg.upload_concurrency)
-                    .collect()
-                    .await;
+            let results: Vec<_> = futures::stream::iter(due.into_iter().map(|(ino, seq)| self.sync_inode(ino, seq)))
+                .buffer_unordered(self.cfg.upload_concurrency)
+                .collect()
+                .await;
             for r in results {
                 if let Err(e) = r {
                     self.flusher.errors.fetch_add(1, Ordering::Relaxed);
@@ -225,9 +222,7 @@ impl Volume {
             }
         }
         let inode = self.meta.inode(cur)?;
-        Ok(inode
-            .filter(|i| (i.kind == Kind::Dir) == is_dir)
-            .map(|i| i.ino))
+        Ok(inode.filter(|i| (i.kind == Kind::Dir) == is_dir).map(|i| i.ino))
     }
 
     /// Deletes `key` unless a live inode (other than `except`) maps to it.
@@ -295,24 +290,12 @@ impl Volume {
         self.record(ino, seq, Some(synced), st).await
     }
 
-    async fn put_small(
-        &self,
-        key: &str,
-        body: Bytes,
-        meta: &crate::store::UserMeta,
-    ) -> FsResult<Synced> {
-        let _permit = self
-            .flusher
-            .uploads
-            .acquire()
-            .await
-            .expect("semaphore never closed");
+    async fn put_small(&self, key: &str, body: Bytes, meta: &crate::store::UserMeta) -> FsResult<Synced> {
+        let _permit = self.flusher.uploads.acquire().await.expect("semaphore never closed");
         let _k = self.flusher.key_lock(key).await;
         let size = body.len() as u64;
         let etag = self.store.put(key, Body::Bytes(body), meta).await?;
-        self.flusher
-            .uploaded_bytes
-            .fetch_add(size, Ordering::Relaxed);
+        self.flusher.uploaded_bytes.fetch_add(size, Ordering::Relaxed);
         Ok(Synced {
             remote: Remote {
                 key: key.to_string(),
@@ -370,20 +353,14 @@ impl Volume {
             let gen = st.gen();
             let etag = {
                 let _k = self.flusher.key_lock(&mkey).await;
-                self.store
-                    .complete_multipart(&mkey, &upload_id, &parts)
-                    .await?
+                self.store.complete_multipart(&mkey, &upload_id, &parts).await?
             };
             *st.multipart.lock().unwrap() = None;
             let mut b = Batch::new();
             b.clear_upload(st.ino);
             self.meta.commit(b)?;
             return Ok(Some(Synced {
-                remote: Remote {
-                    key: mkey,
-                    etag,
-                    size,
-                },
+                remote: Remote { key: mkey, etag, size },
                 gen: Some(gen),
             }));
         }
@@ -440,8 +417,7 @@ impl Volume {
                         .get(p)
                         .map(|(_, len)| *len == self.part_len(size, *p))
                         .unwrap_or(false);
-                    let settled =
-                        all || (*p as u64) * self.cfg.part_size + self.cfg.part_size <= size;
+                    let settled = all || (*p as u64) * self.cfg.part_size + self.cfg.part_size <= size;
                     !fits && !m.in_flight.contains(p) && settled
                 })
                 .collect::<Vec<_>>()
@@ -461,12 +437,7 @@ impl Volume {
             let mkey = mkey.clone();
             let upload_id = upload_id.clone();
             async move {
-                let _permit = self
-                    .flusher
-                    .uploads
-                    .acquire()
-                    .await
-                    .expect("semaphore never closed");
+                let _permit = self.flusher.uploads.acquire().await.expect("semaphore never closed");
                 let offset = (p as u64 - 1) * self.cfg.part_size;
                 let len = self.part_len(size, p);
                 let body = Body::File {
@@ -479,9 +450,7 @@ impl Volume {
                 let Some(m) = m.as_mut() else { return Ok(()) };
                 m.in_flight.remove(&p);
                 let etag = r?;
-                self.flusher
-                    .uploaded_bytes
-                    .fetch_add(len, Ordering::Relaxed);
+                self.flusher.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
                 if !m.dirtied.remove(&p) && m.upload_id == upload_id {
                     m.done.insert(p, (etag, len));
                 }
@@ -526,12 +495,9 @@ impl Volume {
             };
             let key = self.key_of(&inode)?;
             let before = st.size();
-            self.upload_parts(&st, &key, &user_meta(&inode), false)
-                .await?;
+            self.upload_parts(&st, &key, &user_meta(&inode), false).await?;
             // Keep going while the writer keeps writing; stop once it pauses.
-            if st.size() == before
-                && st.last_write.lock().unwrap().elapsed() >= std::time::Duration::from_millis(200)
-            {
+            if st.size() == before && st.last_write.lock().unwrap().elapsed() >= std::time::Duration::from_millis(200) {
                 return Ok(());
             }
             if st.size() == before {
@@ -542,13 +508,7 @@ impl Volume {
 
     /// Records a finished sync: the remote location, and clears `P` if nothing changed meanwhile.
     /// Takes the staged file's lock before `ns` (the lock order).
-    async fn record(
-        &self,
-        ino: Ino,
-        seq: u64,
-        synced: Option<Synced>,
-        st: Option<Arc<Staged>>,
-    ) -> FsResult<()> {
+    async fn record(&self, ino: Ino, seq: u64, synced: Option<Synced>, st: Option<Arc<Staged>>) -> FsResult<()> {
         let _w = match &st {
             Some(st) => Some(st.lock.write().await),
             None => None,

@@ -201,10 +201,7 @@ const INO_BLOCK: u64 = 1024;
 impl Volume {
     /// Opens the volume's local state (replaying its journal), restores staged files and
     /// in-flight uploads, and creates the root on first use.
-    pub async fn open(
-        cfg: VolumeConfig,
-        store: Arc<dyn ObjectStore>,
-    ) -> anyhow::Result<Arc<Volume>> {
+    pub async fn open(cfg: VolumeConfig, store: Arc<dyn ObjectStore>) -> anyhow::Result<Arc<Volume>> {
         std::fs::create_dir_all(&cfg.state_dir)?;
         let staging_dir = cfg.state_dir.join("staging");
         std::fs::create_dir_all(&staging_dir)?;
@@ -356,9 +353,7 @@ impl Volume {
             if i > 0 {
                 key.push('/');
             }
-            key.push_str(
-                std::str::from_utf8(p).map_err(|_| FsError::Invalid("non UTF-8 name".into()))?,
-            );
+            key.push_str(std::str::from_utf8(p).map_err(|_| FsError::Invalid("non UTF-8 name".into()))?);
         }
         if inode.kind == Kind::Dir && inode.ino != ROOT_INO {
             key.push('/');
@@ -477,12 +472,7 @@ impl Volume {
     }
 
     /// Entries of `dir` after the one with inode number `after` (0: from the start).
-    pub async fn readdir(
-        &self,
-        dir: Ino,
-        after: Ino,
-        max: usize,
-    ) -> FsResult<(Vec<DirEntry>, bool)> {
+    pub async fn readdir(&self, dir: Ino, after: Ino, max: usize) -> FsResult<(Vec<DirEntry>, bool)> {
         let d = self.inode(dir)?;
         if d.kind != Kind::Dir {
             return Err(FsError::NotDir);
@@ -578,6 +568,22 @@ impl Volume {
         let Some(dir) = self.meta.inode(dir.ino)? else {
             return Ok(());
         };
+        // Objects that pending work is about to move or delete are not new entries: they are
+        // where renamed or removed inodes used to be.
+        let mut leaving: std::collections::HashSet<String> =
+            self.meta.all_deletes()?.into_iter().map(|d| d.1).collect();
+        for (ino, _) in self.meta.all_pending()? {
+            if let Some(Inode { remote: Some(r), .. }) = self.meta.inode(ino)? {
+                leaving.insert(r.key);
+            }
+        }
+        let is_leaving = |key: &str, is_dir: bool| {
+            if is_dir {
+                leaving.iter().any(|k| k.starts_with(key))
+            } else {
+                leaving.contains(key)
+            }
+        };
         let mut batch = Batch::new();
         let mut seen = std::collections::HashSet::new();
         let now = Time::now();
@@ -599,17 +605,12 @@ impl Volume {
                 if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
                     continue; // local changes not yet in S3, or newer than this listing
                 }
-                let same_kind = inode.kind == want_kind
-                    || (inode.kind == Kind::Symlink && want_kind == Kind::File);
+                let same_kind = inode.kind == want_kind || (inode.kind == Kind::Symlink && want_kind == Kind::File);
                 if !same_kind {
                     self.forget_subtree(&mut batch, &inode)?;
                 } else {
                     if let Some(o) = obj {
-                        let changed = inode
-                            .remote
-                            .as_ref()
-                            .map(|r| r.etag != o.etag)
-                            .unwrap_or(true);
+                        let changed = inode.remote.as_ref().map(|r| r.etag != o.etag).unwrap_or(true);
                         if changed
                             && self
                                 .staged(ino)
@@ -631,6 +632,10 @@ impl Volume {
                     }
                     continue;
                 }
+            }
+            let key = format!("{prefix}{name}{}", if obj.is_none() { "/" } else { "" });
+            if is_leaving(&key, obj.is_none()) {
+                continue;
             }
             let ino = self.alloc_ino(&mut batch);
             let (size, mtime, remote, meta_loaded) = match &obj {
@@ -755,14 +760,7 @@ impl Volume {
 
     // ---------------------------------------------------------------- namespace changes
 
-    fn new_inode(
-        &self,
-        batch: &mut Batch,
-        parent: Ino,
-        name: &[u8],
-        kind: Kind,
-        mode: u32,
-    ) -> Inode {
+    fn new_inode(&self, batch: &mut Batch, parent: Ino, name: &[u8], kind: Kind, mode: u32) -> Inode {
         let now = Time::now();
         Inode {
             ino: self.alloc_ino(batch),
@@ -805,13 +803,7 @@ impl Volume {
         batch.put_inode(&d);
     }
 
-    pub async fn create(
-        &self,
-        dir: Ino,
-        name: &[u8],
-        attr: SetAttr,
-        exclusive: bool,
-    ) -> FsResult<Attr> {
+    pub async fn create(&self, dir: Ino, name: &[u8], attr: SetAttr, exclusive: bool) -> FsResult<Attr> {
         let d = self.prepare_new(dir, name).await?;
         let g = self.ns.lock().await;
         if let Some(existing) = self.meta.lookup(dir, name)? {
@@ -827,13 +819,7 @@ impl Volume {
             return self.setattr(existing, attr).await;
         }
         let mut batch = Batch::new();
-        let mut inode = self.new_inode(
-            &mut batch,
-            dir,
-            name,
-            Kind::File,
-            attr.mode.unwrap_or(0o644),
-        );
+        let mut inode = self.new_inode(&mut batch, dir, name, Kind::File, attr.mode.unwrap_or(0o644));
         if let Some(uid) = attr.uid {
             inode.uid = uid;
         }
@@ -877,39 +863,22 @@ impl Volume {
         self.touch_dir(&mut batch, &d);
         self.meta.commit(batch)?;
         // A new directory has nothing in S3 to list.
-        self.listed
-            .lock()
-            .unwrap()
-            .insert(inode.ino, Instant::now());
+        self.listed.lock().unwrap().insert(inode.ino, Instant::now());
         self.flusher.kick();
         Ok(self.attr_of(&inode))
     }
 
-    pub async fn symlink(
-        &self,
-        dir: Ino,
-        name: &[u8],
-        target: &[u8],
-        attr: SetAttr,
-    ) -> FsResult<Attr> {
+    pub async fn symlink(&self, dir: Ino, name: &[u8], target: &[u8], attr: SetAttr) -> FsResult<Attr> {
         let d = self.prepare_new(dir, name).await?;
         if target.is_empty() || target.len() > 4095 {
-            return Err(FsError::Invalid(
-                "symlink target must be 1 to 4095 bytes".into(),
-            ));
+            return Err(FsError::Invalid("symlink target must be 1 to 4095 bytes".into()));
         }
         let _g = self.ns.lock().await;
         if self.meta.lookup(dir, name)?.is_some() {
             return Err(FsError::Exists);
         }
         let mut batch = Batch::new();
-        let mut inode = self.new_inode(
-            &mut batch,
-            dir,
-            name,
-            Kind::Symlink,
-            attr.mode.unwrap_or(0o777),
-        );
+        let mut inode = self.new_inode(&mut batch, dir, name, Kind::Symlink, attr.mode.unwrap_or(0o777));
         inode.target = target.to_vec();
         inode.size = target.len() as u64;
         batch.put_inode(&inode);
@@ -989,9 +958,7 @@ impl Volume {
             let mut cur = to_dir;
             loop {
                 if cur == ino {
-                    return Err(FsError::Invalid(
-                        "cannot move a directory into itself".into(),
-                    ));
+                    return Err(FsError::Invalid("cannot move a directory into itself".into()));
                 }
                 if cur == ROOT_INO {
                     break;
@@ -1228,14 +1195,7 @@ impl Volume {
             return Ok((Vec::new(), true));
         };
         self.cache
-            .read(
-                &self.store,
-                ino,
-                &remote,
-                offset,
-                count,
-                self.cfg.read_ahead,
-            )
+            .read(&self.store, ino, &remote, offset, count, self.cfg.read_ahead)
             .await
     }
 

@@ -29,17 +29,12 @@ pub fn check_name(name: &[u8]) -> Result<&str, FsError> {
     if name.contains(&b'/') || name.contains(&0) {
         return Err(FsError::Invalid("name contains '/' or NUL".into()));
     }
-    std::str::from_utf8(name)
-        .map_err(|_| FsError::Invalid("S3 keys must be UTF-8; this name is not".into()))
+    std::str::from_utf8(name).map_err(|_| FsError::Invalid("S3 keys must be UTF-8; this name is not".into()))
 }
 
 /// Whether a key component found in a listing can be shown as a file name.
 pub fn listable(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name.len() <= NAME_MAX
-        && !name.contains('\0')
+    !name.is_empty() && name != "." && name != ".." && name.len() <= NAME_MAX && !name.contains('\0')
 }
 
 pub fn kind_bits(kind: Kind) -> u32 {
@@ -94,14 +89,8 @@ mod tests {
     fn names_s3_or_nfs_cannot_hold_are_refused() {
         assert!(check_name(b"ok name.txt").is_ok());
         assert!(check_name("ünïcødé".as_bytes()).is_ok());
-        assert!(matches!(
-            check_name(&[0xff, 0xfe]),
-            Err(FsError::Invalid(_))
-        ));
-        assert!(matches!(
-            check_name(&[b'a'; 256]),
-            Err(FsError::NameTooLong)
-        ));
+        assert!(matches!(check_name(&[0xff, 0xfe]), Err(FsError::Invalid(_))));
+        assert!(matches!(check_name(&[b'a'; 256]), Err(FsError::NameTooLong)));
         assert!(matches!(check_name(b".."), Err(FsError::Invalid(_))));
         assert!(matches!(check_name(b"a\0b"), Err(FsError::Invalid(_))));
     }

@@ -70,9 +70,7 @@ impl ReadCache {
             inner.misses += 1;
         }
         let cell: Cell = Arc::default();
-        inner
-            .map
-            .insert((ino, idx), (etag.to_string(), cell.clone()));
+        inner.map.insert((ino, idx), (etag.to_string(), cell.clone()));
         inner.order.push_back((ino, idx));
         while inner.map.len() > self.max_chunks {
             let Some(old) = inner.order.pop_front() else {
@@ -93,13 +91,7 @@ impl ReadCache {
         cell
     }
 
-    async fn fetch(
-        store: &dyn ObjectStore,
-        cell: &Cell,
-        remote: &Remote,
-        idx: u64,
-        chunk: u64,
-    ) -> FsResult<Bytes> {
+    async fn fetch(store: &dyn ObjectStore, cell: &Cell, remote: &Remote, idx: u64, chunk: u64) -> FsResult<Bytes> {
         let start = idx * chunk;
         let end = (start + chunk).min(remote.size);
         let span = tracing::debug_span!("cache_fill", key = %remote.key, chunk = idx);

@@ -101,8 +101,7 @@ impl Staged {
     /// Writes `data` at `offset`. The caller holds `lock` shared.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.file.write_all_at(data, offset)?;
-        self.size
-            .fetch_max(offset + data.len() as u64, Ordering::AcqRel);
+        self.size.fetch_max(offset + data.len() as u64, Ordering::AcqRel);
         self.touched(offset, data.len() as u64);
         Ok(())
     }

@@ -16,11 +16,7 @@ impl Wal {
     /// Opens the log and returns the payloads of every intact record, in order. A torn or corrupt
     /// tail is cut off: its commit never returned, so nobody was told it happened.
     pub fn open(path: &Path) -> io::Result<(Wal, Vec<Vec<u8>>)> {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)?;
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)?;
         let mut records = Vec::new();
@@ -43,13 +39,7 @@ impl Wal {
             );
             file.set_len(pos as u64)?;
         }
-        Ok((
-            Wal {
-                file,
-                len: pos as u64,
-            },
-            records,
-        ))
+        Ok((Wal { file, len: pos as u64 }, records))
     }
 
     /// Appends one record with a single write: when this returns, the record is in the kernel.

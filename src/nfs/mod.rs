@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nfsserve::nfs::{
-    fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime,
-    set_gid3, set_mode3, set_mtime, set_size3, set_uid3, specdata3,
+    fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime, set_gid3, set_mode3,
+    set_mtime, set_size3, set_uid3, specdata3,
 };
 use nfsserve::vfs::{DirEntry as NfsDirEntry, NFSFileSystem, ReadDirResult, VFSCapabilities};
 use tracing::Instrument;
@@ -118,10 +118,7 @@ fn setattr_of(s: &sattr3) -> SetAttr {
 }
 
 /// Runs one operation in its span and records the outcome.
-async fn op<T>(
-    span: tracing::Span,
-    f: impl std::future::Future<Output = Result<T, FsError>>,
-) -> Result<T, nfsstat3> {
+async fn op<T>(span: tracing::Span, f: impl std::future::Future<Output = Result<T, FsError>>) -> Result<T, nfsstat3> {
     async {
         match f.await {
             Ok(v) => {
@@ -132,10 +129,7 @@ async fn op<T>(
                 let s = status(&e);
                 tracing::Span::current().record("status", tracing::field::debug(&s));
                 match &e {
-                    FsError::Io(_)
-                    | FsError::Access(_)
-                    | FsError::NoSpace(_)
-                    | FsError::Retry(_) => {
+                    FsError::Io(_) | FsError::Access(_) | FsError::NoSpace(_) | FsError::Retry(_) => {
                         tracing::warn!(error = %e, "NFS operation failed")
                     }
                     _ => tracing::debug!(error = %e, "NFS operation failed"),
@@ -165,11 +159,7 @@ impl NFSFileSystem for NfsAdapter {
     }
 
     async fn lookup(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
-        op(
-            nfs_span!("LOOKUP", ino = dirid),
-            self.vol.lookup(dirid, filename),
-        )
-        .await
+        op(nfs_span!("LOOKUP", ino = dirid), self.vol.lookup(dirid, filename)).await
     }
 
     async fn getattr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
@@ -186,12 +176,7 @@ impl NFSFileSystem for NfsAdapter {
         Ok(fattr(&self.vol, &a))
     }
 
-    async fn read(
-        &self,
-        id: fileid3,
-        offset: u64,
-        count: u32,
-    ) -> Result<(Vec<u8>, bool), nfsstat3> {
+    async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3> {
         op(
             nfs_span!("READ", ino = id, offset = offset, count = count),
             self.vol.read(id, offset, count),
@@ -208,12 +193,7 @@ impl NFSFileSystem for NfsAdapter {
         Ok(fattr(&self.vol, &a))
     }
 
-    async fn create(
-        &self,
-        dirid: fileid3,
-        filename: &filename3,
-        attr: sattr3,
-    ) -> Result<(fileid3, fattr3), nfsstat3> {
+    async fn create(&self, dirid: fileid3, filename: &filename3, attr: sattr3) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = op(
             nfs_span!("CREATE", ino = dirid),
             self.vol.create(dirid, filename, setattr_of(&attr), false),
@@ -222,11 +202,7 @@ impl NFSFileSystem for NfsAdapter {
         Ok((a.ino, fattr(&self.vol, &a)))
     }
 
-    async fn create_exclusive(
-        &self,
-        dirid: fileid3,
-        filename: &filename3,
-    ) -> Result<fileid3, nfsstat3> {
+    async fn create_exclusive(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
         let a = op(
             nfs_span!("CREATE", ino = dirid, exclusive = true),
             self.vol.create(dirid, filename, SetAttr::default(), true),
@@ -235,26 +211,14 @@ impl NFSFileSystem for NfsAdapter {
         Ok(a.ino)
     }
 
-    async fn mkdir(
-        &self,
-        dirid: fileid3,
-        dirname: &filename3,
-    ) -> Result<(fileid3, fattr3), nfsstat3> {
+    async fn mkdir(&self, dirid: fileid3, dirname: &filename3) -> Result<(fileid3, fattr3), nfsstat3> {
         // nfsserve does not pass MKDIR's attributes on; the client's SETATTR follows if needed.
-        let a = op(
-            nfs_span!("MKDIR", ino = dirid),
-            self.vol.mkdir(dirid, dirname, 0o755),
-        )
-        .await?;
+        let a = op(nfs_span!("MKDIR", ino = dirid), self.vol.mkdir(dirid, dirname, 0o755)).await?;
         Ok((a.ino, fattr(&self.vol, &a)))
     }
 
     async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
-        op(
-            nfs_span!("REMOVE", ino = dirid),
-            self.vol.remove(dirid, filename),
-        )
-        .await
+        op(nfs_span!("REMOVE", ino = dirid), self.vol.remove(dirid, filename)).await
     }
 
     async fn rename(
@@ -266,8 +230,7 @@ impl NFSFileSystem for NfsAdapter {
     ) -> Result<(), nfsstat3> {
         op(
             nfs_span!("RENAME", ino = from_dirid, to_ino = to_dirid),
-            self.vol
-                .rename(from_dirid, from_filename, to_dirid, to_filename),
+            self.vol.rename(from_dirid, from_filename, to_dirid, to_filename),
         )
         .await
     }

@@ -163,10 +163,7 @@ impl Faults {
 
     /// How many injected failures of `op` are still queued.
     pub fn pending_failures(&self, op: Op) -> u64 {
-        self.rules()
-            .fail
-            .get(&op)
-            .map_or(0, |q| q.iter().map(|(n, _)| n).sum())
+        self.rules().fail.get(&op).map_or(0, |q| q.iter().map(|(n, _)| n).sum())
     }
 
     /// Outage switch: while on, every call fails with `Unavailable` (after the delay).
@@ -352,18 +349,15 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        self.call(Op::Get, key, || self.inner.get_range(key, range))
-            .await
+        self.call(Op::Get, key, || self.inner.get_range(key, range)).await
     }
 
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
-        self.call(Op::Put, key, || self.inner.put(key, body, meta))
-            .await
+        self.call(Op::Put, key, || self.inner.put(key, body, meta)).await
     }
 
     async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
-        self.call(Op::Copy, dst, || self.inner.copy(src, dst, meta))
-            .await
+        self.call(Op::Copy, dst, || self.inner.copy(src, dst, meta)).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -384,19 +378,11 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn create_multipart(&self, key: &str, meta: &UserMeta) -> StoreResult<String> {
-        self.call(Op::CreateMultipart, key, || {
-            self.inner.create_multipart(key, meta)
-        })
-        .await
+        self.call(Op::CreateMultipart, key, || self.inner.create_multipart(key, meta))
+            .await
     }
 
-    async fn upload_part(
-        &self,
-        key: &str,
-        upload_id: &str,
-        number: i32,
-        body: Body,
-    ) -> StoreResult<String> {
+    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Body) -> StoreResult<String> {
         self.call(Op::UploadPart, key, || {
             self.inner.upload_part(key, upload_id, number, body)
         })
@@ -412,18 +398,12 @@ impl ObjectStore for FaultyStore {
         range: Range<u64>,
     ) -> StoreResult<String> {
         self.call(Op::UploadPartCopy, key, || {
-            self.inner
-                .upload_part_copy(key, upload_id, number, src, range)
+            self.inner.upload_part_copy(key, upload_id, number, src, range)
         })
         .await
     }
 
-    async fn complete_multipart(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: &[Part],
-    ) -> StoreResult<String> {
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[Part]) -> StoreResult<String> {
         self.call(Op::Complete, key, || {
             self.inner.complete_multipart(key, upload_id, parts)
         })
@@ -431,10 +411,8 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
-        self.call(Op::Abort, key, || {
-            self.inner.abort_multipart(key, upload_id)
-        })
-        .await
+        self.call(Op::Abort, key, || self.inner.abort_multipart(key, upload_id))
+            .await
     }
 }
 
@@ -481,18 +459,9 @@ mod tests {
         let (_d, s, f) = store();
         f.fail_next(Op::Get, 1, StoreError::AccessDenied("a".into()));
         f.fail_next(Op::Get, 1, StoreError::Io("b".into()));
-        assert_eq!(
-            s.get_range("k", 0..1).await,
-            Err(StoreError::AccessDenied("a".into()))
-        );
-        assert_eq!(
-            s.get_range("k", 0..1).await,
-            Err(StoreError::Io("b".into()))
-        );
-        assert!(matches!(
-            s.get_range("k", 0..1).await,
-            Err(StoreError::NotFound(_))
-        ));
+        assert_eq!(s.get_range("k", 0..1).await, Err(StoreError::AccessDenied("a".into())));
+        assert_eq!(s.get_range("k", 0..1).await, Err(StoreError::Io("b".into())));
+        assert!(matches!(s.get_range("k", 0..1).await, Err(StoreError::NotFound(_))));
     }
 
     #[tokio::test]

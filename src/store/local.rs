@@ -37,9 +37,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use super::{
-    Body, ListPage, ObjectMeta, ObjectStore, ObjectSummary, Part, StoreError, StoreResult, UserMeta,
-};
+use super::{Body, ListPage, ObjectMeta, ObjectStore, ObjectSummary, Part, StoreError, StoreResult, UserMeta};
 
 /// S3's longest key, in bytes of UTF-8.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -103,9 +101,7 @@ pub struct LocalStore {
 
 impl std::fmt::Debug for LocalStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalStore")
-            .field("root", &self.inner.root)
-            .finish()
+        f.debug_struct("LocalStore").field("root", &self.inner.root).finish()
     }
 }
 
@@ -363,13 +359,7 @@ impl HashWriter {
     }
 
     /// Copies `len` bytes of `src` from `offset`, a chunk at a time.
-    fn copy_from(
-        &mut self,
-        src: &mut File,
-        offset: u64,
-        len: u64,
-        buf: &mut Vec<u8>,
-    ) -> io::Result<()> {
+    fn copy_from(&mut self, src: &mut File, offset: u64, len: u64, buf: &mut Vec<u8>) -> io::Result<()> {
         src.seek(SeekFrom::Start(offset))?;
         if buf.len() < CHUNK {
             buf.resize(CHUNK, 0);
@@ -456,17 +446,11 @@ impl Inner {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "{key} kept changing while being read"
-        )))
+        Err(StoreError::Unavailable(format!("{key} kept changing while being read")))
     }
 
     /// Writes a new data file for `id` from `fill`, fsynced, and moves it into place.
-    fn write_data(
-        &self,
-        id: u64,
-        fill: impl FnOnce(&mut HashWriter) -> io::Result<()>,
-    ) -> StoreResult<(u64, String)> {
+    fn write_data(&self, id: u64, fill: impl FnOnce(&mut HashWriter) -> io::Result<()>) -> StoreResult<(u64, String)> {
         let tmp = self.tmp.join(format!("{id:016x}.data"));
         let res = (|| {
             let mut w = HashWriter::create(&tmp)?;
@@ -530,13 +514,7 @@ impl Inner {
             Some(cur) if cur.id > id => remove_object_files(&self.objects, id)?,
             cur => {
                 let old = cur.map(|c| c.id);
-                index.insert(
-                    kb.to_vec(),
-                    Entry {
-                        id,
-                        meta: meta.clone(),
-                    },
-                );
+                index.insert(kb.to_vec(), Entry { id, meta: meta.clone() });
                 // Under the lock, so a later delete cannot leave the old sidecar to resurrect.
                 if let Some(old) = old {
                     remove_object_files(&self.objects, old)?;
@@ -601,9 +579,7 @@ impl Inner {
                 Err(_) => {
                     // No hard links here (or too many): copy the bytes.
                     let (entry, mut f) = self.open_data(src)?;
-                    self.write_data(id, |w| {
-                        w.copy_from(&mut f, 0, entry.meta.size, &mut Vec::new())
-                    })?;
+                    self.write_data(id, |w| w.copy_from(&mut f, 0, entry.meta.size, &mut Vec::new()))?;
                     linked = Some(entry);
                     break;
                 }
@@ -674,8 +650,7 @@ impl Inner {
                 }
                 let rolled = delimiter.and_then(|d| {
                     let rest = &entry.meta.key[prefix.len()..];
-                    rest.find(d)
-                        .map(|i| &entry.meta.key[..prefix.len() + i + d.len()])
+                    rest.find(d).map(|i| &entry.meta.key[..prefix.len() + i + d.len()])
                 });
                 if let Some(cp) = rolled {
                     // Every key under `cp` rolls up into it: skip them all. No UTF-8 key has
@@ -727,8 +702,8 @@ impl Inner {
             }
             Err(e) => return Err(e.into()),
         };
-        let info: UploadInfo = bincode::deserialize(&bytes)
-            .map_err(|e| StoreError::Io(format!("upload {upload_id}: {e}")))?;
+        let info: UploadInfo =
+            bincode::deserialize(&bytes).map_err(|e| StoreError::Io(format!("upload {upload_id}: {e}")))?;
         if info.key != key {
             return Err(StoreError::NotFound(format!(
                 "NoSuchUpload: {upload_id} is not an upload of {key}"
@@ -798,12 +773,7 @@ impl Inner {
         res
     }
 
-    fn complete_multipart(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: &[Part],
-    ) -> StoreResult<String> {
+    fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[Part]) -> StoreResult<String> {
         let info = match self.read_upload(key, upload_id) {
             Ok(info) => info,
             Err(StoreError::NotFound(e)) => {
@@ -833,11 +803,7 @@ impl Inner {
                 ));
             }
             prev = part.number;
-            let path = dir.join(format!(
-                "part-{:05}-{}",
-                part.number,
-                part.etag.trim_matches('"')
-            ));
+            let path = dir.join(format!("part-{:05}-{}", part.number, part.etag.trim_matches('"')));
             let size = match fs::metadata(&path) {
                 Ok(m) => m.len(),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -898,10 +864,7 @@ impl Inner {
     fn check(&self) -> StoreResult<()> {
         for d in [&self.objects, &self.tmp, &self.uploads] {
             if !fs::metadata(d)?.is_dir() {
-                return Err(StoreError::Io(format!(
-                    "{} is not a directory",
-                    d.display()
-                )));
+                return Err(StoreError::Io(format!("{} is not a directory", d.display())));
             }
         }
         let probe = self.tmp.join(format!("check-{:016x}", self.new_id()));
@@ -988,17 +951,10 @@ impl ObjectStore for LocalStore {
         let span = tracing::info_span!("s3", op = "CreateMultipartUpload", key = %key);
         check_key(key)?;
         let (key, meta) = (key.to_string(), meta.clone());
-        self.run(span, move |s| s.create_multipart(&key, &meta))
-            .await
+        self.run(span, move |s| s.create_multipart(&key, &meta)).await
     }
 
-    async fn upload_part(
-        &self,
-        key: &str,
-        upload_id: &str,
-        number: i32,
-        body: Body,
-    ) -> StoreResult<String> {
+    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Body) -> StoreResult<String> {
         let span = tracing::info_span!(
             "s3",
             op = "UploadPart",
@@ -1053,23 +1009,13 @@ impl ObjectStore for LocalStore {
                 )));
             }
             s.put_part(&upload_id, number, |w| {
-                w.copy_from(
-                    &mut f,
-                    range.start,
-                    range.end - range.start,
-                    &mut Vec::new(),
-                )
+                w.copy_from(&mut f, range.start, range.end - range.start, &mut Vec::new())
             })
         })
         .await
     }
 
-    async fn complete_multipart(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: &[Part],
-    ) -> StoreResult<String> {
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[Part]) -> StoreResult<String> {
         let span = tracing::info_span!(
             "s3",
             op = "CompleteMultipartUpload",
@@ -1077,16 +1023,13 @@ impl ObjectStore for LocalStore {
             parts = parts.len(),
         );
         let (key, upload_id, parts) = (key.to_string(), upload_id.to_string(), parts.to_vec());
-        self.run(span, move |s| {
-            s.complete_multipart(&key, &upload_id, &parts)
-        })
-        .await
+        self.run(span, move |s| s.complete_multipart(&key, &upload_id, &parts))
+            .await
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
         let span = tracing::info_span!("s3", op = "AbortMultipartUpload", key = %key);
         let (key, upload_id) = (key.to_string(), upload_id.to_string());
-        self.run(span, move |s| s.abort_multipart(&key, &upload_id))
-            .await
+        self.run(span, move |s| s.abort_multipart(&key, &upload_id)).await
     }
 }

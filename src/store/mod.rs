@@ -167,13 +167,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn create_multipart(&self, key: &str, meta: &UserMeta) -> StoreResult<String>;
 
     /// Uploads (or replaces) part `number` (1-based); returns its ETag.
-    async fn upload_part(
-        &self,
-        key: &str,
-        upload_id: &str,
-        number: i32,
-        body: Body,
-    ) -> StoreResult<String>;
+    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Body) -> StoreResult<String>;
 
     /// Part `number` taken server-side from `range` of `src`; returns its ETag.
     async fn upload_part_copy(
@@ -186,12 +180,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> StoreResult<String>;
 
     /// Completes the upload from `parts` (ascending numbers); returns the object's ETag.
-    async fn complete_multipart(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: &[Part],
-    ) -> StoreResult<String>;
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[Part]) -> StoreResult<String>;
 
     /// Aborts the upload. Succeeds when it no longer exists.
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;

@@ -14,8 +14,8 @@ use aws_sdk_s3::config::interceptors::{
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
-    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
-    ResponseChecksumValidation, RuntimeComponents,
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    RuntimeComponents,
 };
 use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
@@ -26,9 +26,7 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use bytes::Bytes;
 use tracing::{Instrument, Span};
 
-use super::{
-    Body, ListPage, ObjectMeta, ObjectStore, ObjectSummary, Part, StoreError, StoreResult, UserMeta,
-};
+use super::{Body, ListPage, ObjectMeta, ObjectStore, ObjectSummary, Part, StoreError, StoreResult, UserMeta};
 
 /// A secret string: never printed, never logged.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -101,9 +99,7 @@ impl S3Store {
             cfg.region.clone()
         };
         let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
+            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
             .build_https();
         let mut builder = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
@@ -236,11 +232,7 @@ impl Intercept for StatusRecorder {
 fn credentials(cfg: &S3Config) -> anyhow::Result<Credentials> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let (access, secret, token) = match (&cfg.access_key, &cfg.secret_key) {
-        (Some(a), Some(s)) => (
-            a.clone(),
-            s.0.clone(),
-            cfg.session_token.as_ref().map(|t| t.0.clone()),
-        ),
+        (Some(a), Some(s)) => (a.clone(), s.0.clone(), cfg.session_token.as_ref().map(|t| t.0.clone())),
         (Some(_), None) | (None, Some(_)) => {
             anyhow::bail!("give both the access key and the secret key, or neither")
         }
@@ -314,9 +306,7 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     match &err {
-        SdkError::ConstructionFailure(_) => {
-            StoreError::Invalid(DisplayErrorContext(&err).to_string())
-        }
+        SdkError::ConstructionFailure(_) => StoreError::Invalid(DisplayErrorContext(&err).to_string()),
         SdkError::TimeoutError(_) => {
             StoreError::Unavailable(format!("request timed out: {}", DisplayErrorContext(&err)))
         }
@@ -335,9 +325,7 @@ where
             };
             match code {
                 "NoSuchBucket" => return StoreError::NoSuchBucket(bucket.to_string()),
-                "NoSuchKey" | "NotFound" | "NoSuchUpload" => {
-                    return StoreError::NotFound(key.to_string())
-                }
+                "NoSuchKey" | "NotFound" | "NoSuchUpload" => return StoreError::NotFound(key.to_string()),
                 "AccessDenied"
                 | "InvalidAccessKeyId"
                 | "SignatureDoesNotMatch"
@@ -372,9 +360,7 @@ where
 
 fn is_invalid_range<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
     match err {
-        SdkError::ServiceError(s) => {
-            s.raw().status().as_u16() == 416 || s.err().code() == Some("InvalidRange")
-        }
+        SdkError::ServiceError(s) => s.raw().status().as_u16() == 416 || s.err().code() == Some("InvalidRange"),
         _ => false,
     }
 }
@@ -403,14 +389,7 @@ impl ObjectStore for S3Store {
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         let span = self.span("HeadObject", key);
         traced(span, async {
-            let out = match self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-            {
+            let out = match self.client.head_object().bucket(&self.bucket).key(key).send().await {
                 Ok(out) => out,
                 Err(e) => {
                     return match self.classify(e, key) {
@@ -509,14 +488,7 @@ impl ObjectStore for S3Store {
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let span = self.span("DeleteObject", key);
         traced(span, async {
-            match self
-                .client
-                .delete_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-            {
+            match self.client.delete_object().bucket(&self.bucket).key(key).send().await {
                 Ok(_) => Ok(()),
                 Err(e) => match self.classify(e, key) {
                     StoreError::NotFound(_) => Ok(()),
@@ -588,20 +560,14 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map_err(|e| self.classify(e, key))?;
-            out.upload_id().map(str::to_string).ok_or_else(|| {
-                StoreError::Invalid("CreateMultipartUpload returned no upload id".into())
-            })
+            out.upload_id()
+                .map(str::to_string)
+                .ok_or_else(|| StoreError::Invalid("CreateMultipartUpload returned no upload id".into()))
         })
         .await
     }
 
-    async fn upload_part(
-        &self,
-        key: &str,
-        upload_id: &str,
-        number: i32,
-        body: Body,
-    ) -> StoreResult<String> {
+    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Body) -> StoreResult<String> {
         let span = self.span("UploadPart", key);
         span.record("bytes", body.len());
         traced(span, async {
@@ -656,12 +622,7 @@ impl ObjectStore for S3Store {
         .await
     }
 
-    async fn complete_multipart(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: &[Part],
-    ) -> StoreResult<String> {
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[Part]) -> StoreResult<String> {
         let span = self.span("CompleteMultipartUpload", key);
         traced(span, async {
             let completed = CompletedMultipartUpload::builder()

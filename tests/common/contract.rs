@@ -11,10 +11,7 @@ use s3nfs::store::{Body, ObjectStore, Part, StoreError, UserMeta};
 const MIB: usize = 1024 * 1024;
 
 fn meta(pairs: &[(&str, &str)]) -> UserMeta {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 /// Bytes that differ at every offset, so misplaced ranges show.
@@ -70,27 +67,15 @@ pub async fn contract(store: &dyn ObjectStore) {
         Err(StoreError::NotFound(_)) => {}
         other => panic!("get of a missing key: {other:?}"),
     }
-    store
-        .delete("ct/missing")
-        .await
-        .expect("delete of a missing key");
+    store.delete("ct/missing").await.expect("delete of a missing key");
 
     // A directory marker, `a` beside `a/b`, user metadata.
-    let dir_meta = meta(&[
-        ("mode", "16877"),
-        ("uid", "0"),
-        ("gid", "0"),
-        ("mtime", "1700000000"),
-    ]);
+    let dir_meta = meta(&[("mode", "16877"), ("uid", "0"), ("gid", "0"), ("mtime", "1700000000")]);
     store
         .put("ct/d/", Body::Bytes(Bytes::new()), &dir_meta)
         .await
         .expect("put marker");
-    let marker = store
-        .head("ct/d/")
-        .await
-        .unwrap()
-        .expect("head of the d/ marker");
+    let marker = store.head("ct/d/").await.unwrap().expect("head of the d/ marker");
     assert_eq!(marker.size, 0);
     assert_eq!(marker.key, "ct/d/");
     assert_eq!(marker.user, dir_meta);
@@ -102,30 +87,18 @@ pub async fn contract(store: &dyn ObjectStore) {
         ("mtime", "1700000000.123456789"),
     ]);
     let etag = store
-        .put(
-            "ct/a",
-            Body::Bytes(Bytes::from_static(b"hello world")),
-            &file_meta,
-        )
+        .put("ct/a", Body::Bytes(Bytes::from_static(b"hello world")), &file_meta)
         .await
         .expect("put a");
     assert!(!etag.is_empty() && !etag.contains('"'), "etag {etag:?}");
     store
-        .put(
-            "ct/a/b",
-            Body::Bytes(Bytes::from_static(b"inner")),
-            &UserMeta::new(),
-        )
+        .put("ct/a/b", Body::Bytes(Bytes::from_static(b"inner")), &UserMeta::new())
         .await
         .expect("put a/b");
     let a = store.head("ct/a").await.unwrap().expect("head a");
     assert_eq!((a.size, a.etag.as_str()), (11, etag.as_str()));
     assert_eq!(a.user, file_meta);
-    assert!(
-        a.last_modified > 1_600_000_000,
-        "last_modified {}",
-        a.last_modified
-    );
+    assert!(a.last_modified > 1_600_000_000, "last_modified {}", a.last_modified);
     let ab = store.head("ct/a/b").await.unwrap().expect("head a/b");
     assert_eq!(ab.size, 5);
     assert!(ab.user.is_empty(), "{:?}", ab.user);
@@ -146,10 +119,7 @@ pub async fn contract(store: &dyn ObjectStore) {
     let (keys, prefixes, _) = list_all(store, "ct/", None, 1000).await;
     assert_eq!(keys, ["ct/a", "ct/a/b", "ct/d/"]);
     assert!(prefixes.is_empty());
-    let page = store
-        .list("ct/nothing/", Some("/"), None, 10)
-        .await
-        .unwrap();
+    let page = store.list("ct/nothing/", Some("/"), None, 10).await.unwrap();
     assert_eq!(page, Default::default());
 
     // Pagination: 25 keys by 10, then 12 common prefixes by 5.
@@ -157,11 +127,7 @@ pub async fn contract(store: &dyn ObjectStore) {
     for i in 0..25 {
         let key = format!("ct/p/k{i:02}");
         store
-            .put(
-                &key,
-                Body::Bytes(Bytes::from(vec![i as u8; i])),
-                &UserMeta::new(),
-            )
+            .put(&key, Body::Bytes(Bytes::from(vec![i as u8; i])), &UserMeta::new())
             .await
             .unwrap();
         expected.push(key);
@@ -195,29 +161,16 @@ pub async fn contract(store: &dyn ObjectStore) {
         ("gid", "100"),
         ("mtime", "1800000000"),
     ]);
-    store
-        .copy("ct/a", "ct/a", &new_meta)
-        .await
-        .expect("copy onto itself");
+    store.copy("ct/a", "ct/a", &new_meta).await.expect("copy onto itself");
     let a = store.head("ct/a").await.unwrap().unwrap();
     assert_eq!(a.user, new_meta);
     assert_eq!(get(store, "ct/a", 0..11).await, &b"hello world"[..]);
     let copy_meta = meta(&[("mode", "33152")]);
-    let copy_etag = store
-        .copy("ct/a", "ct/copy of a+b", &copy_meta)
-        .await
-        .expect("copy");
-    let c = store
-        .head("ct/copy of a+b")
-        .await
-        .unwrap()
-        .expect("head of the copy");
+    let copy_etag = store.copy("ct/a", "ct/copy of a+b", &copy_meta).await.expect("copy");
+    let c = store.head("ct/copy of a+b").await.unwrap().expect("head of the copy");
     assert_eq!((c.size, c.etag.as_str()), (11, copy_etag.as_str()));
     assert_eq!(c.user, copy_meta);
-    assert_eq!(
-        get(store, "ct/copy of a+b", 0..11).await,
-        &b"hello world"[..]
-    );
+    assert_eq!(get(store, "ct/copy of a+b", 0..11).await, &b"hello world"[..]);
     match store.copy("ct/missing", "ct/x", &UserMeta::new()).await {
         Err(StoreError::NotFound(_)) => {}
         other => panic!("copy of a missing key: {other:?}"),
@@ -242,16 +195,10 @@ pub async fn contract(store: &dyn ObjectStore) {
         offset: 1000,
         len: 200_000,
     };
-    store
-        .put("ct/file", body, &file_meta)
-        .await
-        .expect("put from a file");
+    store.put("ct/file", body, &file_meta).await.expect("put from a file");
     let f = store.head("ct/file").await.unwrap().unwrap();
     assert_eq!(f.size, 200_000);
-    assert_eq!(
-        get(store, "ct/file", 0..200_000).await,
-        &file_data[1000..201_000]
-    );
+    assert_eq!(get(store, "ct/file", 0..200_000).await, &file_data[1000..201_000]);
 
     // Multipart: 5 MiB from memory, 5 MiB from a file, a small tail.
     let big = pattern(10 * MIB + 1000, 3);
@@ -292,38 +239,23 @@ pub async fn contract(store: &dyn ObjectStore) {
         .await
         .expect("part 3");
     let parts = [
-        Part {
-            number: 1,
-            etag: p1,
-        },
-        Part {
-            number: 2,
-            etag: p2,
-        },
-        Part {
-            number: 3,
-            etag: p3,
-        },
+        Part { number: 1, etag: p1 },
+        Part { number: 2, etag: p2 },
+        Part { number: 3, etag: p3 },
     ];
     let big_etag = store
         .complete_multipart("ct/big", &upload, &parts)
         .await
         .expect("complete");
     let b = store.head("ct/big").await.unwrap().expect("head big");
-    assert_eq!(
-        (b.size, b.etag.as_str()),
-        (big.len() as u64, big_etag.as_str())
-    );
+    assert_eq!((b.size, b.etag.as_str()), (big.len() as u64, big_etag.as_str()));
     assert_eq!(b.user, file_meta);
     let edge = (5 * MIB - 10) as u64..(5 * MIB + 10) as u64;
     assert_eq!(
         get(store, "ct/big", edge.clone()).await,
         &big[5 * MIB - 10..5 * MIB + 10]
     );
-    assert_eq!(
-        get(store, "ct/big", 0..big.len() as u64 + 5).await,
-        &big[..]
-    );
+    assert_eq!(get(store, "ct/big", 0..big.len() as u64 + 5).await, &big[..]);
 
     // UploadPartCopy: a new object from ranges of the old one, plus a fresh tail.
     let upload = store.create_multipart("ct/big2", &new_meta).await.unwrap();
@@ -332,37 +264,17 @@ pub async fn contract(store: &dyn ObjectStore) {
         .await
         .expect("part copy 1");
     let c2 = store
-        .upload_part_copy(
-            "ct/big2",
-            &upload,
-            2,
-            "ct/big",
-            5 * MIB as u64..big.len() as u64,
-        )
+        .upload_part_copy("ct/big2", &upload, 2, "ct/big", 5 * MIB as u64..big.len() as u64)
         .await
         .expect("part copy 2");
     let c3 = store
-        .upload_part(
-            "ct/big2",
-            &upload,
-            3,
-            Body::Bytes(Bytes::from_static(b"tail")),
-        )
+        .upload_part("ct/big2", &upload, 3, Body::Bytes(Bytes::from_static(b"tail")))
         .await
         .unwrap();
     let parts = [
-        Part {
-            number: 1,
-            etag: c1,
-        },
-        Part {
-            number: 2,
-            etag: c2,
-        },
-        Part {
-            number: 3,
-            etag: c3,
-        },
+        Part { number: 1, etag: c1 },
+        Part { number: 2, etag: c2 },
+        Part { number: 3, etag: c3 },
     ];
     store
         .complete_multipart("ct/big2", &upload, &parts)
@@ -376,43 +288,23 @@ pub async fn contract(store: &dyn ObjectStore) {
     assert_eq!(&all[big.len()..], b"tail");
 
     // Abort, twice; the object never appears.
-    let upload = store
-        .create_multipart("ct/aborted", &UserMeta::new())
+    let upload = store.create_multipart("ct/aborted", &UserMeta::new()).await.unwrap();
+    store
+        .upload_part("ct/aborted", &upload, 1, Body::Bytes(Bytes::from_static(b"x")))
         .await
         .unwrap();
-    store
-        .upload_part(
-            "ct/aborted",
-            &upload,
-            1,
-            Body::Bytes(Bytes::from_static(b"x")),
-        )
-        .await
-        .unwrap();
-    store
-        .abort_multipart("ct/aborted", &upload)
-        .await
-        .expect("abort");
-    store
-        .abort_multipart("ct/aborted", &upload)
-        .await
-        .expect("abort again");
+    store.abort_multipart("ct/aborted", &upload).await.expect("abort");
+    store.abort_multipart("ct/aborted", &upload).await.expect("abort again");
     assert_eq!(store.head("ct/aborted").await.unwrap(), None);
 
     // Delete everything; the prefix is empty again.
     let (keys, _, _) = list_all(store, "ct/", None, 1000).await;
     assert!(!keys.contains(&"ct/aborted".to_string()));
     for key in &keys {
-        store
-            .delete(key)
-            .await
-            .unwrap_or_else(|e| panic!("delete {key}: {e}"));
+        store.delete(key).await.unwrap_or_else(|e| panic!("delete {key}: {e}"));
     }
     assert_eq!(store.head("ct/a").await.unwrap(), None);
     assert_eq!(store.head("ct/d/").await.unwrap(), None);
     let (keys, prefixes, _) = list_all(store, "ct/", Some("/"), 1000).await;
-    assert!(
-        keys.is_empty() && prefixes.is_empty(),
-        "{keys:?} {prefixes:?}"
-    );
+    assert!(keys.is_empty() && prefixes.is_empty(), "{keys:?} {prefixes:?}");
 }

@@ -118,11 +118,7 @@ async fn proxy_conn(client: TcpStream, target: SocketAddr, delay: Duration) -> i
             if n == 0 {
                 return Ok::<_, io::Error>(()); // dropping tx ends the writer
             }
-            if tx
-                .send((Instant::now() + delay, buf[..n].to_vec()))
-                .await
-                .is_err()
-            {
+            if tx.send((Instant::now() + delay, buf[..n].to_vec())).await.is_err() {
                 return Ok(());
             }
         }

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use s3nfs::store::s3::{S3Config, Secret};
 
-const INSTALL_HINT: &str =
-    "cargo install garage --no-default-features --features bundled-libs,sqlite,lmdb --locked";
+const INSTALL_HINT: &str = "cargo install garage --no-default-features --features bundled-libs,sqlite,lmdb --locked";
 const DIR_PREFIX: &str = "s3nfs-garage-";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -57,11 +56,7 @@ pub fn garage_bin() -> PathBuf {
     candidates
         .into_iter()
         .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "the garage binary was not found (set GARAGE_BIN, or install it: {INSTALL_HINT})"
-            )
-        })
+        .unwrap_or_else(|| panic!("the garage binary was not found (set GARAGE_BIN, or install it: {INSTALL_HINT})"))
 }
 
 fn free_port() -> TcpListener {
