@@ -1,0 +1,358 @@
+//! End-to-end benchmark of the gateway, with its baselines measured in the same run.
+//!
+//! Sets up everything itself: a Garage S3 server on loopback, the `s3nfs` binary as a separate
+//! process (so its memory can be read from /proc), and NFSv3 clients (the nfs3_client crate).
+//! Prints one table; figures are ratios against the raw S3 baseline of the same run, because
+//! absolute numbers on shared machines mean little.
+//!
+//! - sequential write of `S3NFS_BENCH_MB` (default 1024) MiB through NFS, counted until the object
+//!   is complete in S3, against a parallel multipart PUT of the same bytes;
+//! - cold sequential read of it through NFS (a fresh gateway state, so every byte comes from S3),
+//!   against parallel ranged GETs;
+//! - 1,000 files of 4 KiB created through NFS, with every S3 request delayed by 20 ms by a proxy,
+//!   against 1,000 sequential PUTs through the same proxy;
+//! - peak RSS of the gateway while writing and then reading a 2 GiB file.
+//!
+//! Run: `cargo bench --bench gateway` (set `S3NFS_BENCH_QUICK=1` for a smaller, faster run).
+
+#[allow(dead_code)]
+#[path = "../tests/common/delay_proxy.rs"]
+mod delay_proxy;
+#[allow(dead_code)]
+#[path = "../tests/common/garage.rs"]
+mod garage;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use nfs3_client::nfs3_types::nfs3::{
+    self, createhow3, diropargs3, nfs_fh3, sattr3, stable_how, CREATE3args, Nfs3Option, READ3args, WRITE3args,
+};
+use nfs3_client::nfs3_types::xdr_codec::Opaque;
+use nfs3_client::tokio::{TokioConnector, TokioIo};
+use nfs3_client::{Nfs3Connection, Nfs3ConnectionBuilder};
+use s3nfs::store::s3::S3Store;
+use s3nfs::store::{Body, ObjectStore, Part, UserMeta};
+
+type Conn = Nfs3Connection<TokioIo<tokio::net::TcpStream>>;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = MIB; // the NFS client's wsize/rsize, as the kernel client negotiates it
+const PARALLEL: usize = 8;
+
+struct Gateway {
+    child: Child,
+    port: u16,
+    _state: tempfile::TempDir,
+}
+
+impl Gateway {
+    fn start(g: &garage::Garage, endpoint: &str, bucket: &str) -> Gateway {
+        let state = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_s3nfs"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--endpoint", endpoint, "--bucket", bucket])
+            .args(["--region", &g.region, "--flush-delay", "500ms"])
+            .arg("--state-dir")
+            .arg(state.path())
+            .env("AWS_ACCESS_KEY_ID", &g.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &g.secret_key)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start s3nfs");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut port = 0;
+        for line in out.lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.split("port=").nth(1) {
+                port = rest.split(',').next().unwrap().parse().unwrap();
+                break;
+            }
+        }
+        assert_ne!(port, 0, "gateway did not print its mount command");
+        Gateway { child, port, _state: state }
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kib / 1024.0
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect(port: u16) -> Conn {
+    Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", "/")
+        .mount_port(port)
+        .nfs3_port(port)
+        .connect_from_privileged_port(false)
+        .mount()
+        .await
+        .expect("NFS mount")
+}
+
+async fn create(c: &mut Conn, name: &str) -> nfs_fh3 {
+    let root = c.root_nfs_fh3();
+    let res = c
+        .create(&CREATE3args {
+            where_: diropargs3 { dir: root, name: name.as_bytes().into() },
+            how: createhow3::UNCHECKED(sattr3::default()),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    match res.obj {
+        Nfs3Option::Some(fh) => fh,
+        Nfs3Option::None => panic!("CREATE returned no handle"),
+    }
+}
+
+async fn lookup(c: &mut Conn, name: &str) -> nfs_fh3 {
+    let root = c.root_nfs_fh3();
+    c.lookup(&nfs3::LOOKUP3args { what: diropargs3 { dir: root, name: name.as_bytes().into() } })
+        .await
+        .unwrap()
+        .unwrap()
+        .object
+}
+
+/// A block whose first bytes say where it belongs, so reads can be checked cheaply.
+fn block(template: &Bytes, index: u64) -> Vec<u8> {
+    let mut b = template.to_vec();
+    b[..8].copy_from_slice(&index.to_le_bytes());
+    b
+}
+
+/// Writes `total` bytes in BLOCK-sized WRITEs, PARALLEL connections taking blocks in order.
+async fn nfs_write(port: u16, fh: &nfs_fh3, total: u64, template: &Bytes) {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tasks: Vec<_> = (0..PARALLEL)
+        .map(|_| {
+            let (fh, next, template) = (fh.clone(), next.clone(), template.clone());
+            tokio::spawn(async move {
+                let mut c = connect(port).await;
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i * BLOCK >= total {
+                        break;
+                    }
+                    let data = block(&template, i);
+                    c.write(&WRITE3args {
+                        file: fh.clone(),
+                        offset: i * BLOCK,
+                        count: BLOCK as u32,
+                        stable: stable_how::FILE_SYNC,
+                        data: Opaque::owned(data),
+                    })
+                    .await
+                    .unwrap()
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn nfs_read(port: u16, fh: &nfs_fh3, total: u64) {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tasks: Vec<_> = (0..PARALLEL)
+        .map(|_| {
+            let (fh, next) = (fh.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut c = connect(port).await;
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i * BLOCK >= total {
+                        break;
+                    }
+                    let r = c
+                        .read(&READ3args { file: fh.clone(), offset: i * BLOCK, count: BLOCK as u32 })
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(r.data.0.len() as u64, BLOCK, "short read at block {i}");
+                    assert_eq!(&r.data.0[..8], &i.to_le_bytes(), "wrong bytes at block {i}");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn wait_in_s3(store: &S3Store, key: &str, size: u64) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Ok(Some(h)) = store.head(key).await {
+            if h.size == size {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{key} never reached S3 with {size} bytes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn s3_multipart_put(store: &S3Store, key: &str, total: u64, template: &Bytes) {
+    const PART: u64 = 16 * MIB;
+    let id = store.create_multipart(key, &UserMeta::new()).await.unwrap();
+    let parts: Vec<Part> = futures::stream::iter(0..total.div_ceil(PART))
+        .map(|p| {
+            let id = id.clone();
+            async move {
+                let len = PART.min(total - p * PART);
+                let mut body = Vec::with_capacity(len as usize);
+                for b in 0..len / BLOCK {
+                    body.extend_from_slice(&block(template, p * PART / BLOCK + b));
+                }
+                let etag = store.upload_part(key, &id, p as i32 + 1, Body::Bytes(body.into())).await.unwrap();
+                Part { number: p as i32 + 1, etag }
+            }
+        })
+        .buffered(PARALLEL)
+        .collect()
+        .await;
+    store.complete_multipart(key, &id, &parts).await.unwrap();
+}
+
+async fn s3_ranged_get(store: &S3Store, key: &str, total: u64) {
+    const RANGE: u64 = 16 * MIB;
+    futures::stream::iter(0..total.div_ceil(RANGE))
+        .map(|r| async move {
+            let b = store.get_range(key, r * RANGE..(r * RANGE + RANGE).min(total)).await.unwrap();
+            assert_eq!(&b[..8], &(r * RANGE / BLOCK).to_le_bytes());
+        })
+        .buffer_unordered(PARALLEL)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / d.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let quick = std::env::var("S3NFS_BENCH_QUICK").is_ok();
+    let total_mb: u64 = std::env::var("S3NFS_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 256 } else { 1024 });
+    let total = total_mb * MIB;
+    let small_files = if quick { 200 } else { 1000 };
+    let mem_total = if quick { 512 * MIB } else { 2048 * MIB };
+
+    let g = garage::Garage::start();
+    let bucket = g.unique_bucket();
+    let store = S3Store::connect(g.s3_config(&bucket)).await.unwrap();
+    let template = Bytes::from((0..BLOCK).map(|i| (i * 31 % 251) as u8).collect::<Vec<_>>());
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+
+    // -- sequential write and cold read, against raw S3 ------------------------------------
+    let t = Instant::now();
+    s3_multipart_put(&store, "baseline.bin", total, &template).await;
+    let base_put = t.elapsed();
+    let t = Instant::now();
+    s3_ranged_get(&store, "baseline.bin", total).await;
+    let base_get = t.elapsed();
+
+    let gw = Gateway::start(&g, &g.endpoint, &bucket);
+    let mut c = connect(gw.port).await;
+    let fh = create(&mut c, "seq.bin").await;
+    let t = Instant::now();
+    nfs_write(gw.port, &fh, total, &template).await;
+    let acked = t.elapsed();
+    wait_in_s3(&store, "seq.bin", total).await;
+    let nfs_put = t.elapsed();
+    drop(gw);
+
+    // A fresh state directory: nothing staged, nothing cached; every byte comes from S3.
+    let gw = Gateway::start(&g, &g.endpoint, &bucket);
+    let mut c = connect(gw.port).await;
+    let fh = lookup(&mut c, "seq.bin").await;
+    let t = Instant::now();
+    nfs_read(gw.port, &fh, total).await;
+    let nfs_get = t.elapsed();
+    drop(gw);
+
+    rows.push((
+        format!("sequential write {total_mb} MiB, until in S3"),
+        format!("{:.0} MiB/s (acked {:.0} MiB/s)", mbps(total, nfs_put), mbps(total, acked)),
+        format!("{:.0} MiB/s multipart PUT: {:.2}x", mbps(total, base_put), base_put.as_secs_f64() / nfs_put.as_secs_f64()),
+    ));
+    rows.push((
+        format!("cold sequential read {total_mb} MiB"),
+        format!("{:.0} MiB/s", mbps(total, nfs_get)),
+        format!("{:.0} MiB/s ranged GETs: {:.2}x", mbps(total, base_get), base_get.as_secs_f64() / nfs_get.as_secs_f64()),
+    ));
+
+    // -- small files with a 20 ms S3 round trip --------------------------------------------
+    let addr: std::net::SocketAddr = g.endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = delay_proxy::DelayProxy::start(addr, Duration::from_millis(20)).await.unwrap();
+    let mut slow_cfg = g.s3_config(&bucket);
+    slow_cfg.endpoint = Some(proxy.url());
+    let slow = S3Store::connect(slow_cfg).await.unwrap();
+    let body = Bytes::from(vec![7u8; 4096]);
+    let t = Instant::now();
+    for i in 0..small_files {
+        slow.put(&format!("puts/{i}"), Body::Bytes(body.clone()), &UserMeta::new()).await.unwrap();
+    }
+    let base_small = t.elapsed();
+    let gw = Gateway::start(&g, &proxy.url(), &bucket);
+    let mut c = connect(gw.port).await;
+    let t = Instant::now();
+    for i in 0..small_files {
+        let fh = create(&mut c, &format!("small-{i}")).await;
+        c.write(&WRITE3args { file: fh, offset: 0, count: 4096, stable: stable_how::FILE_SYNC, data: Opaque::owned(body.to_vec()) })
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let nfs_small = t.elapsed();
+    drop(gw);
+    rows.push((
+        format!("{small_files} x 4 KiB files, S3 delayed 20 ms"),
+        format!("{:.2} s", nfs_small.as_secs_f64()),
+        format!("{:.2} s sequential PUTs: {:.1}x", base_small.as_secs_f64(), base_small.as_secs_f64() / nfs_small.as_secs_f64()),
+    ));
+
+    // -- memory: write then read a large file ------------------------------------------------
+    let gw = Gateway::start(&g, &g.endpoint, &bucket);
+    let mut c = connect(gw.port).await;
+    let fh = create(&mut c, "big.bin").await;
+    nfs_write(gw.port, &fh, mem_total, &template).await;
+    wait_in_s3(&store, "big.bin", mem_total).await;
+    let after_write = gw.peak_rss_mib();
+    drop(gw);
+    let gw = Gateway::start(&g, &g.endpoint, &bucket);
+    let mut c = connect(gw.port).await;
+    let fh = lookup(&mut c, "big.bin").await;
+    nfs_read(gw.port, &fh, mem_total).await;
+    let after_read = gw.peak_rss_mib();
+    rows.push((
+        format!("peak RSS, {} MiB written / read", mem_total / MIB),
+        format!("{after_write:.0} MiB / {after_read:.0} MiB"),
+        "bound: 150 MiB".into(),
+    ));
+
+    println!("\n{:<44} {:<34} {}", "workload", "s3nfs", "baseline (same run): ratio");
+    for (a, b, c) in rows {
+        println!("{a:<44} {b:<34} {c}");
+    }
+}
