@@ -820,12 +820,7 @@ impl Volume {
         }
         let mut batch = Batch::new();
         let mut inode = self.new_inode(&mut batch, dir, name, Kind::File, attr.mode.unwrap_or(0o644));
-        if let Some(uid) = attr.uid {
-            inode.uid = uid;
-        }
-        if let Some(gid) = attr.gid {
-            inode.gid = gid;
-        }
+        apply_owner(&mut inode, &attr);
         if let Some(SetTime::At(t)) = attr.mtime {
             inode.mtime = t;
         }
@@ -849,14 +844,15 @@ impl Volume {
         Ok(self.attr_of(&inode))
     }
 
-    pub async fn mkdir(&self, dir: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
+    pub async fn mkdir(&self, dir: Ino, name: &[u8], attr: SetAttr) -> FsResult<Attr> {
         let d = self.prepare_new(dir, name).await?;
         let _g = self.ns.lock().await;
         if self.meta.lookup(dir, name)?.is_some() {
             return Err(FsError::Exists);
         }
         let mut batch = Batch::new();
-        let inode = self.new_inode(&mut batch, dir, name, Kind::Dir, mode);
+        let mut inode = self.new_inode(&mut batch, dir, name, Kind::Dir, attr.mode.unwrap_or(0o755));
+        apply_owner(&mut inode, &attr);
         batch.put_inode(&inode);
         batch.link(dir, name, inode.ino);
         batch.mark_pending(inode.ino, self.next_seq());
@@ -879,6 +875,7 @@ impl Volume {
         }
         let mut batch = Batch::new();
         let mut inode = self.new_inode(&mut batch, dir, name, Kind::Symlink, attr.mode.unwrap_or(0o777));
+        apply_owner(&mut inode, &attr);
         inode.target = target.to_vec();
         inode.size = target.len() as u64;
         batch.put_inode(&inode);
@@ -1209,6 +1206,15 @@ impl Volume {
             }
         }
         Ok(())
+    }
+}
+
+fn apply_owner(inode: &mut Inode, attr: &SetAttr) {
+    if let Some(uid) = attr.uid {
+        inode.uid = uid;
+    }
+    if let Some(gid) = attr.gid {
+        inode.gid = gid;
     }
 }
 
