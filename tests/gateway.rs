@@ -1,0 +1,225 @@
+//! The gateway end to end: NFS requests in, S3 objects out (Garage unless noted).
+
+mod common;
+
+use std::time::Duration;
+
+use common::gateway::{self, on_garage, wait_for, InProc, Opts, Proc, S3Side};
+use common::nfs::{Client, Fh, Set, Status};
+
+const S_IFREG: u32 = 0o100000;
+const S_IFDIR: u32 = 0o040000;
+
+fn meta(h: &s3nfs::store::ObjectMeta, k: &str) -> String {
+    h.user
+        .get(k)
+        .unwrap_or_else(|| panic!("no x-amz-meta-{k} on {}: {:?}", h.key, h.user))
+        .clone()
+}
+
+/// Deterministic bytes for (seed, length).
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[tokio::test]
+async fn everyday_file_operations() {
+    let (gw, s3) = on_garage(Opts::default()).await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+
+    // create / write / read
+    let f = c.create(&root, "hello.txt", 0o644).await.unwrap();
+    c.write_all(&f, 0, b"hello world").await.unwrap();
+    assert_eq!(c.read_all(&f).await.unwrap(), b"hello world");
+    // append
+    c.write_all(&f, 11, b", again").await.unwrap();
+    assert_eq!(c.read_all(&f).await.unwrap(), b"hello world, again");
+    // overwrite in the middle
+    c.write_all(&f, 6, b"WORLD").await.unwrap();
+    assert_eq!(c.read_all(&f).await.unwrap(), b"hello WORLD, again");
+    let (part, eof) = c.read(&f, 6, 5).await.unwrap();
+    assert_eq!((part.as_slice(), eof), (&b"WORLD"[..], false));
+    assert_eq!(c.getattr(&f).await.unwrap().size, 18);
+
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(s3.get("hello.txt").await.unwrap(), b"hello WORLD, again");
+
+    // truncate: shrink, then grow (zeros)
+    c.setattr(
+        &f,
+        Set {
+            size: Some(5),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.read_all(&f).await.unwrap(), b"hello");
+    c.setattr(
+        &f,
+        Set {
+            size: Some(8),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.read_all(&f).await.unwrap(), b"hello\0\0\0");
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(s3.get("hello.txt").await.unwrap(), b"hello\0\0\0");
+
+    // chmod / chown / utimes
+    c.setattr(
+        &f,
+        Set {
+            mode: Some(0o640),
+            uid: Some(1234),
+            gid: Some(5678),
+            mtime: Some(1_600_000_000),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let a = c.getattr(&f).await.unwrap();
+    assert_eq!(
+        (a.mode & 0o7777, a.uid, a.gid, a.mtime.seconds),
+        (0o640, 1234, 5678, 1_600_000_000)
+    );
+    gw.vol.flush_all().await.unwrap();
+    let h = s3.head("hello.txt").await.unwrap();
+    assert_eq!(meta(&h, "mode"), (S_IFREG | 0o640).to_string());
+    assert_eq!(meta(&h, "uid"), "1234");
+    assert_eq!(meta(&h, "gid"), "5678");
+    assert_eq!(meta(&h, "mtime"), "1600000000");
+    assert_eq!(s3.get("hello.txt").await.unwrap(), b"hello\0\0\0");
+    // The s3fs spelling of a plain 0644 file.
+    let g = c.create(&root, "plain", 0o644).await.unwrap();
+    c.write_all(&g, 0, b"x").await.unwrap();
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(meta(&s3.head("plain").await.unwrap(), "mode"), "33188");
+
+    // mkdir / rmdir
+    let d = c.mkdir(&root, "dir").await.unwrap();
+    assert_eq!(c.mkdir(&root, "dir").await, Err(Status::NFS3ERR_EXIST));
+    let inner = c.create(&d, "inner", 0o600).await.unwrap();
+    c.write_all(&inner, 0, b"inside").await.unwrap();
+    assert_eq!(c.rmdir(&root, "dir").await, Err(Status::NFS3ERR_NOTEMPTY));
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(s3.get("dir/inner").await.unwrap(), b"inside");
+    assert_eq!(c.rmdir(&root, "dir").await, Err(Status::NFS3ERR_NOTEMPTY));
+    c.remove(&d, "inner").await.unwrap();
+    c.rmdir(&root, "dir").await.unwrap();
+    assert_eq!(c.lookup(&root, "dir").await, Err(Status::NFS3ERR_NOENT));
+    gw.vol.flush_all().await.unwrap();
+    assert!(s3.keys("dir").await.is_empty(), "{:?}", s3.keys("").await);
+
+    // An empty directory is a marker object with a directory mode.
+    let e = c.mkdir(&root, "empty").await.unwrap();
+    assert_eq!(c.getattr(&e).await.unwrap().mode & 0o170000, 0);
+    gw.vol.flush_all().await.unwrap();
+    let h = s3.head("empty/").await.expect("directory marker");
+    assert_eq!(meta(&h, "mode"), (S_IFDIR | 0o755).to_string());
+
+    // remove
+    c.remove(&root, "plain").await.unwrap();
+    assert_eq!(c.lookup(&root, "plain").await, Err(Status::NFS3ERR_NOENT));
+    assert_eq!(c.remove(&root, "plain").await, Err(Status::NFS3ERR_NOENT));
+    gw.vol.flush_all().await.unwrap();
+    assert!(s3.head("plain").await.is_none());
+
+    // GUARDED and EXCLUSIVE create of an existing name
+    assert_eq!(
+        c.create_guarded(&root, "hello.txt", 0o644).await,
+        Err(Status::NFS3ERR_EXIST)
+    );
+    assert_eq!(
+        c.create_exclusive(&root, "hello.txt").await,
+        Err(Status::NFS3ERR_EXIST)
+    );
+    // UNCHECKED create of an existing file keeps it (no size given).
+    c.create(&root, "hello.txt", 0o644).await.unwrap();
+    assert_eq!(c.read_all(&f).await.unwrap(), b"hello\0\0\0");
+}
+
+#[tokio::test]
+async fn renames_move_objects() {
+    let (gw, s3) = on_garage(Opts::default()).await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+
+    // rename of a file
+    let a = c.create(&root, "a", 0o644).await.unwrap();
+    c.write_all(&a, 0, b"content of a").await.unwrap();
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(s3.get("a").await.unwrap(), b"content of a");
+    c.rename(&root, "a", &root, "b").await.unwrap();
+    assert_eq!(c.lookup(&root, "a").await, Err(Status::NFS3ERR_NOENT));
+    let b = c.lookup(&root, "b").await.unwrap();
+    assert_eq!(b, a, "a rename keeps the handle");
+    assert_eq!(c.read_all(&b).await.unwrap(), b"content of a");
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(s3.keys("").await, vec!["b"]);
+    assert_eq!(s3.get("b").await.unwrap(), b"content of a");
+
+    // rename over an existing file
+    let t = c.create(&root, "target", 0o644).await.unwrap();
+    c.write_all(&t, 0, b"old target content, longer")
+        .await
+        .unwrap();
+    gw.vol.flush_all().await.unwrap();
+    c.rename(&root, "b", &root, "target").await.unwrap();
+    let t2 = c.lookup(&root, "target").await.unwrap();
+    assert_eq!(c.read_all(&t2).await.unwrap(), b"content of a");
+    assert_eq!(c.names(&root).await.unwrap(), vec!["target"]);
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(s3.keys("").await, vec!["target"]);
+    assert_eq!(s3.get("target").await.unwrap(), b"content of a");
+
+    // rename of a directory with nested files
+    let d = c.mkdir(&root, "d").await.unwrap();
+    let sub = c.mkdir(&d, "sub").await.unwrap();
+    for (dir, name) in [(&d, "one"), (&d, "two"), (&sub, "three")] {
+        let f = c.create(dir, name, 0o644).await.unwrap();
+        c.write_all(&f, 0, name.as_bytes()).await.unwrap();
+    }
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(
+        s3.keys("d/").await,
+        vec!["d/", "d/one", "d/sub/", "d/sub/three", "d/two"]
+    );
+    c.rename(&root, "d", &root, "e").await.unwrap();
+    let three = c.lookup_path("e/sub/three").await.unwrap();
+    assert_eq!(c.read_all(&three).await.unwrap(), b"three");
+    assert_eq!(c.lookup(&root, "d").await, Err(Status::NFS3ERR_NOENT));
+    gw.vol.flush_all().await.unwrap();
+    let keys = s3.keys("").await;
+    assert!(
+        keys.iter().all(|k| !k.starts_with("d/")),
+        "old keys left: {keys:?}"
+    );
+    for (k, v) in [("e/one", "one"), ("e/two", "two"), ("e/sub/three", "three")] {
+        assert_eq!(s3.get(k).await.as_deref(), Some(v.as_bytes()), "{k}");
+    }
+    // Renaming a directory onto a non-empty one fails; onto a file too.
+    let x = c.mkdir(&root, "x").await.unwrap();
+    c.create(&x, "f", 0o644).await.unwrap();
+    assert_eq!(
+        c.rename(&root, "e", &root, "x").await,
+        Err(Status::NFS3ERR_NOTEMPTY)
+    );
+    assert_eq!(
+        c.rename(&root, "e", &root, "target").await,
+        Err(Status::NFS3ERR_NOTDIR)
+    );
+}
