@@ -535,6 +535,13 @@ impl Volume {
         }
         let prefix = self.dir_prefix(dir)?;
         let epoch_before = self.flusher.epoch();
+        // Objects removed here but not yet deleted in S3 must not come back from the listing.
+        let mut deleting: std::collections::HashSet<String> = self
+            .meta
+            .all_deletes()?
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect();
         let started = Instant::now();
         let mut files: HashMap<String, crate::store::ObjectSummary> = HashMap::new();
         let mut dirs: std::collections::HashSet<String> = Default::default();
@@ -578,6 +585,7 @@ impl Volume {
         let Some(dir) = self.meta.inode(dir.ino)? else {
             return Ok(());
         };
+        deleting.extend(self.meta.all_deletes()?.into_iter().map(|(_, k)| k));
         let mut batch = Batch::new();
         let mut seen = std::collections::HashSet::new();
         let now = Time::now();
@@ -592,6 +600,13 @@ impl Volume {
             seen.insert(name.clone());
             let existing = self.meta.lookup(dir.ino, name.as_bytes())?;
             let want_kind = if obj.is_none() { Kind::Dir } else { Kind::File };
+            let key = match &obj {
+                Some(o) => o.key.clone(),
+                None => format!("{prefix}{name}/"),
+            };
+            if existing.is_none() && deleting.contains(&key) {
+                continue;
+            }
             if let Some(ino) = existing {
                 let Some(mut inode) = self.meta.inode(ino)? else {
                     continue;
