@@ -17,6 +17,22 @@ fn meta(h: &s3nfs::store::ObjectMeta, k: &str) -> String {
         .clone()
 }
 
+/// Evaluates `$body` (an `Option`, may `.await`) until it is `Some`, for at most `$t`.
+macro_rules! poll_until {
+    ($t:expr, $what:expr, $body:expr) => {{
+        let deadline = std::time::Instant::now() + $t;
+        loop {
+            if let Some(v) = $body {
+                break v;
+            }
+            if std::time::Instant::now() >= deadline {
+                panic!("timed out after {:?} waiting for {}", $t, $what);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }};
+}
+
 /// Deterministic bytes for (seed, length).
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -222,4 +238,139 @@ async fn renames_move_objects() {
         c.rename(&root, "e", &root, "target").await,
         Err(Status::NFS3ERR_NOTDIR)
     );
+}
+
+#[tokio::test]
+async fn symlinks_hold_their_target() {
+    let (gw, s3) = on_garage(Opts::default()).await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let l = c.symlink(&root, "link", "some/where/else").await.unwrap();
+    assert_eq!(c.readlink(&l).await.unwrap(), b"some/where/else");
+    assert_eq!(c.getattr(&l).await.unwrap().size, 15);
+    assert_eq!(
+        c.symlink(&root, "link", "x").await,
+        Err(Status::NFS3ERR_EXIST)
+    );
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(s3.get("link").await.unwrap(), b"some/where/else");
+    let h = s3.head("link").await.unwrap();
+    assert_eq!(meta(&h, "mode"), (0o120000u32 | 0o777).to_string());
+    // READLINK of a file is refused.
+    let f = c.create(&root, "file", 0o644).await.unwrap();
+    assert_eq!(c.readlink(&f).await, Err(Status::NFS3ERR_INVAL));
+    c.remove(&root, "link").await.unwrap();
+    gw.vol.flush_all().await.unwrap();
+    assert!(s3.head("link").await.is_none());
+}
+
+#[tokio::test]
+async fn one_file_one_object_under_the_prefix() {
+    let (s3store, bucket) = gateway::garage_store().await;
+    let s3 = S3Side {
+        store: s3store.clone(),
+        bucket,
+    };
+    s3.put("outside/keep", b"not ours").await;
+    s3.put("team-b/file", b"not ours either").await;
+    let gw = InProc::start(
+        s3store,
+        Opts {
+            prefix: "team-a/".into(),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    assert_eq!(c.names(&root).await.unwrap(), Vec::<String>::new());
+    let top = c.create(&root, "top.txt", 0o644).await.unwrap();
+    c.write_all(&top, 0, b"top").await.unwrap();
+    let a = c.mkdir(&root, "a").await.unwrap();
+    let b = c.mkdir(&a, "b").await.unwrap();
+    let f = c.create(&b, "c.txt", 0o644).await.unwrap();
+    c.write_all(&f, 0, &pattern(7, 100_000)).await.unwrap();
+    let name255 = "n".repeat(255);
+    let g = c.create(&root, &name255, 0o644).await.unwrap();
+    c.write_all(&g, 0, b"long name").await.unwrap();
+    gw.vol.flush_all().await.unwrap();
+    let mut want = vec![
+        "outside/keep".to_string(),
+        "team-a/a/".into(),
+        "team-a/a/b/".into(),
+        "team-a/a/b/c.txt".into(),
+        format!("team-a/{name255}"),
+        "team-a/top.txt".into(),
+        "team-b/file".into(),
+    ];
+    want.sort();
+    assert_eq!(s3.keys("").await, want);
+    assert_eq!(
+        s3.get("team-a/a/b/c.txt").await.unwrap(),
+        pattern(7, 100_000)
+    );
+    assert_eq!(s3.get("team-a/top.txt").await.unwrap(), b"top");
+    assert_eq!(s3.get("outside/keep").await.unwrap(), b"not ours");
+    // Removing everything leaves the other tenants alone.
+    c.remove(&b, "c.txt").await.unwrap();
+    c.rmdir(&a, "b").await.unwrap();
+    c.rmdir(&root, "a").await.unwrap();
+    c.remove(&root, "top.txt").await.unwrap();
+    c.remove(&root, &name255).await.unwrap();
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(s3.keys("").await, vec!["outside/keep", "team-b/file"]);
+}
+
+#[tokio::test]
+async fn changes_made_directly_in_s3_show_up() {
+    let (gw, s3) = on_garage(Opts {
+        refresh: Duration::from_millis(200),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    assert_eq!(c.lookup(&root, "ext.txt").await, Err(Status::NFS3ERR_NOENT));
+    let mine = c.create(&root, "mine.txt", 0o644).await.unwrap();
+    c.write_all(&mine, 0, b"written through NFS").await.unwrap();
+    gw.vol.flush_all().await.unwrap();
+
+    // put
+    s3.put("ext.txt", b"first version").await;
+    s3.put("extdir/sub/f", b"nested").await;
+    let t = Duration::from_secs(10);
+    let fh = poll_until!(
+        t,
+        "ext.txt to appear",
+        c.lookup(&root, "ext.txt").await.ok()
+    );
+    assert_eq!(c.read_all(&fh).await.unwrap(), b"first version");
+    let nested = c.lookup_path("extdir/sub/f").await.unwrap();
+    assert_eq!(c.read_all(&nested).await.unwrap(), b"nested");
+    let names = c.names(&root).await.unwrap();
+    assert_eq!(names, vec!["ext.txt", "extdir", "mine.txt"]);
+
+    // change (another size, another content), also of a file the gateway wrote
+    s3.put("ext.txt", b"second, longer version").await;
+    s3.put("mine.txt", b"overwritten elsewhere").await;
+    for (fh, want) in [
+        (fh.clone(), &b"second, longer version"[..]),
+        (mine.clone(), &b"overwritten elsewhere"[..]),
+    ] {
+        poll_until!(t, "the new content", {
+            // A lookup refreshes the directory listing once it is stale.
+            let _ = c.lookup(&root, "ext.txt").await;
+            (c.read_all(&fh).await.ok().as_deref() == Some(want)).then_some(())
+        });
+        assert_eq!(c.getattr(&fh).await.unwrap().size, want.len() as u64);
+    }
+
+    // delete
+    s3.delete("ext.txt").await;
+    poll_until!(
+        t,
+        "ext.txt to disappear",
+        (c.lookup(&root, "ext.txt").await == Err(Status::NFS3ERR_NOENT)).then_some(())
+    );
+    assert_eq!(c.names(&root).await.unwrap(), vec!["extdir", "mine.txt"]);
 }
