@@ -525,6 +525,9 @@ impl Volume {
         }
         let prefix = self.dir_prefix(dir)?;
         let epoch_before = self.flusher.epoch();
+        // Objects removed here but not yet deleted in S3 must not come back from the listing.
+        let deleting: std::collections::HashSet<String> =
+            self.meta.all_deletes()?.into_iter().map(|(_, k)| k).collect();
         let started = Instant::now();
         let mut files: HashMap<String, crate::store::ObjectSummary> = HashMap::new();
         let mut dirs: std::collections::HashSet<String> = Default::default();
@@ -569,9 +572,10 @@ impl Volume {
             return Ok(());
         };
         // Objects that pending work is about to move or delete are not new entries: they are
-        // where renamed or removed inodes used to be.
-        let mut leaving: std::collections::HashSet<String> =
-            self.meta.all_deletes()?.into_iter().map(|d| d.1).collect();
+        // where renamed or removed inodes used to be. Deletions queued before the listing count
+        // too: one may have finished (and left the journal) while the listing was under way.
+        let mut leaving = deleting;
+        leaving.extend(self.meta.all_deletes()?.into_iter().map(|(_, k)| k));
         for (ino, _) in self.meta.all_pending()? {
             if let Some(Inode { remote: Some(r), .. }) = self.meta.inode(ino)? {
                 leaving.insert(r.key);
@@ -598,6 +602,13 @@ impl Volume {
             seen.insert(name.clone());
             let existing = self.meta.lookup(dir.ino, name.as_bytes())?;
             let want_kind = if obj.is_none() { Kind::Dir } else { Kind::File };
+            let key = match &obj {
+                Some(o) => o.key.clone(),
+                None => format!("{prefix}{name}/"),
+            };
+            if existing.is_none() && is_leaving(&key, obj.is_none()) {
+                continue;
+            }
             if let Some(ino) = existing {
                 let Some(mut inode) = self.meta.inode(ino)? else {
                     continue;
@@ -632,10 +643,6 @@ impl Volume {
                     }
                     continue;
                 }
-            }
-            let key = format!("{prefix}{name}{}", if obj.is_none() { "/" } else { "" });
-            if is_leaving(&key, obj.is_none()) {
-                continue;
             }
             let ino = self.alloc_ino(&mut batch);
             let (size, mtime, remote, meta_loaded) = match &obj {
