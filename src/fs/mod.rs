@@ -397,6 +397,14 @@ impl Volume {
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
         let mut inode = self.inode(ino)?;
+        // A client revalidating an open file asks its handle, not its directory: refresh the
+        // directory (once per refresh interval) so changes made in S3 by others reach it too.
+        if ino != ROOT_INO && self.listing_stale(inode.parent) {
+            if let Ok(parent) = self.inode(inode.parent) {
+                self.refresh_dir(&parent, false).await?;
+                inode = self.inode(ino)?;
+            }
+        }
         if !inode.meta_loaded {
             inode = self.load_meta(inode).await?;
         }
@@ -514,14 +522,17 @@ impl Volume {
         Ok((out, end))
     }
 
+    fn listing_stale(&self, dir: Ino) -> bool {
+        match self.listed.lock().unwrap().get(&dir) {
+            Some(at) => at.elapsed() >= self.cfg.refresh,
+            None => true,
+        }
+    }
+
     /// Brings a directory's children in line with S3 when its listing is stale (or `force`).
     pub(crate) async fn refresh_dir(&self, dir: &Inode, force: bool) -> FsResult<()> {
-        if !force {
-            if let Some(at) = self.listed.lock().unwrap().get(&dir.ino) {
-                if at.elapsed() < self.cfg.refresh {
-                    return Ok(());
-                }
-            }
+        if !force && !self.listing_stale(dir.ino) {
+            return Ok(());
         }
         let prefix = self.dir_prefix(dir)?;
         let epoch_before = self.flusher.epoch();
