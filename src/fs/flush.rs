@@ -168,6 +168,8 @@ impl Volume {
             .await;
             for r in results {
                 if let Err(e) = r {
+                    self.flusher.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "delete failed; it stays journalled and is retried");
                     first_err.get_or_insert(e);
                 }
             }
