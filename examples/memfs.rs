@@ -351,6 +351,34 @@ impl NFSFileSystem for Fs {
         Ok(ReadDirResult { entries: out, end })
     }
 
+    async fn fsinfo(&self, root: fileid3) -> Result<nfsserve::nfs::fsinfo3, nfsstat3> {
+        let mut info = nfsserve::nfs::fsinfo3 {
+            obj_attributes: nfsserve::nfs::post_op_attr::attributes(self.getattr(root).await?),
+            rtmax: 1024 * 1024,
+            rtpref: 1024 * 1024,
+            rtmult: 4096,
+            wtmax: 1024 * 1024,
+            wtpref: 1024 * 1024,
+            wtmult: 4096,
+            dtpref: 64 * 1024,
+            maxfilesize: 128 * 1024 * 1024 * 1024,
+            time_delta: nfstime3 {
+                seconds: 0,
+                nseconds: 1,
+            },
+            properties: nfsserve::nfs::FSF_SYMLINK
+                | nfsserve::nfs::FSF_HOMOGENEOUS
+                | nfsserve::nfs::FSF_CANSETTIME,
+        };
+        if let Some(d) = std::env::var("MEMFS_DTPREF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            info.dtpref = d;
+        }
+        Ok(info)
+    }
+
     async fn symlink(
         &self,
         dirid: fileid3,

@@ -14,6 +14,13 @@ use common::uml::{
 
 const PORT: u16 = 2049;
 
+/// Entries in the big directory of the everyday scenario when run against memfs. nfsserve
+/// 0.11's READDIR (not READDIRPLUS) ignores the cookie (`readdir_simple` always lists from the
+/// start), so once a listing needs more than one reply and the kernel client switches to plain
+/// READDIR (it does for `ls -f`), the listing loops forever: seen here at 6,000 entries
+/// (32 million lines in 60 s), fine at 4,000. The real gateway must fix that (10,000 entries).
+const MEMFS_BIGDIR: u32 = 3000;
+
 /// Which NFS server the guest runs. Each yields a shell function `start_server` (start it in
 /// the background, log in /run/logs/server.log, same port and state every time it is called).
 enum Server {
@@ -27,11 +34,11 @@ impl Server {
     fn shell(&self) -> String {
         match self {
             Server::Memfs => format!(
-                "PERSISTENT=0\nstart_server() {{ bg server {} 127.0.0.1:{PORT}; }}\n",
+                "PERSISTENT=0\nBIGDIR={MEMFS_BIGDIR}\nstart_server() {{ bg server {} 127.0.0.1:{PORT}; }}\n",
                 sh_quote(&guest_path(example_bin("memfs")))
             ),
             Server::S3nfs => format!(
-                "PERSISTENT=1\nmkdir -p /tmp/s3nfs/data /tmp/s3nfs/state\n\
+                "PERSISTENT=1\nBIGDIR=10000\nmkdir -p /tmp/s3nfs/data /tmp/s3nfs/state\n\
                  start_server() {{ bg server {} serve --listen 127.0.0.1:{PORT} \
                  --data-dir /tmp/s3nfs/data --state-dir /tmp/s3nfs/state; }}\n",
                 sh_quote(&guest_path(s3nfs_bin()))
@@ -166,36 +173,46 @@ step touch_d touch -d '2001-02-03 04:05:06 UTC' $M/b.txt
 step touch_seen test "$(stat -c %Y $M/b.txt)" = 981173106
 step mkdir_mode sh -c "mkdir -m 700 $M/private && test \"\$(stat -c %a $M/private)\" = 700"
 
-# a 10,000-entry directory: exact count, no duplicates, ls -l works
+# a $BIGDIR-entry directory (10,000 for s3nfs): exact count, no duplicates, ls -l works.
+# timeout: a server that loses its place in a listing makes `ls` loop forever.
 mkdir $M/many
-timed create_10k sh -c "cd $M/many && seq -f 'entry-%05g' 1 10000 | xargs touch"
+timed create_many sh -c "cd $M/many && seq -f 'entry-%05g' 1 $BIGDIR | xargs touch"
 step drop_caches sh -c 'sync; echo 3 >/proc/sys/vm/drop_caches'
-kv many_count "$(ls -f $M/many | grep -vxE '\.|\.\.' | wc -l)"
-kv many_dups "$(ls -f $M/many | sort | uniq -d | wc -l)"
-timed ls_l sh -c "ls -l $M/many >/tmp/ls_l"
+kv many_count "$(timeout 120 ls -f $M/many | grep -vxE '\.|\.\.' | wc -l)"
+kv many_dups "$(timeout 120 ls -f $M/many | sort | uniq -d | wc -l)"
+timed ls_l sh -c "timeout 120 ls -l $M/many >/tmp/ls_l"
 kv many_ls_l "$(grep -c ' entry-' /tmp/ls_l)"
-step many_names cmp <(ls $M/many) <(seq -f 'entry-%05g' 1 10000)
+step many_names cmp <(timeout 120 ls $M/many) <(seq -f 'entry-%05g' 1 $BIGDIR)
 
-# a git-like workload: many small files in fan-out dirs, write-to-temp + rename over existing
-# (refs, index), fsync
+# a git-like workload: many small files in fan-out dirs, write-to-temp + rename (objects),
+# lock file + rename over the existing ref, fsync. Built-ins where possible: every process
+# spawned in the guest costs ~70 ms under UML.
 G=$M/repo
-mkdir -p $G/objects $G/refs/heads
 gitlike() {
+  local i h d last=
+  mkdir -p $G/refs/heads $(for i in $(seq 0 15); do printf "$G/objects/%02x " $i; done) || return 1
+  printf 'initial\n' >$G/refs/heads/main || return 1
   for i in $(seq 1 300); do
-    h=$(printf '%s' "$i" | md5sum | cut -c1-32)
-    mkdir -p $G/objects/${h:0:2} || return 1
-    printf 'blob %s\n' "$i" >$G/objects/${h:0:2}/${h:2}.tmp || return 1
-    mv $G/objects/${h:0:2}/${h:2}.tmp $G/objects/${h:0:2}/${h:2} || return 1
-    printf '%s\n' "$h" >$G/refs/heads/main.lock || return 1
-    mv -f $G/refs/heads/main.lock $G/refs/heads/main || return 1
+    printf -v h '%02x%08x' $((i % 16)) $(( (i * 2654435761) % 4294967296 ))
+    d=$G/objects/${h:0:2}
+    if (( i % 2 )); then
+      printf 'blob %s\n' "$i" >$d/${h:2} || return 1
+    else
+      printf 'blob %s\n' "$i" >$d/${h:2}.tmp && mv $d/${h:2}.tmp $d/${h:2} || return 1
+    fi
+    if (( i % 5 == 0 )); then
+      printf '%s\n' "$h" >$G/refs/heads/main.lock && mv -f $G/refs/heads/main.lock $G/refs/heads/main || return 1
+      last=$h
+    fi
   done
+  echo "$last" >/tmp/git_last_ref
   dd if=/dev/urandom of=$G/index.lock bs=4k count=16 conv=fsync status=none || return 1
   mv -f $G/index.lock $G/index && sync
 }
 timed gitlike gitlike
 kv git_objects "$(find $G/objects -type f | wc -l)"
 kv git_tmp_left "$(find $G -name '*.tmp' -o -name '*.lock' | wc -l)"
-step git_ref test "$(cat $G/refs/heads/main)" = "$(printf 300 | md5sum | cut -c1-32)"
+step git_ref test "$(cat $G/refs/heads/main)" = "$(cat /tmp/git_last_ref)"
 step fsync_dd dd if=/dev/urandom of=$M/fsynced bs=1M count=2 conv=fsync status=none
 
 # remount (and, for a persistent server, restart it) and check everything is still there
@@ -209,11 +226,15 @@ if [ "$PERSISTENT" = 1 ]; then
 fi
 step remount nfs_mount $PORT $M
 step sums_after_remount sh -c "cd $M && md5sum --quiet -c /tmp/sums"
-kv many_count_after "$(ls -f $M/many | grep -vxE '\.|\.\.' | wc -l)"
+kv many_count_after "$(timeout 120 ls -f $M/many | grep -vxE '\.|\.\.' | wc -l)"
 step final_umount umount $M
 "#;
 
 fn everyday(server: Server) {
+    let bigdir = match server {
+        Server::Memfs => MEMFS_BIGDIR.to_string(),
+        Server::S3nfs => "10000".to_string(),
+    };
     let out = run_guest(
         &script(&server, EVERYDAY),
         &GuestOpts::default().timeout_secs(900),
@@ -222,23 +243,23 @@ fn everyday(server: Server) {
     for (k, v) in [
         ("tree_files_src", "310"),
         ("tree_files", "310"),
-        ("many_count", "10000"),
+        ("many_count", &bigdir),
         ("many_dups", "0"),
-        ("many_ls_l", "10000"),
+        ("many_ls_l", &bigdir),
         ("git_objects", "300"),
         ("git_tmp_left", "0"),
-        ("many_count_after", "10000"),
+        ("many_count_after", &bigdir),
     ] {
         if out.value(k) != Some(v) {
             out.fail(&format!("{k}: expected {v}, got {:?}", out.value(k)));
         }
     }
     eprintln!(
-        "timings (ms): mount {} cp_tree {} rm_tree {} create_10k {} ls_l {} gitlike {}",
+        "timings (ms): mount {} cp_tree {} rm_tree {} create_many {} ls_l {} gitlike {}",
         out.expect_value("mount_ms"),
         out.expect_value("cp_tree_ms"),
         out.expect_value("rm_tree_ms"),
-        out.expect_value("create_10k_ms"),
+        out.expect_value("create_many_ms"),
         out.expect_value("ls_l_ms"),
         out.expect_value("gitlike_ms"),
     );
