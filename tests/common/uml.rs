@@ -485,8 +485,13 @@ pub fn run_guest(script: &str, opts: &GuestOpts) -> GuestOutput {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // UML helpers may outlive the main process briefly; make sure none is left.
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    // UML's helper and guest-process host processes share its process group and may outlive
+    // the main process briefly: kill the group and wait (up to 10 s) until it is gone.
+    let t = Instant::now();
+    while unsafe { libc::kill(-pgid, libc::SIGKILL) } == 0 && t.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     out.total = start.elapsed();
     let bytes = fs::read(&log_path).unwrap_or_default();
     let console = String::from_utf8_lossy(&bytes).into_owned();
