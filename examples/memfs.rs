@@ -11,8 +11,8 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use nfsserve::nfs::{
-    fattr3, fileid3, filename3, ftype3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime, set_gid3,
-    set_mode3, set_mtime, set_size3, set_uid3, specdata3,
+    fattr3, fileid3, filename3, ftype3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime, set_gid3, set_mode3,
+    set_mtime, set_size3, set_uid3, specdata3,
 };
 use nfsserve::tcp::{NFSTcp, NFSTcpListener};
 use nfsserve::vfs::{DirEntry, NFSFileSystem, ReadDirResult, VFSCapabilities};
@@ -34,9 +34,7 @@ struct Fs {
 }
 
 fn now() -> nfstime3 {
-    let d = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap();
+    let d = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap();
     nfstime3 {
         seconds: d.as_secs() as u32,
         nseconds: d.subsec_nanos(),
@@ -189,12 +187,7 @@ impl NFSFileSystem for Fs {
         Ok(n.attr)
     }
 
-    async fn read(
-        &self,
-        id: fileid3,
-        offset: u64,
-        count: u32,
-    ) -> Result<(Vec<u8>, bool), nfsstat3> {
+    async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3> {
         let g = self.nodes.lock().unwrap();
         match &g.0.get(&id).ok_or(nfsstat3::NFS3ERR_NOENT)?.body {
             Body::File(d) => {
@@ -228,51 +221,20 @@ impl NFSFileSystem for Fs {
         }
     }
 
-    async fn create(
-        &self,
-        dirid: fileid3,
-        filename: &filename3,
-        attr: sattr3,
-    ) -> Result<(fileid3, fattr3), nfsstat3> {
-        let (id, _) = self.add(
-            dirid,
-            filename,
-            ftype3::NF3REG,
-            0o644,
-            Body::File(Vec::new()),
-        )?;
+    async fn create(&self, dirid: fileid3, filename: &filename3, attr: sattr3) -> Result<(fileid3, fattr3), nfsstat3> {
+        let (id, _) = self.add(dirid, filename, ftype3::NF3REG, 0o644, Body::File(Vec::new()))?;
         let a = self.setattr(id, attr).await?;
         Ok((id, a))
     }
 
-    async fn create_exclusive(
-        &self,
-        dirid: fileid3,
-        filename: &filename3,
-    ) -> Result<fileid3, nfsstat3> {
+    async fn create_exclusive(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
         Ok(self
-            .add(
-                dirid,
-                filename,
-                ftype3::NF3REG,
-                0o644,
-                Body::File(Vec::new()),
-            )?
+            .add(dirid, filename, ftype3::NF3REG, 0o644, Body::File(Vec::new()))?
             .0)
     }
 
-    async fn mkdir(
-        &self,
-        dirid: fileid3,
-        dirname: &filename3,
-    ) -> Result<(fileid3, fattr3), nfsstat3> {
-        self.add(
-            dirid,
-            dirname,
-            ftype3::NF3DIR,
-            0o755,
-            Body::Dir(BTreeMap::new()),
-        )
+    async fn mkdir(&self, dirid: fileid3, dirname: &filename3) -> Result<(fileid3, fattr3), nfsstat3> {
+        self.add(dirid, dirname, ftype3::NF3DIR, 0o755, Body::Dir(BTreeMap::new()))
     }
 
     async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
@@ -366,14 +328,9 @@ impl NFSFileSystem for Fs {
                 seconds: 0,
                 nseconds: 1,
             },
-            properties: nfsserve::nfs::FSF_SYMLINK
-                | nfsserve::nfs::FSF_HOMOGENEOUS
-                | nfsserve::nfs::FSF_CANSETTIME,
+            properties: nfsserve::nfs::FSF_SYMLINK | nfsserve::nfs::FSF_HOMOGENEOUS | nfsserve::nfs::FSF_CANSETTIME,
         };
-        if let Some(d) = std::env::var("MEMFS_DTPREF")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
+        if let Some(d) = std::env::var("MEMFS_DTPREF").ok().and_then(|v| v.parse().ok()) {
             info.dtpref = d;
         }
         Ok(info)
@@ -386,13 +343,7 @@ impl NFSFileSystem for Fs {
         symlink: &nfspath3,
         _attr: &sattr3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
-        self.add(
-            dirid,
-            linkname,
-            ftype3::NF3LNK,
-            0o777,
-            Body::Link(symlink.0.clone()),
-        )
+        self.add(dirid, linkname, ftype3::NF3LNK, 0o777, Body::Link(symlink.0.clone()))
     }
 
     async fn readlink(&self, id: fileid3) -> Result<nfspath3, nfsstat3> {
@@ -406,13 +357,9 @@ impl NFSFileSystem for Fs {
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:11111".into());
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:11111".into());
     let listener = NFSTcpListener::bind(&addr, Fs::new()).await?;
     let port = listener.get_listen_port();
-    println!(
-        "mount -t nfs -o vers=3,proto=tcp,port={port},mountport={port},nolock,hard 127.0.0.1:/ <mountpoint>"
-    );
+    println!("mount -t nfs -o vers=3,proto=tcp,port={port},mountport={port},nolock,hard 127.0.0.1:/ <mountpoint>");
     listener.handle_forever().await
 }

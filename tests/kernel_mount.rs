@@ -8,9 +8,7 @@
 
 mod common;
 
-use common::uml::{
-    example_bin, guest_path, require_uml, run_guest, s3nfs_bin, sh_quote, GuestOpts,
-};
+use common::uml::{example_bin, guest_path, require_uml, run_guest, s3nfs_bin, sh_quote, GuestOpts};
 
 const PORT: u16 = 2049;
 
@@ -235,10 +233,7 @@ fn everyday(server: Server) {
         Server::Memfs => MEMFS_BIGDIR.to_string(),
         Server::S3nfs => "10000".to_string(),
     };
-    let out = run_guest(
-        &script(&server, EVERYDAY),
-        &GuestOpts::default().timeout_secs(900),
-    );
+    let out = run_guest(&script(&server, EVERYDAY), &GuestOpts::default().timeout_secs(900));
     out.assert_all_ok();
     for (k, v) in [
         ("tree_files_src", "310"),

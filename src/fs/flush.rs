@@ -545,13 +545,21 @@ impl Volume {
             inode.synced_epoch = self.flusher.epoch.fetch_add(1, Ordering::AcqRel) + 1;
             b.put_inode(&inode);
         }
+        let mut evict = false;
         if clean {
             b.clear_pending(ino);
             if let Some(st) = &st {
                 st.pending_marked.store(false, Ordering::Release);
+                evict = !st.content_dirty.load(Ordering::Acquire);
             }
         }
         self.meta.commit(b)?;
+        if evict {
+            // S3 has these bytes now: free the disk space and the file descriptor (a volume may
+            // hold millions of files). Writers that already hold this staged file see `gone` under
+            // its lock and stage the file again.
+            self.drop_staged(ino);
+        }
         Ok(())
     }
 }

@@ -195,10 +195,8 @@ impl Step<'_> {
     /// Panics, with the console tail, unless the step ran and returned 0.
     pub fn assert_ok(&self) {
         if !self.ok() {
-            self.out.fail(&format!(
-                "step {:?}: rc={:?}, expected 0",
-                self.name, self.rc
-            ));
+            self.out
+                .fail(&format!("step {:?}: rc={:?}, expected 0", self.name, self.rc));
         }
     }
 }
@@ -222,12 +220,7 @@ impl GuestOutput {
     pub fn step(&self, name: &str) -> Step<'_> {
         Step {
             name: name.into(),
-            rc: self
-                .steps
-                .iter()
-                .rev()
-                .find(|(n, _)| n == name)
-                .map(|s| s.1),
+            rc: self.steps.iter().rev().find(|(n, _)| n == name).map(|s| s.1),
             out: self,
         }
     }
@@ -395,8 +388,7 @@ fn parse(console: &str, token: &str, out: &mut GuestOutput) {
         let rest = line[pos + marker.len()..].trim_end_matches('\r');
         if let Some(s) = rest.strip_prefix("STEP ") {
             if let Some((name, rc)) = s.rsplit_once(" rc=") {
-                out.steps
-                    .push((name.to_string(), rc.trim().parse().unwrap_or(-1)));
+                out.steps.push((name.to_string(), rc.trim().parse().unwrap_or(-1)));
             }
         } else if let Some(s) = rest.strip_prefix("KV ") {
             if let Some((k, v)) = s.split_once('=') {
@@ -469,9 +461,7 @@ pub fn run_guest(script: &str, opts: &GuestOpts) -> GuestOutput {
     let start_marker = format!("@@{token}@@ GUEST_START");
     let mut out = GuestOutput::default();
     loop {
-        if out.boot.is_none()
-            && fs::read_to_string(&log_path).is_ok_and(|s| s.contains(&start_marker))
-        {
+        if out.boot.is_none() && fs::read_to_string(&log_path).is_ok_and(|s| s.contains(&start_marker)) {
             out.boot = Some(start.elapsed());
         }
         if child.try_wait().expect("wait linux.uml").is_some() {
@@ -488,8 +478,7 @@ pub fn run_guest(script: &str, opts: &GuestOpts) -> GuestOutput {
     // UML's helper and guest-process host processes share its process group and may outlive
     // the main process briefly: kill the group and wait (up to 10 s) until it is gone.
     let t = Instant::now();
-    while unsafe { libc::kill(-pgid, libc::SIGKILL) } == 0 && t.elapsed() < Duration::from_secs(10)
-    {
+    while unsafe { libc::kill(-pgid, libc::SIGKILL) } == 0 && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
     out.total = start.elapsed();
