@@ -115,30 +115,6 @@ pub fn s3nfs_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_s3nfs"))
 }
 
-/// An example binary (`examples/<name>.rs`) of this crate. `cargo test` builds examples with
-/// the tests, into `<target>/<profile>/examples/`, next to `<target>/<profile>/deps/` where the
-/// test binary runs from. If missing (e.g. `cargo test --test x` with a filter that skipped
-/// them), it is built with `cargo build --example <name>` for the same profile.
-pub fn example_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = profile_dir.join("examples").join(name);
-    if !bin.is_file() {
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "--example", name])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|p| p == "release") {
-            cmd.arg("--release");
-        }
-        if let Some(target) = profile_dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target);
-        }
-        let st = cmd.status().expect("cargo build --example");
-        assert!(st.success(), "cargo build --example {name} failed");
-    }
-    bin
-}
-
 #[derive(Clone, Debug)]
 pub struct GuestOpts {
     /// Guest memory, UML syntax (`768M`). Guest tmpfs contents live in it.
