@@ -93,6 +93,15 @@ impl FlushState {
         }
     }
 
+    /// Counts and logs failed S3 work (which stays journalled), keeping the first error.
+    fn note_failures(&self, what: &str, results: Vec<FsResult<()>>, first: &mut Option<FsError>) {
+        for e in results.into_iter().filter_map(Result::err) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "{what} failed; it stays journalled and is retried");
+            first.get_or_insert(e);
+        }
+    }
+
     pub async fn wait(&self) {
         self.notify.notified().await
     }
@@ -208,13 +217,7 @@ impl Volume {
             .buffer_unordered(self.cfg.upload_concurrency)
             .collect()
             .await;
-            for r in results {
-                if let Err(e) = r {
-                    self.flusher.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "delete failed; it stays journalled and is retried");
-                    first_err.get_or_insert(e);
-                }
-            }
+            self.flusher.note_failures("delete", results, &mut first_err);
 
             let pending = self.meta.all_pending()?;
             tracing::Span::current().record("pending", pending.len());
@@ -240,13 +243,7 @@ impl Volume {
                 .buffer_unordered(self.cfg.upload_concurrency)
                 .collect()
                 .await;
-            for r in results {
-                if let Err(e) = r {
-                    self.flusher.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "upload failed; it stays journalled and is retried");
-                    first_err.get_or_insert(e);
-                }
-            }
+            self.flusher.note_failures("upload", results, &mut first_err);
             let left = self.meta.pending_count() + self.meta.all_deletes()?.len();
             match first_err {
                 Some(e) if force => Err(e),

@@ -213,24 +213,16 @@ impl Volume {
             batch.set_counter("volume_id", volume_id);
         }
         if meta.inode(ROOT_INO)?.is_none() {
-            let now = Time::now();
-            batch.put_inode(&Inode {
-                ino: ROOT_INO,
-                parent: ROOT_INO,
-                name: Vec::new(),
-                kind: Kind::Dir,
-                mode: 0o755,
-                uid: cfg.default_uid,
-                gid: cfg.default_gid,
-                size: 0,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                target: Vec::new(),
-                remote: None,
-                meta_loaded: true,
-                synced_epoch: 0,
-            });
+            let owner = (cfg.default_uid, cfg.default_gid);
+            batch.put_inode(&Inode::new(
+                ROOT_INO,
+                ROOT_INO,
+                b"",
+                Kind::Dir,
+                0o755,
+                owner,
+                Time::now(),
+            ));
         }
         // Start past every number a previous run may have handed out.
         let ino_base = meta.counter("ino_limit")?.max(ROOT_INO + 1);
@@ -670,23 +662,12 @@ impl Volume {
                 ),
                 None => (0, now, None, true),
             };
-            let inode = Inode {
-                ino,
-                parent: dir.ino,
-                name: name.as_bytes().to_vec(),
-                kind: want_kind,
-                mode: if want_kind == Kind::Dir { 0o755 } else { 0o644 },
-                uid: self.cfg.default_uid,
-                gid: self.cfg.default_gid,
-                size,
-                atime: mtime,
-                mtime,
-                ctime: mtime,
-                target: Vec::new(),
-                remote,
-                meta_loaded,
-                synced_epoch: 0,
-            };
+            let mode = if want_kind == Kind::Dir { 0o755 } else { 0o644 };
+            let owner = (self.cfg.default_uid, self.cfg.default_gid);
+            let mut inode = Inode::new(ino, dir.ino, name.as_bytes(), want_kind, mode, owner, mtime);
+            inode.size = size;
+            inode.remote = remote;
+            inode.meta_loaded = meta_loaded;
             batch.put_inode(&inode);
             batch.link(dir.ino, name.as_bytes(), ino);
         }
@@ -780,24 +761,8 @@ impl Volume {
     // ---------------------------------------------------------------- namespace changes
 
     fn new_inode(&self, batch: &mut Batch, parent: Ino, name: &[u8], kind: Kind, mode: u32) -> Inode {
-        let now = Time::now();
-        Inode {
-            ino: self.alloc_ino(batch),
-            parent,
-            name: name.to_vec(),
-            kind,
-            mode: mode & 0o7777,
-            uid: self.cfg.default_uid,
-            gid: self.cfg.default_gid,
-            size: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            target: Vec::new(),
-            remote: None,
-            meta_loaded: true,
-            synced_epoch: 0,
-        }
+        let owner = (self.cfg.default_uid, self.cfg.default_gid);
+        Inode::new(self.alloc_ino(batch), parent, name, kind, mode, owner, Time::now())
     }
 
     /// Common checks for a new entry: the directory exists and is fresh, the name is valid, the

@@ -108,6 +108,29 @@ pub struct Inode {
     pub synced_epoch: u64,
 }
 
+impl Inode {
+    /// A new inode with no bytes anywhere yet, every time set to `time`.
+    pub fn new(ino: Ino, parent: Ino, name: &[u8], kind: Kind, mode: u32, owner: (u32, u32), time: Time) -> Inode {
+        Inode {
+            ino,
+            parent,
+            name: name.to_vec(),
+            kind,
+            mode: mode & 0o7777,
+            uid: owner.0,
+            gid: owner.1,
+            size: 0,
+            atime: time,
+            mtime: time,
+            ctime: time,
+            target: Vec::new(),
+            remote: None,
+            meta_loaded: true,
+            synced_epoch: 0,
+        }
+    }
+}
+
 /// A set of changes applied atomically, in the log and in sled.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Batch {
@@ -392,23 +415,7 @@ mod tests {
     use super::*;
 
     fn inode(ino: Ino, parent: Ino, name: &str) -> Inode {
-        Inode {
-            ino,
-            parent,
-            name: name.as_bytes().to_vec(),
-            kind: Kind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            atime: Time::default(),
-            mtime: Time::default(),
-            ctime: Time::default(),
-            target: vec![],
-            remote: None,
-            meta_loaded: true,
-            synced_epoch: 0,
-        }
+        Inode::new(ino, parent, name.as_bytes(), Kind::File, 0o644, (0, 0), Time::default())
     }
 
     #[test]
