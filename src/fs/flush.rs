@@ -142,6 +142,15 @@ impl Drop for KeyGuard<'_> {
     }
 }
 
+/// Wakes everyone waiting on a `Notify` when dropped (after the state it guards is updated).
+struct WakeOnDrop<'a>(&'a tokio::sync::Notify);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.notify_waiters();
+    }
+}
+
 /// Marks a key as being written for as long as it lives.
 struct InFlight<'a> {
     state: &'a FlushState,
@@ -376,6 +385,20 @@ impl Volume {
         // Large: bring every part up to date, then complete with writers held off.
         for _round in 0..3 {
             self.upload_parts(st, key, meta, true).await?;
+            // Parts a streaming pass started are still on their way: wait for them.
+            loop {
+                let done = st.part_done.notified();
+                if st
+                    .multipart
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .is_none_or(|m| m.in_flight.is_empty())
+                {
+                    break;
+                }
+                done.await;
+            }
             let _w = st.lock.write().await;
             let size = st.size();
             let n = size.div_ceil(self.cfg.part_size).max(1) as i32;
@@ -429,6 +452,7 @@ impl Volume {
         all: bool,
     ) -> FsResult<()> {
         // Start (or restart, if the file moved) the multipart upload.
+        let init = st.multipart_init.lock().await;
         let existing = st
             .multipart
             .lock()
@@ -452,6 +476,7 @@ impl Volume {
                 ..Default::default()
             });
         }
+        drop(init);
         let size = st.size();
         let n = size.div_ceil(self.cfg.part_size).max(1) as i32;
         let todo: Vec<i32> = {
@@ -493,6 +518,7 @@ impl Volume {
                     len,
                 };
                 let r = self.store.upload_part(&mkey, &upload_id, p, body).await;
+                let _wake = WakeOnDrop(&st.part_done);
                 let mut m = st.multipart.lock().unwrap();
                 let Some(m) = m.as_mut() else { return Ok(()) };
                 m.in_flight.remove(&p);
@@ -532,25 +558,31 @@ impl Volume {
         }
     }
 
+    /// Keeps parts flowing to S3 while a large file is written: each pass starts the parts the
+    /// writer has left behind without waiting for earlier ones (the upload semaphore bounds how
+    /// many are in flight), so the pipeline never drains between batches.
     async fn stream_file(self: &Arc<Self>, ino: Ino) -> FsResult<()> {
+        let mut passes: Vec<tokio::task::JoinHandle<FsResult<()>>> = Vec::new();
         loop {
-            let Some(st) = self.staged(ino) else {
-                return Ok(());
-            };
-            let Some(inode) = self.meta.inode(ino)? else {
-                return Ok(());
-            };
+            let Some(st) = self.staged(ino) else { break };
+            let Some(inode) = self.meta.inode(ino)? else { break };
             let key = self.key_of(&inode)?;
-            let before = st.size();
-            self.upload_parts(&st, &key, &user_meta(&inode), false).await?;
-            // Keep going while the writer keeps writing; stop once it pauses.
-            if st.size() == before && st.last_write.lock().unwrap().elapsed() >= std::time::Duration::from_millis(200) {
-                return Ok(());
+            let vol = self.clone();
+            let pass_st = st.clone();
+            passes.retain(|p| !p.is_finished());
+            passes.push(tokio::spawn(async move {
+                vol.upload_parts(&pass_st, &key, &user_meta(&inode), false).await
+            }));
+            // Stop once the writer pauses; the flusher completes the upload when the file is idle.
+            if st.last_write.lock().unwrap().elapsed() >= std::time::Duration::from_millis(200) {
+                break;
             }
-            if st.size() == before {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        for p in passes {
+            p.await.map_err(|e| FsError::Io(format!("upload task failed: {e}")))??;
+        }
+        Ok(())
     }
 
     /// Records a finished sync: the remote location, and clears `P` if nothing changed meanwhile.

@@ -48,6 +48,10 @@ pub struct Staged {
     pub mtime: Mutex<Time>,
     pub last_write: Mutex<Instant>,
     pub multipart: Mutex<Option<Multipart>>,
+    /// Held while the multipart upload is started or restarted, so concurrent passes share one.
+    pub multipart_init: tokio::sync::Mutex<()>,
+    /// Signalled whenever a part upload ends.
+    pub part_done: tokio::sync::Notify,
     /// Part size of the multipart upload, to map written ranges to part numbers.
     part_size: u64,
 }
@@ -82,6 +86,8 @@ impl Staged {
             mtime: Mutex::new(mtime),
             last_write: Mutex::new(Instant::now()),
             multipart: Mutex::new(None),
+            multipart_init: tokio::sync::Mutex::new(()),
+            part_done: tokio::sync::Notify::new(),
             part_size,
         })
     }
