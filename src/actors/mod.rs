@@ -38,7 +38,7 @@ pub async fn open_store(export: &Export) -> anyhow::Result<Arc<dyn ObjectStore>>
             store.describe()
         )
     })?;
-    Ok(store)
+    Ok(crate::metrics::MeteredStore::wrap(store))
 }
 
 pub fn volume_config(export: &Export) -> VolumeConfig {
@@ -62,7 +62,9 @@ impl VolumeActor {
     /// handles from before a restart find it again).
     pub async fn start(export: &Export, store: Arc<dyn ObjectStore>) -> anyhow::Result<VolumeActor> {
         let vol = Volume::open(volume_config(export), store).await?;
-        let listener = NFSTcpListener::bind(&export.listen.to_string(), NfsAdapter::new(vol.clone()))
+        crate::metrics::global().register_volume(&export.name, &vol);
+        let adapter = NfsAdapter::named(vol.clone(), &export.name);
+        let listener = NFSTcpListener::bind(&export.listen.to_string(), adapter)
             .await
             .map_err(|e| anyhow::anyhow!("export {}: cannot listen on {}: {e}", export.name, export.listen))?;
         let addr = SocketAddr::new(listener.get_listen_ip(), listener.get_listen_port());

@@ -249,6 +249,7 @@ impl Volume {
         let key = self.key_of(&inode)?;
         let meta = user_meta(&inode);
         let span = tracing::info_span!("sync_inode", ino, key = %key);
+        crate::telemetry::link_causes(&span, self.volume_id(), ino, true);
         let synced = async {
             match inode.kind {
                 Kind::Dir => self.put_small(&key, Bytes::new(), &meta).await.map(Some),
@@ -471,6 +472,8 @@ impl Volume {
                 continue;
             }
             let vol = self.clone();
+            let span = tracing::info_span!(parent: None, "stream_upload", ino);
+            crate::telemetry::link_causes(&span, self.volume_id(), ino, false);
             tokio::spawn(
                 async move {
                     let r = vol.stream_file(ino).await;
@@ -480,7 +483,7 @@ impl Volume {
                     }
                     vol.flusher.kick();
                 }
-                .instrument(tracing::info_span!("stream_upload", ino)),
+                .instrument(span),
             );
         }
     }
