@@ -1,4 +1,4 @@
-//! Logging and tracing set-up. Spans are created throughout (`nfs` per NFS operation, `s3` per
+//! Logging and tracing set-up. Spans are created throughout (`nfs` per NFS operation, `s3.request` per
 //! S3 request under it, `flush`/`sync_inode`/`stream_upload` for background work); this module
 //! decides where they go: stderr (filtered by `RUST_LOG`) always, and OpenTelemetry (OTLP over
 //! gRPC or HTTP) when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set.

@@ -116,3 +116,106 @@ fn tokio_stream_from(
         Some((r, l))
     })
 }
+
+/// Starts an OTLP/HTTP (protobuf) receiver on 127.0.0.1:0: `POST /v1/traces` and
+/// `POST /v1/metrics`, HTTP/1.1 with a Content-Length body.
+pub async fn start_http(keep: bool) -> Sink {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(Received {
+        keep,
+        ..Default::default()
+    });
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    let rec = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = tokio::select! {
+                r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                _ = &mut rx => return,
+            };
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // One request: headers, then Content-Length bytes.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 8192];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 65536];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = buf[head_end..head_end + len].to_vec();
+                    buf.drain(..head_end + len);
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let ok = if path.ends_with("/v1/traces") {
+                        match ExportTraceServiceRequest::decode(body.as_slice()) {
+                            Ok(req) => {
+                                let n: usize = req
+                                    .resource_spans
+                                    .iter()
+                                    .flat_map(|r| &r.scope_spans)
+                                    .map(|s| s.spans.len())
+                                    .sum();
+                                rec.spans.fetch_add(n as u64, Ordering::Relaxed);
+                                if rec.keep {
+                                    rec.raw.lock().unwrap().push(body);
+                                    rec.traces.lock().unwrap().push(req);
+                                }
+                                true
+                            }
+                            Err(_) => false,
+                        }
+                    } else if path.ends_with("/v1/metrics") {
+                        match ExportMetricsServiceRequest::decode(body.as_slice()) {
+                            Ok(req) => {
+                                if rec.keep {
+                                    rec.raw.lock().unwrap().push(body);
+                                    rec.metrics.lock().unwrap().push(req);
+                                }
+                                true
+                            }
+                            Err(_) => false,
+                        }
+                    } else {
+                        false
+                    };
+                    let resp: &[u8] = if ok {
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+                    };
+                    if sock.write_all(resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Sink {
+        addr,
+        received,
+        _stop: tx,
+    }
+}
