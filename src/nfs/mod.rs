@@ -219,7 +219,8 @@ impl NFSFileSystem for NfsAdapter {
                     ino = id,
                     offset = offset,
                     count = count,
-                    bytes = tracing::field::Empty
+                    bytes = tracing::field::Empty,
+                    cache = tracing::field::Empty
                 ),
                 async {
                     let r = self.vol.read(id, offset, count).await;
