@@ -70,7 +70,15 @@ impl Gateway {
                 .env("OTEL_METRIC_EXPORT_INTERVAL", "5000");
         }
         let mut child = cmd
-            .args(["serve", "--listen", "127.0.0.1:0", "--endpoint", endpoint, "--bucket", bucket])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--endpoint",
+                endpoint,
+                "--bucket",
+                bucket,
+            ])
             .args(["--region", &g.region, "--flush-delay", "500ms"])
             .arg("--state-dir")
             .arg(state.path())
@@ -90,7 +98,11 @@ impl Gateway {
             }
         }
         assert_ne!(port, 0, "gateway did not print its mount command");
-        Gateway { child, port, _state: state }
+        Gateway {
+            child,
+            port,
+            _state: state,
+        }
     }
 
     fn peak_rss_mib(&self) -> f64 {
@@ -126,7 +138,10 @@ async fn create(c: &mut Conn, name: &str) -> nfs_fh3 {
     let root = c.root_nfs_fh3();
     let res = c
         .create(&CREATE3args {
-            where_: diropargs3 { dir: root, name: name.as_bytes().into() },
+            where_: diropargs3 {
+                dir: root,
+                name: name.as_bytes().into(),
+            },
             how: createhow3::UNCHECKED(sattr3::default()),
         })
         .await
@@ -140,11 +155,16 @@ async fn create(c: &mut Conn, name: &str) -> nfs_fh3 {
 
 async fn lookup(c: &mut Conn, name: &str) -> nfs_fh3 {
     let root = c.root_nfs_fh3();
-    c.lookup(&nfs3::LOOKUP3args { what: diropargs3 { dir: root, name: name.as_bytes().into() } })
-        .await
-        .unwrap()
-        .unwrap()
-        .object
+    c.lookup(&nfs3::LOOKUP3args {
+        what: diropargs3 {
+            dir: root,
+            name: name.as_bytes().into(),
+        },
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .object
 }
 
 /// A block whose first bytes say where it belongs, so reads can be checked cheaply.
@@ -200,7 +220,11 @@ async fn nfs_read(port: u16, fh: &nfs_fh3, total: u64) {
                         break;
                     }
                     let r = c
-                        .read(&READ3args { file: fh.clone(), offset: i * BLOCK, count: BLOCK as u32 })
+                        .read(&READ3args {
+                            file: fh.clone(),
+                            offset: i * BLOCK,
+                            count: BLOCK as u32,
+                        })
                         .await
                         .unwrap()
                         .unwrap();
@@ -240,8 +264,14 @@ async fn s3_multipart_put(store: &S3Store, key: &str, total: u64, template: &Byt
                 for b in 0..len / BLOCK {
                     body.extend_from_slice(&block(template, p * PART / BLOCK + b));
                 }
-                let etag = store.upload_part(key, &id, p as i32 + 1, Body::Bytes(body.into())).await.unwrap();
-                Part { number: p as i32 + 1, etag }
+                let etag = store
+                    .upload_part(key, &id, p as i32 + 1, Body::Bytes(body.into()))
+                    .await
+                    .unwrap();
+                Part {
+                    number: p as i32 + 1,
+                    etag,
+                }
             }
         })
         .buffered(PARALLEL)
@@ -254,7 +284,10 @@ async fn s3_ranged_get(store: &S3Store, key: &str, total: u64) {
     const RANGE: u64 = 16 * MIB;
     futures::stream::iter(0..total.div_ceil(RANGE))
         .map(|r| async move {
-            let b = store.get_range(key, r * RANGE..(r * RANGE + RANGE).min(total)).await.unwrap();
+            let b = store
+                .get_range(key, r * RANGE..(r * RANGE + RANGE).min(total))
+                .await
+                .unwrap();
             assert_eq!(&b[..8], &(r * RANGE / BLOCK).to_le_bytes());
         })
         .buffer_unordered(PARALLEL)
@@ -269,7 +302,10 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
 #[tokio::main]
 async fn main() {
     let quick = std::env::var("S3NFS_BENCH_QUICK").is_ok();
-    let total_mb: u64 = std::env::var("S3NFS_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 256 } else { 1024 });
+    let total_mb: u64 = std::env::var("S3NFS_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 256 } else { 1024 });
     let total = total_mb * MIB;
     let small_files = if quick { 200 } else { 1000 };
     let mem_total = if quick { 512 * MIB } else { 2048 * MIB };
@@ -317,25 +353,41 @@ async fn main() {
 
     rows.push((
         format!("sequential write {total_mb} MiB, until in S3"),
-        format!("{:.0} MiB/s (acked {:.0} MiB/s)", mbps(total, nfs_put), mbps(total, acked)),
-        format!("{:.0} MiB/s multipart PUT: {:.2}x", mbps(total, base_put), base_put.as_secs_f64() / nfs_put.as_secs_f64()),
+        format!(
+            "{:.0} MiB/s (acked {:.0} MiB/s)",
+            mbps(total, nfs_put),
+            mbps(total, acked)
+        ),
+        format!(
+            "{:.0} MiB/s multipart PUT: {:.2}x",
+            mbps(total, base_put),
+            base_put.as_secs_f64() / nfs_put.as_secs_f64()
+        ),
     ));
     rows.push((
         format!("cold sequential read {total_mb} MiB"),
         format!("{:.0} MiB/s", mbps(total, nfs_get)),
-        format!("{:.0} MiB/s ranged GETs: {:.2}x", mbps(total, base_get), base_get.as_secs_f64() / nfs_get.as_secs_f64()),
+        format!(
+            "{:.0} MiB/s ranged GETs: {:.2}x",
+            mbps(total, base_get),
+            base_get.as_secs_f64() / nfs_get.as_secs_f64()
+        ),
     ));
 
     // -- small files with a 20 ms S3 round trip --------------------------------------------
     let addr: std::net::SocketAddr = g.endpoint.trim_start_matches("http://").parse().unwrap();
-    let proxy = delay_proxy::DelayProxy::start(addr, Duration::from_millis(20)).await.unwrap();
+    let proxy = delay_proxy::DelayProxy::start(addr, Duration::from_millis(20))
+        .await
+        .unwrap();
     let mut slow_cfg = g.s3_config(&bucket);
     slow_cfg.endpoint = Some(proxy.url());
     let slow = S3Store::connect(slow_cfg).await.unwrap();
     let body = Bytes::from(vec![7u8; 4096]);
     let t = Instant::now();
     for i in 0..small_files {
-        slow.put(&format!("puts/{i}"), Body::Bytes(body.clone()), &UserMeta::new()).await.unwrap();
+        slow.put(&format!("puts/{i}"), Body::Bytes(body.clone()), &UserMeta::new())
+            .await
+            .unwrap();
     }
     let base_small = t.elapsed();
     let gw = Gateway::start(&g, &proxy.url(), &bucket);
@@ -343,17 +395,27 @@ async fn main() {
     let t = Instant::now();
     for i in 0..small_files {
         let fh = create(&mut c, &format!("small-{i}")).await;
-        c.write(&WRITE3args { file: fh, offset: 0, count: 4096, stable: stable_how::FILE_SYNC, data: Opaque::owned(body.to_vec()) })
-            .await
-            .unwrap()
-            .unwrap();
+        c.write(&WRITE3args {
+            file: fh,
+            offset: 0,
+            count: 4096,
+            stable: stable_how::FILE_SYNC,
+            data: Opaque::owned(body.to_vec()),
+        })
+        .await
+        .unwrap()
+        .unwrap();
     }
     let nfs_small = t.elapsed();
     drop(gw);
     rows.push((
         format!("{small_files} x 4 KiB files, S3 delayed 20 ms"),
         format!("{:.2} s", nfs_small.as_secs_f64()),
-        format!("{:.2} s sequential PUTs: {:.1}x", base_small.as_secs_f64(), base_small.as_secs_f64() / nfs_small.as_secs_f64()),
+        format!(
+            "{:.2} s sequential PUTs: {:.1}x",
+            base_small.as_secs_f64(),
+            base_small.as_secs_f64() / nfs_small.as_secs_f64()
+        ),
     ));
 
     // -- memory: write then read a large file ------------------------------------------------

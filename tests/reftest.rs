@@ -240,7 +240,17 @@ impl Harness {
                     Ok(())
                 };
                 let dino = self.resolve(&d).await.unwrap();
-                let got = self.vol().mkdir(dino, name.as_bytes(), 0o755).await;
+                let got = self
+                    .vol()
+                    .mkdir(
+                        dino,
+                        name.as_bytes(),
+                        SetAttr {
+                            mode: Some(0o755),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
                 assert_eq!(got.as_ref().map(|_| ()).map_err(class), expect, "mkdir {path}");
                 if expect.is_ok() {
                     self.model.nodes.insert(path, Node::Dir { mode: 0o755 });

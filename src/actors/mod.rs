@@ -24,6 +24,8 @@ use crate::store::ObjectStore;
 pub const LOCAL_SYNC_INTERVAL: Duration = Duration::from_millis(20);
 /// How often the flusher looks for files that went idle.
 const FLUSH_TICK: Duration = Duration::from_millis(200);
+/// Longest pause between flush rounds while S3 keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Builds the store an export names, and checks it before anything is served.
 pub async fn open_store(export: &Export) -> anyhow::Result<Arc<dyn ObjectStore>> {
@@ -76,14 +78,26 @@ impl VolumeActor {
         }));
         let v = vol.clone();
         tasks.push(tokio::spawn(async move {
+            // While S3 keeps failing, back off (up to MAX_BACKOFF) instead of retrying every tick.
+            let mut backoff = FLUSH_TICK;
             loop {
                 tokio::select! {
-                    _ = v.flusher.wait() => {}
-                    _ = tokio::time::sleep(FLUSH_TICK) => {}
+                    _ = v.flusher.wait(), if backoff == FLUSH_TICK => {}
+                    _ = tokio::time::sleep(backoff) => {}
                 }
-                if let Err(e) = v.flush_round(false).await {
-                    tracing::warn!(error = %e, "flush round failed; retrying");
-                }
+                let errors = v.flusher.errors.load(std::sync::atomic::Ordering::Relaxed);
+                let failed = match v.flush_round(false).await {
+                    Err(e) => {
+                        tracing::warn!(error = %e, "flush round failed; retrying");
+                        true
+                    }
+                    Ok(_) => v.flusher.errors.load(std::sync::atomic::Ordering::Relaxed) != errors,
+                };
+                backoff = if failed {
+                    (backoff * 2).min(MAX_BACKOFF)
+                } else {
+                    FLUSH_TICK
+                };
             }
         }));
         let v = vol.clone();

@@ -36,6 +36,9 @@ pub struct FlushState {
     stream_wanted: Mutex<HashSet<Ino>>,
     streaming: Mutex<HashSet<Ino>>,
     key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One flush round at a time: the background flusher and `flush_all` must not sync the same
+    /// inode concurrently (the loser of a rename's copy would find its source already gone).
+    round: tokio::sync::Mutex<()>,
     /// Counters for status and metrics.
     pub uploaded_bytes: AtomicU64,
     pub errors: AtomicU64,
@@ -51,6 +54,7 @@ impl FlushState {
             stream_wanted: Mutex::new(HashSet::new()),
             streaming: Mutex::new(HashSet::new()),
             key_locks: Mutex::new(HashMap::new()),
+            round: tokio::sync::Mutex::new(()),
             uploaded_bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         }
@@ -146,6 +150,7 @@ impl Volume {
     pub async fn flush_round(self: &Arc<Self>, force: bool) -> FsResult<usize> {
         let span = tracing::info_span!("flush", force, pending = tracing::field::Empty);
         async move {
+            let _round = self.flusher.round.lock().await;
             self.start_streams();
             let mut first_err: Option<FsError> = None;
             let deletes = self.meta.all_deletes()?;
@@ -163,6 +168,8 @@ impl Volume {
             .await;
             for r in results {
                 if let Err(e) = r {
+                    self.flusher.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "delete failed; it stays journalled and is retried");
                     first_err.get_or_insert(e);
                 }
             }

@@ -397,6 +397,14 @@ impl Volume {
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
         let mut inode = self.inode(ino)?;
+        // A client revalidating an open file asks its handle, not its directory: refresh the
+        // directory (once per refresh interval) so changes made in S3 by others reach it too.
+        if ino != ROOT_INO && self.listing_stale(inode.parent) {
+            if let Ok(parent) = self.inode(inode.parent) {
+                self.refresh_dir(&parent, false).await?;
+                inode = self.inode(ino)?;
+            }
+        }
         if !inode.meta_loaded {
             inode = self.load_meta(inode).await?;
         }
@@ -514,17 +522,23 @@ impl Volume {
         Ok((out, end))
     }
 
+    fn listing_stale(&self, dir: Ino) -> bool {
+        match self.listed.lock().unwrap().get(&dir) {
+            Some(at) => at.elapsed() >= self.cfg.refresh,
+            None => true,
+        }
+    }
+
     /// Brings a directory's children in line with S3 when its listing is stale (or `force`).
     pub(crate) async fn refresh_dir(&self, dir: &Inode, force: bool) -> FsResult<()> {
-        if !force {
-            if let Some(at) = self.listed.lock().unwrap().get(&dir.ino) {
-                if at.elapsed() < self.cfg.refresh {
-                    return Ok(());
-                }
-            }
+        if !force && !self.listing_stale(dir.ino) {
+            return Ok(());
         }
         let prefix = self.dir_prefix(dir)?;
         let epoch_before = self.flusher.epoch();
+        // Objects removed here but not yet deleted in S3 must not come back from the listing.
+        let deleting: std::collections::HashSet<String> =
+            self.meta.all_deletes()?.into_iter().map(|(_, k)| k).collect();
         let started = Instant::now();
         let mut files: HashMap<String, crate::store::ObjectSummary> = HashMap::new();
         let mut dirs: std::collections::HashSet<String> = Default::default();
@@ -569,9 +583,10 @@ impl Volume {
             return Ok(());
         };
         // Objects that pending work is about to move or delete are not new entries: they are
-        // where renamed or removed inodes used to be.
-        let mut leaving: std::collections::HashSet<String> =
-            self.meta.all_deletes()?.into_iter().map(|d| d.1).collect();
+        // where renamed or removed inodes used to be. Deletions queued before the listing count
+        // too: one may have finished (and left the journal) while the listing was under way.
+        let mut leaving = deleting;
+        leaving.extend(self.meta.all_deletes()?.into_iter().map(|(_, k)| k));
         for (ino, _) in self.meta.all_pending()? {
             if let Some(Inode { remote: Some(r), .. }) = self.meta.inode(ino)? {
                 leaving.insert(r.key);
@@ -598,6 +613,13 @@ impl Volume {
             seen.insert(name.clone());
             let existing = self.meta.lookup(dir.ino, name.as_bytes())?;
             let want_kind = if obj.is_none() { Kind::Dir } else { Kind::File };
+            let key = match &obj {
+                Some(o) => o.key.clone(),
+                None => format!("{prefix}{name}/"),
+            };
+            if existing.is_none() && is_leaving(&key, obj.is_none()) {
+                continue;
+            }
             if let Some(ino) = existing {
                 let Some(mut inode) = self.meta.inode(ino)? else {
                     continue;
@@ -632,10 +654,6 @@ impl Volume {
                     }
                     continue;
                 }
-            }
-            let key = format!("{prefix}{name}{}", if obj.is_none() { "/" } else { "" });
-            if is_leaving(&key, obj.is_none()) {
-                continue;
             }
             let ino = self.alloc_ino(&mut batch);
             let (size, mtime, remote, meta_loaded) = match &obj {
@@ -820,12 +838,7 @@ impl Volume {
         }
         let mut batch = Batch::new();
         let mut inode = self.new_inode(&mut batch, dir, name, Kind::File, attr.mode.unwrap_or(0o644));
-        if let Some(uid) = attr.uid {
-            inode.uid = uid;
-        }
-        if let Some(gid) = attr.gid {
-            inode.gid = gid;
-        }
+        apply_owner(&mut inode, &attr);
         if let Some(SetTime::At(t)) = attr.mtime {
             inode.mtime = t;
         }
@@ -849,14 +862,15 @@ impl Volume {
         Ok(self.attr_of(&inode))
     }
 
-    pub async fn mkdir(&self, dir: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
+    pub async fn mkdir(&self, dir: Ino, name: &[u8], attr: SetAttr) -> FsResult<Attr> {
         let d = self.prepare_new(dir, name).await?;
         let _g = self.ns.lock().await;
         if self.meta.lookup(dir, name)?.is_some() {
             return Err(FsError::Exists);
         }
         let mut batch = Batch::new();
-        let inode = self.new_inode(&mut batch, dir, name, Kind::Dir, mode);
+        let mut inode = self.new_inode(&mut batch, dir, name, Kind::Dir, attr.mode.unwrap_or(0o755));
+        apply_owner(&mut inode, &attr);
         batch.put_inode(&inode);
         batch.link(dir, name, inode.ino);
         batch.mark_pending(inode.ino, self.next_seq());
@@ -879,6 +893,7 @@ impl Volume {
         }
         let mut batch = Batch::new();
         let mut inode = self.new_inode(&mut batch, dir, name, Kind::Symlink, attr.mode.unwrap_or(0o777));
+        apply_owner(&mut inode, &attr);
         inode.target = target.to_vec();
         inode.size = target.len() as u64;
         batch.put_inode(&inode);
@@ -1209,6 +1224,15 @@ impl Volume {
             }
         }
         Ok(())
+    }
+}
+
+fn apply_owner(inode: &mut Inode, attr: &SetAttr) {
+    if let Some(uid) = attr.uid {
+        inode.uid = uid;
+    }
+    if let Some(gid) = attr.gid {
+        inode.gid = gid;
     }
 }
 

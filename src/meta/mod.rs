@@ -228,27 +228,26 @@ impl MetaDb {
         Ok(me)
     }
 
-    /// sled's worker threads can hold the database's file lock for a moment after the last
-    /// handle is dropped, so a volume closed and reopened in one process may find it still
-    /// locked: wait for it, within reason.
+    /// sled's worker threads keep the database's file lock for a while after the last handle is
+    /// dropped, so a volume closed and opened again in the same process (tests, a node plugin
+    /// restarting a volume) would find it locked. Handles are therefore kept per path for the
+    /// life of the process and shared by later opens; the database is flushed at every close.
     fn open_sled(dir: &Path) -> MetaResult<sled::Db> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let r = sled::Config::new()
-                .path(dir.join("sled"))
-                // Our own log carries durability and `checkpoint` flushes sled.
-                .flush_every_ms(None)
-                .cache_capacity(64 << 20)
-                .open();
-            match r {
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                other => return Ok(other?),
-            }
+        static OPEN: std::sync::OnceLock<Mutex<std::collections::HashMap<std::path::PathBuf, sled::Db>>> =
+            std::sync::OnceLock::new();
+        let path = std::fs::canonicalize(dir)?.join("sled");
+        let mut open = OPEN.get_or_init(Default::default).lock().unwrap();
+        if let Some(db) = open.get(&path) {
+            return Ok(db.clone());
         }
+        let db = sled::Config::new()
+            .path(&path)
+            // Our own log carries durability and `checkpoint` flushes sled.
+            .flush_every_ms(None)
+            .cache_capacity(64 << 20)
+            .open()?;
+        open.insert(path, db.clone());
+        Ok(db)
     }
 
     fn apply(tree: &sled::Tree, batch: Batch) -> MetaResult<()> {
@@ -428,11 +427,11 @@ mod tests {
             b.link(1, b"a", 5);
             b.mark_pending(5, 9);
             db.commit(b).unwrap();
-            // What a crash leaves: the log as written, and a database that never saw the commit.
             wal = std::fs::read(dir.path().join("journal.wal")).unwrap();
             assert!(!wal.is_empty());
         }
-        std::fs::remove_dir_all(dir.path().join("sled")).unwrap();
+        // A database that never saw the commit, and the log as the crash left it.
+        let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("journal.wal"), &wal).unwrap();
         let db = MetaDb::open(dir.path()).unwrap();
         assert_eq!(db.lookup(1, b"a").unwrap(), Some(5));

@@ -137,6 +137,18 @@ fn setattr_of(s: &sattr3) -> SetAttr {
     }
 }
 
+/// The attributes of a new object: what the client asked for, owned by the caller unless the
+/// client named an owner (the kernel client sends the mode and lets the server take the owner
+/// from the RPC credentials, as a local filesystem takes it from the process).
+fn owned(s: &sattr3) -> SetAttr {
+    let mut a = setattr_of(s);
+    if let Some(c) = nfsserve::vfs::caller() {
+        a.uid = a.uid.or(Some(c.uid));
+        a.gid = a.gid.or(Some(c.gid));
+    }
+    a
+}
+
 /// Runs one operation in its span and records the outcome.
 async fn op<T>(span: tracing::Span, f: impl std::future::Future<Output = Result<T, FsError>>) -> Result<T, nfsstat3> {
     async {
@@ -264,34 +276,45 @@ impl NFSFileSystem for NfsAdapter {
 
     async fn create(&self, dirid: fileid3, filename: &filename3, attr: sattr3) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
-            .op(
-                "CREATE",
-                nfs_span!("CREATE", ino = dirid),
-                self.vol.create(dirid, filename, setattr_of(&attr), false),
-            )
+            .op("CREATE", nfs_span!("CREATE", ino = dirid), async {
+                let a = self.vol.create(dirid, filename, owned(&attr), false).await?;
+                crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
+                Ok(a)
+            })
             .await?;
         Ok((a.ino, fattr(&self.vol, &a)))
     }
 
     async fn create_exclusive(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
         let a = self
-            .op(
-                "CREATE",
-                nfs_span!("CREATE", ino = dirid, exclusive = true),
-                self.vol.create(dirid, filename, SetAttr::default(), true),
-            )
+            .op("CREATE", nfs_span!("CREATE", ino = dirid, exclusive = true), async {
+                let a = self
+                    .vol
+                    .create(dirid, filename, owned(&sattr3::default()), true)
+                    .await?;
+                crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
+                Ok(a)
+            })
             .await?;
         Ok(a.ino)
     }
 
     async fn mkdir(&self, dirid: fileid3, dirname: &filename3) -> Result<(fileid3, fattr3), nfsstat3> {
-        // nfsserve does not pass MKDIR's attributes on; the client's SETATTR follows if needed.
+        self.mkdir_with_attr(dirid, dirname, &sattr3::default()).await
+    }
+
+    async fn mkdir_with_attr(
+        &self,
+        dirid: fileid3,
+        dirname: &filename3,
+        attr: &sattr3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
-            .op(
-                "MKDIR",
-                nfs_span!("MKDIR", ino = dirid),
-                self.vol.mkdir(dirid, dirname, 0o755),
-            )
+            .op("MKDIR", nfs_span!("MKDIR", ino = dirid), async {
+                let a = self.vol.mkdir(dirid, dirname, owned(attr)).await?;
+                crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
+                Ok(a)
+            })
             .await?;
         Ok((a.ino, fattr(&self.vol, &a)))
     }
@@ -354,11 +377,11 @@ impl NFSFileSystem for NfsAdapter {
         attr: &sattr3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
-            .op(
-                "SYMLINK",
-                nfs_span!("SYMLINK", ino = dirid),
-                self.vol.symlink(dirid, linkname, symlink, setattr_of(attr)),
-            )
+            .op("SYMLINK", nfs_span!("SYMLINK", ino = dirid), async {
+                let a = self.vol.symlink(dirid, linkname, symlink, owned(attr)).await?;
+                crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
+                Ok(a)
+            })
             .await?;
         Ok((a.ino, fattr(&self.vol, &a)))
     }

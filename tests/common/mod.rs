@@ -3,3 +3,5 @@
 
 pub mod contract;
 pub mod garage;
+pub mod gateway;
+pub mod nfs;
