@@ -51,7 +51,7 @@ enum Backend<'a> {
 
 const MARKER_SECRET: &str = "MARKER-SECRET-do-not-export-0b5e2f";
 
-fn start_gateway(backend: &Backend, protocol: &str, otlp: &str) -> Gateway {
+fn start_gateway(backend: &Backend, protocol: &str, otlp: &str, extra: &[(&str, &str)]) -> Gateway {
     let state = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_s3nfs"));
     cmd.args(["serve", "--listen", "127.0.0.1:0"]);
@@ -79,6 +79,7 @@ fn start_gateway(backend: &Backend, protocol: &str, otlp: &str) -> Gateway {
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
         .env("RUST_LOG", "info")
+        .envs(extra.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .expect("start s3nfs");
@@ -169,7 +170,7 @@ async fn scenario(backend: Backend<'_>, protocol: &str, sink: otlp_sink::Sink) {
         Backend::Garage(g, b) => (g.secret_key.clone(), Some(b.clone())),
         Backend::Embedded(_) => (MARKER_SECRET.to_string(), None),
     };
-    let gw = start_gateway(&backend, protocol, &sink.endpoint());
+    let gw = start_gateway(&backend, protocol, &sink.endpoint(), &[]);
 
     // Write a file in WRITES blocks, then read it back.
     let mut c = Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", "/")
@@ -423,5 +424,64 @@ async fn scenario(backend: Backend<'_>, protocol: &str, sink: otlp_sink::Sink) {
     for r in raw.iter() {
         assert!(!needle(r, secret.as_bytes()), "the secret key was exported");
         assert!(!needle(r, CONTENT_MARKER.as_bytes()), "file contents were exported");
+    }
+}
+
+/// A collector that accepts connections and never answers: NFS operations go on at full speed,
+/// the spans that do not fit the bounded queue are dropped and counted, and shutdown is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_collector_never_blocks_io() {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s); // never read, never answered
+        }
+    });
+    let backend = Backend::Embedded(tempfile::tempdir().unwrap());
+    let extra = [
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "64"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "30000"),
+    ];
+    let mut gw = start_gateway(&backend, "grpc", &endpoint, &extra);
+    let mut c = Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", "/")
+        .mount_port(gw.port)
+        .nfs3_port(gw.port)
+        .connect_from_privileged_port(false)
+        .mount()
+        .await
+        .expect("NFS mount");
+    let root = c.root_nfs_fh3();
+    const OPS: usize = 2000;
+    let t = Instant::now();
+    for _ in 0..OPS {
+        c.getattr(&nfs3::GETATTR3args { object: root.clone() })
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let took = t.elapsed();
+    // 2000 local GETATTRs take well under a second here; a blocked exporter would stall them.
+    assert!(took < Duration::from_secs(20), "{OPS} GETATTRs took {took:?}");
+    let m = parse_prom(&scrape(&gw.metrics).await);
+    assert!(m["s3nfs_nfs_ops_total{op=\"GETATTR\"}"] >= OPS as f64);
+    let dropped = m["s3nfs_otel_spans_dropped_total"];
+    assert!(dropped > 0.0, "nothing counted as dropped: {m:?}");
+    assert_eq!(m["s3nfs_otel_spans_exported_total"], 0.0);
+
+    unsafe { libc::kill(gw.child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(s) = gw.child.try_wait().unwrap() {
+            assert!(s.success(), "{s:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not exit on SIGTERM with a stuck collector"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
