@@ -309,6 +309,11 @@ fn causes() -> &'static Mutex<HashMap<(u64, u64), Vec<SpanContext>>> {
     C.get_or_init(Default::default)
 }
 
+/// True when spans are exported (worth extra work to note causes).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// Notes the current span (an NFS operation) as a cause of the next upload of `ino` of volume
 /// `vol`. Free when OpenTelemetry export is off.
 pub fn note_cause(vol: u64, ino: u64) {

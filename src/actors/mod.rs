@@ -63,7 +63,9 @@ impl VolumeActor {
     /// Opens the volume and binds its listener (on the export's port, so that clients holding
     /// handles from before a restart find it again).
     pub async fn start(export: &Export, store: Arc<dyn ObjectStore>) -> anyhow::Result<VolumeActor> {
-        let vol = Volume::open(volume_config(export), store).await?;
+        // A root span of its own: the journal replay and the restore of in-flight uploads.
+        let span = tracing::info_span!(parent: None, "volume_open", volume = %export.name);
+        let vol = Volume::open(volume_config(export), store).instrument(span).await?;
         crate::metrics::global().register_volume(&export.name, &vol);
         let adapter = NfsAdapter::named(vol.clone(), &export.name);
         let listener = NFSTcpListener::bind(&export.listen.to_string(), adapter)

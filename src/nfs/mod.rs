@@ -338,7 +338,19 @@ impl NFSFileSystem for NfsAdapter {
         self.op(
             "RENAME",
             nfs_span!("RENAME", ino = from_dirid, to_ino = to_dirid),
-            self.vol.rename(from_dirid, from_filename, to_dirid, to_filename),
+            async {
+                self.vol
+                    .rename(from_dirid, from_filename, to_dirid, to_filename)
+                    .await?;
+                // The moved inode's S3 work (copy and delete, or a directory's moves) is linked
+                // to this RENAME.
+                if crate::telemetry::enabled() {
+                    if let Ok(ino) = self.vol.lookup(to_dirid, to_filename).await {
+                        crate::telemetry::note_cause(self.vol.volume_id(), ino);
+                    }
+                }
+                Ok(())
+            },
         )
         .await
     }
