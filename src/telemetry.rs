@@ -40,6 +40,8 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Most causes kept per inode: the first WRITEs after the last upload and the latest ones.
 const MAX_CAUSES: usize = 8;
+/// Most inodes with causes noted; past it the notes are forgotten (links are best effort).
+const MAX_INODES_WITH_CAUSES: usize = 100_000;
 
 /// Flushes and shuts down the exporters when dropped (call it while the tokio runtime that
 /// [`init`] ran in is still alive).
@@ -326,6 +328,10 @@ pub fn note_cause(vol: u64, ino: u64) {
         return;
     }
     let mut m = causes().lock().unwrap();
+    if m.len() >= MAX_INODES_WITH_CAUSES && !m.contains_key(&(vol, ino)) {
+        // Inodes removed before their upload never take theirs: forget rather than grow.
+        m.clear();
+    }
     let v = m.entry((vol, ino)).or_default();
     if v.iter().any(|c| c.span_id() == sc.span_id()) {
         return;
