@@ -29,7 +29,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanData, SpanProcessor};
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
@@ -92,10 +92,10 @@ pub fn otlp_configured() -> bool {
 /// is configured: the exporters' connections live on it.
 pub fn init() -> Guard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let mut guard = Guard::default();
     let handle = tokio::runtime::Handle::try_current().ok();
     if !otlp_configured() || handle.is_none() {
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
         let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
         return guard;
     }
@@ -178,16 +178,26 @@ pub fn init() -> Guard {
         }
     };
 
+    // What is exported does not depend on RUST_LOG (which filters the log on stderr): the
+    // gateway's own spans at info level, or S3NFS_OTEL_FILTER (same syntax as RUST_LOG).
+    let otel_filter = std::env::var("S3NFS_OTEL_FILTER")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("s3nfs=info"));
     let otel_layer = tracer_provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("s3nfs"))
             .with_threads(false)
             .with_location(false)
+            .with_filter(otel_filter)
     });
     ENABLED.store(tracer_provider.is_some(), Ordering::Relaxed);
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
         .with(otel_layer)
         .try_init();
     guard.tracer = tracer_provider;

@@ -78,7 +78,8 @@ fn start_gateway(backend: &Backend, protocol: &str, otlp: &str, extra: &[(&str, 
         .env("OTEL_TRACES_SAMPLER", "always_on")
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
-        .env("RUST_LOG", "info")
+        // Logs at warn: what is exported does not depend on RUST_LOG.
+        .env("RUST_LOG", "warn")
         .envs(extra.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
