@@ -316,8 +316,11 @@ impl opentelemetry_sdk::metrics::exporter::PushMetricExporter for InRuntimeMetri
     }
 }
 
-fn causes() -> &'static Mutex<HashMap<(u64, u64), Vec<SpanContext>>> {
-    static C: std::sync::OnceLock<Mutex<HashMap<(u64, u64), Vec<SpanContext>>>> = std::sync::OnceLock::new();
+/// (volume id, inode) → the spans of the operations that gave it pending S3 work.
+type Causes = Mutex<HashMap<(u64, u64), Vec<SpanContext>>>;
+
+fn causes() -> &'static Causes {
+    static C: std::sync::OnceLock<Causes> = std::sync::OnceLock::new();
     C.get_or_init(Default::default)
 }
 
