@@ -25,6 +25,21 @@ struct Cli {
 enum Cmd {
     /// Serve one export (from flags) or several (from --config) over NFSv3.
     Serve(ServeArgs),
+    /// List the objects of a volume as S3 holds them: size, key, and with --long the
+    /// attributes in their x-amz-meta-* keys. Reads the bucket, not the gateway.
+    Ls {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Also HEAD each object for its mode, uid, gid and mtime.
+        #[arg(long)]
+        long: bool,
+    },
+    /// Write one object's bytes to stdout (the key is relative to --prefix).
+    Cat {
+        #[command(flatten)]
+        store: StoreArgs,
+        key: String,
+    },
 }
 
 #[derive(Parser)]
@@ -32,6 +47,28 @@ struct ServeArgs {
     /// Address to listen on. Loopback by default: exposing the share is a deliberate choice.
     #[arg(long, default_value = "127.0.0.1:20490")]
     listen: SocketAddr,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Local state: metadata database, journal, staged files (default: DATA_DIR/state).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Upload a modified file once it has been idle this long.
+    #[arg(long, default_value = "2s", value_parser = config::parse_duration)]
+    flush_delay: std::time::Duration,
+    /// See changes made in the bucket by other tools within this interval.
+    #[arg(long, default_value = "5s", value_parser = config::parse_duration)]
+    refresh: std::time::Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off unless given.
+    #[arg(long, env = "S3NFS_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Several exports from a TOML file (see README); the flags above give credentials and defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// Which object store, and where in it.
+#[derive(clap::Args)]
+struct StoreArgs {
     /// S3 endpoint (e.g. http://127.0.0.1:9000). Without it, the embedded store in --data-dir.
     #[arg(long)]
     endpoint: Option<String>,
@@ -55,56 +92,107 @@ struct ServeArgs {
     /// Where the embedded store keeps objects, and local state by default.
     #[arg(long, default_value = "s3nfs-data")]
     data_dir: PathBuf,
-    /// Local state: metadata database, journal, staged files (default: DATA_DIR/state).
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    /// Upload a modified file once it has been idle this long.
-    #[arg(long, default_value = "2s", value_parser = config::parse_duration)]
-    flush_delay: std::time::Duration,
-    /// See changes made in the bucket by other tools within this interval.
-    #[arg(long, default_value = "5s", value_parser = config::parse_duration)]
-    refresh: std::time::Duration,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off unless given.
-    #[arg(long, env = "S3NFS_METRICS_LISTEN")]
-    metrics_listen: Option<SocketAddr>,
-    /// Several exports from a TOML file (see README); the flags above give credentials and defaults.
-    #[arg(long)]
-    config: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn creds(&self) -> S3Config {
+        S3Config {
+            endpoint: None,
+            bucket: String::new(),
+            region: self.region.clone(),
+            path_style: !self.virtual_hosted,
+            access_key: self.access_key.clone(),
+            secret_key: self.secret_key.clone().map(Secret),
+            session_token: std::env::var("AWS_SESSION_TOKEN").ok().map(Secret),
+        }
+    }
+
+    fn backend(&self) -> anyhow::Result<Backend> {
+        Ok(match (&self.endpoint, &self.bucket) {
+            (None, None) => Backend::Local {
+                dir: self.data_dir.join("objects"),
+            },
+            (_, Some(bucket)) => Backend::S3(S3Config {
+                endpoint: self.endpoint.clone(),
+                bucket: bucket.clone(),
+                ..self.creds()
+            }),
+            (Some(_), None) => anyhow::bail!("--endpoint needs --bucket"),
+        })
+    }
+
+    /// A one-export description of these flags, for the object commands.
+    fn export(&self) -> anyhow::Result<Export> {
+        Ok(Export {
+            name: "default".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            backend: self.backend()?,
+            prefix: config::normalize_prefix(&self.prefix),
+            state_dir: PathBuf::new(),
+            flush_delay: Default::default(),
+            refresh: Default::default(),
+        })
+    }
+}
+
+async fn ls(a: StoreArgs, long: bool) -> anyhow::Result<()> {
+    let e = a.export()?;
+    let store = actors::open_store(&e).await?;
+    let mut token = None;
+    loop {
+        let page = store.list(&e.prefix, None, token, 1000).await?;
+        for o in page.objects {
+            let rel = &o.key[e.prefix.len()..];
+            if long {
+                let user = store.head(&o.key).await?.map(|h| h.user).unwrap_or_default();
+                let attrs: Vec<String> = user.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("{}\t{rel}\t{}", o.size, attrs.join(","));
+            } else {
+                println!("{}\t{rel}", o.size);
+            }
+        }
+        token = page.next;
+        if token.is_none() {
+            return Ok(());
+        }
+    }
+}
+
+async fn cat(a: StoreArgs, key: String) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let e = a.export()?;
+    let store = actors::open_store(&e).await?;
+    let key = format!("{}{key}", e.prefix);
+    let size = store
+        .head(&key)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no object {key:?}"))?
+        .size;
+    let mut out = tokio::io::stdout();
+    let mut off = 0;
+    while off < size {
+        let chunk = store.get_range(&key, off..(off + (8 << 20)).min(size)).await?;
+        if chunk.is_empty() {
+            anyhow::bail!("{key:?} shrank while being read");
+        }
+        off += chunk.len() as u64;
+        out.write_all(&chunk).await?;
+    }
+    out.flush().await?;
+    Ok(())
 }
 
 fn exports(a: &ServeArgs) -> anyhow::Result<Vec<Export>> {
-    let state = a.state_dir.clone().unwrap_or_else(|| a.data_dir.join("state"));
-    let creds = S3Config {
-        endpoint: None,
-        bucket: String::new(),
-        region: a.region.clone(),
-        path_style: !a.virtual_hosted,
-        access_key: a.access_key.clone(),
-        secret_key: a.secret_key.clone().map(Secret),
-        session_token: std::env::var("AWS_SESSION_TOKEN").ok().map(Secret),
-    };
+    let state = a.state_dir.clone().unwrap_or_else(|| a.store.data_dir.join("state"));
     if let Some(path) = &a.config {
-        return config::load(path, &state, &creds);
+        return config::load(path, &state, &a.store.creds());
     }
-    let backend = match (&a.endpoint, &a.bucket) {
-        (None, None) => Backend::Local {
-            dir: a.data_dir.join("objects"),
-        },
-        (_, Some(bucket)) => Backend::S3(S3Config {
-            endpoint: a.endpoint.clone(),
-            bucket: bucket.clone(),
-            ..creds
-        }),
-        (Some(_), None) => anyhow::bail!("--endpoint needs --bucket"),
-    };
     Ok(vec![Export {
-        name: "default".into(),
         listen: a.listen,
-        backend,
-        prefix: config::normalize_prefix(&a.prefix),
         state_dir: state.join("default"),
         flush_delay: a.flush_delay,
         refresh: a.refresh,
+        ..a.store.export()?
     }])
 }
 
@@ -163,8 +251,39 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Staged files, sockets and sled each take descriptors; the default soft limit of 1024 is far
+/// below what a busy volume needs. Raise it as far as the hard limit (or the kernel) allows.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let want = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: lim.rlim_max.max(1 << 20),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    raise_fd_limit();
     match cli.cmd {
         Cmd::Serve(a) => {
             let sys = actix_rt::System::with_tokio_rt(|| {
@@ -179,6 +298,14 @@ fn main() -> anyhow::Result<()> {
             let r = sys.block_on(serve(a));
             telemetry.shutdown();
             r
+        }
+        Cmd::Ls { store, long } => {
+            let _log = s3nfs::telemetry::init();
+            runtime().block_on(ls(store, long))
+        }
+        Cmd::Cat { store, key } => {
+            let _log = s3nfs::telemetry::init();
+            runtime().block_on(cat(store, key))
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct FlushState {
     stream_wanted: Mutex<HashSet<Ino>>,
     streaming: Mutex<HashSet<Ino>>,
     key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Keys an inode sync is writing, from before its request until its result is recorded: a
+    /// listing in that window sees the object but not yet the journal entry that explains it.
+    in_flight: Mutex<HashMap<String, usize>>,
     /// One flush round at a time: the background flusher and `flush_all` must not sync the same
     /// inode concurrently (the loser of a rename's copy would find its source already gone).
     round: tokio::sync::Mutex<()>,
@@ -54,6 +57,7 @@ impl FlushState {
             stream_wanted: Mutex::new(HashSet::new()),
             streaming: Mutex::new(HashSet::new()),
             key_locks: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
             round: tokio::sync::Mutex::new(()),
             uploaded_bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -76,6 +80,16 @@ impl FlushState {
         if st.size() >= 2 * part_size && !self.streaming.lock().unwrap().contains(&st.ino) {
             self.stream_wanted.lock().unwrap().insert(st.ino);
             self.notify.notify_one();
+        }
+    }
+
+    /// Whether a sync is writing `key` (or, for a directory prefix, anything under it).
+    pub(crate) fn writing(&self, key: &str, is_prefix: bool) -> bool {
+        let f = self.in_flight.lock().unwrap();
+        if is_prefix {
+            f.keys().any(|k| k.starts_with(key))
+        } else {
+            f.contains_key(key)
         }
     }
 
@@ -115,6 +129,34 @@ impl Drop for KeyGuard<'_> {
         // The map's own reference and ours: nobody else waits for this key.
         if Arc::strong_count(&self.m) == 2 {
             locks.remove(&self.key);
+        }
+    }
+}
+
+/// Marks a key as being written for as long as it lives.
+struct InFlight<'a> {
+    state: &'a FlushState,
+    key: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(state: &'a FlushState, key: &str) -> InFlight<'a> {
+        *state.in_flight.lock().unwrap().entry(key.to_string()).or_default() += 1;
+        InFlight {
+            state,
+            key: key.to_string(),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut f = self.state.in_flight.lock().unwrap();
+        if let Some(n) = f.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                f.remove(&self.key);
+            }
         }
     }
 }
@@ -255,6 +297,7 @@ impl Volume {
         }
         let key = self.key_of(&inode)?;
         let meta = user_meta(&inode);
+        let _writing = InFlight::new(&self.flusher, &key);
         let span = tracing::info_span!("sync_inode", ino, key = %key);
         crate::telemetry::link_causes(&span, self.volume_id(), ino, true);
         let synced = async {
@@ -548,13 +591,21 @@ impl Volume {
             inode.synced_epoch = self.flusher.epoch.fetch_add(1, Ordering::AcqRel) + 1;
             b.put_inode(&inode);
         }
+        let mut evict = false;
         if clean {
             b.clear_pending(ino);
             if let Some(st) = &st {
                 st.pending_marked.store(false, Ordering::Release);
+                evict = !st.content_dirty.load(Ordering::Acquire);
             }
         }
         self.meta.commit(b)?;
+        if evict {
+            // S3 has these bytes now: free the disk space and the file descriptor (a volume may
+            // hold millions of files). Writers that already hold this staged file see `gone` under
+            // its lock and stage the file again.
+            self.drop_staged(ino);
+        }
         Ok(())
     }
 }

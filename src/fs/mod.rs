@@ -593,11 +593,12 @@ impl Volume {
             }
         }
         let is_leaving = |key: &str, is_dir: bool| {
-            if is_dir {
-                leaving.iter().any(|k| k.starts_with(key))
-            } else {
-                leaving.contains(key)
-            }
+            self.flusher.writing(key, is_dir)
+                || if is_dir {
+                    leaving.iter().any(|k| k.starts_with(key))
+                } else {
+                    leaving.contains(key)
+                }
         };
         let mut batch = Batch::new();
         let mut seen = std::collections::HashSet::new();

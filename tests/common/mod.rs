@@ -5,3 +5,4 @@ pub mod contract;
 pub mod garage;
 pub mod gateway;
 pub mod nfs;
+pub mod uml;
