@@ -14,6 +14,9 @@
 //! - peak RSS of the gateway while writing and then reading a 2 GiB file.
 //!
 //! Run: `cargo bench --bench gateway` (set `S3NFS_BENCH_QUICK=1` for a smaller, faster run).
+//! `S3NFS_BENCH_TRACING=1` runs every gateway with OpenTelemetry on, sampling every trace
+//! (`always_on`) to a live OTLP/gRPC receiver in this process: compare with a run without it
+//! to get the cost of tracing.
 
 #[allow(dead_code)]
 #[path = "../tests/common/delay_proxy.rs"]
@@ -21,6 +24,12 @@ mod delay_proxy;
 #[allow(dead_code)]
 #[path = "../tests/common/garage.rs"]
 mod garage;
+#[allow(dead_code)]
+#[path = "../tests/common/otlp_sink.rs"]
+mod otlp_sink;
+
+/// The OTLP receiver's endpoint when `S3NFS_BENCH_TRACING=1`.
+static OTLP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -53,7 +62,14 @@ struct Gateway {
 impl Gateway {
     fn start(g: &garage::Garage, endpoint: &str, bucket: &str) -> Gateway {
         let state = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_s3nfs"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_s3nfs"));
+        if let Some(otlp) = OTLP.get() {
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
+                .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+                .env("OTEL_TRACES_SAMPLER", "always_on")
+                .env("OTEL_METRIC_EXPORT_INTERVAL", "5000");
+        }
+        let mut child = cmd
             .args([
                 "serve",
                 "--listen",
@@ -294,6 +310,14 @@ async fn main() {
     let small_files = if quick { 200 } else { 1000 };
     let mem_total = if quick { 512 * MIB } else { 2048 * MIB };
 
+    let sink = match std::env::var("S3NFS_BENCH_TRACING") {
+        Ok(v) if v == "1" => {
+            let sink = otlp_sink::start(false).await;
+            OTLP.set(sink.endpoint()).unwrap();
+            Some(sink)
+        }
+        _ => None,
+    };
     let g = garage::Garage::start();
     let bucket = g.unique_bucket();
     let store = S3Store::connect(g.s3_config(&bucket)).await.unwrap();
@@ -413,6 +437,13 @@ async fn main() {
         "bound: 150 MiB".into(),
     ));
 
+    match &sink {
+        Some(s) => println!(
+            "\ntracing: on, always_on, OTLP/gRPC to a live receiver ({} spans received)",
+            s.received.spans.load(std::sync::atomic::Ordering::Relaxed)
+        ),
+        None => println!("\ntracing: off (S3NFS_BENCH_TRACING=1 turns it on)"),
+    }
     println!("\n{:<44} {:<34} {}", "workload", "s3nfs", "baseline (same run): ratio");
     for (a, b, c) in rows {
         println!("{a:<44} {b:<34} {c}");

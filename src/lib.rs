@@ -7,11 +7,13 @@
 //! - [`nfs`]: the thin nfsserve adapter over [`fs`].
 //! - [`actors`]: the supervisor and per-volume actors (actix) that own volumes and listeners.
 //! - [`config`]: exports, from flags or a config file.
+//! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, Prometheus/OTLP metrics.
 
 pub mod actors;
 pub mod config;
 pub mod fs;
 pub mod meta;
+pub mod metrics;
 pub mod nfs;
 pub mod store;
 pub mod telemetry;

@@ -58,6 +58,9 @@ struct ServeArgs {
     /// See changes made in the bucket by other tools within this interval.
     #[arg(long, default_value = "5s", value_parser = config::parse_duration)]
     refresh: std::time::Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off unless given.
+    #[arg(long, env = "S3NFS_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Several exports from a TOML file (see README); the flags above give credentials and defaults.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -195,6 +198,12 @@ fn exports(a: &ServeArgs) -> anyhow::Result<Vec<Export>> {
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let exports = exports(&a)?;
+    if let Some(l) = a.metrics_listen {
+        let addr = s3nfs::metrics::serve(l)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {l}: {e}"))?;
+        println!("s3nfs: metrics on http://{addr}/metrics");
+    }
     let sup = Supervisor::default().start();
     for e in &exports {
         if !e.listen.ip().is_loopback() {
@@ -281,7 +290,6 @@ fn main() -> anyhow::Result<()> {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let cli = Cli::parse();
-    s3nfs::telemetry::init();
     raise_fd_limit();
     match cli.cmd {
         Cmd::Serve(a) => {
@@ -291,9 +299,20 @@ fn main() -> anyhow::Result<()> {
                     .build()
                     .expect("tokio runtime")
             });
-            sys.block_on(serve(a))
+            // The exporters live on the runtime: set up inside it, shut down (flushing what is
+            // queued) after serving ends but before the runtime goes away.
+            let mut telemetry = sys.block_on(async { s3nfs::telemetry::init() });
+            let r = sys.block_on(serve(a));
+            telemetry.shutdown();
+            r
         }
-        Cmd::Ls { store, long } => runtime().block_on(ls(store, long)),
-        Cmd::Cat { store, key } => runtime().block_on(cat(store, key)),
+        Cmd::Ls { store, long } => {
+            let _log = s3nfs::telemetry::init();
+            runtime().block_on(ls(store, long))
+        }
+        Cmd::Cat { store, key } => {
+            let _log = s3nfs::telemetry::init();
+            runtime().block_on(cat(store, key))
+        }
     }
 }

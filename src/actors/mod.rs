@@ -40,7 +40,7 @@ pub async fn open_store(export: &Export) -> anyhow::Result<Arc<dyn ObjectStore>>
             store.describe()
         )
     })?;
-    Ok(store)
+    Ok(crate::metrics::MeteredStore::wrap(store))
 }
 
 pub fn volume_config(export: &Export) -> VolumeConfig {
@@ -63,8 +63,12 @@ impl VolumeActor {
     /// Opens the volume and binds its listener (on the export's port, so that clients holding
     /// handles from before a restart find it again).
     pub async fn start(export: &Export, store: Arc<dyn ObjectStore>) -> anyhow::Result<VolumeActor> {
-        let vol = Volume::open(volume_config(export), store).await?;
-        let listener = NFSTcpListener::bind(&export.listen.to_string(), NfsAdapter::new(vol.clone()))
+        // A root span of its own: the journal replay and the restore of in-flight uploads.
+        let span = tracing::info_span!(parent: None, "volume_open", volume = %export.name);
+        let vol = Volume::open(volume_config(export), store).instrument(span).await?;
+        crate::metrics::global().register_volume(&export.name, &vol);
+        let adapter = NfsAdapter::named(vol.clone(), &export.name);
+        let listener = NFSTcpListener::bind(&export.listen.to_string(), adapter)
             .await
             .map_err(|e| anyhow::anyhow!("export {}: cannot listen on {}: {e}", export.name, export.listen))?;
         let addr = SocketAddr::new(listener.get_listen_ip(), listener.get_listen_port());

@@ -305,6 +305,7 @@ impl Volume {
         let meta = user_meta(&inode);
         let _writing = InFlight::new(&self.flusher, &key);
         let span = tracing::info_span!("sync_inode", ino, key = %key);
+        crate::telemetry::link_causes(&span, self.volume_id(), ino, true);
         let synced = async {
             match inode.kind {
                 Kind::Dir => self.put_small(&key, Bytes::new(), &meta).await.map(Some),
@@ -544,6 +545,8 @@ impl Volume {
                 continue;
             }
             let vol = self.clone();
+            let span = tracing::info_span!(parent: None, "stream_upload", ino);
+            crate::telemetry::link_causes(&span, self.volume_id(), ino, false);
             tokio::spawn(
                 async move {
                     let r = vol.stream_file(ino).await;
@@ -553,7 +556,7 @@ impl Volume {
                     }
                     vol.flusher.kick();
                 }
-                .instrument(tracing::info_span!("stream_upload", ino)),
+                .instrument(span),
             );
         }
     }

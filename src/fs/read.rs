@@ -62,12 +62,14 @@ impl ReadCache {
                 let cell = cell.clone();
                 if count {
                     inner.hits += 1;
+                    tracing::Span::current().record("cache", "hit");
                 }
                 return cell;
             }
         }
         if count {
             inner.misses += 1;
+            tracing::Span::current().record("cache", "miss");
         }
         let cell: Cell = Arc::default();
         inner.map.insert((ino, idx), (etag.to_string(), cell.clone()));
@@ -94,7 +96,7 @@ impl ReadCache {
     async fn fetch(store: &dyn ObjectStore, cell: &Cell, remote: &Remote, idx: u64, chunk: u64) -> FsResult<Bytes> {
         let start = idx * chunk;
         let end = (start + chunk).min(remote.size);
-        let span = tracing::debug_span!("cache_fill", key = %remote.key, chunk = idx);
+        let span = tracing::info_span!("cache_fill", key = %remote.key, chunk = idx);
         cell.get_or_try_init(|| async {
             let b = store.get_range(&remote.key, start..end).await?;
             Ok::<_, FsError>(b)

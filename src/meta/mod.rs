@@ -370,6 +370,11 @@ impl MetaDb {
         Ok(out)
     }
 
+    /// Bytes in the write-ahead journal since its last checkpoint.
+    pub fn journal_bytes(&self) -> u64 {
+        self.wal.lock().unwrap().len()
+    }
+
     pub fn pending_count(&self) -> usize {
         self.tree.scan_prefix([b'P']).count()
     }

@@ -22,11 +22,31 @@ const FH_MAGIC: &[u8; 4] = b"S3NF";
 
 pub struct NfsAdapter {
     vol: Arc<Volume>,
+    /// The export's name, on every span.
+    name: Arc<str>,
 }
 
 impl NfsAdapter {
     pub fn new(vol: Arc<Volume>) -> NfsAdapter {
-        NfsAdapter { vol }
+        NfsAdapter::named(vol, "default")
+    }
+
+    pub fn named(vol: Arc<Volume>, name: &str) -> NfsAdapter {
+        NfsAdapter { vol, name: name.into() }
+    }
+
+    /// Runs one operation in its span, records the outcome on the span and in the metrics.
+    async fn op<T>(
+        &self,
+        name: &'static str,
+        span: tracing::Span,
+        f: impl std::future::Future<Output = Result<T, FsError>>,
+    ) -> Result<T, nfsstat3> {
+        span.record("volume", &*self.name);
+        let start = std::time::Instant::now();
+        let r = op(span, f).await;
+        crate::metrics::global().nfs_op(name, start.elapsed(), r.is_ok());
+        r
     }
 }
 
@@ -156,7 +176,13 @@ async fn op<T>(span: tracing::Span, f: impl std::future::Future<Output = Result<
 
 macro_rules! nfs_span {
     ($op:literal $(, $k:ident = $v:expr)*) => {
-        tracing::info_span!("nfs", op = $op, status = tracing::field::Empty $(, $k = $v)*)
+        tracing::info_span!(
+            "nfs",
+            op = $op,
+            volume = tracing::field::Empty,
+            status = tracing::field::Empty
+            $(, $k = $v)*
+        )
     };
 }
 
@@ -171,55 +197,105 @@ impl NFSFileSystem for NfsAdapter {
     }
 
     async fn lookup(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
-        op(nfs_span!("LOOKUP", ino = dirid), self.vol.lookup(dirid, filename)).await
-    }
-
-    async fn getattr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
-        let a = op(nfs_span!("GETATTR", ino = id), self.vol.getattr(id)).await?;
-        Ok(fattr(&self.vol, &a))
-    }
-
-    async fn setattr(&self, id: fileid3, setattr: sattr3) -> Result<fattr3, nfsstat3> {
-        let a = op(
-            nfs_span!("SETATTR", ino = id),
-            self.vol.setattr(id, setattr_of(&setattr)),
-        )
-        .await?;
-        Ok(fattr(&self.vol, &a))
-    }
-
-    async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3> {
-        op(
-            nfs_span!("READ", ino = id, offset = offset, count = count),
-            self.vol.read(id, offset, count),
+        self.op(
+            "LOOKUP",
+            nfs_span!("LOOKUP", ino = dirid),
+            self.vol.lookup(dirid, filename),
         )
         .await
     }
 
+    async fn getattr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
+        let a = self
+            .op("GETATTR", nfs_span!("GETATTR", ino = id), self.vol.getattr(id))
+            .await?;
+        Ok(fattr(&self.vol, &a))
+    }
+
+    async fn setattr(&self, id: fileid3, setattr: sattr3) -> Result<fattr3, nfsstat3> {
+        let a = self
+            .op("SETATTR", nfs_span!("SETATTR", ino = id), async {
+                crate::telemetry::note_cause(self.vol.volume_id(), id);
+                self.vol.setattr(id, setattr_of(&setattr)).await
+            })
+            .await?;
+        Ok(fattr(&self.vol, &a))
+    }
+
+    async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3> {
+        let r = self
+            .op(
+                "READ",
+                nfs_span!(
+                    "READ",
+                    ino = id,
+                    offset = offset,
+                    count = count,
+                    bytes = tracing::field::Empty,
+                    cache = tracing::field::Empty
+                ),
+                async {
+                    let r = self.vol.read(id, offset, count).await;
+                    if let Ok((data, _)) = &r {
+                        tracing::Span::current().record("bytes", data.len());
+                    }
+                    r
+                },
+            )
+            .await;
+        if let Ok((data, _)) = &r {
+            crate::metrics::global()
+                .nfs_read_bytes
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
     async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
-        let a = op(
-            nfs_span!("WRITE", ino = id, offset = offset, count = data.len()),
-            self.vol.write(id, offset, data),
-        )
-        .await?;
+        let a = self
+            .op(
+                "WRITE",
+                nfs_span!(
+                    "WRITE",
+                    ino = id,
+                    offset = offset,
+                    count = data.len(),
+                    bytes = data.len()
+                ),
+                async {
+                    crate::telemetry::note_cause(self.vol.volume_id(), id);
+                    self.vol.write(id, offset, data).await
+                },
+            )
+            .await?;
+        crate::metrics::global()
+            .nfs_written_bytes
+            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(fattr(&self.vol, &a))
     }
 
     async fn create(&self, dirid: fileid3, filename: &filename3, attr: sattr3) -> Result<(fileid3, fattr3), nfsstat3> {
-        let a = op(
-            nfs_span!("CREATE", ino = dirid),
-            self.vol.create(dirid, filename, owned(&attr), false),
-        )
-        .await?;
+        let a = self
+            .op("CREATE", nfs_span!("CREATE", ino = dirid), async {
+                let a = self.vol.create(dirid, filename, owned(&attr), false).await?;
+                crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
+                Ok(a)
+            })
+            .await?;
         Ok((a.ino, fattr(&self.vol, &a)))
     }
 
     async fn create_exclusive(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
-        let a = op(
-            nfs_span!("CREATE", ino = dirid, exclusive = true),
-            self.vol.create(dirid, filename, owned(&sattr3::default()), true),
-        )
-        .await?;
+        let a = self
+            .op("CREATE", nfs_span!("CREATE", ino = dirid, exclusive = true), async {
+                let a = self
+                    .vol
+                    .create(dirid, filename, owned(&sattr3::default()), true)
+                    .await?;
+                crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
+                Ok(a)
+            })
+            .await?;
         Ok(a.ino)
     }
 
@@ -233,16 +309,23 @@ impl NFSFileSystem for NfsAdapter {
         dirname: &filename3,
         attr: &sattr3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
-        let a = op(
-            nfs_span!("MKDIR", ino = dirid),
-            self.vol.mkdir(dirid, dirname, owned(attr)),
-        )
-        .await?;
+        let a = self
+            .op("MKDIR", nfs_span!("MKDIR", ino = dirid), async {
+                let a = self.vol.mkdir(dirid, dirname, owned(attr)).await?;
+                crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
+                Ok(a)
+            })
+            .await?;
         Ok((a.ino, fattr(&self.vol, &a)))
     }
 
     async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
-        op(nfs_span!("REMOVE", ino = dirid), self.vol.remove(dirid, filename)).await
+        self.op(
+            "REMOVE",
+            nfs_span!("REMOVE", ino = dirid),
+            self.vol.remove(dirid, filename),
+        )
+        .await
     }
 
     async fn rename(
@@ -252,9 +335,22 @@ impl NFSFileSystem for NfsAdapter {
         to_dirid: fileid3,
         to_filename: &filename3,
     ) -> Result<(), nfsstat3> {
-        op(
+        self.op(
+            "RENAME",
             nfs_span!("RENAME", ino = from_dirid, to_ino = to_dirid),
-            self.vol.rename(from_dirid, from_filename, to_dirid, to_filename),
+            async {
+                self.vol
+                    .rename(from_dirid, from_filename, to_dirid, to_filename)
+                    .await?;
+                // The moved inode's S3 work (copy and delete, or a directory's moves) is linked
+                // to this RENAME.
+                if crate::telemetry::enabled() {
+                    if let Ok(ino) = self.vol.lookup(to_dirid, to_filename).await {
+                        crate::telemetry::note_cause(self.vol.volume_id(), ino);
+                    }
+                }
+                Ok(())
+            },
         )
         .await
     }
@@ -265,11 +361,13 @@ impl NFSFileSystem for NfsAdapter {
         start_after: fileid3,
         max_entries: usize,
     ) -> Result<ReadDirResult, nfsstat3> {
-        let (entries, end) = op(
-            nfs_span!("READDIR", ino = dirid, cookie = start_after),
-            self.vol.readdir(dirid, start_after, max_entries),
-        )
-        .await?;
+        let (entries, end) = self
+            .op(
+                "READDIR",
+                nfs_span!("READDIR", ino = dirid, cookie = start_after),
+                self.vol.readdir(dirid, start_after, max_entries),
+            )
+            .await?;
         Ok(ReadDirResult {
             entries: entries
                 .into_iter()
@@ -290,16 +388,20 @@ impl NFSFileSystem for NfsAdapter {
         symlink: &nfspath3,
         attr: &sattr3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
-        let a = op(
-            nfs_span!("SYMLINK", ino = dirid),
-            self.vol.symlink(dirid, linkname, symlink, owned(attr)),
-        )
-        .await?;
+        let a = self
+            .op("SYMLINK", nfs_span!("SYMLINK", ino = dirid), async {
+                let a = self.vol.symlink(dirid, linkname, symlink, owned(attr)).await?;
+                crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
+                Ok(a)
+            })
+            .await?;
         Ok((a.ino, fattr(&self.vol, &a)))
     }
 
     async fn readlink(&self, id: fileid3) -> Result<nfspath3, nfsstat3> {
-        let t = op(nfs_span!("READLINK", ino = id), self.vol.readlink(id)).await?;
+        let t = self
+            .op("READLINK", nfs_span!("READLINK", ino = id), self.vol.readlink(id))
+            .await?;
         Ok(t.into())
     }
 

@@ -883,19 +883,19 @@ impl ObjectStore for LocalStore {
     }
 
     async fn check(&self) -> StoreResult<()> {
-        let span = tracing::info_span!("s3", op = "ListObjectsV2", key = "");
+        let span = tracing::info_span!("s3.request", op = "ListObjectsV2", key = "");
         self.run(span, |s| s.check()).await
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        let span = tracing::info_span!("s3", op = "HeadObject", key = %key);
+        let span = tracing::info_span!("s3.request", op = "HeadObject", key = %key);
         // An in-memory lookup: no need for a blocking thread.
         span.in_scope(|| Ok(self.inner.lookup(key).map(|e| e.meta)))
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         let span = tracing::info_span!(
-            "s3",
+            "s3.request",
             op = "GetObject",
             key = %key,
             range = %format_args!("{}-{}", range.start, range.end),
@@ -905,7 +905,7 @@ impl ObjectStore for LocalStore {
     }
 
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
-        let span = tracing::info_span!("s3", op = "PutObject", key = %key, bytes = body.len());
+        let span = tracing::info_span!("s3.request", op = "PutObject", key = %key, bytes = body.len());
         check_key(key)?;
         if body.len() > MAX_PUT_SIZE {
             return Err(StoreError::Invalid(format!(
@@ -917,14 +917,14 @@ impl ObjectStore for LocalStore {
     }
 
     async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
-        let span = tracing::info_span!("s3", op = "CopyObject", key = %dst, src = %src);
+        let span = tracing::info_span!("s3.request", op = "CopyObject", key = %dst, src = %src);
         check_key(dst)?;
         let (src, dst, meta) = (src.to_string(), dst.to_string(), meta.clone());
         self.run(span, move |s| s.copy(&src, &dst, &meta)).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
-        let span = tracing::info_span!("s3", op = "DeleteObject", key = %key);
+        let span = tracing::info_span!("s3.request", op = "DeleteObject", key = %key);
         let key = key.to_string();
         self.run(span, move |s| s.delete(&key)).await
     }
@@ -937,7 +937,7 @@ impl ObjectStore for LocalStore {
         max_keys: usize,
     ) -> StoreResult<ListPage> {
         let span = tracing::info_span!(
-            "s3",
+            "s3.request",
             op = "ListObjectsV2",
             key = %prefix,
             delimiter = delimiter.unwrap_or(""),
@@ -948,7 +948,7 @@ impl ObjectStore for LocalStore {
     }
 
     async fn create_multipart(&self, key: &str, meta: &UserMeta) -> StoreResult<String> {
-        let span = tracing::info_span!("s3", op = "CreateMultipartUpload", key = %key);
+        let span = tracing::info_span!("s3.request", op = "CreateMultipartUpload", key = %key);
         check_key(key)?;
         let (key, meta) = (key.to_string(), meta.clone());
         self.run(span, move |s| s.create_multipart(&key, &meta)).await
@@ -956,7 +956,7 @@ impl ObjectStore for LocalStore {
 
     async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Body) -> StoreResult<String> {
         let span = tracing::info_span!(
-            "s3",
+            "s3.request",
             op = "UploadPart",
             key = %key,
             part = number,
@@ -985,7 +985,7 @@ impl ObjectStore for LocalStore {
         range: Range<u64>,
     ) -> StoreResult<String> {
         let span = tracing::info_span!(
-            "s3",
+            "s3.request",
             op = "UploadPartCopy",
             key = %key,
             part = number,
@@ -1017,7 +1017,7 @@ impl ObjectStore for LocalStore {
 
     async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[Part]) -> StoreResult<String> {
         let span = tracing::info_span!(
-            "s3",
+            "s3.request",
             op = "CompleteMultipartUpload",
             key = %key,
             parts = parts.len(),
@@ -1028,7 +1028,7 @@ impl ObjectStore for LocalStore {
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
-        let span = tracing::info_span!("s3", op = "AbortMultipartUpload", key = %key);
+        let span = tracing::info_span!("s3.request", op = "AbortMultipartUpload", key = %key);
         let (key, upload_id) = (key.to_string(), upload_id.to_string());
         self.run(span, move |s| s.abort_multipart(&key, &upload_id)).await
     }
