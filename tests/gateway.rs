@@ -666,29 +666,38 @@ async fn acknowledged_writes_survive_sigkill() {
             acked.clone(),
         )));
     }
-    // Let it write ~24 MiB, checking meanwhile that S3 only ever holds whole versions.
+    // Let it write 24 MiB or more, until a few uploads happened, checking meanwhile that S3 only ever holds whole versions.
     let mut seen_etags = std::collections::HashSet::new();
-    poll_until!(Duration::from_secs(300), "24 MiB acknowledged", {
-        let page = s3.store.list("", None, None, 1000).await.unwrap();
-        for o in page.objects {
-            if !seen_etags.insert((o.key.clone(), o.etag.clone())) {
-                continue;
+    poll_until!(
+        Duration::from_secs(300),
+        "24 MiB acknowledged and uploads",
+        {
+            let page = s3.store.list("", None, None, 1000).await.unwrap();
+            // A few new versions per round, so the writers are still busy when the kill comes.
+            let new: Vec<_> = page
+                .objects
+                .into_iter()
+                .filter(|o| !seen_etags.contains(&(o.key.clone(), o.etag.clone())))
+                .take(2)
+                .collect();
+            for o in new {
+                seen_etags.insert((o.key.clone(), o.etag.clone()));
+                let p = &plans[o.key[1..].parse::<usize>().unwrap()];
+                let Some(got) = s3.get(&o.key).await else {
+                    continue;
+                };
+                assert!(
+                    p.boundaries().contains(&got.len()),
+                    "{} in S3 has {} bytes: not a state any WRITE left it in",
+                    o.key,
+                    got.len()
+                );
+                check_prefix(p, &got, 0, "S3 object");
             }
-            let p = &plans[o.key[1..].parse::<usize>().unwrap()];
-            let Some(got) = s3.get(&o.key).await else {
-                continue;
-            };
-            assert!(
-                p.boundaries().contains(&got.len()),
-                "{} in S3 has {} bytes: not a state any WRITE left it in",
-                o.key,
-                got.len()
-            );
-            check_prefix(p, &got, 0, "S3 object");
+            let total: usize = acked.lock().unwrap().iter().flatten().sum();
+            (total >= 24 << 20 && seen_etags.len() >= 3).then_some(())
         }
-        let total: usize = acked.lock().unwrap().iter().flatten().sum();
-        (total >= 24 << 20).then_some(())
-    });
+    );
     gw.kill9();
     for t in tasks {
         let _ = t.await; // the writers fail once the gateway is gone
