@@ -13,9 +13,44 @@ use nfs3_client::nfs3_types::nfs3::{
 };
 use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
-use nfs3_client::tokio::{TokioConnector, TokioIo};
 use nfs3_client::{Nfs3Connection, Nfs3ConnectionBuilder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A TCP connection for nfs3_client that reports end of stream as an error. (nfs3_client's
+/// `TokioIo` returns `Ok(0)` at EOF and its `async_read_exact` then loops forever, so a client
+/// whose server died would spin instead of failing.)
+pub struct Io(TcpStream);
+
+impl nfs3_client::io::AsyncRead for Io {
+    async fn async_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf).await?;
+        if n == 0 && !buf.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(n)
+    }
+}
+
+impl nfs3_client::io::AsyncWrite for Io {
+    async fn async_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).await
+    }
+}
+
+pub struct Connector;
+
+impl nfs3_client::net::Connector for Connector {
+    type Connection = Io;
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<Io> {
+        Ok(Io(TcpStream::connect(addr).await?))
+    }
+    async fn connect_with_port(&self, addr: SocketAddr, port: u16) -> std::io::Result<Io> {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+        Ok(Io(s.connect(addr).await?))
+    }
+}
 
 pub use nfs3_client::nfs3_types::nfs3::nfsstat3 as Status;
 
@@ -80,7 +115,7 @@ fn res<T, E>(r: Result<Nfs3Result<T, E>, nfs3_client::RpcError>, what: &str) -> 
 }
 
 pub struct Client {
-    conn: Nfs3Connection<TokioIo<TcpStream>>,
+    conn: Nfs3Connection<Io>,
     pub root: Fh,
     pub addr: SocketAddr,
 }
@@ -105,7 +140,7 @@ impl Client {
             gid: 0,
             gids: vec![0],
         });
-        let conn = Nfs3ConnectionBuilder::new(TokioConnector, addr.ip().to_string(), "/")
+        let conn = Nfs3ConnectionBuilder::new(Connector, addr.ip().to_string(), "/")
             .mount_port(addr.port())
             .nfs3_port(addr.port())
             .connect_from_privileged_port(false)
