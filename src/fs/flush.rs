@@ -588,6 +588,35 @@ impl Volume {
         Ok(())
     }
 
+    /// Keeps at most `max_staged_files` staged copies: the least recently written ones that S3
+    /// already holds are dropped (their disk space and file descriptors freed). Recent ones stay,
+    /// so a file written again soon, or while S3 is unreachable, needs no download.
+    fn trim_staged(&self) {
+        let max = self.cfg.max_staged_files;
+        let mut clean: Vec<(std::time::Instant, Arc<Staged>)> = {
+            let staged = self.staged.lock().unwrap();
+            // Some slack, so the sort below runs once per many uploads, not after each.
+            if staged.len() <= max + max / 8 {
+                return;
+            }
+            staged
+                .values()
+                .filter(|st| !st.content_dirty.load(Ordering::Acquire) && !st.pending_marked.load(Ordering::Acquire))
+                .map(|st| (*st.last_write.lock().unwrap(), st.clone()))
+                .collect()
+        };
+        clean.sort_by_key(|c| c.0);
+        let excess = self.staged.lock().unwrap().len().saturating_sub(max);
+        for (_, st) in clean.into_iter().take(excess) {
+            // Writers hold the lock shared: one busy right now keeps its copy.
+            if let Ok(_w) = st.lock.try_write() {
+                if !st.content_dirty.load(Ordering::Acquire) && !st.pending_marked.load(Ordering::Acquire) {
+                    self.drop_staged(st.ino);
+                }
+            }
+        }
+    }
+
     /// Records a finished sync: the remote location, and clears `P` if nothing changed meanwhile.
     /// Takes the staged file's lock before `ns` (the lock order).
     async fn record(&self, ino: Ino, seq: u64, synced: Option<Synced>, st: Option<Arc<Staged>>) -> FsResult<()> {
@@ -620,21 +649,16 @@ impl Volume {
             inode.synced_epoch = self.flusher.epoch.fetch_add(1, Ordering::AcqRel) + 1;
             b.put_inode(&inode);
         }
-        let mut evict = false;
         if clean {
             b.clear_pending(ino);
             if let Some(st) = &st {
                 st.pending_marked.store(false, Ordering::Release);
-                evict = !st.content_dirty.load(Ordering::Acquire);
             }
         }
         self.meta.commit(b)?;
-        if evict {
-            // S3 has these bytes now: free the disk space and the file descriptor (a volume may
-            // hold millions of files). Writers that already hold this staged file see `gone` under
-            // its lock and stage the file again.
-            self.drop_staged(ino);
-        }
+        drop(_g);
+        drop(_w);
+        self.trim_staged();
         Ok(())
     }
 }

@@ -151,6 +151,8 @@ pub struct VolumeConfig {
     pub cache_bytes: u64,
     /// Staged bytes not yet in S3 past which writes are told to retry later.
     pub max_dirty_bytes: u64,
+    /// Staged copies kept once S3 has their bytes (each holds a file descriptor and disk space).
+    pub max_staged_files: usize,
     /// Owner reported for objects without `x-amz-meta-uid`/`gid`.
     pub default_uid: u32,
     pub default_gid: u32,
@@ -169,6 +171,7 @@ impl VolumeConfig {
             read_ahead: 8,
             cache_bytes: 64 << 20,
             max_dirty_bytes: 16 << 30,
+            max_staged_files: 4096,
             default_uid: 0,
             default_gid: 0,
         }

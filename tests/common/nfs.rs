@@ -52,6 +52,7 @@ impl nfs3_client::net::Connector for Connector {
     }
 }
 
+#[allow(unused_imports)] // used by some test binaries only
 pub use nfs3_client::nfs3_types::nfs3::nfsstat3 as Status;
 
 /// A file handle; `bytes()`/`from_bytes()` let a test keep one across restarts.
