@@ -169,7 +169,7 @@ impl VolumeConfig {
             upload_concurrency: 8,
             read_chunk: 4 << 20,
             read_ahead: 8,
-            cache_bytes: 64 << 20,
+            cache_bytes: 48 << 20,
             max_dirty_bytes: 16 << 30,
             max_staged_files: 4096,
             default_uid: 0,
