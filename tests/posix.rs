@@ -13,6 +13,13 @@
 //!   also gives the list of cases);
 //! - ours: everything else, the gateway's own departures from POSIX.
 //!
+//! Of ours, the known reasons are printed beside each case (S3's 1024-byte key limit, no caller
+//! credentials in nfsserve's VFS, NFSv3's 32-bit seconds, the client's silly rename, directory
+//! nlink). The config enables the Linux features (utimensat, UTIME_NOW, posix_fallocate,
+//! rename_ctime), remounts (the EROFS cases remount the mount read-only and back) and a second
+//! file system (the guest's /tmp, for EXDEV); each syscall group runs in its own pjdfstest
+//! process, killed after `GROUP_TIMEOUT_SECS` (the case it was in then fails as STOPPED).
+//!
 //! Needs pjdfstest (`cargo install pjdfstest --locked`, which needs `libacl1-dev`; `.ci/run`
 //! installs it), found as `$PJDFSTEST_BIN`, else `~/.cargo/bin/pjdfstest`, else on PATH; and
 //! user-mode-linux like `kernel_mount.rs`. `S3NFS_SKIP_UML=1` skips instead of failing.
@@ -77,17 +84,22 @@ cat >$CONF <<EOF
 posix_fallocate = {}
 utime_now = {}
 utimensat = {}
+rename_ctime = {}
 [settings]
 naptime = $NAPTIME
-allow_remount = false
+# the EROFS cases remount the file system under test read-only and back (mount -o remount)
+allow_remount = true
 [dummy_auth]
 entries = [["nobody", "$nobody_group"], ["tests", "tests"]]
 EOF
 RESULT='^[^[:space:]]+ +(ok|FAILED|skipped|PASSED UNEXPECTEDLY|failed as expected)$'
 clean() { sed 's/\x1b\[[0-9;]*m//g'; }
 
-mkdir -p /tmp/pjd-ref
-pjd_ref() { timeout -k 10 900 $PJD -c $CONF -p /tmp/pjd-ref >/tmp/ref.raw 2>&1; }
+# the reference run has a tmpfs of its own (its EROFS cases remount it read-only), and /tmp
+# as the second file system (EXDEV cases); the run on the mount has /tmp as its second.
+mkdir -p /run/pjd-ref && mount -t tmpfs -o mode=755 none /run/pjd-ref
+mkdir -p /tmp/pjd-second
+pjd_ref() { timeout -k 10 900 $PJD -c $CONF -s /tmp/pjd-second -p /run/pjd-ref >/tmp/ref.raw 2>&1; }
 timed pjd_tmpfs pjd_ref
 clean </tmp/ref.raw >/tmp/ref.out
 grep -E "$RESULT" /tmp/ref.out | cut -d' ' -f1 >/tmp/names
@@ -100,7 +112,7 @@ pjd_group() {
   local n total rc stopped
   grep "^$1::" /tmp/names >/tmp/todo
   while [ -s /tmp/todo ]; do
-    timeout -k 10 $GROUP_TIMEOUT $PJD -c $CONF -e -p $M/pjd $(sed "s/^/pjdfstest::tests::/" /tmp/todo) >/tmp/part.raw 2>&1
+    timeout -k 10 $GROUP_TIMEOUT $PJD -c $CONF -s /tmp/pjd-second -e -p $M/pjd $(sed "s/^/pjdfstest::tests::/" /tmp/todo) >/tmp/part.raw 2>&1
     rc=$?
     clean </tmp/part.raw >/tmp/part.out
     cat /tmp/part.out >>/tmp/nfs.out
@@ -227,6 +239,38 @@ fn nfsserve_cause(name: &str, message: &str) -> Option<&'static str> {
     None
 }
 
+/// What is known about one of our failures (printed beside it; it does not change the count).
+fn known_reason(name: &str, message: &str) -> Option<&'static str> {
+    let last = name.rsplit("::").next().unwrap_or(name);
+    if name.ends_with("enametoolong_path") && message.contains("code: 36") {
+        return Some("S3 keys are at most 1024 bytes (src/fs/names.rs KEY_MAX): a PATH_MAX-long path cannot be made");
+    }
+    let base = if matches!(last, "regular" | "dir" | "symlink") {
+        name.rsplit_once("::").map_or(name, |(b, _)| b)
+    } else {
+        name
+    };
+    match base {
+        "chmod::failed_chmod_unchanged_ctime"
+        | "rename::unchanged_ctime_failed"
+        | "truncate::unchanged_ctime_failed"
+        | "utimensat::nobody"
+        | "utimensat::write_perm"
+        | "utimensat::utime_now_nobody" => Some(
+            "no permission check: nfsserve's VFS sees no caller credentials, so an unprivileged caller's \
+             SETATTR/RENAME succeeds",
+        ),
+        "unlink::open_file_not_freed" => {
+            Some("the kernel NFS client silly-renames an open file instead of removing it (any NFS server)")
+        }
+        "utimensat::y2038" => Some("NFSv3 times have 32-bit seconds: the kernel client clamps 2^32 to 2^32-1"),
+        "rename::updates_link_parent" => {
+            Some("a directory's nlink is always 2 (src/fs/mod.rs), not 2 + subdirectories")
+        }
+        _ => None,
+    }
+}
+
 fn read_baseline() -> BTreeSet<String> {
     std::fs::read_to_string(BASELINE)
         .unwrap_or_default()
@@ -345,6 +389,9 @@ fn pjdfstest_on_mount() {
     eprintln!("our failures ({}):", ours.len());
     for (name, outcome, msg) in &ours {
         eprintln!("  {name} [{outcome:?}]: {msg}");
+        if let Some(why) = known_reason(name, msg) {
+            eprintln!("      known: {why}");
+        }
     }
     let suite: Vec<_> = nfs
         .results
