@@ -4,5 +4,6 @@
 pub mod contract;
 pub mod garage;
 pub mod gateway;
+pub mod guest;
 pub mod nfs;
 pub mod uml;

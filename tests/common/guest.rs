@@ -1,0 +1,70 @@
+//! The guest-side setup shared by the kernel-client tests (`kernel_mount.rs`, `posix.rs`):
+//! Garage S3 and the s3nfs gateway inside a user-mode-linux guest, the export mounted on $M.
+//! See `tests/common/uml.rs` for the harness itself.
+
+use super::garage::garage_bin;
+use super::uml::{guest_path, s3nfs_bin, sh_quote};
+
+pub const PORT: u16 = 2049;
+
+/// Shell for the guest: starts Garage with a key and the bucket `vol`, and defines
+/// `start_server` (the gateway on that bucket, same port and state every time it is called),
+/// `s3ls` and `s3cat` (the bucket as S3 holds it).
+pub fn prelude() -> String {
+    let garage = sh_quote(&guest_path(garage_bin()));
+    let s3nfs = sh_quote(&guest_path(s3nfs_bin()));
+    format!(
+        r#"
+GARAGE={garage}
+S3NFS={s3nfs}
+BIGDIR=10000
+GD=/tmp/garage
+mkdir -p $GD /tmp/s3nfs/state
+cat >$GD/config.toml <<EOF
+metadata_dir = "$GD/meta"
+data_dir = "$GD/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:3901"
+rpc_public_addr = "127.0.0.1:3901"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:3900"
+root_domain = ".s3.garage.localhost"
+EOF
+gcli() {{ $GARAGE -c $GD/config.toml "$@"; }}
+bg garage $GARAGE -c $GD/config.toml server
+step garage_up wait_port 3900 60 || {{ show_log garage; exit 1; }}
+for i in $(seq 1 100); do gcli status >/dev/null 2>&1 && break; sleep 0.2; done
+node=$(gcli node id -q | cut -d@ -f1)
+step garage_layout sh -c "$GARAGE -c $GD/config.toml layout assign -z dc1 -c 1G $node >/dev/null && $GARAGE -c $GD/config.toml layout apply --version 1 >/dev/null"
+key=$(gcli key create vol-key)
+export AWS_ACCESS_KEY_ID=$(printf '%s\n' "$key" | sed -n 's/.*Key ID: *//p')
+export AWS_SECRET_ACCESS_KEY=$(printf '%s\n' "$key" | sed -n 's/.*Secret key: *//p')
+step garage_bucket sh -c "$GARAGE -c $GD/config.toml bucket create vol >/dev/null && $GARAGE -c $GD/config.toml bucket allow --read --write --owner vol --key vol-key >/dev/null"
+S3="--endpoint http://127.0.0.1:3900 --bucket vol --region garage"
+start_server() {{ bg server $S3NFS serve --listen 127.0.0.1:$PORT $S3 --state-dir /tmp/s3nfs/state --flush-delay 500ms; }}
+s3ls() {{ $S3NFS ls $S3 "$@" 2>/dev/null; }}
+s3cat() {{ $S3NFS cat $S3 "$1" 2>/dev/null; }}
+"#
+    )
+}
+
+/// Start the server, wait for its port, mount it on $M; exits the script on failure.
+pub const SERVE_AND_MOUNT: &str = r#"
+M=/mnt/m
+t0=$(now_ms)
+start_server
+step server_up wait_port $PORT 60 || { show_log server; exit 1; }
+step mount nfs_mount $PORT $M || { show_log server; dmesg | tail -20; exit 1; }
+kv mount_ms $(( $(now_ms) - t0 ))
+"#;
+
+/// The whole guest script: prelude, gateway started and mounted on $M, then `body`.
+pub fn script(body: &str) -> String {
+    format!(
+        "PORT={PORT}\n{}{SERVE_AND_MOUNT}{body}\nshow_log server 30\n",
+        prelude()
+    )
+}
