@@ -183,6 +183,7 @@ kv s3_b_txt "$(s3cat b.txt)"
 kv s3_b_meta "$(grep "	b.txt	" /tmp/s3ls | cut -f3)"
 kv s3_link "$(s3cat link)"
 kv s3_tree_left "$(grep -c "	tree2/" /tmp/s3ls)"
+kv s3_tree_keys "$(grep "	tree2/" /tmp/s3ls | cut -f2 | tr "\n" " ")"
 kv s3_private_mode "$(grep "	private/	" /tmp/s3ls | cut -f3 | tr ',' '\n' | sed -n 's/^mode=//p')"
 kv s3_repo_objects "$(grep -c "	repo/objects/../[^	]" /tmp/s3ls)"
 start_server

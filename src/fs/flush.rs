@@ -39,6 +39,9 @@ pub struct FlushState {
     /// Keys an inode sync is writing, from before its request until its result is recorded: a
     /// listing in that window sees the object but not yet the journal entry that explains it.
     in_flight: Mutex<HashMap<String, usize>>,
+    /// Keys deleted lately, and when: a listing that started before a deletion may still show
+    /// the object, and must not bring it back.
+    recent_deletes: Mutex<HashMap<String, std::time::Instant>>,
     /// One flush round at a time: the background flusher and `flush_all` must not sync the same
     /// inode concurrently (the loser of a rename's copy would find its source already gone).
     round: tokio::sync::Mutex<()>,
@@ -58,6 +61,7 @@ impl FlushState {
             streaming: Mutex::new(HashSet::new()),
             key_locks: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            recent_deletes: Mutex::new(HashMap::new()),
             round: tokio::sync::Mutex::new(()),
             uploaded_bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -81,6 +85,26 @@ impl FlushState {
             self.stream_wanted.lock().unwrap().insert(st.ino);
             self.notify.notify_one();
         }
+    }
+
+    /// Whether `key` (or, for a directory prefix, anything under it) was deleted after `since`.
+    pub(crate) fn deleted_since(&self, key: &str, is_prefix: bool, since: std::time::Instant) -> bool {
+        let d = self.recent_deletes.lock().unwrap();
+        if is_prefix {
+            d.iter().any(|(k, t)| *t >= since && k.starts_with(key))
+        } else {
+            d.get(key).is_some_and(|t| *t >= since)
+        }
+    }
+
+    fn note_deleted(&self, key: &str) {
+        let now = std::time::Instant::now();
+        let mut d = self.recent_deletes.lock().unwrap();
+        // Listings finish within minutes; older entries can go.
+        if d.len() > 10_000 {
+            d.retain(|_, t| now.duration_since(*t) < std::time::Duration::from_secs(600));
+        }
+        d.insert(key.to_string(), now);
     }
 
     /// Whether a sync is writing `key` (or, for a directory prefix, anything under it).
@@ -190,19 +214,26 @@ impl Volume {
     /// Uploads everything pending now, ignoring the flush delay; returns when nothing is pending
     /// or an S3 error stops progress (the error is returned; the work stays journalled).
     pub async fn flush_all(self: &Arc<Self>) -> FsResult<()> {
-        let mut last = usize::MAX;
+        // A round can end with work still pending for good reasons (a write raced an upload, an
+        // upload's result was recorded as a delete of what it wrote): only several rounds in a
+        // row without progress mean S3 keeps refusing.
+        const MAX_STALLS: u32 = 5;
+        let (mut last, mut stalls) = (usize::MAX, 0);
         loop {
             let left = self.flush_round(true).await?;
             if left == 0 {
                 return Ok(());
             }
-            if left >= last {
-                // No progress in a forced round: something keeps failing.
+            stalls = if left >= last { stalls + 1 } else { 0 };
+            if stalls >= MAX_STALLS {
                 return Err(FsError::Retry(format!(
-                    "{left} inodes still pending after a full flush round"
+                    "{left} inodes still pending after {MAX_STALLS} flush rounds"
                 )));
             }
             last = left;
+            if stalls > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20 << stalls)).await;
+            }
         }
     }
 
@@ -289,6 +320,7 @@ impl Volume {
             }
         }
         self.store.delete(key).await?;
+        self.flusher.note_deleted(key);
         Ok(())
     }
 

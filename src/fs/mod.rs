@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, MetaError, Remote, Time, ROOT_INO};
 use crate::store::{ObjectStore, StoreError};
 use names::check_name;
@@ -190,6 +192,12 @@ pub struct Volume {
     staging_dir: PathBuf,
     /// When each directory was last listed from S3 (memory only: after a restart, relist).
     listed: Mutex<HashMap<Ino, Instant>>,
+    /// Staged files written since the last local fsync.
+    unsynced: Mutex<Vec<Arc<Staged>>>,
+    /// Directories being relisted in the background right now.
+    relisting: Mutex<std::collections::HashSet<Ino>>,
+    /// A handle on itself, for background work started from `&self` methods.
+    this: std::sync::OnceLock<std::sync::Weak<Volume>>,
     pub(crate) cache: read::ReadCache,
     pub(crate) flusher: flush::FlushState,
     volume_id: u64,
@@ -245,6 +253,9 @@ impl Volume {
             stage_lock: tokio::sync::Mutex::new(()),
             staging_dir,
             listed: Mutex::new(HashMap::new()),
+            relisting: Mutex::new(Default::default()),
+            unsynced: Mutex::new(Vec::new()),
+            this: std::sync::OnceLock::new(),
             cache,
             flusher,
             volume_id,
@@ -254,6 +265,7 @@ impl Volume {
         };
         vol.restore_staged()?;
         let vol = Arc::new(vol);
+        let _ = vol.this.set(Arc::downgrade(&vol));
         vol.abort_orphan_uploads().await;
         Ok(vol)
     }
@@ -525,10 +537,42 @@ impl Volume {
     }
 
     /// Brings a directory's children in line with S3 when its listing is stale (or `force`).
+    ///
+    /// A directory never listed is listed before the caller goes on. One listed before but stale
+    /// is relisted in the background (once at a time) while callers carry on with what they
+    /// have: a large directory's listing takes many S3 requests, and no create, lookup or stat
+    /// should wait for it. `force` (RMDIR, RENAME of a directory) always lists first.
     pub(crate) async fn refresh_dir(&self, dir: &Inode, force: bool) -> FsResult<()> {
-        if !force && !self.listing_stale(dir.ino) {
-            return Ok(());
+        if !force {
+            let listed_before = self.listed.lock().unwrap().contains_key(&dir.ino);
+            if !self.listing_stale(dir.ino) {
+                return Ok(());
+            }
+            if listed_before {
+                if self.relisting.lock().unwrap().insert(dir.ino) {
+                    if let Some(vol) = self.this.get().and_then(|w| w.upgrade()) {
+                        let (dir, ino) = (dir.clone(), dir.ino);
+                        tokio::spawn(
+                            async move {
+                                if let Err(e) = vol.list_dir(&dir).await {
+                                    tracing::warn!(ino = dir.ino, error = %e, "background relisting failed");
+                                }
+                                vol.relisting.lock().unwrap().remove(&dir.ino);
+                            }
+                            .instrument(tracing::info_span!("relist", ino)),
+                        );
+                    } else {
+                        self.relisting.lock().unwrap().remove(&dir.ino);
+                    }
+                }
+                return Ok(());
+            }
         }
+        self.list_dir(dir).await
+    }
+
+    /// Lists a directory from S3 and applies what it finds.
+    async fn list_dir(&self, dir: &Inode) -> FsResult<()> {
         let prefix = self.dir_prefix(dir)?;
         let epoch_before = self.flusher.epoch();
         // Objects removed here but not yet deleted in S3 must not come back from the listing.
@@ -589,6 +633,7 @@ impl Volume {
         }
         let is_leaving = |key: &str, is_dir: bool| {
             self.flusher.writing(key, is_dir)
+                || self.flusher.deleted_since(key, is_dir, started)
                 || if is_dir {
                     leaving.iter().any(|k| k.starts_with(key))
                 } else {
@@ -783,15 +828,18 @@ impl Volume {
         Ok(d)
     }
 
-    fn touch_dir(&self, batch: &mut Batch, dir: &Inode) {
-        let mut d = dir.clone();
+    /// Updates a directory's times. Reads it afresh (the caller holds `ns`): a copy read before
+    /// the lock could carry stale fields over what an upload recorded meanwhile.
+    fn touch_dir(&self, batch: &mut Batch, dir: Ino) -> FsResult<()> {
+        let mut d = self.inode(dir)?;
         d.mtime = Time::now();
         d.ctime = d.mtime;
         batch.put_inode(&d);
+        Ok(())
     }
 
     pub async fn create(&self, dir: Ino, name: &[u8], attr: SetAttr, exclusive: bool) -> FsResult<Attr> {
-        let d = self.prepare_new(dir, name).await?;
+        self.prepare_new(dir, name).await?;
         let g = self.ns.lock().await;
         if let Some(existing) = self.meta.lookup(dir, name)? {
             let inode = self.inode(existing)?;
@@ -823,7 +871,7 @@ impl Volume {
         batch.put_inode(&inode);
         batch.link(dir, name, inode.ino);
         batch.mark_pending(inode.ino, self.next_seq());
-        self.touch_dir(&mut batch, &d);
+        self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
         self.staged.lock().unwrap().insert(inode.ino, Arc::new(st));
         drop(g);
@@ -832,7 +880,7 @@ impl Volume {
     }
 
     pub async fn mkdir(&self, dir: Ino, name: &[u8], attr: SetAttr) -> FsResult<Attr> {
-        let d = self.prepare_new(dir, name).await?;
+        self.prepare_new(dir, name).await?;
         let _g = self.ns.lock().await;
         if self.meta.lookup(dir, name)?.is_some() {
             return Err(FsError::Exists);
@@ -843,7 +891,7 @@ impl Volume {
         batch.put_inode(&inode);
         batch.link(dir, name, inode.ino);
         batch.mark_pending(inode.ino, self.next_seq());
-        self.touch_dir(&mut batch, &d);
+        self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
         // A new directory has nothing in S3 to list.
         self.listed.lock().unwrap().insert(inode.ino, Instant::now());
@@ -852,7 +900,7 @@ impl Volume {
     }
 
     pub async fn symlink(&self, dir: Ino, name: &[u8], target: &[u8], attr: SetAttr) -> FsResult<Attr> {
-        let d = self.prepare_new(dir, name).await?;
+        self.prepare_new(dir, name).await?;
         if target.is_empty() || target.len() > 4095 {
             return Err(FsError::Invalid("symlink target must be 1 to 4095 bytes".into()));
         }
@@ -868,7 +916,7 @@ impl Volume {
         batch.put_inode(&inode);
         batch.link(dir, name, inode.ino);
         batch.mark_pending(inode.ino, self.next_seq());
-        self.touch_dir(&mut batch, &d);
+        self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
         self.flusher.kick();
         Ok(self.attr_of(&inode))
@@ -898,6 +946,9 @@ impl Volume {
         if self.meta.lookup(dir, name)? != Some(ino) {
             return Err(FsError::NotFound);
         }
+        // Read again under the lock: an upload may have recorded a new object for it meanwhile,
+        // and that is the object to delete.
+        let victim = self.inode(ino)?;
         if victim.kind == Kind::Dir && self.meta.has_children(ino)? {
             return Err(FsError::NotEmpty);
         }
@@ -905,7 +956,7 @@ impl Volume {
         batch.unlink(dir, name, ino);
         batch.del_inode(ino);
         self.queue_remote_delete(&mut batch, &victim);
-        self.touch_dir(&mut batch, &d);
+        self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
         self.drop_staged(ino);
         self.cache.forget(ino);
@@ -973,16 +1024,9 @@ impl Volume {
         src.name = to.to_vec();
         src.ctime = Time::now();
         batch.put_inode(&src);
-        let now_dir = |d: Ino, b: &mut Batch| -> FsResult<()> {
-            let mut di = self.inode(d)?;
-            di.mtime = Time::now();
-            di.ctime = di.mtime;
-            b.put_inode(&di);
-            Ok(())
-        };
-        now_dir(from_dir, &mut batch)?;
+        self.touch_dir(&mut batch, from_dir)?;
         if to_dir != from_dir {
-            now_dir(to_dir, &mut batch)?;
+            self.touch_dir(&mut batch, to_dir)?;
         }
         // Everything under the moved inode has a new key: each is moved in the background.
         let mut stack = vec![ino];
@@ -1041,6 +1085,7 @@ impl Volume {
             let _w = st.lock.write().await;
             if st.size() != size {
                 st.set_len(size)?;
+                self.note_unsynced(&st);
             }
         }
         let _g = self.ns.lock().await;
@@ -1148,6 +1193,7 @@ impl Volume {
                 }
                 st.write_at(offset, data)?;
             }
+            self.note_unsynced(&st);
             if !st.pending_marked.load(Ordering::Acquire) {
                 let _g = self.ns.lock().await;
                 if !st.pending_marked.load(Ordering::Acquire) {
@@ -1184,15 +1230,26 @@ impl Volume {
     }
 
     /// Makes staged data and the journal durable against a reboot of the node.
+    /// Only files written since the last call are fsync'd: with thousands of staged files,
+    /// syncing them all every tick would keep the disk busy doing nothing.
     pub fn sync_local(&self) -> FsResult<()> {
         self.meta.sync()?;
-        let staged: Vec<_> = self.staged.lock().unwrap().values().cloned().collect();
-        for st in staged {
-            if st.content_dirty.load(Ordering::Acquire) {
+        let unsynced = std::mem::take(&mut *self.unsynced.lock().unwrap());
+        for st in unsynced {
+            // Cleared first: a write landing during the fsync queues the file again.
+            st.unsynced.store(false, Ordering::Release);
+            if !st.gone.load(Ordering::Acquire) {
                 st.sync()?;
             }
         }
         Ok(())
+    }
+
+    /// Queues a staged file for the next local fsync.
+    fn note_unsynced(&self, st: &Arc<Staged>) {
+        if !st.unsynced.swap(true, Ordering::AcqRel) {
+            self.unsynced.lock().unwrap().push(st.clone());
+        }
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Staged {
     pub multipart: Mutex<Option<Multipart>>,
     /// Held while the multipart upload is started or restarted, so concurrent passes share one.
     pub multipart_init: tokio::sync::Mutex<()>,
+    /// Written since the last fsync (see `Volume::sync_local`).
+    pub unsynced: AtomicBool,
     /// Signalled whenever a part upload ends.
     pub part_done: tokio::sync::Notify,
     /// Part size of the multipart upload, to map written ranges to part numbers.
@@ -88,6 +90,7 @@ impl Staged {
             multipart: Mutex::new(None),
             multipart_init: tokio::sync::Mutex::new(()),
             part_done: tokio::sync::Notify::new(),
+            unsynced: AtomicBool::new(false),
             part_size,
         })
     }
