@@ -199,7 +199,7 @@ impl Harness {
         let m = &mut self.model;
         let pick = |v: Vec<String>, i: usize| -> Option<String> { (!v.is_empty()).then(|| v[i % v.len()].clone()) };
         match op {
-            Op::Create { dir, name } => {
+            Op::Create { dir, name } | Op::Mkdir { dir, name } => {
                 let d = pick(m.dirs(), *dir).unwrap();
                 let path = join(&d, name);
                 let expect = if m.nodes.contains_key(&path) {
@@ -208,52 +208,32 @@ impl Harness {
                     Ok(())
                 };
                 let dino = self.resolve(&d).await.unwrap();
-                let got = self
-                    .vol()
-                    .create(
-                        dino,
-                        name.as_bytes(),
-                        SetAttr {
-                            mode: Some(0o644),
-                            ..Default::default()
-                        },
-                        true,
-                    )
-                    .await;
-                assert_eq!(got.as_ref().map(|_| ()).map_err(class), expect, "create {path}");
-                if expect.is_ok() {
-                    self.model.nodes.insert(
-                        path,
+                let (got, node) = if matches!(op, Op::Create { .. }) {
+                    let attr = SetAttr {
+                        mode: Some(0o644),
+                        ..Default::default()
+                    };
+                    let got = self.vol().create(dino, name.as_bytes(), attr, true).await;
+                    (
+                        got,
                         Node::File {
                             data: vec![],
                             mode: 0o644,
                         },
-                    );
-                }
-            }
-            Op::Mkdir { dir, name } => {
-                let d = pick(m.dirs(), *dir).unwrap();
-                let path = join(&d, name);
-                let expect = if m.nodes.contains_key(&path) {
-                    Err("exist")
-                } else {
-                    Ok(())
-                };
-                let dino = self.resolve(&d).await.unwrap();
-                let got = self
-                    .vol()
-                    .mkdir(
-                        dino,
-                        name.as_bytes(),
-                        SetAttr {
-                            mode: Some(0o755),
-                            ..Default::default()
-                        },
                     )
-                    .await;
-                assert_eq!(got.as_ref().map(|_| ()).map_err(class), expect, "mkdir {path}");
+                } else {
+                    let attr = SetAttr {
+                        mode: Some(0o755),
+                        ..Default::default()
+                    };
+                    (
+                        self.vol().mkdir(dino, name.as_bytes(), attr).await,
+                        Node::Dir { mode: 0o755 },
+                    )
+                };
+                assert_eq!(got.as_ref().map(|_| ()).map_err(class), expect, "{op:?} {path}");
                 if expect.is_ok() {
-                    self.model.nodes.insert(path, Node::Dir { mode: 0o755 });
+                    self.model.nodes.insert(path, node);
                 }
             }
             Op::Write {
