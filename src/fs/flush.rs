@@ -76,6 +76,9 @@ impl FlushState {
         self.dirty_bytes.load(Ordering::Acquire)
     }
 
+    /// Wakes the flusher now rather than at its next tick. Namespace operations do not call
+    /// this: a round looks at every pending inode, and one round per operation made creating
+    /// 10,000 files quadratic. The tick (200 ms) is soon enough for them.
     pub fn kick(&self) {
         self.notify.notify_one();
     }

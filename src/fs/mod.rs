@@ -875,7 +875,6 @@ impl Volume {
         self.meta.commit(batch)?;
         self.staged.lock().unwrap().insert(inode.ino, Arc::new(st));
         drop(g);
-        self.flusher.kick();
         Ok(self.attr_of(&inode))
     }
 
@@ -895,7 +894,6 @@ impl Volume {
         self.meta.commit(batch)?;
         // A new directory has nothing in S3 to list.
         self.listed.lock().unwrap().insert(inode.ino, Instant::now());
-        self.flusher.kick();
         Ok(self.attr_of(&inode))
     }
 
@@ -918,7 +916,6 @@ impl Volume {
         batch.mark_pending(inode.ino, self.next_seq());
         self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
-        self.flusher.kick();
         Ok(self.attr_of(&inode))
     }
 
@@ -960,7 +957,6 @@ impl Volume {
         self.meta.commit(batch)?;
         self.drop_staged(ino);
         self.cache.forget(ino);
-        self.flusher.kick();
         Ok(())
     }
 
@@ -1041,7 +1037,6 @@ impl Volume {
             }
         }
         self.meta.commit(batch)?;
-        self.flusher.kick();
         Ok(())
     }
 
@@ -1135,7 +1130,6 @@ impl Volume {
         }
         self.meta.commit(batch)?;
         drop(_g);
-        self.flusher.kick();
         Ok(self.attr_of(&inode))
     }
 
