@@ -202,6 +202,8 @@ pub struct Volume {
     pub(crate) flusher: flush::FlushState,
     volume_id: u64,
     next_ino: AtomicU64,
+    /// The persisted `ino_limit` counter, kept here so allocation does not read the database.
+    ino_limit: AtomicU64,
     next_seq: AtomicU64,
 }
 
@@ -260,6 +262,7 @@ impl Volume {
             flusher,
             volume_id,
             next_ino: AtomicU64::new(ino_base),
+            ino_limit: AtomicU64::new(ino_base + INO_BLOCK),
             next_seq: AtomicU64::new(seq_base),
             cfg,
         };
@@ -329,8 +332,11 @@ impl Volume {
 
     fn alloc_ino(&self, batch: &mut Batch) -> Ino {
         let ino = self.next_ino.fetch_add(1, Ordering::AcqRel);
-        if (ino + 1) % INO_BLOCK == 0 || ino + 1 >= self.meta.counter("ino_limit").unwrap_or(0) {
-            batch.set_counter("ino_limit", ino + 1 + INO_BLOCK);
+        // Allocation happens under `ns`, so reading and raising the limit do not race.
+        if ino + 1 >= self.ino_limit.load(Ordering::Acquire) {
+            let limit = ino + 1 + INO_BLOCK;
+            batch.set_counter("ino_limit", limit);
+            self.ino_limit.store(limit, Ordering::Release);
         }
         ino
     }
