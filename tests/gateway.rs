@@ -386,10 +386,10 @@ fn assert_listing(list: &[(Vec<u8>, u64)], must_have: &std::collections::HashSet
     );
 }
 
-/// The embedded store: this is about NFS paging, not S3.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_entries_page_exactly_once() {
-    let (gw, _dir) = gateway::on_local(Opts {
+/// A gateway on the embedded store (paging is about NFS, not S3) with directory `big` holding
+/// `n` files `entry-NNNNN`; returns what the tests need, and the names.
+async fn big_directory(n: usize) -> (InProc, tempfile::TempDir, Client, Fh, std::collections::HashSet<String>) {
+    let (gw, dir) = gateway::on_local(Opts {
         flush_delay: Duration::from_secs(3600),
         refresh: Duration::from_secs(3600),
         ..Opts::default()
@@ -397,9 +397,15 @@ async fn ten_thousand_entries_page_exactly_once() {
     .await;
     let mut c = Client::connect(gw.addr).await;
     let big = c.mkdir(&c.root.clone(), "big").await.unwrap();
-    let names: Vec<String> = (0..10_000).map(|i| format!("entry-{i:05}")).collect();
+    let names: Vec<String> = (0..n).map(|i| format!("entry-{i:05}")).collect();
     create_many(gw.addr, &big, names.clone(), 4).await;
-    let all: std::collections::HashSet<String> = names.into_iter().collect();
+    (gw, dir, c, big, names.into_iter().collect())
+}
+
+/// The embedded store: this is about NFS paging, not S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_entries_page_exactly_once() {
+    let (gw, _dir, mut c, big, all) = big_directory(10_000).await;
 
     // READDIRPLUS with small pages.
     let list = c.readdirplus_all(&big, 512).await.unwrap();
@@ -448,17 +454,7 @@ async fn ten_thousand_entries_page_exactly_once() {
 /// its cookie, see vendor/nfsserve/PATCHES.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readdir_plain_pages_exactly_once() {
-    let (gw, _dir) = gateway::on_local(Opts {
-        flush_delay: Duration::from_secs(3600),
-        refresh: Duration::from_secs(3600),
-        ..Opts::default()
-    })
-    .await;
-    let mut c = Client::connect(gw.addr).await;
-    let big = c.mkdir(&c.root.clone(), "big").await.unwrap();
-    let names: Vec<String> = (0..1_000).map(|i| format!("entry-{i:05}")).collect();
-    create_many(gw.addr, &big, names.clone(), 4).await;
-    let all: std::collections::HashSet<String> = names.into_iter().collect();
+    let (_gw, _dir, mut c, big, all) = big_directory(1_000).await;
     let list = c.readdir_all_plain(&big, 1024).await.unwrap();
     assert_eq!(list.len(), 1_000);
     assert_listing(&list, &all);
