@@ -197,6 +197,11 @@ fn exports(a: &ServeArgs) -> anyhow::Result<Vec<Export>> {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM that arrives while exports start (say, just after the mount
+    // command is printed) must flush and exit, not kill the process with work pending.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let exports = exports(&a)?;
     if let Some(l) = a.metrics_listen {
         let addr = s3nfs::metrics::serve(l)
@@ -230,10 +235,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         );
         sup.send(Register(e.name.clone(), actor.start())).await?;
     }
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     tracing::info!("shutting down: uploading what is pending");
