@@ -42,6 +42,30 @@ pub struct Export {
     pub state_dir: PathBuf,
     pub flush_delay: Duration,
     pub refresh: Duration,
+    /// The volume's size (`df`, ENOSPC past it); None: unlimited.
+    pub capacity: Option<u64>,
+    pub defaults: ObjectDefaults,
+}
+
+/// What is reported for objects that carry no `x-amz-meta-*` attributes (written by other S3
+/// tools): geesefs's `--uid`, `--gid`, `--file-mode`, `--dir-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectDefaults {
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u32,
+    pub dir_mode: u32,
+}
+
+impl Default for ObjectDefaults {
+    fn default() -> Self {
+        ObjectDefaults {
+            uid: 0,
+            gid: 0,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +112,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Normalises a key prefix: no leading '/', one trailing '/' unless empty.
+/// A size in bytes: `1048576`, `100G`, `1Ti` (K, M, G, T and Ki, Mi, Gi, Ti are all powers of
+/// 1024, as `df -h` shows them).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let shift = match unit.trim_end_matches('B').trim_end_matches('i') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        "P" => 50,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
 pub fn normalize_prefix(p: &str) -> String {
     let p = p.trim_matches('/');
     if p.is_empty() {
@@ -125,6 +168,8 @@ pub fn load(path: &Path, base_state: &Path, creds: &S3Config) -> anyhow::Result<
             (Some(_), None) => anyhow::bail!("export {}: an endpoint needs a bucket", e.name),
         };
         out.push(Export {
+            capacity: None,
+            defaults: ObjectDefaults::default(),
             listen: e.listen,
             backend,
             prefix: normalize_prefix(&e.prefix),

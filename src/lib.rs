@@ -6,11 +6,13 @@
 //! - [`fs`]: the protocol-free filesystem core: namespace operations, staging, uploads, reads.
 //! - [`nfs`]: the thin nfsserve adapter over [`fs`].
 //! - [`actors`]: the supervisor and per-volume actors (actix) that own volumes and listeners.
+//! - [`csi`]: the Kubernetes CSI plugin (controller and node services over gRPC).
 //! - [`config`]: exports, from flags or a config file.
 //! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, Prometheus/OTLP metrics.
 
 pub mod actors;
 pub mod config;
+pub mod csi;
 pub mod fs;
 pub mod meta;
 pub mod metrics;

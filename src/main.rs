@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use actix::Actor;
 use clap::{Parser, Subcommand};
 
-use s3nfs::actors::{self, FlushAll, Register, Supervisor, VolumeActor};
+use s3nfs::actors::{self, StartVolume, StopAll, Supervisor};
 use s3nfs::config::{self, Backend, Export};
 use s3nfs::store::s3::{S3Config, Secret};
 
@@ -40,6 +40,40 @@ enum Cmd {
         store: StoreArgs,
         key: String,
     },
+    /// The Kubernetes CSI plugin: Identity, Controller and/or Node services on a Unix socket.
+    /// In node mode it hosts the gateways of the volumes staged on this node.
+    Csi(CsiArgs),
+}
+
+#[derive(Parser)]
+struct CsiArgs {
+    #[arg(long, value_enum, default_value = "all")]
+    mode: s3nfs::csi::Mode,
+    /// Where to serve gRPC: unix:///path/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// This node's name (node mode), e.g. from the downward API's spec.nodeName.
+    #[arg(long, env = "NODE_ID", default_value = "")]
+    node_id: String,
+    /// The node plugin's records of staged volumes and their gateways' local state. Must
+    /// outlive the plugin (a hostPath): a restarted plugin restores every gateway from it.
+    #[arg(long, default_value = "/var/lib/kubelet/plugins/csi.s3nfs.io/state")]
+    state_dir: PathBuf,
+    /// Ports for the gateways on 127.0.0.1, FIRST-LAST.
+    #[arg(long, default_value = "20500-20999", value_parser = parse_ports)]
+    ports: std::ops::Range<u16>,
+}
+
+fn parse_ports(s: &str) -> Result<std::ops::Range<u16>, String> {
+    let (a, b) = s.split_once('-').ok_or("expected FIRST-LAST")?;
+    let (a, b): (u16, u16) = (
+        a.parse().map_err(|_| format!("{a:?} is not a port"))?,
+        b.parse().map_err(|_| format!("{b:?} is not a port"))?,
+    );
+    if a == 0 || b < a || b == u16::MAX {
+        return Err(format!("{s:?} is not a range of ports"));
+    }
+    Ok(a..b + 1)
 }
 
 #[derive(Parser)]
@@ -64,6 +98,9 @@ struct ServeArgs {
     /// Several exports from a TOML file (see README); the flags above give credentials and defaults.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Size of the share as `df` shows it; writes past it get ENOSPC (e.g. 100G, 1Ti).
+    #[arg(long, value_parser = config::parse_size)]
+    capacity: Option<u64>,
 }
 
 /// Which object store, and where in it.
@@ -131,13 +168,15 @@ impl StoreArgs {
             state_dir: PathBuf::new(),
             flush_delay: Default::default(),
             refresh: Default::default(),
+            capacity: None,
+            defaults: Default::default(),
         })
     }
 }
 
 async fn ls(a: StoreArgs, long: bool) -> anyhow::Result<()> {
     let e = a.export()?;
-    let store = actors::open_store(&e).await?;
+    let store = actors::open_store(&e, true).await?;
     let mut token = None;
     loop {
         let page = store.list(&e.prefix, None, token, 1000).await?;
@@ -161,7 +200,7 @@ async fn ls(a: StoreArgs, long: bool) -> anyhow::Result<()> {
 async fn cat(a: StoreArgs, key: String) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt;
     let e = a.export()?;
-    let store = actors::open_store(&e).await?;
+    let store = actors::open_store(&e, true).await?;
     let key = format!("{}{key}", e.prefix);
     let size = store
         .head(&key)
@@ -192,6 +231,7 @@ fn exports(a: &ServeArgs) -> anyhow::Result<Vec<Export>> {
         state_dir: state.join("default"),
         flush_delay: a.flush_delay,
         refresh: a.refresh,
+        capacity: a.capacity,
         ..a.store.export()?
     }])
 }
@@ -214,9 +254,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         if !e.listen.ip().is_loopback() {
             tracing::warn!(listen = %e.listen, "listening beyond loopback: anyone who can reach this address can mount the share");
         }
-        let store = actors::open_store(e).await?;
-        let actor = VolumeActor::start(e, store).await?;
-        let addr = actor.addr;
+        let addr = sup
+            .send(StartVolume {
+                export: e.clone(),
+                check: true,
+            })
+            .await??;
         let what = match &e.backend {
             Backend::Local { dir } => format!("embedded store in {}", dir.display()),
             Backend::S3(c) => format!(
@@ -233,15 +276,16 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             ip = addr.ip(),
             n = e.name
         );
-        sup.send(Register(e.name.clone(), actor.start())).await?;
     }
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}
     }
+    // Each volume stops taking requests first, then uploads: nothing is acknowledged after
+    // its last upload.
     tracing::info!("shutting down: uploading what is pending");
     let mut failed = false;
-    for (name, r) in sup.send(FlushAll).await? {
+    for (name, r) in sup.send(StopAll).await? {
         if let Err(e) = r {
             failed = true;
             tracing::error!(export = %name, error = %e, "data is still pending; it stays journalled in the state directory and is uploaded at the next start");
@@ -251,6 +295,45 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if failed {
         anyhow::bail!("some data could not be uploaded before shutdown");
     }
+    Ok(())
+}
+
+async fn csi(a: CsiArgs) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let socket = s3nfs::csi::socket_path(&a.endpoint).map_err(anyhow::Error::msg)?;
+    let sup = Supervisor::default().start();
+    let opts = s3nfs::csi::CsiOptions {
+        mode: a.mode,
+        socket,
+        node_id: a.node_id,
+        state_dir: a.state_dir,
+        ports: a.ports,
+        mounter: std::sync::Arc::new(s3nfs::csi::mount::SysMounter),
+    };
+    let shutdown = async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    };
+    s3nfs::csi::serve(opts, sup.clone(), shutdown).await?;
+    // The plugin is going away (an upgrade, a restart): staged volumes stay staged and their
+    // records stay, so the next plugin brings them back. Upload what is pending meanwhile, as
+    // far as the grace period allows; the rest stays journalled for the next start.
+    tracing::info!("CSI plugin stopping: uploading what is pending; volumes stay staged");
+    match tokio::time::timeout(std::time::Duration::from_secs(20), sup.send(StopAll)).await {
+        Ok(Ok(rs)) => {
+            for (name, r) in rs {
+                if let Err(e) = r {
+                    tracing::warn!(volume = %name, error = %e, "still pending; uploaded after the restart");
+                }
+            }
+        }
+        _ => tracing::warn!("uploads did not finish in time; they resume after the restart"),
+    }
+    actix::System::current().stop();
     Ok(())
 }
 
@@ -306,6 +389,18 @@ fn main() -> anyhow::Result<()> {
             // queued) after serving ends but before the runtime goes away.
             let mut telemetry = sys.block_on(async { s3nfs::telemetry::init() });
             let r = sys.block_on(serve(a));
+            telemetry.shutdown();
+            r
+        }
+        Cmd::Csi(a) => {
+            let sys = actix_rt::System::with_tokio_rt(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime")
+            });
+            let mut telemetry = sys.block_on(async { s3nfs::telemetry::init() });
+            let r = sys.block_on(csi(a));
             telemetry.shutdown();
             r
         }

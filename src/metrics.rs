@@ -126,6 +126,11 @@ impl Registry {
         });
     }
 
+    /// Drops a closed volume's series.
+    pub fn unregister_volume(&self, name: &str) {
+        self.volumes.lock().unwrap().retain(|e| e.vol.strong_count() > 0 && e.name != name);
+    }
+
     pub fn volumes(&self) -> Vec<VolumeSample> {
         let v = self.volumes.lock().unwrap();
         v.iter()

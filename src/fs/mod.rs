@@ -16,6 +16,7 @@ pub mod flush;
 pub mod names;
 pub mod read;
 pub mod staging;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -158,6 +159,11 @@ pub struct VolumeConfig {
     /// Owner reported for objects without `x-amz-meta-uid`/`gid`.
     pub default_uid: u32,
     pub default_gid: u32,
+    /// Permission bits reported for objects and prefixes without `x-amz-meta-mode`.
+    pub default_file_mode: u32,
+    pub default_dir_mode: u32,
+    /// The volume's size: `df` shows it and writes past it get ENOSPC. None: unlimited.
+    pub capacity: Option<u64>,
 }
 
 impl VolumeConfig {
@@ -176,6 +182,9 @@ impl VolumeConfig {
             max_staged_files: 4096,
             default_uid: 0,
             default_gid: 0,
+            default_file_mode: 0o644,
+            default_dir_mode: 0o755,
+            capacity: None,
         }
     }
 }
@@ -200,6 +209,7 @@ pub struct Volume {
     this: std::sync::OnceLock<std::sync::Weak<Volume>>,
     pub(crate) cache: read::ReadCache,
     pub(crate) flusher: flush::FlushState,
+    pub(crate) usage: usage::Usage,
     volume_id: u64,
     next_ino: AtomicU64,
     /// The persisted `ino_limit` counter, kept here so allocation does not read the database.
@@ -260,6 +270,7 @@ impl Volume {
             this: std::sync::OnceLock::new(),
             cache,
             flusher,
+            usage: usage::Usage::new(cfg.capacity),
             volume_id,
             next_ino: AtomicU64::new(ino_base),
             ino_limit: AtomicU64::new(ino_base + INO_BLOCK),
@@ -267,6 +278,7 @@ impl Volume {
             cfg,
         };
         vol.restore_staged()?;
+        vol.count_usage()?;
         let vol = Arc::new(vol);
         let _ = vol.this.set(Arc::downgrade(&vol));
         vol.abort_orphan_uploads().await;
@@ -320,6 +332,43 @@ impl Volume {
             b.clear_upload(ino);
             let _ = self.meta.commit(b);
         }
+    }
+
+    /// Counts bytes and files from the metadata (see [`usage`]).
+    fn count_usage(&self) -> FsResult<()> {
+        self.usage.begin_count();
+        let (mut bytes, mut files) = (0u64, 0u64);
+        let staged = self.staged.lock().unwrap().clone();
+        self.meta.for_each_inode(|inode| {
+            if inode.ino == ROOT_INO {
+                return;
+            }
+            files += 1;
+            if inode.kind == Kind::File {
+                bytes += staged.get(&inode.ino).map(|st| st.size()).unwrap_or(inode.size);
+            }
+        })?;
+        self.usage.set_counted(bytes, files);
+        Ok(())
+    }
+
+    /// Counts usage again if something changed since the last count and it is old enough.
+    /// Reads the whole namespace: call it from background work, not from an NFS operation.
+    pub fn recount_usage_if_due(&self) -> FsResult<()> {
+        if self.usage.count_due() {
+            self.count_usage()?;
+        }
+        Ok(())
+    }
+
+    /// Capacity, bytes and files in use.
+    pub fn usage(&self) -> usage::UsageSnapshot {
+        self.usage.snapshot()
+    }
+
+    /// Changes the capacity of a volume in use (online expansion).
+    pub fn set_capacity(&self, capacity: Option<u64>) {
+        self.usage.set_capacity(capacity);
     }
 
     pub fn volume_id(&self) -> u64 {
@@ -716,7 +765,11 @@ impl Volume {
                 ),
                 None => (0, now, None, true),
             };
-            let mode = if want_kind == Kind::Dir { 0o755 } else { 0o644 };
+            let mode = if want_kind == Kind::Dir {
+                self.cfg.default_dir_mode
+            } else {
+                self.cfg.default_file_mode
+            };
             let owner = (self.cfg.default_uid, self.cfg.default_gid);
             let mut inode = Inode::new(ino, dir.ino, name.as_bytes(), want_kind, mode, owner, mtime);
             inode.size = size;
@@ -753,6 +806,7 @@ impl Volume {
             }
         }
         self.meta.commit(batch)?;
+        self.usage.changed();
         self.listed.lock().unwrap().insert(dir.ino, started);
         Ok(())
     }
@@ -879,6 +933,7 @@ impl Volume {
         batch.mark_pending(inode.ino, self.next_seq());
         self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
+        self.usage.changed();
         self.staged.lock().unwrap().insert(inode.ino, Arc::new(st));
         drop(g);
         Ok(self.attr_of(&inode))
@@ -898,6 +953,7 @@ impl Volume {
         batch.mark_pending(inode.ino, self.next_seq());
         self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
+        self.usage.changed();
         // A new directory has nothing in S3 to list.
         self.listed.lock().unwrap().insert(inode.ino, Instant::now());
         Ok(self.attr_of(&inode))
@@ -922,6 +978,7 @@ impl Volume {
         batch.mark_pending(inode.ino, self.next_seq());
         self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
+        self.usage.changed();
         Ok(self.attr_of(&inode))
     }
 
@@ -961,6 +1018,7 @@ impl Volume {
         self.queue_remote_delete(&mut batch, &victim);
         self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
+        self.usage.changed();
         self.drop_staged(ino);
         self.cache.forget(ino);
         Ok(())
@@ -1043,6 +1101,7 @@ impl Volume {
             }
         }
         self.meta.commit(batch)?;
+        self.usage.changed();
         Ok(())
     }
 
@@ -1085,7 +1144,13 @@ impl Volume {
             let st = self.stage(ino, size == 0).await?;
             let _w = st.lock.write().await;
             if st.size() != size {
+                let growth = size.saturating_sub(st.size());
+                self.usage.check_growth(growth).map_err(FsError::NoSpace)?;
                 st.set_len(size)?;
+                self.usage.grew(growth);
+                if growth == 0 {
+                    self.usage.changed();
+                }
                 self.note_unsynced(&st);
             }
         }
@@ -1135,6 +1200,7 @@ impl Volume {
             }
         }
         self.meta.commit(batch)?;
+        self.usage.changed();
         drop(_g);
         Ok(self.attr_of(&inode))
     }
@@ -1191,7 +1257,10 @@ impl Volume {
                 if st.gone.load(Ordering::Acquire) {
                     continue; // removed or evicted under us: look again
                 }
+                let growth = offset.saturating_add(data.len() as u64).saturating_sub(st.size());
+                self.usage.check_growth(growth).map_err(FsError::NoSpace)?;
                 st.write_at(offset, data)?;
+                self.usage.grew(growth);
             }
             self.note_unsynced(&st);
             if !st.pending_marked.load(Ordering::Acquire) {

@@ -10,6 +10,12 @@ pub const NAME_MAX: usize = 255;
 /// Longest S3 key.
 pub const KEY_MAX: usize = 1024;
 
+/// The object at the root of a volume where the CSI controller records what it knows of the
+/// volume (capacity, what to do on delete). Reserved in every directory: never shown as a file
+/// and never created through the share, so the record cannot be read, overwritten or removed
+/// by the volume's users.
+pub const VOLUME_RECORD: &str = ".s3nfs-volume.toml";
+
 /// File type bits of `st_mode`, stored in `x-amz-meta-mode` as s3fs does.
 const S_IFREG: u32 = 0o100000;
 const S_IFDIR: u32 = 0o040000;
@@ -29,12 +35,20 @@ pub fn check_name(name: &[u8]) -> Result<&str, FsError> {
     if name.contains(&b'/') || name.contains(&0) {
         return Err(FsError::Invalid("name contains '/' or NUL".into()));
     }
+    if name == VOLUME_RECORD.as_bytes() {
+        return Err(FsError::Invalid(format!("{VOLUME_RECORD} is reserved for s3nfs's volume record")));
+    }
     std::str::from_utf8(name).map_err(|_| FsError::Invalid("S3 keys must be UTF-8; this name is not".into()))
 }
 
 /// Whether a key component found in a listing can be shown as a file name.
 pub fn listable(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && name.len() <= NAME_MAX && !name.contains('\0')
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name != VOLUME_RECORD
+        && name.len() <= NAME_MAX
+        && !name.contains('\0')
 }
 
 pub fn kind_bits(kind: Kind) -> u32 {
@@ -93,5 +107,7 @@ mod tests {
         assert!(matches!(check_name(&[b'a'; 256]), Err(FsError::NameTooLong)));
         assert!(matches!(check_name(b".."), Err(FsError::Invalid(_))));
         assert!(matches!(check_name(b"a\0b"), Err(FsError::Invalid(_))));
+        assert!(matches!(check_name(VOLUME_RECORD.as_bytes()), Err(FsError::Invalid(_))));
+        assert!(!listable(VOLUME_RECORD));
     }
 }

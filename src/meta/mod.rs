@@ -25,7 +25,7 @@
 
 mod wal;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -212,8 +212,16 @@ impl Batch {
 
 /// The metadata database of one volume. Reads go straight to sled; every change goes through
 /// [`MetaDb::commit`].
+type OpenDbs = Mutex<std::collections::HashMap<PathBuf, (sled::Db, usize)>>;
+
+fn open_dbs() -> &'static OpenDbs {
+    static OPEN: std::sync::OnceLock<OpenDbs> = std::sync::OnceLock::new();
+    OPEN.get_or_init(Default::default)
+}
+
 pub struct MetaDb {
     _db: sled::Db,
+    sled_path: PathBuf,
     tree: sled::Tree,
     wal: Mutex<Wal>,
 }
@@ -231,16 +239,28 @@ impl MetaDb {
     /// Opens (or creates) the database in `dir`, replaying the journal left by a crash.
     pub fn open(dir: &Path) -> MetaResult<MetaDb> {
         std::fs::create_dir_all(dir)?;
-        let db = Self::open_sled(dir)?;
-        let tree = db.open_tree("ns")?;
-        let (wal, batches) = Wal::open(&dir.join("journal.wal"))?;
-        let replayed = batches.len();
-        for b in batches {
-            let batch: Batch = dec(&b)?;
-            Self::apply(&tree, batch)?;
-        }
+        let (db, sled_path) = Self::open_sled(dir)?;
+        // From here on the handle is counted: an error must give the count back.
+        let opened = (|| {
+            let tree = db.open_tree("ns")?;
+            let (wal, batches) = Wal::open(&dir.join("journal.wal"))?;
+            let replayed = batches.len();
+            for b in batches {
+                let batch: Batch = dec(&b)?;
+                Self::apply(&tree, batch)?;
+            }
+            Ok((tree, wal, replayed))
+        })();
+        let (tree, wal, replayed) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                Self::close_sled(&sled_path);
+                return Err(e);
+            }
+        };
         let me = MetaDb {
             _db: db,
+            sled_path,
             tree,
             wal: Mutex::new(wal),
         };
@@ -251,26 +271,46 @@ impl MetaDb {
         Ok(me)
     }
 
-    /// sled's worker threads keep the database's file lock for a while after the last handle is
-    /// dropped, so a volume closed and opened again in the same process (tests, a node plugin
-    /// restarting a volume) would find it locked. Handles are therefore kept per path for the
-    /// life of the process and shared by later opens; the database is flushed at every close.
-    fn open_sled(dir: &Path) -> MetaResult<sled::Db> {
-        static OPEN: std::sync::OnceLock<Mutex<std::collections::HashMap<std::path::PathBuf, sled::Db>>> =
-            std::sync::OnceLock::new();
+    /// One sled handle per path in the process, counted: a volume closed and opened again in
+    /// the same process (the CSI node plugin does it all day) must get a fresh handle once the
+    /// last one is closed, or it would see a database whose files were since removed, and the
+    /// handles of closed volumes would pile up with their caches. sled may keep its file lock a
+    /// moment after the last handle is dropped, so an open that finds it locked retries briefly.
+    fn open_sled(dir: &Path) -> MetaResult<(sled::Db, PathBuf)> {
         let path = std::fs::canonicalize(dir)?.join("sled");
-        let mut open = OPEN.get_or_init(Default::default).lock().unwrap();
-        if let Some(db) = open.get(&path) {
-            return Ok(db.clone());
+        let mut open = open_dbs().lock().unwrap();
+        if let Some((db, n)) = open.get_mut(&path) {
+            *n += 1;
+            return Ok((db.clone(), path));
         }
-        let db = sled::Config::new()
-            .path(&path)
-            // Our own log carries durability and `checkpoint` flushes sled.
-            .flush_every_ms(None)
-            .cache_capacity(64 << 20)
-            .open()?;
-        open.insert(path, db.clone());
-        Ok(db)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            let r = sled::Config::new()
+                .path(&path)
+                // Our own log carries durability and `checkpoint` flushes sled.
+                .flush_every_ms(None)
+                .cache_capacity(64 << 20)
+                .open();
+            match r {
+                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r?,
+            }
+        };
+        open.insert(path.clone(), (db.clone(), 1));
+        Ok((db, path))
+    }
+
+    /// Releases this handle's count (see [`MetaDb::open_sled`]).
+    fn close_sled(path: &Path) {
+        let mut open = open_dbs().lock().unwrap();
+        if let Some((_, n)) = open.get_mut(path) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(path);
+            }
+        }
     }
 
     fn apply(tree: &sled::Tree, batch: Batch) -> MetaResult<()> {
@@ -349,6 +389,15 @@ impl MetaDb {
         Ok(out)
     }
 
+    /// Calls `f` with every inode of the volume, in inode order.
+    pub fn for_each_inode(&self, mut f: impl FnMut(&Inode)) -> MetaResult<()> {
+        for item in self.tree.scan_prefix([b'I']) {
+            let (_, v) = item?;
+            f(&dec::<Inode>(&v)?);
+        }
+        Ok(())
+    }
+
     pub fn has_children(&self, parent: Ino) -> MetaResult<bool> {
         Ok(!self.children(parent, 0, 1)?.is_empty())
     }
@@ -412,6 +461,7 @@ impl Drop for MetaDb {
         if let Err(e) = self.checkpoint() {
             tracing::warn!(error = %e, "could not checkpoint the metadata journal at close");
         }
+        Self::close_sled(&self.sled_path);
     }
 }
 

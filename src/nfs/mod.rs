@@ -12,7 +12,7 @@ use nfsserve::nfs::{
     fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime, set_gid3, set_mode3,
     set_mtime, set_size3, set_uid3, specdata3,
 };
-use nfsserve::vfs::{DirEntry as NfsDirEntry, NFSFileSystem, ReadDirResult, VFSCapabilities};
+use nfsserve::vfs::{DirEntry as NfsDirEntry, FsStat, NFSFileSystem, ReadDirResult, VFSCapabilities};
 use tracing::Instrument;
 
 use crate::fs::{Attr, FsError, SetAttr, SetTime, Volume};
@@ -403,6 +403,18 @@ impl NFSFileSystem for NfsAdapter {
             .op("READLINK", nfs_span!("READLINK", ino = id), self.vol.readlink(id))
             .await?;
         Ok(t.into())
+    }
+
+    async fn fsstat(&self, _root: fileid3) -> Result<FsStat, nfsstat3> {
+        let u = self.vol.usage();
+        Ok(FsStat {
+            tbytes: u.capacity,
+            fbytes: u.free_bytes(),
+            abytes: u.free_bytes(),
+            tfiles: crate::fs::usage::FILE_SLOTS,
+            ffiles: u.free_files(),
+            afiles: u.free_files(),
+        })
     }
 
     fn id_to_fh(&self, id: fileid3) -> nfs_fh3 {

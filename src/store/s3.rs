@@ -139,6 +139,53 @@ impl S3Store {
         &self.bucket
     }
 
+    /// Creates the bucket (the CSI controller's bucket per volume). Ok when it exists already
+    /// and belongs to these credentials.
+    pub async fn create_bucket(&self, region: &str) -> StoreResult<()> {
+        let span = self.span("CreateBucket", "");
+        traced(span, async {
+            let mut req = self.client.create_bucket().bucket(&self.bucket);
+            // us-east-1 is the one region that must not be named.
+            if !region.is_empty() && region != "us-east-1" {
+                req = req.create_bucket_configuration(
+                    aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                        .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(region))
+                        .build(),
+                );
+            }
+            match req.send().await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let code = e.as_service_error().and_then(|s| s.code()).unwrap_or_default().to_string();
+                    match code.as_str() {
+                        "BucketAlreadyOwnedByYou" => Ok(()),
+                        "BucketAlreadyExists" => Err(StoreError::Invalid(format!(
+                            "bucket {} exists and belongs to someone else",
+                            self.bucket
+                        ))),
+                        _ => Err(self.classify(e, "")),
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Deletes the bucket, which must be empty. Ok when it does not exist.
+    pub async fn delete_bucket(&self) -> StoreResult<()> {
+        let span = self.span("DeleteBucket", "");
+        traced(span, async {
+            match self.client.delete_bucket().bucket(&self.bucket).send().await {
+                Ok(_) => Ok(()),
+                Err(e) => match self.classify(e, "") {
+                    StoreError::NoSuchBucket(_) | StoreError::NotFound(_) => Ok(()),
+                    other => Err(other),
+                },
+            }
+        })
+        .await
+    }
+
     fn span(&self, op: &'static str, key: &str) -> Span {
         tracing::info_span!(
             "s3.request",

@@ -221,6 +221,8 @@ root_domain = ".s3.garage.localhost"
         };
         self.access_key = field("Key ID:");
         self.secret_key = field("Secret key:");
+        // The CSI controller makes a bucket per volume.
+        self.retry(&["key", "allow", "--create-bucket", "test-key"]);
     }
 
     /// Runs `garage -c CONFIG ARGS`; returns the output whatever the exit status.
@@ -282,6 +284,20 @@ root_domain = ".s3.garage.localhost"
         let name = format!("test-{}-{n}", std::process::id());
         self.create_bucket(&name);
         name
+    }
+
+    /// The test key as a csi-s3 style Secret (`accessKeyID`, `secretAccessKey`, `endpoint`,
+    /// `region`).
+    pub fn csi_secret(&self) -> std::collections::HashMap<String, String> {
+        [
+            ("accessKeyID", self.access_key.as_str()),
+            ("secretAccessKey", self.secret_key.as_str()),
+            ("endpoint", self.endpoint.as_str()),
+            ("region", self.region.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
     }
 
     /// Configuration for an `S3Store` on `bucket` with the test key.

@@ -1,4 +1,4 @@
-//! Gateways for tests: in-process (`VolumeActor::start` on any store) or the `s3nfs` binary as
+//! Gateways for tests: in-process (`Gateway::start` on any store) or the `s3nfs` binary as
 //! a subprocess (killable with SIGKILL, restartable on the same port and state directory), plus
 //! S3-side helpers that look at the bucket directly.
 
@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use s3nfs::actors::VolumeActor;
+use s3nfs::actors::Gateway;
 use s3nfs::config::{Backend, Export};
 use s3nfs::fs::Volume;
 use s3nfs::store::faulty::{Faults, FaultyStore};
@@ -60,7 +60,7 @@ pub struct InProc {
     pub vol: Arc<Volume>,
     pub state: tempfile::TempDir,
     pub export: Export,
-    actor: Option<VolumeActor>,
+    actor: Option<Gateway>,
 }
 
 impl InProc {
@@ -76,8 +76,10 @@ impl InProc {
             state_dir: state.path().join("state"),
             flush_delay: opts.flush_delay,
             refresh: opts.refresh,
+            capacity: None,
+            defaults: Default::default(),
         };
-        let actor = VolumeActor::start(&export, store).await.expect("starting the volume");
+        let actor = Gateway::start(&export, store).await.expect("starting the volume");
         InProc {
             addr: actor.addr,
             vol: actor.vol.clone(),

@@ -40,6 +40,7 @@ for i in $(seq 1 100); do gcli status >/dev/null 2>&1 && break; sleep 0.2; done
 node=$(gcli node id -q | cut -d@ -f1)
 step garage_layout sh -c "$GARAGE -c $GD/config.toml layout assign -z dc1 -c 1G $node >/dev/null && $GARAGE -c $GD/config.toml layout apply --version 1 >/dev/null"
 key=$(gcli key create vol-key)
+gcli key allow --create-bucket vol-key >/dev/null
 export AWS_ACCESS_KEY_ID=$(printf '%s\n' "$key" | sed -n 's/.*Key ID: *//p')
 export AWS_SECRET_ACCESS_KEY=$(printf '%s\n' "$key" | sed -n 's/.*Secret key: *//p')
 step garage_bucket sh -c "$GARAGE -c $GD/config.toml bucket create vol >/dev/null && $GARAGE -c $GD/config.toml bucket allow --read --write --owner vol --key vol-key >/dev/null"

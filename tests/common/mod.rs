@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod csi;
 pub mod garage;
 pub mod gateway;
 pub mod guest;

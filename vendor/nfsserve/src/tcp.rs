@@ -7,7 +7,7 @@ use anyhow;
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info};
 
 use crate::context::RPCContext;
@@ -30,8 +30,17 @@ pub fn generate_host_ip(hostnum: u16) -> String {
 }
 
 /// processes an established socket
-async fn process_socket(mut socket: tokio::net::TcpStream, context: RPCContext) -> Result<(), anyhow::Error> {
-    let (mut message_handler, mut socksend, mut msgrecvchan) = SocketMessageHandler::new(&context);
+///
+/// s3nfs patch: when `shutdown` fires, no more bytes are read from the client; the requests
+/// already received are answered, then the connection is closed. The in-flight requests each hold
+/// a sender of the reply channel, so the channel closes exactly when the last one has answered.
+async fn process_socket(
+    mut socket: tokio::net::TcpStream,
+    context: RPCContext,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), anyhow::Error> {
+    let (mut message_handler, socksend, mut msgrecvchan) = SocketMessageHandler::new(&context);
+    let mut socksend = Some(socksend);
     let _ = socket.set_nodelay(true);
 
     tokio::spawn(async move {
@@ -44,7 +53,12 @@ async fn process_socket(mut socket: tokio::net::TcpStream, context: RPCContext) 
     });
     loop {
         tokio::select! {
-            _ = socket.readable() => {
+            _ = shutdown.changed(), if socksend.is_some() => {
+                // Closing our end of the pipe ends the message loop once it has read what is
+                // buffered; the replies still come through `msgrecvchan` below.
+                socksend = None;
+            }
+            _ = socket.readable(), if socksend.is_some() => {
                 let mut buf = [0; 128000];
 
                 match socket.try_read(&mut buf) {
@@ -52,7 +66,9 @@ async fn process_socket(mut socket: tokio::net::TcpStream, context: RPCContext) 
                         return Ok(());
                     }
                     Ok(n) => {
-                        let _ = socksend.write_all(&buf[..n]).await;
+                        if let Some(s) = socksend.as_mut() {
+                            let _ = s.write_all(&buf[..n]).await;
+                        }
                     }
                     Err(ref e) if e.kind() == io::ErrorKind::WouldBlock => {
                         continue;
@@ -74,6 +90,10 @@ async fn process_socket(mut socket: tokio::net::TcpStream, context: RPCContext) 
                         if let Err(e) = write_fragment(&mut socket, &msg).await {
                             error!("Write error {:?}", e);
                         }
+                    }
+                    None if socksend.is_none() => {
+                        let _ = socket.shutdown().await;
+                        return Ok(());
                     }
                     None => {
                         return Err(anyhow::anyhow!("Unexpected socket context termination"));
@@ -99,6 +119,9 @@ pub trait NFSTcp: Send + Sync {
     /// Loops forever and never returns handling all incoming connections.
     async fn handle_forever(&self) -> io::Result<()>;
 }
+
+/// Longest pause between retries of a failing `accept()` (EMFILE, ENFILE, ENOBUFS...).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 impl<T: NFSFileSystem + Send + Sync + 'static> NFSTcpListener<T> {
     /// Binds to a ipstr of the form [ip address]:port. For instance
@@ -194,11 +217,54 @@ impl<T: NFSFileSystem + Send + Sync + 'static> NFSTcp for NFSTcpListener<T> {
 
     /// Loops forever and never returns handling all incoming connections.
     async fn handle_forever(&self) -> io::Result<()> {
+        let (_never, rx) = watch::channel(false);
+        self.accept_until(rx).await
+    }
+}
+
+impl<T: NFSFileSystem + Send + Sync + 'static> NFSTcpListener<T> {
+    /// s3nfs patch: serves until `shutdown` becomes true, then stops accepting, closes the
+    /// listening socket, lets every connection answer the requests it has already received, and
+    /// returns once all of them are closed. Accept errors (EMFILE under a burst of connections,
+    /// a connection reset before it was looked at) are logged and retried with back-off: the
+    /// listener never ends on its own.
+    pub async fn handle_until(self, shutdown: watch::Receiver<bool>) {
+        let _ = self.accept_until(shutdown).await;
+    }
+
+    async fn accept_until(&self, mut shutdown: watch::Receiver<bool>) -> io::Result<()> {
+        let mut conns = tokio::task::JoinSet::new();
+        let mut backoff = Duration::from_millis(10);
         loop {
-            let (socket, _) = self.listener.accept().await?;
+            let accepted = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                // Reap finished connections so the set does not grow with the process's age.
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                r = self.listener.accept() => r,
+            };
+            let socket = match accepted {
+                Ok((socket, _)) => {
+                    backoff = Duration::from_millis(10);
+                    socket
+                }
+                Err(e) => {
+                    error!("accept failed on port {}: {e}; retrying in {:?}", self.port, backoff);
+                    tokio::select! {
+                        _ = shutdown.wait_for(|stop| *stop) => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                    continue;
+                }
+            };
+            let client_addr = match socket.peer_addr() {
+                Ok(a) => a.to_string(),
+                // Reset before we looked: nothing to serve.
+                Err(_) => continue,
+            };
             let context = RPCContext {
                 local_port: self.port,
-                client_addr: socket.peer_addr().unwrap().to_string(),
+                client_addr,
                 auth: crate::rpc::auth_unix::default(),
                 vfs: self.arcfs.clone(),
                 mount_signal: self.mount_signal.clone(),
@@ -207,9 +273,12 @@ impl<T: NFSFileSystem + Send + Sync + 'static> NFSTcp for NFSTcpListener<T> {
             };
             info!("Accepting connection from {}", context.client_addr);
             debug!("Accepting socket {:?} {:?}", socket, context);
-            tokio::spawn(async move {
-                let _ = process_socket(socket, context).await;
+            let stop = shutdown.clone();
+            conns.spawn(async move {
+                let _ = process_socket(socket, context, stop).await;
             });
         }
+        while conns.join_next().await.is_some() {}
+        Ok(())
     }
 }

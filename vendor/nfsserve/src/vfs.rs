@@ -23,6 +23,32 @@ pub struct DirEntry {
     pub name: filename3,
     pub attr: fattr3,
 }
+/// s3nfs patch: what FSSTAT reports, from the filesystem (0.11.0 answered a fixed 1 TiB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsStat {
+    /// Size of the filesystem, free bytes, and free bytes for unprivileged users.
+    pub tbytes: u64,
+    pub fbytes: u64,
+    pub abytes: u64,
+    /// File slots in all, free, and free for unprivileged users.
+    pub tfiles: u64,
+    pub ffiles: u64,
+    pub afiles: u64,
+}
+
+impl Default for FsStat {
+    fn default() -> Self {
+        FsStat {
+            tbytes: 1 << 40,
+            fbytes: 1 << 40,
+            abytes: 1 << 40,
+            tfiles: 1 << 30,
+            ffiles: 1 << 30,
+            afiles: 1 << 30,
+        }
+    }
+}
+
 #[derive(Default, Debug)]
 pub struct ReadDirResult {
     pub entries: Vec<DirEntry>,
@@ -219,6 +245,11 @@ pub trait NFSFileSystem: Sync {
 
     /// Reads a symlink
     async fn readlink(&self, id: fileid3) -> Result<nfspath3, nfsstat3>;
+
+    /// s3nfs patch: space and file counts for FSSTAT (`df`).
+    async fn fsstat(&self, _root_fileid: fileid3) -> Result<FsStat, nfsstat3> {
+        Ok(FsStat::default())
+    }
 
     /// Get static file system Information
     async fn fsinfo(&self, root_fileid: fileid3) -> Result<fsinfo3, nfsstat3> {

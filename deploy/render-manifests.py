@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Writes deploy/manifests/ from the Helm chart in deploy/helm/s3nfs.
+
+The plain manifests are the chart rendered with its default values (release and namespace
+"s3nfs"), one file per template, plus namespace.yaml. Run this after changing the chart:
+
+    python3 deploy/render-manifests.py          # rewrite deploy/manifests/
+    python3 deploy/render-manifests.py --check  # exit 1 if deploy/manifests/ is stale
+
+Rendering uses helm-python-sdk (`pip install helm-python-sdk`), which carries Helm's Go SDK as
+a shared library: no helm binary and no cluster are involved. tests/deploy/check.py runs the same
+comparison as part of `cargo test`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+DEPLOY = pathlib.Path(__file__).resolve().parent
+CHART = DEPLOY / "helm" / "s3nfs"
+MANIFESTS = DEPLOY / "manifests"
+
+RELEASE = "s3nfs"
+NAMESPACE = "s3nfs"
+
+# The secret has no default credentials; the example carries placeholders.
+EXAMPLE_VALUES = {
+    "secret": {
+        "accessKey": "REPLACE-WITH-ACCESS-KEY-ID",
+        "secretKey": "REPLACE-WITH-SECRET-ACCESS-KEY",
+        "endpoint": "http://minio.minio:9000",
+    }
+}
+
+# Template file -> manifest file. NOTES.txt is Helm's message after an install, not an object.
+FILES = {
+    "csidriver.yaml": "csidriver.yaml",
+    "rbac.yaml": "rbac.yaml",
+    "controller.yaml": "controller.yaml",
+    "node.yaml": "node.yaml",
+    "storageclass.yaml": "storageclass.yaml",
+    "secret.yaml": "secret.example.yaml",
+}
+NOT_MANIFESTS = {"NOTES.txt"}
+
+HEADER = """\
+# Generated from deploy/helm/s3nfs (default values, namespace s3nfs) by
+# deploy/render-manifests.py: do not edit, change the chart and run the script again.
+# Apply namespace.yaml first, then the rest: kubectl apply -f deploy/manifests/
+"""
+
+SECRET_NOTE = """\
+# An example: put your credentials and endpoint in it before applying, or create a Secret of
+# this name with these keys yourself.
+"""
+
+NAMESPACE_YAML = f"""\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: {NAMESPACE}
+  labels:
+    app.kubernetes.io/name: s3nfs
+    # The node plugin is privileged and uses the host's network and the kubelet directory:
+    # only the Pod Security "privileged" level admits it.
+    pod-security.kubernetes.io/enforce: privileged
+"""
+
+
+def render_chart(
+    values: dict | None, release: str = RELEASE, namespace: str = NAMESPACE
+) -> dict[str, str]:
+    """The chart's templates rendered offline: template file name -> text."""
+    import helm_python as helm
+
+    with helm.Chart.load(str(CHART)) as chart:
+        rendered = chart.render(values, name=release, namespace=namespace, is_install=True)
+    return {path.rsplit("/templates/", 1)[-1]: text for path, text in rendered.items()}
+
+
+def manifests() -> dict[str, str]:
+    """The contents deploy/manifests/ must have: file name -> text."""
+    rendered = render_chart(EXAMPLE_VALUES)
+    unknown = set(rendered) - set(FILES) - NOT_MANIFESTS
+    if unknown:
+        raise SystemExit(
+            f"render-manifests: template(s) {sorted(unknown)} have no file in deploy/manifests/: "
+            "add them to FILES in deploy/render-manifests.py"
+        )
+    files = {"namespace.yaml": HEADER + "\n" + NAMESPACE_YAML}
+    for template, name in FILES.items():
+        note = SECRET_NOTE if name == "secret.example.yaml" else ""
+        files[name] = HEADER + note + "\n" + rendered[template].strip() + "\n"
+    return files
+
+
+def stale() -> list[str]:
+    """What differs between deploy/manifests/ and a fresh render (empty when up to date)."""
+    want = manifests()
+    have = {p.name: p.read_text() for p in MANIFESTS.glob("*") if p.is_file()}
+    problems = []
+    for name in sorted(set(want) | set(have)):
+        if name not in have:
+            problems.append(f"deploy/manifests/{name} is missing")
+        elif name not in want:
+            problems.append(f"deploy/manifests/{name} is not produced by the chart")
+        elif have[name] != want[name]:
+            problems.append(f"deploy/manifests/{name} differs from the chart's render")
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    if argv[1:] == ["--check"]:
+        problems = stale()
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
+            print("run: python3 deploy/render-manifests.py", file=sys.stderr)
+        return 1 if problems else 0
+    if argv[1:]:
+        print(__doc__, file=sys.stderr)
+        return 2
+    MANIFESTS.mkdir(exist_ok=True)
+    want = manifests()
+    for p in MANIFESTS.glob("*"):
+        if p.is_file() and p.name not in want:
+            p.unlink()
+    for name, text in want.items():
+        (MANIFESTS / name).write_text(text)
+    print(f"wrote {len(want)} files to {MANIFESTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,198 @@
+//! One volume being served: the core ([`Volume`]), its NFS listener, and its background work
+//! (the flusher and the local sync ticker), with one lifecycle for all of them.
+//!
+//! Everything a gateway starts it also stops, in this order ([`Gateway::close`]):
+//! 1. the NFS listener stops accepting; each connection answers the requests it has already
+//!    received and is closed (nfsserve's `handle_until`);
+//! 2. everything pending is uploaded to S3 (`flush_all`); if S3 refuses, the close fails and the
+//!    gateway stays open (still flushing in the background) for the caller to try again;
+//! 3. the background tasks are told to stop and awaited; the journal and staging are fsync'd;
+//! 4. the volume is dropped: the database closes (checkpointing its journal), staging files
+//!    are closed, the read cache is freed, and its metric series disappear.
+//!
+//! The first failure of a background task is recorded ([`Gateway::failure`]) instead of being
+//! lost in a detached task. Dropping a `Gateway` without `close` aborts everything at once, as
+//! a crash would: acknowledged writes are safe in the journal and staging, nothing is uploaded.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nfsserve::tcp::{NFSTcp, NFSTcpListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::config::Export;
+use crate::fs::{Volume, VolumeConfig};
+use crate::nfs::NfsAdapter;
+use crate::store::ObjectStore;
+
+/// How often staged data and the journal are fsync'd: the most a node reboot can lose.
+pub const LOCAL_SYNC_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the flusher looks for files that went idle.
+const FLUSH_TICK: Duration = Duration::from_millis(200);
+/// Longest pause between flush rounds while S3 keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+pub fn volume_config(export: &Export) -> VolumeConfig {
+    let mut cfg = VolumeConfig::new(export.state_dir.clone());
+    cfg.prefix = export.prefix.clone();
+    cfg.flush_delay = export.flush_delay;
+    cfg.refresh = export.refresh;
+    cfg.capacity = export.capacity;
+    cfg.default_uid = export.defaults.uid;
+    cfg.default_gid = export.defaults.gid;
+    cfg.default_file_mode = export.defaults.file_mode;
+    cfg.default_dir_mode = export.defaults.dir_mode;
+    cfg
+}
+
+pub struct Gateway {
+    pub name: String,
+    pub vol: Arc<Volume>,
+    pub addr: SocketAddr,
+    stop_listener: watch::Sender<bool>,
+    listener: Option<tokio::task::JoinHandle<()>>,
+    stop_background: watch::Sender<bool>,
+    background: JoinSet<()>,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl Gateway {
+    /// Opens the volume and binds its listener (on the export's port, so that clients holding
+    /// handles from before a restart find it again).
+    pub async fn start(export: &Export, store: Arc<dyn ObjectStore>) -> anyhow::Result<Gateway> {
+        // A root span of its own: the journal replay and the restore of in-flight uploads.
+        let span = tracing::info_span!(parent: None, "volume_open", volume = %export.name);
+        let vol = Volume::open(volume_config(export), store).instrument(span).await?;
+        let adapter = NfsAdapter::named(vol.clone(), &export.name);
+        let listener = NFSTcpListener::bind(&export.listen.to_string(), adapter)
+            .await
+            .map_err(|e| anyhow::anyhow!("export {}: cannot listen on {}: {e}", export.name, export.listen))?;
+        let addr = SocketAddr::new(listener.get_listen_ip(), listener.get_listen_port());
+        crate::metrics::global().register_volume(&export.name, &vol);
+
+        let (stop_listener, rx) = watch::channel(false);
+        let listener = tokio::spawn(listener.handle_until(rx));
+        let (stop_background, rx) = watch::channel(false);
+        let failure = Arc::new(Mutex::new(None));
+        let mut background = JoinSet::new();
+        background.spawn(flusher(vol.clone(), rx.clone(), failure.clone()));
+        background.spawn(local_sync(vol.clone(), rx, failure.clone()));
+        Ok(Gateway {
+            name: export.name.clone(),
+            vol,
+            addr,
+            stop_listener,
+            listener: Some(listener),
+            stop_background,
+            background,
+            failure,
+        })
+    }
+
+    /// The first failure of a background task, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap().clone()
+    }
+
+    /// Stops taking NFS requests and waits for those in flight. Idempotent.
+    pub async fn stop_serving(&mut self) {
+        let _ = self.stop_listener.send(true);
+        if let Some(l) = self.listener.take() {
+            let _ = l.await;
+        }
+    }
+
+    /// The whole stop sequence (see the module docs). On failure to upload, the gateway is
+    /// handed back, no longer serving NFS but still flushing in the background.
+    pub async fn close(mut self) -> Result<(), (Gateway, anyhow::Error)> {
+        self.stop_serving().await;
+        let span = tracing::info_span!("volume_close", volume = %self.name);
+        if let Err(e) = self.vol.flush_all().instrument(span).await {
+            let e = anyhow::anyhow!("volume {}: data still pending: {e}", self.name);
+            return Err((self, e));
+        }
+        let _ = self.stop_background.send(true);
+        while self.background.join_next().await.is_some() {}
+        let vol = self.vol.clone();
+        let synced = tokio::task::spawn_blocking(move || vol.sync_local()).await;
+        if let Ok(Err(e)) = synced {
+            tracing::warn!(volume = %self.name, error = %e, "final local sync failed");
+        }
+        crate::metrics::global().unregister_volume(&self.name);
+        let name = self.name.clone();
+        let vol = self.vol.clone();
+        drop(self);
+        // Every task holding the volume has ended; this is the last handle, and dropping it
+        // closes the database.
+        let holders = Arc::strong_count(&vol);
+        if holders != 1 {
+            tracing::warn!(volume = %name, holders, "volume still referenced after close");
+        }
+        drop(vol);
+        Ok(())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(l) = &self.listener {
+            l.abort();
+        }
+        self.background.abort_all();
+    }
+}
+
+fn record_failure(failure: &Mutex<Option<String>>, what: String) {
+    let mut f = failure.lock().unwrap();
+    if f.is_none() {
+        *f = Some(what);
+    }
+}
+
+async fn flusher(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc<Mutex<Option<String>>>) {
+    use std::sync::atomic::Ordering;
+    // While S3 keeps failing, back off (up to MAX_BACKOFF) instead of retrying every tick.
+    let mut backoff = FLUSH_TICK;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = vol.flusher.wait(), if backoff == FLUSH_TICK => {}
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        let errors = vol.flusher.errors.load(Ordering::Relaxed);
+        let failed = match vol.flush_round(false).await {
+            Err(e) => {
+                tracing::warn!(error = %e, "flush round failed; retrying");
+                true
+            }
+            Ok(_) => vol.flusher.errors.load(Ordering::Relaxed) != errors,
+        };
+        backoff = if failed {
+            (backoff * 2).min(MAX_BACKOFF)
+        } else {
+            FLUSH_TICK
+        };
+        let v = vol.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.recount_usage_if_due()).await {
+            record_failure(&failure, format!("counting usage: {e}"));
+        }
+    }
+}
+
+async fn local_sync(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc<Mutex<Option<String>>>) {
+    let mut tick = tokio::time::interval(LOCAL_SYNC_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let v = vol.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.sync_local()).await {
+            tracing::error!(error = %e, "local sync failed");
+            record_failure(&failure, format!("local sync: {e}"));
+        }
+    }
+}

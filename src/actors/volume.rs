@@ -1,0 +1,117 @@
+//! The actor of one volume: owns its [`Gateway`] (listener, background tasks, database,
+//! staging). Only lifecycle and queries go through its mailbox; NFS requests reach the volume
+//! directly from the listener's tasks.
+
+use actix::prelude::*;
+
+use super::gateway::Gateway;
+use crate::fs::usage::UsageSnapshot;
+
+pub struct VolumeActor {
+    /// None only while a close is running.
+    gateway: Option<Gateway>,
+}
+
+impl VolumeActor {
+    pub fn new(gateway: Gateway) -> VolumeActor {
+        VolumeActor { gateway: Some(gateway) }
+    }
+}
+
+impl Actor for VolumeActor {
+    type Context = Context<Self>;
+}
+
+/// Runs the gateway's stop sequence; the actor stops when it succeeded.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct Close;
+
+impl Handler<Close> for VolumeActor {
+    type Result = ResponseActFuture<Self, Result<(), String>>;
+    fn handle(&mut self, _: Close, _: &mut Context<Self>) -> Self::Result {
+        let Some(gw) = self.gateway.take() else {
+            return Box::pin(fut::ready(Err("a close of this volume is already running".to_string())));
+        };
+        Box::pin(gw.close().into_actor(self).map(|r, act, ctx| match r {
+            Ok(()) => {
+                ctx.stop();
+                Ok(())
+            }
+            Err((gw, e)) => {
+                act.gateway = Some(gw);
+                Err(e.to_string())
+            }
+        }))
+    }
+}
+
+/// Uploads everything pending now.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct Flush;
+
+impl Handler<Flush> for VolumeActor {
+    type Result = ResponseFuture<Result<(), String>>;
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
+        let Some(gw) = &self.gateway else {
+            return Box::pin(async { Err("volume is closing".to_string()) });
+        };
+        let vol = gw.vol.clone();
+        let span = tracing::info_span!("volume_flush", volume = %gw.name);
+        Box::pin(tracing::Instrument::instrument(
+            async move { vol.flush_all().await.map_err(|e| e.to_string()) },
+            span,
+        ))
+    }
+}
+
+/// Sets the volume's capacity (online expansion).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetCapacity(pub Option<u64>);
+
+impl Handler<SetCapacity> for VolumeActor {
+    type Result = ();
+    fn handle(&mut self, m: SetCapacity, _: &mut Context<Self>) {
+        if let Some(gw) = &self.gateway {
+            gw.vol.set_capacity(m.0);
+        }
+    }
+}
+
+/// What an operator asks: `s3nfs status`, NodeGetVolumeStats.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub listen: String,
+    pub pending_inodes: usize,
+    pub dirty_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub upload_errors: u64,
+    #[serde(skip)]
+    pub usage: UsageSnapshot,
+    /// The first failure of a background task.
+    pub failure: Option<String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Option<VolumeStatus>")]
+pub struct Status;
+
+impl Handler<Status> for VolumeActor {
+    type Result = MessageResult<Status>;
+    fn handle(&mut self, _: Status, _: &mut Context<Self>) -> Self::Result {
+        use std::sync::atomic::Ordering;
+        MessageResult(self.gateway.as_ref().map(|gw| VolumeStatus {
+            name: gw.name.clone(),
+            listen: gw.addr.to_string(),
+            pending_inodes: gw.vol.meta.pending_count(),
+            dirty_bytes: gw.vol.flusher.dirty_bytes(),
+            uploaded_bytes: gw.vol.flusher.uploaded_bytes.load(Ordering::Relaxed),
+            upload_errors: gw.vol.flusher.errors.load(Ordering::Relaxed),
+            usage: gw.vol.usage(),
+            failure: gw.failure(),
+        }))
+    }
+}

@@ -1,0 +1,548 @@
+//! Node: stages a volume (its gateway on 127.0.0.1, a kernel NFS mount at the staging path),
+//! publishes it into pods (bind mounts), and undoes both. Gateways are started, stopped,
+//! resized and restored only through the [`Supervisor`]; mounts go through the [`Mounter`].
+//!
+//! Every call is idempotent, as kubelet requires (it repeats calls after its own restart).
+//! Calls for one volume are serialised; a call that arrives while another for the same volume
+//! runs is answered Aborted, as the spec asks, and kubelet retries it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use actix::Addr;
+use tonic::{Request, Response, Status};
+
+use super::controller::connect;
+use super::mount::Mounter;
+use super::params::{capacity_for, check_capability, Params, S3Secret, VolumeId};
+use super::pb::{self, node_server::Node, node_service_capability as nsc};
+use super::record;
+use super::state::{NodeState, StagedVolume};
+use super::{anyhow_status, store_status};
+use crate::actors::{ResizeVolume, StartVolume, StopVolume, Supervisor, VolumeStatusOf};
+use crate::config::{Backend, Export};
+
+pub struct NodeService {
+    node_id: String,
+    state: NodeState,
+    ports: Range<u16>,
+    supervisor: Addr<Supervisor>,
+    mounter: Arc<dyn Mounter>,
+    /// The staged volumes, as recorded in `state`.
+    staged: Mutex<HashMap<String, StagedVolume>>,
+    /// Volumes staged without a secret, waiting for the first publish to bring one.
+    deferred: Mutex<HashMap<String, Deferred>>,
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+/// What NodeStage asked for.
+#[derive(Clone)]
+struct Deferred {
+    staging: PathBuf,
+    context: BTreeMap<String, String>,
+    single_target: bool,
+}
+
+/// Held while a call works on a volume.
+struct VolumeLock {
+    id: String,
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for VolumeLock {
+    fn drop(&mut self) {
+        self.busy.lock().unwrap().remove(&self.id);
+    }
+}
+
+fn required<'a>(v: &'a str, what: &str) -> Result<&'a str, Status> {
+    if v.is_empty() {
+        Err(Status::invalid_argument(format!("{what} is missing")))
+    } else {
+        Ok(v)
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("{what}: {e}"))
+}
+
+/// The gateway of a staged volume, as the supervisor starts it.
+fn export_of(state: &NodeState, v: &StagedVolume, secret: &S3Secret) -> Result<Export, Status> {
+    let id = VolumeId::parse(&v.volume_id)?;
+    let ctx: HashMap<String, String> = v.context.clone().into_iter().collect();
+    let params = Params::parse(&ctx, false)?;
+    Ok(Export {
+        name: v.volume_id.clone(),
+        listen: SocketAddr::from(([127, 0, 0, 1], v.port)),
+        backend: Backend::S3(secret.s3_config(&id.bucket)),
+        prefix: id.prefix.clone(),
+        state_dir: state.gateway_dir(&id),
+        flush_delay: params.flush_delay,
+        refresh: params.refresh,
+        capacity: v.capacity,
+        defaults: params.defaults,
+    })
+}
+
+impl NodeService {
+    pub fn new(
+        node_id: String,
+        state: NodeState,
+        ports: Range<u16>,
+        supervisor: Addr<Supervisor>,
+        mounter: Arc<dyn Mounter>,
+    ) -> NodeService {
+        NodeService {
+            node_id,
+            state,
+            ports,
+            supervisor,
+            mounter,
+            staged: Mutex::new(HashMap::new()),
+            deferred: Default::default(),
+            busy: Default::default(),
+        }
+    }
+
+    /// Brings back the gateway of every recorded volume on its port, before any call is
+    /// answered. S3 need not be reachable: the gateway serves what is staged and uploads later.
+    pub async fn restore(&self) {
+        for r in self.state.load_all() {
+            let (v, secret) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read a staged volume's record; its mount will hang until it is staged again");
+                    continue;
+                }
+            };
+            let started = match export_of(&self.state, &v, &secret) {
+                Ok(export) => self
+                    .supervisor
+                    .send(StartVolume { export, check: false })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| format!("{e:#}"))),
+                Err(s) => Err(s.message().to_string()),
+            };
+            match started {
+                Ok(addr) => tracing::info!(volume = %v.volume_id, %addr, "gateway restored"),
+                Err(e) => tracing::error!(volume = %v.volume_id, error = %e, "cannot restore the gateway"),
+            }
+            self.staged.lock().unwrap().insert(v.volume_id.clone(), v);
+        }
+    }
+
+    fn lock(&self, id: &str) -> Result<VolumeLock, Status> {
+        if !self.busy.lock().unwrap().insert(id.to_string()) {
+            return Err(Status::aborted(format!("an operation on volume {id} is already in progress")));
+        }
+        Ok(VolumeLock {
+            id: id.to_string(),
+            busy: self.busy.clone(),
+        })
+    }
+
+    fn staged(&self, id: &str) -> Option<StagedVolume> {
+        self.staged.lock().unwrap().get(id).cloned()
+    }
+
+    fn save(&self, v: &StagedVolume, secret: Option<&S3Secret>) -> Result<(), Status> {
+        self.state
+            .save(v, secret)
+            .map_err(|e| internal("recording the volume in the state directory", e))?;
+        self.staged.lock().unwrap().insert(v.volume_id.clone(), v.clone());
+        Ok(())
+    }
+
+    /// A port in the range that no recorded volume holds and that is free now.
+    fn free_port(&self) -> Result<u16, Status> {
+        let held: HashSet<u16> = self.staged.lock().unwrap().values().map(|v| v.port).collect();
+        self.ports
+            .clone()
+            .filter(|p| !held.contains(p))
+            .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "no free port in {}-{} for another gateway",
+                    self.ports.start,
+                    self.ports.end - 1
+                ))
+            })
+    }
+
+    /// Starts (or finds) the volume's gateway and mounts it at the staging path. Leaves nothing
+    /// behind when it fails. The caller holds the volume's lock.
+    async fn stage(&self, vol: &VolumeId, d: Deferred, secret: &S3Secret) -> Result<(), Status> {
+        let id = vol.to_id();
+        let staging = d.staging;
+        if let Some(v) = self.staged(&id) {
+            if v.staging_path != staging {
+                return Err(Status::already_exists(format!(
+                    "volume {id} is already staged at {}",
+                    v.staging_path.display()
+                )));
+            }
+            if self.is_staged_at(&staging, v.port)? {
+                return Ok(());
+            }
+        }
+
+        // The volume's capacity as last expanded, from its record (none for a static PV);
+        // this is also where refused credentials or an unreachable S3 show, before anything
+        // is made.
+        let store = connect(secret, &vol.bucket).await?;
+        let capacity = record::read(&*store, vol)
+            .await
+            .map_err(|e| store_status(&e, &format!("reading volume {id} in S3")))?
+            .map(|rec| rec.capacity_bytes);
+        let port = match self.staged(&id) {
+            Some(v) => v.port,
+            None => self.free_port()?,
+        };
+        let v = StagedVolume {
+            volume_id: id.clone(),
+            port,
+            staging_path: staging.clone(),
+            capacity,
+            context: d.context,
+            single_target: d.single_target,
+            targets: self.staged(&id).map(|v| v.targets).unwrap_or_default(),
+        };
+        let export = export_of(&self.state, &v, secret)?;
+        // Recorded before the mount exists: a plugin that dies between the two brings the
+        // gateway back for the mount.
+        self.save(&v, Some(secret))?;
+        let undo = |this: &Self| {
+            this.staged.lock().unwrap().remove(&id);
+            let _ = this.state.remove(vol);
+        };
+        match self.supervisor.send(StartVolume { export, check: true }).await {
+            Ok(Ok(addr)) => tracing::info!(volume = %id, %addr, "gateway started"),
+            Ok(Err(e)) => {
+                undo(self);
+                return Err(anyhow_status(&e, &format!("starting the gateway of volume {id}")));
+            }
+            Err(e) => {
+                undo(self);
+                return Err(internal("supervisor", e));
+            }
+        }
+        let mounted = std::fs::create_dir_all(&staging)
+            .map_err(|e| internal(&format!("creating {}", staging.display()), e))
+            .and_then(|_| {
+                self.mounter
+                    .mount_nfs(port, &staging)
+                    .map_err(|e| internal(&format!("NFS mount of the gateway on {}", staging.display()), e))
+            });
+        if let Err(s) = mounted {
+            let _ = self.supervisor.send(StopVolume(id.clone())).await;
+            undo(self);
+            return Err(s);
+        }
+        self.deferred.lock().unwrap().remove(&id);
+        tracing::info!(volume = %id, staging = %staging.display(), port, "volume staged");
+        Ok(())
+    }
+
+    /// Whether `path` holds the NFS mount of the gateway on `port`.
+    fn is_staged_at(&self, path: &Path, port: u16) -> Result<bool, Status> {
+        let m = self.mounter.mounted(path).map_err(|e| internal("reading the mount table", e))?;
+        Ok(m.is_some_and(|m| m.fstype.starts_with("nfs") && m.port == Some(port)))
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        req: Request<pb::NodeStageVolumeRequest>,
+    ) -> Result<Response<pb::NodeStageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let vol = VolumeId::parse(&r.volume_id)?;
+        let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume_capability is missing"))?;
+        let access = check_capability(cap).map_err(Status::invalid_argument)?;
+        Params::parse(&r.volume_context, false)?;
+        let id = vol.to_id();
+        let _lock = self.lock(&id)?;
+        if r.secrets.is_empty() {
+            // A static PV written for csi-s3 may carry only a node-publish secret: stage at
+            // the first publish, which brings it.
+            tracing::info!(volume = %id, "no node-stage secret: the gateway starts at the first publish");
+            self.deferred.lock().unwrap().insert(
+                id,
+                Deferred {
+                    staging,
+                    context: r.volume_context.into_iter().collect(),
+                    single_target: access.single_target,
+                },
+            );
+            return Ok(Response::new(pb::NodeStageVolumeResponse {}));
+        }
+        let secret = S3Secret::parse(&r.secrets, "node-stage")?;
+        self.stage(
+            &vol,
+            Deferred {
+                staging,
+                context: r.volume_context.into_iter().collect(),
+                single_target: access.single_target,
+            },
+            &secret,
+        )
+        .await?;
+        Ok(Response::new(pb::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<pb::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<pb::NodeUnstageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let vol = VolumeId::parse(&r.volume_id)?;
+        let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
+        let id = vol.to_id();
+        let _lock = self.lock(&id)?;
+        self.deferred.lock().unwrap().remove(&id);
+        // Unmounting first makes the kernel client send what it still holds.
+        self.mounter
+            .unmount(&staging)
+            .map_err(|e| internal(&format!("unmounting {}", staging.display()), e))?;
+        if let Some(v) = self.staged(&id) {
+            if v.staging_path != staging {
+                return Err(Status::invalid_argument(format!(
+                    "volume {id} is staged at {}, not {}",
+                    v.staging_path.display(),
+                    staging.display()
+                )));
+            }
+        }
+        // Returns once every byte is in S3; if S3 refuses, the gateway and its record stay
+        // (still uploading in the background) and kubelet retries.
+        match self.supervisor.send(StopVolume(id.clone())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Status::unavailable(format!("volume {id}: {e}; will retry"))),
+            Err(e) => return Err(internal("supervisor", e)),
+        }
+        self.staged.lock().unwrap().remove(&id);
+        self.state
+            .remove(&vol)
+            .map_err(|e| internal("removing the volume's local state", e))?;
+        tracing::info!(volume = %id, "volume unstaged; all its data is in S3");
+        Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<pb::NodePublishVolumeRequest>,
+    ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let vol = VolumeId::parse(&r.volume_id)?;
+        let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
+        let target = PathBuf::from(required(&r.target_path, "target_path")?);
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume_capability is missing"))?;
+        let access = check_capability(cap).map_err(Status::invalid_argument)?;
+        let read_only = r.readonly || access.read_only;
+        let id = vol.to_id();
+        let _lock = self.lock(&id)?;
+        let deferred = self.deferred.lock().unwrap().remove(&id);
+        if let Some(d) = deferred {
+            if d.staging == staging {
+                let staged = match S3Secret::parse(&r.secrets, "node-publish") {
+                    Ok(secret) => self.stage(&vol, d.clone(), &secret).await,
+                    Err(s) => Err(s),
+                };
+                if let Err(s) = staged {
+                    self.deferred.lock().unwrap().insert(id.clone(), d);
+                    return Err(s);
+                }
+            } else {
+                self.deferred.lock().unwrap().insert(id.clone(), d);
+            }
+        }
+        let mut v = self
+            .staged(&id)
+            .filter(|v| v.staging_path == staging)
+            .ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged at {}", staging.display())))?;
+        if !self.is_staged_at(&staging, v.port)? {
+            return Err(Status::failed_precondition(format!(
+                "volume {id}: nothing is mounted at the staging path {}",
+                staging.display()
+            )));
+        }
+        let stage_dev = self.mounter.mounted(&staging).map_err(|e| internal("mount table", e))?.map(|m| m.device);
+        if let Some(m) = self.mounter.mounted(&target).map_err(|e| internal("mount table", e))? {
+            if Some(&m.device) == stage_dev.as_ref() && m.read_only == read_only && v.targets.contains_key(&target) {
+                return Ok(Response::new(pb::NodePublishVolumeResponse {}));
+            }
+            return Err(Status::already_exists(format!(
+                "{} is already mounted, from something else or with other options",
+                target.display()
+            )));
+        }
+        if (access.single_target || v.single_target) && v.targets.keys().any(|t| *t != target) {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
+                v.targets.keys().next().unwrap().display()
+            )));
+        }
+        std::fs::create_dir_all(&target).map_err(|e| internal(&format!("creating {}", target.display()), e))?;
+        self.mounter
+            .bind(&staging, &target, read_only)
+            .map_err(|e| internal(&format!("bind mount on {}", target.display()), e))?;
+        v.targets.insert(target, read_only);
+        self.save(&v, None)?;
+        Ok(Response::new(pb::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<pb::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let vol = VolumeId::parse(&r.volume_id)?;
+        let target = PathBuf::from(required(&r.target_path, "target_path")?);
+        let id = vol.to_id();
+        let _lock = self.lock(&id)?;
+        self.mounter
+            .unmount(&target)
+            .map_err(|e| internal(&format!("unmounting {}", target.display()), e))?;
+        match std::fs::remove_dir(&target) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(internal(&format!("removing {}", target.display()), e))
+            }
+            _ => {}
+        }
+        if let Some(mut v) = self.staged(&id) {
+            if v.targets.remove(&target).is_some() {
+                self.save(&v, None)?;
+            }
+        }
+        Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<pb::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<pb::NodeGetVolumeStatsResponse>, Status> {
+        let r = req.into_inner();
+        let vol = VolumeId::parse(&r.volume_id)?;
+        let path = PathBuf::from(required(&r.volume_path, "volume_path")?);
+        let id = vol.to_id();
+        let v = self
+            .staged(&id)
+            .ok_or_else(|| Status::not_found(format!("volume {id} is not staged on this node")))?;
+        if path != v.staging_path && !v.targets.contains_key(&path) {
+            return Err(Status::not_found(format!("{} is not a path of volume {id}", path.display())));
+        }
+        let st = self
+            .supervisor
+            .send(VolumeStatusOf(id.clone()))
+            .await
+            .map_err(|e| internal("supervisor", e))?
+            .ok_or_else(|| Status::not_found(format!("volume {id} has no running gateway")))?;
+        let u = st.usage;
+        let usage = |unit: pb::volume_usage::Unit, total: u64, used: u64| pb::VolumeUsage {
+            available: total.saturating_sub(used) as i64,
+            total: total as i64,
+            used: used as i64,
+            unit: unit as i32,
+        };
+        Ok(Response::new(pb::NodeGetVolumeStatsResponse {
+            usage: vec![
+                usage(pb::volume_usage::Unit::Bytes, u.capacity, u.used_bytes),
+                usage(pb::volume_usage::Unit::Inodes, crate::fs::usage::FILE_SLOTS, u.files),
+            ],
+            volume_condition: Some(pb::VolumeCondition {
+                abnormal: st.failure.is_some(),
+                message: st.failure.unwrap_or_else(|| "gateway serving".into()),
+            }),
+        }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        req: Request<pb::NodeExpandVolumeRequest>,
+    ) -> Result<Response<pb::NodeExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let vol = VolumeId::parse(&r.volume_id)?;
+        required(&r.volume_path, "volume_path")?;
+        let id = vol.to_id();
+        let _lock = self.lock(&id)?;
+        let mut v = self
+            .staged(&id)
+            .ok_or_else(|| Status::not_found(format!("volume {id} is not staged on this node")))?;
+        let wanted = match &r.capacity_range {
+            Some(range) => capacity_for(Some(range))?,
+            None => {
+                // No size given: the record in the bucket says what the controller set.
+                let secret = self
+                    .state
+                    .load_all()
+                    .into_iter()
+                    .flatten()
+                    .find(|(s, _)| s.volume_id == id)
+                    .map(|(_, s)| s)
+                    .ok_or_else(|| Status::not_found(format!("volume {id} has no credentials on this node")))?;
+                let store = connect(&secret, &vol.bucket).await?;
+                record::read(&*store, &vol)
+                    .await
+                    .map_err(|e| store_status(&e, &format!("reading volume {id}")))?
+                    .map(|rec| rec.capacity_bytes)
+                    .ok_or_else(|| Status::failed_precondition(format!("volume {id} has no capacity record")))?
+            }
+        };
+        let capacity = v.capacity.map_or(wanted, |c| c.max(wanted));
+        v.capacity = Some(capacity);
+        self.save(&v, None)?;
+        if !self
+            .supervisor
+            .send(ResizeVolume(id.clone(), Some(capacity)))
+            .await
+            .map_err(|e| internal("supervisor", e))?
+        {
+            return Err(Status::not_found(format!("volume {id} has no running gateway")));
+        }
+        tracing::info!(volume = %id, capacity, "volume capacity raised");
+        Ok(Response::new(pb::NodeExpandVolumeResponse {
+            capacity_bytes: capacity as i64,
+        }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<pb::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::NodeGetCapabilitiesResponse>, Status> {
+        let rpc = |t: nsc::rpc::Type| pb::NodeServiceCapability {
+            r#type: Some(nsc::Type::Rpc(nsc::Rpc { r#type: t as i32 })),
+        };
+        Ok(Response::new(pb::NodeGetCapabilitiesResponse {
+            capabilities: vec![
+                rpc(nsc::rpc::Type::StageUnstageVolume),
+                rpc(nsc::rpc::Type::GetVolumeStats),
+                rpc(nsc::rpc::Type::ExpandVolume),
+                rpc(nsc::rpc::Type::VolumeCondition),
+                rpc(nsc::rpc::Type::SingleNodeMultiWriter),
+            ],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<pb::NodeGetInfoRequest>,
+    ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
+        Ok(Response::new(pb::NodeGetInfoResponse {
+            node_id: self.node_id.clone(),
+            max_volumes_per_node: 0,
+        }))
+    }
+}

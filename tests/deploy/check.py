@@ -1,0 +1,574 @@
+#!/usr/bin/env python3
+"""Checks the Kubernetes deployment in deploy/: the Helm chart and the plain manifests.
+
+Run from anywhere: python3 tests/deploy/check.py (tests/deploy.rs runs it under `cargo test`).
+Needs helm-python-sdk (Helm's Go SDK as a shared library: renders and lints charts offline, no
+helm binary) and kubernetes-validate (the Kubernetes OpenAPI schemas); .ci/run installs both.
+
+What it checks:
+  1. every value of values.yaml is set, to something else, in tests/deploy/all-values.yaml, and
+     changing any single value changes the render (no value is dead);
+  2. `helm lint --strict` passes with the default values and with all-values.yaml;
+  3. every rendered object, and every object in deploy/manifests/, validates against the
+     Kubernetes schemas in strict mode (unknown fields fail), for the chart's minimum version
+     (kubeVersion in Chart.yaml) and the newest kubernetes-validate ships, and has no null field;
+  4. the properties the driver depends on (host network, Bidirectional propagation, privileged
+     node plugin, the CSIDriver's fields, the StorageClass's secret parameters, RBAC, ...);
+  5. deploy/manifests/ equals a fresh render of the chart's defaults;
+  6. with all-values.yaml, the custom kubelet directory is behind every host path and the old
+     one appears nowhere.
+Exits 1 listing every failure, 2 when a Python package is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import pathlib
+import re
+import sys
+from typing import Any, Iterator
+
+sys.dont_write_bytecode = True  # no __pycache__ in deploy/ from importing render-manifests.py
+
+PINNED = "helm-python-sdk==0.2.2 kubernetes-validate==1.37.0"
+
+try:
+    import helm_python as helm
+    import kubernetes_validate
+    import yaml
+except ImportError as e:
+    print(
+        f"tests/deploy/check.py: the Python package {e.name!r} is missing. Run .ci/run, or:\n"
+        f"    python3 -m pip install {PINNED}",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "s3nfs"
+MANIFESTS = ROOT / "deploy" / "manifests"
+ALL_VALUES_FILE = ROOT / "tests" / "deploy" / "all-values.yaml"
+
+DRIVER = "csi.s3nfs.io"
+# The chart's minimum (its kubeVersion) and the newest version kubernetes-validate ships.
+_minimum = re.search(r">=\s*v?(\d+\.\d+)", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])
+KUBE_VERSIONS = [_minimum.group(1), ".".join(kubernetes_validate.latest_version().split(".")[:2])]
+# The values every install must give (the secret's credentials and endpoint have no default).
+REQUIRED = {
+    "secret": {
+        "accessKey": "test-access-key",
+        "secretKey": "test-secret-key",
+        "endpoint": "http://minio.minio:9000",
+    }
+}
+# Maps whose keys are the user's own: compared as a whole, not key by key.
+FREE_FORM = {"nodeSelector", "affinity"}
+SECRET_PARAMS = [
+    f"csi.storage.k8s.io/{step}-secret-{what}"
+    for step in ("provisioner", "controller-expand", "node-stage", "node-publish")
+    for what in ("name", "namespace")
+]
+
+failures: list[str] = []
+
+
+def check(ok: Any, message: str) -> bool:
+    if not ok:
+        failures.append(message)
+    return bool(ok)
+
+
+def load_render_manifests():
+    spec = importlib.util.spec_from_file_location(
+        "render_manifests", ROOT / "deploy" / "render-manifests.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def nested(path: tuple[str, ...], value: Any) -> dict:
+    out: Any = value
+    for key in reversed(path):
+        out = {key: out}
+    return out
+
+
+def leaves(values: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, value) of every leaf: scalars, lists, empty maps and free-form maps."""
+    for key, value in values.items():
+        p = path + (key,)
+        if isinstance(value, dict) and value and key not in FREE_FORM:
+            yield from leaves(value, p)
+        else:
+            yield p, value
+
+
+def lookup(values: dict, path: tuple[str, ...]) -> tuple[bool, Any]:
+    cur: Any = values
+    for key in path:
+        if not isinstance(cur, dict) or key not in cur:
+            return False, None
+        cur = cur[key]
+    return True, cur
+
+
+def render(values: dict | None, release: str, namespace: str) -> dict[str, str]:
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values, name=release, namespace=namespace, is_install=True)
+    return {p.rsplit("/templates/", 1)[-1]: t for p, t in out.items() if not p.endswith("NOTES.txt")}
+
+
+def parse(files: dict[str, str], label: str) -> list[dict]:
+    docs = []
+    for name, text in sorted(files.items()):
+        try:
+            for doc in yaml.safe_load_all(text):
+                if doc is not None:
+                    doc["__source__"] = f"{label}:{name}"
+                    docs.append(doc)
+        except yaml.YAMLError as e:
+            check(False, f"{label}:{name}: not valid YAML: {e}")
+    return docs
+
+
+def strip(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k != "__source__"}
+
+
+def ident(doc: dict) -> str:
+    meta = doc.get("metadata") or {}
+    ns = f"{meta['namespace']}/" if meta.get("namespace") else ""
+    return f"{doc.get('kind')} {ns}{meta.get('name')} ({doc['__source__']})"
+
+
+def nulls(value: Any, path: str = "") -> Iterator[str]:
+    if value is None:
+        yield path or "."
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from nulls(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from nulls(v, f"{path}[{i}]")
+
+
+def validate(docs: list[dict]) -> None:
+    seen = set()
+    for doc in docs:
+        body = strip(doc)
+        key = (doc.get("kind"), (doc.get("metadata") or {}).get("namespace"), (doc.get("metadata") or {}).get("name"))
+        check(key not in seen, f"{ident(doc)}: defined twice")
+        seen.add(key)
+        for path in nulls(body):
+            check(False, f"{ident(doc)}: {path} is null (a value rendered empty?)")
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(body, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                where = ".".join(str(p) for p in e.path)
+                check(False, f"{ident(doc)}: invalid for Kubernetes {version} at {where}: {e.message}")
+            except kubernetes_validate.SchemaNotFoundError as e:
+                check(False, f"{ident(doc)}: {e.message}")
+            except Exception as e:  # noqa: BLE001 - any other failure is a failure too
+                check(False, f"{ident(doc)}: could not be validated for {version}: {e!r}")
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)]
+    if not check(len(found) == 1, f"expected one {kind}{' ' + name if name else ''}, found {len(found)}"):
+        return {"metadata": {"name": "?"}, "spec": {}, "__source__": "missing"}
+    return found[0]
+
+
+def container(pod: dict, name: str) -> dict:
+    found = [c for c in pod.get("containers", []) if c.get("name") == name]
+    check(len(found) == 1, f"pod template has no container {name!r}")
+    return found[0] if found else {}
+
+
+def env_of(c: dict) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def volume(pod: dict, name: str) -> dict:
+    found = [v for v in pod.get("volumes", []) if v.get("name") == name]
+    check(len(found) == 1, f"pod template has no volume {name!r}")
+    return found[0] if found else {}
+
+
+def mount_of(c: dict, path: str) -> dict:
+    found = [m for m in c.get("volumeMounts", []) if m.get("mountPath") == path]
+    check(len(found) == 1, f"container {c.get('name')!r} mounts nothing at {path}")
+    return found[0] if found else {}
+
+
+def rule_verbs(role: dict, group: str, resource: str) -> set[str]:
+    verbs: set[str] = set()
+    for rule in role.get("rules", []):
+        if group in rule.get("apiGroups", []) and resource in rule.get("resources", []):
+            verbs |= set(rule.get("verbs", []))
+    return verbs
+
+
+def check_structure(docs: list[dict], namespace: str, label: str) -> None:
+    """Consistency every render must have, whatever the values."""
+    sas = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    roles = {(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    cluster_scoped = {"CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass", "Namespace"}
+    for d in docs:
+        ns = d["metadata"].get("namespace")
+        if d["kind"] in cluster_scoped:
+            check(ns is None, f"{label}: {ident(d)} is cluster-scoped but has a namespace")
+        else:
+            check(ns == namespace, f"{label}: {ident(d)} is not in namespace {namespace}")
+        if d["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+            ref = d["roleRef"]
+            check((ref["kind"], ref["name"]) in roles, f"{label}: {ident(d)} refers to a missing {ref['kind']} {ref['name']}")
+            for s in d["subjects"]:
+                check(s["kind"] == "ServiceAccount" and s["name"] in sas and s.get("namespace") == namespace,
+                      f"{label}: {ident(d)} binds {s}, not a ServiceAccount of this release")
+        if d["kind"] in ("Deployment", "DaemonSet"):
+            spec = d["spec"]
+            pod = spec["template"]["spec"]
+            labels = spec["template"]["metadata"].get("labels", {})
+            for k, v in spec["selector"]["matchLabels"].items():
+                check(labels.get(k) == v, f"{label}: {ident(d)}: selector {k}={v} does not match the pod labels")
+            check(pod.get("serviceAccountName") in sas, f"{label}: {ident(d)} uses a missing ServiceAccount {pod.get('serviceAccountName')}")
+            names = {v["name"] for v in pod.get("volumes", [])}
+            for c in pod["containers"]:
+                check(":" in c["image"] and not c["image"].endswith(":latest"), f"{label}: {ident(d)}: {c['name']} image {c['image']} is not pinned")
+                for m in c.get("volumeMounts", []):
+                    check(m["name"] in names, f"{label}: {ident(d)}: {c['name']} mounts an undeclared volume {m['name']}")
+                for arg in c.get("args", []):
+                    for var in re.findall(r"\$\((\w+)\)", arg):
+                        check(var in env_of(c), f"{label}: {ident(d)}: {c['name']} argument {arg} uses $({var}), which is not in its env")
+
+
+def check_defaults(docs: list[dict]) -> None:
+    """The default render (release and namespace s3nfs)."""
+    ns = "s3nfs"
+    kinds = sorted(d["kind"] for d in docs)
+    check(kinds == sorted(["CSIDriver", "ServiceAccount", "ServiceAccount", "ClusterRole", "ClusterRole",
+                           "ClusterRoleBinding", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment",
+                           "DaemonSet", "StorageClass", "Secret"]),
+          f"default render: unexpected set of objects {kinds}")
+
+    # CSIDriver
+    drv = one(docs, "CSIDriver", DRIVER)["spec"]
+    check(drv.get("attachRequired") is False, "CSIDriver: attachRequired must be false")
+    check(drv.get("podInfoOnMount") is True, "CSIDriver: podInfoOnMount must be true")
+    check(drv.get("fsGroupPolicy") == "File", "CSIDriver: fsGroupPolicy must default to File")
+    check(drv.get("volumeLifecycleModes") == ["Persistent"], "CSIDriver: volumeLifecycleModes must be [Persistent]")
+    check(drv.get("requiresRepublish") is False, "CSIDriver: requiresRepublish must be false")
+
+    # Node plugin
+    ds = one(docs, "DaemonSet", "s3nfs-node")
+    pod = ds["spec"]["template"]["spec"]
+    check(pod.get("hostNetwork") is True, "node DaemonSet: hostNetwork must be true (the gateways listen on the host's loopback)")
+    check(pod.get("dnsPolicy") == "ClusterFirstWithHostNet", "node DaemonSet: dnsPolicy must be ClusterFirstWithHostNet")
+    check(pod.get("automountServiceAccountToken") is False, "node DaemonSet: must not mount a service account token")
+    check(pod.get("priorityClassName") == "system-node-critical", "node DaemonSet: priorityClassName must default to system-node-critical")
+    check(pod.get("terminationGracePeriodSeconds") == 30, "node DaemonSet: terminationGracePeriodSeconds must default to 30")
+    check({"operator": "Exists"} in pod.get("tolerations", []), "node DaemonSet: must tolerate every taint by default")
+    upd = ds["spec"].get("updateStrategy", {})
+    check(upd.get("type") == "RollingUpdate" and upd.get("rollingUpdate", {}).get("maxUnavailable") == 1,
+          "node DaemonSet: updateStrategy must be RollingUpdate with maxUnavailable 1")
+    node = container(pod, "s3nfs")
+    check(node.get("securityContext", {}).get("privileged") is True, "node plugin container must be privileged")
+    check(node.get("command") == ["/usr/local/bin/s3nfs"], "node plugin: command must be /usr/local/bin/s3nfs")
+    args = node.get("args", [])
+    for a in ("csi", "--mode=node", "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)", "--state-dir=/csi/state"):
+        check(a in args, f"node plugin: argument {a} missing from {args}")
+    check(env_of(node).get("NODE_NAME") == {"fieldRef": {"fieldPath": "spec.nodeName"}}, "node plugin: NODE_NAME must come from spec.nodeName")
+    check(env_of(node).get("RUST_LOG") == "info", "node plugin: RUST_LOG must default to info")
+    kubelet = mount_of(node, "/var/lib/kubelet")
+    check(kubelet.get("mountPropagation") == "Bidirectional", "node plugin: the kubelet dir must be mounted with mountPropagation Bidirectional")
+    check(volume(pod, kubelet.get("name", "")).get("hostPath", {}).get("path") == "/var/lib/kubelet", "node plugin: the kubelet dir mount is not the host's /var/lib/kubelet")
+    csi = mount_of(node, "/csi")
+    check(volume(pod, csi.get("name", "")).get("hostPath", {}).get("path") == f"/var/lib/kubelet/plugins/{DRIVER}",
+          "node plugin: /csi must be the host's plugin dir (socket and state)")
+    check(csi.get("mountPropagation") in (None, "None"), "node plugin: /csi needs no mount propagation")
+    port = [p for p in node.get("ports", []) if p.get("name") == "healthz"]
+    check(port and port[0]["containerPort"] == 9810, "node plugin: healthz port must default to 9810")
+    check(node.get("livenessProbe", {}).get("httpGet", {}).get("port") == "healthz", "node plugin: livenessProbe must hit the healthz port")
+    reg = container(pod, "node-driver-registrar")
+    check("--csi-address=/csi/csi.sock" in reg.get("args", []), "registrar: --csi-address=/csi/csi.sock missing")
+    check(f"--kubelet-registration-path=/var/lib/kubelet/plugins/{DRIVER}/csi.sock" in reg.get("args", []), "registrar: wrong --kubelet-registration-path")
+    regdir = mount_of(reg, "/registration")
+    check(volume(pod, regdir.get("name", "")).get("hostPath", {}).get("path") == "/var/lib/kubelet/plugins_registry", "registrar: /registration must be the kubelet's plugins_registry")
+    check(mount_of(reg, "/csi").get("name") == csi.get("name"), "registrar: must share the plugin's /csi")
+    live = container(pod, "liveness-probe")
+    check("--csi-address=/csi/csi.sock" in live.get("args", []) and "--health-port=9810" in live.get("args", []),
+          f"livenessprobe: wrong arguments {live.get('args')}")
+    check(mount_of(live, "/csi").get("name") == csi.get("name"), "livenessprobe: must share the plugin's /csi")
+    for c in pod["containers"]:
+        check(c["image"].startswith("registry.k8s.io/sig-storage/") or c["name"] == "s3nfs", f"node: unexpected image {c['image']}")
+    check(container(pod, "s3nfs").get("image") == "ghcr.io/s3nfs/s3nfs:0.1.0", "node plugin: image must default to ghcr.io/s3nfs/s3nfs:0.1.0")
+
+    # Controller
+    dep = one(docs, "Deployment", "s3nfs-controller")
+    check(dep["spec"].get("replicas") == 1, "controller: one replica by default")
+    pod = dep["spec"]["template"]["spec"]
+    check(not pod.get("hostNetwork"), "controller: must use the pod network")
+    psc = pod.get("securityContext", {})
+    check(psc.get("runAsNonRoot") is True, "controller: runAsNonRoot must be true")
+    check(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", "controller: seccompProfile must be RuntimeDefault")
+    for c in pod["containers"]:
+        sc = c.get("securityContext", {})
+        check(sc.get("readOnlyRootFilesystem") is True, f"controller: {c['name']} must have a read-only root filesystem")
+        check(sc.get("allowPrivilegeEscalation") is False, f"controller: {c['name']} must not allow privilege escalation")
+        check(sc.get("capabilities", {}).get("drop") == ["ALL"], f"controller: {c['name']} must drop ALL capabilities")
+        check(not sc.get("privileged"), f"controller: {c['name']} must not be privileged")
+        check(not any("leader-election" in a for a in c.get("args", [])), f"controller: {c['name']} must not use leader election with one replica")
+    ctl = container(pod, "s3nfs")
+    check(ctl.get("command") == ["/usr/local/bin/s3nfs"], "controller: command must be /usr/local/bin/s3nfs")
+    for a in ("csi", "--mode=controller", "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)"):
+        check(a in ctl.get("args", []), f"controller: argument {a} missing from {ctl.get('args')}")
+    socket = mount_of(ctl, "/csi")
+    check("emptyDir" in volume(pod, socket.get("name", "")), "controller: the socket dir must be an emptyDir")
+    prov = container(pod, "csi-provisioner")
+    check(re.fullmatch(r"registry\.k8s\.io/sig-storage/csi-provisioner:v5\.\d+\.\d+", prov.get("image", "")), f"controller: provisioner image {prov.get('image')} is not a v5.x")
+    for a in ("--csi-address=/csi/csi.sock", "--v=2", "--extra-create-metadata", "--timeout=120s"):
+        check(a in prov.get("args", []), f"controller: provisioner argument {a} missing")
+    res = container(pod, "csi-resizer")
+    check(re.fullmatch(r"registry\.k8s\.io/sig-storage/csi-resizer:v1\.\d+\.\d+", res.get("image", "")), f"controller: resizer image {res.get('image')} is not a v1.x")
+    for a in ("--csi-address=/csi/csi.sock", "--timeout=120s"):
+        check(a in res.get("args", []), f"controller: resizer argument {a} missing")
+    for c in (prov, res):
+        check(mount_of(c, "/csi").get("name") == socket.get("name"), f"controller: {c.get('name')} must share the socket dir")
+
+    # RBAC
+    check(one(docs, "ServiceAccount", "s3nfs-node").get("automountServiceAccountToken") is False, "node ServiceAccount: automountServiceAccountToken must be false")
+    prov_role = one(docs, "ClusterRole", "s3nfs-provisioner")
+    for group, resource, verbs in [
+        ("", "persistentvolumes", {"get", "list", "watch", "create", "delete", "patch"}),
+        ("", "persistentvolumeclaims", {"get", "list", "watch", "update"}),
+        ("storage.k8s.io", "storageclasses", {"get", "list", "watch"}),
+        ("", "events", {"list", "watch", "create", "update", "patch"}),
+        ("storage.k8s.io", "csinodes", {"get", "list", "watch"}),
+        ("", "nodes", {"get", "list", "watch"}),
+        ("storage.k8s.io", "volumeattachments", {"get", "list", "watch"}),
+        ("", "secrets", {"get"}),
+    ]:
+        got = rule_verbs(prov_role, group, resource)
+        check(verbs <= got, f"provisioner ClusterRole: {resource} needs {sorted(verbs - got)}")
+    res_role = one(docs, "ClusterRole", "s3nfs-resizer")
+    for group, resource, verbs in [
+        ("", "persistentvolumes", {"get", "list", "watch", "patch"}),
+        ("", "persistentvolumeclaims", {"get", "list", "watch"}),
+        ("", "persistentvolumeclaims/status", {"patch"}),
+        ("", "events", {"list", "watch", "create", "update", "patch"}),
+        ("", "pods", {"get", "list", "watch"}),
+    ]:
+        got = rule_verbs(res_role, group, resource)
+        check(verbs <= got, f"resizer ClusterRole: {resource} needs {sorted(verbs - got)}")
+    for role in (prov_role, res_role):
+        check(rule_verbs(role, "", "secrets") == {"get"}, f"{role['metadata']['name']}: secrets must be get only")
+    lease = one(docs, "Role", "s3nfs-leader-election")
+    check({"get", "watch", "list", "delete", "update", "create"} <= rule_verbs(lease, "coordination.k8s.io", "leases"),
+          "leader election Role: leases need get/watch/list/delete/update/create")
+    bound = {(d["roleRef"]["name"], s["name"]) for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding") for s in d["subjects"]}
+    for role in ("s3nfs-provisioner", "s3nfs-resizer", "s3nfs-leader-election"):
+        check((role, "s3nfs-controller") in bound, f"{role} is not bound to the controller's ServiceAccount")
+    check(not any(s == "s3nfs-node" for _, s in bound), "the node ServiceAccount must have no role")
+
+    # StorageClass and Secret
+    sc = one(docs, "StorageClass", "s3nfs")
+    check(sc.get("provisioner") == DRIVER, f"StorageClass: provisioner must be {DRIVER}")
+    check(sc.get("allowVolumeExpansion") is True, "StorageClass: allowVolumeExpansion must be true")
+    check(sc.get("volumeBindingMode") == "Immediate", "StorageClass: volumeBindingMode must be Immediate")
+    check(sc.get("reclaimPolicy") == "Delete", "StorageClass: reclaimPolicy must default to Delete")
+    check("mountOptions" not in sc, "StorageClass: no mountOptions")
+    params = sc.get("parameters", {})
+    for p in SECRET_PARAMS:
+        check(params.get(p) == ("s3nfs-secret" if p.endswith("-name") else ns), f"StorageClass: {p} must point at s3nfs-secret in {ns}")
+    check("bucket" not in params, "StorageClass: no bucket parameter by default (a bucket per volume)")
+    for k, v in {"mounter": "s3nfs", "options": "", "onDelete": "delete", "flushDelay": "2s", "refresh": "5s"}.items():
+        check(params.get(k) == v, f"StorageClass: parameter {k} must default to {v!r}, not {params.get(k)!r}")
+    check(all(isinstance(v, str) for v in params.values()), "StorageClass: every parameter must be a string")
+    secret = one(docs, "Secret", "s3nfs-secret")
+    data = secret.get("stringData", {})
+    check(sorted(data) == sorted(["accessKeyID", "secretAccessKey", "endpoint", "region", "insecure"]),
+          f"Secret: keys must be csi-s3's, not {sorted(data)}")
+    check(data.get("region") == "us-east-1" and data.get("insecure") == "false", "Secret: region/insecure defaults are wrong")
+    check(all(isinstance(v, str) for v in data.values()), "Secret: every value must be a string")
+
+
+def check_all_values(docs: list[dict], full: list[dict], values: dict, text: str) -> None:
+    """The all-values render: `docs` as given (secret and StorageClass off), `full` with them on."""
+    ns, prefix = "storage-system", values["fullnameOverride"]
+    kubelet = values["kubeletDir"].rstrip("/")
+    kinds = {d["kind"] for d in docs}
+    check("Secret" not in kinds, "all-values: secret.create=false must not render a Secret")
+    check("StorageClass" not in kinds, "all-values: storageClass.create=false must not render a StorageClass")
+
+    # Every host path lives under the custom kubelet dir, and the default one appears nowhere.
+    check("/var/lib/kubelet" not in text, "all-values: /var/lib/kubelet still appears with a custom kubeletDir")
+    ds = one(docs, "DaemonSet", f"{prefix}-node")
+    pod = ds["spec"]["template"]["spec"]
+    paths = [v["hostPath"]["path"] for v in pod.get("volumes", []) if "hostPath" in v]
+    check(len(paths) == 3, f"all-values: expected 3 hostPath volumes, found {paths}")
+    for p in paths:
+        check(p == kubelet or p.startswith(kubelet + "/"), f"all-values: host path {p} is not under kubeletDir {kubelet}")
+    node = container(pod, "s3nfs")
+    check(mount_of(node, kubelet).get("mountPropagation") == "Bidirectional", "all-values: the kubelet dir must be mounted at its own path, Bidirectional")
+    reg = container(pod, "node-driver-registrar")
+    check(f"--kubelet-registration-path={kubelet}/plugins/{DRIVER}/csi.sock" in reg.get("args", []), "all-values: registrar path does not follow kubeletDir")
+    check(pod.get("hostNetwork") is True and node.get("securityContext", {}).get("privileged") is True,
+          "all-values: the node plugin must stay host-network and privileged")
+    check([p["containerPort"] for p in node.get("ports", [])] == [values["node"]["healthPort"]], "all-values: healthz port does not follow node.healthPort")
+    check(f"--health-port={values['node']['healthPort']}" in container(pod, "liveness-probe").get("args", []), "all-values: livenessprobe port does not follow node.healthPort")
+    check(pod.get("terminationGracePeriodSeconds") == values["node"]["terminationGracePeriodSeconds"], "all-values: terminationGracePeriodSeconds not applied")
+    check(pod.get("tolerations") == values["node"]["tolerations"], "all-values: node tolerations not applied")
+    # Helm merges maps with the defaults: the default kubernetes.io/os: linux stays.
+    check(values["node"]["nodeSelector"].items() <= pod.get("nodeSelector", {}).items(), "all-values: node nodeSelector not applied")
+    check(pod.get("affinity") == values["node"]["affinity"], "all-values: node affinity not applied")
+    check(pod.get("priorityClassName") == values["node"]["priorityClassName"], "all-values: node priorityClassName not applied")
+    check(pod.get("imagePullSecrets") == values["imagePullSecrets"], "all-values: imagePullSecrets not applied to the node plugin")
+    env = env_of(node)
+    check(env.get("RUST_LOG") == values["logLevel"], "all-values: logLevel not applied to the node plugin")
+    for e in values["extraEnv"]:
+        check(env.get(e["name"]) == e["value"], f"all-values: extraEnv {e['name']} missing from the node plugin")
+    check(node.get("image") == f"{values['image']['repository']}:{values['image']['tag']}", "all-values: node image not applied")
+    check(node.get("resources") == values["node"]["resources"], "all-values: node resources not applied")
+    for name, key in (("node-driver-registrar", "registrar"), ("liveness-probe", "livenessProbe")):
+        c, v = container(pod, name), values["node"][key]
+        check(c.get("image") == f"{v['image']['repository']}:{v['image']['tag']}", f"all-values: {name} image not applied")
+        check(c.get("resources") == v["resources"], f"all-values: {name} resources not applied")
+
+    dep = one(docs, "Deployment", f"{prefix}-controller")
+    check(dep["spec"].get("replicas") == 2, "all-values: controller.replicas not applied")
+    pod = dep["spec"]["template"]["spec"]
+    for name in ("csi-provisioner", "csi-resizer"):
+        args = container(pod, name).get("args", [])
+        check("--leader-election" in args and f"--leader-election-namespace={ns}" in args,
+              f"all-values: {name} must use leader election in {ns} with 2 replicas")
+    check(pod.get("tolerations") == values["controller"]["tolerations"], "all-values: controller tolerations not applied")
+    check(values["controller"]["nodeSelector"].items() <= pod.get("nodeSelector", {}).items(), "all-values: controller nodeSelector not applied")
+    check(pod.get("affinity") == values["controller"]["affinity"], "all-values: controller affinity not applied")
+    check(pod.get("priorityClassName") == values["controller"]["priorityClassName"], "all-values: controller priorityClassName not applied")
+    for name, key in (("csi-provisioner", "provisioner"), ("csi-resizer", "resizer")):
+        c, v = container(pod, name), values["controller"][key]
+        check(c.get("image") == f"{v['image']['repository']}:{v['image']['tag']}", f"all-values: {name} image not applied")
+        check(c.get("resources") == v["resources"], f"all-values: {name} resources not applied")
+    ctl = container(pod, "s3nfs")
+    check(ctl.get("resources") == values["controller"]["resources"], "all-values: controller resources not applied")
+    check(env_of(ctl).get("RUST_LOG") == values["logLevel"], "all-values: logLevel not applied to the controller")
+    for e in values["extraEnv"]:
+        check(env_of(ctl).get(e["name"]) == e["value"], f"all-values: extraEnv {e['name']} missing from the controller")
+    check(pod.get("imagePullSecrets") == values["imagePullSecrets"], "all-values: imagePullSecrets not applied to the controller")
+    check(all(c.get("imagePullPolicy") == "Always" for d in (dep, ds) for c in d["spec"]["template"]["spec"]["containers"]),
+          "all-values: image.pullPolicy not applied to every container")
+
+    check(one(docs, "CSIDriver", DRIVER)["spec"].get("fsGroupPolicy") == "None", "all-values: fsGroupPolicy not applied")
+
+    sc = one(full, "StorageClass", values["storageClass"]["name"])
+    params = sc.get("parameters", {})
+    for p in SECRET_PARAMS:
+        check(params.get(p) == (values["secret"]["name"] if p.endswith("-name") else ns), f"all-values: {p} does not follow secret.name and the release namespace")
+    check(params.get("bucket") == values["storageClass"]["bucket"], "all-values: bucket parameter missing")
+    for k in ("mounter", "options", "onDelete", "flushDelay", "refresh"):
+        check(params.get(k) == values["storageClass"][k], f"all-values: parameter {k} not applied")
+    check(sc.get("reclaimPolicy") == "Retain", "all-values: reclaimPolicy not applied")
+    check(sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class") == "true", "all-values: isDefault not applied")
+    secret = one(full, "Secret", values["secret"]["name"])
+    data = secret.get("stringData", {})
+    want = {"accessKeyID": values["secret"]["accessKey"], "secretAccessKey": values["secret"]["secretKey"],
+            "endpoint": values["secret"]["endpoint"], "region": values["secret"]["region"], "insecure": "true"}
+    check(data == want, f"all-values: Secret data {data} != {want}")
+
+
+def main() -> int:
+    render_manifests = load_render_manifests()
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    all_values = yaml.safe_load(ALL_VALUES_FILE.read_text())
+
+    # 1. all-values.yaml covers every value, each with another value; every value matters.
+    default_render = render(REQUIRED, "s3nfs", "s3nfs")
+    for path, value in leaves(defaults):
+        dotted = ".".join(path)
+        present, other = lookup(all_values, path)
+        if not check(present, f"all-values.yaml: {dotted} is missing (every value of values.yaml must be set there)"):
+            continue
+        if not check(other != value, f"all-values.yaml: {dotted} has its default value {value!r}"):
+            continue
+        try:
+            changed = render(merge(REQUIRED, nested(path, other)), "s3nfs", "s3nfs")
+            check(changed != default_render, f"values.yaml: {dotted} changes nothing in the render (a dead value)")
+        except helm.HelmError as e:
+            check(False, f"values.yaml: {dotted}={other!r} alone does not render: {e}")
+    for path, _ in leaves(all_values):
+        check(lookup(defaults, path)[0], f"all-values.yaml: {'.'.join(path)} is not a value of values.yaml")
+
+    # Missing credentials and a bad endpoint are refused with a message.
+    for values, needle in [({}, "is required"), (merge(REQUIRED, {"secret": {"endpoint": "minio:9000"}}), "http:// or https://")]:
+        try:
+            render(values, "s3nfs", "s3nfs")
+            check(False, f"rendering with {values} should fail with a message about {needle}")
+        except helm.HelmError as e:
+            check(needle in str(e), f"rendering with {values} failed, but not about {needle}: {e}")
+
+    # 2. Lint.
+    for label, values in [("defaults", REQUIRED), ("all-values", all_values)]:
+        report = helm.lint(str(CHART), values, strict=True, namespace="s3nfs", kube_version=f"v{KUBE_VERSIONS[0]}.0")
+        for m in report.get("messages", []):
+            check(m.get("severity", 0) < 2, f"helm lint ({label}): {m.get('path')}: {m.get('error')}")
+        for e in report.get("errors", []):
+            check(False, f"helm lint ({label}): {e}")
+
+    # 3, 4. The default render: schemas and properties.
+    docs = parse(default_render, "chart(defaults)")
+    validate(docs)
+    check_structure(docs, "s3nfs", "defaults")
+    check_defaults(docs)
+
+    # 3, 6. The all-values render, as given and with the secret and StorageClass turned on.
+    all_render = render(all_values, "tenant", "storage-system")
+    all_docs = parse(all_render, "chart(all-values)")
+    validate(all_docs)
+    check_structure(all_docs, "storage-system", "all-values")
+    full_values = merge(all_values, {"secret": {"create": True}, "storageClass": {"create": True}})
+    full_docs = parse(render(full_values, "tenant", "storage-system"), "chart(all-values, create)")
+    validate([d for d in full_docs if d["kind"] in ("Secret", "StorageClass")])
+    check_structure(full_docs, "storage-system", "all-values+create")
+    check_all_values(all_docs, full_docs, all_values, "\n".join(all_render.values()))
+
+    # 5. The plain manifests: valid, and exactly the chart's default render.
+    manifest_docs = parse({p.name: p.read_text() for p in sorted(MANIFESTS.glob("*.yaml"))}, "deploy/manifests")
+    validate(manifest_docs)
+    for problem in render_manifests.stale():
+        check(False, f"{problem} (run: python3 deploy/render-manifests.py)")
+    fresh = render_manifests.render_chart(render_manifests.EXAMPLE_VALUES)
+    fresh = {name: text for name, text in fresh.items() if name not in render_manifests.NOT_MANIFESTS}
+    chart_objects = sorted((strip(d) for d in parse(fresh, "chart(example)")), key=repr)
+    plain_objects = sorted((strip(d) for d in manifest_docs if d["kind"] != "Namespace"), key=repr)
+    check(chart_objects == plain_objects, "deploy/manifests/ does not hold the same objects as the chart's default render")
+    namespaces = [d for d in manifest_docs if d["kind"] == "Namespace"]
+    check([d["metadata"]["name"] for d in namespaces] == ["s3nfs"], "deploy/manifests/namespace.yaml must create the namespace s3nfs")
+    check_structure([d for d in manifest_docs if d["kind"] != "Namespace"], "s3nfs", "manifests")
+
+    if failures:
+        print(f"tests/deploy/check.py: {len(failures)} problem(s):", file=sys.stderr)
+        for f in failures:
+            print(f"  - {f}", file=sys.stderr)
+        return 1
+    n = len(docs) + len(all_docs) + len(manifest_docs)
+    print(f"tests/deploy/check.py: ok ({n} objects validated against Kubernetes {' and '.join(KUBE_VERSIONS)}, "
+          f"{sum(1 for _ in leaves(defaults))} values covered, manifests up to date)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
