@@ -128,7 +128,10 @@ impl Registry {
 
     /// Drops a closed volume's series.
     pub fn unregister_volume(&self, name: &str) {
-        self.volumes.lock().unwrap().retain(|e| e.vol.strong_count() > 0 && e.name != name);
+        self.volumes
+            .lock()
+            .unwrap()
+            .retain(|e| e.vol.strong_count() > 0 && e.name != name);
     }
 
     pub fn volumes(&self) -> Vec<VolumeSample> {

@@ -50,7 +50,13 @@ fn stage_req(id: &str, staging: &Path, cap: pb::VolumeCapability) -> pb::NodeSta
     }
 }
 
-fn publish_req(id: &str, staging: &Path, target: &Path, cap: pb::VolumeCapability, ro: bool) -> pb::NodePublishVolumeRequest {
+fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: pb::VolumeCapability,
+    ro: bool,
+) -> pb::NodePublishVolumeRequest {
     pb::NodePublishVolumeRequest {
         volume_id: id.into(),
         staging_target_path: staging.to_string_lossy().into(),
@@ -95,7 +101,11 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
         let name = format!("pvc-errors-{}", std::process::id());
 
         // Identity
-        let info = identity.get_plugin_info(pb::GetPluginInfoRequest {}).await.unwrap().into_inner();
+        let info = identity
+            .get_plugin_info(pb::GetPluginInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(info.name, "csi.s3nfs.io");
         let probe = identity.probe(pb::ProbeRequest {}).await.unwrap().into_inner();
         assert_eq!(probe.ready, Some(true));
@@ -103,16 +113,28 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
         // CreateVolume: invalid requests
         let mut r = create_req(&name, &[], 1 << 20);
         r.name.clear();
-        expect!("create without a name", controller.create_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "create without a name",
+            controller.create_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let mut r = create_req(&name, &[], 1 << 20);
         r.volume_capabilities.clear();
-        expect!("create without capabilities", controller.create_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "create without capabilities",
+            controller.create_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let mut r = create_req(&name, &[], 1 << 20);
         r.volume_capabilities = vec![pb::VolumeCapability {
             access_type: Some(pb::volume_capability::AccessType::Block(Default::default())),
             access_mode: rwo().access_mode,
         }];
-        expect!("create a block volume", controller.create_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "create a block volume",
+            controller.create_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let mut r = create_req(&name, &[], 1 << 20);
         r.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter)];
         let err = controller.create_volume(r.clone()).await.unwrap_err();
@@ -120,35 +142,71 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
         assert!(err.message().contains("MULTI_NODE_MULTI_WRITER"), "{}", err.message());
         let mut r = create_req(&name, &[], 1 << 20);
         r.secrets.clear();
-        expect!("create without a secret", controller.create_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "create without a secret",
+            controller.create_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let r = create_req(&name, &[("bukcet", "x")], 1 << 20);
-        expect!("create with an unknown parameter", controller.create_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "create with an unknown parameter",
+            controller.create_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let r = create_req(&name, &[("onDelete", "keep")], 1 << 20);
-        expect!("create with a bad onDelete", controller.create_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "create with a bad onDelete",
+            controller.create_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let mut r = create_req(&name, &[], 1 << 20);
         r.capacity_range = Some(pb::CapacityRange {
             required_bytes: 2 << 20,
             limit_bytes: 1 << 20,
         });
-        expect!("create with limit under required", controller.create_volume(r.clone()).await, Code::OutOfRange);
+        expect!(
+            "create with limit under required",
+            controller.create_volume(r.clone()).await,
+            Code::OutOfRange
+        );
         let mut r = create_req(&name, &[], 1 << 20);
         r.volume_content_source = Some(Default::default());
-        expect!("create from a source", controller.create_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "create from a source",
+            controller.create_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let mut r = create_req(&name, &[], 1 << 20);
         r.secrets = with(secret(), "endpoint", "ftp://127.0.0.1:1");
-        expect!("create with an ftp endpoint", controller.create_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "create with an ftp endpoint",
+            controller.create_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let mut r = create_req(&name, &[], 1 << 20);
         r.secrets = with(secret(), "secretAccessKey", "wrong");
-        expect!("create with a wrong secret key", controller.create_volume(r.clone()).await, Code::PermissionDenied);
+        expect!(
+            "create with a wrong secret key",
+            controller.create_volume(r.clone()).await,
+            Code::PermissionDenied
+        );
         let mut r = create_req(&name, &[], 1 << 20);
         r.secrets = with(secret(), "endpoint", "http://127.0.0.1:1");
-        expect!("create with S3 unreachable", controller.create_volume(r.clone()).await, Code::Unavailable);
+        expect!(
+            "create with S3 unreachable",
+            controller.create_volume(r.clone()).await,
+            Code::Unavailable
+        );
 
         // CreateVolume: a bucket per volume, idempotent by name, AlreadyExists on another size
-        let created = expect!("create", controller.create_volume(create_req(&name, &[], 8 << 20)).await, Code::Ok)
-            .unwrap()
-            .volume
-            .unwrap();
+        let created = expect!(
+            "create",
+            controller.create_volume(create_req(&name, &[], 8 << 20)).await,
+            Code::Ok
+        )
+        .unwrap()
+        .volume
+        .unwrap();
         assert_eq!(created.volume_id, name, "a bucket per volume: the id is the bucket");
         assert_eq!(created.capacity_bytes, 8 << 20);
         expect!(
@@ -160,8 +218,16 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
 
         // A long name gets a valid, stable bucket.
         let long = format!("pvc-{}-{}", "x".repeat(70), std::process::id());
-        let a = controller.create_volume(create_req(&long, &[], 1 << 20)).await.unwrap().into_inner();
-        let b = controller.create_volume(create_req(&long, &[], 1 << 20)).await.unwrap().into_inner();
+        let a = controller
+            .create_volume(create_req(&long, &[], 1 << 20))
+            .await
+            .unwrap()
+            .into_inner();
+        let b = controller
+            .create_volume(create_req(&long, &[], 1 << 20))
+            .await
+            .unwrap()
+            .into_inner();
         let long_id = a.volume.unwrap().volume_id;
         assert!(long_id.len() <= 63, "{long_id}");
         assert_eq!(long_id, b.volume.unwrap().volume_id);
@@ -173,18 +239,37 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             secrets: secret(),
             ..Default::default()
         };
-        expect!("validate without an id", controller.validate_volume_capabilities(validate("", vec![rwo()])).await, Code::InvalidArgument);
-        expect!("validate without caps", controller.validate_volume_capabilities(validate(&id, vec![])).await, Code::InvalidArgument);
+        expect!(
+            "validate without an id",
+            controller.validate_volume_capabilities(validate("", vec![rwo()])).await,
+            Code::InvalidArgument
+        );
+        expect!(
+            "validate without caps",
+            controller.validate_volume_capabilities(validate(&id, vec![])).await,
+            Code::InvalidArgument
+        );
         expect!(
             "validate an unknown volume",
-            controller.validate_volume_capabilities(validate("no-such-bucket-s3nfs", vec![rwo()])).await,
+            controller
+                .validate_volume_capabilities(validate("no-such-bucket-s3nfs", vec![rwo()]))
+                .await,
             Code::NotFound
         );
-        let ok = expect!("validate", controller.validate_volume_capabilities(validate(&id, vec![rwo()])).await, Code::Ok).unwrap();
+        let ok = expect!(
+            "validate",
+            controller
+                .validate_volume_capabilities(validate(&id, vec![rwo()]))
+                .await,
+            Code::Ok
+        )
+        .unwrap();
         assert!(ok.confirmed.is_some());
         let no = expect!(
             "validate multi-node writing",
-            controller.validate_volume_capabilities(validate(&id, vec![mount_cap(Mode::MultiNodeMultiWriter)])).await,
+            controller
+                .validate_volume_capabilities(validate(&id, vec![mount_cap(Mode::MultiNodeMultiWriter)]))
+                .await,
             Code::Ok
         )
         .unwrap();
@@ -200,11 +285,21 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             secrets: secret(),
             ..Default::default()
         };
-        expect!("expand without an id", controller.controller_expand_volume(expand("", Some(1))).await, Code::InvalidArgument);
-        expect!("expand without a range", controller.controller_expand_volume(expand(&id, None)).await, Code::InvalidArgument);
+        expect!(
+            "expand without an id",
+            controller.controller_expand_volume(expand("", Some(1))).await,
+            Code::InvalidArgument
+        );
+        expect!(
+            "expand without a range",
+            controller.controller_expand_volume(expand(&id, None)).await,
+            Code::InvalidArgument
+        );
         expect!(
             "expand an unknown volume",
-            controller.controller_expand_volume(expand("no-such-bucket-s3nfs", Some(1 << 30))).await,
+            controller
+                .controller_expand_volume(expand("no-such-bucket-s3nfs", Some(1 << 30)))
+                .await,
             Code::NotFound
         );
 
@@ -212,31 +307,56 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
         let staging = dir.path().join("staging");
         let mut r = stage_req(&id, &staging, rwo());
         r.volume_id.clear();
-        expect!("stage without an id", node.node_stage_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "stage without an id",
+            node.node_stage_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let mut r = stage_req(&id, &staging, rwo());
         r.staging_target_path.clear();
-        expect!("stage without a path", node.node_stage_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "stage without a path",
+            node.node_stage_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let mut r = stage_req(&id, &staging, rwo());
         r.volume_capability = None;
-        expect!("stage without a capability", node.node_stage_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "stage without a capability",
+            node.node_stage_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         expect!(
             "stage for multi-node writing",
-            node.node_stage_volume(stage_req(&id, &staging, mount_cap(Mode::MultiNodeMultiWriter))).await,
+            node.node_stage_volume(stage_req(&id, &staging, mount_cap(Mode::MultiNodeMultiWriter)))
+                .await,
             Code::InvalidArgument
         );
         let mut r = stage_req(&id, &staging, rwo());
         r.secrets = with(secret(), "secretAccessKey", "wrong");
-        expect!("stage with a wrong key", node.node_stage_volume(r.clone()).await, Code::PermissionDenied);
+        expect!(
+            "stage with a wrong key",
+            node.node_stage_volume(r.clone()).await,
+            Code::PermissionDenied
+        );
         let mut r = stage_req(&id, &staging, rwo());
         r.secrets = with(secret(), "endpoint", "http://127.0.0.1:1");
-        expect!("stage with S3 unreachable", node.node_stage_volume(r.clone()).await, Code::Unavailable);
+        expect!(
+            "stage with S3 unreachable",
+            node.node_stage_volume(r.clone()).await,
+            Code::Unavailable
+        );
         // ... and nothing was left behind.
         assert!(plugin.mounter.mounted(&staging).unwrap().is_none());
         let left = plugin.supervisor.send(s3nfs::actors::StatusAll).await.unwrap();
         assert!(left.is_empty(), "gateways left behind: {left:?}");
         assert_eq!(std::fs::read_dir(plugin.state.join("volumes")).unwrap().count(), 0);
 
-        expect!("stage", node.node_stage_volume(stage_req(&id, &staging, rwo())).await, Code::Ok);
+        expect!(
+            "stage",
+            node.node_stage_volume(stage_req(&id, &staging, rwo())).await,
+            Code::Ok
+        );
         let other = dir.path().join("staging-other");
         expect!(
             "stage the same volume elsewhere",
@@ -249,22 +369,42 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
         let t2 = dir.path().join("pods/2/mount");
         let mut r = publish_req(&id, &staging, &t1, rwo(), false);
         r.target_path.clear();
-        expect!("publish without a target", node.node_publish_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "publish without a target",
+            node.node_publish_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         let mut r = publish_req(&id, &staging, &t1, rwo(), false);
         r.volume_capability = None;
-        expect!("publish without a capability", node.node_publish_volume(r.clone()).await, Code::InvalidArgument);
+        expect!(
+            "publish without a capability",
+            node.node_publish_volume(r.clone()).await,
+            Code::InvalidArgument
+        );
         expect!(
             "publish from a path that is not staged",
-            node.node_publish_volume(publish_req(&id, &other, &t1, rwo(), false)).await,
+            node.node_publish_volume(publish_req(&id, &other, &t1, rwo(), false))
+                .await,
             Code::FailedPrecondition
         );
-        expect!("publish", node.node_publish_volume(publish_req(&id, &staging, &t1, rwo(), false)).await, Code::Ok);
+        expect!(
+            "publish",
+            node.node_publish_volume(publish_req(&id, &staging, &t1, rwo(), false))
+                .await,
+            Code::Ok
+        );
         expect!(
             "publish the same target read-only",
-            node.node_publish_volume(publish_req(&id, &staging, &t1, rwo(), true)).await,
+            node.node_publish_volume(publish_req(&id, &staging, &t1, rwo(), true))
+                .await,
             Code::AlreadyExists
         );
-        expect!("publish read-only", node.node_publish_volume(publish_req(&id, &staging, &t2, rwo(), true)).await, Code::Ok);
+        expect!(
+            "publish read-only",
+            node.node_publish_volume(publish_req(&id, &staging, &t2, rwo(), true))
+                .await,
+            Code::Ok
+        );
         assert!(plugin.mounter.mounted(&t2).unwrap().unwrap().read_only);
 
         // NodeGetVolumeStats
@@ -275,14 +415,31 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
         };
         let mut r = stats(&t1);
         r.volume_path.clear();
-        expect!("stats without a path", node.node_get_volume_stats(r.clone()).await, Code::InvalidArgument);
-        expect!("stats of another path", node.node_get_volume_stats(stats(&other)).await, Code::NotFound);
+        expect!(
+            "stats without a path",
+            node.node_get_volume_stats(r.clone()).await,
+            Code::InvalidArgument
+        );
+        expect!(
+            "stats of another path",
+            node.node_get_volume_stats(stats(&other)).await,
+            Code::NotFound
+        );
         let s = expect!("stats", node.node_get_volume_stats(stats(&t1)).await, Code::Ok).unwrap();
-        let bytes = s.usage.iter().find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32).unwrap();
+        let bytes = s
+            .usage
+            .iter()
+            .find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32)
+            .unwrap();
         assert_eq!(bytes.total, 8 << 20, "the capacity is the CreateVolume size");
 
         // Expansion: controller then node; the stats show it.
-        let e = expect!("expand", controller.controller_expand_volume(expand(&id, Some(32 << 20))).await, Code::Ok).unwrap();
+        let e = expect!(
+            "expand",
+            controller.controller_expand_volume(expand(&id, Some(32 << 20))).await,
+            Code::Ok
+        )
+        .unwrap();
         assert_eq!(e.capacity_bytes, 32 << 20);
         assert!(e.node_expansion_required);
         let nexp = |id: &str| pb::NodeExpandVolumeRequest {
@@ -294,10 +451,18 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             }),
             ..Default::default()
         };
-        expect!("node expand of an unknown volume", node.node_expand_volume(nexp("unknown-vol")).await, Code::NotFound);
+        expect!(
+            "node expand of an unknown volume",
+            node.node_expand_volume(nexp("unknown-vol")).await,
+            Code::NotFound
+        );
         expect!("node expand", node.node_expand_volume(nexp(&id)).await, Code::Ok);
         let s = node.node_get_volume_stats(stats(&t1)).await.unwrap().into_inner();
-        let bytes = s.usage.iter().find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32).unwrap();
+        let bytes = s
+            .usage
+            .iter()
+            .find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32)
+            .unwrap();
         assert_eq!(bytes.total, 32 << 20);
 
         // SINGLE_NODE_SINGLE_WRITER: one target only.
@@ -312,15 +477,19 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             .volume_id;
         let single = mount_cap(Mode::SingleNodeSingleWriter);
         let sst = dir.path().join("staging-single");
-        node.node_stage_volume(stage_req(&sid, &sst, single.clone())).await.unwrap();
+        node.node_stage_volume(stage_req(&sid, &sst, single.clone()))
+            .await
+            .unwrap();
         expect!(
             "publish single writer",
-            node.node_publish_volume(publish_req(&sid, &sst, &dir.path().join("s1"), single.clone(), false)).await,
+            node.node_publish_volume(publish_req(&sid, &sst, &dir.path().join("s1"), single.clone(), false))
+                .await,
             Code::Ok
         );
         expect!(
             "publish single writer at a second target",
-            node.node_publish_volume(publish_req(&sid, &sst, &dir.path().join("s2"), single.clone(), false)).await,
+            node.node_publish_volume(publish_req(&sid, &sst, &dir.path().join("s2"), single.clone(), false))
+                .await,
             Code::FailedPrecondition
         );
 
@@ -329,35 +498,71 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             volume_id: id.into(),
             target_path: t.to_string_lossy().into(),
         };
-        expect!("unpublish without a target", node.node_unpublish_volume(unpublish(&id, Path::new(""))).await, Code::InvalidArgument);
-        expect!("unpublish", node.node_unpublish_volume(unpublish(&id, &t1)).await, Code::Ok);
-        assert!(!t1.exists(), "unpublish removes the target directory");
-        expect!("unpublish", node.node_unpublish_volume(unpublish(&id, &t2)).await, Code::Ok);
         expect!(
-            "unpublish of a target that never was",
-            node.node_unpublish_volume(unpublish(&id, &dir.path().join("never"))).await,
+            "unpublish without a target",
+            node.node_unpublish_volume(unpublish(&id, Path::new(""))).await,
+            Code::InvalidArgument
+        );
+        expect!(
+            "unpublish",
+            node.node_unpublish_volume(unpublish(&id, &t1)).await,
             Code::Ok
         );
-        node.node_unpublish_volume(unpublish(&sid, &dir.path().join("s1"))).await.unwrap();
+        assert!(!t1.exists(), "unpublish removes the target directory");
+        expect!(
+            "unpublish",
+            node.node_unpublish_volume(unpublish(&id, &t2)).await,
+            Code::Ok
+        );
+        expect!(
+            "unpublish of a target that never was",
+            node.node_unpublish_volume(unpublish(&id, &dir.path().join("never")))
+                .await,
+            Code::Ok
+        );
+        node.node_unpublish_volume(unpublish(&sid, &dir.path().join("s1")))
+            .await
+            .unwrap();
 
         // NodeUnstage
         let unstage = |id: &str, p: &Path| pb::NodeUnstageVolumeRequest {
             volume_id: id.into(),
             staging_target_path: p.to_string_lossy().into(),
         };
-        expect!("unstage without a path", node.node_unstage_volume(unstage(&id, Path::new(""))).await, Code::InvalidArgument);
-        expect!("unstage", node.node_unstage_volume(unstage(&id, &staging)).await, Code::Ok);
+        expect!(
+            "unstage without a path",
+            node.node_unstage_volume(unstage(&id, Path::new(""))).await,
+            Code::InvalidArgument
+        );
+        expect!(
+            "unstage",
+            node.node_unstage_volume(unstage(&id, &staging)).await,
+            Code::Ok
+        );
         expect!("unstage", node.node_unstage_volume(unstage(&sid, &sst)).await, Code::Ok);
-        assert!(plugin.supervisor.send(s3nfs::actors::StatusAll).await.unwrap().is_empty());
+        assert!(plugin
+            .supervisor
+            .send(s3nfs::actors::StatusAll)
+            .await
+            .unwrap()
+            .is_empty());
 
         // DeleteVolume: the bucket goes; deleting again, or what never was, is OK.
         let delete = |id: &str| pb::DeleteVolumeRequest {
             volume_id: id.into(),
             secrets: secret(),
         };
-        expect!("delete without an id", controller.delete_volume(delete("")).await, Code::InvalidArgument);
+        expect!(
+            "delete without an id",
+            controller.delete_volume(delete("")).await,
+            Code::InvalidArgument
+        );
         expect!("delete", controller.delete_volume(delete(&id)).await, Code::Ok);
-        expect!("delete what never was", controller.delete_volume(delete("never-was-s3nfs/x")).await, Code::Ok);
+        expect!(
+            "delete what never was",
+            controller.delete_volume(delete("never-was-s3nfs/x")).await,
+            Code::Ok
+        );
         let store = s3nfs::store::s3::S3Store::connect(g.s3_config(&id)).await.unwrap();
         assert!(
             matches!(store.check().await, Err(s3nfs::store::StoreError::NoSuchBucket(_))),
@@ -381,7 +586,11 @@ fn a_prefix_per_volume_in_a_shared_bucket_is_deleted_or_retained_as_the_class_sa
         for (name, on_delete, kept) in [("pvc-del", "delete", false), ("pvc-keep", "retain", true)] {
             let v = c
                 .controller
-                .create_volume(create_req(name, &[("bucket", &bucket), ("onDelete", on_delete)], 1 << 20))
+                .create_volume(create_req(
+                    name,
+                    &[("bucket", &bucket), ("onDelete", on_delete)],
+                    1 << 20,
+                ))
                 .await
                 .unwrap()
                 .into_inner()
@@ -390,7 +599,11 @@ fn a_prefix_per_volume_in_a_shared_bucket_is_deleted_or_retained_as_the_class_sa
             assert_eq!(v.volume_id, format!("{bucket}/{name}"), "csi-s3's id grammar");
             // A file in the volume, as a pod would have written it.
             store
-                .put(&format!("{name}/data.txt"), s3nfs::store::Body::Bytes("x".into()), &Default::default())
+                .put(
+                    &format!("{name}/data.txt"),
+                    s3nfs::store::Body::Bytes("x".into()),
+                    &Default::default(),
+                )
                 .await
                 .unwrap();
             c.controller
@@ -450,13 +663,29 @@ fn staging_and_unstaging_a_hundred_times_leaves_descriptors_and_memory_flat() {
         }
         let (fds1, rss1) = fds_and_rss();
         assert!(
-            plugin.supervisor.send(s3nfs::actors::StatusAll).await.unwrap().is_empty(),
+            plugin
+                .supervisor
+                .send(s3nfs::actors::StatusAll)
+                .await
+                .unwrap()
+                .is_empty(),
             "no gateway left running"
         );
-        assert!(fds1 <= fds0 + 2, "descriptors grew from {fds0} to {fds1} over 100 stage/unstage cycles");
+        assert!(
+            fds1 <= fds0 + 2,
+            "descriptors grew from {fds0} to {fds1} over 100 stage/unstage cycles"
+        );
         let grown = rss1.saturating_sub(rss0);
-        eprintln!("100 stage/unstage cycles: fds {fds0} -> {fds1}, RSS {} -> {} MiB", rss0 >> 20, rss1 >> 20);
-        assert!(grown < 24 << 20, "RSS grew by {} MiB over 100 stage/unstage cycles", grown >> 20);
+        eprintln!(
+            "100 stage/unstage cycles: fds {fds0} -> {fds1}, RSS {} -> {} MiB",
+            rss0 >> 20,
+            rss1 >> 20
+        );
+        assert!(
+            grown < 24 << 20,
+            "RSS grew by {} MiB over 100 stage/unstage cycles",
+            grown >> 20
+        );
         c.controller
             .delete_volume(pb::DeleteVolumeRequest {
                 volume_id: id,

@@ -116,6 +116,8 @@ impl Gateway {
         }
         let _ = self.stop_background.send(true);
         while self.background.join_next().await.is_some() {}
+        // Relistings and streaming uploads the volume started itself.
+        self.vol.background_idle().await;
         let vol = self.vol.clone();
         let synced = tokio::task::spawn_blocking(move || vol.sync_local()).await;
         if let Ok(Err(e)) = synced {

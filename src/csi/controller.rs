@@ -255,7 +255,12 @@ async fn delete_prefix(store: &S3Store, vol: &VolumeId) -> Result<(), StoreError
     loop {
         // Listing from the start each time: what was deleted is gone from the next page.
         let page = store.list(&vol.prefix, None, None, 1000).await?;
-        let keys: Vec<_> = page.objects.into_iter().map(|o| o.key).filter(|k| *k != record).collect();
+        let keys: Vec<_> = page
+            .objects
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| *k != record)
+            .collect();
         if keys.is_empty() {
             return Ok(());
         }

@@ -27,9 +27,11 @@ impl Identity for IdentityService {
         _: Request<pb::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<pb::GetPluginCapabilitiesResponse>, Status> {
         let mut capabilities = vec![pb::PluginCapability {
-            r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion {
-                r#type: plugin_capability::volume_expansion::Type::Online as i32,
-            })),
+            r#type: Some(plugin_capability::Type::VolumeExpansion(
+                plugin_capability::VolumeExpansion {
+                    r#type: plugin_capability::volume_expansion::Type::Online as i32,
+                },
+            )),
         }];
         if self.mode.controller() {
             capabilities.push(pb::PluginCapability {

@@ -38,7 +38,9 @@ pub trait Mounter: Send + Sync + 'static {
 /// The NFS mount options: hard (applications wait through a restart of the gateway instead of
 /// getting errors), TCP, MOUNT on the same port, no NLM.
 pub fn nfs_options(port: u16) -> String {
-    format!("vers=3,proto=tcp,port={port},mountport={port},mountproto=tcp,nolock,hard,addr=127.0.0.1,mountaddr=127.0.0.1")
+    format!(
+        "vers=3,proto=tcp,port={port},mountport={port},mountproto=tcp,nolock,hard,addr=127.0.0.1,mountaddr=127.0.0.1"
+    )
 }
 
 fn cstr(p: &Path) -> io::Result<CString> {
@@ -68,12 +70,21 @@ impl Mounter for SysMounter {
     fn bind(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
         let (s, t) = (cstr(source)?, cstr(target)?);
         // SAFETY: valid strings; null fstype and data are allowed for bind mounts.
-        check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) })?;
+        check(unsafe {
+            libc::mount(
+                s.as_ptr(),
+                t.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        })?;
         if read_only {
             // A bind mount takes the flags of its source; read-only needs a remount of the bind.
             let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
             // SAFETY: as above.
-            let r = check(unsafe { libc::mount(std::ptr::null(), t.as_ptr(), std::ptr::null(), flags, std::ptr::null()) });
+            let r =
+                check(unsafe { libc::mount(std::ptr::null(), t.as_ptr(), std::ptr::null(), flags, std::ptr::null()) });
             if let Err(e) = r {
                 let _ = self.unmount(target);
                 return Err(e);
@@ -94,7 +105,12 @@ impl Mounter for SysMounter {
     fn mounted(&self, target: &Path) -> io::Result<Option<MountEntry>> {
         let target = target.canonicalize().unwrap_or_else(|_| target.to_path_buf());
         let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-        Ok(info.lines().filter_map(parse_mountinfo).filter(|(p, _)| *p == target).map(|(_, e)| e).last())
+        Ok(info
+            .lines()
+            .filter_map(parse_mountinfo)
+            .filter(|(p, _)| *p == target)
+            .map(|(_, e)| e)
+            .last())
     }
 }
 
@@ -104,7 +120,12 @@ fn parse_mountinfo(line: &str) -> Option<(PathBuf, MountEntry)> {
     let (left, right) = line.split_once(" - ")?;
     let l: Vec<&str> = left.split(' ').collect();
     let r: Vec<&str> = right.split(' ').collect();
-    let unescape = |s: &str| s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\");
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
     let opts = l.get(5)?;
     let port = r
         .get(2)

@@ -16,7 +16,7 @@ use actix::Addr;
 use tonic::{Request, Response, Status};
 
 use super::controller::connect;
-use super::mount::Mounter;
+use super::mount::{MountEntry, Mounter};
 use super::params::{capacity_for, check_capability, Params, S3Secret, VolumeId};
 use super::pb::{self, node_server::Node, node_service_capability as nsc};
 use super::record;
@@ -44,6 +44,7 @@ struct Deferred {
     staging: PathBuf,
     context: BTreeMap<String, String>,
     single_target: bool,
+    read_only: bool,
 }
 
 /// Held while a call works on a volume.
@@ -111,7 +112,11 @@ impl NodeService {
     /// Brings back the gateway of every recorded volume on its port, before any call is
     /// answered. S3 need not be reachable: the gateway serves what is staged and uploads later.
     pub async fn restore(&self) {
-        for r in self.state.load_all() {
+        let recorded = self.state.load_all();
+        if !recorded.is_empty() {
+            tracing::info!(volumes = recorded.len(), "restoring the gateways of staged volumes");
+        }
+        for r in recorded {
             let (v, secret) = match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -138,7 +143,9 @@ impl NodeService {
 
     fn lock(&self, id: &str) -> Result<VolumeLock, Status> {
         if !self.busy.lock().unwrap().insert(id.to_string()) {
-            return Err(Status::aborted(format!("an operation on volume {id} is already in progress")));
+            return Err(Status::aborted(format!(
+                "an operation on volume {id} is already in progress"
+            )));
         }
         Ok(VolumeLock {
             id: id.to_string(),
@@ -186,7 +193,7 @@ impl NodeService {
                     v.staging_path.display()
                 )));
             }
-            if self.is_staged_at(&staging, v.port)? {
+            if self.is_staged_at(&staging, v.port).await? {
                 return Ok(());
             }
         }
@@ -210,6 +217,7 @@ impl NodeService {
             capacity,
             context: d.context,
             single_target: d.single_target,
+            read_only: d.read_only,
             targets: self.staged(&id).map(|v| v.targets).unwrap_or_default(),
         };
         let export = export_of(&self.state, &v, secret)?;
@@ -231,13 +239,14 @@ impl NodeService {
                 return Err(internal("supervisor", e));
             }
         }
-        let mounted = std::fs::create_dir_all(&staging)
-            .map_err(|e| internal(&format!("creating {}", staging.display()), e))
-            .and_then(|_| {
-                self.mounter
-                    .mount_nfs(port, &staging)
-                    .map_err(|e| internal(&format!("NFS mount of the gateway on {}", staging.display()), e))
-            });
+        let st = staging.clone();
+        let mounted = self
+            .mnt(move |m| {
+                std::fs::create_dir_all(&st)?;
+                m.mount_nfs(port, &st)
+            })
+            .await
+            .map_err(|e| internal(&format!("NFS mount of the gateway on {}", staging.display()), e));
         if let Err(s) = mounted {
             let _ = self.supervisor.send(StopVolume(id.clone())).await;
             undo(self);
@@ -248,9 +257,29 @@ impl NodeService {
         Ok(())
     }
 
+    /// Runs mount work on a blocking thread. Not only because it blocks: an NFS mount or
+    /// unmount waits for the gateway, which answers from this same process's runtime; on a
+    /// one-CPU node a mount(2) on the runtime's only worker would wait for itself.
+    async fn mnt<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Mounter) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let m = self.mounter.clone();
+        tokio::task::spawn_blocking(move || f(&*m))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    async fn mounted(&self, path: &Path) -> Result<Option<MountEntry>, Status> {
+        let p = path.to_path_buf();
+        self.mnt(move |m| m.mounted(&p))
+            .await
+            .map_err(|e| internal("reading the mount table", e))
+    }
+
     /// Whether `path` holds the NFS mount of the gateway on `port`.
-    fn is_staged_at(&self, path: &Path, port: u16) -> Result<bool, Status> {
-        let m = self.mounter.mounted(path).map_err(|e| internal("reading the mount table", e))?;
+    async fn is_staged_at(&self, path: &Path, port: u16) -> Result<bool, Status> {
+        let m = self.mounted(path).await?;
         Ok(m.is_some_and(|m| m.fstype.starts_with("nfs") && m.port == Some(port)))
     }
 }
@@ -282,6 +311,7 @@ impl Node for NodeService {
                     staging,
                     context: r.volume_context.into_iter().collect(),
                     single_target: access.single_target,
+                    read_only: access.read_only,
                 },
             );
             return Ok(Response::new(pb::NodeStageVolumeResponse {}));
@@ -293,6 +323,7 @@ impl Node for NodeService {
                 staging,
                 context: r.volume_context.into_iter().collect(),
                 single_target: access.single_target,
+                read_only: access.read_only,
             },
             &secret,
         )
@@ -311,8 +342,9 @@ impl Node for NodeService {
         let _lock = self.lock(&id)?;
         self.deferred.lock().unwrap().remove(&id);
         // Unmounting first makes the kernel client send what it still holds.
-        self.mounter
-            .unmount(&staging)
+        let st = staging.clone();
+        self.mnt(move |m| m.unmount(&st))
+            .await
             .map_err(|e| internal(&format!("unmounting {}", staging.display()), e))?;
         if let Some(v) = self.staged(&id) {
             if v.staging_path != staging {
@@ -351,7 +383,7 @@ impl Node for NodeService {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("volume_capability is missing"))?;
         let access = check_capability(cap).map_err(Status::invalid_argument)?;
-        let read_only = r.readonly || access.read_only;
+        let mut read_only = r.readonly || access.read_only;
         let id = vol.to_id();
         let _lock = self.lock(&id)?;
         let deferred = self.deferred.lock().unwrap().remove(&id);
@@ -369,18 +401,19 @@ impl Node for NodeService {
                 self.deferred.lock().unwrap().insert(id.clone(), d);
             }
         }
-        let mut v = self
-            .staged(&id)
-            .filter(|v| v.staging_path == staging)
-            .ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged at {}", staging.display())))?;
-        if !self.is_staged_at(&staging, v.port)? {
+        let mut v = self.staged(&id).filter(|v| v.staging_path == staging).ok_or_else(|| {
+            Status::failed_precondition(format!("volume {id} is not staged at {}", staging.display()))
+        })?;
+        // Staged in a read-only mode: no target may write, whatever this call says.
+        read_only |= v.read_only;
+        if !self.is_staged_at(&staging, v.port).await? {
             return Err(Status::failed_precondition(format!(
                 "volume {id}: nothing is mounted at the staging path {}",
                 staging.display()
             )));
         }
-        let stage_dev = self.mounter.mounted(&staging).map_err(|e| internal("mount table", e))?.map(|m| m.device);
-        if let Some(m) = self.mounter.mounted(&target).map_err(|e| internal("mount table", e))? {
+        let stage_dev = self.mounted(&staging).await?.map(|m| m.device);
+        if let Some(m) = self.mounted(&target).await? {
             if Some(&m.device) == stage_dev.as_ref() && m.read_only == read_only && v.targets.contains_key(&target) {
                 return Ok(Response::new(pb::NodePublishVolumeResponse {}));
             }
@@ -395,10 +428,13 @@ impl Node for NodeService {
                 v.targets.keys().next().unwrap().display()
             )));
         }
-        std::fs::create_dir_all(&target).map_err(|e| internal(&format!("creating {}", target.display()), e))?;
-        self.mounter
-            .bind(&staging, &target, read_only)
-            .map_err(|e| internal(&format!("bind mount on {}", target.display()), e))?;
+        let (st, t) = (staging.clone(), target.clone());
+        self.mnt(move |m| {
+            std::fs::create_dir_all(&t)?;
+            m.bind(&st, &t, read_only)
+        })
+        .await
+        .map_err(|e| internal(&format!("bind mount on {}", target.display()), e))?;
         v.targets.insert(target, read_only);
         self.save(&v, None)?;
         Ok(Response::new(pb::NodePublishVolumeResponse {}))
@@ -413,15 +449,16 @@ impl Node for NodeService {
         let target = PathBuf::from(required(&r.target_path, "target_path")?);
         let id = vol.to_id();
         let _lock = self.lock(&id)?;
-        self.mounter
-            .unmount(&target)
-            .map_err(|e| internal(&format!("unmounting {}", target.display()), e))?;
-        match std::fs::remove_dir(&target) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(internal(&format!("removing {}", target.display()), e))
+        let t = target.clone();
+        self.mnt(move |m| {
+            m.unmount(&t)?;
+            match std::fs::remove_dir(&t) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
             }
-            _ => {}
-        }
+        })
+        .await
+        .map_err(|e| internal(&format!("unmounting and removing {}", target.display()), e))?;
         if let Some(mut v) = self.staged(&id) {
             if v.targets.remove(&target).is_some() {
                 self.save(&v, None)?;
@@ -442,7 +479,10 @@ impl Node for NodeService {
             .staged(&id)
             .ok_or_else(|| Status::not_found(format!("volume {id} is not staged on this node")))?;
         if path != v.staging_path && !v.targets.contains_key(&path) {
-            return Err(Status::not_found(format!("{} is not a path of volume {id}", path.display())));
+            return Err(Status::not_found(format!(
+                "{} is not a path of volume {id}",
+                path.display()
+            )));
         }
         let st = self
             .supervisor

@@ -63,7 +63,10 @@ fn check_bucket(b: &str) -> Result<(), String> {
     if b.len() < 3 || b.len() > 63 {
         return Err(format!("bucket name {b:?} must be 3 to 63 characters"));
     }
-    if !b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b'_') {
+    if !b
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b'_')
+    {
         return Err(format!("bucket name {b:?} has characters S3 does not allow"));
     }
     Ok(())
@@ -101,7 +104,13 @@ pub fn bucket_for_name(name: &str) -> String {
 pub fn prefix_for_name(name: &str) -> String {
     let p: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     if p == name && !p.starts_with('.') {
         p
@@ -138,10 +147,16 @@ impl S3Secret {
             ))
         };
         let access_key = get("accessKeyID").ok_or_else(|| missing("accessKeyID"))?.to_string();
-        let secret_key = Secret(get("secretAccessKey").ok_or_else(|| missing("secretAccessKey"))?.to_string());
+        let secret_key = Secret(
+            get("secretAccessKey")
+                .ok_or_else(|| missing("secretAccessKey"))?
+                .to_string(),
+        );
         let endpoint = match get("endpoint") {
             None => None,
-            Some(e) if e.starts_with("http://") || e.starts_with("https://") => Some(e.trim_end_matches('/').to_string()),
+            Some(e) if e.starts_with("http://") || e.starts_with("https://") => {
+                Some(e.trim_end_matches('/').to_string())
+            }
             // csi-s3 accepts a bare host; it means https.
             Some(e) if !e.contains("://") => Some(format!("https://{e}")),
             Some(e) => {
@@ -152,7 +167,9 @@ impl S3Secret {
         };
         if let Some(v) = get("insecure") {
             if v.parse::<bool>().map_err(|_| {
-                Status::invalid_argument(format!("the {which} secret's insecure must be true or false, not {v:?}"))
+                Status::invalid_argument(format!(
+                    "the {which} secret's insecure must be true or false, not {v:?}"
+                ))
             })? {
                 tracing::info!("secret key insecure=true: TLS certificates are always verified by s3nfs; use an http:// endpoint for plain connections");
             }
@@ -342,13 +359,26 @@ mod tests {
         assert!(check_bucket(&ba).is_ok());
         assert_eq!(bucket_for_name("pvc-0a1b"), "pvc-0a1b");
         let odd = bucket_for_name("PVC_Upper");
-        assert!(check_bucket(&odd).is_ok() && odd != bucket_for_name("pvc-upper"), "{odd}");
+        assert!(
+            check_bucket(&odd).is_ok() && odd != bucket_for_name("pvc-upper"),
+            "{odd}"
+        );
     }
 
     #[test]
     fn geesefs_options_set_defaults_and_others_are_ignored() {
-        let d = parse_options("--memory-limit 1000 --uid 1000 --gid=2000 --dir-mode 0777 --file-mode=0666 -o allow_other").unwrap();
-        assert_eq!(d, ObjectDefaults { uid: 1000, gid: 2000, file_mode: 0o666, dir_mode: 0o777 });
+        let d =
+            parse_options("--memory-limit 1000 --uid 1000 --gid=2000 --dir-mode 0777 --file-mode=0666 -o allow_other")
+                .unwrap();
+        assert_eq!(
+            d,
+            ObjectDefaults {
+                uid: 1000,
+                gid: 2000,
+                file_mode: 0o666,
+                dir_mode: 0o777
+            }
+        );
         assert!(parse_options("--uid x").is_err());
         assert!(parse_options("--file-mode 999").is_err());
         assert!(parse_options("--gid").is_err());
@@ -361,7 +391,10 @@ mod tests {
         m.insert("csi.storage.k8s.io/pvc/name".to_string(), "x".to_string());
         assert_eq!(Params::parse(&m, true).unwrap().bucket.as_deref(), Some("data"));
         m.insert("bukcet".to_string(), "x".to_string());
-        assert_eq!(Params::parse(&m, true).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            Params::parse(&m, true).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
         assert!(Params::parse(&m, false).is_ok());
         m.insert("onDelete".to_string(), "keep".to_string());
         assert!(Params::parse(&m, false).is_err());
@@ -454,6 +487,8 @@ pub fn capacity_for(range: Option<&super::pb::CapacityRange>) -> Result<u64, Sta
 pub fn capacity_fits(capacity: u64, range: Option<&super::pb::CapacityRange>) -> bool {
     match range {
         None => true,
-        Some(r) => capacity >= r.required_bytes.max(0) as u64 && (r.limit_bytes <= 0 || capacity <= r.limit_bytes as u64),
+        Some(r) => {
+            capacity >= r.required_bytes.max(0) as u64 && (r.limit_bytes <= 0 || capacity <= r.limit_bytes as u64)
+        }
     }
 }

@@ -28,7 +28,10 @@ pub async fn read(store: &dyn ObjectStore, vol: &VolumeId) -> StoreResult<Option
         return Ok(None);
     };
     if head.size > MAX_RECORD {
-        return Err(StoreError::Invalid(format!("{key} is {} bytes: not an s3nfs volume record", head.size)));
+        return Err(StoreError::Invalid(format!(
+            "{key} is {} bytes: not an s3nfs volume record",
+            head.size
+        )));
     }
     let bytes = store.get_range(&key, 0..head.size).await?;
     let text = std::str::from_utf8(&bytes).map_err(|_| StoreError::Invalid(format!("{key} is not UTF-8")))?;

@@ -31,12 +31,22 @@ pub struct CsiOptions {
 
 /// Serves until `shutdown` completes. In node mode, every recorded volume's gateway is back
 /// before the socket exists: a caller that can connect finds the node ready.
-pub async fn serve(opts: CsiOptions, supervisor: Addr<Supervisor>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    opts: CsiOptions,
+    supervisor: Addr<Supervisor>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let node = if opts.mode.node() {
         anyhow::ensure!(!opts.node_id.is_empty(), "--node-id is required in node mode");
         let state = NodeState::open(&opts.state_dir)
             .map_err(|e| anyhow::anyhow!("state directory {}: {e}", opts.state_dir.display()))?;
-        let node = NodeService::new(opts.node_id.clone(), state, opts.ports.clone(), supervisor, opts.mounter.clone());
+        let node = NodeService::new(
+            opts.node_id.clone(),
+            state,
+            opts.ports.clone(),
+            supervisor,
+            opts.mounter.clone(),
+        );
         node.restore().await;
         Some(NodeServer::new(node))
     } else {

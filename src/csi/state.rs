@@ -31,6 +31,9 @@ pub struct StagedVolume {
     pub context: BTreeMap<String, String>,
     /// SINGLE_NODE_SINGLE_WRITER: at most one target.
     pub single_target: bool,
+    /// Staged in a read-only access mode: every target is read-only.
+    #[serde(default)]
+    pub read_only: bool,
     /// Publish targets and whether each is read-only.
     pub targets: BTreeMap<PathBuf, bool>,
 }
@@ -77,7 +80,9 @@ impl NodeState {
     pub fn open(root: &Path) -> std::io::Result<NodeState> {
         let vols = root.join("volumes");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&vols)?;
-        Ok(NodeState { root: root.to_path_buf() })
+        Ok(NodeState {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn volume_dir(&self, id: &VolumeId) -> PathBuf {
@@ -99,9 +104,17 @@ impl NodeState {
                 endpoint: s.endpoint.clone(),
                 region: s.region.clone(),
             };
-            write_atomic(&dir.join("secret.toml"), toml::to_string(&f).map_err(std::io::Error::other)?.as_bytes(), 0o600)?;
+            write_atomic(
+                &dir.join("secret.toml"),
+                toml::to_string(&f).map_err(std::io::Error::other)?.as_bytes(),
+                0o600,
+            )?;
         }
-        write_atomic(&dir.join("volume.toml"), toml::to_string(v).map_err(std::io::Error::other)?.as_bytes(), 0o600)
+        write_atomic(
+            &dir.join("volume.toml"),
+            toml::to_string(v).map_err(std::io::Error::other)?.as_bytes(),
+            0o600,
+        )
     }
 
     /// Forgets a volume and its local state (after a clean unstage: everything is in S3).
@@ -122,8 +135,10 @@ impl NodeState {
             let dir = e.path();
             let name = unescape(&e.file_name().to_string_lossy());
             let load = || -> Result<(StagedVolume, S3Secret), String> {
-                let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("volume {name}: {f}: {e}"));
-                let v: StagedVolume = toml::from_str(&read("volume.toml")?).map_err(|e| format!("volume {name}: {e}"))?;
+                let read =
+                    |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("volume {name}: {f}: {e}"));
+                let v: StagedVolume =
+                    toml::from_str(&read("volume.toml")?).map_err(|e| format!("volume {name}: {e}"))?;
                 let s: SecretFile = toml::from_str(&read("secret.toml")?).map_err(|e| format!("volume {name}: {e}"))?;
                 Ok((
                     v,
@@ -166,6 +181,7 @@ mod tests {
             capacity: Some(1 << 30),
             context: BTreeMap::new(),
             single_target: false,
+            read_only: false,
             targets: [(PathBuf::from("/t/1"), true)].into_iter().collect(),
         };
         let secret = S3Secret {
@@ -176,9 +192,15 @@ mod tests {
         };
         st.save(&v, Some(&secret)).unwrap();
         let id = VolumeId::parse("data/pvc-1").unwrap();
-        let mode = std::fs::metadata(st.volume_dir(&id).join("secret.toml")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(st.volume_dir(&id).join("secret.toml"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "secret readable by others: {mode:o}");
-        let dmode = std::fs::metadata(dir.path().join("volumes")).unwrap().permissions().mode();
+        let dmode = std::fs::metadata(dir.path().join("volumes"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(dmode & 0o077, 0);
         let all = st.load_all();
         assert_eq!(all.len(), 1);

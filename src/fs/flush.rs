@@ -582,7 +582,7 @@ impl Volume {
             let vol = self.clone();
             let span = tracing::info_span!(parent: None, "stream_upload", ino);
             crate::telemetry::link_causes(&span, self.volume_id(), ino, false);
-            tokio::spawn(
+            self.spawn_background(
                 async move {
                     let r = vol.stream_file(ino).await;
                     vol.flusher.streaming.lock().unwrap().remove(&ino);

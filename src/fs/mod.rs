@@ -210,11 +210,31 @@ pub struct Volume {
     pub(crate) cache: read::ReadCache,
     pub(crate) flusher: flush::FlushState,
     pub(crate) usage: usage::Usage,
+    /// Work the volume started in the background (relistings, streaming uploads).
+    background: Arc<Background>,
     volume_id: u64,
     next_ino: AtomicU64,
     /// The persisted `ino_limit` counter, kept here so allocation does not read the database.
     ino_limit: AtomicU64,
     next_seq: AtomicU64,
+}
+
+/// Counts the tasks a volume runs in the background, so that closing it can wait for the last
+/// one: each holds the volume, and the database closes only when the last holder lets go.
+#[derive(Default)]
+struct Background {
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+struct BackgroundGuard(Arc<Background>);
+
+impl Drop for BackgroundGuard {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Inode numbers are taken from the database in blocks, so a create commits one counter update
@@ -271,6 +291,7 @@ impl Volume {
             cache,
             flusher,
             usage: usage::Usage::new(cfg.capacity),
+            background: Arc::new(Background::default()),
             volume_id,
             next_ino: AtomicU64::new(ino_base),
             ino_limit: AtomicU64::new(ino_base + INO_BLOCK),
@@ -331,6 +352,28 @@ impl Volume {
             let mut b = Batch::new();
             b.clear_upload(ino);
             let _ = self.meta.commit(b);
+        }
+    }
+
+    /// Runs `f` in the background, counted (see [`Volume::background_idle`]).
+    pub(crate) fn spawn_background(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.background.running.fetch_add(1, Ordering::AcqRel);
+        let guard = BackgroundGuard(self.background.clone());
+        tokio::spawn(async move {
+            f.await;
+            drop(guard);
+        });
+    }
+
+    /// Waits until no background task of the volume runs. Call it once nothing starts new ones
+    /// (the NFS listener stopped, everything flushed).
+    pub async fn background_idle(&self) {
+        loop {
+            let idle = self.background.idle.notified();
+            if self.background.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 
@@ -607,7 +650,8 @@ impl Volume {
                 if self.relisting.lock().unwrap().insert(dir.ino) {
                     if let Some(vol) = self.this.get().and_then(|w| w.upgrade()) {
                         let (dir, ino) = (dir.clone(), dir.ino);
-                        tokio::spawn(
+                        let v = vol.clone();
+                        v.spawn_background(
                             async move {
                                 if let Err(e) = vol.list_dir(&dir).await {
                                     tracing::warn!(ino = dir.ino, error = %e, "background relisting failed");
@@ -655,7 +699,7 @@ impl Volume {
                 }
                 if names::listable(name) {
                     files.insert(name.to_string(), o);
-                } else {
+                } else if name != names::VOLUME_RECORD {
                     tracing::warn!(key = %o.key, "object name cannot be shown over NFS; skipped");
                 }
             }

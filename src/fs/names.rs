@@ -36,7 +36,9 @@ pub fn check_name(name: &[u8]) -> Result<&str, FsError> {
         return Err(FsError::Invalid("name contains '/' or NUL".into()));
     }
     if name == VOLUME_RECORD.as_bytes() {
-        return Err(FsError::Invalid(format!("{VOLUME_RECORD} is reserved for s3nfs's volume record")));
+        return Err(FsError::Invalid(format!(
+            "{VOLUME_RECORD} is reserved for s3nfs's volume record"
+        )));
     }
     std::str::from_utf8(name).map_err(|_| FsError::Invalid("S3 keys must be UTF-8; this name is not".into()))
 }

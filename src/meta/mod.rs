@@ -292,7 +292,9 @@ impl MetaDb {
                 .cache_capacity(64 << 20)
                 .open();
             match r {
-                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 r => break r?,

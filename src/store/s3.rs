@@ -156,7 +156,11 @@ impl S3Store {
             match req.send().await {
                 Ok(_) => Ok(()),
                 Err(e) => {
-                    let code = e.as_service_error().and_then(|s| s.code()).unwrap_or_default().to_string();
+                    let code = e
+                        .as_service_error()
+                        .and_then(|s| s.code())
+                        .unwrap_or_default()
+                        .to_string();
                     match code.as_str() {
                         "BucketAlreadyOwnedByYou" => Ok(()),
                         "BucketAlreadyExists" => Err(StoreError::Invalid(format!(

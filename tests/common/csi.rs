@@ -42,7 +42,9 @@ pub async fn connect(socket: &Path) -> Clients {
             .unwrap()
             .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
                 let p = p.clone();
-                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
             }))
             .await;
         match r {
@@ -117,7 +119,9 @@ impl InProcPlugin {
 /// A mount capability in `mode`.
 pub fn mount_cap(mode: volume_capability::access_mode::Mode) -> pb::VolumeCapability {
     pb::VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Mount(volume_capability::MountVolume::default())),
+        access_type: Some(volume_capability::AccessType::Mount(
+            volume_capability::MountVolume::default(),
+        )),
         access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
     }
 }
