@@ -293,7 +293,8 @@ impl MetaDb {
                 .open();
             match r {
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                    // sled reports the lock as an `Other` error naming it.
+                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
