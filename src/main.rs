@@ -360,6 +360,22 @@ fn raise_fd_limit() {
     }
 }
 
+/// Runs a long-lived command (the gateway, the CSI plugin): actors on a multi-threaded runtime.
+fn in_actix_system(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let sys = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    });
+    // The exporters live on the runtime: set up inside it, shut down (flushing what is queued)
+    // after serving ends but before the runtime goes away.
+    let mut telemetry = sys.block_on(async { s3nfs::telemetry::init() });
+    let r = sys.block_on(f);
+    telemetry.shutdown();
+    r
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -378,32 +394,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     raise_fd_limit();
     match cli.cmd {
-        Cmd::Serve(a) => {
-            let sys = actix_rt::System::with_tokio_rt(|| {
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime")
-            });
-            // The exporters live on the runtime: set up inside it, shut down (flushing what is
-            // queued) after serving ends but before the runtime goes away.
-            let mut telemetry = sys.block_on(async { s3nfs::telemetry::init() });
-            let r = sys.block_on(serve(a));
-            telemetry.shutdown();
-            r
-        }
-        Cmd::Csi(a) => {
-            let sys = actix_rt::System::with_tokio_rt(|| {
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime")
-            });
-            let mut telemetry = sys.block_on(async { s3nfs::telemetry::init() });
-            let r = sys.block_on(csi(a));
-            telemetry.shutdown();
-            r
-        }
+        Cmd::Serve(a) => in_actix_system(serve(a)),
+        Cmd::Csi(a) => in_actix_system(csi(a)),
         Cmd::Ls { store, long } => {
             let _log = s3nfs::telemetry::init();
             runtime().block_on(ls(store, long))

@@ -40,14 +40,7 @@ fn create_req(name: &str, params: &[(&str, &str)], bytes: i64) -> pb::CreateVolu
 }
 
 fn stage_req(id: &str, staging: &Path, cap: pb::VolumeCapability) -> pb::NodeStageVolumeRequest {
-    pb::NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(cap),
-        secrets: secret(),
-        volume_context: [("flushDelay".to_string(), "100ms".to_string())].into_iter().collect(),
-        ..Default::default()
-    }
+    common::csi::stage_req(id, staging, cap, secret(), &[("flushDelay", "100ms")])
 }
 
 fn publish_req(
@@ -57,14 +50,7 @@ fn publish_req(
     cap: pb::VolumeCapability,
     ro: bool,
 ) -> pb::NodePublishVolumeRequest {
-    pb::NodePublishVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.to_string_lossy().into(),
-        target_path: target.to_string_lossy().into(),
-        volume_capability: Some(cap),
-        readonly: ro,
-        ..Default::default()
-    }
+    common::csi::publish_req(id, staging, target, cap, ro, HashMap::new())
 }
 
 /// Calls twice and checks both answers have `want` (idempotency of errors and successes).
@@ -494,10 +480,7 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
         );
 
         // NodeUnpublish
-        let unpublish = |id: &str, t: &Path| pb::NodeUnpublishVolumeRequest {
-            volume_id: id.into(),
-            target_path: t.to_string_lossy().into(),
-        };
+        let unpublish = common::csi::unpublish_req;
         expect!(
             "unpublish without a target",
             node.node_unpublish_volume(unpublish(&id, Path::new(""))).await,
@@ -525,10 +508,7 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             .unwrap();
 
         // NodeUnstage
-        let unstage = |id: &str, p: &Path| pb::NodeUnstageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: p.to_string_lossy().into(),
-        };
+        let unstage = common::csi::unstage_req;
         expect!(
             "unstage without a path",
             node.node_unstage_volume(unstage(&id, Path::new(""))).await,
@@ -644,10 +624,7 @@ fn staging_and_unstaging_a_hundred_times_leaves_descriptors_and_memory_flat() {
             async move {
                 c.node.node_stage_volume(stage_req(&id, &staging, rwo())).await.unwrap();
                 c.node
-                    .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                        volume_id: id.clone(),
-                        staging_target_path: staging.to_string_lossy().into(),
-                    })
+                    .node_unstage_volume(common::csi::unstage_req(&id, &staging))
                     .await
                     .unwrap();
                 c

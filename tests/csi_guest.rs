@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::csi::{connect, mount_cap, rwo, Clients};
+use common::csi::{
+    connect, mount_cap, publish_req, rwo, stage_req as stage, unpublish_req as unpublish, unstage_req as unstage,
+    Clients,
+};
 use common::guest::prelude;
 use common::uml::{guest_path, require_uml, run_guest, s3nfs_bin, sh_quote, GuestOpts};
 use s3nfs::csi::pb::{self, volume_capability::access_mode::Mode};
@@ -187,23 +190,6 @@ fn statvfs_total(p: &Path) -> u64 {
     st.f_blocks as u64 * st.f_frsize as u64
 }
 
-fn stage(
-    id: &str,
-    staging: &Path,
-    cap: pb::VolumeCapability,
-    secrets: HashMap<String, String>,
-    ctx: &[(&str, &str)],
-) -> pb::NodeStageVolumeRequest {
-    pb::NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(cap),
-        secrets,
-        volume_context: ctx.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        ..Default::default()
-    }
-}
-
 fn publish(
     id: &str,
     staging: &Path,
@@ -211,40 +197,7 @@ fn publish(
     ro: bool,
     secrets: HashMap<String, String>,
 ) -> pb::NodePublishVolumeRequest {
-    publish_as(id, staging, target, ro, secrets, rwo())
-}
-
-fn publish_as(
-    id: &str,
-    staging: &Path,
-    target: &Path,
-    ro: bool,
-    secrets: HashMap<String, String>,
-    cap: pb::VolumeCapability,
-) -> pb::NodePublishVolumeRequest {
-    pb::NodePublishVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.to_string_lossy().into(),
-        target_path: target.to_string_lossy().into(),
-        volume_capability: Some(cap),
-        readonly: ro,
-        secrets,
-        ..Default::default()
-    }
-}
-
-fn unpublish(id: &str, target: &Path) -> pb::NodeUnpublishVolumeRequest {
-    pb::NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.to_string_lossy().into(),
-    }
-}
-
-fn unstage(id: &str, staging: &Path) -> pb::NodeUnstageVolumeRequest {
-    pb::NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.to_string_lossy().into(),
-    }
+    publish_req(id, staging, target, rwo(), ro, secrets)
 }
 
 #[test]
@@ -549,13 +502,13 @@ async fn life() {
         .expect("NodeStage of a static PV without a stage secret");
     c.node
         // kubelet's readonly flag is false here: the access mode alone makes it read-only.
-        .node_publish_volume(publish_as(
+        .node_publish_volume(publish_req(
             sid,
             &sstaging,
             &st,
+            mount_cap(Mode::MultiNodeReaderOnly),
             false,
             secret(),
-            mount_cap(Mode::MultiNodeReaderOnly),
         ))
         .await
         .expect("NodePublish of a static PV with its publish secret");

@@ -142,3 +142,53 @@ pub fn fds_and_rss() -> (usize, u64) {
         * 1024;
     (fds, rss)
 }
+
+pub fn stage_req(
+    id: &str,
+    staging: &Path,
+    cap: pb::VolumeCapability,
+    secrets: std::collections::HashMap<String, String>,
+    context: &[(&str, &str)],
+) -> pb::NodeStageVolumeRequest {
+    pb::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(cap),
+        secrets,
+        volume_context: context.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    }
+}
+
+pub fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: pb::VolumeCapability,
+    read_only: bool,
+    secrets: std::collections::HashMap<String, String>,
+) -> pb::NodePublishVolumeRequest {
+    pb::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(cap),
+        readonly: read_only,
+        secrets,
+        ..Default::default()
+    }
+}
+
+pub fn unpublish_req(id: &str, target: &Path) -> pb::NodeUnpublishVolumeRequest {
+    pb::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.to_string_lossy().into(),
+    }
+}
+
+pub fn unstage_req(id: &str, staging: &Path) -> pb::NodeUnstageVolumeRequest {
+    pb::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+    }
+}
