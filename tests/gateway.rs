@@ -778,6 +778,65 @@ fn refuses_to_start_without_its_bucket_or_with_a_wrong_key() {
     assert!(!err.contains(&g.secret_key), "the secret leaked: {err}");
 }
 
+/// Lengths a client announces are not believed: a 2 GiB fragment, an XDR opaque of 4 GiB and a
+/// READ of 4 GiB each cost the gateway nothing it did not receive, and the connection that lied
+/// is closed while others go on.
+#[tokio::test]
+async fn hostile_lengths_cost_nothing_and_close_only_the_liar() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, _dir) = gateway::on_local(Opts::default()).await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let f = c.create(&root, "big", 0o644).await.unwrap();
+    c.write_all(&f, 0, &vec![7u8; 3 << 20]).await.unwrap();
+    let (_, rss0) = common::csi::fds_and_rss();
+
+    let call = |args: Vec<u8>| -> Vec<u8> {
+        // An NFSv3 GETATTR call with AUTH_NONE, then `args`.
+        let head: Vec<u8> = [1u32, 0, 2, 100003, 3, 1, 0, 0, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        let body = [head, args].concat();
+        [((body.len() as u32) | 1 << 31).to_be_bytes().to_vec(), body].concat()
+    };
+    let liars: Vec<Vec<u8>> = vec![
+        // Fragments announcing 2 GiB, not the last: the record would keep growing.
+        vec![0x7f, 0xff, 0xff, 0xff, 1, 2, 3, 4],
+        vec![0xff, 0xff, 0xff, 0xff],
+        // A file handle announced as 4 GiB - 16 inside a small record.
+        call(vec![0xff, 0xff, 0xff, 0xf0, 0, 0, 0, 0]),
+    ];
+    let mut conns = Vec::new();
+    for l in &liars {
+        for _ in 0..4 {
+            let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+            s.write_all(l).await.unwrap();
+            conns.push(s);
+        }
+    }
+    // Each liar is answered or dropped without our side closing anything.
+    for mut s in conns {
+        let mut sink = vec![0u8; 4096];
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut sink)).await;
+        assert!(r.is_ok(), "the gateway waited for 2 GiB that will never come");
+    }
+    let (_, rss1) = common::csi::fds_and_rss();
+    assert!(
+        rss1 < rss0 + (64 << 20),
+        "RSS grew from {} to {} MiB",
+        rss0 >> 20,
+        rss1 >> 20
+    );
+
+    // READ's count is clamped to rtmax (1 MiB), whatever the client asks.
+    let (data, eof) = c.read(&f, 0, u32::MAX).await.unwrap();
+    assert_eq!(data.len(), 1 << 20, "a READ of 4 GiB answered {} bytes", data.len());
+    assert!(!eof);
+    // The honest client was never disturbed.
+    assert_eq!(c.getattr(&f).await.unwrap().size, 3 << 20);
+}
+
 #[tokio::test]
 async fn malformed_rpc_does_not_stop_the_server() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -356,6 +356,9 @@ pub async fn nfsproc3_read(
     let mut args = READ3args::default();
     args.deserialize(input)?;
     debug!("nfsproc3_read({:?},{:?}) ", xid, args);
+    // s3nfs patch: never more than the rtmax FSINFO advertises (1 MiB): the count is the
+    // client's to choose, and 0.11.0 allocated whatever it asked.
+    args.count = args.count.min(1024 * 1024);
 
     let id = context.vfs.fh_to_id(&args.file);
     if let Err(stat) = id {

@@ -91,6 +91,12 @@ async fn handle_rpc(
 /// length in bytes of the fragment's data.  The boolean value is the
 /// highest-order bit of the header; the length is the 31 low-order bits.
 /// (Note that this record specification is NOT in XDR standard form!)
+/// s3nfs patch: the largest record a legal call needs: a WRITE of `wtmax` (1 MiB, see
+/// `fsinfo`) plus its header, credentials and verifier (well under 64 KiB). 0.11.0 trusted the
+/// announced length and zero-filled that much before reading a byte: one client announcing
+/// 2 GiB fragments could take the process's memory. A longer record now closes the connection.
+pub const MAX_RECORD: usize = (1 << 20) + (64 << 10);
+
 async fn read_fragment(socket: &mut DuplexStream, append_to: &mut Vec<u8>) -> Result<bool, anyhow::Error> {
     let mut header_buf = [0_u8; 4];
     socket.read_exact(&mut header_buf).await?;
@@ -98,22 +104,37 @@ async fn read_fragment(socket: &mut DuplexStream, append_to: &mut Vec<u8>) -> Re
     let is_last = (fragment_header & (1 << 31)) > 0;
     let length = (fragment_header & ((1 << 31) - 1)) as usize;
     trace!("Reading fragment length:{}, last:{}", length, is_last);
-    let start_offset = append_to.len();
-    append_to.resize(append_to.len() + length, 0);
-    socket.read_exact(&mut append_to[start_offset..]).await?;
+    if append_to.len() + length > MAX_RECORD {
+        return Err(anyhow!(
+            "record of {} bytes or more announced; at most {MAX_RECORD} accepted",
+            append_to.len() + length
+        ));
+    }
+    // Only what actually arrives is held: a client that announces more and sends less holds
+    // nothing it did not send.
+    let got = (&mut *socket).take(length as u64).read_to_end(append_to).await?;
+    if got < length {
+        return Err(anyhow!("connection closed inside a fragment"));
+    }
     trace!("Finishing Reading fragment length:{}, last:{}", length, is_last);
     Ok(is_last)
 }
 
+/// s3nfs patch: a reply longer than one fragment allows is sent as several (0.11.0 asserted,
+/// which killed the connection's task on a READ of 2 GiB).
 pub async fn write_fragment(socket: &mut tokio::net::TcpStream, buf: &[u8]) -> Result<(), anyhow::Error> {
-    // TODO: split into many fragments
-    assert!(buf.len() < (1 << 31));
-    // set the last flag
-    let fragment_header = buf.len() as u32 + (1 << 31);
-    let header_buf = u32::to_be_bytes(fragment_header);
-    socket.write_all(&header_buf).await?;
-    trace!("Writing fragment length:{}", buf.len());
-    socket.write_all(buf).await?;
+    const MAX_FRAGMENT: usize = (1 << 31) - 1;
+    let mut chunks = buf.chunks(MAX_FRAGMENT).peekable();
+    if buf.is_empty() {
+        socket.write_all(&(1u32 << 31).to_be_bytes()).await?;
+        return Ok(());
+    }
+    while let Some(chunk) = chunks.next() {
+        let last = if chunks.peek().is_none() { 1u32 << 31 } else { 0 };
+        socket.write_all(&(chunk.len() as u32 | last).to_be_bytes()).await?;
+        trace!("Writing fragment length:{}", chunk.len());
+        socket.write_all(chunk).await?;
+    }
     Ok(())
 }
 

@@ -120,6 +120,9 @@ impl XDR for Vec<u8> {
     fn deserialize<R: Read>(&mut self, src: &mut R) -> std::io::Result<()> {
         let mut length: u32 = 0;
         length.deserialize(src)?;
+        // s3nfs patch: a length longer than any record cannot be true; 0.11.0 allocated it
+        // (up to 4 GiB) before finding out.
+        check_len(length as usize)?;
         self.resize(length as usize, 0);
         src.read_exact(self)?;
         // read padding
@@ -128,6 +131,17 @@ impl XDR for Vec<u8> {
         src.read_exact(&mut zeros[..pad])?;
         Ok(())
     }
+}
+
+/// s3nfs patch: every message comes from one record of at most `MAX_RECORD` bytes.
+fn check_len(len: usize) -> std::io::Result<()> {
+    if len > crate::rpcwire::MAX_RECORD {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("XDR length {len} is longer than any request"),
+        ));
+    }
+    Ok(())
 }
 
 impl XDR for nfsstring {
@@ -152,6 +166,7 @@ impl XDR for Vec<u32> {
     fn deserialize<R: Read>(&mut self, src: &mut R) -> std::io::Result<()> {
         let mut length: u32 = 0;
         length.deserialize(src)?;
+        check_len(length as usize * 4)?;
         self.resize(length as usize, 0);
         for i in self {
             i.deserialize(src)?;
