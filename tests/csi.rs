@@ -519,6 +519,18 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             node.node_unstage_volume(unstage(&id, &staging)).await,
             Code::Ok
         );
+        // Staged again later (after a plugin restart, or on another node): the capacity is the
+        // expanded one, read from the volume's record in the bucket.
+        let again = dir.path().join("staging-again");
+        node.node_stage_volume(stage_req(&id, &again, rwo())).await.unwrap();
+        let s = node.node_get_volume_stats(stats(&again)).await.unwrap().into_inner();
+        let bytes = s
+            .usage
+            .iter()
+            .find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32)
+            .unwrap();
+        assert_eq!(bytes.total, 32 << 20, "the expansion did not outlive the staging");
+        node.node_unstage_volume(unstage(&id, &again)).await.unwrap();
         expect!("unstage", node.node_unstage_volume(unstage(&sid, &sst)).await, Code::Ok);
         assert!(plugin
             .supervisor
@@ -603,7 +615,13 @@ fn a_prefix_per_volume_in_a_shared_bucket_is_deleted_or_retained_as_the_class_sa
 }
 
 #[test]
-fn staging_and_unstaging_a_hundred_times_leaves_descriptors_and_memory_flat() {
+fn staging_and_unstaging_hundreds_of_times_leaves_descriptors_and_memory_flat() {
+    // As `s3nfs` itself runs (see main.rs): with glibc's default of an arena per thread, freed
+    // memory strands in many arenas and RSS says more about the allocator than about us.
+    // SAFETY: mallopt only tunes the allocator.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     run(async {
         let dir = tempfile::tempdir().unwrap();
         let plugin = InProcPlugin::start(dir.path(), 21150..21160).await;
@@ -630,12 +648,14 @@ fn staging_and_unstaging_a_hundred_times_leaves_descriptors_and_memory_flat() {
                 c
             }
         };
-        // Warm up: allocator arenas, connection pools, lazily built statics.
-        for _ in 0..10 {
+        // Warm up: allocator free lists, connection pools, lazily built statics. RSS rises over
+        // the first hundred cycles or so, then stays (measured: +13 MiB after 100, +16 after
+        // 400, +17 after 1,200): what is measured is what comes after.
+        for _ in 0..100 {
             c = cycle(c).await;
         }
         let (fds0, rss0) = fds_and_rss();
-        for _ in 0..100 {
+        for _ in 0..200 {
             c = cycle(c).await;
         }
         let (fds1, rss1) = fds_and_rss();
@@ -650,17 +670,17 @@ fn staging_and_unstaging_a_hundred_times_leaves_descriptors_and_memory_flat() {
         );
         assert!(
             fds1 <= fds0 + 2,
-            "descriptors grew from {fds0} to {fds1} over 100 stage/unstage cycles"
+            "descriptors grew from {fds0} to {fds1} over 200 stage/unstage cycles"
         );
         let grown = rss1.saturating_sub(rss0);
         eprintln!(
-            "100 stage/unstage cycles: fds {fds0} -> {fds1}, RSS {} -> {} MiB",
+            "200 stage/unstage cycles after 100 to warm up: fds {fds0} -> {fds1}, RSS {} -> {} MiB",
             rss0 >> 20,
             rss1 >> 20
         );
         assert!(
-            grown < 24 << 20,
-            "RSS grew by {} MiB over 100 stage/unstage cycles",
+            grown < 16 << 20,
+            "RSS grew by {} MiB over 200 stage/unstage cycles",
             grown >> 20
         );
         c.controller

@@ -321,7 +321,7 @@ async fn life() {
     let mut writer = Command::new("dd")
         .arg(format!("if={}", src.display()))
         .arg(format!("of={}", big.display()))
-        .args(["bs=256k", "oflag=dsync", "conv=fsync", "status=none"])
+        .args(["bs=64k", "oflag=dsync", "conv=fsync", "status=none"])
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
