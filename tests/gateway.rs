@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::gateway::{self, on_garage, InProc, Opts, Proc, S3Side};
@@ -776,6 +777,61 @@ fn refuses_to_start_without_its_bucket_or_with_a_wrong_key() {
     assert!(!st.success());
     assert!(err.to_lowercase().contains("access denied"), "{err}");
     assert!(!err.contains(&g.secret_key), "the secret leaked: {err}");
+}
+
+/// A clean close stops taking requests before its last upload: every write a client got an
+/// answer for is in S3 when close returns, even with writers going on during the close (the
+/// shutdown used to flush while the listener still accepted writes).
+#[tokio::test]
+async fn close_uploads_every_write_it_acknowledged() {
+    let (mut gw, s3) = gateway::on_garage(Opts {
+        flush_delay: Duration::from_secs(60),
+        ..Opts::default()
+    })
+    .await;
+    let mut writers = Vec::new();
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (started_tx, mut started) = tokio::sync::mpsc::channel::<()>(8);
+    for w in 0..4 {
+        let addr = gw.addr;
+        let started_tx = started_tx.clone();
+        let acked = acked.clone();
+        // The test client panics when its connection closes, which is how each writer ends.
+        writers.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await;
+            let root = c.root.clone();
+            for i in 0.. {
+                let name = format!("w{w}-{i}");
+                let Ok(f) = c.create(&root, &name, 0o644).await else {
+                    break;
+                };
+                if c.write_all(&f, 0, name.as_bytes()).await.is_err() {
+                    break;
+                }
+                acked.lock().unwrap().push(name);
+                if i == 5 {
+                    let _ = started_tx.send(()).await;
+                }
+            }
+        }));
+    }
+    for _ in 0..4 {
+        started.recv().await.unwrap();
+    }
+    gw.close().await;
+    for w in writers {
+        let _ = w.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    let total = acked.len();
+    for name in acked {
+        assert_eq!(
+            s3.get(&name).await.as_deref(),
+            Some(name.as_bytes()),
+            "{name} was acknowledged but is not in S3 after close"
+        );
+    }
+    assert!(total >= 24, "only {total} writes acknowledged");
 }
 
 /// Lengths a client announces are not believed: a 2 GiB fragment, an XDR opaque of 4 GiB and a

@@ -93,6 +93,15 @@ impl InProc {
     pub fn stop(&mut self) {
         self.actor.take();
     }
+
+    /// The clean stop: no more requests, those in flight answered, everything uploaded, the
+    /// volume closed.
+    pub async fn close(&mut self) {
+        let gw = self.actor.take().expect("gateway already stopped");
+        if let Err((_, e)) = gw.close().await {
+            panic!("close failed: {e}");
+        }
+    }
 }
 
 /// An S3Store on a fresh Garage bucket: (store, bucket).
