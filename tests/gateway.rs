@@ -353,6 +353,48 @@ async fn changes_made_directly_in_s3_show_up() {
     assert_eq!(c.names(&root).await.unwrap(), vec!["extdir", "mine.txt"]);
 }
 
+/// Past the refresh interval, the first access answers from S3 as it is now, not from the
+/// listing it had (which used to be served while a relisting ran in the background): a new
+/// object is found by the first LOOKUP, an overwritten one has its new size at the first
+/// GETATTR and its new bytes at the first READ, and the directory's times change so that a
+/// kernel client drops what it cached of the directory.
+#[tokio::test]
+async fn the_first_access_past_the_refresh_interval_sees_s3_as_it_is() {
+    let (gw, s3) = on_garage(Opts {
+        refresh: Duration::ZERO,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    assert_eq!(c.lookup(&root, "ext.txt").await, Err(Status::NFS3ERR_NOENT));
+    let dir_before = c.getattr(&root).await.unwrap().mtime;
+
+    s3.put("ext.txt", b"first").await;
+    let fh = c
+        .lookup(&root, "ext.txt")
+        .await
+        .expect("a new object is found by the first LOOKUP");
+    assert_eq!(c.read_all(&fh).await.unwrap(), b"first");
+    let dir_after = c.getattr(&root).await.unwrap().mtime;
+    assert_ne!(
+        (dir_before.seconds, dir_before.nseconds),
+        (dir_after.seconds, dir_after.nseconds),
+        "the directory's mtime did not change with its entries"
+    );
+
+    s3.put("ext.txt", b"second, longer").await;
+    assert_eq!(
+        c.getattr(&fh).await.unwrap().size,
+        14,
+        "the first GETATTR after an overwrite"
+    );
+    assert_eq!(c.read_all(&fh).await.unwrap(), b"second, longer");
+
+    s3.delete("ext.txt").await;
+    assert_eq!(c.lookup(&root, "ext.txt").await, Err(Status::NFS3ERR_NOENT));
+}
+
 /// Creates `names` in `dir` over `conns` connections in parallel.
 async fn create_many(addr: std::net::SocketAddr, dir: &Fh, names: Vec<String>, conns: usize) {
     let chunks: Vec<Vec<String>> = names.chunks(names.len().div_ceil(conns)).map(|c| c.to_vec()).collect();

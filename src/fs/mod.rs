@@ -237,6 +237,10 @@ impl Drop for BackgroundGuard {
     }
 }
 
+/// A directory with at most this many entries is relisted before an access that finds its
+/// listing stale: one LIST request (S3 returns up to 1,000 keys a page).
+const SMALL_DIR: usize = 1000;
+
 /// Inode numbers are taken from the database in blocks, so a create commits one counter update
 /// per block, not per file; the unused rest of a block after a crash is simply skipped.
 const INO_BLOCK: u64 = 1024;
@@ -570,7 +574,16 @@ impl Volume {
             return Ok(d.parent);
         }
         self.refresh_dir(&d, false).await?;
-        self.meta.lookup(dir, name)?.ok_or(FsError::NotFound)
+        match self.meta.lookup(dir, name)? {
+            Some(ino) => Ok(ino),
+            // Still stale: a large directory relisting in the background. A name it lacks may
+            // be new in S3: NOENT only after S3 said so.
+            None if self.listing_stale(dir) => {
+                self.list_dir(&d).await?;
+                self.meta.lookup(dir, name)?.ok_or(FsError::NotFound)
+            }
+            None => Err(FsError::NotFound),
+        }
     }
 
     pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
@@ -636,10 +649,12 @@ impl Volume {
 
     /// Brings a directory's children in line with S3 when its listing is stale (or `force`).
     ///
-    /// A directory never listed is listed before the caller goes on. One listed before but stale
-    /// is relisted in the background (once at a time) while callers carry on with what they
-    /// have: a large directory's listing takes many S3 requests, and no create, lookup or stat
-    /// should wait for it. `force` (RMDIR, RENAME of a directory) always lists first.
+    /// A directory never listed, or a small one ([`SMALL_DIR`] entries: one LIST request), is
+    /// listed before the caller goes on, so the first access after the refresh interval sees S3
+    /// as it is now. A large one is relisted in the background (once at a time) while callers
+    /// carry on with what they have: its listing takes many S3 requests, and no create, lookup
+    /// or stat should wait for it; a lookup that misses in it lists it first (see
+    /// [`Volume::lookup`]). `force` (RMDIR, RENAME of a directory) always lists first.
     pub(crate) async fn refresh_dir(&self, dir: &Inode, force: bool) -> FsResult<()> {
         if !force {
             let listed_before = self.listed.lock().unwrap().contains_key(&dir.ino);
@@ -647,22 +662,28 @@ impl Volume {
                 return Ok(());
             }
             if listed_before {
-                if self.relisting.lock().unwrap().insert(dir.ino) {
-                    if let Some(vol) = self.this.get().and_then(|w| w.upgrade()) {
-                        let (dir, ino) = (dir.clone(), dir.ino);
-                        let v = vol.clone();
-                        v.spawn_background(
-                            async move {
-                                if let Err(e) = vol.list_dir(&dir).await {
-                                    tracing::warn!(ino = dir.ino, error = %e, "background relisting failed");
-                                }
-                                vol.relisting.lock().unwrap().remove(&dir.ino);
+                if !self.relisting.lock().unwrap().insert(dir.ino) {
+                    return Ok(()); // a relisting is under way: it is as fresh as we can be
+                }
+                if self.meta.children(dir.ino, 0, SMALL_DIR + 1)?.len() <= SMALL_DIR {
+                    let r = self.list_dir(dir).await;
+                    self.relisting.lock().unwrap().remove(&dir.ino);
+                    return r;
+                }
+                if let Some(vol) = self.this.get().and_then(|w| w.upgrade()) {
+                    let (dir, ino) = (dir.clone(), dir.ino);
+                    let v = vol.clone();
+                    v.spawn_background(
+                        async move {
+                            if let Err(e) = vol.list_dir(&dir).await {
+                                tracing::warn!(ino = dir.ino, error = %e, "background relisting failed");
                             }
-                            .instrument(tracing::info_span!("relist", ino)),
-                        );
-                    } else {
-                        self.relisting.lock().unwrap().remove(&dir.ino);
-                    }
+                            vol.relisting.lock().unwrap().remove(&dir.ino);
+                        }
+                        .instrument(tracing::info_span!("relist", ino)),
+                    );
+                } else {
+                    self.relisting.lock().unwrap().remove(&dir.ino);
                 }
                 return Ok(());
             }
@@ -848,6 +869,11 @@ impl Volume {
                 }
                 self.forget_subtree(&mut batch, &inode)?;
             }
+        }
+        if !batch.is_empty() {
+            // The kernel client keeps a directory's entries (and its misses) until the
+            // directory's attributes change: make them change, or what S3 gained stays unseen.
+            self.touch_dir(&mut batch, dir.ino)?;
         }
         self.meta.commit(batch)?;
         self.usage.changed();
