@@ -35,6 +35,7 @@ pub struct NodeService {
     staged: Mutex<HashMap<String, StagedVolume>>,
     /// Volumes staged without a secret, waiting for the first publish to bring one.
     deferred: Mutex<HashMap<String, Deferred>>,
+    port_alloc: Mutex<()>,
     busy: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -105,6 +106,7 @@ impl NodeService {
             mounter,
             staged: Mutex::new(HashMap::new()),
             deferred: Default::default(),
+            port_alloc: Mutex::new(()),
             busy: Default::default(),
         }
     }
@@ -206,6 +208,9 @@ impl NodeService {
             .await
             .map_err(|e| store_status(&e, &format!("reading volume {id} in S3")))?
             .map(|rec| rec.capacity_bytes);
+        // Choosing a port and recording it are one step: volumes staged at the same time
+        // (each under its own lock) must not pick the same free port.
+        let alloc = self.port_alloc.lock().unwrap();
         let port = match self.staged(&id) {
             Some(v) => v.port,
             None => self.free_port()?,
@@ -224,6 +229,7 @@ impl NodeService {
         // Recorded before the mount exists: a plugin that dies between the two brings the
         // gateway back for the mount.
         self.save(&v, Some(secret))?;
+        drop(alloc);
         let undo = |this: &Self| {
             this.staged.lock().unwrap().remove(&id);
             let _ = this.state.remove(vol);
