@@ -395,6 +395,27 @@ async fn the_first_access_past_the_refresh_interval_sees_s3_as_it_is() {
     assert_eq!(c.lookup(&root, "ext.txt").await, Err(Status::NFS3ERR_NOENT));
 }
 
+/// RMDIR removes directories only and REMOVE everything else, as a kernel NFS server does:
+/// nfsserve used to send both to one call, so RMDIR of a file removed it.
+#[tokio::test]
+async fn rmdir_refuses_files_and_remove_refuses_directories() {
+    let (gw, _dir) = gateway::on_local(Opts::default()).await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    c.create(&root, "f", 0o644).await.unwrap();
+    c.mkdir(&root, "d").await.unwrap();
+    assert_eq!(c.rmdir(&root, "f").await, Err(Status::NFS3ERR_NOTDIR));
+    assert_eq!(c.remove(&root, "d").await, Err(Status::NFS3ERR_ISDIR));
+    assert_eq!(
+        c.names(&root).await.unwrap(),
+        vec!["d", "f"],
+        "a refused removal removed"
+    );
+    c.rmdir(&root, "d").await.unwrap();
+    c.remove(&root, "f").await.unwrap();
+    assert!(c.names(&root).await.unwrap().is_empty());
+}
+
 /// Creates `names` in `dir` over `conns` connections in parallel.
 async fn create_many(addr: std::net::SocketAddr, dir: &Fh, names: Vec<String>, conns: usize) {
     let chunks: Vec<Vec<String>> = names.chunks(names.len().div_ceil(conns)).map(|c| c.to_vec()).collect();

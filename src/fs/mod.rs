@@ -1060,7 +1060,23 @@ impl Volume {
     }
 
     /// REMOVE and RMDIR (nfsserve routes both here).
+    /// Removes an entry of any kind (an empty directory included).
     pub async fn remove(&self, dir: Ino, name: &[u8]) -> FsResult<()> {
+        self.remove_entry(dir, name, None).await
+    }
+
+    /// REMOVE: anything but a directory (ISDIR for one).
+    pub async fn unlink(&self, dir: Ino, name: &[u8]) -> FsResult<()> {
+        self.remove_entry(dir, name, Some(false)).await
+    }
+
+    /// RMDIR: an empty directory only (NOTDIR for anything else).
+    pub async fn rmdir(&self, dir: Ino, name: &[u8]) -> FsResult<()> {
+        self.remove_entry(dir, name, Some(true)).await
+    }
+
+    /// `want_dir`: Some(true) for RMDIR, Some(false) for REMOVE, None for either.
+    async fn remove_entry(&self, dir: Ino, name: &[u8], want_dir: Option<bool>) -> FsResult<()> {
         let d = self.inode(dir)?;
         if d.kind != Kind::Dir {
             return Err(FsError::NotDir);
@@ -1068,6 +1084,11 @@ impl Volume {
         self.refresh_dir(&d, false).await?;
         let ino = self.meta.lookup(dir, name)?.ok_or(FsError::NotFound)?;
         let victim = self.inode(ino)?;
+        match (want_dir, victim.kind == Kind::Dir) {
+            (Some(true), false) => return Err(FsError::NotDir),
+            (Some(false), true) => return Err(FsError::IsDir),
+            _ => {}
+        }
         if victim.kind == Kind::Dir {
             // Children only S3 knows about count too.
             self.refresh_dir(&victim, true).await?;

@@ -323,7 +323,16 @@ impl NFSFileSystem for NfsAdapter {
         self.op(
             "REMOVE",
             nfs_span!("REMOVE", ino = dirid),
-            self.vol.remove(dirid, filename),
+            self.vol.unlink(dirid, filename),
+        )
+        .await
+    }
+
+    async fn rmdir(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
+        self.op(
+            "RMDIR",
+            nfs_span!("RMDIR", ino = dirid),
+            self.vol.rmdir(dirid, filename),
         )
         .await
     }

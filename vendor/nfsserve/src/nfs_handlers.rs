@@ -153,8 +153,9 @@ async fn dispatch(
         NFSProgram::NFSPROC3_WRITE => nfsproc3_write(xid, input, output, context).await?,
         NFSProgram::NFSPROC3_CREATE => nfsproc3_create(xid, input, output, context).await?,
         NFSProgram::NFSPROC3_SETATTR => nfsproc3_setattr(xid, input, output, context).await?,
-        NFSProgram::NFSPROC3_REMOVE => nfsproc3_remove(xid, input, output, context).await?,
-        NFSProgram::NFSPROC3_RMDIR => nfsproc3_remove(xid, input, output, context).await?,
+        NFSProgram::NFSPROC3_REMOVE => nfsproc3_remove(xid, input, output, context, false).await?,
+        // s3nfs patch: RMDIR reaches the filesystem as such (it must refuse a file).
+        NFSProgram::NFSPROC3_RMDIR => nfsproc3_remove(xid, input, output, context, true).await?,
         NFSProgram::NFSPROC3_RENAME => nfsproc3_rename(xid, input, output, context).await?,
         NFSProgram::NFSPROC3_MKDIR => nfsproc3_mkdir(xid, input, output, context).await?,
         NFSProgram::NFSPROC3_SYMLINK => nfsproc3_symlink(xid, input, output, context).await?,
@@ -1586,6 +1587,7 @@ pub async fn nfsproc3_remove(
     input: &mut impl Read,
     output: &mut impl Write,
     context: &RPCContext,
+    rmdir: bool,
 ) -> Result<(), anyhow::Error> {
     // if we do not have write capabilities
     if !matches!(context.vfs.capabilities(), VFSCapabilities::ReadWrite) {
@@ -1633,7 +1635,11 @@ pub async fn nfsproc3_remove(
     };
 
     // delete!
-    let res = context.vfs.remove(dirid, &dirops.name).await;
+    let res = if rmdir {
+        context.vfs.rmdir(dirid, &dirops.name).await
+    } else {
+        context.vfs.remove(dirid, &dirops.name).await
+    };
 
     // Re-read dir attributes for post op attr
     let post_dir_attr = match context.vfs.getattr(dirid).await {

@@ -200,6 +200,12 @@ pub trait NFSFileSystem: Sync {
     /// this should return Err(nfsstat3::NFS3ERR_ROFS)
     async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3>;
 
+    /// s3nfs patch: RMDIR (0.11.0 sent it to `remove`, so RMDIR of a file removed the file).
+    /// Defaults to `remove`.
+    async fn rmdir(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
+        self.remove(dirid, filename).await
+    }
+
     /// Removes a file.
     /// If not supported due to readonly file system
     /// this should return Err(nfsstat3::NFS3ERR_ROFS)
