@@ -96,93 +96,83 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
         let probe = identity.probe(pb::ProbeRequest {}).await.unwrap().into_inner();
         assert_eq!(probe.ready, Some(true));
 
-        // CreateVolume: invalid requests
-        let mut r = create_req(&name, &[], 1 << 20);
-        r.name.clear();
-        expect!(
-            "create without a name",
-            controller.create_volume(r.clone()).await,
-            Code::InvalidArgument
-        );
-        let mut r = create_req(&name, &[], 1 << 20);
-        r.volume_capabilities.clear();
-        expect!(
-            "create without capabilities",
-            controller.create_volume(r.clone()).await,
-            Code::InvalidArgument
-        );
-        let mut r = create_req(&name, &[], 1 << 20);
-        r.volume_capabilities = vec![pb::VolumeCapability {
-            access_type: Some(pb::volume_capability::AccessType::Block(Default::default())),
-            access_mode: rwo().access_mode,
-        }];
-        expect!(
-            "create a block volume",
-            controller.create_volume(r.clone()).await,
-            Code::InvalidArgument
-        );
+        // CreateVolume: invalid requests, one case a row.
+        type Mutate = fn(&mut pb::CreateVolumeRequest);
+        let cases: &[(&str, Mutate, Code)] = &[
+            ("without a name", |r| r.name.clear(), Code::InvalidArgument),
+            (
+                "without capabilities",
+                |r| r.volume_capabilities.clear(),
+                Code::InvalidArgument,
+            ),
+            (
+                "of a block volume",
+                |r| {
+                    r.volume_capabilities[0].access_type =
+                        Some(pb::volume_capability::AccessType::Block(Default::default()))
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "for multi-node writing",
+                |r| r.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter)],
+                Code::InvalidArgument,
+            ),
+            ("without a secret", |r| r.secrets.clear(), Code::InvalidArgument),
+            (
+                "with an unknown parameter",
+                |r| drop(r.parameters.insert("bukcet".into(), "x".into())),
+                Code::InvalidArgument,
+            ),
+            (
+                "with a bad onDelete",
+                |r| drop(r.parameters.insert("onDelete".into(), "keep".into())),
+                Code::InvalidArgument,
+            ),
+            (
+                "with its limit under its required size",
+                |r| {
+                    r.capacity_range = Some(pb::CapacityRange {
+                        required_bytes: 2 << 20,
+                        limit_bytes: 1 << 20,
+                    })
+                },
+                Code::OutOfRange,
+            ),
+            (
+                "from a source",
+                |r| r.volume_content_source = Some(Default::default()),
+                Code::InvalidArgument,
+            ),
+            (
+                "with an ftp endpoint",
+                |r| r.secrets = with(secret(), "endpoint", "ftp://127.0.0.1:1"),
+                Code::InvalidArgument,
+            ),
+            (
+                "with a wrong secret key",
+                |r| r.secrets = with(secret(), "secretAccessKey", "wrong"),
+                Code::PermissionDenied,
+            ),
+            (
+                "with S3 unreachable",
+                |r| r.secrets = with(secret(), "endpoint", "http://127.0.0.1:1"),
+                Code::Unavailable,
+            ),
+        ];
+        for (what, mutate, code) in cases {
+            let mut r = create_req(&name, &[], 1 << 20);
+            mutate(&mut r);
+            expect!(
+                format!("create {what}"),
+                controller.create_volume(r.clone()).await,
+                *code
+            );
+        }
         let mut r = create_req(&name, &[], 1 << 20);
         r.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter)];
-        let err = controller.create_volume(r.clone()).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument);
+        let err = controller.create_volume(r).await.unwrap_err();
         assert!(err.message().contains("MULTI_NODE_MULTI_WRITER"), "{}", err.message());
-        let mut r = create_req(&name, &[], 1 << 20);
-        r.secrets.clear();
-        expect!(
-            "create without a secret",
-            controller.create_volume(r.clone()).await,
-            Code::InvalidArgument
-        );
-        let r = create_req(&name, &[("bukcet", "x")], 1 << 20);
-        expect!(
-            "create with an unknown parameter",
-            controller.create_volume(r.clone()).await,
-            Code::InvalidArgument
-        );
-        let r = create_req(&name, &[("onDelete", "keep")], 1 << 20);
-        expect!(
-            "create with a bad onDelete",
-            controller.create_volume(r.clone()).await,
-            Code::InvalidArgument
-        );
-        let mut r = create_req(&name, &[], 1 << 20);
-        r.capacity_range = Some(pb::CapacityRange {
-            required_bytes: 2 << 20,
-            limit_bytes: 1 << 20,
-        });
-        expect!(
-            "create with limit under required",
-            controller.create_volume(r.clone()).await,
-            Code::OutOfRange
-        );
-        let mut r = create_req(&name, &[], 1 << 20);
-        r.volume_content_source = Some(Default::default());
-        expect!(
-            "create from a source",
-            controller.create_volume(r.clone()).await,
-            Code::InvalidArgument
-        );
-        let mut r = create_req(&name, &[], 1 << 20);
-        r.secrets = with(secret(), "endpoint", "ftp://127.0.0.1:1");
-        expect!(
-            "create with an ftp endpoint",
-            controller.create_volume(r.clone()).await,
-            Code::InvalidArgument
-        );
-        let mut r = create_req(&name, &[], 1 << 20);
-        r.secrets = with(secret(), "secretAccessKey", "wrong");
-        expect!(
-            "create with a wrong secret key",
-            controller.create_volume(r.clone()).await,
-            Code::PermissionDenied
-        );
-        let mut r = create_req(&name, &[], 1 << 20);
-        r.secrets = with(secret(), "endpoint", "http://127.0.0.1:1");
-        expect!(
-            "create with S3 unreachable",
-            controller.create_volume(r.clone()).await,
-            Code::Unavailable
-        );
 
         // CreateVolume: a bucket per volume, idempotent by name, AlreadyExists on another size
         let created = expect!(
