@@ -940,9 +940,11 @@ async fn hostile_lengths_cost_nothing_and_close_only_the_liar() {
         let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut sink)).await;
         assert!(r.is_ok(), "the gateway waited for 2 GiB that will never come");
     }
+    // Other tests of this binary run meanwhile: the bound only tells "nothing like the 2 GiB a
+    // fragment announced, times the 8 liars" from the noise.
     let (_, rss1) = common::csi::fds_and_rss();
     assert!(
-        rss1 < rss0 + (64 << 20),
+        rss1 < rss0 + (512 << 20),
         "RSS grew from {} to {} MiB",
         rss0 >> 20,
         rss1 >> 20
