@@ -29,7 +29,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::fs::Volume;
 use crate::store::{Body, ListPage, ObjectMeta, ObjectStore, Part, StoreError, StoreResult, UserMeta};
 
 /// Upper bounds of the latency histograms, in seconds.
@@ -61,9 +60,16 @@ impl OpStats {
     }
 }
 
+/// A volume as the registry sees it: something that reports a sample when scraped. The volume
+/// implements it, so that metrics depends on no volume type (no cycle fs → metrics → fs).
+pub trait VolumeSource: Send + Sync {
+    /// The volume's figures; the registry fills in the name.
+    fn sample(&self) -> VolumeSample;
+}
+
 struct VolumeEntry {
     name: String,
-    vol: Weak<Volume>,
+    vol: Weak<dyn VolumeSource>,
 }
 
 /// The process's metrics.
@@ -117,7 +123,7 @@ impl Registry {
     }
 
     /// Reports `vol` under `name` until it is dropped.
-    pub fn register_volume(&self, name: &str, vol: &Arc<Volume>) {
+    pub fn register_volume(&self, name: &str, vol: &Arc<dyn VolumeSource>) {
         let mut v = self.volumes.lock().unwrap();
         v.retain(|e| e.vol.strong_count() > 0 && e.name != name);
         v.push(VolumeEntry {
@@ -139,16 +145,9 @@ impl Registry {
         v.iter()
             .filter_map(|e| {
                 let vol = e.vol.upgrade()?;
-                let (hits, misses) = vol.cache.stats();
                 Some(VolumeSample {
                     name: e.name.clone(),
-                    dirty_bytes: vol.flusher.dirty_bytes(),
-                    upload_queue_depth: vol.meta.pending_count() as u64,
-                    journal_bytes: vol.meta.journal_bytes(),
-                    uploaded_bytes: vol.flusher.uploaded_bytes.load(Ordering::Relaxed),
-                    upload_errors: vol.flusher.errors.load(Ordering::Relaxed),
-                    cache_hits: hits,
-                    cache_misses: misses,
+                    ..vol.sample()
                 })
             })
             .collect()

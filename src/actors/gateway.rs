@@ -71,7 +71,8 @@ impl Gateway {
             .await
             .map_err(|e| anyhow::anyhow!("export {}: cannot listen on {}: {e}", export.name, export.listen))?;
         let addr = SocketAddr::new(listener.get_listen_ip(), listener.get_listen_port());
-        crate::metrics::global().register_volume(&export.name, &vol);
+        let source: Arc<dyn crate::metrics::VolumeSource> = vol.clone();
+        crate::metrics::global().register_volume(&export.name, &source);
 
         let (stop_listener, rx) = watch::channel(false);
         let listener = tokio::spawn(listener.handle_until(rx));

@@ -102,16 +102,18 @@ pub struct Status;
 impl Handler<Status> for VolumeActor {
     type Result = MessageResult<Status>;
     fn handle(&mut self, _: Status, _: &mut Context<Self>) -> Self::Result {
-        use std::sync::atomic::Ordering;
-        MessageResult(self.gateway.as_ref().map(|gw| VolumeStatus {
-            name: gw.name.clone(),
-            listen: gw.addr.to_string(),
-            pending_inodes: gw.vol.meta.pending_count(),
-            dirty_bytes: gw.vol.flusher.dirty_bytes(),
-            uploaded_bytes: gw.vol.flusher.uploaded_bytes.load(Ordering::Relaxed),
-            upload_errors: gw.vol.flusher.errors.load(Ordering::Relaxed),
-            usage: gw.vol.usage(),
-            failure: gw.failure(),
+        MessageResult(self.gateway.as_ref().map(|gw| {
+            let s = gw.vol.stats();
+            VolumeStatus {
+                name: gw.name.clone(),
+                listen: gw.addr.to_string(),
+                pending_inodes: s.pending_inodes as usize,
+                dirty_bytes: s.dirty_bytes,
+                uploaded_bytes: s.uploaded_bytes,
+                upload_errors: s.upload_errors,
+                usage: s.usage,
+                failure: gw.failure(),
+            }
         }))
     }
 }

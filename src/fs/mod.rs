@@ -132,6 +132,37 @@ pub struct DirEntry {
     pub attr: Attr,
 }
 
+/// A snapshot of a volume's counters (see [`Volume::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// Inodes with S3 work pending (the journal's length).
+    pub pending_inodes: u64,
+    /// Written but not yet in S3.
+    pub dirty_bytes: u64,
+    pub journal_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub upload_errors: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub usage: usage::UsageSnapshot,
+}
+
+impl crate::metrics::VolumeSource for Volume {
+    fn sample(&self) -> crate::metrics::VolumeSample {
+        let s = self.stats();
+        crate::metrics::VolumeSample {
+            name: String::new(),
+            dirty_bytes: s.dirty_bytes,
+            upload_queue_depth: s.pending_inodes,
+            journal_bytes: s.journal_bytes,
+            uploaded_bytes: s.uploaded_bytes,
+            upload_errors: s.upload_errors,
+            cache_hits: s.cache_hits,
+            cache_misses: s.cache_misses,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct VolumeConfig {
     /// Key prefix of the volume: empty, or ending in '/'.
@@ -406,6 +437,21 @@ impl Volume {
             self.count_usage()?;
         }
         Ok(())
+    }
+
+    /// What the volume has waiting for S3 and has done, for operators and metrics.
+    pub fn stats(&self) -> VolumeStats {
+        let (cache_hits, cache_misses) = self.cache.stats();
+        VolumeStats {
+            pending_inodes: self.meta.pending_count() as u64,
+            dirty_bytes: self.flusher.dirty_bytes(),
+            journal_bytes: self.meta.journal_bytes(),
+            uploaded_bytes: self.flusher.uploaded_bytes.load(Ordering::Relaxed),
+            upload_errors: self.flusher.errors.load(Ordering::Relaxed),
+            cache_hits,
+            cache_misses,
+            usage: self.usage(),
+        }
     }
 
     /// Capacity, bytes and files in use.
