@@ -16,9 +16,7 @@ pub mod supervisor;
 pub mod volume;
 
 pub use gateway::{volume_config, Gateway, LOCAL_SYNC_INTERVAL};
-pub use supervisor::{
-    FlushVolume, ResizeVolume, StartVolume, StatusAll, StopAll, StopVolume, Supervisor, VolumeStatusOf,
-};
+pub use supervisor::{ResizeVolume, StartVolume, StatusAll, StopAll, StopVolume, Supervisor, VolumeStatusOf};
 pub use volume::{VolumeActor, VolumeStatus};
 
 /// Builds the store an export names, and with `check` checks it before anything is served. A

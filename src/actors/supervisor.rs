@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use actix::prelude::*;
 
 use super::gateway::Gateway;
-use super::volume::{Close, Flush, SetCapacity, Status, VolumeActor, VolumeStatus};
+use super::volume::{Close, SetCapacity, Status, VolumeActor, VolumeStatus};
 use crate::config::Export;
 
 struct Running {
@@ -123,24 +123,6 @@ impl Handler<StopAll> for Supervisor {
                 out
             }),
         )
-    }
-}
-
-/// Uploads everything pending in one volume now.
-#[derive(Message)]
-#[rtype(result = "Result<(), String>")]
-pub struct FlushVolume(pub String);
-
-impl Handler<FlushVolume> for Supervisor {
-    type Result = ResponseFuture<Result<(), String>>;
-    fn handle(&mut self, m: FlushVolume, _: &mut Context<Self>) -> Self::Result {
-        let actor = self.volumes.get(&m.0).map(|r| r.actor.clone());
-        Box::pin(async move {
-            match actor {
-                Some(a) => a.send(Flush).await.unwrap_or_else(|e| Err(e.to_string())),
-                None => Err(format!("volume {} is not running", m.0)),
-            }
-        })
     }
 }
 

@@ -46,26 +46,6 @@ impl Handler<Close> for VolumeActor {
     }
 }
 
-/// Uploads everything pending now.
-#[derive(Message)]
-#[rtype(result = "Result<(), String>")]
-pub struct Flush;
-
-impl Handler<Flush> for VolumeActor {
-    type Result = ResponseFuture<Result<(), String>>;
-    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
-        let Some(gw) = &self.gateway else {
-            return Box::pin(async { Err("volume is closing".to_string()) });
-        };
-        let vol = gw.vol.clone();
-        let span = tracing::info_span!("volume_flush", volume = %gw.name);
-        Box::pin(tracing::Instrument::instrument(
-            async move { vol.flush_all().await.map_err(|e| e.to_string()) },
-            span,
-        ))
-    }
-}
-
 /// Sets the volume's capacity (online expansion).
 #[derive(Message)]
 #[rtype(result = "()")]

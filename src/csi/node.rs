@@ -531,14 +531,10 @@ impl Node for NodeService {
             Some(range) => capacity_for(Some(range))?,
             None => {
                 // No size given: the record in the bucket says what the controller set.
-                let secret = self
+                let (_, secret) = self
                     .state
-                    .load_all()
-                    .into_iter()
-                    .flatten()
-                    .find(|(s, _)| s.volume_id == id)
-                    .map(|(_, s)| s)
-                    .ok_or_else(|| Status::not_found(format!("volume {id} has no credentials on this node")))?;
+                    .load(&vol)
+                    .map_err(|e| Status::not_found(format!("volume {id} has no credentials on this node: {e}")))?;
                 let store = connect(&secret, &vol.bucket).await?;
                 record::read(&*store, &vol)
                     .await

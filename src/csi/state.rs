@@ -11,7 +11,7 @@
 //! ```
 //! Files are replaced atomically (write, fsync, rename), so a crash leaves the old or the new.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -125,43 +125,34 @@ impl NodeState {
         }
     }
 
+    /// The recorded volume `id` with its secret.
+    pub fn load(&self, id: &VolumeId) -> Result<(StagedVolume, S3Secret), String> {
+        Self::load_dir(&self.volume_dir(id), &id.to_id())
+    }
+
     /// Every recorded volume with its secret. Unreadable records are reported, not fatal.
     pub fn load_all(&self) -> Vec<Result<(StagedVolume, S3Secret), String>> {
         let Ok(rd) = std::fs::read_dir(self.root.join("volumes")) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        for e in rd.flatten() {
-            let dir = e.path();
-            let name = unescape(&e.file_name().to_string_lossy());
-            let load = || -> Result<(StagedVolume, S3Secret), String> {
-                let read =
-                    |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("volume {name}: {f}: {e}"));
-                let v: StagedVolume =
-                    toml::from_str(&read("volume.toml")?).map_err(|e| format!("volume {name}: {e}"))?;
-                let s: SecretFile = toml::from_str(&read("secret.toml")?).map_err(|e| format!("volume {name}: {e}"))?;
-                Ok((
-                    v,
-                    S3Secret {
-                        access_key: s.access_key_id,
-                        secret_key: Secret(s.secret_access_key),
-                        endpoint: s.endpoint,
-                        region: s.region,
-                    },
-                ))
-            };
-            out.push(load());
-        }
-        out
+        rd.flatten()
+            .map(|e| Self::load_dir(&e.path(), &unescape(&e.file_name().to_string_lossy())))
+            .collect()
     }
 
-    /// Ports held by recorded volumes.
-    pub fn ports(&self) -> HashMap<u16, String> {
-        self.load_all()
-            .into_iter()
-            .flatten()
-            .map(|(v, _)| (v.port, v.volume_id))
-            .collect()
+    fn load_dir(dir: &Path, name: &str) -> Result<(StagedVolume, S3Secret), String> {
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("volume {name}: {f}: {e}"));
+        let v: StagedVolume = toml::from_str(&read("volume.toml")?).map_err(|e| format!("volume {name}: {e}"))?;
+        let s: SecretFile = toml::from_str(&read("secret.toml")?).map_err(|e| format!("volume {name}: {e}"))?;
+        Ok((
+            v,
+            S3Secret {
+                access_key: s.access_key_id,
+                secret_key: Secret(s.secret_access_key),
+                endpoint: s.endpoint,
+                region: s.region,
+            },
+        ))
     }
 }
 
@@ -207,7 +198,7 @@ mod tests {
         let (v2, s2) = all.into_iter().next().unwrap().unwrap();
         assert_eq!(v2, v);
         assert_eq!(s2.secret_key.0, "SK");
-        assert_eq!(st.ports().get(&20500).map(|s| s.as_str()), Some("data/pvc-1"));
+        assert_eq!(st.load(&id).unwrap().0, v);
         st.remove(&id).unwrap();
         assert!(st.load_all().is_empty());
         st.remove(&id).unwrap();
