@@ -45,6 +45,52 @@ pub struct Export {
     /// The volume's size (`df`, ENOSPC past it); None: unlimited.
     pub capacity: Option<u64>,
     pub defaults: ObjectDefaults,
+    /// What COMMIT (fsync, close) waits for: the gateway's disk, or S3.
+    pub durability: crate::fs::durable::Durability,
+    pub squash: Squash,
+}
+
+/// Which callers act as the anonymous user, as exportfs's `root_squash`/`all_squash`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Squash {
+    pub mode: SquashMode,
+    pub anon_uid: u32,
+    pub anon_gid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SquashMode {
+    /// Everyone is who their credentials say, root included: under the CSI node plugin the
+    /// gateway listens on the node's loopback, and a pod's root is the volume's root, as on
+    /// its own disk.
+    #[default]
+    None,
+    /// uid 0 acts as the anonymous user (exportfs's default `root_squash`).
+    Root,
+    /// Everyone acts as the anonymous user.
+    All,
+}
+
+impl Default for Squash {
+    fn default() -> Squash {
+        Squash {
+            mode: SquashMode::None,
+            anon_uid: 65534,
+            anon_gid: 65534,
+        }
+    }
+}
+
+impl std::str::FromStr for SquashMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(SquashMode::None),
+            "root" => Ok(SquashMode::Root),
+            "all" => Ok(SquashMode::All),
+            other => Err(format!("squash must be none, root or all, not {other:?}")),
+        }
+    }
 }
 
 /// What is reported for objects that carry no `x-amz-meta-*` attributes (written by other S3
@@ -83,6 +129,10 @@ struct FileExport {
     state_dir: Option<PathBuf>,
     flush_delay: Option<String>,
     refresh: Option<String>,
+    durability: Option<String>,
+    squash: Option<String>,
+    anon_uid: Option<u32>,
+    anon_gid: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,9 +217,27 @@ pub fn load(path: &Path, base_state: &Path, creds: &S3Config) -> anyhow::Result<
             }),
             (Some(_), None) => anyhow::bail!("export {}: an endpoint needs a bucket", e.name),
         };
+        let dflt = Squash::default();
+        let squash = Squash {
+            mode: e
+                .squash
+                .as_deref()
+                .unwrap_or("none")
+                .parse()
+                .map_err(anyhow::Error::msg)?,
+            anon_uid: e.anon_uid.unwrap_or(dflt.anon_uid),
+            anon_gid: e.anon_gid.unwrap_or(dflt.anon_gid),
+        };
         out.push(Export {
             capacity: None,
             defaults: ObjectDefaults::default(),
+            durability: e
+                .durability
+                .as_deref()
+                .unwrap_or("local")
+                .parse()
+                .map_err(anyhow::Error::msg)?,
+            squash,
             listen: e.listen,
             backend,
             prefix: normalize_prefix(&e.prefix),

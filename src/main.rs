@@ -101,6 +101,19 @@ struct ServeArgs {
     /// Size of the share as `df` shows it; writes past it get ENOSPC (e.g. 100G, 1Ti).
     #[arg(long, value_parser = config::parse_size)]
     capacity: Option<u64>,
+    /// What an fsync or close on a client waits for: `local` (the gateway's disk: survives a
+    /// crash of the gateway or a reboot) or `s3` (the file's bytes are in S3).
+    #[arg(long, default_value = "local")]
+    durability: s3nfs::fs::durable::Durability,
+    /// Whose identity the gateway trusts, as exportfs: `none` (every uid as sent, root too),
+    /// `root` (uid 0 acts as the anonymous user) or `all` (everyone does).
+    #[arg(long, default_value = "none")]
+    squash: config::SquashMode,
+    /// The anonymous user and group (for --squash and for calls without AUTH_UNIX).
+    #[arg(long, default_value_t = 65534)]
+    anon_uid: u32,
+    #[arg(long, default_value_t = 65534)]
+    anon_gid: u32,
 }
 
 /// Which object store, and where in it.
@@ -170,6 +183,8 @@ impl StoreArgs {
             refresh: Default::default(),
             capacity: None,
             defaults: Default::default(),
+            durability: Default::default(),
+            squash: Default::default(),
         })
     }
 }
@@ -232,6 +247,12 @@ fn exports(a: &ServeArgs) -> anyhow::Result<Vec<Export>> {
         flush_delay: a.flush_delay,
         refresh: a.refresh,
         capacity: a.capacity,
+        durability: a.durability,
+        squash: config::Squash {
+            mode: a.squash,
+            anon_uid: a.anon_uid,
+            anon_gid: a.anon_gid,
+        },
         ..a.store.export()?
     }])
 }

@@ -8,6 +8,9 @@ use s3nfs::fs::{SetAttr, Volume, VolumeConfig};
 use s3nfs::store::local::LocalStore;
 use s3nfs::store::ObjectStore;
 
+/// The core called directly acts as root (permission checks are tested through NFS).
+static ROOT: std::sync::LazyLock<s3nfs::fs::Cred> = std::sync::LazyLock::new(s3nfs::fs::Cred::root);
+
 const MIB: usize = 1 << 20;
 const PART: u64 = 5 << 20;
 
@@ -35,12 +38,16 @@ async fn streamed_multipart_upload_matches_the_file_after_rewrites_and_truncatio
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
     let vol = open(state.path(), &store).await;
     let root = vol.root();
-    let ino = vol.create(root, b"big", SetAttr::default(), true).await.unwrap().ino;
+    let ino = vol
+        .create(&ROOT, root, b"big", SetAttr::default(), true)
+        .await
+        .unwrap()
+        .ino;
 
     // 40 MiB written sequentially, flusher rounds in between: parts stream out as they settle.
     let mut want = pattern(40 * MIB, 1);
     for (i, chunk) in want.chunks(MIB).enumerate() {
-        vol.write(ino, (i * MIB) as u64, chunk).await.unwrap();
+        vol.write(&ROOT, ino, (i * MIB) as u64, chunk).await.unwrap();
         if i % 4 == 3 {
             vol.flush_round(false).await.unwrap();
         }
@@ -49,7 +56,7 @@ async fn streamed_multipart_upload_matches_the_file_after_rewrites_and_truncatio
     // part boundary.
     for (off, seed) in [(MIB, 7u8), (PART as usize - 100, 9), (17 * MIB, 11)] {
         let data = pattern(300_000, seed);
-        vol.write(ino, off as u64, &data).await.unwrap();
+        vol.write(&ROOT, ino, off as u64, &data).await.unwrap();
         want[off..off + data.len()].copy_from_slice(&data);
     }
     vol.flush_all().await.unwrap();
@@ -57,6 +64,7 @@ async fn streamed_multipart_upload_matches_the_file_after_rewrites_and_truncatio
 
     // Shrink to a size that is not a multiple of the part size, grow again, flush.
     vol.setattr(
+        &ROOT,
         ino,
         SetAttr {
             size: Some(23 * MIB as u64 + 123),
@@ -66,7 +74,7 @@ async fn streamed_multipart_upload_matches_the_file_after_rewrites_and_truncatio
     .await
     .unwrap();
     want.truncate(23 * MIB + 123);
-    vol.write(ino, 30 * MIB as u64, b"tail").await.unwrap();
+    vol.write(&ROOT, ino, 30 * MIB as u64, b"tail").await.unwrap();
     want.resize(30 * MIB, 0);
     want.extend_from_slice(b"tail");
     vol.flush_all().await.unwrap();
@@ -75,12 +83,12 @@ async fn streamed_multipart_upload_matches_the_file_after_rewrites_and_truncatio
     // A restart with a multipart upload started but not completed: the staged file and the
     // journal bring it back, the interrupted upload is aborted, the object ends up right.
     let more = pattern(12 * MIB, 3);
-    vol.write(ino, want.len() as u64, &more).await.unwrap();
+    vol.write(&ROOT, ino, want.len() as u64, &more).await.unwrap();
     want.extend_from_slice(&more);
     vol.flush_round(false).await.unwrap();
     drop(vol);
     let vol = open(state.path(), &store).await;
-    let (read, _) = vol.read(ino, 0, want.len() as u32).await.unwrap();
+    let (read, _) = vol.read(&ROOT, ino, 0, want.len() as u32).await.unwrap();
     assert!(read == want, "the file reads back whole after the restart");
     vol.flush_all().await.unwrap();
     assert_eq!(object(&store, "big").await, want, "object after a restart mid-upload");

@@ -6,16 +6,13 @@
 //! one of them fails (a regression), and lists the cases that newly pass (then rerun with
 //! `S3NFS_UPDATE_POSIX_BASELINE=1` to rewrite the baseline). It prints pass/fail counts per
 //! syscall group and sorts the failures by cause:
-//! - nfsserve: the NFSv3 server library has no LINK and no MKNOD procedure (the kernel client
-//!   gets PROC_UNAVAIL and returns EOPNOTSUPP), so hard links and fifo, socket and device
-//!   subjects cannot be made;
 //! - suite: the case fails on the guest's tmpfs as well (pjdfstest is first run there, which
 //!   also gives the list of cases);
-//! - ours: everything else, the gateway's own departures from POSIX.
+//! - ours: everything else, the gateway's own departures from POSIX, each printed with its
+//!   known reason (S3's 1024-byte key limit, NFSv3's 32-bit seconds, the client's silly rename)
+//!   or with none, which makes it a bug to look into.
 //!
-//! Of ours, the known reasons are printed beside each case (S3's 1024-byte key limit, no caller
-//! credentials in nfsserve's VFS, NFSv3's 32-bit seconds, the client's silly rename, directory
-//! nlink). The config enables the Linux features (utimensat, UTIME_NOW, posix_fallocate,
+//! The config enables the Linux features (utimensat, UTIME_NOW, posix_fallocate,
 //! rename_ctime), remounts (the EROFS cases remount the mount read-only and back) and a second
 //! file system (the guest's /tmp, for EXDEV); each syscall group runs in its own pjdfstest
 //! process, killed after `GROUP_TIMEOUT_SECS` (the case it was in then fails as STOPPED).
@@ -220,25 +217,6 @@ fn group(name: &str) -> &str {
     name.split("::").next().unwrap_or(name)
 }
 
-/// Why a failed case cannot pass on nfsserve, if that is the reason: it makes a hard link
-/// (LINK) or a fifo, socket or device (MKNOD), procedures nfsserve does not have; the kernel
-/// client then returns EOPNOTSUPP.
-fn nfsserve_cause(name: &str, message: &str) -> Option<&'static str> {
-    let last = name.rsplit("::").next().unwrap_or(name);
-    match group(name) {
-        "link" => return Some("LINK"),
-        "mkfifo" | "mknod" => return Some("MKNOD"),
-        _ => {}
-    }
-    if matches!(last, "fifo" | "socket" | "block" | "char") {
-        return Some("MKNOD");
-    }
-    if message.contains("EOPNOTSUPP") {
-        return Some("LINK/MKNOD (EOPNOTSUPP)");
-    }
-    None
-}
-
 /// What is known about one of our failures (printed beside it; it does not change the count).
 fn known_reason(name: &str, message: &str) -> Option<&'static str> {
     let last = name.rsplit("::").next().unwrap_or(name);
@@ -251,22 +229,10 @@ fn known_reason(name: &str, message: &str) -> Option<&'static str> {
         name
     };
     match base {
-        "chmod::failed_chmod_unchanged_ctime"
-        | "rename::unchanged_ctime_failed"
-        | "truncate::unchanged_ctime_failed"
-        | "utimensat::nobody"
-        | "utimensat::write_perm"
-        | "utimensat::utime_now_nobody" => Some(
-            "no permission check: nfsserve's VFS sees no caller credentials, so an unprivileged caller's \
-             SETATTR/RENAME succeeds",
-        ),
         "unlink::open_file_not_freed" => {
             Some("the kernel NFS client silly-renames an open file instead of removing it (any NFS server)")
         }
         "utimensat::y2038" => Some("NFSv3 times have 32-bit seconds: the kernel client clamps 2^32 to 2^32-1"),
-        "rename::updates_link_parent" => {
-            Some("a directory's nlink is always 2 (src/fs/mod.rs), not 2 + subdirectories")
-        }
         _ => None,
     }
 }
@@ -327,20 +293,18 @@ fn pjdfstest_on_mount() {
         out.fail(&format!("no result on the mount for {missing:?}"));
     }
 
-    // Per group: cases, passed, failed (nfsserve / suite / ours), skipped.
+    // Per group: cases, passed, failed (suite / ours), skipped.
     #[derive(Default)]
     struct Row {
         cases: usize,
         pass: usize,
         fail: usize,
-        nfsserve: usize,
         suite: usize,
         ours: usize,
         skip: usize,
     }
     let mut rows: BTreeMap<&str, Row> = BTreeMap::new();
     let mut ours = Vec::new();
-    let mut by_cause: BTreeMap<&str, usize> = BTreeMap::new();
     for (name, outcome) in &nfs.results {
         let row = rows.entry(group(name)).or_default();
         row.cases += 1;
@@ -350,10 +314,7 @@ fn pjdfstest_on_mount() {
             Outcome::Fail | Outcome::Stopped => {
                 row.fail += 1;
                 let msg = nfs.messages.get(name).map(String::as_str).unwrap_or("");
-                if let Some(cause) = nfsserve_cause(name, msg) {
-                    row.nfsserve += 1;
-                    *by_cause.entry(cause).or_default() += 1;
-                } else if tmpfs.results.get(name) != Some(&Outcome::Pass) {
+                if tmpfs.results.get(name) != Some(&Outcome::Pass) {
                     row.suite += 1;
                 } else {
                     row.ours += 1;
@@ -363,29 +324,27 @@ fn pjdfstest_on_mount() {
         }
     }
     let mut table = format!(
-        "{:<18} {:>5} {:>5} {:>5} {:>9} {:>6} {:>5} {:>5}\n",
-        "group", "cases", "pass", "fail", "nfsserve", "suite", "ours", "skip"
+        "{:<18} {:>5} {:>5} {:>5} {:>6} {:>5} {:>5}\n",
+        "group", "cases", "pass", "fail", "suite", "ours", "skip"
     );
     let mut total = Row::default();
     for (g, r) in &rows {
         table.push_str(&format!(
-            "{g:<18} {:>5} {:>5} {:>5} {:>9} {:>6} {:>5} {:>5}\n",
-            r.cases, r.pass, r.fail, r.nfsserve, r.suite, r.ours, r.skip
+            "{g:<18} {:>5} {:>5} {:>5} {:>6} {:>5} {:>5}\n",
+            r.cases, r.pass, r.fail, r.suite, r.ours, r.skip
         ));
         total.cases += r.cases;
         total.pass += r.pass;
         total.fail += r.fail;
-        total.nfsserve += r.nfsserve;
         total.suite += r.suite;
         total.ours += r.ours;
         total.skip += r.skip;
     }
     table.push_str(&format!(
-        "{:<18} {:>5} {:>5} {:>5} {:>9} {:>6} {:>5} {:>5}\n",
-        "TOTAL", total.cases, total.pass, total.fail, total.nfsserve, total.suite, total.ours, total.skip
+        "{:<18} {:>5} {:>5} {:>5} {:>6} {:>5} {:>5}\n",
+        "TOTAL", total.cases, total.pass, total.fail, total.suite, total.ours, total.skip
     ));
-    eprintln!("pjdfstest on the s3nfs mount (nfsserve: needs LINK or MKNOD, which nfsserve lacks; suite: fails on tmpfs too; ours: the gateway's)\n{table}");
-    eprintln!("nfsserve failures by missing procedure: {by_cause:?}");
+    eprintln!("pjdfstest on the s3nfs mount (suite: fails on tmpfs too; ours: the gateway's)\n{table}");
     eprintln!("our failures ({}):", ours.len());
     for (name, outcome, msg) in &ours {
         eprintln!("  {name} [{outcome:?}]: {msg}");
@@ -396,11 +355,7 @@ fn pjdfstest_on_mount() {
     let suite: Vec<_> = nfs
         .results
         .iter()
-        .filter(|(n, o)| {
-            matches!(o, Outcome::Fail | Outcome::Stopped)
-                && tmpfs.results.get(*n) != Some(&Outcome::Pass)
-                && nfsserve_cause(n, nfs.messages.get(*n).map(String::as_str).unwrap_or("")).is_none()
-        })
+        .filter(|(n, o)| matches!(o, Outcome::Fail | Outcome::Stopped) && tmpfs.results.get(*n) != Some(&Outcome::Pass))
         .map(|(n, _)| n.as_str())
         .collect();
     eprintln!("failing on tmpfs too ({}): {suite:?}", suite.len());

@@ -45,6 +45,7 @@ pub fn volume_config(export: &Export) -> VolumeConfig {
     cfg.default_gid = export.defaults.gid;
     cfg.default_file_mode = export.defaults.file_mode;
     cfg.default_dir_mode = export.defaults.dir_mode;
+    cfg.durability = export.durability;
     cfg
 }
 
@@ -66,7 +67,7 @@ impl Gateway {
         // A root span of its own: the journal replay and the restore of in-flight uploads.
         let span = tracing::info_span!(parent: None, "volume_open", volume = %export.name);
         let vol = Volume::open(volume_config(export), store).instrument(span).await?;
-        let adapter = NfsAdapter::named(vol.clone(), &export.name);
+        let adapter = NfsAdapter::named(vol.clone(), &export.name).with_squash(export.squash);
         let listener = NFSTcpListener::bind(&export.listen.to_string(), adapter)
             .await
             .map_err(|e| anyhow::anyhow!("export {}: cannot listen on {}: {e}", export.name, export.listen))?;

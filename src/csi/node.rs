@@ -87,6 +87,10 @@ fn export_of(state: &NodeState, v: &StagedVolume, secret: &S3Secret) -> Result<E
         refresh: params.refresh,
         capacity: v.capacity,
         defaults: params.defaults,
+        durability: params.durability,
+        // The gateway listens on the node's loopback for the kubelet's mounts: a pod's root is
+        // the volume's root, as on a disk of its own.
+        squash: Default::default(),
     })
 }
 

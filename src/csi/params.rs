@@ -223,13 +223,15 @@ pub struct Params {
     pub on_delete: OnDelete,
     pub flush_delay: Duration,
     pub refresh: Duration,
+    /// `durability`: what an fsync waits for (local disk or S3).
+    pub durability: crate::fs::durable::Durability,
     pub defaults: ObjectDefaults,
     /// `options` as given, passed on in the volume context.
     pub options: String,
 }
 
 /// Keys that CreateVolume passes on into the volume context.
-pub const CONTEXT_KEYS: &[&str] = &["mounter", "options", "flushDelay", "refresh"];
+pub const CONTEXT_KEYS: &[&str] = &["mounter", "options", "flushDelay", "refresh", "durability"];
 
 impl Params {
     /// `strict`: unknown keys are an error (a StorageClass typo must not be silently ignored);
@@ -240,6 +242,7 @@ impl Params {
             on_delete: OnDelete::Delete,
             flush_delay: Duration::from_secs(2),
             refresh: Duration::from_secs(5),
+            durability: Default::default(),
             defaults: ObjectDefaults::default(),
             options: String::new(),
         };
@@ -261,6 +264,7 @@ impl Params {
                 }
                 "flushDelay" => p.flush_delay = parse_duration(v).map_err(|m| bad(k, v, m))?,
                 "refresh" => p.refresh = parse_duration(v).map_err(|m| bad(k, v, m))?,
+                "durability" => p.durability = v.parse().map_err(|m| bad(k, v, m))?,
                 "mounter" => {
                     if !v.is_empty() && v != "s3nfs" {
                         tracing::info!(mounter = %v, "parameter mounter is ignored: s3nfs volumes are always served by the s3nfs gateway over NFS");
@@ -273,7 +277,7 @@ impl Params {
                 k if k.starts_with("csi.storage.k8s.io/") => {}
                 _ if strict => {
                     return Err(Status::invalid_argument(format!(
-                        "unknown parameter {k:?}; known: bucket, mounter, options, onDelete, flushDelay, refresh"
+                        "unknown parameter {k:?}; known: bucket, mounter, options, onDelete, flushDelay, refresh, durability"
                     )))
                 }
                 _ => tracing::debug!(key = %k, "volume context key not used by s3nfs"),

@@ -336,6 +336,9 @@ impl Volume {
         if ino == ROOT_INO {
             return self.record(ino, seq, None, None).await;
         }
+        if let Kind::Link(file) = inode.kind {
+            return self.sync_link(inode, file, seq).await;
+        }
         let key = self.key_of(&inode)?;
         let meta = user_meta(&inode);
         let _writing = InFlight::new(&self.flusher, &key);
@@ -343,7 +346,10 @@ impl Volume {
         crate::telemetry::link_causes(&span, self.volume_id(), ino, true);
         let synced = async {
             match inode.kind {
-                Kind::Dir => self.put_small(&key, Bytes::new(), &meta).await.map(Some),
+                Kind::Dir | Kind::Fifo | Kind::Socket | Kind::CharDev(_) | Kind::BlockDev(_) => {
+                    self.put_small(&key, Bytes::new(), &meta).await.map(Some)
+                }
+                Kind::Link(_) => unreachable!("handled by sync_link"),
                 Kind::Symlink => self
                     .put_small(&key, Bytes::from(inode.target.clone()), &meta)
                     .await
@@ -380,6 +386,61 @@ impl Volume {
         }
         let st = self.staged(ino);
         self.record(ino, seq, Some(synced), st).await
+    }
+
+    /// A hard link's object: a copy of its file's, once the file itself is in S3 (until then
+    /// the file's upload marks this name pending again when it is done).
+    async fn sync_link(self: &Arc<Self>, entry: Inode, file: Ino, seq: u64) -> FsResult<()> {
+        let Some(f) = self.meta.inode(file)? else {
+            return self.record(entry.ino, seq, None, None).await;
+        };
+        let src = match &f.remote {
+            Some(r) if self.meta.pending(file)?.is_none() => r.clone(),
+            _ => {
+                if self.meta.pending(file)?.is_none() {
+                    let mut b = Batch::new();
+                    b.mark_pending(file, self.next_seq());
+                    self.meta.commit(b)?;
+                }
+                return self.record(entry.ino, seq, None, None).await;
+            }
+        };
+        let key = self.key_of(&entry)?;
+        let _writing = InFlight::new(&self.flusher, &key);
+        let etag = {
+            let _permit = self.flusher.uploads.acquire().await.expect("semaphore never closed");
+            let _k = self.flusher.key_lock(&key).await;
+            self.store.copy(&src.key, &key, &user_meta(&f)).await?
+        };
+        if let Some(old) = &entry.remote {
+            if old.key != key {
+                self.delete_key(&old.key, None).await?;
+            }
+        }
+        let synced = Synced {
+            remote: Remote {
+                key,
+                etag,
+                size: src.size,
+            },
+            gen: None,
+        };
+        self.record(entry.ino, seq, Some(synced), None).await
+    }
+
+    /// Uploads one inode's pending work now (COMMIT of a volume with `--durability s3`).
+    pub async fn flush_inode(self: &Arc<Self>, ino: Ino) -> FsResult<()> {
+        // A write racing the upload leaves the inode pending under a new number: go again,
+        // a bounded number of times.
+        for _ in 0..8 {
+            let Some(seq) = self.meta.pending(ino)? else {
+                return Ok(());
+            };
+            self.sync_inode(ino, seq).await?;
+        }
+        Err(FsError::Retry(
+            "the file kept changing while it was being committed".into(),
+        ))
     }
 
     async fn put_small(&self, key: &str, body: Bytes, meta: &crate::store::UserMeta) -> FsResult<Synced> {
@@ -683,6 +744,12 @@ impl Volume {
             inode.remote = Some(s.remote);
             inode.synced_epoch = self.flusher.epoch.fetch_add(1, Ordering::AcqRel) + 1;
             b.put_inode(&inode);
+            // The file's other names copy what was just uploaded.
+            if !matches!(inode.kind, Kind::Link(_) | Kind::Dir) {
+                for l in self.meta.links(ino)? {
+                    b.mark_pending(l, self.next_seq());
+                }
+            }
         }
         if clean {
             b.clear_pending(ino);

@@ -12,8 +12,11 @@
 //!   or deleted by other tools show up. Local changes not yet in S3 always win over a listing.
 //! - **Lock order.** A staged file's `lock` before `ns`, never the other way round.
 
+pub mod durable;
 pub mod flush;
+pub mod links;
 pub mod names;
+pub mod perm;
 pub mod read;
 pub mod staging;
 pub mod usage;
@@ -29,6 +32,7 @@ use tracing::Instrument;
 use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, MetaError, Remote, Time, ROOT_INO};
 use crate::store::{ObjectStore, StoreError};
 use names::check_name;
+pub use perm::Cred;
 use staging::Staged;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -60,6 +64,14 @@ pub enum FsError {
     Io(String),
     #[error("not supported: {0}")]
     NotSupported(&'static str),
+    /// The caller lacks a permission the mode bits give (EACCES).
+    #[error("permission denied")]
+    Denied,
+    /// Only the owner or root may do this (EPERM).
+    #[error("operation not permitted")]
+    Perm,
+    #[error("too many links")]
+    TooManyLinks,
 }
 
 impl From<MetaError> for FsError {
@@ -127,9 +139,12 @@ pub struct SetAttr {
 
 #[derive(Debug, Clone)]
 pub struct DirEntry {
+    /// The file's inode number (for a hard link, the file's, not the entry's).
     pub ino: Ino,
     pub name: Vec<u8>,
     pub attr: Attr,
+    /// Where a listing resumes after this entry (`readdir`'s `after`).
+    pub cookie: Ino,
 }
 
 /// A snapshot of a volume's counters (see [`Volume::stats`]).
@@ -195,6 +210,8 @@ pub struct VolumeConfig {
     pub default_dir_mode: u32,
     /// The volume's size: `df` shows it and writes past it get ENOSPC. None: unlimited.
     pub capacity: Option<u64>,
+    /// What a COMMIT (an fsync or close on the client) waits for.
+    pub durability: durable::Durability,
 }
 
 impl VolumeConfig {
@@ -216,6 +233,7 @@ impl VolumeConfig {
             default_file_mode: 0o644,
             default_dir_mode: 0o755,
             capacity: None,
+            durability: durable::Durability::Local,
         }
     }
 }
@@ -248,6 +266,8 @@ pub struct Volume {
     /// The persisted `ino_limit` counter, kept here so allocation does not read the database.
     ino_limit: AtomicU64,
     next_seq: AtomicU64,
+    /// Group commit of COMMITs (see [`durable`]).
+    sync_group: durable::SyncGroup,
 }
 
 /// Counts the tasks a volume runs in the background, so that closing it can wait for the last
@@ -331,6 +351,7 @@ impl Volume {
             next_ino: AtomicU64::new(ino_base),
             ino_limit: AtomicU64::new(ino_base + INO_BLOCK),
             next_seq: AtomicU64::new(seq_base),
+            sync_group: durable::SyncGroup::new(),
             cfg,
         };
         vol.restore_staged()?;
@@ -418,7 +439,7 @@ impl Volume {
         let (mut bytes, mut files) = (0u64, 0u64);
         let staged = self.staged.lock().unwrap().clone();
         self.meta.for_each_inode(|inode| {
-            if inode.ino == ROOT_INO {
+            if inode.ino == ROOT_INO || matches!(inode.kind, Kind::Link(_)) {
                 return;
             }
             files += 1;
@@ -544,7 +565,10 @@ impl Volume {
             atime: inode.atime,
             mtime,
             ctime: inode.ctime.max(mtime),
-            nlink: if inode.kind == Kind::Dir { 2 } else { 1 },
+            nlink: match inode.kind {
+                Kind::Dir => 2 + self.meta.subdirs(inode.ino) as u32,
+                _ => 1 + self.meta.links(inode.ino).map(|l| l.len()).unwrap_or(0) as u32,
+            },
         }
     }
 
@@ -608,11 +632,12 @@ impl Volume {
         Ok(cur)
     }
 
-    pub async fn lookup(&self, dir: Ino, name: &[u8]) -> FsResult<Ino> {
+    pub async fn lookup(&self, cred: &Cred, dir: Ino, name: &[u8]) -> FsResult<Ino> {
         let d = self.inode(dir)?;
         if d.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
+        perm::check(cred, &d, perm::X)?;
         if name == b"." {
             return Ok(dir);
         }
@@ -620,16 +645,17 @@ impl Volume {
             return Ok(d.parent);
         }
         self.refresh_dir(&d, false).await?;
-        match self.meta.lookup(dir, name)? {
-            Some(ino) => Ok(ino),
+        let entry = match self.meta.lookup(dir, name)? {
+            Some(ino) => ino,
             // Still stale: a large directory relisting in the background. A name it lacks may
             // be new in S3: NOENT only after S3 said so.
             None if self.listing_stale(dir) => {
                 self.list_dir(&d).await?;
-                self.meta.lookup(dir, name)?.ok_or(FsError::NotFound)
+                self.meta.lookup(dir, name)?.ok_or(FsError::NotFound)?
             }
-            None => Err(FsError::NotFound),
-        }
+            None => return Err(FsError::NotFound),
+        };
+        self.file_of(entry)
     }
 
     pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
@@ -644,11 +670,12 @@ impl Volume {
     }
 
     /// Entries of `dir` after the one with inode number `after` (0: from the start).
-    pub async fn readdir(&self, dir: Ino, after: Ino, max: usize) -> FsResult<(Vec<DirEntry>, bool)> {
+    pub async fn readdir(&self, cred: &Cred, dir: Ino, after: Ino, max: usize) -> FsResult<(Vec<DirEntry>, bool)> {
         let d = self.inode(dir)?;
         if d.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
+        perm::check(cred, &d, perm::R)?;
         // Refresh only when a listing starts: a listing in progress resumes over a stable order.
         if after == 0 {
             self.refresh_dir(&d, false).await?;
@@ -657,17 +684,24 @@ impl Volume {
         let end = kids.len() <= max;
         let mut out = Vec::with_capacity(kids.len().min(max));
         let mut unloaded = Vec::new();
-        for (ino, name) in kids.into_iter().take(max) {
-            let Some(inode) = self.meta.inode(ino)? else {
+        for (cookie, name) in kids.into_iter().take(max) {
+            let Some(mut inode) = self.meta.inode(cookie)? else {
                 continue;
             };
+            if let Kind::Link(file) = inode.kind {
+                let Some(f) = self.meta.inode(file)? else {
+                    continue;
+                };
+                inode = f;
+            }
             if !inode.meta_loaded {
                 unloaded.push(out.len());
             }
             out.push(DirEntry {
-                ino,
+                ino: inode.ino,
                 name,
                 attr: self.attr_of(&inode),
+                cookie,
             });
         }
         // Objects found by a listing: read their attributes in parallel, not one HEAD at a time.
@@ -834,7 +868,8 @@ impl Volume {
                 if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
                     continue; // local changes not yet in S3, or newer than this listing
                 }
-                let same_kind = inode.kind == want_kind || (inode.kind == Kind::Symlink && want_kind == Kind::File);
+                // Symlinks, special files and hard links are all plain objects in a listing.
+                let same_kind = inode.kind == want_kind || (want_kind == Kind::File && inode.kind != Kind::Dir);
                 if !same_kind {
                     self.forget_subtree(&mut batch, &inode)?;
                 } else {
@@ -846,6 +881,12 @@ impl Volume {
                                 .map(|s| !s.content_dirty.load(Ordering::Acquire))
                                 .unwrap_or(true)
                         {
+                            if let Kind::Link(file) = inode.kind {
+                                // Another tool replaced this name's object: it is a file of
+                                // its own now, no longer a name of `file`.
+                                batch.del_link(file, ino);
+                                inode.kind = Kind::File;
+                            }
                             inode.size = o.size;
                             inode.mtime = Time::from_secs(o.last_modified);
                             inode.remote = Some(Remote {
@@ -887,7 +928,7 @@ impl Volume {
             inode.remote = remote;
             inode.meta_loaded = meta_loaded;
             batch.put_inode(&inode);
-            batch.link(dir.ino, name.as_bytes(), ino);
+            batch.link(dir.ino, name.as_bytes(), ino, want_kind);
         }
         // What S3 no longer has: forget, unless local changes are still on their way.
         let mut after = 0;
@@ -968,7 +1009,8 @@ impl Volume {
                 }
                 self.listed.lock().unwrap().remove(&i.ino);
             }
-            batch.unlink(i.parent, &i.name, i.ino);
+            self.forget_links(batch, &i)?;
+            batch.unlink(i.parent, &i.name, i.ino, i.kind);
             batch.del_inode(i.ino);
             self.drop_staged(i.ino);
         }
@@ -984,18 +1026,28 @@ impl Volume {
 
     // ---------------------------------------------------------------- namespace changes
 
-    fn new_inode(&self, batch: &mut Batch, parent: Ino, name: &[u8], kind: Kind, mode: u32) -> Inode {
-        let owner = (self.cfg.default_uid, self.cfg.default_gid);
-        Inode::new(self.alloc_ino(batch), parent, name, kind, mode, owner, Time::now())
+    /// A new inode in `dir`, owned as `cred` creates it there (see [`perm::new_owner`]).
+    fn new_inode(&self, batch: &mut Batch, cred: &Cred, dir: &Inode, name: &[u8], kind: Kind, mode: u32) -> Inode {
+        let (uid, gid, mode) = perm::new_owner(cred, dir, kind, mode);
+        Inode::new(
+            self.alloc_ino(batch),
+            dir.ino,
+            name,
+            kind,
+            mode,
+            (uid, gid),
+            Time::now(),
+        )
     }
 
-    /// Common checks for a new entry: the directory exists and is fresh, the name is valid, the
-    /// key fits in S3.
-    async fn prepare_new(&self, dir: Ino, name: &[u8]) -> FsResult<Inode> {
+    /// Common checks for a new entry: the directory exists, is fresh and `cred` may write in
+    /// it, the name is valid, the key fits in S3.
+    async fn prepare_new(&self, cred: &Cred, dir: Ino, name: &[u8]) -> FsResult<Inode> {
         let d = self.inode(dir)?;
         if d.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
+        perm::check(cred, &d, perm::W | perm::X)?;
         let n = check_name(name)?;
         if self.dir_prefix(&d)?.len() + n.len() + 1 > names::KEY_MAX {
             return Err(FsError::NameTooLong);
@@ -1014,10 +1066,22 @@ impl Volume {
         Ok(())
     }
 
-    pub async fn create(&self, dir: Ino, name: &[u8], attr: SetAttr, exclusive: bool) -> FsResult<Attr> {
-        self.prepare_new(dir, name).await?;
+    /// Enters a new inode in its directory, to be created in S3 by the flusher.
+    fn commit_new(&self, mut batch: Batch, inode: &Inode) -> FsResult<()> {
+        batch.put_inode(inode);
+        batch.link(inode.parent, &inode.name, inode.ino, inode.kind);
+        batch.mark_pending(inode.ino, self.next_seq());
+        self.touch_dir(&mut batch, inode.parent)?;
+        self.meta.commit(batch)?;
+        self.usage.changed();
+        Ok(())
+    }
+
+    pub async fn create(&self, cred: &Cred, dir: Ino, name: &[u8], attr: SetAttr, exclusive: bool) -> FsResult<Attr> {
+        let d = self.prepare_new(cred, dir, name).await?;
         let g = self.ns.lock().await;
         if let Some(existing) = self.meta.lookup(dir, name)? {
+            let existing = self.file_of(existing)?;
             let inode = self.inode(existing)?;
             if exclusive {
                 return Err(FsError::Exists);
@@ -1026,12 +1090,17 @@ impl Volume {
                 return Err(FsError::IsDir);
             }
             drop(g);
-            // UNCHECKED create of an existing file: apply the attributes (O_TRUNC sends size 0).
-            return self.setattr(existing, attr).await;
+            // UNCHECKED create of an existing file is an open(O_CREAT) of it: only O_TRUNC's
+            // size 0 applies, as knfsd does; the mode and owner asked for are for a new file.
+            let only_size = SetAttr {
+                size: attr.size,
+                ..SetAttr::default()
+            };
+            return self.setattr(cred, existing, only_size).await;
         }
         let mut batch = Batch::new();
-        let mut inode = self.new_inode(&mut batch, dir, name, Kind::File, attr.mode.unwrap_or(0o644));
-        apply_owner(&mut inode, &attr);
+        let mut inode = self.new_inode(&mut batch, cred, &d, name, Kind::File, attr.mode.unwrap_or(0o644));
+        apply_owner(&mut inode, cred, &attr);
         if let Some(SetTime::At(t)) = attr.mtime {
             inode.mtime = t;
         }
@@ -1044,39 +1113,29 @@ impl Volume {
         st.content_dirty.store(true, Ordering::Release);
         st.pending_marked.store(true, Ordering::Release);
         *st.mtime.lock().unwrap() = inode.mtime;
-        batch.put_inode(&inode);
-        batch.link(dir, name, inode.ino);
-        batch.mark_pending(inode.ino, self.next_seq());
-        self.touch_dir(&mut batch, dir)?;
-        self.meta.commit(batch)?;
-        self.usage.changed();
+        self.commit_new(batch, &inode)?;
         self.staged.lock().unwrap().insert(inode.ino, Arc::new(st));
         drop(g);
         Ok(self.attr_of(&inode))
     }
 
-    pub async fn mkdir(&self, dir: Ino, name: &[u8], attr: SetAttr) -> FsResult<Attr> {
-        self.prepare_new(dir, name).await?;
+    pub async fn mkdir(&self, cred: &Cred, dir: Ino, name: &[u8], attr: SetAttr) -> FsResult<Attr> {
+        let d = self.prepare_new(cred, dir, name).await?;
         let _g = self.ns.lock().await;
         if self.meta.lookup(dir, name)?.is_some() {
             return Err(FsError::Exists);
         }
         let mut batch = Batch::new();
-        let mut inode = self.new_inode(&mut batch, dir, name, Kind::Dir, attr.mode.unwrap_or(0o755));
-        apply_owner(&mut inode, &attr);
-        batch.put_inode(&inode);
-        batch.link(dir, name, inode.ino);
-        batch.mark_pending(inode.ino, self.next_seq());
-        self.touch_dir(&mut batch, dir)?;
-        self.meta.commit(batch)?;
-        self.usage.changed();
+        let mut inode = self.new_inode(&mut batch, cred, &d, name, Kind::Dir, attr.mode.unwrap_or(0o755));
+        apply_owner(&mut inode, cred, &attr);
+        self.commit_new(batch, &inode)?;
         // A new directory has nothing in S3 to list.
         self.listed.lock().unwrap().insert(inode.ino, Instant::now());
         Ok(self.attr_of(&inode))
     }
 
-    pub async fn symlink(&self, dir: Ino, name: &[u8], target: &[u8], attr: SetAttr) -> FsResult<Attr> {
-        self.prepare_new(dir, name).await?;
+    pub async fn symlink(&self, cred: &Cred, dir: Ino, name: &[u8], target: &[u8], attr: SetAttr) -> FsResult<Attr> {
+        let d = self.prepare_new(cred, dir, name).await?;
         if target.is_empty() || target.len() > 4095 {
             return Err(FsError::Invalid("symlink target must be 1 to 4095 bytes".into()));
         }
@@ -1085,16 +1144,32 @@ impl Volume {
             return Err(FsError::Exists);
         }
         let mut batch = Batch::new();
-        let mut inode = self.new_inode(&mut batch, dir, name, Kind::Symlink, attr.mode.unwrap_or(0o777));
-        apply_owner(&mut inode, &attr);
+        let mut inode = self.new_inode(&mut batch, cred, &d, name, Kind::Symlink, attr.mode.unwrap_or(0o777));
+        apply_owner(&mut inode, cred, &attr);
         inode.target = target.to_vec();
         inode.size = target.len() as u64;
-        batch.put_inode(&inode);
-        batch.link(dir, name, inode.ino);
-        batch.mark_pending(inode.ino, self.next_seq());
-        self.touch_dir(&mut batch, dir)?;
-        self.meta.commit(batch)?;
-        self.usage.changed();
+        self.commit_new(batch, &inode)?;
+        Ok(self.attr_of(&inode))
+    }
+
+    /// MKNOD: a fifo, a socket or a device, stored as an empty object whose metadata gives its
+    /// type (and device number) the way s3fs writes them.
+    pub async fn mknod(&self, cred: &Cred, dir: Ino, name: &[u8], kind: Kind, attr: SetAttr) -> FsResult<Attr> {
+        if !kind.is_special() {
+            return Err(FsError::Invalid("mknod makes fifos, sockets and devices only".into()));
+        }
+        if matches!(kind, Kind::CharDev(_) | Kind::BlockDev(_)) && !cred.is_root() {
+            return Err(FsError::Perm);
+        }
+        let d = self.prepare_new(cred, dir, name).await?;
+        let _g = self.ns.lock().await;
+        if self.meta.lookup(dir, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let mut batch = Batch::new();
+        let mut inode = self.new_inode(&mut batch, cred, &d, name, kind, attr.mode.unwrap_or(0o644));
+        apply_owner(&mut inode, cred, &attr);
+        self.commit_new(batch, &inode)?;
         Ok(self.attr_of(&inode))
     }
 
@@ -1105,28 +1180,28 @@ impl Volume {
         }
     }
 
-    /// REMOVE and RMDIR (nfsserve routes both here).
     /// Removes an entry of any kind (an empty directory included).
-    pub async fn remove(&self, dir: Ino, name: &[u8]) -> FsResult<()> {
-        self.remove_entry(dir, name, None).await
+    pub async fn remove(&self, cred: &Cred, dir: Ino, name: &[u8]) -> FsResult<()> {
+        self.remove_entry(cred, dir, name, None).await
     }
 
     /// REMOVE: anything but a directory (ISDIR for one).
-    pub async fn unlink(&self, dir: Ino, name: &[u8]) -> FsResult<()> {
-        self.remove_entry(dir, name, Some(false)).await
+    pub async fn unlink(&self, cred: &Cred, dir: Ino, name: &[u8]) -> FsResult<()> {
+        self.remove_entry(cred, dir, name, Some(false)).await
     }
 
     /// RMDIR: an empty directory only (NOTDIR for anything else).
-    pub async fn rmdir(&self, dir: Ino, name: &[u8]) -> FsResult<()> {
-        self.remove_entry(dir, name, Some(true)).await
+    pub async fn rmdir(&self, cred: &Cred, dir: Ino, name: &[u8]) -> FsResult<()> {
+        self.remove_entry(cred, dir, name, Some(true)).await
     }
 
     /// `want_dir`: Some(true) for RMDIR, Some(false) for REMOVE, None for either.
-    async fn remove_entry(&self, dir: Ino, name: &[u8], want_dir: Option<bool>) -> FsResult<()> {
+    async fn remove_entry(&self, cred: &Cred, dir: Ino, name: &[u8], want_dir: Option<bool>) -> FsResult<()> {
         let d = self.inode(dir)?;
         if d.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
+        perm::check(cred, &d, perm::X)?;
         self.refresh_dir(&d, false).await?;
         let ino = self.meta.lookup(dir, name)?.ok_or(FsError::NotFound)?;
         let victim = self.inode(ino)?;
@@ -1146,24 +1221,25 @@ impl Volume {
         // Read again under the lock: an upload may have recorded a new object for it meanwhile,
         // and that is the object to delete.
         let victim = self.inode(ino)?;
+        perm::check_delete(cred, &self.inode(dir)?, &self.inode(self.file_of(ino)?)?)?;
         if victim.kind == Kind::Dir && self.meta.has_children(ino)? {
             return Err(FsError::NotEmpty);
         }
         let mut batch = Batch::new();
-        batch.unlink(dir, name, ino);
-        batch.del_inode(ino);
-        self.queue_remote_delete(&mut batch, &victim);
+        self.drop_name(&mut batch, &victim)?;
         self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
         self.usage.changed();
-        self.drop_staged(ino);
-        self.cache.forget(ino);
         Ok(())
     }
 
-    pub async fn rename(&self, from_dir: Ino, from: &[u8], to_dir: Ino, to: &[u8]) -> FsResult<()> {
+    pub async fn rename(&self, cred: &Cred, from_dir: Ino, from: &[u8], to_dir: Ino, to: &[u8]) -> FsResult<()> {
         let fd = self.inode(from_dir)?;
-        let _ = self.prepare_new(to_dir, to).await?;
+        if fd.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        perm::check(cred, &fd, perm::X)?;
+        let _ = self.prepare_new(cred, to_dir, to).await?;
         self.refresh_dir(&fd, false).await?;
         let ino = self.meta.lookup(from_dir, from)?.ok_or(FsError::NotFound)?;
         let src = self.inode(ino)?;
@@ -1182,6 +1258,8 @@ impl Volume {
         if self.meta.lookup(from_dir, from)? != Some(ino) {
             return Err(FsError::NotFound);
         }
+        let src_file = self.inode(self.file_of(ino)?)?;
+        perm::check_delete(cred, &self.inode(from_dir)?, &src_file)?;
         if from_dir == to_dir && from == to {
             return Ok(());
         }
@@ -1197,26 +1275,31 @@ impl Volume {
                 }
                 cur = self.inode(cur)?.parent;
             }
+            // Its ".." changes: that is a write to it.
+            if to_dir != from_dir {
+                perm::check(cred, &src, perm::W)?;
+            }
         }
         let mut batch = Batch::new();
         if let Some(tino) = self.meta.lookup(to_dir, to)? {
             let target = self.inode(tino)?;
+            if self.file_of(tino)? == src_file.ino {
+                // Two names of one file: rename(2) does nothing and succeeds.
+                return Ok(());
+            }
+            perm::check_delete(cred, &self.inode(to_dir)?, &self.inode(self.file_of(tino)?)?)?;
             match (src.kind == Kind::Dir, target.kind == Kind::Dir) {
                 (true, false) => return Err(FsError::NotDir),
                 (false, true) => return Err(FsError::IsDir),
                 (true, true) if self.meta.has_children(tino)? => return Err(FsError::NotEmpty),
                 _ => {}
             }
-            batch.unlink(to_dir, to, tino);
-            batch.del_inode(tino);
             // The moved object lands on the target's key, replacing it; only a directory's
             // marker needs deleting (the source's key differs from it only by being elsewhere).
-            self.queue_remote_delete(&mut batch, &target);
-            self.drop_staged(tino);
-            self.cache.forget(tino);
+            self.drop_name(&mut batch, &target)?;
         }
-        batch.unlink(from_dir, from, ino);
-        batch.link(to_dir, to, ino);
+        batch.unlink(from_dir, from, ino, src.kind);
+        batch.link(to_dir, to, ino, src.kind);
         src.parent = to_dir;
         src.name = to.to_vec();
         src.ctime = Time::now();
@@ -1266,18 +1349,25 @@ impl Volume {
         Ok(())
     }
 
-    pub async fn setattr(&self, ino: Ino, attr: SetAttr) -> FsResult<Attr> {
+    pub async fn setattr(&self, cred: &Cred, ino: Ino, attr: SetAttr) -> FsResult<Attr> {
         let mut inode = self.inode(ino)?;
         if !inode.meta_loaded {
             inode = self.load_meta(inode).await?;
+        }
+        // Checked before anything changes: a refused SETATTR changes nothing, ctime included.
+        perm::check_chattr(cred, &inode, attr.mode, attr.uid, attr.gid)?;
+        if attr.atime.is_some() || attr.mtime.is_some() {
+            let to_now = !matches!(attr.atime, Some(SetTime::At(_))) && !matches!(attr.mtime, Some(SetTime::At(_)));
+            perm::check_times(cred, &inode, to_now)?;
         }
         if let Some(size) = attr.size {
             if inode.kind == Kind::Dir {
                 return Err(FsError::IsDir);
             }
             if inode.kind != Kind::File {
-                return Err(FsError::Invalid("size of a symlink".into()));
+                return Err(FsError::Invalid("size of a symlink or special file".into()));
             }
+            perm::check_io(cred, &inode, perm::W)?;
             let st = self.stage(ino, size == 0).await?;
             let _w = st.lock.write().await;
             if st.size() != size {
@@ -1293,8 +1383,9 @@ impl Volume {
         }
         let _g = self.ns.lock().await;
         let mut inode = self.inode(ino)?;
-        if let Some(m) = attr.mode {
-            inode.mode = m & 0o7777;
+        inode.mode = perm::check_chattr(cred, &inode, attr.mode, attr.uid, attr.gid)?;
+        if attr.size.is_some() {
+            inode.mode = perm::mode_after_write(cred, inode.mode);
         }
         if let Some(u) = attr.uid {
             inode.uid = u;
@@ -1342,6 +1433,11 @@ impl Volume {
         Ok(self.attr_of(&inode))
     }
 
+    /// Which of read, write and execute (`perm::R|W|X`) `cred` holds on `ino` (ACCESS).
+    pub fn permissions(&self, cred: &Cred, ino: Ino) -> FsResult<u32> {
+        Ok(perm::granted(cred, &self.inode(ino)?))
+    }
+
     // ---------------------------------------------------------------- data
 
     /// The staged copy of a file, bringing it from S3 first unless `empty` (about to be emptied).
@@ -1383,9 +1479,16 @@ impl Volume {
         Ok(st)
     }
 
-    pub async fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<Attr> {
+    pub async fn write(&self, cred: &Cred, ino: Ino, offset: u64, data: &[u8]) -> FsResult<Attr> {
         if self.flusher.dirty_bytes() > self.cfg.max_dirty_bytes {
             return Err(FsError::Retry("too much data waiting for S3".into()));
+        }
+        if !cred.is_root() {
+            let inode = self.inode(ino)?;
+            perm::check_io(cred, &inode, perm::W)?;
+            if perm::mode_after_write(cred, inode.mode) != inode.mode {
+                self.kill_suid(cred, ino).await?;
+            }
         }
         loop {
             let st = self.stage(ino, false).await?;
@@ -1415,7 +1518,10 @@ impl Volume {
         }
     }
 
-    pub async fn read(&self, ino: Ino, offset: u64, count: u32) -> FsResult<(Vec<u8>, bool)> {
+    pub async fn read(&self, cred: &Cred, ino: Ino, offset: u64, count: u32) -> FsResult<(Vec<u8>, bool)> {
+        if !cred.is_root() {
+            perm::check_io(cred, &self.inode(ino)?, perm::R)?;
+        }
         if let Some(st) = self.staged(ino) {
             if !st.gone.load(Ordering::Acquire) {
                 return Ok(st.read_at(offset, count)?);
@@ -1424,8 +1530,8 @@ impl Volume {
         let inode = self.inode(ino)?;
         match inode.kind {
             Kind::Dir => return Err(FsError::IsDir),
-            Kind::Symlink => return Err(FsError::Invalid("read of a symlink".into())),
             Kind::File => {}
+            _ => return Err(FsError::Invalid("read of a symlink or special file".into())),
         }
         let Some(remote) = inode.remote.clone() else {
             return Ok((Vec::new(), true));
@@ -1451,6 +1557,22 @@ impl Volume {
         Ok(())
     }
 
+    /// A write by someone other than root revokes the set-user-ID and set-group-ID bits.
+    async fn kill_suid(&self, cred: &Cred, ino: Ino) -> FsResult<()> {
+        let _g = self.ns.lock().await;
+        let mut inode = self.inode(ino)?;
+        inode.mode = perm::mode_after_write(cred, inode.mode);
+        inode.ctime = Time::now();
+        let mut b = Batch::new();
+        b.put_inode(&inode);
+        b.mark_pending(ino, self.next_seq());
+        if let Some(st) = self.staged(ino) {
+            st.pending_marked.store(true, Ordering::Release);
+        }
+        self.meta.commit(b)?;
+        Ok(())
+    }
+
     /// Queues a staged file for the next local fsync.
     fn note_unsynced(&self, st: &Arc<Staged>) {
         if !st.unsynced.swap(true, Ordering::AcqRel) {
@@ -1459,7 +1581,12 @@ impl Volume {
     }
 }
 
-fn apply_owner(inode: &mut Inode, attr: &SetAttr) {
+/// An owner the client named for a new inode: taken from root only (anyone else gets what
+/// [`perm::new_owner`] decided, as a local filesystem ignores what it cannot grant).
+fn apply_owner(inode: &mut Inode, cred: &Cred, attr: &SetAttr) {
+    if !cred.is_root() {
+        return;
+    }
     if let Some(uid) = attr.uid {
         inode.uid = uid;
     }

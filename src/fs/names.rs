@@ -17,9 +17,14 @@ pub const KEY_MAX: usize = 1024;
 pub const VOLUME_RECORD: &str = ".s3nfs-volume.toml";
 
 /// File type bits of `st_mode`, stored in `x-amz-meta-mode` as s3fs does.
+const S_IFMT: u32 = 0o170000;
 const S_IFREG: u32 = 0o100000;
 const S_IFDIR: u32 = 0o040000;
 const S_IFLNK: u32 = 0o120000;
+const S_IFIFO: u32 = 0o010000;
+const S_IFSOCK: u32 = 0o140000;
+const S_IFCHR: u32 = 0o020000;
+const S_IFBLK: u32 = 0o060000;
 
 /// Checks that `name` can be one component of an S3 key and of an NFS path.
 pub fn check_name(name: &[u8]) -> Result<&str, FsError> {
@@ -55,9 +60,13 @@ pub fn listable(name: &str) -> bool {
 
 pub fn kind_bits(kind: Kind) -> u32 {
     match kind {
-        Kind::File => S_IFREG,
+        Kind::File | Kind::Link(_) => S_IFREG,
         Kind::Dir => S_IFDIR,
         Kind::Symlink => S_IFLNK,
+        Kind::Fifo => S_IFIFO,
+        Kind::Socket => S_IFSOCK,
+        Kind::CharDev(_) => S_IFCHR,
+        Kind::BlockDev(_) => S_IFBLK,
     }
 }
 
@@ -71,6 +80,9 @@ pub fn user_meta(inode: &Inode) -> UserMeta {
     m.insert("uid".into(), inode.uid.to_string());
     m.insert("gid".into(), inode.gid.to_string());
     m.insert("mtime".into(), inode.mtime.secs.to_string());
+    if let Kind::CharDev(rdev) | Kind::BlockDev(rdev) = inode.kind {
+        m.insert("rdev".into(), rdev.to_string());
+    }
     m
 }
 
@@ -78,8 +90,17 @@ pub fn user_meta(inode: &Inode) -> UserMeta {
 pub fn apply_user_meta(inode: &mut Inode, meta: &UserMeta) {
     if let Some(mode) = meta.get("mode").and_then(|v| v.parse::<u32>().ok()) {
         inode.mode = mode & 0o7777;
-        if mode & 0o170000 == S_IFLNK && inode.kind == Kind::File {
-            inode.kind = Kind::Symlink;
+        // The file type, for what a listing showed as a plain object.
+        if inode.kind == Kind::File {
+            let rdev = meta.get("rdev").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            inode.kind = match mode & S_IFMT {
+                S_IFLNK => Kind::Symlink,
+                S_IFIFO => Kind::Fifo,
+                S_IFSOCK => Kind::Socket,
+                S_IFCHR => Kind::CharDev(rdev),
+                S_IFBLK => Kind::BlockDev(rdev),
+                _ => Kind::File,
+            };
         }
     }
     if let Some(uid) = meta.get("uid").and_then(|v| v.parse().ok()) {

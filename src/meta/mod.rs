@@ -52,6 +52,23 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    // New variants go last: records are bincode, which numbers variants in order.
+    Fifo,
+    Socket,
+    /// A device with its `dev_t` (Linux encoding, as s3fs stores it in `x-amz-meta-rdev`).
+    CharDev(u64),
+    BlockDev(u64),
+    /// A second (third...) name of the file `Inode::ino` of this value: an entry of its own in
+    /// its directory, with its own object in S3 (a copy of the file's), but the file's inode
+    /// number, attributes and data everywhere else.
+    Link(Ino),
+}
+
+impl Kind {
+    /// Fifos, sockets and devices: an empty object whose metadata holds the type.
+    pub fn is_special(self) -> bool {
+        matches!(self, Kind::Fifo | Kind::Socket | Kind::CharDev(_) | Kind::BlockDev(_))
+    }
 }
 
 /// Seconds and nanoseconds since the epoch.
@@ -179,13 +196,28 @@ impl Batch {
         self.del(k(b'P', ino));
         self.del(k(b'U', ino));
     }
-    pub fn link(&mut self, parent: Ino, name: &[u8], ino: Ino) {
+    /// Enters `ino` (of kind `kind`) in `parent` as `name`. Subdirectories are indexed apart
+    /// too, so that a directory's link count (2 + subdirectories) costs no scan of its files.
+    pub fn link(&mut self, parent: Ino, name: &[u8], ino: Ino, kind: Kind) {
         self.put(k2(b'D', parent, &ino.to_be_bytes()), name.to_vec());
         self.put(k2(b'N', parent, name), ino.to_be_bytes().to_vec());
+        if kind == Kind::Dir {
+            self.put(k2(b'C', parent, &ino.to_be_bytes()), Vec::new());
+        }
     }
-    pub fn unlink(&mut self, parent: Ino, name: &[u8], ino: Ino) {
+    pub fn unlink(&mut self, parent: Ino, name: &[u8], ino: Ino, kind: Kind) {
         self.del(k2(b'D', parent, &ino.to_be_bytes()));
         self.del(k2(b'N', parent, name));
+        if kind == Kind::Dir {
+            self.del(k2(b'C', parent, &ino.to_be_bytes()));
+        }
+    }
+    /// Records that `name_ino` (a `Kind::Link`) is another name of the file `file`.
+    pub fn add_link(&mut self, file: Ino, name_ino: Ino) {
+        self.put(k2(b'H', file, &name_ino.to_be_bytes()), Vec::new());
+    }
+    pub fn del_link(&mut self, file: Ino, name_ino: Ino) {
+        self.del(k2(b'H', file, &name_ino.to_be_bytes()));
     }
     pub fn mark_pending(&mut self, ino: Ino, seq: u64) {
         self.put(k(b'P', ino), seq.to_be_bytes().to_vec());
@@ -401,6 +433,22 @@ impl MetaDb {
         Ok(())
     }
 
+    /// How many subdirectories `dir` has.
+    pub fn subdirs(&self, dir: Ino) -> usize {
+        self.tree.scan_prefix(k(b'C', dir)).count()
+    }
+
+    /// The other names (`Kind::Link` inodes) of the file `file`.
+    pub fn links(&self, file: Ino) -> MetaResult<Vec<Ino>> {
+        let prefix = k(b'H', file);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (key, _) = kv?;
+            out.push(be_u64(&key[prefix.len()..])?);
+        }
+        Ok(out)
+    }
+
     pub fn has_children(&self, parent: Ino) -> MetaResult<bool> {
         Ok(!self.children(parent, 0, 1)?.is_empty())
     }
@@ -484,7 +532,7 @@ mod tests {
             let db = MetaDb::open(dir.path()).unwrap();
             let mut b = Batch::new();
             b.put_inode(&inode(5, 1, "a"));
-            b.link(1, b"a", 5);
+            b.link(1, b"a", 5, Kind::File);
             b.mark_pending(5, 9);
             db.commit(b).unwrap();
             wal = std::fs::read(dir.path().join("journal.wal")).unwrap();
@@ -507,9 +555,9 @@ mod tests {
         let db = MetaDb::open(dir.path()).unwrap();
         let mut b = Batch::new();
         for (ino, name) in [(7, "z"), (3, "y"), (12, "x")] {
-            b.link(1, name.as_bytes(), ino);
+            b.link(1, name.as_bytes(), ino, Kind::File);
         }
-        b.link(2, b"other", 4);
+        b.link(2, b"other", 4, Kind::File);
         db.commit(b).unwrap();
         let all: Vec<_> = db.children(1, 0, 100).unwrap().into_iter().map(|c| c.0).collect();
         assert_eq!(all, vec![3, 7, 12]);
@@ -517,7 +565,7 @@ mod tests {
         assert_eq!(rest, vec![7, 12]);
         // A cookie naming an entry that has since been removed still resumes in place.
         let mut b = Batch::new();
-        b.unlink(1, b"z", 7);
+        b.unlink(1, b"z", 7, Kind::File);
         db.commit(b).unwrap();
         let rest: Vec<_> = db.children(1, 7, 100).unwrap().into_iter().map(|c| c.0).collect();
         assert_eq!(rest, vec![12]);

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use nfsserve::nfs::{
     fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime, set_gid3, set_mode3,
-    set_mtime, set_size3, set_uid3, specdata3,
+    set_mtime, set_size3, set_uid3, specdata3, stable_how, writeverf3,
 };
 use nfsserve::vfs::{DirEntry as NfsDirEntry, FsStat, NFSFileSystem, ReadDirResult, VFSCapabilities};
 use tracing::Instrument;
 
-use crate::fs::{Attr, FsError, SetAttr, SetTime, Volume};
+use crate::config::{Squash, SquashMode};
+use crate::fs::{perm, Attr, Cred, FsError, SetAttr, SetTime, Volume};
 use crate::meta::{Kind, Time};
 
 const FH_MAGIC: &[u8; 4] = b"S3NF";
@@ -24,6 +25,24 @@ pub struct NfsAdapter {
     vol: Arc<Volume>,
     /// The export's name, on every span.
     name: Arc<str>,
+    squash: Squash,
+}
+
+/// The identity a call runs as. A call without AUTH_UNIX credentials is anonymous.
+pub fn cred_of(squash: &Squash, caller: Option<nfsserve::vfs::Caller>) -> Cred {
+    let anon = Cred::user(squash.anon_uid, squash.anon_gid);
+    let Some(c) = caller.filter(|c| c.unix) else {
+        return anon;
+    };
+    match squash.mode {
+        SquashMode::All => anon,
+        SquashMode::Root if c.uid == 0 => anon,
+        _ => Cred {
+            uid: c.uid,
+            gid: c.gid,
+            groups: c.gids,
+        },
+    }
 }
 
 impl NfsAdapter {
@@ -32,7 +51,21 @@ impl NfsAdapter {
     }
 
     pub fn named(vol: Arc<Volume>, name: &str) -> NfsAdapter {
-        NfsAdapter { vol, name: name.into() }
+        NfsAdapter {
+            vol,
+            name: name.into(),
+            squash: Squash::default(),
+        }
+    }
+
+    pub fn with_squash(mut self, squash: Squash) -> NfsAdapter {
+        self.squash = squash;
+        self
+    }
+
+    /// Who the NFS procedure being served runs as.
+    fn cred(&self) -> Cred {
+        cred_of(&self.squash, nfsserve::vfs::caller())
     }
 
     /// Runs one operation in its span, records the outcome on the span and in the metrics.
@@ -67,6 +100,9 @@ pub fn status(e: &FsError) -> nfsstat3 {
         FsError::Access(_) => nfsstat3::NFS3ERR_ACCES,
         FsError::Io(_) => nfsstat3::NFS3ERR_IO,
         FsError::NotSupported(_) => nfsstat3::NFS3ERR_NOTSUPP,
+        FsError::Denied => nfsstat3::NFS3ERR_ACCES,
+        FsError::Perm => nfsstat3::NFS3ERR_PERM,
+        FsError::TooManyLinks => nfsstat3::NFS3ERR_MLINK,
     }
 }
 
@@ -80,9 +116,13 @@ fn t(t: Time) -> nfstime3 {
 fn fattr(vol: &Volume, a: &Attr) -> fattr3 {
     fattr3 {
         ftype: match a.kind {
-            Kind::File => ftype3::NF3REG,
+            Kind::File | Kind::Link(_) => ftype3::NF3REG,
             Kind::Dir => ftype3::NF3DIR,
             Kind::Symlink => ftype3::NF3LNK,
+            Kind::Fifo => ftype3::NF3FIFO,
+            Kind::Socket => ftype3::NF3SOCK,
+            Kind::CharDev(_) => ftype3::NF3CHR,
+            Kind::BlockDev(_) => ftype3::NF3BLK,
         },
         mode: a.mode,
         nlink: a.nlink,
@@ -90,7 +130,16 @@ fn fattr(vol: &Volume, a: &Attr) -> fattr3 {
         gid: a.gid,
         size: a.size,
         used: a.size,
-        rdev: specdata3::default(),
+        rdev: match a.kind {
+            Kind::CharDev(rdev) | Kind::BlockDev(rdev) => {
+                let (major, minor) = split_dev(rdev);
+                specdata3 {
+                    specdata1: major,
+                    specdata2: minor,
+                }
+            }
+            _ => specdata3::default(),
+        },
         fsid: vol.volume_id(),
         fileid: a.ino,
         atime: t(a.atime),
@@ -137,16 +186,16 @@ fn setattr_of(s: &sattr3) -> SetAttr {
     }
 }
 
-/// The attributes of a new object: what the client asked for, owned by the caller unless the
-/// client named an owner (the kernel client sends the mode and lets the server take the owner
-/// from the RPC credentials, as a local filesystem takes it from the process).
-fn owned(s: &sattr3) -> SetAttr {
-    let mut a = setattr_of(s);
-    if let Some(c) = nfsserve::vfs::caller() {
-        a.uid = a.uid.or(Some(c.uid));
-        a.gid = a.gid.or(Some(c.gid));
-    }
-    a
+/// Linux's `dev_t` from a major and minor number (glibc's `makedev`).
+fn make_dev(major: u32, minor: u32) -> u64 {
+    let (ma, mi) = (major as u64, minor as u64);
+    ((ma & 0xffff_f000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffff_ff00) << 12) | (mi & 0xff)
+}
+
+fn split_dev(dev: u64) -> (u32, u32) {
+    let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff);
+    let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0xff);
+    (major as u32, minor as u32)
 }
 
 /// Runs one operation in its span and records the outcome.
@@ -200,7 +249,7 @@ impl NFSFileSystem for NfsAdapter {
         self.op(
             "LOOKUP",
             nfs_span!("LOOKUP", ino = dirid),
-            self.vol.lookup(dirid, filename),
+            self.vol.lookup(&self.cred(), dirid, filename),
         )
         .await
     }
@@ -216,7 +265,7 @@ impl NFSFileSystem for NfsAdapter {
         let a = self
             .op("SETATTR", nfs_span!("SETATTR", ino = id), async {
                 crate::telemetry::note_cause(self.vol.volume_id(), id);
-                self.vol.setattr(id, setattr_of(&setattr)).await
+                self.vol.setattr(&self.cred(), id, setattr_of(&setattr)).await
             })
             .await?;
         Ok(fattr(&self.vol, &a))
@@ -235,7 +284,7 @@ impl NFSFileSystem for NfsAdapter {
                     cache = tracing::field::Empty
                 ),
                 async {
-                    let r = self.vol.read(id, offset, count).await;
+                    let r = self.vol.read(&self.cred(), id, offset, count).await;
                     if let Ok((data, _)) = &r {
                         tracing::Span::current().record("bytes", data.len());
                     }
@@ -252,6 +301,16 @@ impl NFSFileSystem for NfsAdapter {
     }
 
     async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
+        Ok(self.write_stable(id, offset, data, stable_how::FILE_SYNC).await?.0)
+    }
+
+    async fn write_stable(
+        &self,
+        id: fileid3,
+        offset: u64,
+        data: &[u8],
+        stable: stable_how,
+    ) -> Result<(fattr3, stable_how), nfsstat3> {
         let a = self
             .op(
                 "WRITE",
@@ -264,20 +323,106 @@ impl NFSFileSystem for NfsAdapter {
                 ),
                 async {
                     crate::telemetry::note_cause(self.vol.volume_id(), id);
-                    self.vol.write(id, offset, data).await
+                    let a = self.vol.write(&self.cred(), id, offset, data).await?;
+                    if stable != stable_how::UNSTABLE {
+                        self.vol.sync_durable().await?;
+                    }
+                    Ok(a)
                 },
             )
             .await?;
         crate::metrics::global()
             .nfs_written_bytes
             .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        // A DATA_SYNC write is answered FILE_SYNC: the sync covers the journal too.
+        let committed = if stable == stable_how::UNSTABLE {
+            stable_how::UNSTABLE
+        } else {
+            stable_how::FILE_SYNC
+        };
+        Ok((fattr(&self.vol, &a), committed))
+    }
+
+    async fn commit(&self, id: fileid3, _offset: u64, _count: u32) -> Result<fattr3, nfsstat3> {
+        let a = self
+            .op("COMMIT", nfs_span!("COMMIT", ino = id), self.vol.commit(id))
+            .await?;
         Ok(fattr(&self.vol, &a))
+    }
+
+    fn write_verifier(&self) -> writeverf3 {
+        self.vol.write_verifier()
+    }
+
+    async fn access(&self, id: fileid3, requested: u32) -> Result<u32, nfsstat3> {
+        const READ: u32 = 0x01;
+        const LOOKUP: u32 = 0x02;
+        const MODIFY: u32 = 0x04;
+        const EXTEND: u32 = 0x08;
+        const DELETE: u32 = 0x10;
+        const EXECUTE: u32 = 0x20;
+        let (rwx, is_dir) = self
+            .op("ACCESS", nfs_span!("ACCESS", ino = id), async {
+                let a = self.vol.getattr(id).await?;
+                Ok((self.vol.permissions(&self.cred(), id)?, a.kind == Kind::Dir))
+            })
+            .await?;
+        let mut granted = 0;
+        if rwx & perm::R != 0 {
+            granted |= READ;
+        }
+        if rwx & perm::W != 0 {
+            granted |= MODIFY | EXTEND | if is_dir { DELETE } else { 0 };
+        }
+        if rwx & perm::X != 0 {
+            granted |= if is_dir { LOOKUP } else { EXECUTE };
+        }
+        Ok(requested & granted)
+    }
+
+    fn linkmax(&self) -> u32 {
+        crate::fs::links::LINK_MAX
+    }
+
+    async fn link(&self, id: fileid3, dirid: fileid3, linkname: &filename3) -> Result<(), nfsstat3> {
+        self.op("LINK", nfs_span!("LINK", ino = id, dir = dirid), async {
+            self.vol.link(&self.cred(), id, dirid, linkname).await.map(|_| ())
+        })
+        .await
+    }
+
+    async fn mknod(
+        &self,
+        dirid: fileid3,
+        filename: &filename3,
+        ftype: ftype3,
+        attr: &sattr3,
+        spec: specdata3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
+        let kind = match ftype {
+            ftype3::NF3FIFO => Kind::Fifo,
+            ftype3::NF3SOCK => Kind::Socket,
+            ftype3::NF3CHR => Kind::CharDev(make_dev(spec.specdata1, spec.specdata2)),
+            ftype3::NF3BLK => Kind::BlockDev(make_dev(spec.specdata1, spec.specdata2)),
+            _ => return Err(nfsstat3::NFS3ERR_BADTYPE),
+        };
+        let a = self
+            .op("MKNOD", nfs_span!("MKNOD", ino = dirid), async {
+                self.vol
+                    .mknod(&self.cred(), dirid, filename, kind, setattr_of(attr))
+                    .await
+            })
+            .await?;
+        Ok((a.ino, fattr(&self.vol, &a)))
     }
 
     async fn create(&self, dirid: fileid3, filename: &filename3, attr: sattr3) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
             .op("CREATE", nfs_span!("CREATE", ino = dirid), async {
-                let a = self.vol.create(dirid, filename, owned(&attr), false).await?;
+                let a = self
+                    .vol
+                    .create(&self.cred(), dirid, filename, setattr_of(&attr), false)
+                    .await?;
                 crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
                 Ok(a)
             })
@@ -290,7 +435,7 @@ impl NFSFileSystem for NfsAdapter {
             .op("CREATE", nfs_span!("CREATE", ino = dirid, exclusive = true), async {
                 let a = self
                     .vol
-                    .create(dirid, filename, owned(&sattr3::default()), true)
+                    .create(&self.cred(), dirid, filename, SetAttr::default(), true)
                     .await?;
                 crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
                 Ok(a)
@@ -311,7 +456,7 @@ impl NFSFileSystem for NfsAdapter {
     ) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
             .op("MKDIR", nfs_span!("MKDIR", ino = dirid), async {
-                let a = self.vol.mkdir(dirid, dirname, owned(attr)).await?;
+                let a = self.vol.mkdir(&self.cred(), dirid, dirname, setattr_of(attr)).await?;
                 crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
                 Ok(a)
             })
@@ -323,7 +468,7 @@ impl NFSFileSystem for NfsAdapter {
         self.op(
             "REMOVE",
             nfs_span!("REMOVE", ino = dirid),
-            self.vol.unlink(dirid, filename),
+            self.vol.unlink(&self.cred(), dirid, filename),
         )
         .await
     }
@@ -332,7 +477,7 @@ impl NFSFileSystem for NfsAdapter {
         self.op(
             "RMDIR",
             nfs_span!("RMDIR", ino = dirid),
-            self.vol.rmdir(dirid, filename),
+            self.vol.rmdir(&self.cred(), dirid, filename),
         )
         .await
     }
@@ -348,13 +493,14 @@ impl NFSFileSystem for NfsAdapter {
             "RENAME",
             nfs_span!("RENAME", ino = from_dirid, to_ino = to_dirid),
             async {
+                let cred = self.cred();
                 self.vol
-                    .rename(from_dirid, from_filename, to_dirid, to_filename)
+                    .rename(&cred, from_dirid, from_filename, to_dirid, to_filename)
                     .await?;
                 // The moved inode's S3 work (copy and delete, or a directory's moves) is linked
                 // to this RENAME.
                 if crate::telemetry::enabled() {
-                    if let Ok(ino) = self.vol.lookup(to_dirid, to_filename).await {
+                    if let Ok(ino) = self.vol.lookup(&cred, to_dirid, to_filename).await {
                         crate::telemetry::note_cause(self.vol.volume_id(), ino);
                     }
                 }
@@ -374,7 +520,7 @@ impl NFSFileSystem for NfsAdapter {
             .op(
                 "READDIR",
                 nfs_span!("READDIR", ino = dirid, cookie = start_after),
-                self.vol.readdir(dirid, start_after, max_entries),
+                self.vol.readdir(&self.cred(), dirid, start_after, max_entries),
             )
             .await?;
         Ok(ReadDirResult {
@@ -384,6 +530,7 @@ impl NFSFileSystem for NfsAdapter {
                     fileid: e.ino,
                     name: e.name.into(),
                     attr: fattr(&self.vol, &e.attr),
+                    cookie: e.cookie,
                 })
                 .collect(),
             end,
@@ -399,7 +546,10 @@ impl NFSFileSystem for NfsAdapter {
     ) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
             .op("SYMLINK", nfs_span!("SYMLINK", ino = dirid), async {
-                let a = self.vol.symlink(dirid, linkname, symlink, owned(attr)).await?;
+                let a = self
+                    .vol
+                    .symlink(&self.cred(), dirid, linkname, symlink, setattr_of(attr))
+                    .await?;
                 crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
                 Ok(a)
             })

@@ -42,6 +42,8 @@ pub struct Opts {
     pub prefix: String,
     pub flush_delay: Duration,
     pub refresh: Duration,
+    pub durability: s3nfs::fs::durable::Durability,
+    pub squash: s3nfs::config::Squash,
 }
 
 impl Default for Opts {
@@ -50,6 +52,8 @@ impl Default for Opts {
             prefix: String::new(),
             flush_delay: Duration::from_millis(200),
             refresh: Duration::from_millis(200),
+            durability: Default::default(),
+            squash: Default::default(),
         }
     }
 }
@@ -78,6 +82,8 @@ impl InProc {
             refresh: opts.refresh,
             capacity: None,
             defaults: Default::default(),
+            durability: opts.durability,
+            squash: opts.squash,
         };
         let actor = Gateway::start(&export, store).await.expect("starting the volume");
         InProc {

@@ -11,6 +11,9 @@ pub struct RPCContext {
     pub local_port: u16,
     pub client_addr: String,
     pub auth: crate::rpc::auth_unix,
+    /// Whether this call carried AUTH_UNIX credentials (s3nfs patch): without them the caller
+    /// is nobody, not the uid 0 of an empty `auth`.
+    pub auth_is_unix: bool,
     pub vfs: Arc<dyn NFSFileSystem + Send + Sync>,
     pub mount_signal: Option<mpsc::Sender<bool>>,
     pub export_name: Arc<String>,

@@ -558,3 +558,16 @@ xdr_struct!(symlinkdata3, symlink_attributes, symlink_data);
 pub fn get_root_mount_handle() -> Vec<u8> {
     vec![0]
 }
+
+/// How stable written data is (RFC 1813 WRITE); in nfs.rs since the VFS trait uses it (s3nfs
+/// patch: it was private to the handlers).
+#[allow(non_camel_case_types)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, FromPrimitive, ToPrimitive)]
+#[repr(u32)]
+pub enum stable_how {
+    #[default]
+    UNSTABLE = 0,
+    DATA_SYNC = 1,
+    FILE_SYNC = 2,
+}
+xdr_enum_serde!(stable_how);

@@ -128,7 +128,17 @@ pub async fn handle_nfs(
         return Ok(());
     }
     let prog = NFSProgram::from_u32(call.proc).unwrap_or(NFSProgram::INVALID);
-    let caller = crate::vfs::Caller { uid: context.auth.uid, gid: context.auth.gid };
+    // s3nfs patch: the caller's whole identity, and nobody for a call without AUTH_UNIX.
+    let caller = if context.auth_is_unix {
+        crate::vfs::Caller {
+            uid: context.auth.uid,
+            gid: context.auth.gid,
+            gids: context.auth.gids.clone(),
+            unix: true,
+        }
+    } else {
+        crate::vfs::Caller { uid: 65534, gid: 65534, gids: Vec::new(), unix: false }
+    };
     crate::vfs::CALLER.scope(caller, dispatch(prog, xid, input, output, context)).await
 }
 
@@ -160,14 +170,14 @@ async fn dispatch(
         NFSProgram::NFSPROC3_MKDIR => nfsproc3_mkdir(xid, input, output, context).await?,
         NFSProgram::NFSPROC3_SYMLINK => nfsproc3_symlink(xid, input, output, context).await?,
         NFSProgram::NFSPROC3_READLINK => nfsproc3_readlink(xid, input, output, context).await?,
+        // s3nfs patch: the three procedures 0.11.0 lacked.
+        NFSProgram::NFSPROC3_MKNOD => nfsproc3_mknod(xid, input, output, context).await?,
+        NFSProgram::NFSPROC3_LINK => nfsproc3_link(xid, input, output, context).await?,
+        NFSProgram::NFSPROC3_COMMIT => nfsproc3_commit(xid, input, output, context).await?,
         _ => {
             warn!("Unimplemented message {:?}", prog);
             proc_unavail_reply_message(xid).serialize(output)?;
-        }, /*
-           NFSPROC3_MKNOD,
-           NFSPROC3_LINK,
-           NFSPROC3_COMMIT,
-           INVALID*/
+        },
     }
     Ok(())
 }
@@ -530,10 +540,19 @@ pub async fn nfsproc3_access(
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
-    // TODO better checks here
     if !matches!(context.vfs.capabilities(), VFSCapabilities::ReadWrite) {
-        access &= ACCESS3_READ | ACCESS3_LOOKUP;
+        access &= ACCESS3_READ | ACCESS3_LOOKUP | ACCESS3_EXECUTE;
     }
+    // s3nfs patch: the filesystem decides from the caller's credentials (was: every bit).
+    let access = match context.vfs.access(id, access).await {
+        Ok(a) => a,
+        Err(stat) => {
+            make_success_reply(xid).serialize(output)?;
+            stat.serialize(output)?;
+            obj_attr.serialize(output)?;
+            return Ok(());
+        },
+    };
     debug!(" {:?} ---> {:?}", xid, access);
     make_success_reply(xid).serialize(output)?;
     nfs::nfsstat3::NFS3_OK.serialize(output)?;
@@ -618,8 +637,9 @@ pub async fn nfsproc3_pathconf(
     };
     let res = PATHCONF3resok {
         obj_attributes: obj_attr,
-        linkmax: 0,
-        name_max: 32768,
+        // s3nfs patch: from the filesystem (was 0, "no links"), and NAME_MAX as Linux has it.
+        linkmax: context.vfs.linkmax(),
+        name_max: 255,
         no_trunc: true,
         chown_restricted: true,
         case_insensitive: false,
@@ -917,7 +937,7 @@ pub async fn nfsproc3_readdirplus(
                 let entry = entryplus3 {
                     fileid: entry.fileid,
                     name: entry.name,
-                    cookie: entry.fileid,
+                    cookie: entry.cookie,
                     name_attributes: nfs::post_op_attr::attributes(obj_attr),
                     name_handle: handle,
                 };
@@ -1042,7 +1062,7 @@ pub async fn nfsproc3_readdir(
                 let entry = entry3 {
                     fileid: entry.fileid,
                     name: entry.name,
-                    cookie: entry.fileid,
+                    cookie: entry.cookie,
                 };
                 // write the entry into a buffer first
                 let mut write_buf: Vec<u8> = Vec::new();
@@ -1099,16 +1119,8 @@ pub async fn nfsproc3_readdir(
     Ok(())
 }
 
-#[allow(non_camel_case_types)]
-#[derive(Copy, Clone, Debug, Default, FromPrimitive, ToPrimitive)]
-#[repr(u32)]
-pub enum stable_how {
-    #[default]
-    UNSTABLE = 0,
-    DATA_SYNC = 1,
-    FILE_SYNC = 2,
-}
-xdr_enum_serde!(stable_how);
+// s3nfs patch: stable_how moved to nfs.rs (the VFS trait uses it).
+pub use crate::nfs::stable_how;
 
 #[allow(non_camel_case_types)]
 #[derive(Debug, Default)]
@@ -1213,8 +1225,10 @@ pub async fn nfsproc3_write(
         Err(_) => nfs::pre_op_attr::Void,
     };
 
-    match context.vfs.write(id, args.offset, &args.data).await {
-        Ok(fattr) => {
+    // s3nfs patch: the client's `stable` reaches the filesystem, which says what it achieved.
+    let stable = stable_how::from_u32(args.stable).unwrap_or(stable_how::FILE_SYNC);
+    match context.vfs.write_stable(id, args.offset, &args.data, stable).await {
+        Ok((fattr, committed)) => {
             debug!("write success {:?} --> {:?}", xid, fattr);
             let res = WRITE3resok {
                 file_wcc: nfs::wcc_data {
@@ -1222,15 +1236,15 @@ pub async fn nfsproc3_write(
                     after: nfs::post_op_attr::attributes(fattr),
                 },
                 count: args.count,
-                committed: stable_how::FILE_SYNC,
-                verf: context.vfs.serverid(),
+                committed,
+                verf: context.vfs.write_verifier(),
             };
             make_success_reply(xid).serialize(output)?;
             nfs::nfsstat3::NFS3_OK.serialize(output)?;
             res.serialize(output)?;
         },
         Err(stat) => {
-            error!("write error {:?} --> {:?}", xid, stat);
+            debug!("write error {:?} --> {:?}", xid, stat);
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             nfs::wcc_data::default().serialize(output)?;
@@ -2142,6 +2156,189 @@ pub async fn nfsproc3_readlink(
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             symlink_attr.serialize(output)?;
+        },
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- s3nfs patch: MKNOD, LINK, COMMIT
+
+/// The pre-operation attributes of `id` for wcc_data, if it can be read.
+async fn pre_op(context: &RPCContext, id: nfs::fileid3) -> nfs::pre_op_attr {
+    match context.vfs.getattr(id).await {
+        Ok(v) => nfs::pre_op_attr::attributes(nfs::wcc_attr { size: v.size, mtime: v.mtime, ctime: v.ctime }),
+        Err(_) => nfs::pre_op_attr::Void,
+    }
+}
+
+async fn post_op(context: &RPCContext, id: nfs::fileid3) -> nfs::post_op_attr {
+    match context.vfs.getattr(id).await {
+        Ok(v) => nfs::post_op_attr::attributes(v),
+        Err(_) => nfs::post_op_attr::Void,
+    }
+}
+
+/*
+ MKNOD3res NFSPROC3_MKNOD(MKNOD3args) = 11;
+
+ struct devicedata3 { sattr3 dev_attributes; specdata3 spec; };
+ union mknoddata3 switch (ftype3 type) {
+ case NF3CHR: case NF3BLK: devicedata3 device;
+ case NF3SOCK: case NF3FIFO: sattr3 pipe_attributes;
+ default: void;
+ };
+ struct MKNOD3args { diropargs3 where; mknoddata3 what; };
+ struct MKNOD3resok { post_op_fh3 obj; post_op_attr obj_attributes; wcc_data dir_wcc; };
+ struct MKNOD3resfail { wcc_data dir_wcc; };
+*/
+pub async fn nfsproc3_mknod(
+    xid: u32,
+    input: &mut impl Read,
+    output: &mut impl Write,
+    context: &RPCContext,
+) -> Result<(), anyhow::Error> {
+    let mut dirops = nfs::diropargs3::default();
+    dirops.deserialize(input)?;
+    let mut ftype = nfs::ftype3::default();
+    ftype.deserialize(input)?;
+    let mut attr = nfs::sattr3::default();
+    let mut spec = nfs::specdata3::default();
+    let known = match ftype {
+        nfs::ftype3::NF3CHR | nfs::ftype3::NF3BLK => {
+            attr.deserialize(input)?;
+            spec.deserialize(input)?;
+            true
+        },
+        nfs::ftype3::NF3SOCK | nfs::ftype3::NF3FIFO => {
+            attr.deserialize(input)?;
+            true
+        },
+        _ => false,
+    };
+    debug!("nfsproc3_mknod({:?}, {:?}, {:?})", xid, dirops, ftype);
+    let dirid = match context.vfs.fh_to_id(&dirops.dir) {
+        Ok(id) => id,
+        Err(stat) => {
+            make_success_reply(xid).serialize(output)?;
+            stat.serialize(output)?;
+            nfs::wcc_data::default().serialize(output)?;
+            return Ok(());
+        },
+    };
+    let before = pre_op(context, dirid).await;
+    let res = if !known {
+        // RFC 1813: regular files, directories and symlinks have procedures of their own.
+        Err(nfs::nfsstat3::NFS3ERR_BADTYPE)
+    } else if !matches!(context.vfs.capabilities(), VFSCapabilities::ReadWrite) {
+        Err(nfs::nfsstat3::NFS3ERR_ROFS)
+    } else {
+        context.vfs.mknod(dirid, &dirops.name, ftype, &attr, spec).await
+    };
+    let wcc = nfs::wcc_data { before, after: post_op(context, dirid).await };
+    make_success_reply(xid).serialize(output)?;
+    match res {
+        Ok((fid, fattr)) => {
+            nfs::nfsstat3::NFS3_OK.serialize(output)?;
+            nfs::post_op_fh3::handle(context.vfs.id_to_fh(fid)).serialize(output)?;
+            nfs::post_op_attr::attributes(fattr).serialize(output)?;
+            wcc.serialize(output)?;
+        },
+        Err(stat) => {
+            stat.serialize(output)?;
+            wcc.serialize(output)?;
+        },
+    }
+    Ok(())
+}
+
+/*
+ LINK3res NFSPROC3_LINK(LINK3args) = 15;
+
+ struct LINK3args { nfs_fh3 file; diropargs3 link; };
+ struct LINK3resok { post_op_attr file_attributes; wcc_data linkdir_wcc; };
+ struct LINK3resfail { post_op_attr file_attributes; wcc_data linkdir_wcc; };
+*/
+pub async fn nfsproc3_link(
+    xid: u32,
+    input: &mut impl Read,
+    output: &mut impl Write,
+    context: &RPCContext,
+) -> Result<(), anyhow::Error> {
+    let mut file = nfs::nfs_fh3::default();
+    file.deserialize(input)?;
+    let mut link = nfs::diropargs3::default();
+    link.deserialize(input)?;
+    debug!("nfsproc3_link({:?}, {:?}, {:?})", xid, file, link);
+    let ids = context.vfs.fh_to_id(&file).and_then(|f| Ok((f, context.vfs.fh_to_id(&link.dir)?)));
+    let (id, dirid) = match ids {
+        Ok(ids) => ids,
+        Err(stat) => {
+            make_success_reply(xid).serialize(output)?;
+            stat.serialize(output)?;
+            nfs::post_op_attr::Void.serialize(output)?;
+            nfs::wcc_data::default().serialize(output)?;
+            return Ok(());
+        },
+    };
+    let before = pre_op(context, dirid).await;
+    let res = if matches!(context.vfs.capabilities(), VFSCapabilities::ReadWrite) {
+        context.vfs.link(id, dirid, &link.name).await
+    } else {
+        Err(nfs::nfsstat3::NFS3ERR_ROFS)
+    };
+    let file_attr = post_op(context, id).await;
+    let wcc = nfs::wcc_data { before, after: post_op(context, dirid).await };
+    make_success_reply(xid).serialize(output)?;
+    match res {
+        Ok(()) => nfs::nfsstat3::NFS3_OK.serialize(output)?,
+        Err(stat) => stat.serialize(output)?,
+    }
+    file_attr.serialize(output)?;
+    wcc.serialize(output)?;
+    Ok(())
+}
+
+/*
+ COMMIT3res NFSPROC3_COMMIT(COMMIT3args) = 21;
+
+ struct COMMIT3args { nfs_fh3 file; offset3 offset; count3 count; };
+ struct COMMIT3resok { wcc_data file_wcc; writeverf3 verf; };
+ struct COMMIT3resfail { wcc_data file_wcc; };
+*/
+pub async fn nfsproc3_commit(
+    xid: u32,
+    input: &mut impl Read,
+    output: &mut impl Write,
+    context: &RPCContext,
+) -> Result<(), anyhow::Error> {
+    let mut file = nfs::nfs_fh3::default();
+    file.deserialize(input)?;
+    let mut offset: nfs::offset3 = 0;
+    offset.deserialize(input)?;
+    let mut count: nfs::count3 = 0;
+    count.deserialize(input)?;
+    debug!("nfsproc3_commit({:?}, {:?}, {}, {})", xid, file, offset, count);
+    let id = match context.vfs.fh_to_id(&file) {
+        Ok(id) => id,
+        Err(stat) => {
+            make_success_reply(xid).serialize(output)?;
+            stat.serialize(output)?;
+            nfs::wcc_data::default().serialize(output)?;
+            return Ok(());
+        },
+    };
+    let before = pre_op(context, id).await;
+    let res = context.vfs.commit(id, offset, count).await;
+    make_success_reply(xid).serialize(output)?;
+    match res {
+        Ok(fattr) => {
+            nfs::nfsstat3::NFS3_OK.serialize(output)?;
+            nfs::wcc_data { before, after: nfs::post_op_attr::attributes(fattr) }.serialize(output)?;
+            context.vfs.write_verifier().serialize(output)?;
+        },
+        Err(stat) => {
+            stat.serialize(output)?;
+            nfs::wcc_data { before, after: post_op(context, id).await }.serialize(output)?;
         },
     }
     Ok(())

@@ -106,7 +106,7 @@ pub struct auth_unix {
     machinename: Vec<u8>,
     pub uid: u32,
     pub gid: u32,
-    gids: Vec<u32>,
+    pub gids: Vec<u32>,
 }
 xdr_struct!(auth_unix, stamp, machinename, uid, gid, gids);
 

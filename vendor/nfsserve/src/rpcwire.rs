@@ -29,7 +29,12 @@ async fn handle_rpc(
         if let auth_flavor::AUTH_UNIX = call.cred.flavor {
             let mut auth = auth_unix::default();
             auth.deserialize(&mut Cursor::new(&call.cred.body))?;
+            // s3nfs patch: RFC 5531 allows 16 groups; more is a malformed credential.
+            auth.gids.truncate(16);
             context.auth = auth;
+            context.auth_is_unix = true;
+        } else {
+            context.auth_is_unix = false;
         }
         if call.rpcvers != 2 {
             warn!("Invalid RPC version {} != 2", call.rpcvers);

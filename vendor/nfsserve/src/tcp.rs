@@ -266,6 +266,7 @@ impl<T: NFSFileSystem + Send + Sync + 'static> NFSTcpListener<T> {
                 local_port: self.port,
                 client_addr,
                 auth: crate::rpc::auth_unix::default(),
+                auth_is_unix: false,
                 vfs: self.arcfs.clone(),
                 mount_signal: self.mount_signal.clone(),
                 export_name: self.export_name.clone(),

@@ -10,6 +10,8 @@ use crate::nfs::*;
 pub struct DirEntrySimple {
     pub fileid: fileid3,
     pub name: filename3,
+    /// Where a listing resumes after this entry (s3nfs patch, see `DirEntry::cookie`).
+    pub cookie: cookie3,
 }
 #[derive(Default, Debug)]
 pub struct ReadDirSimpleResult {
@@ -22,6 +24,10 @@ pub struct DirEntry {
     pub fileid: fileid3,
     pub name: filename3,
     pub attr: fattr3,
+    /// Where a listing resumes after this entry, passed back to `readdir` as `start_after`
+    /// (s3nfs patch: 0.11.0 used the fileid, so two names of one file, hard links, could not
+    /// both be in a directory).
+    pub cookie: cookie3,
 }
 /// s3nfs patch: what FSSTAT reports, from the filesystem (0.11.0 answered a fixed 1 TiB).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +69,7 @@ impl ReadDirSimpleResult {
             .map(|e| DirEntrySimple {
                 fileid: e.fileid,
                 name: e.name.clone(),
+                cookie: e.cookie,
             })
             .collect();
         ReadDirSimpleResult {
@@ -73,10 +80,14 @@ impl ReadDirSimpleResult {
 }
 
 /// The AUTH_UNIX identity of the caller of the NFS procedure being served (s3nfs patch).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A call without AUTH_UNIX credentials (AUTH_NONE) has `unix: false` and ids 65534.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups (AUTH_UNIX carries at most 16).
+    pub gids: Vec<u32>,
+    pub unix: bool,
 }
 
 tokio::task_local! {
@@ -86,7 +97,7 @@ tokio::task_local! {
 
 /// The caller of the NFS procedure being served, if called from within one (s3nfs patch).
 pub fn caller() -> Option<Caller> {
-    CALLER.try_with(|c| *c).ok()
+    CALLER.try_with(|c| c.clone()).ok()
 }
 
 static mut GENERATION_NUMBER: u64 = 0;
@@ -251,6 +262,58 @@ pub trait NFSFileSystem: Sync {
 
     /// Reads a symlink
     async fn readlink(&self, id: fileid3) -> Result<nfspath3, nfsstat3>;
+
+    /// MKNOD (s3nfs patch): a fifo, socket, or character or block device (`spec` holds the
+    /// major and minor numbers of a device).
+    async fn mknod(
+        &self,
+        _dirid: fileid3,
+        _filename: &filename3,
+        _ftype: ftype3,
+        _attr: &sattr3,
+        _spec: specdata3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
+        Err(nfsstat3::NFS3ERR_NOTSUPP)
+    }
+
+    /// LINK (s3nfs patch): a new name `linkname` in `dirid` for the file `id`.
+    async fn link(&self, _id: fileid3, _dirid: fileid3, _linkname: &filename3) -> Result<(), nfsstat3> {
+        Err(nfsstat3::NFS3ERR_NOTSUPP)
+    }
+
+    /// The most hard links a file may have, reported by PATHCONF (s3nfs patch).
+    fn linkmax(&self) -> u32 {
+        0
+    }
+
+    /// WRITE honouring the client's `stable` (s3nfs patch): returns the attributes after the
+    /// write and how stable the data is now, which may be more but never less than asked.
+    async fn write_stable(
+        &self,
+        id: fileid3,
+        offset: u64,
+        data: &[u8],
+        _stable: stable_how,
+    ) -> Result<(fattr3, stable_how), nfsstat3> {
+        Ok((self.write(id, offset, data).await?, stable_how::FILE_SYNC))
+    }
+
+    /// COMMIT (s3nfs patch): makes what was written UNSTABLE to `id` stable; returns its
+    /// attributes afterwards.
+    async fn commit(&self, id: fileid3, _offset: u64, _count: u32) -> Result<fattr3, nfsstat3> {
+        self.getattr(id).await
+    }
+
+    /// The write verifier (s3nfs patch): it must change whenever data answered UNSTABLE may
+    /// have been lost (a restart of the server), so that clients send such data again.
+    fn write_verifier(&self) -> writeverf3 {
+        self.serverid()
+    }
+
+    /// ACCESS (s3nfs patch): which of the `requested` ACCESS3_* bits the caller holds on `id`.
+    async fn access(&self, _id: fileid3, requested: u32) -> Result<u32, nfsstat3> {
+        Ok(requested)
+    }
 
     /// s3nfs patch: space and file counts for FSSTAT (`df`).
     async fn fsstat(&self, _root_fileid: fileid3) -> Result<FsStat, nfsstat3> {
