@@ -142,7 +142,7 @@ struct File {
     exports: Vec<FileExport>,
 }
 
-/// "2s", "500ms", "1m", or plain seconds.
+/// "2s", "500ms", "1m", "1h", or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s
@@ -156,7 +156,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "s" | "" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("bad duration unit in {s:?}: use ms, s or m")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?}: use ms, s, m or h")),
     };
     Ok(Duration::from_secs_f64(secs))
 }

@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 
 use nfs3_client::nfs3_types::nfs3::{
     cookieverf3, createhow3, createverf3, diropargs3, fattr3, filename3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3,
-    set_atime, set_gid3, set_mode3, set_mtime, set_size3, set_uid3, stable_how, symlinkdata3, CREATE3args,
-    GETATTR3args, LOOKUP3args, MKDIR3args, Nfs3Result, READ3args, READDIR3args, READDIRPLUS3args, READLINK3args,
-    REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, WRITE3args,
+    set_atime, set_gid3, set_mode3, set_mtime, set_size3, set_uid3, stable_how, symlinkdata3, ACCESS3args, COMMIT3args,
+    CREATE3args, GETATTR3args, LINK3args, LOOKUP3args, MKDIR3args, MKNOD3args, Nfs3Result, READ3args, READDIR3args,
+    READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, WRITE3args,
 };
+pub use nfs3_client::nfs3_types::nfs3::{devicedata3, mknoddata3, specdata3};
 use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::{Nfs3Connection, Nfs3ConnectionBuilder};
@@ -80,27 +81,38 @@ pub struct Set {
     /// Seconds since the epoch (client time).
     pub mtime: Option<u32>,
     pub atime: Option<u32>,
+    /// Set the time to the server's "now" (SET_TO_SERVER_TIME), as `touch` does.
+    pub mtime_now: bool,
+    pub atime_now: bool,
 }
 
 impl Set {
-    fn sattr(&self) -> sattr3 {
+    pub fn sattr(&self) -> sattr3 {
         sattr3 {
             mode: self.mode.map_or(set_mode3::None, set_mode3::Some),
             uid: self.uid.map_or(set_uid3::None, set_uid3::Some),
             gid: self.gid.map_or(set_gid3::None, set_gid3::Some),
             size: self.size.map_or(set_size3::None, set_size3::Some),
-            atime: self.atime.map_or(set_atime::DONT_CHANGE, |s| {
-                set_atime::SET_TO_CLIENT_TIME(nfstime3 {
-                    seconds: s,
-                    nseconds: 0,
+            atime: if self.atime_now {
+                set_atime::SET_TO_SERVER_TIME
+            } else {
+                self.atime.map_or(set_atime::DONT_CHANGE, |s| {
+                    set_atime::SET_TO_CLIENT_TIME(nfstime3 {
+                        seconds: s,
+                        nseconds: 0,
+                    })
                 })
-            }),
-            mtime: self.mtime.map_or(set_mtime::DONT_CHANGE, |s| {
-                set_mtime::SET_TO_CLIENT_TIME(nfstime3 {
-                    seconds: s,
-                    nseconds: 0,
+            },
+            mtime: if self.mtime_now {
+                set_mtime::SET_TO_SERVER_TIME
+            } else {
+                self.mtime.map_or(set_mtime::DONT_CHANGE, |s| {
+                    set_mtime::SET_TO_CLIENT_TIME(nfstime3 {
+                        seconds: s,
+                        nseconds: 0,
+                    })
                 })
-            }),
+            },
         }
     }
 }
@@ -134,12 +146,28 @@ impl Client {
     }
 
     pub async fn try_connect(addr: SocketAddr) -> Result<Client, nfs3_client::ConnectError> {
+        Self::try_connect_as(addr, 0, 0, vec![0]).await
+    }
+
+    /// Like [`Client::connect`], with the AUTH_UNIX credentials of `uid`, `gid` and `gids`.
+    pub async fn connect_as(addr: SocketAddr, uid: u32, gid: u32, gids: Vec<u32>) -> Client {
+        Self::try_connect_as(addr, uid, gid, gids)
+            .await
+            .unwrap_or_else(|e| panic!("mounting {addr} as {uid}: {e}"))
+    }
+
+    pub async fn try_connect_as(
+        addr: SocketAddr,
+        uid: u32,
+        gid: u32,
+        gids: Vec<u32>,
+    ) -> Result<Client, nfs3_client::ConnectError> {
         let cred = opaque_auth::auth_unix(&auth_unix {
             stamp: 1,
             machinename: Opaque::owned(b"s3nfs-test".to_vec()),
-            uid: 0,
-            gid: 0,
-            gids: vec![0],
+            uid,
+            gid,
+            gids,
         });
         let conn = Nfs3ConnectionBuilder::new(Connector, addr.ip().to_string(), "/")
             .mount_port(addr.port())
@@ -246,6 +274,91 @@ impl Client {
             })
             .await;
         res(r, "WRITE").map(|o| o.count)
+    }
+
+    /// One WRITE with the given `stable`: (count, committed, verifier).
+    pub async fn write_how(
+        &mut self,
+        fh: &Fh,
+        offset: u64,
+        data: &[u8],
+        stable: stable_how,
+    ) -> R<(u32, stable_how, [u8; 8])> {
+        let r = self
+            .conn
+            .write(&WRITE3args {
+                file: fh.0.clone(),
+                offset,
+                count: data.len() as u32,
+                stable,
+                data: Opaque::borrowed(data),
+            })
+            .await;
+        res(r, "WRITE").map(|o| (o.count, o.committed, o.verf.0))
+    }
+
+    /// COMMIT of a whole file: the write verifier.
+    pub async fn commit(&mut self, fh: &Fh) -> R<[u8; 8]> {
+        let r = self
+            .conn
+            .commit(&COMMIT3args {
+                file: fh.0.clone(),
+                offset: 0,
+                count: 0,
+            })
+            .await;
+        res(r, "COMMIT").map(|o| o.verf.0)
+    }
+
+    /// ACCESS: which of the `bits` asked for are granted.
+    pub async fn access(&mut self, fh: &Fh, bits: u32) -> R<u32> {
+        let r = self
+            .conn
+            .access(&ACCESS3args {
+                object: fh.0.clone(),
+                access: bits,
+            })
+            .await;
+        res(r, "ACCESS").map(|o| o.access)
+    }
+
+    /// LINK: `name` in `dir` becomes another name of `fh`; returns the file's nlink after.
+    pub async fn link(&mut self, fh: &Fh, dir: &Fh, name: impl AsRef<[u8]>) -> R<u32> {
+        let r = self
+            .conn
+            .link(&LINK3args {
+                file: fh.0.clone(),
+                link: diropargs3 {
+                    dir: dir.0.clone(),
+                    name: filename3(Opaque::borrowed(name.as_ref())),
+                },
+            })
+            .await;
+        let ok = res(r, "LINK")?;
+        match ok.file_attributes {
+            nfs3_client::nfs3_types::nfs3::post_op_attr::Some(a) => Ok(a.nlink),
+            _ => panic!("LINK returned no attributes of the file"),
+        }
+    }
+
+    /// MKNOD of any `what`; the new object's attributes.
+    pub async fn mknod(&mut self, dir: &Fh, name: impl AsRef<[u8]>, what: mknoddata3) -> R<fattr3> {
+        let name = name.as_ref();
+        let r = self
+            .conn
+            .mknod(&MKNOD3args {
+                where_: diropargs3 {
+                    dir: dir.0.clone(),
+                    name: filename3(Opaque::borrowed(name)),
+                },
+                what,
+            })
+            .await;
+        let ok = res(r, "MKNOD")?;
+        match ok.obj_attributes {
+            nfs3_client::nfs3_types::nfs3::post_op_attr::Some(a) => Ok(a),
+            _ => panic!("MKNOD returned no attributes"),
+        }
     }
 
     /// Writes all of `data` in requests of at most `IO_SIZE`.
