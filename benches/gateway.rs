@@ -11,8 +11,12 @@
 //!   against parallel ranged GETs;
 //! - 1,000 files of 4 KiB created through NFS, with every S3 request delayed by 20 ms by a proxy,
 //!   against 1,000 sequential PUTs through the same proxy;
-//! - peak RSS of the gateway while writing and then reading a 2 GiB file.
+//! - peak RSS of the gateway while writing and then reading a 2 GiB file;
+//! - both durability modes (`--durability local` and `s3`): a sequential write with one fsync
+//!   (COMMIT) at the end, and small files each written and fsync'd, against the same on the
+//!   local disk (`std::fs` with `sync_all`) and against raw S3 PUTs.
 //!
+//! `S3NFS_BENCH_ONLY=durability` runs the last part alone.
 //! Run: `cargo bench --bench gateway` (set `S3NFS_BENCH_QUICK=1` for a smaller, faster run).
 //! `S3NFS_BENCH_TRACING=1` runs every gateway with OpenTelemetry on, sampling every trace
 //! (`always_on`) to a live OTLP/gRPC receiver in this process: compare with a run without it
@@ -61,6 +65,10 @@ struct Gateway {
 
 impl Gateway {
     fn start(g: &garage::Garage, endpoint: &str, bucket: &str) -> Gateway {
+        Gateway::start_with(g, endpoint, bucket, &[])
+    }
+
+    fn start_with(g: &garage::Garage, endpoint: &str, bucket: &str, extra: &[&str]) -> Gateway {
         let state = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_s3nfs"));
         if let Some(otlp) = OTLP.get() {
@@ -80,6 +88,7 @@ impl Gateway {
                 bucket,
             ])
             .args(["--region", &g.region, "--flush-delay", "500ms"])
+            .args(extra)
             .arg("--state-dir")
             .arg(state.path())
             .env("AWS_ACCESS_KEY_ID", &g.access_key)
@@ -129,6 +138,7 @@ async fn connect(port: u16) -> Conn {
         .mount_port(port)
         .nfs3_port(port)
         .connect_from_privileged_port(false)
+        .credential(root_cred())
         .mount()
         .await
         .expect("NFS mount")
@@ -323,6 +333,20 @@ async fn main() {
     let store = S3Store::connect(g.s3_config(&bucket)).await.unwrap();
     let template = Bytes::from((0..BLOCK).map(|i| (i * 31 % 251) as u8).collect::<Vec<_>>());
     let mut rows: Vec<(String, String, String)> = Vec::new();
+    if std::env::var("S3NFS_BENCH_ONLY").as_deref() == Ok("durability") {
+        durability(
+            &g,
+            &bucket,
+            &store,
+            &template,
+            total.min(256 * MIB),
+            small_files.min(200),
+            &mut rows,
+        )
+        .await;
+        print_rows(rows);
+        return;
+    }
 
     // -- sequential write and cold read, against raw S3 ------------------------------------
     let t = Instant::now();
@@ -444,8 +468,172 @@ async fn main() {
         ),
         None => println!("\ntracing: off (S3NFS_BENCH_TRACING=1 turns it on)"),
     }
+    drop(gw);
+    durability(
+        &g,
+        &bucket,
+        &store,
+        &template,
+        total.min(256 * MIB),
+        small_files.min(200),
+        &mut rows,
+    )
+    .await;
+    print_rows(rows);
+}
+
+fn print_rows(rows: Vec<(String, String, String)>) {
     println!("\n{:<44} {:<34} {}", "workload", "s3nfs", "baseline (same run): ratio");
     for (a, b, c) in rows {
         println!("{a:<44} {b:<34} {c}");
     }
+}
+
+async fn commit(c: &mut Conn, fh: &nfs_fh3) {
+    c.commit(&nfs3::COMMIT3args {
+        file: fh.clone(),
+        offset: 0,
+        count: 0,
+    })
+    .await
+    .unwrap()
+    .unwrap();
+}
+
+/// What fsync costs in each durability mode, against the local disk and raw S3.
+async fn durability(
+    g: &garage::Garage,
+    bucket: &str,
+    store: &S3Store,
+    template: &Bytes,
+    total: u64,
+    files: usize,
+    rows: &mut Vec<(String, String, String)>,
+) {
+    use std::io::Write;
+    let total_mb = total / MIB;
+    // Local disk: the same bytes, one fsync at the end; and small files each fsync'd.
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    {
+        let mut f = std::fs::File::create(dir.path().join("seq")).unwrap();
+        for i in 0..total / BLOCK {
+            f.write_all(&block(template, i)).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let disk_seq = t.elapsed();
+    let body = vec![7u8; 4096];
+    let t = Instant::now();
+    for i in 0..files {
+        let mut f = std::fs::File::create(dir.path().join(format!("s{i}"))).unwrap();
+        f.write_all(&body).unwrap();
+        f.sync_all().unwrap();
+    }
+    let disk_small = t.elapsed();
+    let t = Instant::now();
+    for i in 0..files {
+        store
+            .put(
+                &format!("dur-puts/{i}"),
+                Body::Bytes(Bytes::from(body.clone())),
+                &UserMeta::new(),
+            )
+            .await
+            .unwrap();
+    }
+    let s3_small = t.elapsed();
+    let t = Instant::now();
+    s3_multipart_put(store, "dur-baseline.bin", total, template).await;
+    let s3_seq = t.elapsed();
+
+    for mode in ["local", "s3"] {
+        let gw = Gateway::start_with(g, &g.endpoint, bucket, &["--durability", mode]);
+        let mut c = connect(gw.port).await;
+        let fh = create(&mut c, &format!("dur-{mode}.bin")).await;
+        let t = Instant::now();
+        // The kernel client's way: UNSTABLE writes, then one COMMIT for the fsync.
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tasks: Vec<_> = (0..PARALLEL)
+            .map(|_| {
+                let (fh, next, template) = (fh.clone(), next.clone(), template.clone());
+                let port = gw.port;
+                tokio::spawn(async move {
+                    let mut c = connect(port).await;
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i * BLOCK >= total {
+                            break;
+                        }
+                        c.write(&WRITE3args {
+                            file: fh.clone(),
+                            offset: i * BLOCK,
+                            count: BLOCK as u32,
+                            stable: stable_how::UNSTABLE,
+                            data: Opaque::owned(block(&template, i)),
+                        })
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        commit(&mut c, &fh).await;
+        let seq = t.elapsed();
+        let t = Instant::now();
+        for i in 0..files {
+            let fh = create(&mut c, &format!("dur-{mode}-{i}")).await;
+            c.write(&WRITE3args {
+                file: fh.clone(),
+                offset: 0,
+                count: 4096,
+                stable: stable_how::UNSTABLE,
+                data: Opaque::owned(body.clone()),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            commit(&mut c, &fh).await;
+        }
+        let small = t.elapsed();
+        drop(gw);
+        rows.push((
+            format!("--durability {mode}: write {total_mb} MiB + fsync"),
+            format!("{:.0} MiB/s", mbps(total, seq)),
+            format!(
+                "disk {:.0} MiB/s: {:.2}x; S3 {:.0} MiB/s: {:.2}x",
+                mbps(total, disk_seq),
+                disk_seq.as_secs_f64() / seq.as_secs_f64(),
+                mbps(total, s3_seq),
+                s3_seq.as_secs_f64() / seq.as_secs_f64()
+            ),
+        ));
+        rows.push((
+            format!("--durability {mode}: {files} x 4 KiB, each fsync'd"),
+            format!("{:.2} s", small.as_secs_f64()),
+            format!(
+                "disk {:.2} s: {:.2}x; S3 PUTs {:.2} s: {:.2}x",
+                disk_small.as_secs_f64(),
+                disk_small.as_secs_f64() / small.as_secs_f64(),
+                s3_small.as_secs_f64(),
+                s3_small.as_secs_f64() / small.as_secs_f64()
+            ),
+        ));
+    }
+}
+
+/// AUTH_UNIX credentials of root, as the kernel client sends them for root (the gateway treats
+/// a call without AUTH_UNIX as the anonymous user).
+fn root_cred() -> nfs3_client::nfs3_types::rpc::opaque_auth<'static> {
+    nfs3_client::nfs3_types::rpc::opaque_auth::auth_unix(&nfs3_client::nfs3_types::rpc::auth_unix {
+        stamp: 1,
+        machinename: nfs3_client::nfs3_types::xdr_codec::Opaque::owned(b"s3nfs".to_vec()),
+        uid: 0,
+        gid: 0,
+        gids: vec![0],
+    })
 }

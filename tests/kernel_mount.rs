@@ -129,6 +129,14 @@ step touch_d touch -d '2001-02-03 04:05:06 UTC' $M/b.txt
 step touch_seen test "$(stat -c %Y $M/b.txt)" = 981173106
 step mkdir_mode sh -c "mkdir -m 700 $M/private && test \"\$(stat -c %a $M/private)\" = 700"
 
+# hard links (LINK) and fifos (MKNOD) through the kernel client, and real git (which links its
+# objects into place)
+step cp_al sh -c "mkdir $M/orig && echo one >$M/orig/f && cp -al $M/orig $M/clone && test \"\$(stat -c %h $M/orig/f)\" = 2"
+step link_write sh -c "echo two >>$M/clone/f && test \"\$(cat $M/orig/f)\" = \"\$(printf 'one\ntwo')\""
+step link_unlink sh -c "rm $M/orig/f && test \"\$(stat -c %h $M/clone/f)\" = 1 && test \"\$(cat $M/clone/f)\" = \"\$(printf 'one\ntwo')\""
+step fifo sh -c "mkfifo $M/pipe && test -p $M/pipe && { echo through >$M/pipe & } && test \"\$(cat $M/pipe)\" = through"
+step git_real sh -c "cd $M && git init -q realgit && cd realgit && echo x >x && git add x && git -c user.name=t -c user.email=t@t commit -qm m && git fsck --no-progress && test \"\$(git log --format=%s)\" = m"
+
 # a $BIGDIR-entry directory (10,000 for s3nfs): exact count, no duplicates, ls -l works.
 # timeout: a server that loses its place in a listing makes `ls` loop forever.
 mkdir $M/many

@@ -178,6 +178,7 @@ async fn scenario(backend: Backend<'_>, protocol: &str, sink: otlp_sink::Sink) {
         .mount_port(gw.port)
         .nfs3_port(gw.port)
         .connect_from_privileged_port(false)
+        .credential(root_cred())
         .mount()
         .await
         .expect("NFS mount");
@@ -451,6 +452,7 @@ async fn a_stuck_collector_never_blocks_io() {
         .mount_port(gw.port)
         .nfs3_port(gw.port)
         .connect_from_privileged_port(false)
+        .credential(root_cred())
         .mount()
         .await
         .expect("NFS mount");
@@ -485,4 +487,16 @@ async fn a_stuck_collector_never_blocks_io() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// AUTH_UNIX credentials of root, as the kernel client sends them for root (the gateway treats
+/// a call without AUTH_UNIX as the anonymous user).
+fn root_cred() -> nfs3_client::nfs3_types::rpc::opaque_auth<'static> {
+    nfs3_client::nfs3_types::rpc::opaque_auth::auth_unix(&nfs3_client::nfs3_types::rpc::auth_unix {
+        stamp: 1,
+        machinename: nfs3_client::nfs3_types::xdr_codec::Opaque::owned(b"s3nfs".to_vec()),
+        uid: 0,
+        gid: 0,
+        gids: vec![0],
+    })
 }

@@ -11,6 +11,7 @@ use nfs3_client::nfs3_types::nfs3::{
     CREATE3args, GETATTR3args, LINK3args, LOOKUP3args, MKDIR3args, MKNOD3args, Nfs3Result, READ3args, READDIR3args,
     READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, WRITE3args,
 };
+#[allow(unused_imports)]
 pub use nfs3_client::nfs3_types::nfs3::{devicedata3, mknoddata3, specdata3};
 use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
