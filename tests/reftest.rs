@@ -3,7 +3,9 @@
 //! Random sequences of operations run against a [`Volume`] and against a flat in-memory model;
 //! after every step the whole tree (names, kinds, bytes, modes) must be the same, and after every
 //! flush the bucket must hold exactly one object per file with the file's bytes, plus a marker per
-//! directory. Restarts (the volume closed and opened again on the same state) are operations too.
+//! directory. Restarts (the volume closed and opened again on the same state) are operations too,
+//! and so are hard links: every name of a file must show the same bytes, mode and link count,
+//! and hold an object of its own with those bytes after a flush.
 //! Names come from a three-letter alphabet so that operations collide; operation arguments are
 //! indices taken modulo the current model, so every generated step means something.
 
@@ -41,10 +43,13 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// The model: full paths ("" is the root) to nodes.
+/// The model: full paths ("" is the root) to nodes. A file with several names (hard links)
+/// has a node under each, kept equal, and the same number in `linked`.
 #[derive(Debug, Clone, Default)]
 struct Model {
     nodes: BTreeMap<String, Node>,
+    linked: BTreeMap<String, u32>,
+    next_group: u32,
 }
 
 fn join(dir: &str, name: &str) -> String {
@@ -78,6 +83,22 @@ impl Model {
             .filter(|(_, n)| matches!(n, Node::File { .. }))
             .map(|(p, _)| p.clone())
             .collect()
+    }
+    /// Every name of the file at `path` (itself included).
+    fn names_of(&self, path: &str) -> Vec<String> {
+        match self.linked.get(path) {
+            Some(g) => self
+                .linked
+                .iter()
+                .filter(|(_, h)| *h == g)
+                .map(|(p, _)| p.clone())
+                .collect(),
+            None => vec![path.to_string()],
+        }
+    }
+    fn forget(&mut self, path: &str) {
+        self.nodes.remove(path);
+        self.linked.remove(path);
     }
     fn children(&self, dir: &str) -> Vec<String> {
         self.nodes
@@ -120,6 +141,11 @@ enum Op {
         to_dir: usize,
         name: &'static str,
     },
+    Link {
+        file: usize,
+        to_dir: usize,
+        name: &'static str,
+    },
     Flush,
     Restart,
 }
@@ -137,6 +163,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), 0u32..0o777).prop_map(|(any, mode)| Op::Chmod { any, mode }),
         2 => any::<usize>().prop_map(|any| Op::Remove { any }),
         3 => (any::<usize>(), any::<usize>(), name()).prop_map(|(from, to_dir, name)| Op::Rename { from, to_dir, name }),
+        2 => (any::<usize>(), any::<usize>(), name()).prop_map(|(file, to_dir, name)| Op::Link { file, to_dir, name }),
         1 => Just(Op::Flush),
         1 => Just(Op::Restart),
     ]
@@ -249,12 +276,14 @@ impl Harness {
                 let ino = self.resolve(&f).await.unwrap();
                 let data = vec![*byte; *len as usize];
                 self.vol().write(&ROOT, ino, *offset as u64, &data).await.unwrap();
-                if let Some(Node::File { data: d, .. }) = self.model.nodes.get_mut(&f) {
-                    let end = *offset as usize + data.len();
-                    if d.len() < end {
-                        d.resize(end, 0);
+                for name in self.model.names_of(&f) {
+                    if let Some(Node::File { data: d, .. }) = self.model.nodes.get_mut(&name) {
+                        let end = *offset as usize + data.len();
+                        if d.len() < end {
+                            d.resize(end, 0);
+                        }
+                        d[*offset as usize..end].copy_from_slice(&data);
                     }
-                    d[*offset as usize..end].copy_from_slice(&data);
                 }
             }
             Op::Truncate { file, size } => {
@@ -271,8 +300,10 @@ impl Harness {
                     )
                     .await
                     .unwrap();
-                if let Some(Node::File { data, .. }) = self.model.nodes.get_mut(&f) {
-                    data.resize(*size as usize, 0);
+                for name in self.model.names_of(&f) {
+                    if let Some(Node::File { data, .. }) = self.model.nodes.get_mut(&name) {
+                        data.resize(*size as usize, 0);
+                    }
                 }
             }
             Op::Chmod { any, mode } => {
@@ -290,8 +321,10 @@ impl Harness {
                     )
                     .await
                     .unwrap();
-                match self.model.nodes.get_mut(&p).unwrap() {
-                    Node::File { mode: m, .. } | Node::Dir { mode: m } => *m = *mode,
+                for name in self.model.names_of(&p) {
+                    match self.model.nodes.get_mut(&name).unwrap() {
+                        Node::File { mode: m, .. } | Node::Dir { mode: m } => *m = *mode,
+                    }
                 }
             }
             Op::Remove { any } => {
@@ -306,7 +339,7 @@ impl Harness {
                 let got = self.vol().remove(&ROOT, dino, name.as_bytes()).await;
                 assert_eq!(got.map_err(|e| class(&e)), expect, "remove {p}");
                 if expect.is_ok() {
-                    self.model.nodes.remove(&p);
+                    self.model.forget(&p);
                 }
             }
             Op::Rename { from, to_dir, name } => {
@@ -315,7 +348,8 @@ impl Harness {
                 let td = pick(m.dirs(), *to_dir).unwrap();
                 let dst = join(&td, name);
                 let src_is_dir = matches!(m.nodes[&src], Node::Dir { .. });
-                let expect = if src == dst {
+                let same_file = m.names_of(&src).contains(&dst);
+                let expect = if src == dst || same_file {
                     Ok(())
                 } else if src_is_dir && (td == src || td.starts_with(&format!("{src}/"))) {
                     Err("inval")
@@ -336,7 +370,8 @@ impl Harness {
                     .rename(&ROOT, fino, sname.as_bytes(), tino, name.as_bytes())
                     .await;
                 assert_eq!(got.map_err(|e| class(&e)), expect, "rename {src} -> {dst}");
-                if expect.is_ok() && src != dst {
+                // Renaming a name onto another name of the same file does nothing (POSIX).
+                if expect.is_ok() && src != dst && !same_file {
                     let moved: Vec<(String, Node)> = self
                         .model
                         .nodes
@@ -344,11 +379,44 @@ impl Harness {
                         .filter(|(p, _)| **p == src || p.starts_with(&format!("{src}/")))
                         .map(|(p, n)| (p.clone(), n.clone()))
                         .collect();
-                    self.model.nodes.remove(&dst);
+                    self.model.forget(&dst);
                     for (p, n) in moved {
-                        self.model.nodes.remove(&p);
-                        self.model.nodes.insert(format!("{dst}{}", &p[src.len()..]), n);
+                        let group = self.model.linked.get(&p).copied();
+                        self.model.forget(&p);
+                        let to = format!("{dst}{}", &p[src.len()..]);
+                        if let Some(g) = group {
+                            self.model.linked.insert(to.clone(), g);
+                        }
+                        self.model.nodes.insert(to, n);
                     }
+                }
+            }
+            Op::Link { file, to_dir, name } => {
+                let Some(f) = pick(m.files(), *file) else { return };
+                let td = pick(m.dirs(), *to_dir).unwrap();
+                let dst = join(&td, name);
+                let expect = if m.nodes.contains_key(&dst) {
+                    Err("exist")
+                } else {
+                    Ok(())
+                };
+                let ino = self.resolve(&f).await.unwrap();
+                let tino = self.resolve(&td).await.unwrap();
+                let got = self.vol().link(&ROOT, ino, tino, name.as_bytes()).await;
+                assert_eq!(got.as_ref().map(|_| ()).map_err(class), expect, "link {f} -> {dst}");
+                if expect.is_ok() {
+                    let g = match self.model.linked.get(&f) {
+                        Some(g) => *g,
+                        None => {
+                            self.model.next_group += 1;
+                            self.model.linked.insert(f.clone(), self.model.next_group);
+                            self.model.next_group
+                        }
+                    };
+                    let node = self.model.nodes[&f].clone();
+                    self.model.linked.insert(dst.clone(), g);
+                    self.model.nodes.insert(dst, node);
+                    assert_eq!(got.unwrap().nlink as usize, self.model.names_of(&f).len());
                 }
             }
             Op::Flush => {
@@ -394,6 +462,7 @@ impl Harness {
                     let (data, eof) = vol.read(&ROOT, ino, 0, 1 << 20).await.unwrap();
                     assert!(eof);
                     assert_eq!(data.len() as u64, attr.size, "size of {path}");
+                    assert_eq!(attr.nlink as usize, self.model.names_of(&path).len(), "nlink of {path}");
                     seen.insert(path, Node::File { data, mode: attr.mode });
                 }
                 other => unreachable!("the model makes no {other:?}"),
