@@ -18,4 +18,5 @@ pub mod meta;
 pub mod metrics;
 pub mod nfs;
 pub mod store;
+pub mod sync;
 pub mod telemetry;

@@ -30,6 +30,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::store::{Body, ListPage, ObjectMeta, ObjectStore, Part, StoreError, StoreResult, UserMeta};
+use crate::sync::LockExt;
 
 /// Upper bounds of the latency histograms, in seconds.
 pub const BUCKETS: [f64; 14] = [
@@ -107,24 +108,24 @@ pub fn global() -> &'static Registry {
 
 impl Registry {
     pub fn nfs_op(&self, op: &'static str, d: Duration, ok: bool) {
-        self.nfs.lock().unwrap().entry(op).or_default().record(d, ok);
+        self.nfs.locked().entry(op).or_default().record(d, ok);
     }
 
     pub fn s3_request(&self, op: &'static str, d: Duration, ok: bool) {
-        self.s3.lock().unwrap().entry(op).or_default().record(d, ok);
+        self.s3.locked().entry(op).or_default().record(d, ok);
     }
 
     pub fn nfs_stats(&self) -> BTreeMap<&'static str, OpStats> {
-        self.nfs.lock().unwrap().clone()
+        self.nfs.locked().clone()
     }
 
     pub fn s3_stats(&self) -> BTreeMap<&'static str, OpStats> {
-        self.s3.lock().unwrap().clone()
+        self.s3.locked().clone()
     }
 
     /// Reports `vol` under `name` until it is dropped.
     pub fn register_volume(&self, name: &str, vol: &Arc<dyn VolumeSource>) {
-        let mut v = self.volumes.lock().unwrap();
+        let mut v = self.volumes.locked();
         v.retain(|e| e.vol.strong_count() > 0 && e.name != name);
         v.push(VolumeEntry {
             name: name.to_string(),
@@ -141,7 +142,7 @@ impl Registry {
     }
 
     pub fn volumes(&self) -> Vec<VolumeSample> {
-        let v = self.volumes.lock().unwrap();
+        let v = self.volumes.locked();
         v.iter()
             .filter_map(|e| {
                 let vol = e.vol.upgrade()?;

@@ -34,6 +34,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::metrics;
+use crate::sync::LockExt;
 
 /// Whether spans go to OpenTelemetry (so that causes are worth noting).
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -340,7 +341,7 @@ pub fn note_cause(vol: u64, ino: u64) {
     if !sc.is_valid() || !sc.is_sampled() {
         return;
     }
-    let mut m = causes().lock().unwrap();
+    let mut m = causes().locked();
     if m.len() >= MAX_INODES_WITH_CAUSES && !m.contains_key(&(vol, ino)) {
         // Inodes removed before their upload never take theirs: forget rather than grow.
         m.clear();
@@ -363,7 +364,7 @@ pub fn link_causes(span: &tracing::Span, vol: u64, ino: u64, take: bool) {
         return;
     }
     let found = {
-        let mut m = causes().lock().unwrap();
+        let mut m = causes().locked();
         if take {
             m.remove(&(vol, ino))
         } else {

@@ -93,3 +93,97 @@ async fn streamed_multipart_upload_matches_the_file_after_rewrites_and_truncatio
     vol.flush_all().await.unwrap();
     assert_eq!(object(&store, "big").await, want, "object after a restart mid-upload");
 }
+
+/// A slow S3 holds up only the file waiting for it, and that for a bounded time: a write that
+/// needs a cold file fetched answers "retry later" (JUKEBOX over NFS) after `stage_wait`, while
+/// writes to other files go on; and no write waits for a CompleteMultipartUpload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
+    use s3nfs::fs::FsError;
+    use s3nfs::store::faulty::{FaultyStore, Op};
+    use std::time::Duration;
+
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let (faulty, faults) = FaultyStore::new(local.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.part_size = PART;
+    cfg.stage_wait = Duration::from_millis(200);
+    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+    let root = vol.root();
+    let cold_bytes = pattern(3 * MIB, 7);
+    local
+        .put(
+            "cold",
+            s3nfs::store::Body::Bytes(cold_bytes.clone().into()),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    let cold = vol.lookup(&ROOT, root, b"cold").await.unwrap();
+    let hot = vol
+        .create(&ROOT, root, b"hot", SetAttr::default(), true)
+        .await
+        .unwrap()
+        .ino;
+    vol.write(&ROOT, hot, 0, b"x").await.unwrap();
+
+    faults.set_delay(Duration::from_secs(2));
+    let r = vol.write(&ROOT, cold, 0, b"y").await;
+    assert!(matches!(r, Err(FsError::Retry(_))), "{r:?}");
+    vol.write(&ROOT, hot, 1, b"z").await.unwrap();
+    assert_eq!(
+        faults.reached(Op::Get),
+        0,
+        "the other file was written while the cold one's GET was still held up"
+    );
+    // The fetch went on meanwhile: the retried write lands.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match vol.write(&ROOT, cold, 0, b"y").await {
+            Ok(_) => break,
+            Err(FsError::Retry(_)) if std::time::Instant::now() < deadline => continue,
+            Err(e) => panic!("write to the cold file: {e:?}"),
+        }
+    }
+    let mut want = cold_bytes;
+    want[0] = b'y';
+    assert_eq!(vol.read(&ROOT, cold, 0, want.len() as u32).await.unwrap().0, want);
+
+    // A large file's CompleteMultipartUpload held up by S3: writes to that file go on.
+    faults.set_delay(Duration::ZERO);
+    let big = vol
+        .create(&ROOT, root, b"big", SetAttr::default(), true)
+        .await
+        .unwrap()
+        .ino;
+    for i in 0..12 {
+        vol.write(&ROOT, big, (i * MIB) as u64, &pattern(MIB, i as u8))
+            .await
+            .unwrap();
+    }
+    let flusher = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.flush_all().await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while faults.calls(Op::Complete) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no CompleteMultipartUpload");
+        if faults.calls(Op::UploadPart) > 0 {
+            faults.set_delay(Duration::from_secs(3));
+        }
+        tokio::task::yield_now().await;
+    }
+    vol.write(&ROOT, big, 0, b"during the complete").await.unwrap();
+    assert!(
+        !flusher.is_finished(),
+        "the write waited for the CompleteMultipartUpload"
+    );
+    faults.set_delay(Duration::ZERO);
+    flusher.await.unwrap().unwrap();
+    vol.flush_all().await.unwrap();
+    let got = object(&store, "big").await;
+    assert_eq!(&got[..19], b"during the complete", "the later write is uploaded too");
+}

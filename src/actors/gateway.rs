@@ -27,6 +27,7 @@ use crate::config::Export;
 use crate::fs::{Volume, VolumeConfig};
 use crate::nfs::NfsAdapter;
 use crate::store::ObjectStore;
+use crate::sync::LockExt;
 
 /// How often staged data and the journal are fsync'd: the most a node reboot can lose.
 pub const LOCAL_SYNC_INTERVAL: Duration = Duration::from_millis(20);
@@ -96,7 +97,7 @@ impl Gateway {
 
     /// The first failure of a background task, if any.
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap().clone()
+        self.failure.locked().clone()
     }
 
     /// Stops taking NFS requests and waits for those in flight. Idempotent.
@@ -150,7 +151,7 @@ impl Drop for Gateway {
 }
 
 fn record_failure(failure: &Mutex<Option<String>>, what: String) {
-    let mut f = failure.lock().unwrap();
+    let mut f = failure.locked();
     if f.is_none() {
         *f = Some(what);
     }

@@ -3,6 +3,7 @@
 //! `/proc/self/mountinfo`; [`FakeMounter`] keeps mounts in memory, for tests of the gRPC
 //! services on machines whose kernel has no NFS client (as csi-driver-nfs's fake mounter).
 
+use crate::sync::LockExt;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
@@ -155,7 +156,7 @@ impl Mounter for FakeMounter {
         if target.to_string_lossy().contains("fail-mount") {
             return Err(io::Error::other("fake mount failure"));
         }
-        self.mounts.lock().unwrap().insert(
+        self.mounts.locked().insert(
             target.to_path_buf(),
             MountEntry {
                 fstype: "nfs".into(),
@@ -169,7 +170,7 @@ impl Mounter for FakeMounter {
     }
 
     fn bind(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
-        let mut m = self.mounts.lock().unwrap();
+        let mut m = self.mounts.locked();
         let src = m
             .get(source)
             .cloned()
@@ -179,12 +180,12 @@ impl Mounter for FakeMounter {
     }
 
     fn unmount(&self, target: &Path) -> io::Result<()> {
-        self.mounts.lock().unwrap().remove(target);
+        self.mounts.locked().remove(target);
         Ok(())
     }
 
     fn mounted(&self, target: &Path) -> io::Result<Option<MountEntry>> {
-        Ok(self.mounts.lock().unwrap().get(target).cloned())
+        Ok(self.mounts.locked().get(target).cloned())
     }
 }
 

@@ -24,6 +24,7 @@ use super::state::{NodeState, StagedVolume};
 use super::{anyhow_status, store_status};
 use crate::actors::{ResizeVolume, StartVolume, StopVolume, Supervisor, VolumeStatusOf};
 use crate::config::{Backend, Export};
+use crate::sync::LockExt;
 
 pub struct NodeService {
     node_id: String,
@@ -56,7 +57,7 @@ struct VolumeLock {
 
 impl Drop for VolumeLock {
     fn drop(&mut self) {
-        self.busy.lock().unwrap().remove(&self.id);
+        self.busy.locked().remove(&self.id);
     }
 }
 
@@ -143,12 +144,12 @@ impl NodeService {
                 Ok(addr) => tracing::info!(volume = %v.volume_id, %addr, "gateway restored"),
                 Err(e) => tracing::error!(volume = %v.volume_id, error = %e, "cannot restore the gateway"),
             }
-            self.staged.lock().unwrap().insert(v.volume_id.clone(), v);
+            self.staged.locked().insert(v.volume_id.clone(), v);
         }
     }
 
     fn lock(&self, id: &str) -> Result<VolumeLock, Status> {
-        if !self.busy.lock().unwrap().insert(id.to_string()) {
+        if !self.busy.locked().insert(id.to_string()) {
             return Err(Status::aborted(format!(
                 "an operation on volume {id} is already in progress"
             )));
@@ -160,20 +161,20 @@ impl NodeService {
     }
 
     fn staged(&self, id: &str) -> Option<StagedVolume> {
-        self.staged.lock().unwrap().get(id).cloned()
+        self.staged.locked().get(id).cloned()
     }
 
     fn save(&self, v: &StagedVolume, secret: Option<&S3Secret>) -> Result<(), Status> {
         self.state
             .save(v, secret)
             .map_err(|e| internal("recording the volume in the state directory", e))?;
-        self.staged.lock().unwrap().insert(v.volume_id.clone(), v.clone());
+        self.staged.locked().insert(v.volume_id.clone(), v.clone());
         Ok(())
     }
 
     /// A port in the range that no recorded volume holds and that is free now.
     fn free_port(&self) -> Result<u16, Status> {
-        let held: HashSet<u16> = self.staged.lock().unwrap().values().map(|v| v.port).collect();
+        let held: HashSet<u16> = self.staged.locked().values().map(|v| v.port).collect();
         self.ports
             .clone()
             .filter(|p| !held.contains(p))
@@ -214,7 +215,7 @@ impl NodeService {
             .map(|rec| rec.capacity_bytes);
         // Choosing a port and recording it are one step: volumes staged at the same time
         // (each under its own lock) must not pick the same free port.
-        let alloc = self.port_alloc.lock().unwrap();
+        let alloc = self.port_alloc.locked();
         let port = match self.staged(&id) {
             Some(v) => v.port,
             None => self.free_port()?,
@@ -235,7 +236,7 @@ impl NodeService {
         self.save(&v, Some(secret))?;
         drop(alloc);
         let undo = |this: &Self| {
-            this.staged.lock().unwrap().remove(&id);
+            this.staged.locked().remove(&id);
             let _ = this.state.remove(vol);
         };
         match self.supervisor.send(StartVolume { export, check: true }).await {
@@ -262,7 +263,7 @@ impl NodeService {
             undo(self);
             return Err(s);
         }
-        self.deferred.lock().unwrap().remove(&id);
+        self.deferred.locked().remove(&id);
         tracing::info!(volume = %id, staging = %staging.display(), port, "volume staged");
         Ok(())
     }
@@ -315,7 +316,7 @@ impl Node for NodeService {
             // A static PV written for csi-s3 may carry only a node-publish secret: stage at
             // the first publish, which brings it.
             tracing::info!(volume = %id, "no node-stage secret: the gateway starts at the first publish");
-            self.deferred.lock().unwrap().insert(
+            self.deferred.locked().insert(
                 id,
                 Deferred {
                     staging,
@@ -350,7 +351,7 @@ impl Node for NodeService {
         let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
         let id = vol.to_id();
         let _lock = self.lock(&id)?;
-        self.deferred.lock().unwrap().remove(&id);
+        self.deferred.locked().remove(&id);
         // Unmounting first makes the kernel client send what it still holds.
         let st = staging.clone();
         self.mnt(move |m| m.unmount(&st))
@@ -372,7 +373,7 @@ impl Node for NodeService {
             Ok(Err(e)) => return Err(Status::unavailable(format!("volume {id}: {e}; will retry"))),
             Err(e) => return Err(internal("supervisor", e)),
         }
-        self.staged.lock().unwrap().remove(&id);
+        self.staged.locked().remove(&id);
         self.state
             .remove(&vol)
             .map_err(|e| internal("removing the volume's local state", e))?;
@@ -396,7 +397,7 @@ impl Node for NodeService {
         let mut read_only = r.readonly || access.read_only;
         let id = vol.to_id();
         let _lock = self.lock(&id)?;
-        let deferred = self.deferred.lock().unwrap().remove(&id);
+        let deferred = self.deferred.locked().remove(&id);
         if let Some(d) = deferred {
             if d.staging == staging {
                 let staged = match S3Secret::parse(&r.secrets, "node-publish") {
@@ -404,11 +405,11 @@ impl Node for NodeService {
                     Err(s) => Err(s),
                 };
                 if let Err(s) = staged {
-                    self.deferred.lock().unwrap().insert(id.clone(), d);
+                    self.deferred.locked().insert(id.clone(), d);
                     return Err(s);
                 }
             } else {
-                self.deferred.lock().unwrap().insert(id.clone(), d);
+                self.deferred.locked().insert(id.clone(), d);
             }
         }
         let mut v = self.staged(&id).filter(|v| v.staging_path == staging).ok_or_else(|| {

@@ -25,6 +25,7 @@ use super::staging::{Multipart, Staged};
 use super::{FsError, FsResult, Volume};
 use crate::meta::{Batch, Ino, Inode, Kind, Remote, ROOT_INO};
 use crate::store::{Body, Part};
+use crate::sync::LockExt;
 
 pub struct FlushState {
     pub(crate) uploads: tokio::sync::Semaphore,
@@ -84,15 +85,15 @@ impl FlushState {
     }
 
     pub(crate) fn note_write(&self, st: &Staged, part_size: u64) {
-        if st.size() >= 2 * part_size && !self.streaming.lock().unwrap().contains(&st.ino) {
-            self.stream_wanted.lock().unwrap().insert(st.ino);
+        if st.size() >= 2 * part_size && !self.streaming.locked().contains(&st.ino) {
+            self.stream_wanted.locked().insert(st.ino);
             self.notify.notify_one();
         }
     }
 
     /// Whether `key` (or, for a directory prefix, anything under it) was deleted after `since`.
     pub(crate) fn deleted_since(&self, key: &str, is_prefix: bool, since: std::time::Instant) -> bool {
-        let d = self.recent_deletes.lock().unwrap();
+        let d = self.recent_deletes.locked();
         if is_prefix {
             d.iter().any(|(k, t)| *t >= since && k.starts_with(key))
         } else {
@@ -102,7 +103,7 @@ impl FlushState {
 
     fn note_deleted(&self, key: &str) {
         let now = std::time::Instant::now();
-        let mut d = self.recent_deletes.lock().unwrap();
+        let mut d = self.recent_deletes.locked();
         // Listings finish within minutes; older entries can go.
         if d.len() > 10_000 {
             d.retain(|_, t| now.duration_since(*t) < std::time::Duration::from_secs(600));
@@ -112,7 +113,7 @@ impl FlushState {
 
     /// Whether a sync is writing `key` (or, for a directory prefix, anything under it).
     pub(crate) fn writing(&self, key: &str, is_prefix: bool) -> bool {
-        let f = self.in_flight.lock().unwrap();
+        let f = self.in_flight.locked();
         if is_prefix {
             f.keys().any(|k| k.starts_with(key))
         } else {
@@ -161,7 +162,7 @@ struct KeyGuard<'a> {
 impl Drop for KeyGuard<'_> {
     fn drop(&mut self) {
         self._guard.take();
-        let mut locks = self.state.key_locks.lock().unwrap();
+        let mut locks = self.state.key_locks.locked();
         // The map's own reference and ours: nobody else waits for this key.
         if Arc::strong_count(&self.m) == 2 {
             locks.remove(&self.key);
@@ -186,7 +187,7 @@ struct InFlight<'a> {
 
 impl<'a> InFlight<'a> {
     fn new(state: &'a FlushState, key: &str) -> InFlight<'a> {
-        *state.in_flight.lock().unwrap().entry(key.to_string()).or_default() += 1;
+        *state.in_flight.locked().entry(key.to_string()).or_default() += 1;
         InFlight {
             state,
             key: key.to_string(),
@@ -196,7 +197,7 @@ impl<'a> InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut f = self.state.in_flight.lock().unwrap();
+        let mut f = self.state.in_flight.locked();
         if let Some(n) = f.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -271,10 +272,8 @@ impl Volume {
                 if let Some(st) = &st {
                     if st.content_dirty.load(Ordering::Acquire) {
                         dirty += st.size();
-                        let idle = st.last_write.lock().unwrap().elapsed();
-                        if !force
-                            && (idle < self.cfg.flush_delay || self.flusher.streaming.lock().unwrap().contains(&ino))
-                        {
+                        let idle = st.last_write.locked().elapsed();
+                        if !force && (idle < self.cfg.flush_delay || self.flusher.streaming.locked().contains(&ino)) {
                             continue;
                         }
                     }
@@ -469,7 +468,7 @@ impl Volume {
         meta: &crate::store::UserMeta,
     ) -> FsResult<Option<Synced>> {
         let _ = inode;
-        if st.size() < self.cfg.part_size && st.multipart.lock().unwrap().is_none() {
+        if st.size() < self.cfg.part_size && st.multipart.locked().is_none() {
             let (bytes, gen) = {
                 let _w = st.lock.write().await;
                 let (bytes, _) = st.read_at(0, st.size() as u32)?;
@@ -496,12 +495,16 @@ impl Volume {
                 }
                 done.await;
             }
-            let _w = st.lock.write().await;
+            // Writers are held off only while the part list is taken: every part in S3 then
+            // holds the file's bytes as of `gen`, so completing them yields that version whatever
+            // is written meanwhile (a later write leaves the file dirty, see `record`). No writer
+            // waits for the CompleteMultipartUpload itself.
+            let w = st.lock.write().await;
             let size = st.size();
             let n = size.div_ceil(self.cfg.part_size).max(1) as i32;
             let (upload_id, mkey, parts) = {
-                let m = st.multipart.lock().unwrap();
-                let Some(m) = m.as_ref() else { continue };
+                let mut m = st.multipart.locked();
+                let Some(m) = m.as_mut() else { continue };
                 let mut parts = Vec::new();
                 for p in 1..=n {
                     match m.done.get(&p) {
@@ -518,11 +521,24 @@ impl Volume {
                 continue; // written to meanwhile
             }
             let gen = st.gen();
-            let etag = {
+            if let Some(m) = st.multipart.locked().as_mut() {
+                m.completing = true;
+            }
+            drop(w);
+            let completed = {
                 let _k = self.flusher.key_lock(&mkey).await;
-                self.store.complete_multipart(&mkey, &upload_id, &parts).await?
+                self.store.complete_multipart(&mkey, &upload_id, &parts).await
             };
-            *st.multipart.lock().unwrap() = None;
+            let etag = match completed {
+                Ok(etag) => etag,
+                Err(e) => {
+                    if let Some(m) = st.multipart.locked().as_mut() {
+                        m.completing = false;
+                    }
+                    return Err(e.into());
+                }
+            };
+            *st.multipart.locked() = None;
             let mut b = Batch::new();
             b.clear_upload(st.ino);
             self.meta.commit(b)?;
@@ -559,15 +575,15 @@ impl Volume {
         if let Some((k, id)) = &existing {
             if k != key && all {
                 let _ = self.store.abort_multipart(k, id).await;
-                *st.multipart.lock().unwrap() = None;
+                *st.multipart.locked() = None;
             }
         }
-        if st.multipart.lock().unwrap().is_none() {
+        if st.multipart.locked().is_none() {
             let id = self.store.create_multipart(key, meta).await?;
             let mut b = Batch::new();
             b.set_upload(st.ino, key, &id);
             self.meta.commit(b)?;
-            *st.multipart.lock().unwrap() = Some(Multipart {
+            *st.multipart.locked() = Some(Multipart {
                 key: key.to_string(),
                 upload_id: id,
                 ..Default::default()
@@ -577,8 +593,13 @@ impl Volume {
         let size = st.size();
         let n = size.div_ceil(self.cfg.part_size).max(1) as i32;
         let todo: Vec<i32> = {
-            let mut m = st.multipart.lock().unwrap();
-            let m = m.as_mut().unwrap();
+            let mut m = st.multipart.locked();
+            let Some(m) = m.as_mut() else {
+                return Ok(()); // completed (or aborted) meanwhile
+            };
+            if m.completing {
+                return Ok(()); // being completed: the next upload takes what is written now
+            }
             (1..=n)
                 .filter(|p| {
                     let fits = m
@@ -598,8 +619,8 @@ impl Volume {
                 .collect()
         };
         let (mkey, upload_id) = {
-            let m = st.multipart.lock().unwrap();
-            let m = m.as_ref().unwrap();
+            let m = st.multipart.locked();
+            let Some(m) = m.as_ref() else { return Ok(()) };
             (m.key.clone(), m.upload_id.clone())
         };
         let results: Vec<FsResult<()>> = futures::stream::iter(todo.into_iter().map(|p| {
@@ -616,7 +637,7 @@ impl Volume {
                 };
                 let r = self.store.upload_part(&mkey, &upload_id, p, body).await;
                 let _wake = WakeOnDrop(&st.part_done);
-                let mut m = st.multipart.lock().unwrap();
+                let mut m = st.multipart.locked();
                 let Some(m) = m.as_mut() else { return Ok(()) };
                 m.in_flight.remove(&p);
                 let etag = r?;
@@ -635,9 +656,9 @@ impl Volume {
 
     /// Starts streaming uploads for files being written past two parts.
     fn start_streams(self: &Arc<Self>) {
-        let wanted: Vec<Ino> = self.flusher.stream_wanted.lock().unwrap().drain().collect();
+        let wanted: Vec<Ino> = self.flusher.stream_wanted.locked().drain().collect();
         for ino in wanted {
-            if !self.flusher.streaming.lock().unwrap().insert(ino) {
+            if !self.flusher.streaming.locked().insert(ino) {
                 continue;
             }
             let vol = self.clone();
@@ -646,7 +667,7 @@ impl Volume {
             self.spawn_background(
                 async move {
                     let r = vol.stream_file(ino).await;
-                    vol.flusher.streaming.lock().unwrap().remove(&ino);
+                    vol.flusher.streaming.locked().remove(&ino);
                     if let Err(e) = r {
                         tracing::warn!(ino, error = %e, "streaming upload paused; the file is uploaded when idle");
                     }
@@ -673,7 +694,7 @@ impl Volume {
                 vol.upload_parts(&pass_st, &key, &user_meta(&inode), false).await
             }));
             // Stop once the writer pauses; the flusher completes the upload when the file is idle.
-            if st.last_write.lock().unwrap().elapsed() >= std::time::Duration::from_millis(200) {
+            if st.last_write.locked().elapsed() >= std::time::Duration::from_millis(200) {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -690,7 +711,7 @@ impl Volume {
     fn trim_staged(&self) {
         let max = self.cfg.max_staged_files;
         let mut clean: Vec<(std::time::Instant, Arc<Staged>)> = {
-            let staged = self.staged.lock().unwrap();
+            let staged = self.staged.locked();
             // Some slack, so the sort below runs once per many uploads, not after each.
             if staged.len() <= max + max / 8 {
                 return;
@@ -698,11 +719,11 @@ impl Volume {
             staged
                 .values()
                 .filter(|st| !st.content_dirty.load(Ordering::Acquire) && !st.pending_marked.load(Ordering::Acquire))
-                .map(|st| (*st.last_write.lock().unwrap(), st.clone()))
+                .map(|st| (*st.last_write.locked(), st.clone()))
                 .collect()
         };
         clean.sort_by_key(|c| c.0);
-        let excess = self.staged.lock().unwrap().len().saturating_sub(max);
+        let excess = self.staged.locked().len().saturating_sub(max);
         for (_, st) in clean.into_iter().take(excess) {
             // Writers hold the lock shared: one busy right now keeps its copy.
             if let Ok(_w) = st.lock.try_write() {

@@ -31,6 +31,7 @@ use tracing::Instrument;
 
 use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, MetaError, Remote, Time, ROOT_INO};
 use crate::store::{ObjectStore, StoreError};
+use crate::sync::LockExt;
 use names::check_name;
 pub use perm::Cred;
 use staging::Staged;
@@ -198,6 +199,9 @@ pub struct VolumeConfig {
     pub read_ahead: usize,
     /// Memory for cached read chunks.
     pub cache_bytes: u64,
+    /// How long an NFS operation waits for a file to come from S3 into staging before it is
+    /// told to retry (JUKEBOX); the fetch goes on meanwhile.
+    pub stage_wait: Duration,
     /// Staged bytes not yet in S3 past which writes are told to retry later.
     pub max_dirty_bytes: u64,
     /// Staged copies kept once S3 has their bytes (each holds a file descriptor and disk space).
@@ -226,6 +230,7 @@ impl VolumeConfig {
             read_chunk: 4 << 20,
             read_ahead: 8,
             cache_bytes: 48 << 20,
+            stage_wait: Duration::from_secs(5),
             max_dirty_bytes: 16 << 30,
             max_staged_files: 4096,
             default_uid: 0,
@@ -245,8 +250,8 @@ pub struct Volume {
     /// Serialises namespace changes (see the module docs for the lock order).
     pub(crate) ns: tokio::sync::Mutex<()>,
     pub(crate) staged: Mutex<HashMap<Ino, Arc<Staged>>>,
-    /// Serialises bringing a file's bytes from S3 into staging.
-    stage_lock: tokio::sync::Mutex<()>,
+    /// Files being brought from S3 into staging now, one job per file (see [`staging`]).
+    staging_jobs: Mutex<HashMap<Ino, staging::StagingJob>>,
     staging_dir: PathBuf,
     /// When each directory was last listed from S3 (memory only: after a restart, relist).
     listed: Mutex<HashMap<Ino, Instant>>,
@@ -337,7 +342,7 @@ impl Volume {
             meta,
             ns: tokio::sync::Mutex::new(()),
             staged: Mutex::new(HashMap::new()),
-            stage_lock: tokio::sync::Mutex::new(()),
+            staging_jobs: Mutex::new(HashMap::new()),
             staging_dir,
             listed: Mutex::new(HashMap::new()),
             relisting: Mutex::new(Default::default()),
@@ -383,12 +388,12 @@ impl Volume {
                 st.content_dirty.store(true, Ordering::Release);
                 st.pending_marked.store(true, Ordering::Release);
                 if st.mtime() < inode.mtime {
-                    *st.mtime.lock().unwrap() = inode.mtime;
+                    *st.mtime.locked() = inode.mtime;
                 }
             } else {
-                *st.mtime.lock().unwrap() = inode.mtime;
+                *st.mtime.locked() = inode.mtime;
             }
-            self.staged.lock().unwrap().insert(ino, Arc::new(st));
+            self.staged.locked().insert(ino, Arc::new(st));
             restored += 1;
         }
         if restored > 0 {
@@ -437,7 +442,7 @@ impl Volume {
     fn count_usage(&self) -> FsResult<()> {
         self.usage.begin_count();
         let (mut bytes, mut files) = (0u64, 0u64);
-        let staged = self.staged.lock().unwrap().clone();
+        let staged = self.staged.locked().clone();
         self.meta.for_each_inode(|inode| {
             if inode.ino == ROOT_INO || matches!(inode.kind, Kind::Link(_)) {
                 return;
@@ -509,7 +514,7 @@ impl Volume {
     }
 
     fn staged(&self, ino: Ino) -> Option<Arc<Staged>> {
-        self.staged.lock().unwrap().get(&ino).cloned()
+        self.staged.locked().get(&ino).cloned()
     }
 
     pub(crate) fn inode(&self, ino: Ino) -> FsResult<Inode> {
@@ -721,7 +726,7 @@ impl Volume {
     }
 
     fn listing_stale(&self, dir: Ino) -> bool {
-        match self.listed.lock().unwrap().get(&dir) {
+        match self.listed.locked().get(&dir) {
             Some(at) => at.elapsed() >= self.cfg.refresh,
             None => true,
         }
@@ -737,17 +742,17 @@ impl Volume {
     /// [`Volume::lookup`]). `force` (RMDIR, RENAME of a directory) always lists first.
     pub(crate) async fn refresh_dir(&self, dir: &Inode, force: bool) -> FsResult<()> {
         if !force {
-            let listed_before = self.listed.lock().unwrap().contains_key(&dir.ino);
+            let listed_before = self.listed.locked().contains_key(&dir.ino);
             if !self.listing_stale(dir.ino) {
                 return Ok(());
             }
             if listed_before {
-                if !self.relisting.lock().unwrap().insert(dir.ino) {
+                if !self.relisting.locked().insert(dir.ino) {
                     return Ok(()); // a relisting is under way: it is as fresh as we can be
                 }
                 if self.meta.children(dir.ino, 0, SMALL_DIR + 1)?.len() <= SMALL_DIR {
                     let r = self.list_dir(dir).await;
-                    self.relisting.lock().unwrap().remove(&dir.ino);
+                    self.relisting.locked().remove(&dir.ino);
                     return r;
                 }
                 if let Some(vol) = self.this.get().and_then(|w| w.upgrade()) {
@@ -758,12 +763,12 @@ impl Volume {
                             if let Err(e) = vol.list_dir(&dir).await {
                                 tracing::warn!(ino = dir.ino, error = %e, "background relisting failed");
                             }
-                            vol.relisting.lock().unwrap().remove(&dir.ino);
+                            vol.relisting.locked().remove(&dir.ino);
                         }
                         .instrument(tracing::info_span!("relist", ino)),
                     );
                 } else {
-                    self.relisting.lock().unwrap().remove(&dir.ino);
+                    self.relisting.locked().remove(&dir.ino);
                 }
                 return Ok(());
             }
@@ -964,7 +969,7 @@ impl Volume {
         }
         self.meta.commit(batch)?;
         self.usage.changed();
-        self.listed.lock().unwrap().insert(dir.ino, started);
+        self.listed.locked().insert(dir.ino, started);
         Ok(())
     }
 
@@ -1007,7 +1012,7 @@ impl Volume {
                         }
                     }
                 }
-                self.listed.lock().unwrap().remove(&i.ino);
+                self.listed.locked().remove(&i.ino);
             }
             self.forget_links(batch, &i)?;
             batch.unlink(i.parent, &i.name, i.ino, i.kind);
@@ -1018,7 +1023,7 @@ impl Volume {
     }
 
     fn drop_staged(&self, ino: Ino) {
-        if let Some(st) = self.staged.lock().unwrap().remove(&ino) {
+        if let Some(st) = self.staged.locked().remove(&ino) {
             st.gone.store(true, Ordering::Release);
             let _ = std::fs::remove_file(&st.path);
         }
@@ -1112,9 +1117,9 @@ impl Volume {
         )?;
         st.content_dirty.store(true, Ordering::Release);
         st.pending_marked.store(true, Ordering::Release);
-        *st.mtime.lock().unwrap() = inode.mtime;
+        *st.mtime.locked() = inode.mtime;
         self.commit_new(batch, &inode)?;
-        self.staged.lock().unwrap().insert(inode.ino, Arc::new(st));
+        self.staged.locked().insert(inode.ino, Arc::new(st));
         drop(g);
         Ok(self.attr_of(&inode))
     }
@@ -1130,7 +1135,7 @@ impl Volume {
         apply_owner(&mut inode, cred, &attr);
         self.commit_new(batch, &inode)?;
         // A new directory has nothing in S3 to list.
-        self.listed.lock().unwrap().insert(inode.ino, Instant::now());
+        self.listed.locked().insert(inode.ino, Instant::now());
         Ok(self.attr_of(&inode))
     }
 
@@ -1404,7 +1409,7 @@ impl Volume {
         if let Some(t) = attr.mtime {
             inode.mtime = resolve(t);
             if let Some(st) = &staged {
-                *st.mtime.lock().unwrap() = inode.mtime;
+                *st.mtime.locked() = inode.mtime;
             }
         } else if let Some(st) = &staged {
             inode.mtime = st.mtime();
@@ -1439,45 +1444,6 @@ impl Volume {
     }
 
     // ---------------------------------------------------------------- data
-
-    /// The staged copy of a file, bringing it from S3 first unless `empty` (about to be emptied).
-    async fn stage(&self, ino: Ino, empty: bool) -> FsResult<Arc<Staged>> {
-        if let Some(st) = self.staged(ino) {
-            return Ok(st);
-        }
-        let _s = self.stage_lock.lock().await;
-        if let Some(st) = self.staged(ino) {
-            return Ok(st);
-        }
-        let inode = self.inode(ino)?;
-        if inode.kind != Kind::File {
-            return Err(FsError::Invalid("not a regular file".into()));
-        }
-        let path = self.staging_dir.join(ino.to_string());
-        let tmp = self.staging_dir.join(format!("{ino}.download"));
-        {
-            let file = std::fs::File::create(&tmp)?;
-            if let (Some(r), false) = (&inode.remote, empty) {
-                // Streamed through disk chunk by chunk: memory stays bounded whatever the size.
-                use std::os::unix::fs::FileExt;
-                let mut off = 0;
-                while off < r.size {
-                    let end = (off + self.cfg.read_chunk).min(r.size);
-                    let bytes = self.store.get_range(&r.key, off..end).await?;
-                    if bytes.is_empty() {
-                        break;
-                    }
-                    file.write_all_at(&bytes, off)?;
-                    off += bytes.len() as u64;
-                }
-            }
-        }
-        std::fs::rename(&tmp, &path)?;
-        let st = Arc::new(Staged::open(ino, path, false, self.cfg.part_size)?);
-        *st.mtime.lock().unwrap() = inode.mtime;
-        self.staged.lock().unwrap().insert(ino, st.clone());
-        Ok(st)
-    }
 
     pub async fn write(&self, cred: &Cred, ino: Ino, offset: u64, data: &[u8]) -> FsResult<Attr> {
         if self.flusher.dirty_bytes() > self.cfg.max_dirty_bytes {
@@ -1546,7 +1512,7 @@ impl Volume {
     /// syncing them all every tick would keep the disk busy doing nothing.
     pub fn sync_local(&self) -> FsResult<()> {
         self.meta.sync()?;
-        let unsynced = std::mem::take(&mut *self.unsynced.lock().unwrap());
+        let unsynced = std::mem::take(&mut *self.unsynced.locked());
         for st in unsynced {
             // Cleared first: a write landing during the fsync queues the file again.
             st.unsynced.store(false, Ordering::Release);
@@ -1576,7 +1542,7 @@ impl Volume {
     /// Queues a staged file for the next local fsync.
     fn note_unsynced(&self, st: &Arc<Staged>) {
         if !st.unsynced.swap(true, Ordering::AcqRel) {
-            self.unsynced.lock().unwrap().push(st.clone());
+            self.unsynced.locked().push(st.clone());
         }
     }
 }

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use super::{FsError, FsResult};
 use crate::meta::{Ino, Remote};
 use crate::store::ObjectStore;
+use crate::sync::LockExt;
 
 type Cell = Arc<tokio::sync::OnceCell<Bytes>>;
 
@@ -44,19 +45,19 @@ impl ReadCache {
     }
 
     pub fn forget(&self, ino: Ino) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.locked();
         inner.map.retain(|k, _| k.0 != ino);
         inner.stream.remove(&ino);
     }
 
     /// (hits, misses) so far.
     pub fn stats(&self) -> (u64, u64) {
-        let i = self.inner.lock().unwrap();
+        let i = self.inner.locked();
         (i.hits, i.misses)
     }
 
     fn cell(&self, ino: Ino, etag: &str, idx: u64, count: bool) -> Cell {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.locked();
         if let Some((e, cell)) = inner.map.get(&(ino, idx)) {
             if e == etag {
                 let cell = cell.clone();
@@ -122,7 +123,7 @@ impl ReadCache {
         let first = offset / self.chunk;
         let last = (end - 1) / self.chunk;
         let window = {
-            let mut inner = self.inner.lock().unwrap();
+            let mut inner = self.inner.locked();
             let (next, window) = inner.stream.get(&ino).copied().unwrap_or((0, 0));
             // Sequential if it starts where the last read ended (or close: the kernel reorders).
             let sequential = offset <= next + self.chunk && offset + self.chunk >= next;

@@ -9,10 +9,15 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::meta::{Ino, Time};
+use futures::FutureExt;
+use tracing::Instrument;
+
+use super::{FsError, FsResult, Volume};
+use crate::meta::{Ino, Kind, Time};
+use crate::sync::LockExt;
 
 /// State of a multipart upload streaming a large staged file to S3 while it is written.
 #[derive(Debug, Default)]
@@ -27,6 +32,9 @@ pub struct Multipart {
     pub in_flight: BTreeSet<i32>,
     /// Parts written to since their upload started: their upload's result is thrown away.
     pub dirtied: BTreeSet<i32>,
+    /// A CompleteMultipartUpload of this upload is under way: no part may be uploaded into it
+    /// now (S3 would take the new part's ETag over the one being completed, and refuse).
+    pub completing: bool,
 }
 
 pub struct Staged {
@@ -104,7 +112,7 @@ impl Staged {
     }
 
     pub fn mtime(&self) -> Time {
-        *self.mtime.lock().unwrap()
+        *self.mtime.locked()
     }
 
     /// Writes `data` at `offset`. The caller holds `lock` shared.
@@ -120,7 +128,7 @@ impl Staged {
         self.file.set_len(len)?;
         self.size.store(len, Ordering::Release);
         // Shrinking invalidates the part layout; growing changes the last part. Start over.
-        if let Some(m) = self.multipart.lock().unwrap().as_mut() {
+        if let Some(m) = self.multipart.locked().as_mut() {
             m.done.clear();
             let in_flight = m.in_flight.clone();
             m.dirtied.extend(in_flight);
@@ -132,10 +140,10 @@ impl Staged {
     fn touched(&self, offset: u64, len: u64) {
         self.gen.fetch_add(1, Ordering::AcqRel);
         self.content_dirty.store(true, Ordering::Release);
-        *self.mtime.lock().unwrap() = Time::now();
-        *self.last_write.lock().unwrap() = Instant::now();
+        *self.mtime.locked() = Time::now();
+        *self.last_write.locked() = Instant::now();
         if len > 0 {
-            if let Some(m) = self.multipart.lock().unwrap().as_mut() {
+            if let Some(m) = self.multipart.locked().as_mut() {
                 let first = (offset / self.part_size) as i32 + 1;
                 let last = ((offset + len - 1) / self.part_size) as i32 + 1;
                 for p in first..=last {
@@ -167,5 +175,104 @@ impl Staged {
 
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
+    }
+}
+
+/// A fetch of one file from S3 into staging, shared by everyone who needs that file meanwhile.
+pub(crate) type StagingJob = futures::future::Shared<futures::future::BoxFuture<'static, FsResult<Arc<Staged>>>>;
+
+impl Volume {
+    /// The staged copy of a file, bringing it from S3 first unless `empty` (about to be emptied).
+    ///
+    /// The fetch runs as a background job of its own, one per file: a cold 10 GiB file delays
+    /// only the operations on that file, and those for at most `stage_wait`, after which they
+    /// answer "retry later" (JUKEBOX) while the fetch goes on, instead of holding the client's
+    /// request (and its retransmissions) for as long as S3 takes.
+    pub(crate) async fn stage(&self, ino: Ino, empty: bool) -> FsResult<Arc<Staged>> {
+        loop {
+            if let Some(st) = self.staged(ino) {
+                return Ok(st);
+            }
+            let job = {
+                let mut jobs = self.staging_jobs.locked();
+                if let Some(st) = self.staged(ino) {
+                    return Ok(st);
+                }
+                match jobs.get(&ino) {
+                    Some(j) => j.clone(),
+                    None => {
+                        let vol = self
+                            .this
+                            .get()
+                            .and_then(|w| w.upgrade())
+                            .ok_or_else(|| FsError::Io("volume closing".into()))?;
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let v = vol.clone();
+                        // The job leaves the map under the map's lock, which we hold until it
+                        // is in: it cannot leave before it arrived.
+                        vol.spawn_background(
+                            async move {
+                                let r = v.fetch_to_staging(ino, empty).await;
+                                v.staging_jobs.locked().remove(&ino);
+                                let _ = tx.send(r);
+                            }
+                            .instrument(tracing::info_span!("stage", ino)),
+                        );
+                        let job: StagingJob = async move {
+                            rx.await
+                                .unwrap_or_else(|_| Err(FsError::Io("staging job ended without an answer".into())))
+                        }
+                        .boxed()
+                        .shared();
+                        jobs.insert(ino, job.clone());
+                        job
+                    }
+                }
+            };
+            match tokio::time::timeout(self.cfg.stage_wait, job).await {
+                Ok(Ok(st)) if !st.gone.load(Ordering::Acquire) => return Ok(st),
+                Ok(Ok(_)) => continue, // removed or evicted since: look again
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(FsError::Retry("the file is still coming from S3".into())),
+            }
+        }
+    }
+
+    async fn fetch_to_staging(&self, ino: Ino, empty: bool) -> FsResult<Arc<Staged>> {
+        if let Some(st) = self.staged(ino) {
+            return Ok(st);
+        }
+        let inode = self.inode(ino)?;
+        if inode.kind != Kind::File {
+            return Err(FsError::Invalid("not a regular file".into()));
+        }
+        let path = self.staging_dir.join(ino.to_string());
+        let tmp = self.staging_dir.join(format!("{ino}.download"));
+        {
+            let file = std::fs::File::create(&tmp)?;
+            if let (Some(r), false) = (&inode.remote, empty) {
+                // Streamed through disk chunk by chunk: memory stays bounded whatever the size.
+                let mut off = 0;
+                while off < r.size {
+                    let end = (off + self.cfg.read_chunk).min(r.size);
+                    let bytes = self.store.get_range(&r.key, off..end).await?;
+                    if bytes.is_empty() {
+                        break;
+                    }
+                    file.write_all_at(&bytes, off)?;
+                    off += bytes.len() as u64;
+                }
+            }
+        }
+        // Removed while it was fetched: nothing to stage.
+        let Some(inode) = self.meta.inode(ino)? else {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(FsError::Stale);
+        };
+        std::fs::rename(&tmp, &path)?;
+        let st = Arc::new(Staged::open(ino, path, false, self.cfg.part_size)?);
+        *st.mtime.locked() = inode.mtime;
+        self.staged.locked().insert(ino, st.clone());
+        Ok(st)
     }
 }

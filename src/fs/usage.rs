@@ -13,6 +13,7 @@
 //! So `df` may show space freed by a removal a few seconds late, and a write right after a large
 //! removal may still get ENOSPC until the next count. Never the other way round.
 
+use crate::sync::LockExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -107,7 +108,7 @@ impl Usage {
 
     /// Whether a count is due: something changed and the last count is old enough.
     pub fn count_due(&self) -> bool {
-        self.changed.load(Ordering::Acquire) && self.last_count.lock().unwrap().elapsed() >= RECOUNT_INTERVAL
+        self.changed.load(Ordering::Acquire) && self.last_count.locked().elapsed() >= RECOUNT_INTERVAL
     }
 
     /// Takes the result of a full count. Call [`Usage::begin_count`] before counting.
@@ -119,7 +120,7 @@ impl Usage {
     /// Marks the start of a count: changes from now on make the next one due.
     pub fn begin_count(&self) {
         self.changed.store(false, Ordering::Release);
-        *self.last_count.lock().unwrap() = Instant::now();
+        *self.last_count.locked() = Instant::now();
     }
 }
 

@@ -28,6 +28,7 @@ mod wal;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::sync::LockExt;
 use serde::{Deserialize, Serialize};
 
 pub use wal::Wal;
@@ -310,7 +311,7 @@ impl MetaDb {
     /// moment after the last handle is dropped, so an open that finds it locked retries briefly.
     fn open_sled(dir: &Path) -> MetaResult<(sled::Db, PathBuf)> {
         let path = std::fs::canonicalize(dir)?.join("sled");
-        let mut open = open_dbs().lock().unwrap();
+        let mut open = open_dbs().locked();
         if let Some((db, n)) = open.get_mut(&path) {
             *n += 1;
             return Ok((db.clone(), path));
@@ -339,7 +340,7 @@ impl MetaDb {
 
     /// Releases this handle's count (see [`MetaDb::open_sled`]).
     fn close_sled(path: &Path) {
-        let mut open = open_dbs().lock().unwrap();
+        let mut open = open_dbs().locked();
         if let Some((_, n)) = open.get_mut(path) {
             *n -= 1;
             if *n == 0 {
@@ -366,7 +367,7 @@ impl MetaDb {
             return Ok(());
         }
         let bytes = enc(&batch);
-        let mut wal = self.wal.lock().unwrap();
+        let mut wal = self.wal.locked();
         wal.append(&bytes)?;
         Self::apply(&self.tree, batch)?;
         if wal.len() > CHECKPOINT_BYTES {
@@ -379,14 +380,14 @@ impl MetaDb {
     /// fsyncs the log: everything committed so far survives a reboot of the node.
     pub fn sync(&self) -> MetaResult<()> {
         // Clone the handle so the fsync does not hold up committers.
-        let file = self.wal.lock().unwrap().handle()?;
+        let file = self.wal.locked().handle()?;
         file.sync_data()?;
         Ok(())
     }
 
     /// Flushes sled and empties the log.
     pub fn checkpoint(&self) -> MetaResult<()> {
-        let mut wal = self.wal.lock().unwrap();
+        let mut wal = self.wal.locked();
         self.tree.flush()?;
         wal.truncate()?;
         Ok(())
@@ -472,7 +473,7 @@ impl MetaDb {
 
     /// Bytes in the write-ahead journal since its last checkpoint.
     pub fn journal_bytes(&self) -> u64 {
-        self.wal.lock().unwrap().len()
+        self.wal.locked().len()
     }
 
     pub fn pending_count(&self) -> usize {
