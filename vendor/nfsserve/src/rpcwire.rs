@@ -2,7 +2,8 @@ use std::io::{Cursor, Read, Write};
 
 use anyhow::anyhow;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, trace, warn};
 
 use crate::context::RPCContext;
@@ -127,7 +128,7 @@ async fn read_fragment(socket: &mut DuplexStream, append_to: &mut Vec<u8>) -> Re
 
 /// s3nfs patch: a reply longer than one fragment allows is sent as several (0.11.0 asserted,
 /// which killed the connection's task on a READ of 2 GiB).
-pub async fn write_fragment(socket: &mut tokio::net::TcpStream, buf: &[u8]) -> Result<(), anyhow::Error> {
+pub async fn write_fragment<W: tokio::io::AsyncWrite + Unpin>(socket: &mut W, buf: &[u8]) -> Result<(), anyhow::Error> {
     const MAX_FRAGMENT: usize = (1 << 31) - 1;
     let mut chunks = buf.chunks(MAX_FRAGMENT).peekable();
     if buf.is_empty() {
@@ -145,6 +146,23 @@ pub async fn write_fragment(socket: &mut tokio::net::TcpStream, buf: &[u8]) -> R
 
 pub type SocketMessageType = Result<Vec<u8>, anyhow::Error>;
 
+/// s3nfs patch: requests one connection may have in flight (read from the socket, reply not yet
+/// written back); further requests stay in the socket until one is answered. 0.11.0 spawned a
+/// task per request without limit and queued replies without limit, so a client pipelining
+/// READs and never reading the replies grew the server's memory without end.
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 32;
+/// s3nfs patch: requests in flight on all connections of one listener together. With requests
+/// and replies of at most about 1 MiB each, this bounds what requests hold at about
+/// `MAX_IN_FLIGHT` x 2.1 MiB, whatever the clients send.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// The reply to one request, with what it holds of the in-flight bounds: released once the
+/// reply is on the socket.
+pub struct Reply {
+    pub message: SocketMessageType,
+    pub held: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
 /// The Socket Message Handler reads from a TcpStream and spawns off
 /// subtasks to handle each message. replies are queued into the
 /// reply_send_channel.
@@ -152,13 +170,16 @@ pub type SocketMessageType = Result<Vec<u8>, anyhow::Error>;
 pub struct SocketMessageHandler {
     cur_fragment: Vec<u8>,
     socket_receive_channel: DuplexStream,
-    reply_send_channel: mpsc::UnboundedSender<SocketMessageType>,
+    reply_send_channel: mpsc::UnboundedSender<Reply>,
     context: RPCContext,
+    /// This connection's and the listener's in-flight bounds.
+    local: Arc<Semaphore>,
+    global: Arc<Semaphore>,
 }
 
 impl SocketMessageHandler {
     /// Creates a new SocketMessageHandler with the receiver for queued message replies
-    pub fn new(context: &RPCContext) -> (Self, DuplexStream, mpsc::UnboundedReceiver<SocketMessageType>) {
+    pub fn new(context: &RPCContext, global: Arc<Semaphore>) -> (Self, DuplexStream, mpsc::UnboundedReceiver<Reply>) {
         let (socksend, sockrecv) = tokio::io::duplex(256000);
         let (msgsend, msgrecv) = mpsc::unbounded_channel();
         (
@@ -167,6 +188,8 @@ impl SocketMessageHandler {
                 socket_receive_channel: sockrecv,
                 reply_send_channel: msgsend,
                 context: context.clone(),
+                local: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION)),
+                global,
             },
             socksend,
             msgrecv,
@@ -178,6 +201,11 @@ impl SocketMessageHandler {
         let is_last = read_fragment(&mut self.socket_receive_channel, &mut self.cur_fragment).await?;
         if is_last {
             let fragment = std::mem::take(&mut self.cur_fragment);
+            // The connection's own bound first: a connection at its limit must not sit on the
+            // listener's permits while it waits.
+            let local = self.local.clone().acquire_owned().await?;
+            let global = self.global.clone().acquire_owned().await?;
+            let permits = (local, global);
             let context = self.context.clone();
             let send = self.reply_send_channel.clone();
             tokio::spawn(async move {
@@ -187,14 +215,15 @@ impl SocketMessageHandler {
                 match maybe_reply {
                     Err(e) => {
                         error!("RPC Error: {:?}", e);
-                        let _ = send.send(Err(e));
+                        let _ = send.send(Reply { message: Err(e), held: permits });
                     },
                     Ok(true) => {
                         let _ = std::io::Write::flush(&mut write_cursor);
-                        let _ = send.send(Ok(write_buf));
+                        let _ = send.send(Reply { message: Ok(write_buf), held: permits });
                     },
                     Ok(false) => {
-                        // do not reply
+                        // do not reply (a retransmission of a request in progress)
+                        drop(permits);
                     },
                 }
             });

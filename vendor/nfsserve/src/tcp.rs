@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow;
 use async_trait::async_trait;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info};
@@ -34,16 +34,21 @@ pub fn generate_host_ip(hostnum: u16) -> String {
 /// s3nfs patch: when `shutdown` fires, no more bytes are read from the client; the requests
 /// already received are answered, then the connection is closed. The in-flight requests each hold
 /// a sender of the reply channel, so the channel closes exactly when the last one has answered.
+///
+/// Reading from the client and writing replies to it are independent: a task pumps what the
+/// client sends into the message handler, and may wait there while the connection has its
+/// maximum of requests in flight, while this loop keeps writing the replies that free them.
 async fn process_socket(
-    mut socket: tokio::net::TcpStream,
+    socket: tokio::net::TcpStream,
     context: RPCContext,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 ) -> Result<(), anyhow::Error> {
-    let (mut message_handler, socksend, mut msgrecvchan) = SocketMessageHandler::new(&context);
-    let mut socksend = Some(socksend);
+    let (mut message_handler, mut socksend, mut msgrecvchan) = SocketMessageHandler::new(&context, in_flight);
     let _ = socket.set_nodelay(true);
+    let (mut from_client, mut to_client) = socket.into_split();
 
-    tokio::spawn(async move {
+    let handler = tokio::spawn(async move {
         loop {
             if let Err(e) = message_handler.read().await {
                 debug!("Message loop broken due to {:?}", e);
@@ -51,56 +56,90 @@ async fn process_socket(
             }
         }
     });
-    loop {
-        tokio::select! {
-            _ = shutdown.changed(), if socksend.is_some() => {
-                // Closing our end of the pipe ends the message loop once it has read what is
-                // buffered; the replies still come through `msgrecvchan` below.
-                socksend = None;
-            }
-            _ = socket.readable(), if socksend.is_some() => {
-                let mut buf = [0; 128000];
+    // Once the connection is gone, the requests it left buffered are not worth serving
+    // (nobody will read the replies): stop reading them.
+    let _handler = AbortOnDrop(handler);
 
-                match socket.try_read(&mut buf) {
+    // Ok(()) when the client closed, Err when reading failed; dropped unsent on shutdown.
+    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<io::Result<()>>();
+    let mut stop = shutdown;
+    let pump = tokio::spawn(async move {
+        let mut buf = vec![0u8; 128 * 1024];
+        loop {
+            tokio::select! {
+                // Shutdown: read nothing more. Dropping `socksend` ends the handler once it
+                // has read what is buffered; the replies still come below.
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+                r = from_client.read(&mut buf) => match r {
                     Ok(0) => {
-                        return Ok(());
+                        let _ = closed_tx.send(Ok(()));
+                        return;
                     }
                     Ok(n) => {
-                        if let Some(s) = socksend.as_mut() {
-                            let _ = s.write_all(&buf[..n]).await;
+                        if socksend.write_all(&buf[..n]).await.is_err() {
+                            return;
                         }
                     }
-                    Err(ref e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        continue;
-                    }
                     Err(e) => {
-                        debug!("Message handling closed : {:?}", e);
-                        return Err(e.into());
+                        let _ = closed_tx.send(Err(e));
+                        return;
                     }
-                }
+                },
+            }
+        }
+    });
+    let _pump = AbortOnDrop(pump);
 
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            closed = &mut closed_rx, if reading => match closed {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    debug!("Message handling closed : {:?}", e);
+                    return Err(e.into());
+                }
+                // The pump stopped for a shutdown: answer what was received, then close.
+                Err(_) => reading = false,
             },
             reply = msgrecvchan.recv() => {
                 match reply {
-                    Some(Err(e)) => {
+                    Some(Reply { message: Err(e), .. }) => {
                         debug!("Message handling closed : {:?}", e);
                         return Err(e);
                     }
-                    Some(Ok(msg)) => {
-                        if let Err(e) = write_fragment(&mut socket, &msg).await {
-                            error!("Write error {:?}", e);
+                    Some(Reply { message: Ok(msg), held }) => {
+                        // A client that stops reading its replies is dropped rather than
+                        // allowed to hold its requests' memory for ever.
+                        match tokio::time::timeout(REPLY_TIMEOUT, write_fragment(&mut to_client, &msg)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                debug!("Write error {:?}", e);
+                                return Err(e);
+                            }
+                            Err(_) => {
+                                info!("client {} did not read its replies for {:?}: closing", context.client_addr, REPLY_TIMEOUT);
+                                return Err(anyhow::anyhow!("reply not taken within {REPLY_TIMEOUT:?}"));
+                            }
                         }
+                        drop(held);
                     }
-                    None if socksend.is_none() => {
-                        let _ = socket.shutdown().await;
-                        return Ok(());
-                    }
+                    // Every request answered and nothing more to read.
                     None => {
-                        return Err(anyhow::anyhow!("Unexpected socket context termination"));
+                        let _ = to_client.shutdown().await;
+                        return Ok(());
                     }
                 }
             }
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -119,6 +158,14 @@ pub trait NFSTcp: Send + Sync {
     /// Loops forever and never returns handling all incoming connections.
     async fn handle_forever(&self) -> io::Result<()>;
 }
+
+/// s3nfs patch: how long a reply may wait for the client to read it before the connection is
+/// closed (the client reconnects and retransmits, as after any lost connection).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// s3nfs patch: connections one listener serves at once; more wait in the listen backlog until
+/// one closes (a burst of connections costs queued sockets, not tasks and buffers).
+pub const MAX_CONNECTIONS: usize = 512;
 
 /// Longest pause between retries of a failing `accept()` (EMFILE, ENFILE, ENOBUFS...).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -235,12 +282,13 @@ impl<T: NFSFileSystem + Send + Sync + 'static> NFSTcpListener<T> {
     async fn accept_until(&self, mut shutdown: watch::Receiver<bool>) -> io::Result<()> {
         let mut conns = tokio::task::JoinSet::new();
         let mut backoff = Duration::from_millis(10);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 // Reap finished connections so the set does not grow with the process's age.
                 Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-                r = self.listener.accept() => r,
+                r = self.listener.accept(), if conns.len() < MAX_CONNECTIONS => r,
             };
             let socket = match accepted {
                 Ok((socket, _)) => {
@@ -275,8 +323,9 @@ impl<T: NFSFileSystem + Send + Sync + 'static> NFSTcpListener<T> {
             info!("Accepting connection from {}", context.client_addr);
             debug!("Accepting socket {:?} {:?}", socket, context);
             let stop = shutdown.clone();
+            let in_flight = in_flight.clone();
             conns.spawn(async move {
-                let _ = process_socket(socket, context, stop).await;
+                let _ = process_socket(socket, context, stop, in_flight).await;
             });
         }
         while conns.join_next().await.is_some() {}
