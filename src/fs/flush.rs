@@ -42,7 +42,12 @@ pub struct FlushState {
     in_flight: Mutex<HashMap<String, usize>>,
     /// Keys deleted lately, and when: a listing that started before a deletion may still show
     /// the object, and must not bring it back.
-    recent_deletes: Mutex<HashMap<String, std::time::Instant>>,
+    /// Ordered by key, so that "anything under this prefix" is a range, not a scan.
+    recent_deletes: Mutex<std::collections::BTreeMap<String, std::time::Instant>>,
+    /// Where the next round's share of the pending inodes starts (see `flush_round`).
+    cursor: AtomicU64,
+    /// Dirty bytes counted so far in the sweep under way.
+    dirty_sweep: AtomicU64,
     /// One flush round at a time: the background flusher and `flush_all` must not sync the same
     /// inode concurrently (the loser of a rename's copy would find its source already gone).
     round: tokio::sync::Mutex<()>,
@@ -62,8 +67,10 @@ impl FlushState {
             streaming: Mutex::new(HashSet::new()),
             key_locks: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
-            recent_deletes: Mutex::new(HashMap::new()),
+            recent_deletes: Mutex::new(Default::default()),
             round: tokio::sync::Mutex::new(()),
+            cursor: AtomicU64::new(0),
+            dirty_sweep: AtomicU64::new(0),
             uploaded_bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         }
@@ -95,7 +102,9 @@ impl FlushState {
     pub(crate) fn deleted_since(&self, key: &str, is_prefix: bool, since: std::time::Instant) -> bool {
         let d = self.recent_deletes.locked();
         if is_prefix {
-            d.iter().any(|(k, t)| *t >= since && k.starts_with(key))
+            d.range::<str, _>((std::ops::Bound::Included(key), std::ops::Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(key))
+                .any(|(_, t)| *t >= since)
         } else {
             d.get(key).is_some_and(|t| *t >= since)
         }
@@ -214,6 +223,9 @@ struct Synced {
     gen: Option<u64>,
 }
 
+/// Journal records one background flush round looks at.
+const ROUND_SCAN: usize = 4096;
+
 impl Volume {
     /// Uploads everything pending now, ignoring the flush delay; returns when nothing is pending
     /// or an S3 error stops progress (the error is returned; the work stays journalled).
@@ -248,12 +260,19 @@ impl Volume {
             let _round = self.flusher.round.lock().await;
             self.start_streams();
             let mut first_err: Option<FsError> = None;
-            let deletes = self.meta.all_deletes()?;
+            // A round looks at a bounded share of the journal (ROUND_SCAN records), so that a
+            // million pending inodes do not make every 200 ms tick read a million records; the
+            // next round goes on where this one stopped. A forced round (flush_all) takes all.
+            let deletes = if force {
+                self.meta.all_deletes()?
+            } else {
+                self.meta.some_deletes(ROUND_SCAN)?
+            };
             let results: Vec<_> = futures::stream::iter(deletes.into_iter().map(|(seq, key)| async move {
                 let r = self.delete_key(&key, None).await;
                 if r.is_ok() {
                     let mut b = Batch::new();
-                    b.done_delete(seq);
+                    b.done_delete(seq, &key);
                     self.meta.commit(b)?;
                 }
                 r
@@ -263,9 +282,22 @@ impl Volume {
             .await;
             self.flusher.note_failures("delete", results, &mut first_err);
 
-            let pending = self.meta.all_pending()?;
+            let (pending, sweep_start, sweep_end) = if force {
+                (self.meta.all_pending()?, true, true)
+            } else {
+                let after = self.flusher.cursor.load(Ordering::Acquire);
+                let page = self.meta.pending_after(after, ROUND_SCAN)?;
+                let end = page.len() < ROUND_SCAN;
+                let next = if end { 0 } else { page.last().map_or(0, |p| p.0) };
+                self.flusher.cursor.store(next, Ordering::Release);
+                (page, after == 0, end)
+            };
             tracing::Span::current().record("pending", pending.len());
-            let mut dirty = 0;
+            let mut dirty = if sweep_start {
+                0
+            } else {
+                self.flusher.dirty_sweep.load(Ordering::Acquire)
+            };
             let mut due = Vec::new();
             for (ino, seq) in pending {
                 let st = self.staged(ino);
@@ -280,13 +312,21 @@ impl Volume {
                 }
                 due.push((ino, seq));
             }
-            self.flusher.dirty_bytes.store(dirty, Ordering::Release);
+            // Dirty bytes are known once a sweep over every pending inode is complete.
+            if sweep_end {
+                self.flusher.dirty_bytes.store(dirty, Ordering::Release);
+            } else {
+                self.flusher.dirty_sweep.store(dirty, Ordering::Release);
+            }
+            if !due.is_empty() && !sweep_end {
+                self.flusher.kick(); // more of the journal to look at, and it had work
+            }
             let results: Vec<_> = futures::stream::iter(due.into_iter().map(|(ino, seq)| self.sync_inode(ino, seq)))
                 .buffer_unordered(self.cfg.upload_concurrency)
                 .collect()
                 .await;
             self.flusher.note_failures("upload", results, &mut first_err);
-            let left = self.meta.pending_count() + self.meta.all_deletes()?.len();
+            let left = self.meta.pending_count() + self.meta.delete_count();
             match first_err {
                 Some(e) if force => Err(e),
                 _ => Ok(left),
@@ -753,6 +793,11 @@ impl Volume {
         };
         let mut clean = self.meta.pending(ino)? == Some(seq);
         if let Some(s) = synced {
+            if let Some(old) = &inode.remote {
+                if old.key != s.remote.key {
+                    b.moved_from(&old.key, ino);
+                }
+            }
             if let (Some(st), Some(gen)) = (&st, s.gen) {
                 if st.gen() == gen {
                     st.content_dirty.store(false, Ordering::Release);

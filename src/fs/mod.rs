@@ -780,9 +780,6 @@ impl Volume {
     async fn list_dir(&self, dir: &Inode) -> FsResult<()> {
         let prefix = self.dir_prefix(dir)?;
         let epoch_before = self.flusher.epoch();
-        // Objects removed here but not yet deleted in S3 must not come back from the listing.
-        let deleting: std::collections::HashSet<String> =
-            self.meta.all_deletes()?.into_iter().map(|(_, k)| k).collect();
         let started = Instant::now();
         let mut files: HashMap<String, crate::store::ObjectSummary> = HashMap::new();
         let mut dirs: std::collections::HashSet<String> = Default::default();
@@ -827,23 +824,13 @@ impl Volume {
             return Ok(());
         };
         // Objects that pending work is about to move or delete are not new entries: they are
-        // where renamed or removed inodes used to be. Deletions queued before the listing count
-        // too: one may have finished (and left the journal) while the listing was under way.
-        let mut leaving = deleting;
-        leaving.extend(self.meta.all_deletes()?.into_iter().map(|(_, k)| k));
-        for (ino, _) in self.meta.all_pending()? {
-            if let Some(Inode { remote: Some(r), .. }) = self.meta.inode(ino)? {
-                leaving.insert(r.key);
-            }
-        }
-        let is_leaving = |key: &str, is_dir: bool| {
-            self.flusher.writing(key, is_dir)
+        // where renamed or removed inodes used to be (the journal indexes them by key, so this
+        // costs a lookup per unknown name, not a read of all pending work). A deletion that
+        // finished while the listing was under way is in `deleted_since`.
+        let is_leaving = |key: &str, is_dir: bool| -> FsResult<bool> {
+            Ok(self.flusher.writing(key, is_dir)
                 || self.flusher.deleted_since(key, is_dir, started)
-                || if is_dir {
-                    leaving.iter().any(|k| k.starts_with(key))
-                } else {
-                    leaving.contains(key)
-                }
+                || self.meta.key_leaving(key, is_dir)?)
         };
         let mut batch = Batch::new();
         let mut seen = std::collections::HashSet::new();
@@ -863,7 +850,7 @@ impl Volume {
                 Some(o) => o.key.clone(),
                 None => format!("{prefix}{name}/"),
             };
-            if existing.is_none() && is_leaving(&key, obj.is_none()) {
+            if existing.is_none() && is_leaving(&key, obj.is_none())? {
                 continue;
             }
             if let Some(ino) = existing {
@@ -1182,6 +1169,7 @@ impl Volume {
     fn queue_remote_delete(&self, batch: &mut Batch, inode: &Inode) {
         if let Some(r) = &inode.remote {
             batch.queue_delete(self.next_seq(), &r.key);
+            batch.moved_from(&r.key, inode.ino);
         }
     }
 
@@ -1313,10 +1301,14 @@ impl Volume {
         if to_dir != from_dir {
             self.touch_dir(&mut batch, to_dir)?;
         }
-        // Everything under the moved inode has a new key: each is moved in the background.
+        // Everything under the moved inode has a new key: each is moved in the background, and
+        // until then its old object is known to be leaving (see `list_dir`).
         let mut stack = vec![ino];
         while let Some(i) = stack.pop() {
             batch.mark_pending(i, self.next_seq());
+            if let Some(Inode { remote: Some(r), .. }) = self.meta.inode(i)? {
+                batch.moving_from(&r.key, i);
+            }
             let mut after = 0;
             loop {
                 let kids = self.meta.children(i, after, 1024)?;

@@ -25,6 +25,7 @@
 
 mod wal;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -168,6 +169,17 @@ fn k2(tag: u8, a: u64, b: &[u8]) -> Vec<u8> {
     v
 }
 
+/// `tag`, then `bytes`, then a NUL and `n`: keys of indexes by object key, where a prefix scan
+/// over `tag` + a key prefix finds every entry for the keys under it.
+fn kb(tag: u8, bytes: &[u8], n: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(bytes.len() + 10);
+    v.push(tag);
+    v.extend_from_slice(bytes);
+    v.push(0);
+    v.extend_from_slice(&n.to_be_bytes());
+    v
+}
+
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).expect("in-memory serialization cannot fail")
 }
@@ -226,11 +238,23 @@ impl Batch {
     pub fn clear_pending(&mut self, ino: Ino) {
         self.del(k(b'P', ino));
     }
+    /// Queues the deletion of the object `key`. `Y` indexes the queue by key, so that a listing
+    /// asks "is this key being deleted?" without reading the whole queue.
     pub fn queue_delete(&mut self, seq: u64, key: &str) {
         self.put(k(b'X', seq), key.as_bytes().to_vec());
+        self.put(kb(b'Y', key.as_bytes(), seq), Vec::new());
     }
-    pub fn done_delete(&mut self, seq: u64) {
+    pub fn done_delete(&mut self, seq: u64, key: &str) {
         self.del(k(b'X', seq));
+        self.del(kb(b'Y', key.as_bytes(), seq));
+    }
+    /// Records that the object `key` belongs to `ino` only until `ino` is uploaded under its new
+    /// key (a rename not yet carried out in S3): listings must not take it for a new file.
+    pub fn moving_from(&mut self, key: &str, ino: Ino) {
+        self.put(kb(b'Z', key.as_bytes(), ino), Vec::new());
+    }
+    pub fn moved_from(&mut self, key: &str, ino: Ino) {
+        self.del(kb(b'Z', key.as_bytes(), ino));
     }
     pub fn set_upload(&mut self, ino: Ino, key: &str, upload_id: &str) {
         self.put(k(b'U', ino), enc(&(key.to_string(), upload_id.to_string())));
@@ -257,6 +281,10 @@ pub struct MetaDb {
     sled_path: PathBuf,
     tree: sled::Tree,
     wal: Mutex<Wal>,
+    /// How many `P` and `X` records there are, kept as they change (under the journal's lock),
+    /// so that a flush round or a metrics scrape does not count a million records each time.
+    pending_n: std::sync::atomic::AtomicU64,
+    deletes_n: std::sync::atomic::AtomicU64,
 }
 
 /// Checkpoint (flush sled, empty the log) once the log grows past this: bounds replay time.
@@ -292,6 +320,8 @@ impl MetaDb {
             }
         };
         let me = MetaDb {
+            pending_n: (tree.scan_prefix([b'P']).count() as u64).into(),
+            deletes_n: (tree.scan_prefix([b'X']).count() as u64).into(),
             _db: db,
             sled_path,
             tree,
@@ -369,7 +399,11 @@ impl MetaDb {
         let bytes = enc(&batch);
         let mut wal = self.wal.locked();
         wal.append(&bytes)?;
+        let (dp, dx) = self.count_changes(&batch)?;
         Self::apply(&self.tree, batch)?;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.pending_n.fetch_add(dp as u64, Relaxed);
+        self.deletes_n.fetch_add(dx as u64, Relaxed);
         if wal.len() > CHECKPOINT_BYTES {
             self.tree.flush()?;
             wal.truncate()?;
@@ -477,7 +511,79 @@ impl MetaDb {
     }
 
     pub fn pending_count(&self) -> usize {
-        self.tree.scan_prefix([b'P']).count()
+        self.pending_n.load(std::sync::atomic::Ordering::Relaxed) as usize
+    }
+
+    pub fn delete_count(&self) -> usize {
+        self.deletes_n.load(std::sync::atomic::Ordering::Relaxed) as usize
+    }
+
+    /// How a batch changes the numbers of `P` and `X` records (wrapping: a decrease is a
+    /// large number that `fetch_add` turns into a subtraction). Called under the journal's lock.
+    fn count_changes(&self, batch: &Batch) -> MetaResult<(i64, i64)> {
+        let mut now: HashMap<&[u8], bool> = HashMap::new();
+        let (mut dp, mut dx) = (0i64, 0i64);
+        for (key, val) in &batch.ops {
+            let tag = key.first().copied();
+            if tag != Some(b'P') && tag != Some(b'X') {
+                continue;
+            }
+            let was = match now.get(key.as_slice()) {
+                Some(b) => *b,
+                None => self.tree.contains_key(key)?,
+            };
+            let is = val.is_some();
+            now.insert(key, is);
+            let d = is as i64 - was as i64;
+            if tag == Some(b'P') {
+                dp += d;
+            } else {
+                dx += d;
+            }
+        }
+        Ok((dp, dx))
+    }
+
+    /// Pending inodes after `after` in inode order, at most `max` (a flush round's share).
+    pub fn pending_after(&self, after: Ino, max: usize) -> MetaResult<Vec<(Ino, u64)>> {
+        let mut out = Vec::new();
+        if after == u64::MAX {
+            return Ok(out);
+        }
+        for item in self.tree.range(k(b'P', after + 1)..k(b'Q', 0)) {
+            let (key, v) = item?;
+            out.push((be_u64(&key[1..9])?, be_u64(&v)?));
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first `max` queued deletions, oldest first.
+    pub fn some_deletes(&self, max: usize) -> MetaResult<Vec<(u64, String)>> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([b'X']).take(max) {
+            let (key, v) = item?;
+            out.push((be_u64(&key[1..9])?, String::from_utf8_lossy(&v).into_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Whether the object `key` (with `prefix`: any object under it) is queued for deletion or
+    /// is where a renamed inode is moving from.
+    pub fn key_leaving(&self, key: &str, prefix: bool) -> MetaResult<bool> {
+        for tag in [b'Y', b'Z'] {
+            let mut p = vec![tag];
+            p.extend_from_slice(key.as_bytes());
+            if !prefix {
+                p.push(0);
+            }
+            if self.tree.scan_prefix(&p).next().transpose()?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     pub fn all_deletes(&self) -> MetaResult<Vec<(u64, String)>> {
