@@ -187,3 +187,41 @@ async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
     let got = object(&store, "big").await;
     assert_eq!(&got[..19], b"during the complete", "the later write is uploaded too");
 }
+
+/// A file renamed away from a name that a new file then takes: the renamed file's object must
+/// be copied from the old key before the new file's upload replaces it, even when the copy
+/// fails the first time and the new file's upload goes first.
+#[tokio::test]
+async fn a_new_file_under_a_renamed_files_old_name_never_takes_its_bytes() {
+    use s3nfs::store::faulty::{FaultyStore, Op};
+    use s3nfs::store::StoreError;
+
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let (faulty, faults) = FaultyStore::new(local.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let vol = Volume::open(VolumeConfig::new(state.path().to_path_buf()), store.clone())
+        .await
+        .unwrap();
+    let root = vol.root();
+    let a = vol
+        .create(&ROOT, root, b"a", SetAttr::default(), true)
+        .await
+        .unwrap()
+        .ino;
+    vol.write(&ROOT, a, 0, b"old bytes").await.unwrap();
+    vol.flush_all().await.unwrap();
+    vol.rename(&ROOT, root, b"a", root, b"b").await.unwrap();
+    let new = vol
+        .create(&ROOT, root, b"a", SetAttr::default(), true)
+        .await
+        .unwrap()
+        .ino;
+    vol.write(&ROOT, new, 0, b"new bytes").await.unwrap();
+    faults.fail_next(Op::Copy, 1, StoreError::Unavailable("injected".into()));
+    let _ = vol.flush_round(true).await; // the move fails; the new file's upload does not
+    vol.flush_all().await.unwrap();
+    assert_eq!(object(&store, "b").await, b"old bytes");
+    assert_eq!(object(&store, "a").await, b"new bytes");
+}

@@ -52,6 +52,20 @@ struct Model {
     next_group: u32,
 }
 
+/// Copies a directory tree: the state directory as a crash would leave it on disk.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
 fn join(dir: &str, name: &str) -> String {
     if dir.is_empty() {
         name.to_string()
@@ -147,7 +161,13 @@ enum Op {
         name: &'static str,
     },
     Flush,
+    /// One background flush round (a share of the journal, what is due), between operations.
+    Tick,
     Restart,
+    /// The gateway killed between two operations: the volume is reopened from a copy of its
+    /// state directory as it was at that instant (journal not checkpointed, sled not flushed),
+    /// as SIGKILL leaves it, and the journal is replayed.
+    Crash,
 }
 
 fn name() -> impl Strategy<Value = &'static str> {
@@ -165,7 +185,9 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (any::<usize>(), any::<usize>(), name()).prop_map(|(from, to_dir, name)| Op::Rename { from, to_dir, name }),
         2 => (any::<usize>(), any::<usize>(), name()).prop_map(|(file, to_dir, name)| Op::Link { file, to_dir, name }),
         1 => Just(Op::Flush),
+        2 => Just(Op::Tick),
         1 => Just(Op::Restart),
+        1 => Just(Op::Crash),
     ]
 }
 
@@ -208,6 +230,9 @@ impl Harness {
         let mut cfg = VolumeConfig::new(self.state.path().to_path_buf());
         cfg.prefix = self.prefix.clone();
         cfg.part_size = 5 << 20;
+        // Every round (Tick) finds everything idle long enough: uploads interleave with the
+        // operations as the background flusher makes them.
+        cfg.flush_delay = std::time::Duration::ZERO;
         self.vol = Some(Volume::open(cfg, self.store.clone()).await.unwrap());
     }
 
@@ -423,11 +448,22 @@ impl Harness {
                 self.vol().flush_all().await.unwrap();
                 self.check_bucket().await;
             }
+            Op::Tick => {
+                self.vol().flush_round(false).await.unwrap();
+            }
             Op::Restart => {
                 // Closing without a flush: what is pending must come back from the journal.
                 let vol = self.vol.take().unwrap();
                 assert_eq!(Arc::strong_count(&vol), 1, "nothing else may hold the volume");
                 drop(vol);
+                self.open().await;
+            }
+            Op::Crash => {
+                let crashed = tempfile::tempdir().unwrap();
+                copy_tree(self.state.path(), crashed.path());
+                let vol = self.vol.take().unwrap();
+                drop(vol);
+                self.state = crashed;
                 self.open().await;
             }
         }
@@ -586,6 +622,36 @@ fn regression_rename_dir_then_restart_moves_every_object() {
                 name: "c",
             },
             Op::Restart,
+            Op::Flush,
+        ],
+        local_store,
+    );
+}
+
+/// A file's first name replaced by a rename while another name keeps the file: the other name
+/// takes over the file's object, and nothing is left at a name that no longer exists.
+#[test]
+fn regression_rename_over_a_linked_name() {
+    run(
+        vec![
+            Op::Create { dir: 0, name: "b" },
+            Op::Link {
+                file: 0,
+                to_dir: 0,
+                name: "a",
+            },
+            Op::Create { dir: 0, name: "c" },
+            Op::Flush,
+            Op::Rename {
+                from: 2,
+                to_dir: 0,
+                name: "b",
+            },
+            Op::Rename {
+                from: 0,
+                to_dir: 0,
+                name: "b",
+            },
             Op::Flush,
         ],
         local_store,

@@ -379,6 +379,7 @@ impl Volume {
             return self.sync_link(inode, file, seq).await;
         }
         let key = self.key_of(&inode)?;
+        self.protect_movers(&key, ino).await?;
         let meta = user_meta(&inode);
         let _writing = InFlight::new(&self.flusher, &key);
         let span = tracing::info_span!("sync_inode", ino, key = %key);
@@ -465,6 +466,35 @@ impl Volume {
             gen: None,
         };
         self.record(entry.ino, seq, Some(synced), None).await
+    }
+
+    /// Before `writer` writes `key`: a file still to be moved away from `key` (renamed, or a
+    /// name that took over from a removed one, and not yet copied) would copy whatever `writer`
+    /// puts there instead of its own bytes. Its bytes are brought into staging first (from
+    /// `key`, still untouched), so that it uploads them from there. This also breaks cycles of
+    /// renames (a swap of two names) that no order of copies could carry out.
+    async fn protect_movers(&self, key: &str, writer: Ino) -> FsResult<()> {
+        for m in self.meta.movers(key)? {
+            if m == writer {
+                continue;
+            }
+            let needs_bytes = match self.meta.inode(m)? {
+                Some(i) => i.kind == Kind::File && i.remote.as_ref().is_some_and(|r| r.key == key),
+                None => false,
+            };
+            if needs_bytes {
+                let st = self.stage(m, false).await?;
+                st.content_dirty.store(true, Ordering::Release);
+                st.pending_marked.store(true, Ordering::Release);
+            }
+            let mut b = Batch::new();
+            b.moved_from(key, m);
+            if needs_bytes {
+                b.mark_pending(m, self.next_seq());
+            }
+            self.meta.commit(b)?;
+        }
+        Ok(())
     }
 
     /// Uploads one inode's pending work now (COMMIT of a volume with `--durability s3`).

@@ -64,9 +64,9 @@ impl Volume {
     /// the file's own entry, one of its other names becomes the file's entry.
     pub(crate) fn drop_name(&self, batch: &mut Batch, victim: &Inode) -> FsResult<()> {
         batch.unlink(victim.parent, &victim.name, victim.ino, victim.kind);
-        self.queue_remote_delete(batch, victim);
         let now = Time::now();
         if let Kind::Link(file) = victim.kind {
+            self.queue_remote_delete(batch, victim);
             batch.del_inode(victim.ino);
             batch.del_link(file, victim.ino);
             if let Some(mut f) = self.meta.inode(file)? {
@@ -80,21 +80,29 @@ impl Volume {
             _ => self.meta.links(victim.ino)?.first().copied(),
         };
         let Some(heir) = heir else {
+            self.queue_remote_delete(batch, victim);
             batch.del_inode(victim.ino);
             self.drop_staged(victim.ino);
             self.cache.forget(victim.ino);
             return Ok(());
         };
-        // The heir's entry (its place, its object) becomes the file's.
+        // The heir's place becomes the file's. The file's object moves there as in a rename (copied
+        // over whatever copy the heir had, which may be older or not made yet, then deleted at
+        // the old key), so no version of the file is lost on the way.
         let h = self.inode(heir)?;
+        // The heir's own copy goes, unless the file is at that key by then (the deletion
+        // spares a key a live inode holds, see `flush::delete_key`).
+        self.queue_remote_delete(batch, &h);
         batch.unlink(h.parent, &h.name, heir, h.kind);
         batch.del_inode(heir);
         batch.del_link(victim.ino, heir);
         let mut f = victim.clone();
         f.parent = h.parent;
         f.name = h.name;
-        f.remote = h.remote;
         f.ctime = now;
+        if let Some(r) = &f.remote {
+            batch.moving_from(&r.key, f.ino);
+        }
         batch.link(f.parent, &f.name, f.ino, f.kind);
         batch.put_inode(&f);
         batch.mark_pending(f.ino, self.next_seq());

@@ -570,6 +570,19 @@ impl MetaDb {
         Ok(out)
     }
 
+    /// The inodes still to move their object away from `key` (see `Batch::moving_from`).
+    pub fn movers(&self, key: &str) -> MetaResult<Vec<Ino>> {
+        let mut p = vec![b'Z'];
+        p.extend_from_slice(key.as_bytes());
+        p.push(0);
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(&p) {
+            let (k, _) = item?;
+            out.push(be_u64(&k[p.len()..])?);
+        }
+        Ok(out)
+    }
+
     /// Whether the object `key` (with `prefix`: any object under it) is queued for deletion or
     /// is where a renamed inode is moving from.
     pub fn key_leaving(&self, key: &str, prefix: bool) -> MetaResult<bool> {
@@ -676,6 +689,45 @@ mod tests {
         db.commit(b).unwrap();
         let rest: Vec<_> = db.children(1, 7, 100).unwrap().into_iter().map(|c| c.0).collect();
         assert_eq!(rest, vec![12]);
+    }
+
+    #[test]
+    fn counts_and_key_indexes_follow_every_change_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = MetaDb::open(dir.path()).unwrap();
+            let mut b = Batch::new();
+            b.mark_pending(5, 1);
+            b.mark_pending(5, 2); // again in one batch: still one record
+            b.mark_pending(6, 3);
+            b.queue_delete(10, "d/x");
+            b.moving_from("old/y", 6);
+            db.commit(b).unwrap();
+            assert_eq!((db.pending_count(), db.delete_count()), (2, 1));
+            let mut b = Batch::new();
+            b.mark_pending(6, 4); // already there
+            b.clear_pending(7); // never was
+            b.del_inode(5); // takes its pending record along
+            db.commit(b).unwrap();
+            assert_eq!(db.pending_count(), 1);
+            assert_eq!(db.pending_after(0, 10).unwrap(), vec![(6, 4)]);
+            assert_eq!(db.pending_after(6, 10).unwrap(), vec![]);
+            assert!(db.key_leaving("d/x", false).unwrap());
+            assert!(!db.key_leaving("d/xy", false).unwrap());
+            assert!(!db.key_leaving("d/", false).unwrap());
+            assert!(db.key_leaving("d/", true).unwrap());
+            assert!(db.key_leaving("old/y", false).unwrap());
+            assert!(db.key_leaving("old/", true).unwrap());
+            let mut b = Batch::new();
+            b.done_delete(10, "d/x");
+            b.moved_from("old/y", 6);
+            db.commit(b).unwrap();
+            assert_eq!(db.delete_count(), 0);
+            assert!(!db.key_leaving("d/", true).unwrap());
+            assert!(!db.key_leaving("old/y", false).unwrap());
+        }
+        let db = MetaDb::open(dir.path()).unwrap();
+        assert_eq!((db.pending_count(), db.delete_count()), (1, 0));
     }
 }
 
