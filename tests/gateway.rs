@@ -666,6 +666,44 @@ fn check_prefix(p: &Plan, got: &[u8], acked: usize, what: &str) {
     assert!(bad.is_none(), "{what} {}: differs at byte {bad:?}", p.name);
 }
 
+/// SIGTERM while two clients write: every WRITE the gateway acknowledged is in S3 when the
+/// process has exited (the flush delay is an hour: only the stop's own flush uploads), and the
+/// writes that came too late were refused (their connection closed), not acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_racing_sigterm_are_refused_or_in_s3() {
+    let g = common::garage::shared();
+    let bucket = g.unique_bucket();
+    let s3 = S3Side::for_bucket(&bucket).await;
+    let mut gw = Proc::start(&bucket, "", "1h");
+    let plans = std::sync::Arc::new(plans(7, 100));
+    let acked: Acked = std::sync::Arc::new(std::sync::Mutex::new(vec![None; plans.len()]));
+    let mut tasks = Vec::new();
+    for w in 0..2 {
+        let which: Vec<usize> = (w..plans.len()).step_by(2).collect();
+        tasks.push(tokio::spawn(writer(gw.addr(), plans.clone(), which, acked.clone())));
+    }
+    poll_until!(Duration::from_secs(300), "8 MiB acknowledged", {
+        let total: usize = acked.lock().unwrap().iter().flatten().sum();
+        (total >= 8 << 20).then_some(())
+    });
+    let st = gw.term();
+    assert!(st.success(), "graceful stop: {st}\n{}", gw.log());
+    for t in tasks {
+        let _ = t.await; // refused: the writers fail once the gateway stopped listening
+    }
+    let acked: Vec<Option<usize>> = acked.lock().unwrap().clone();
+    let complete = plans.iter().zip(&acked).filter(|(p, a)| **a == Some(p.len)).count();
+    assert!(complete < plans.len(), "the stop came after the writers were done");
+    for (p, a) in plans.iter().zip(&acked) {
+        match (s3.get(&p.name).await, a) {
+            (Some(got), Some(a)) => check_prefix(p, &got, *a, "S3 after SIGTERM"),
+            (None, Some(_)) => panic!("{} was acknowledged but is not in S3", p.name),
+            (Some(got), None) => check_prefix(p, &got, 0, "S3 (unacknowledged create)"),
+            (None, None) => {}
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_sigkill() {
     let g = common::garage::shared();
