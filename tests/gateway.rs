@@ -1054,3 +1054,46 @@ async fn malformed_rpc_does_not_stop_the_server() {
     assert_eq!(c.names(&root).await.unwrap(), vec!["f"]);
     assert_eq!(before.read_all(&f).await.unwrap(), b"still here");
 }
+
+/// S3 requests that fail, and requests that succeed but whose reply is lost, under NFS
+/// operations: every acknowledged byte ends up in S3, with nothing left at an old name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_dropped_s3_requests_lose_nothing() {
+    use s3nfs::store::faulty::Op;
+    use s3nfs::store::StoreError;
+    let (gw, s3, faults) = gateway::on_faulty_garage(Opts {
+        flush_delay: Duration::from_secs(3600),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    // A multipart upload whose CompleteMultipartUpload succeeds in S3 but whose reply is lost.
+    let big = pattern(1, 40 << 20);
+    let f = c.create(&root, "big", 0o644).await.unwrap();
+    c.write_all(&f, 0, &big).await.unwrap();
+    faults.drop_next(Op::Complete, 1);
+    faults.fail_next(Op::UploadPart, 2, StoreError::Unavailable("injected".into()));
+    // Small files: a PUT that fails, a PUT whose reply is lost.
+    let small = c.create(&root, "small", 0o644).await.unwrap();
+    c.write_all(&small, 0, b"small bytes").await.unwrap();
+    let other = c.create(&root, "other", 0o644).await.unwrap();
+    c.write_all(&other, 0, b"other bytes").await.unwrap();
+    faults.fail_next(Op::Put, 1, StoreError::Unavailable("injected".into()));
+    faults.drop_next(Op::Put, 1);
+    let _ = gw.vol.flush_round(true).await;
+    // A rename whose copy's reply is lost and whose delete fails once.
+    c.rename(&root, "other", &root, "moved").await.unwrap();
+    faults.drop_next(Op::Copy, 1);
+    faults.fail_next(Op::Delete, 1, StoreError::Unavailable("injected".into()));
+    let _ = gw.vol.flush_round(true).await;
+    gw.vol.flush_all().await.unwrap();
+    assert!(faults.reached(Op::Complete) >= 1);
+    assert_eq!(s3.get("big").await.as_deref(), Some(&big[..]), "the large file");
+    assert_eq!(s3.get("small").await.as_deref(), Some(&b"small bytes"[..]));
+    assert_eq!(s3.get("moved").await.as_deref(), Some(&b"other bytes"[..]));
+    assert_eq!(s3.get("other").await, None, "the old name is gone");
+    let mut keys = s3.keys("").await;
+    keys.sort();
+    assert_eq!(keys, vec!["big", "moved", "small"]);
+}

@@ -223,6 +223,31 @@ struct Synced {
     gen: Option<u64>,
 }
 
+/// The ETag S3 gives an object completed from `parts`: the MD5 of the parts' MD5s, then
+/// `-<number of parts>` (empty when a part's ETag is not an MD5, as on some stores).
+fn multipart_etag(parts: &[Part]) -> String {
+    use md5::Digest;
+    let mut h = md5::Md5::new();
+    for p in parts {
+        let Some(bytes) = hex_bytes(&p.etag) else {
+            return String::new();
+        };
+        h.update(bytes);
+    }
+    let digest = h.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}-{}", parts.len())
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    if s.len() != 32 {
+        return None;
+    }
+    (0..16)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
 /// Journal records one background flush round looks at.
 const ROUND_SCAN: usize = 4096;
 
@@ -417,7 +442,20 @@ impl Volume {
             }
         }
         .instrument(span)
-        .await?;
+        .await;
+        let synced = match synced {
+            Ok(s) => s,
+            Err(e) => {
+                // The request may have reached S3 and only its reply been lost: remember the
+                // key, so that it is cleaned up if the inode settles elsewhere.
+                if inode.remote.as_ref().is_none_or(|r| r.key != key) {
+                    let mut b = Batch::new();
+                    b.maybe_written(ino, &key);
+                    self.meta.commit(b)?;
+                }
+                return Err(e);
+            }
+        };
         let Some(synced) = synced else { return Ok(()) };
         if let Some(old) = &inode.remote {
             if old.key != synced.remote.key {
@@ -601,6 +639,25 @@ impl Volume {
             };
             let etag = match completed {
                 Ok(etag) => etag,
+                // The upload is gone: maybe our own earlier CompleteMultipartUpload succeeded and
+                // only its reply was lost (S3 then answers NoSuchUpload). The object says so by
+                // its ETag, which S3 derives from the parts' ETags.
+                Err(crate::store::StoreError::NotFound(_)) => {
+                    let head = self.store.head(&mkey).await?;
+                    match head.filter(|h| h.size == size && h.etag == multipart_etag(&parts)) {
+                        Some(h) => h.etag,
+                        None => {
+                            // Not ours: start over with a new upload.
+                            *st.multipart.locked() = None;
+                            let mut b = Batch::new();
+                            b.clear_upload(st.ino);
+                            self.meta.commit(b)?;
+                            return Err(FsError::Retry(format!(
+                                "multipart upload of {mkey} vanished; starting again"
+                            )));
+                        }
+                    }
+                }
                 Err(e) => {
                     if let Some(m) = st.multipart.locked().as_mut() {
                         m.completing = false;
@@ -826,6 +883,13 @@ impl Volume {
             if let Some(old) = &inode.remote {
                 if old.key != s.remote.key {
                     b.moved_from(&old.key, ino);
+                }
+            }
+            // Keys that failed uploads may have written: only the one just written is ours.
+            for k in self.meta.maybe_written_keys(ino)? {
+                b.forget_maybe_written(ino, &k);
+                if k != s.remote.key {
+                    b.queue_delete(self.next_seq(), &k);
                 }
             }
             if let (Some(st), Some(gen)) = (&st, s.gen) {

@@ -1171,6 +1171,13 @@ impl Volume {
             batch.queue_delete(self.next_seq(), &r.key);
             batch.moved_from(&r.key, inode.ino);
         }
+        // And whatever failed uploads of it may have written.
+        for k in self.meta.maybe_written_keys(inode.ino).unwrap_or_default() {
+            batch.forget_maybe_written(inode.ino, &k);
+            if inode.remote.as_ref().is_none_or(|r| r.key != k) {
+                batch.queue_delete(self.next_seq(), &k);
+            }
+        }
     }
 
     /// Removes an entry of any kind (an empty directory included).

@@ -256,6 +256,14 @@ impl Batch {
     pub fn moved_from(&mut self, key: &str, ino: Ino) {
         self.del(kb(b'Z', key.as_bytes(), ino));
     }
+    /// An upload of `ino` to `key` failed in a way that may have written it all the same (the
+    /// reply was lost): if `ino` ends up elsewhere, `key` is to be deleted.
+    pub fn maybe_written(&mut self, ino: Ino, key: &str) {
+        self.put(k2(b'W', ino, key.as_bytes()), Vec::new());
+    }
+    pub fn forget_maybe_written(&mut self, ino: Ino, key: &str) {
+        self.del(k2(b'W', ino, key.as_bytes()));
+    }
     pub fn set_upload(&mut self, ino: Ino, key: &str, upload_id: &str) {
         self.put(k(b'U', ino), enc(&(key.to_string(), upload_id.to_string())));
     }
@@ -566,6 +574,17 @@ impl MetaDb {
         for item in self.tree.scan_prefix([b'X']).take(max) {
             let (key, v) = item?;
             out.push((be_u64(&key[1..9])?, String::from_utf8_lossy(&v).into_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Keys an upload of `ino` may have written without our knowing (see `Batch::maybe_written`).
+    pub fn maybe_written_keys(&self, ino: Ino) -> MetaResult<Vec<String>> {
+        let p = k(b'W', ino);
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(&p) {
+            let (key, _) = item?;
+            out.push(String::from_utf8_lossy(&key[p.len()..]).into_owned());
         }
         Ok(out)
     }
