@@ -180,9 +180,11 @@ async fn flusher(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc
         } else {
             FLUSH_TICK
         };
-        let v = vol.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.recount_usage_if_due()).await {
-            record_failure(&failure, format!("counting usage: {e}"));
+        if vol.recount_due() {
+            let v = vol.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.recount_usage_if_due()).await {
+                record_failure(&failure, format!("counting usage: {e}"));
+            }
         }
     }
 }
@@ -193,6 +195,9 @@ async fn local_sync(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: 
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
+        }
+        if !vol.needs_local_sync() {
+            continue; // idle: no thread, no system call
         }
         let v = vol.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.sync_local()).await {

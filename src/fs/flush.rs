@@ -283,6 +283,13 @@ impl Volume {
         let span = tracing::info_span!("flush", force, pending = tracing::field::Empty);
         async move {
             let _round = self.flusher.round.lock().await;
+            if !force
+                && self.meta.pending_count() == 0
+                && self.meta.delete_count() == 0
+                && self.flusher.stream_wanted.locked().is_empty()
+            {
+                return Ok(0); // an idle tick: nothing to look at
+            }
             self.start_streams();
             let mut first_err: Option<FsError> = None;
             // A round looks at a bounded share of the journal (ROUND_SCAN records), so that a

@@ -1506,6 +1506,17 @@ impl Volume {
             .await
     }
 
+    /// Whether [`Volume::sync_local`] has anything to do (the sync tick skips an idle volume
+    /// without waking a blocking thread).
+    pub fn needs_local_sync(&self) -> bool {
+        self.meta.unsynced() || !self.unsynced.locked().is_empty()
+    }
+
+    /// Whether the usage count is due (see [`Volume::recount_usage_if_due`]).
+    pub fn recount_due(&self) -> bool {
+        self.usage.count_due()
+    }
+
     /// Makes staged data and the journal durable against a reboot of the node.
     /// Only files written since the last call are fsync'd: with thousands of staged files,
     /// syncing them all every tick would keep the disk busy doing nothing.

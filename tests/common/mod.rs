@@ -7,4 +7,5 @@ pub mod garage;
 pub mod gateway;
 pub mod guest;
 pub mod nfs;
+pub mod rpc;
 pub mod uml;

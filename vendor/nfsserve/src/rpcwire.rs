@@ -231,3 +231,27 @@ impl SocketMessageHandler {
         Ok(())
     }
 }
+
+/// s3nfs patch: one RPC record (without its record-marking header) through the whole server
+/// side, decoding, dispatch and the filesystem, as a connection would process it; returns the
+/// reply record, if any. For fuzzing: the connection machinery is left out, everything else is
+/// the real path.
+pub async fn process_record(vfs: Arc<dyn crate::vfs::NFSFileSystem + Send + Sync>, record: &[u8]) -> Option<Vec<u8>> {
+    let context = RPCContext {
+        local_port: 0,
+        client_addr: "fuzz".into(),
+        auth: auth_unix::default(),
+        auth_is_unix: false,
+        vfs,
+        mount_signal: None,
+        export_name: Arc::new("/".into()),
+        transaction_tracker: Arc::new(crate::transaction_tracker::TransactionTracker::new(
+            std::time::Duration::from_secs(60),
+        )),
+    };
+    let mut out = Vec::new();
+    match handle_rpc(&mut Cursor::new(record), &mut Cursor::new(&mut out), context).await {
+        Ok(true) => Some(out),
+        _ => None,
+    }
+}

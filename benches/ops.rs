@@ -1,0 +1,196 @@
+//! Instructions the gateway spends per NFS operation, counted by valgrind's callgrind: unlike
+//! times on shared machines, instruction counts repeat, so a regression shows.
+//!
+//! Each operation is a real request (XDR bytes) going through nfsserve's decoding and dispatch,
+//! the NFS adapter and the volume (on the embedded store), in one process with no network. The
+//! bench runs itself under callgrind twice per operation, with the same setup and 100 and 300
+//! operations, and reports (instructions(300) - instructions(100)) / 200: the setup cancels out.
+//! "upload" is the background upload of one small (4 KiB) file, store write included.
+//!
+//! Run: `cargo bench --bench ops` (needs valgrind). The figures recorded in
+//! `benches/ops-instructions.txt` are printed beside the new ones; `S3NFS_OPS_UPDATE=1`
+//! rewrites that file.
+
+#[allow(dead_code)]
+#[path = "../tests/common/rpc.rs"]
+mod rpc;
+
+use std::sync::Arc;
+
+use rpc::{call, with_volume_id, X};
+use s3nfs::fs::{Cred, Volume, VolumeConfig};
+use s3nfs::nfs::NfsAdapter;
+use s3nfs::store::local::LocalStore;
+
+const OPS: &[&str] = &[
+    "create",
+    "write4k",
+    "getattr",
+    "lookup",
+    "readdirplus",
+    "setattr",
+    "remove",
+    "upload",
+];
+const SETUP_FILES: u64 = 300;
+const N1: u64 = 100;
+const N2: u64 = 300;
+const NFS: u32 = 100003;
+const RECORD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/ops-instructions.txt");
+
+fn main() {
+    if let Ok(op) = std::env::var("S3NFS_OPS_CHILD") {
+        let n: u64 = std::env::var("S3NFS_OPS_N").unwrap().parse().unwrap();
+        child(&op, n);
+        return;
+    }
+    if std::process::Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("valgrind is needed (apt-get install valgrind)");
+        std::process::exit(1);
+    }
+    let recorded: std::collections::HashMap<String, u64> = std::fs::read_to_string(RECORD)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for op in OPS {
+        let a = instructions(op, N1);
+        let b = instructions(op, N2);
+        let per_op = b.saturating_sub(a) / (N2 - N1);
+        let was = recorded.get(*op).copied();
+        println!(
+            "{op:<12} {per_op:>10} instructions/op {}",
+            match was {
+                Some(w) => format!("(recorded {w}: {:+.1}%)", (per_op as f64 / w as f64 - 1.0) * 100.0),
+                None => String::new(),
+            }
+        );
+        rows.push((op, per_op));
+    }
+    if std::env::var("S3NFS_OPS_UPDATE").as_deref() == Ok("1") {
+        let mut text = String::from(
+            "# Instructions per NFS operation (cargo bench --bench ops; S3NFS_OPS_UPDATE=1 rewrites this).\n",
+        );
+        for (op, n) in rows {
+            text.push_str(&format!("{op} {n}\n"));
+        }
+        std::fs::write(RECORD, text).unwrap();
+        println!("wrote {RECORD}");
+    }
+}
+
+/// Runs this binary under callgrind for `n` operations of `op`; returns the instruction total.
+fn instructions(op: &str, n: u64) -> u64 {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let status = std::process::Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.path().display()))
+        .arg(std::env::current_exe().unwrap())
+        .env("S3NFS_OPS_CHILD", op)
+        .env("S3NFS_OPS_N", n.to_string())
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "callgrind run of {op} failed");
+    let text = std::fs::read_to_string(out.path()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary: ").or_else(|| l.strip_prefix("totals: ")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("callgrind summary")
+}
+
+fn child(op: &str, n: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let objects = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.flush_delay = std::time::Duration::ZERO;
+    let vol = rt.block_on(Volume::open(cfg, store)).unwrap();
+    let fs: Arc<dyn nfsserve::vfs::NFSFileSystem + Send + Sync> = Arc::new(NfsAdapter::new(vol.clone()));
+    let id = vol.volume_id();
+    let send = |record: Vec<u8>| {
+        let reply = rt
+            .block_on(nfsserve::process_record(fs.clone(), &with_volume_id(record, id)))
+            .expect("a reply");
+        assert_eq!(&reply[20..28], &[0; 8], "{op} failed");
+    };
+    // The same setup for every run: SETUP_FILES files of 4 KiB, in S3.
+    let data = vec![7u8; 4096];
+    let mut inos = Vec::new();
+    for i in 0..SETUP_FILES {
+        let name = format!("f{i:04}");
+        send(call(
+            1,
+            NFS,
+            3,
+            8,
+            X::default().fh(1).opaque(name.as_bytes()).u32(0).sattr(0o644),
+        ));
+        let ino = rt.block_on(vol.lookup(&Cred::root(), 1, name.as_bytes())).unwrap();
+        inos.push(ino);
+    }
+    for &ino in &inos {
+        send(call(
+            2,
+            NFS,
+            3,
+            7,
+            X::default().fh(ino).u64(0).u32(4096).u32(0).opaque(&data),
+        ));
+    }
+    if op != "upload" {
+        rt.block_on(vol.flush_all()).unwrap();
+    }
+    for i in 0..n {
+        let ino = inos[i as usize];
+        let name = format!("f{i:04}");
+        match op {
+            "create" => send(call(
+                3,
+                NFS,
+                3,
+                8,
+                X::default()
+                    .fh(1)
+                    .opaque(format!("n{i}").as_bytes())
+                    .u32(0)
+                    .sattr(0o644),
+            )),
+            "write4k" => send(call(
+                3,
+                NFS,
+                3,
+                7,
+                X::default().fh(ino).u64(4096).u32(4096).u32(0).opaque(&data),
+            )),
+            "getattr" => send(call(3, NFS, 3, 1, X::default().fh(ino))),
+            "lookup" => send(call(3, NFS, 3, 3, X::default().fh(1).opaque(name.as_bytes()))),
+            "readdirplus" => send(call(
+                3,
+                NFS,
+                3,
+                17,
+                X::default().fh(1).u64(0).u64(0).u32(4096).u32(32768),
+            )),
+            "setattr" => send(call(3, NFS, 3, 2, X::default().fh(ino).sattr(0o600).u32(0))),
+            "remove" => send(call(3, NFS, 3, 12, X::default().fh(1).opaque(name.as_bytes()))),
+            "upload" => rt.block_on(vol.flush_inode(ino)).unwrap(),
+            other => panic!("unknown op {other}"),
+        }
+    }
+}
