@@ -40,6 +40,13 @@ enum Cmd {
         store: StoreArgs,
         key: String,
     },
+    /// Uploads a local file as one object (a single PUT) under the volume's prefix.
+    Put {
+        #[command(flatten)]
+        store: StoreArgs,
+        key: String,
+        file: PathBuf,
+    },
     /// The Kubernetes CSI plugin: Identity, Controller and/or Node services on a Unix socket.
     /// In node mode it hosts the gateways of the volumes staged on this node.
     Csi(CsiArgs),
@@ -210,6 +217,22 @@ async fn ls(a: StoreArgs, long: bool) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+}
+
+async fn put(a: StoreArgs, key: String, file: PathBuf) -> anyhow::Result<()> {
+    let e = a.export()?;
+    let store = actors::open_store(&e, true).await?;
+    let len = std::fs::metadata(&file)
+        .map_err(|err| anyhow::anyhow!("{}: {err}", file.display()))?
+        .len();
+    let key = format!("{}{key}", e.prefix);
+    let body = s3nfs::store::Body::File {
+        path: file,
+        offset: 0,
+        len,
+    };
+    store.put(&key, body, &Default::default()).await?;
+    Ok(())
 }
 
 async fn cat(a: StoreArgs, key: String) -> anyhow::Result<()> {
@@ -424,6 +447,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cat { store, key } => {
             let _log = s3nfs::telemetry::init();
             runtime().block_on(cat(store, key))
+        }
+        Cmd::Put { store, key, file } => {
+            let _log = s3nfs::telemetry::init();
+            runtime().block_on(put(store, key, file))
         }
     }
 }
