@@ -572,7 +572,7 @@ impl Volume {
             ctime: inode.ctime.max(mtime),
             nlink: match inode.kind {
                 Kind::Dir => 2 + self.meta.subdirs(inode.ino) as u32,
-                _ => 1 + self.meta.links(inode.ino).map(|l| l.len()).unwrap_or(0) as u32,
+                _ => 1 + self.meta.link_count(inode.ino),
             },
         }
     }

@@ -297,6 +297,10 @@ pub struct MetaDb {
     /// tick does no system call at all.
     commits: std::sync::atomic::AtomicU64,
     synced_commits: std::sync::atomic::AtomicU64,
+    /// Per inode: its `H` records (other names of a file) and `C` records (subdirectories of a
+    /// directory), kept as they change: a GETATTR's link count is a hash lookup, not a scan.
+    /// Only inodes with at least one are present.
+    counts: Mutex<HashMap<(u8, Ino), u32>>,
 }
 
 /// Checkpoint (flush sled, empty the log) once the log grows past this: bounds replay time.
@@ -322,9 +326,10 @@ impl MetaDb {
                 let batch: Batch = dec(&b)?;
                 Self::apply(&tree, batch)?;
             }
-            Ok((tree, wal, replayed))
+            let counts = Self::count_children(&tree)?;
+            Ok((tree, wal, replayed, counts))
         })();
-        let (tree, wal, replayed) = match opened {
+        let (tree, wal, replayed, counts) = match opened {
             Ok(x) => x,
             Err(e) => {
                 Self::close_sled(&sled_path);
@@ -336,6 +341,7 @@ impl MetaDb {
             deletes_n: (tree.scan_prefix([b'X']).count() as u64).into(),
             commits: 0.into(),
             synced_commits: 0.into(),
+            counts: Mutex::new(counts),
             _db: db,
             sled_path,
             tree,
@@ -413,8 +419,18 @@ impl MetaDb {
         let bytes = enc(&batch);
         let mut wal = self.wal.locked();
         wal.append(&bytes)?;
-        let (dp, dx) = self.count_changes(&batch)?;
+        let (dp, dx, per_inode) = self.count_changes(&batch)?;
         Self::apply(&self.tree, batch)?;
+        if !per_inode.is_empty() {
+            let mut counts = self.counts.locked();
+            for (k, d) in per_inode {
+                let c = counts.entry(k).or_insert(0);
+                *c = (*c as i64 + d).max(0) as u32;
+                if *c == 0 {
+                    counts.remove(&k);
+                }
+            }
+        }
         use std::sync::atomic::Ordering::Relaxed;
         self.pending_n.fetch_add(dp as u64, Relaxed);
         self.deletes_n.fetch_add(dx as u64, Relaxed);
@@ -498,7 +514,7 @@ impl MetaDb {
 
     /// How many subdirectories `dir` has.
     pub fn subdirs(&self, dir: Ino) -> usize {
-        self.tree.scan_prefix(k(b'C', dir)).count()
+        self.counts.locked().get(&(b'C', dir)).copied().unwrap_or(0) as usize
     }
 
     /// The other names (`Kind::Link` inodes) of the file `file`.
@@ -548,12 +564,14 @@ impl MetaDb {
 
     /// How a batch changes the numbers of `P` and `X` records (wrapping: a decrease is a
     /// large number that `fetch_add` turns into a subtraction). Called under the journal's lock.
-    fn count_changes(&self, batch: &Batch) -> MetaResult<(i64, i64)> {
+    #[allow(clippy::type_complexity)]
+    fn count_changes(&self, batch: &Batch) -> MetaResult<(i64, i64, Vec<((u8, Ino), i64)>)> {
         let mut now: HashMap<&[u8], bool> = HashMap::new();
         let (mut dp, mut dx) = (0i64, 0i64);
+        let mut per_inode = Vec::new();
         for (key, val) in &batch.ops {
             let tag = key.first().copied();
-            if tag != Some(b'P') && tag != Some(b'X') {
+            if !matches!(tag, Some(b'P' | b'X' | b'H' | b'C')) {
                 continue;
             }
             let was = match now.get(key.as_slice()) {
@@ -563,13 +581,30 @@ impl MetaDb {
             let is = val.is_some();
             now.insert(key, is);
             let d = is as i64 - was as i64;
-            if tag == Some(b'P') {
-                dp += d;
-            } else {
-                dx += d;
+            match tag {
+                Some(b'P') => dp += d,
+                Some(b'X') => dx += d,
+                Some(t) if d != 0 && key.len() >= 9 => per_inode.push(((t, be_u64(&key[1..9])?), d)),
+                _ => {}
             }
         }
-        Ok((dp, dx))
+        Ok((dp, dx, per_inode))
+    }
+
+    fn count_children(tree: &sled::Tree) -> MetaResult<HashMap<(u8, Ino), u32>> {
+        let mut counts = HashMap::new();
+        for tag in [b'H', b'C'] {
+            for item in tree.scan_prefix([tag]) {
+                let (key, _) = item?;
+                *counts.entry((tag, be_u64(&key[1..9])?)).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// How many other names the file `ino` has.
+    pub fn link_count(&self, ino: Ino) -> u32 {
+        self.counts.locked().get(&(b'H', ino)).copied().unwrap_or(0)
     }
 
     /// Pending inodes after `after` in inode order, at most `max` (a flush round's share).
