@@ -913,7 +913,10 @@ pub async fn nfsproc3_readdirplus(
     let max_bytes_allowed = (args.maxcount as usize).saturating_sub(128);
     // args.dircount is bytes of just fileid, name, cookie.
     // This is hard to ballpark, so we just divide it by 16
-    let estimated_max_results = args.dircount / 16;
+    // s3nfs patch: an entry with attributes and a handle takes about 150 bytes of `maxcount`
+    // (0.11.0 asked the filesystem for dircount / 16 entries, and threw away the half that
+    // did not fit, after reading every one of them).
+    let estimated_max_results = (args.dircount / 16).min(args.maxcount / 140 + 1);
     let max_dircount_bytes = args.dircount as usize;
     let mut ctr = 0;
     match context.vfs.readdir(dirid, args.cookie, estimated_max_results as usize).await {
