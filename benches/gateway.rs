@@ -31,6 +31,10 @@ mod garage;
 #[allow(dead_code)]
 #[path = "../tests/common/otlp_sink.rs"]
 mod otlp_sink;
+#[allow(dead_code)]
+#[path = "../tests/common/rpc.rs"]
+mod rpc;
+use rpc::root_cred;
 
 /// The OTLP receiver's endpoint when `S3NFS_BENCH_TRACING=1`.
 static OTLP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -185,7 +189,7 @@ fn block(template: &Bytes, index: u64) -> Vec<u8> {
 }
 
 /// Writes `total` bytes in BLOCK-sized WRITEs, PARALLEL connections taking blocks in order.
-async fn nfs_write(port: u16, fh: &nfs_fh3, total: u64, template: &Bytes) {
+async fn nfs_write(port: u16, fh: &nfs_fh3, total: u64, template: &Bytes, stable: stable_how) {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let tasks: Vec<_> = (0..PARALLEL)
         .map(|_| {
@@ -202,7 +206,7 @@ async fn nfs_write(port: u16, fh: &nfs_fh3, total: u64, template: &Bytes) {
                         file: fh.clone(),
                         offset: i * BLOCK,
                         count: BLOCK as u32,
-                        stable: stable_how::FILE_SYNC,
+                        stable,
                         data: Opaque::owned(data),
                     })
                     .await
@@ -360,7 +364,7 @@ async fn main() {
     let mut c = connect(gw.port).await;
     let fh = create(&mut c, "seq.bin").await;
     let t = Instant::now();
-    nfs_write(gw.port, &fh, total, &template).await;
+    nfs_write(gw.port, &fh, total, &template, stable_how::FILE_SYNC).await;
     let acked = t.elapsed();
     wait_in_s3(&store, "seq.bin", total).await;
     let nfs_put = t.elapsed();
@@ -446,7 +450,7 @@ async fn main() {
     let gw = Gateway::start(&g, &g.endpoint, &bucket);
     let mut c = connect(gw.port).await;
     let fh = create(&mut c, "big.bin").await;
-    nfs_write(gw.port, &fh, mem_total, &template).await;
+    nfs_write(gw.port, &fh, mem_total, &template, stable_how::FILE_SYNC).await;
     wait_in_s3(&store, "big.bin", mem_total).await;
     let after_write = gw.peak_rss_mib();
     drop(gw);
@@ -553,35 +557,7 @@ async fn durability(
         let fh = create(&mut c, &format!("dur-{mode}.bin")).await;
         let t = Instant::now();
         // The kernel client's way: UNSTABLE writes, then one COMMIT for the fsync.
-        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let tasks: Vec<_> = (0..PARALLEL)
-            .map(|_| {
-                let (fh, next, template) = (fh.clone(), next.clone(), template.clone());
-                let port = gw.port;
-                tokio::spawn(async move {
-                    let mut c = connect(port).await;
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i * BLOCK >= total {
-                            break;
-                        }
-                        c.write(&WRITE3args {
-                            file: fh.clone(),
-                            offset: i * BLOCK,
-                            count: BLOCK as u32,
-                            stable: stable_how::UNSTABLE,
-                            data: Opaque::owned(block(&template, i)),
-                        })
-                        .await
-                        .unwrap()
-                        .unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
+        nfs_write(gw.port, &fh, total, template, stable_how::UNSTABLE).await;
         commit(&mut c, &fh).await;
         let seq = t.elapsed();
         let t = Instant::now();
@@ -624,16 +600,4 @@ async fn durability(
             ),
         ));
     }
-}
-
-/// AUTH_UNIX credentials of root, as the kernel client sends them for root (the gateway treats
-/// a call without AUTH_UNIX as the anonymous user).
-fn root_cred() -> nfs3_client::nfs3_types::rpc::opaque_auth<'static> {
-    nfs3_client::nfs3_types::rpc::opaque_auth::auth_unix(&nfs3_client::nfs3_types::rpc::auth_unix {
-        stamp: 1,
-        machinename: nfs3_client::nfs3_types::xdr_codec::Opaque::owned(b"s3nfs".to_vec()),
-        uid: 0,
-        gid: 0,
-        gids: vec![0],
-    })
 }

@@ -652,6 +652,19 @@ async fn writer(addr: std::net::SocketAddr, plans: std::sync::Arc<Vec<Plan>>, wh
     }
 }
 
+/// Every file with an acknowledged CREATE is in S3 with at least its acknowledged bytes (and
+/// nothing but the planned content); unacknowledged ones are absent or a valid prefix.
+async fn check_all_in_s3(plans: &[Plan], acked: &[Option<usize>], s3: &S3Side) {
+    for (p, a) in plans.iter().zip(acked) {
+        match (s3.get(&p.name).await, a) {
+            (Some(got), Some(a)) => check_prefix(p, &got, *a, "S3 after SIGTERM"),
+            (None, Some(_)) => panic!("{} was acknowledged but is not in S3", p.name),
+            (Some(got), None) => check_prefix(p, &got, 0, "S3 (unacknowledged create)"),
+            (None, None) => {}
+        }
+    }
+}
+
 /// Checks `got` is the start of the planned content, at least `acked` long.
 fn check_prefix(p: &Plan, got: &[u8], acked: usize, what: &str) {
     assert!(
@@ -694,14 +707,7 @@ async fn writes_racing_sigterm_are_refused_or_in_s3() {
     let acked: Vec<Option<usize>> = acked.lock().unwrap().clone();
     let complete = plans.iter().zip(&acked).filter(|(p, a)| **a == Some(p.len)).count();
     assert!(complete < plans.len(), "the stop came after the writers were done");
-    for (p, a) in plans.iter().zip(&acked) {
-        match (s3.get(&p.name).await, a) {
-            (Some(got), Some(a)) => check_prefix(p, &got, *a, "S3 after SIGTERM"),
-            (None, Some(_)) => panic!("{} was acknowledged but is not in S3", p.name),
-            (Some(got), None) => check_prefix(p, &got, 0, "S3 (unacknowledged create)"),
-            (None, None) => {}
-        }
-    }
+    check_all_in_s3(&plans, &acked, &s3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -768,14 +774,7 @@ async fn acknowledged_writes_survive_sigkill() {
     }
     let st = gw.term();
     assert!(st.success(), "graceful stop: {st}\n{}", gw.log());
-    for (p, a) in plans.iter().zip(&acked) {
-        match (s3.get(&p.name).await, a) {
-            (Some(got), Some(a)) => check_prefix(p, &got, *a, "S3 after SIGTERM"),
-            (None, Some(_)) => panic!("{} was acknowledged but is not in S3", p.name),
-            (Some(got), None) => check_prefix(p, &got, 0, "S3 (unacknowledged create)"),
-            (None, None) => {}
-        }
-    }
+    check_all_in_s3(&plans, &acked, &s3).await;
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! over NFS; the Prometheus endpoint is scraped over HTTP.
 
 mod common;
+use common::rpc::root_cred;
 #[path = "common/otlp_sink.rs"]
 mod otlp_sink;
 
@@ -487,16 +488,4 @@ async fn a_stuck_collector_never_blocks_io() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// AUTH_UNIX credentials of root, as the kernel client sends them for root (the gateway treats
-/// a call without AUTH_UNIX as the anonymous user).
-fn root_cred() -> nfs3_client::nfs3_types::rpc::opaque_auth<'static> {
-    nfs3_client::nfs3_types::rpc::opaque_auth::auth_unix(&nfs3_client::nfs3_types::rpc::auth_unix {
-        stamp: 1,
-        machinename: nfs3_client::nfs3_types::xdr_codec::Opaque::owned(b"s3nfs".to_vec()),
-        uid: 0,
-        gid: 0,
-        gids: vec![0],
-    })
 }

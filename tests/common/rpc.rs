@@ -64,3 +64,15 @@ pub fn with_volume_id(mut b: Vec<u8>, id: u64) -> Vec<u8> {
     }
     b
 }
+
+/// AUTH_UNIX credentials of root for nfs3_client, as the kernel client sends them for root
+/// (the gateway treats a call without AUTH_UNIX as the anonymous user).
+pub fn root_cred() -> nfs3_client::nfs3_types::rpc::opaque_auth<'static> {
+    nfs3_client::nfs3_types::rpc::opaque_auth::auth_unix(&nfs3_client::nfs3_types::rpc::auth_unix {
+        stamp: 1,
+        machinename: nfs3_client::nfs3_types::xdr_codec::Opaque::owned(b"s3nfs".to_vec()),
+        uid: 0,
+        gid: 0,
+        gids: vec![0],
+    })
+}
