@@ -657,3 +657,31 @@ fn regression_rename_over_a_linked_name() {
         local_store,
     );
 }
+
+/// A name removed, then taken by a hard link that is removed in turn before its copy was
+/// made: the first file's object must not outlive both.
+#[test]
+fn regression_deleted_key_taken_by_a_link_removed_before_its_copy() {
+    run(
+        vec![
+            Op::Create { dir: 0, name: "c" },
+            Op::Create { dir: 0, name: "b" },
+            Op::Flush,
+            Op::Remove { any: 0 },
+            Op::Link {
+                file: 0,
+                to_dir: 0,
+                name: "b",
+            },
+            Op::Write {
+                file: 0,
+                offset: 0,
+                len: 1,
+                byte: 0,
+            },
+            Op::Tick,
+            Op::Remove { any: 0 },
+        ],
+        local_store,
+    );
+}

@@ -390,6 +390,18 @@ impl Volume {
         let _k = self.flusher.key_lock(key).await;
         if let Some(owner) = self.resolve_key(key)? {
             if Some(owner) != except {
+                // A live inode holds the key now and will write it. Until it has, the old
+                // object is its to deal with: if it goes (or moves) before writing, the key is
+                // deleted then (see `maybe_written`).
+                let owns_object = self
+                    .meta
+                    .inode(owner)?
+                    .is_some_and(|i| i.remote.as_ref().is_some_and(|r| r.key == key));
+                if !owns_object {
+                    let mut b = Batch::new();
+                    b.maybe_written(owner, key);
+                    self.meta.commit(b)?;
+                }
                 return Ok(());
             }
         }

@@ -1313,8 +1313,18 @@ impl Volume {
         let mut stack = vec![ino];
         while let Some(i) = stack.pop() {
             batch.mark_pending(i, self.next_seq());
-            if let Some(Inode { remote: Some(r), .. }) = self.meta.inode(i)? {
+            let remote = self.meta.inode(i)?.and_then(|n| n.remote);
+            if let Some(r) = &remote {
                 batch.moving_from(&r.key, i);
+            }
+            // Keys it may have written or was handed (an old object at its former name that it
+            // was to overwrite) are no longer its to overwrite: they go. Never its own object,
+            // which the move copies from.
+            for k in self.meta.maybe_written_keys(i)? {
+                batch.forget_maybe_written(i, &k);
+                if remote.as_ref().is_none_or(|r| r.key != k) {
+                    batch.queue_delete(self.next_seq(), &k);
+                }
             }
             let mut after = 0;
             loop {
