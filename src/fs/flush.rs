@@ -288,7 +288,9 @@ impl Volume {
                 && self.meta.delete_count() == 0
                 && self.flusher.stream_wanted.locked().is_empty()
             {
-                return Ok(0); // an idle tick: nothing to look at
+                // An idle tick: nothing to look at, and nothing pending is nothing dirty.
+                self.flusher.dirty_bytes.store(0, Ordering::Release);
+                return Ok(0);
             }
             self.start_streams();
             let mut first_err: Option<FsError> = None;
