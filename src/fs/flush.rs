@@ -907,12 +907,7 @@ impl Volume {
                 }
             }
             // Keys that failed uploads may have written: only the one just written is ours.
-            for k in self.meta.maybe_written_keys(ino)? {
-                b.forget_maybe_written(ino, &k);
-                if k != s.remote.key {
-                    b.queue_delete(self.next_seq(), &k);
-                }
-            }
+            self.release_maybe_written(&mut b, ino, Some(&s.remote.key))?;
             if let (Some(st), Some(gen)) = (&st, s.gen) {
                 if st.gen() == gen {
                     st.content_dirty.store(false, Ordering::Release);

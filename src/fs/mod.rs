@@ -1172,12 +1172,22 @@ impl Volume {
             batch.moved_from(&r.key, inode.ino);
         }
         // And whatever failed uploads of it may have written.
-        for k in self.meta.maybe_written_keys(inode.ino).unwrap_or_default() {
-            batch.forget_maybe_written(inode.ino, &k);
-            if inode.remote.as_ref().is_none_or(|r| r.key != k) {
+        let keep = inode.remote.as_ref().map(|r| r.key.as_str());
+        if let Err(e) = self.release_maybe_written(batch, inode.ino, keep) {
+            tracing::warn!(ino = inode.ino, error = %e, "could not read the keys it may have written");
+        }
+    }
+
+    /// Gives up the keys `ino` may have written or was handed (see `Batch::maybe_written`):
+    /// each is queued for deletion, except `keep`, the object that is `ino`'s own.
+    pub(crate) fn release_maybe_written(&self, batch: &mut Batch, ino: Ino, keep: Option<&str>) -> FsResult<()> {
+        for k in self.meta.maybe_written_keys(ino)? {
+            batch.forget_maybe_written(ino, &k);
+            if keep != Some(k.as_str()) {
                 batch.queue_delete(self.next_seq(), &k);
             }
         }
+        Ok(())
     }
 
     /// Removes an entry of any kind (an empty directory included).
@@ -1320,12 +1330,7 @@ impl Volume {
             // Keys it may have written or was handed (an old object at its former name that it
             // was to overwrite) are no longer its to overwrite: they go. Never its own object,
             // which the move copies from.
-            for k in self.meta.maybe_written_keys(i)? {
-                batch.forget_maybe_written(i, &k);
-                if remote.as_ref().is_none_or(|r| r.key != k) {
-                    batch.queue_delete(self.next_seq(), &k);
-                }
-            }
+            self.release_maybe_written(&mut batch, i, remote.as_ref().map(|r| r.key.as_str()))?;
             let mut after = 0;
             loop {
                 let kids = self.meta.children(i, after, 1024)?;
