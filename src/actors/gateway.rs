@@ -32,9 +32,9 @@ use crate::sync::LockExt;
 /// How often staged data and the journal are fsync'd: the most a node reboot can lose.
 pub const LOCAL_SYNC_INTERVAL: Duration = Duration::from_millis(20);
 /// How often the flusher looks for files that went idle.
-const FLUSH_TICK: Duration = Duration::from_millis(200);
+pub const FLUSH_TICK: Duration = Duration::from_millis(200);
 /// Longest pause between flush rounds while S3 keeps failing.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 pub fn volume_config(export: &Export) -> VolumeConfig {
     let mut cfg = VolumeConfig::new(export.state_dir.clone());
@@ -65,9 +65,20 @@ impl Gateway {
     /// Opens the volume and binds its listener (on the export's port, so that clients holding
     /// handles from before a restart find it again).
     pub async fn start(export: &Export, store: Arc<dyn ObjectStore>) -> anyhow::Result<Gateway> {
+        Self::start_with_clock(export, store, crate::clock::Clock::system()).await
+    }
+
+    /// [`Gateway::start`] on a given clock (a manual one in tests of time-based behaviour).
+    pub async fn start_with_clock(
+        export: &Export,
+        store: Arc<dyn ObjectStore>,
+        clock: crate::clock::Clock,
+    ) -> anyhow::Result<Gateway> {
         // A root span of its own: the journal replay and the restore of in-flight uploads.
         let span = tracing::info_span!(parent: None, "volume_open", volume = %export.name);
-        let vol = Volume::open(volume_config(export), store).instrument(span).await?;
+        let mut cfg = volume_config(export);
+        cfg.clock = clock;
+        let vol = Volume::open(cfg, store).instrument(span).await?;
         let adapter = NfsAdapter::named(vol.clone(), &export.name).with_squash(export.squash);
         let listener = NFSTcpListener::bind(&export.listen.to_string(), adapter)
             .await
@@ -161,11 +172,12 @@ async fn flusher(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc
     use std::sync::atomic::Ordering;
     // While S3 keeps failing, back off (up to MAX_BACKOFF) instead of retrying every tick.
     let mut backoff = FLUSH_TICK;
+    let clock = vol.cfg.clock.clone();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = vol.flusher.wait(), if backoff == FLUSH_TICK => {}
-            _ = tokio::time::sleep(backoff) => {}
+            _ = clock.sleep(backoff) => {}
         }
         let errors = vol.flusher.errors.load(Ordering::Relaxed);
         let failed = match vol.flush_round(false).await {
@@ -190,11 +202,11 @@ async fn flusher(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc
 }
 
 async fn local_sync(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc<Mutex<Option<String>>>) {
-    let mut tick = tokio::time::interval(LOCAL_SYNC_INTERVAL);
+    let clock = vol.cfg.clock.clone();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            _ = tick.tick() => {}
+            _ = clock.sleep(LOCAL_SYNC_INTERVAL) => {}
         }
         if !vol.needs_local_sync() {
             continue; // idle: no thread, no system call

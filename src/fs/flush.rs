@@ -40,10 +40,9 @@ pub struct FlushState {
     /// Keys an inode sync is writing, from before its request until its result is recorded: a
     /// listing in that window sees the object but not yet the journal entry that explains it.
     in_flight: Mutex<HashMap<String, usize>>,
-    /// Keys deleted lately, and when: a listing that started before a deletion may still show
-    /// the object, and must not bring it back.
-    /// Ordered by key, so that "anything under this prefix" is a range, not a scan.
-    recent_deletes: Mutex<std::collections::BTreeMap<String, std::time::Instant>>,
+    /// Keys deleted while a listing was under way (see [`RecentDeletes`]).
+    recent_deletes: Mutex<RecentDeletes>,
+    clock: crate::clock::Clock,
     /// Where the next round's share of the pending inodes starts (see `flush_round`).
     cursor: AtomicU64,
     /// Dirty bytes counted so far in the sweep under way.
@@ -56,8 +55,40 @@ pub struct FlushState {
     pub errors: AtomicU64,
 }
 
+/// Keys deleted while a listing was under way, and when: a listing that started before a
+/// deletion may still show the object, and must not bring it back. Only deletions newer than
+/// the oldest listing under way are kept, so the map holds what those listings can still see,
+/// not a history.
+#[derive(Default)]
+struct RecentDeletes {
+    /// Ordered by key, so that "anything under this prefix" is a range, not a scan.
+    keys: std::collections::BTreeMap<String, std::time::Instant>,
+    /// Start times of the listings under way (a multiset).
+    listings: std::collections::BTreeMap<std::time::Instant, usize>,
+    /// Size of `keys` after the last pruning.
+    pruned_at: usize,
+}
+
+/// A listing under way; see [`FlushState::begin_listing`].
+pub(crate) struct Listing<'a> {
+    flusher: &'a FlushState,
+    pub started: std::time::Instant,
+}
+
+impl Drop for Listing<'_> {
+    fn drop(&mut self) {
+        let mut d = self.flusher.recent_deletes.locked();
+        if let Some(n) = d.listings.get_mut(&self.started) {
+            *n -= 1;
+            if *n == 0 {
+                d.listings.remove(&self.started);
+            }
+        }
+    }
+}
+
 impl FlushState {
-    pub fn new(concurrency: usize) -> FlushState {
+    pub fn new(concurrency: usize, clock: crate::clock::Clock) -> FlushState {
         FlushState {
             uploads: tokio::sync::Semaphore::new(concurrency.max(1)),
             notify: tokio::sync::Notify::new(),
@@ -68,6 +99,7 @@ impl FlushState {
             key_locks: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             recent_deletes: Mutex::new(Default::default()),
+            clock,
             round: tokio::sync::Mutex::new(()),
             cursor: AtomicU64::new(0),
             dirty_sweep: AtomicU64::new(0),
@@ -98,26 +130,50 @@ impl FlushState {
         }
     }
 
+    /// Marks the start of a listing: deletions from now on until the returned guard is dropped
+    /// are remembered for [`FlushState::deleted_since`].
+    pub(crate) fn begin_listing(&self) -> Listing<'_> {
+        let started = self.clock.now();
+        *self.recent_deletes.locked().listings.entry(started).or_insert(0) += 1;
+        Listing {
+            flusher: self,
+            started,
+        }
+    }
+
     /// Whether `key` (or, for a directory prefix, anything under it) was deleted after `since`.
     pub(crate) fn deleted_since(&self, key: &str, is_prefix: bool, since: std::time::Instant) -> bool {
         let d = self.recent_deletes.locked();
         if is_prefix {
-            d.range::<str, _>((std::ops::Bound::Included(key), std::ops::Bound::Unbounded))
+            d.keys
+                .range::<str, _>((std::ops::Bound::Included(key), std::ops::Bound::Unbounded))
                 .take_while(|(k, _)| k.starts_with(key))
                 .any(|(_, t)| *t >= since)
         } else {
-            d.get(key).is_some_and(|t| *t >= since)
+            d.keys.get(key).is_some_and(|t| *t >= since)
         }
     }
 
     fn note_deleted(&self, key: &str) {
-        let now = std::time::Instant::now();
+        let now = self.clock.now();
         let mut d = self.recent_deletes.locked();
-        // Listings finish within minutes; older entries can go.
-        if d.len() > 10_000 {
-            d.retain(|_, t| now.duration_since(*t) < std::time::Duration::from_secs(600));
+        let Some(oldest) = d.listings.keys().next().copied() else {
+            // No listing is under way, and one that starts later cannot show the object.
+            d.keys.clear();
+            return;
+        };
+        // Entries older than every listing under way are no longer needed. Pruned in batches,
+        // so the cost per deletion stays constant.
+        if d.keys.len() >= d.pruned_at.max(1024) * 2 {
+            d.keys.retain(|_, t| *t >= oldest);
+            d.pruned_at = d.keys.len();
         }
-        d.insert(key.to_string(), now);
+        d.keys.insert(key.to_string(), now);
+    }
+
+    #[cfg(test)]
+    fn recent_deletes_len(&self) -> usize {
+        self.recent_deletes.locked().keys.len()
     }
 
     /// Whether a sync is writing `key` (or, for a directory prefix, anything under it).
@@ -273,7 +329,7 @@ impl Volume {
             }
             last = left;
             if stalls > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(20 << stalls)).await;
+                self.cfg.clock.sleep(std::time::Duration::from_millis(20 << stalls)).await;
             }
         }
     }
@@ -338,7 +394,7 @@ impl Volume {
                 if let Some(st) = &st {
                     if st.content_dirty.load(Ordering::Acquire) {
                         dirty += st.size();
-                        let idle = st.last_write.locked().elapsed();
+                        let idle = st.idle();
                         if !force && (idle < self.cfg.flush_delay || self.flusher.streaming.locked().contains(&ino)) {
                             continue;
                         }
@@ -842,10 +898,10 @@ impl Volume {
                 vol.upload_parts(&pass_st, &key, &user_meta(&inode), false).await
             }));
             // Stop once the writer pauses; the flusher completes the upload when the file is idle.
-            if st.last_write.locked().elapsed() >= std::time::Duration::from_millis(200) {
+            if st.idle() >= std::time::Duration::from_millis(200) {
                 break;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            self.cfg.clock.sleep(std::time::Duration::from_millis(20)).await;
         }
         for p in passes {
             p.await.map_err(|e| FsError::Io(format!("upload task failed: {e}")))??;
@@ -938,5 +994,45 @@ impl Volume {
         drop(_w);
         self.trim_staged();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use std::time::Duration;
+
+    /// Deletions are remembered only as long as a listing that started before them runs, so the
+    /// map stays bounded by what listings can still see, however many files are deleted.
+    #[test]
+    fn recent_deletes_outlive_only_the_listings_that_can_see_them() {
+        let clock = Clock::manual();
+        let f = FlushState::new(1, clock.clone());
+        for i in 0..10_000 {
+            f.note_deleted(&format!("idle/{i}"));
+        }
+        assert_eq!(f.recent_deletes_len(), 0, "kept with no listing under way");
+
+        let old = f.begin_listing();
+        clock.advance(Duration::from_secs(1));
+        f.note_deleted("d/a");
+        assert!(f.deleted_since("d/a", false, old.started));
+        assert!(f.deleted_since("d/", true, old.started));
+        assert!(!f.deleted_since("e/", true, old.started));
+        clock.advance(Duration::from_secs(1));
+        let young = f.begin_listing();
+        assert!(!f.deleted_since("d/a", false, young.started), "deleted before the listing began");
+        drop(old);
+        clock.advance(Duration::from_secs(1));
+        for i in 0..100_000 {
+            f.note_deleted(&format!("busy/{i}"));
+        }
+        // Every one of them is newer than `young`, so all stay while it runs...
+        assert!(f.deleted_since("busy/99999", false, young.started));
+        drop(young);
+        // ... and the first deletion after it ends lets them all go.
+        f.note_deleted("last");
+        assert_eq!(f.recent_deletes_len(), 0);
     }
 }

@@ -216,6 +216,8 @@ pub struct VolumeConfig {
     pub capacity: Option<u64>,
     /// What a COMMIT (an fsync or close on the client) waits for.
     pub durability: durable::Durability,
+    /// Time for the flush delay, the refresh interval and back-offs (manual in tests).
+    pub clock: crate::clock::Clock,
 }
 
 impl VolumeConfig {
@@ -239,6 +241,7 @@ impl VolumeConfig {
             default_dir_mode: 0o755,
             capacity: None,
             durability: durable::Durability::Local,
+            clock: crate::clock::Clock::system(),
         }
     }
 }
@@ -336,7 +339,7 @@ impl Volume {
         meta.sync()?;
 
         let cache = read::ReadCache::new(cfg.read_chunk, cfg.cache_bytes);
-        let flusher = flush::FlushState::new(cfg.upload_concurrency);
+        let flusher = flush::FlushState::new(cfg.upload_concurrency, cfg.clock.clone());
         let vol = Volume {
             store,
             meta,
@@ -350,7 +353,7 @@ impl Volume {
             this: std::sync::OnceLock::new(),
             cache,
             flusher,
-            usage: usage::Usage::new(cfg.capacity),
+            usage: usage::Usage::new(cfg.capacity, cfg.clock.clone()),
             background: Arc::new(Background::default()),
             volume_id,
             next_ino: AtomicU64::new(ino_base),
@@ -382,7 +385,7 @@ impl Volume {
                 let _ = std::fs::remove_file(entry.path());
                 continue;
             };
-            let st = Staged::open(ino, entry.path(), false, self.cfg.part_size)?;
+            let st = Staged::open(ino, entry.path(), false, &self.cfg)?;
             if self.meta.pending(ino)?.is_some() {
                 // Whatever is staged may be newer than S3: upload it again.
                 st.content_dirty.store(true, Ordering::Release);
@@ -727,7 +730,7 @@ impl Volume {
 
     fn listing_stale(&self, dir: Ino) -> bool {
         match self.listed.locked().get(&dir) {
-            Some(at) => at.elapsed() >= self.cfg.refresh,
+            Some(at) => self.cfg.clock.elapsed(*at) >= self.cfg.refresh,
             None => true,
         }
     }
@@ -780,7 +783,8 @@ impl Volume {
     async fn list_dir(&self, dir: &Inode) -> FsResult<()> {
         let prefix = self.dir_prefix(dir)?;
         let epoch_before = self.flusher.epoch();
-        let started = Instant::now();
+        let listing = self.flusher.begin_listing();
+        let started = listing.started;
         let mut files: HashMap<String, crate::store::ObjectSummary> = HashMap::new();
         let mut dirs: std::collections::HashSet<String> = Default::default();
         let mut token = None;
@@ -1100,7 +1104,7 @@ impl Volume {
             inode.ino,
             self.staging_dir.join(inode.ino.to_string()),
             true,
-            self.cfg.part_size,
+            &self.cfg,
         )?;
         st.content_dirty.store(true, Ordering::Release);
         st.pending_marked.store(true, Ordering::Release);
@@ -1122,7 +1126,7 @@ impl Volume {
         apply_owner(&mut inode, cred, &attr);
         self.commit_new(batch, &inode)?;
         // A new directory has nothing in S3 to list.
-        self.listed.locked().insert(inode.ino, Instant::now());
+        self.listed.locked().insert(inode.ino, self.cfg.clock.now());
         Ok(self.attr_of(&inode))
     }
 

@@ -64,10 +64,12 @@ pub struct Staged {
     pub part_done: tokio::sync::Notify,
     /// Part size of the multipart upload, to map written ranges to part numbers.
     part_size: u64,
+    /// The volume's clock, for `last_write` (which the flush delay is measured from).
+    clock: crate::clock::Clock,
 }
 
 impl Staged {
-    pub fn open(ino: Ino, path: PathBuf, create: bool, part_size: u64) -> std::io::Result<Staged> {
+    pub fn open(ino: Ino, path: PathBuf, create: bool, cfg: &super::VolumeConfig) -> std::io::Result<Staged> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -94,13 +96,19 @@ impl Staged {
             pending_marked: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             mtime: Mutex::new(mtime),
-            last_write: Mutex::new(Instant::now()),
+            last_write: Mutex::new(cfg.clock.now()),
             multipart: Mutex::new(None),
             multipart_init: tokio::sync::Mutex::new(()),
             part_done: tokio::sync::Notify::new(),
             unsynced: AtomicBool::new(false),
-            part_size,
+            part_size: cfg.part_size,
+            clock: cfg.clock.clone(),
         })
+    }
+
+    /// Time since the last write, on the volume's clock.
+    pub fn idle(&self) -> std::time::Duration {
+        self.clock.elapsed(*self.last_write.locked())
     }
 
     pub fn size(&self) -> u64 {
@@ -141,7 +149,7 @@ impl Staged {
         self.gen.fetch_add(1, Ordering::AcqRel);
         self.content_dirty.store(true, Ordering::Release);
         *self.mtime.locked() = Time::now();
-        *self.last_write.locked() = Instant::now();
+        *self.last_write.locked() = self.clock.now();
         if len > 0 {
             if let Some(m) = self.multipart.locked().as_mut() {
                 let first = (offset / self.part_size) as i32 + 1;
@@ -270,7 +278,7 @@ impl Volume {
             return Err(FsError::Stale);
         };
         std::fs::rename(&tmp, &path)?;
-        let st = Arc::new(Staged::open(ino, path, false, self.cfg.part_size)?);
+        let st = Arc::new(Staged::open(ino, path, false, &self.cfg)?);
         *st.mtime.locked() = inode.mtime;
         self.staged.locked().insert(ino, st.clone());
         Ok(st)

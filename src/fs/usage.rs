@@ -50,16 +50,18 @@ pub struct Usage {
     files: AtomicU64,
     changed: AtomicBool,
     last_count: Mutex<Instant>,
+    clock: crate::clock::Clock,
 }
 
 impl Usage {
-    pub fn new(capacity: Option<u64>) -> Usage {
+    pub fn new(capacity: Option<u64>, clock: crate::clock::Clock) -> Usage {
         Usage {
             capacity: AtomicU64::new(capacity.unwrap_or(0)),
             bytes: AtomicU64::new(0),
             files: AtomicU64::new(0),
             changed: AtomicBool::new(true),
-            last_count: Mutex::new(Instant::now()),
+            last_count: Mutex::new(clock.now()),
+            clock,
         }
     }
 
@@ -108,7 +110,7 @@ impl Usage {
 
     /// Whether a count is due: something changed and the last count is old enough.
     pub fn count_due(&self) -> bool {
-        self.changed.load(Ordering::Acquire) && self.last_count.locked().elapsed() >= RECOUNT_INTERVAL
+        self.changed.load(Ordering::Acquire) && self.clock.elapsed(*self.last_count.locked()) >= RECOUNT_INTERVAL
     }
 
     /// Takes the result of a full count. Call [`Usage::begin_count`] before counting.
@@ -120,7 +122,7 @@ impl Usage {
     /// Marks the start of a count: changes from now on make the next one due.
     pub fn begin_count(&self) {
         self.changed.store(false, Ordering::Release);
-        *self.last_count.locked() = Instant::now();
+        *self.last_count.locked() = self.clock.now();
     }
 }
 
@@ -130,7 +132,7 @@ mod tests {
 
     #[test]
     fn growth_past_the_capacity_is_refused_and_raising_it_allows_it() {
-        let u = Usage::new(Some(1000));
+        let u = Usage::new(Some(1000), crate::clock::Clock::system());
         u.set_counted(900, 3);
         assert!(u.check_growth(100).is_ok());
         assert!(u.check_growth(101).is_err());
@@ -142,5 +144,19 @@ mod tests {
         assert_eq!(u.snapshot().free_bytes(), 1000);
         u.set_capacity(None);
         assert_eq!(u.snapshot().capacity, UNLIMITED);
+    }
+
+    #[test]
+    fn a_count_is_due_after_a_change_once_the_interval_has_passed() {
+        let clock = crate::clock::Clock::manual();
+        let u = Usage::new(None, clock.clone());
+        u.begin_count();
+        u.changed();
+        assert!(!u.count_due(), "due before the interval");
+        clock.advance(RECOUNT_INTERVAL);
+        assert!(u.count_due());
+        u.begin_count();
+        clock.advance(RECOUNT_INTERVAL);
+        assert!(!u.count_due(), "due with nothing changed");
     }
 }

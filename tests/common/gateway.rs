@@ -44,6 +44,8 @@ pub struct Opts {
     pub refresh: Duration,
     pub durability: s3nfs::fs::durable::Durability,
     pub squash: s3nfs::config::Squash,
+    /// The volume's clock: the system's unless a test drives time itself.
+    pub clock: s3nfs::clock::Clock,
 }
 
 impl Default for Opts {
@@ -54,6 +56,7 @@ impl Default for Opts {
             refresh: Duration::from_millis(200),
             durability: Default::default(),
             squash: Default::default(),
+            clock: Default::default(),
         }
     }
 }
@@ -85,7 +88,9 @@ impl InProc {
             durability: opts.durability,
             squash: opts.squash,
         };
-        let actor = Gateway::start(&export, store).await.expect("starting the volume");
+        let actor = Gateway::start_with_clock(&export, store, opts.clock.clone())
+            .await
+            .expect("starting the volume");
         InProc {
             addr: actor.addr,
             vol: actor.vol.clone(),

@@ -1,0 +1,128 @@
+//! Behaviour that depends on time (the flush delay, the refresh interval, the flusher's back-off
+//! while S3 fails), on a manual clock: each test moves time itself and waits for the gateway's
+//! background tasks to go back to sleep, so nothing here waits for a real timer or races one.
+
+mod common;
+
+use std::time::Duration;
+
+use common::gateway::{on_faulty_garage, on_garage, Opts};
+use common::nfs::Client;
+use s3nfs::actors::gateway::{FLUSH_TICK, MAX_BACKOFF};
+use s3nfs::clock::Clock;
+
+/// Waits until the flusher has finished a round and sleeps `left` before the next one. Only a
+/// sleep registered after the clock last moved can have exactly `left` to go (older ones have
+/// less), so this returns after a round that followed the latest `advance`.
+async fn flusher_sleeps(clock: &Clock, left: Duration) {
+    tokio::time::timeout(Duration::from_secs(30), clock.until_sleeping(|s| s.contains(&left)))
+        .await
+        .unwrap_or_else(|_| panic!("the flusher never went to sleep for {left:?}"));
+}
+
+#[tokio::test]
+async fn a_file_goes_to_s3_once_idle_for_the_flush_delay_and_not_before() {
+    let clock = Clock::manual();
+    let (gw, s3) = on_garage(Opts {
+        flush_delay: Duration::from_secs(2),
+        clock: clock.clone(),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let fh = c.create(&root, "f", 0o644).await.unwrap();
+    c.write_all(&fh, 0, b"first").await.unwrap();
+
+    clock.advance(Duration::from_millis(1900));
+    flusher_sleeps(&clock, FLUSH_TICK).await;
+    assert_eq!(s3.get("f").await, None, "uploaded before the flush delay");
+
+    // A write restarts the delay.
+    c.write_all(&fh, 5, b", second").await.unwrap();
+    clock.advance(Duration::from_millis(1900));
+    flusher_sleeps(&clock, FLUSH_TICK).await;
+    assert_eq!(s3.get("f").await, None, "a write did not restart the delay");
+
+    clock.advance(FLUSH_TICK);
+    flusher_sleeps(&clock, FLUSH_TICK).await;
+    assert_eq!(s3.get("f").await.as_deref(), Some(&b"first, second"[..]));
+}
+
+#[tokio::test]
+async fn a_listing_serves_until_the_refresh_interval_and_s3_is_read_at_the_first_access_after() {
+    let clock = Clock::manual();
+    let refresh = Duration::from_secs(60);
+    let (gw, s3) = on_garage(Opts {
+        refresh,
+        clock: clock.clone(),
+        ..Opts::default()
+    })
+    .await;
+    s3.put("old.txt", b"old").await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    assert_eq!(c.names(&root).await.unwrap(), vec!["old.txt"]);
+    let old = c.lookup(&root, "old.txt").await.unwrap();
+    assert_eq!(c.read_all(&old).await.unwrap(), b"old");
+
+    s3.put("new.txt", b"new").await;
+    s3.put("old.txt", b"overwritten").await;
+    clock.advance(refresh - Duration::from_millis(1));
+    assert_eq!(
+        c.names(&root).await.unwrap(),
+        vec!["old.txt"],
+        "the listing was not reused within the refresh interval"
+    );
+    assert_eq!(c.getattr(&old).await.unwrap().size, 3);
+
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(
+        c.names(&root).await.unwrap(),
+        vec!["new.txt", "old.txt"],
+        "the first READDIR past the refresh interval"
+    );
+    assert_eq!(c.getattr(&old).await.unwrap().size, 11);
+    assert_eq!(c.read_all(&old).await.unwrap(), b"overwritten");
+}
+
+/// While S3 refuses uploads, the flusher waits twice as long after each failed round, up to
+/// MAX_BACKOFF, and goes back to its normal tick after the first round that succeeds.
+#[tokio::test]
+async fn the_flusher_backs_off_while_s3_fails_and_recovers_when_it_returns() {
+    let clock = Clock::manual();
+    let (gw, s3, faults) = on_faulty_garage(Opts {
+        flush_delay: Duration::ZERO,
+        clock: clock.clone(),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    faults.set_outage(true);
+    let fh = c.create(&root, "f", 0o644).await.unwrap();
+    c.write_all(&fh, 0, b"kept").await.unwrap();
+
+    let mut wait = FLUSH_TICK;
+    let mut waits = Vec::new();
+    while wait < MAX_BACKOFF || waits.last() != Some(&MAX_BACKOFF) {
+        let puts = faults.total_calls();
+        clock.advance(wait);
+        wait = (wait * 2).min(MAX_BACKOFF);
+        flusher_sleeps(&clock, wait).await;
+        assert!(faults.total_calls() > puts, "a round after {waits:?} did not try S3");
+        waits.push(wait);
+    }
+    assert_eq!(
+        waits,
+        [400, 800, 1600, 3200, 6400, 10_000]
+            .map(Duration::from_millis)
+            .to_vec()
+    );
+    assert_eq!(s3.get("f").await, None);
+
+    faults.set_outage(false);
+    clock.advance(MAX_BACKOFF);
+    flusher_sleeps(&clock, FLUSH_TICK).await;
+    assert_eq!(s3.get("f").await.as_deref(), Some(&b"kept"[..]));
+}
