@@ -15,6 +15,7 @@
 pub mod durable;
 pub mod flush;
 pub mod links;
+mod listing;
 pub mod names;
 pub mod perm;
 pub mod read;
@@ -27,9 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tracing::Instrument;
 
-use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, MetaError, Remote, Time, ROOT_INO};
+use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, MetaError, Time, ROOT_INO};
 use crate::store::{ObjectStore, StoreError};
 use crate::sync::LockExt;
 use names::check_name;
@@ -728,265 +728,6 @@ impl Volume {
         Ok((out, end))
     }
 
-    fn listing_stale(&self, dir: Ino) -> bool {
-        match self.listed.locked().get(&dir) {
-            Some(at) => self.cfg.clock.elapsed(*at) >= self.cfg.refresh,
-            None => true,
-        }
-    }
-
-    /// Brings a directory's children in line with S3 when its listing is stale (or `force`).
-    ///
-    /// A directory never listed, or a small one ([`SMALL_DIR`] entries: one LIST request), is
-    /// listed before the caller goes on, so the first access after the refresh interval sees S3
-    /// as it is now. A large one is relisted in the background (once at a time) while callers
-    /// carry on with what they have: its listing takes many S3 requests, and no create, lookup
-    /// or stat should wait for it; a lookup that misses in it lists it first (see
-    /// [`Volume::lookup`]). `force` (RMDIR, RENAME of a directory) always lists first.
-    pub(crate) async fn refresh_dir(&self, dir: &Inode, force: bool) -> FsResult<()> {
-        if !force {
-            let listed_before = self.listed.locked().contains_key(&dir.ino);
-            if !self.listing_stale(dir.ino) {
-                return Ok(());
-            }
-            if listed_before {
-                if !self.relisting.locked().insert(dir.ino) {
-                    return Ok(()); // a relisting is under way: it is as fresh as we can be
-                }
-                if self.meta.children(dir.ino, 0, SMALL_DIR + 1)?.len() <= SMALL_DIR {
-                    let r = self.list_dir(dir).await;
-                    self.relisting.locked().remove(&dir.ino);
-                    return r;
-                }
-                if let Some(vol) = self.this.get().and_then(|w| w.upgrade()) {
-                    let (dir, ino) = (dir.clone(), dir.ino);
-                    let v = vol.clone();
-                    v.spawn_background(
-                        async move {
-                            if let Err(e) = vol.list_dir(&dir).await {
-                                tracing::warn!(ino = dir.ino, error = %e, "background relisting failed");
-                            }
-                            vol.relisting.locked().remove(&dir.ino);
-                        }
-                        .instrument(tracing::info_span!("relist", ino)),
-                    );
-                } else {
-                    self.relisting.locked().remove(&dir.ino);
-                }
-                return Ok(());
-            }
-        }
-        self.list_dir(dir).await
-    }
-
-    /// Lists a directory from S3 and applies what it finds.
-    async fn list_dir(&self, dir: &Inode) -> FsResult<()> {
-        let prefix = self.dir_prefix(dir)?;
-        let epoch_before = self.flusher.epoch();
-        let listing = self.flusher.begin_listing();
-        let started = listing.started;
-        let mut files: HashMap<String, crate::store::ObjectSummary> = HashMap::new();
-        let mut dirs: std::collections::HashSet<String> = Default::default();
-        let mut token = None;
-        loop {
-            let page = match self.store.list(&prefix, Some("/"), token, 1000).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(%prefix, error = %e, "listing failed; serving the local view");
-                    return match e {
-                        StoreError::Unavailable(_) => Ok(()),
-                        other => Err(other.into()),
-                    };
-                }
-            };
-            for o in page.objects {
-                let name = &o.key[prefix.len()..];
-                if name.is_empty() {
-                    continue; // the directory's own marker
-                }
-                if names::listable(name) {
-                    files.insert(name.to_string(), o);
-                } else if name != names::VOLUME_RECORD {
-                    tracing::warn!(key = %o.key, "object name cannot be shown over NFS; skipped");
-                }
-            }
-            for p in page.prefixes {
-                let name = p[prefix.len()..].trim_end_matches('/');
-                if names::listable(name) {
-                    dirs.insert(name.to_string());
-                } else {
-                    tracing::warn!(prefix = %p, "prefix cannot be shown over NFS; skipped");
-                }
-            }
-            token = page.next;
-            if token.is_none() {
-                break;
-            }
-        }
-        let _g = self.ns.lock().await;
-        let Some(dir) = self.meta.inode(dir.ino)? else {
-            return Ok(());
-        };
-        // Objects that pending work is about to move or delete are not new entries: they are
-        // where renamed or removed inodes used to be (the journal indexes them by key, so this
-        // costs a lookup per unknown name, not a read of all pending work). A deletion that
-        // finished while the listing was under way is in `deleted_since`.
-        let is_leaving = |key: &str, is_dir: bool| -> FsResult<bool> {
-            Ok(self.flusher.writing(key, is_dir)
-                || self.flusher.deleted_since(key, is_dir, started)
-                || self.meta.key_leaving(key, is_dir)?)
-        };
-        let mut batch = Batch::new();
-        let mut seen = std::collections::HashSet::new();
-        let now = Time::now();
-        // What S3 has: add or update.
-        let remote_entries = dirs.iter().map(|n| (n.clone(), None)).chain(
-            files
-                .into_iter()
-                .filter(|(n, _)| !dirs.contains(n))
-                .map(|(n, o)| (n, Some(o))),
-        );
-        for (name, obj) in remote_entries {
-            seen.insert(name.clone());
-            let existing = self.meta.lookup(dir.ino, name.as_bytes())?;
-            let want_kind = if obj.is_none() { Kind::Dir } else { Kind::File };
-            let key = match &obj {
-                Some(o) => o.key.clone(),
-                None => format!("{prefix}{name}/"),
-            };
-            if existing.is_none() && is_leaving(&key, obj.is_none())? {
-                continue;
-            }
-            if let Some(ino) = existing {
-                let Some(mut inode) = self.meta.inode(ino)? else {
-                    continue;
-                };
-                if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
-                    continue; // local changes not yet in S3, or newer than this listing
-                }
-                // Symlinks, special files and hard links are all plain objects in a listing.
-                let same_kind = inode.kind == want_kind || (want_kind == Kind::File && inode.kind != Kind::Dir);
-                if !same_kind {
-                    self.forget_subtree(&mut batch, &inode)?;
-                } else {
-                    if let Some(o) = obj {
-                        let changed = inode.remote.as_ref().map(|r| r.etag != o.etag).unwrap_or(true);
-                        if changed
-                            && self
-                                .staged(ino)
-                                .map(|s| !s.content_dirty.load(Ordering::Acquire))
-                                .unwrap_or(true)
-                        {
-                            if let Kind::Link(file) = inode.kind {
-                                // Another tool replaced this name's object: it is a file of
-                                // its own now, no longer a name of `file`.
-                                batch.del_link(file, ino);
-                                inode.kind = Kind::File;
-                            }
-                            inode.size = o.size;
-                            inode.mtime = Time::from_secs(o.last_modified);
-                            inode.remote = Some(Remote {
-                                key: o.key.clone(),
-                                etag: o.etag.clone(),
-                                size: o.size,
-                            });
-                            inode.meta_loaded = false;
-                            inode.target.clear();
-                            self.drop_staged(ino);
-                            batch.put_inode(&inode);
-                        }
-                    }
-                    continue;
-                }
-            }
-            let ino = self.alloc_ino(&mut batch);
-            let (size, mtime, remote, meta_loaded) = match &obj {
-                Some(o) => (
-                    o.size,
-                    Time::from_secs(o.last_modified),
-                    Some(Remote {
-                        key: o.key.clone(),
-                        etag: o.etag.clone(),
-                        size: o.size,
-                    }),
-                    false,
-                ),
-                None => (0, now, None, true),
-            };
-            let mode = if want_kind == Kind::Dir {
-                self.cfg.default_dir_mode
-            } else {
-                self.cfg.default_file_mode
-            };
-            let owner = (self.cfg.default_uid, self.cfg.default_gid);
-            let mut inode = Inode::new(ino, dir.ino, name.as_bytes(), want_kind, mode, owner, mtime);
-            inode.size = size;
-            inode.remote = remote;
-            inode.meta_loaded = meta_loaded;
-            batch.put_inode(&inode);
-            batch.link(dir.ino, name.as_bytes(), ino, want_kind);
-        }
-        // What S3 no longer has: forget, unless local changes are still on their way.
-        let mut after = 0;
-        loop {
-            let kids = self.meta.children(dir.ino, after, 1024)?;
-            if kids.is_empty() {
-                break;
-            }
-            after = kids.last().unwrap().0;
-            for (ino, name) in kids {
-                let Ok(n) = std::str::from_utf8(&name) else {
-                    continue;
-                };
-                if seen.contains(n) {
-                    continue;
-                }
-                let Some(inode) = self.meta.inode(ino)? else {
-                    continue;
-                };
-                if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
-                    continue;
-                }
-                if inode.kind == Kind::Dir && self.subtree_has_pending(ino)? {
-                    continue;
-                }
-                self.forget_subtree(&mut batch, &inode)?;
-            }
-        }
-        if !batch.is_empty() {
-            // The kernel client keeps a directory's entries (and its misses) until the
-            // directory's attributes change: make them change, or what S3 gained stays unseen.
-            self.touch_dir(&mut batch, dir.ino)?;
-        }
-        self.meta.commit(batch)?;
-        self.usage.changed();
-        self.listed.locked().insert(dir.ino, started);
-        Ok(())
-    }
-
-    fn subtree_has_pending(&self, dir: Ino) -> FsResult<bool> {
-        let mut stack = vec![dir];
-        while let Some(d) = stack.pop() {
-            let mut after = 0;
-            loop {
-                let kids = self.meta.children(d, after, 1024)?;
-                let Some(last) = kids.last() else { break };
-                after = last.0;
-                for (ino, _) in kids {
-                    if self.meta.pending(ino)?.is_some() {
-                        return Ok(true);
-                    }
-                    if let Some(i) = self.meta.inode(ino)? {
-                        if i.kind == Kind::Dir {
-                            stack.push(ino);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(false)
-    }
-
     /// Removes an inode and everything under it from the namespace (not from S3).
     fn forget_subtree(&self, batch: &mut Batch, inode: &Inode) -> FsResult<()> {
         let mut stack = vec![inode.clone()];
@@ -1521,7 +1262,9 @@ impl Volume {
             return Ok((Vec::new(), true));
         };
         self.cache
-            .read(&self.store, ino, &remote, offset, count, self.cfg.read_ahead)
+            .read(&self.store, ino, &remote, offset, count, self.cfg.read_ahead, &|f| {
+                self.spawn_background(f)
+            })
             .await
     }
 

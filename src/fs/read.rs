@@ -19,6 +19,14 @@ use crate::sync::LockExt;
 
 type Cell = Arc<tokio::sync::OnceCell<Bytes>>;
 
+/// Files whose sequential readers are tracked at once. Past it, the least recently read half is
+/// forgotten (those readers start again with a small read-ahead): the map stays bounded however
+/// many files are read over a volume's life.
+const MAX_STREAMS: usize = 4096;
+
+/// Read-ahead fetches are handed to the volume, which counts them as its background work.
+pub type Spawn<'a> = &'a (dyn Fn(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) + Sync);
+
 pub struct ReadCache {
     chunk: u64,
     max_chunks: usize,
@@ -29,8 +37,10 @@ pub struct ReadCache {
 struct Inner {
     map: HashMap<(Ino, u64), (String, Cell)>,
     order: VecDeque<(Ino, u64)>,
-    /// Per inode: where a sequential reader is expected next, and its read-ahead window.
-    stream: HashMap<Ino, (u64, usize)>,
+    /// Per inode: where a sequential reader is expected next, its read-ahead window, and when
+    /// it was last used (a read counter). At most [`MAX_STREAMS`] entries.
+    stream: HashMap<Ino, (u64, usize, u64)>,
+    reads: u64,
     pub hits: u64,
     pub misses: u64,
 }
@@ -48,6 +58,11 @@ impl ReadCache {
         let mut inner = self.inner.locked();
         inner.map.retain(|k, _| k.0 != ino);
         inner.stream.remove(&ino);
+    }
+
+    #[cfg(test)]
+    fn streams(&self) -> usize {
+        self.inner.locked().stream.len()
     }
 
     /// (hits, misses) so far.
@@ -115,6 +130,7 @@ impl ReadCache {
         offset: u64,
         count: u32,
         read_ahead: usize,
+        spawn: Spawn<'_>,
     ) -> FsResult<(Vec<u8>, bool)> {
         if offset >= remote.size {
             return Ok((Vec::new(), true));
@@ -124,7 +140,7 @@ impl ReadCache {
         let last = (end - 1) / self.chunk;
         let window = {
             let mut inner = self.inner.locked();
-            let (next, window) = inner.stream.get(&ino).copied().unwrap_or((0, 0));
+            let (next, window, _) = inner.stream.get(&ino).copied().unwrap_or((0, 0, 0));
             // Sequential if it starts where the last read ended (or close: the kernel reorders).
             let sequential = offset <= next + self.chunk && offset + self.chunk >= next;
             let w = if sequential {
@@ -132,7 +148,14 @@ impl ReadCache {
             } else {
                 0
             };
-            inner.stream.insert(ino, (end, w));
+            inner.reads += 1;
+            let now = inner.reads;
+            inner.stream.insert(ino, (end, w, now));
+            if inner.stream.len() > MAX_STREAMS {
+                // Amortised: one pass per MAX_STREAMS / 2 new readers.
+                let keep_after = now - (MAX_STREAMS / 2) as u64;
+                inner.stream.retain(|_, s| s.2 > keep_after);
+            }
             w
         };
         for idx in last + 1..=last + window as u64 {
@@ -146,9 +169,9 @@ impl ReadCache {
             let store = store.clone();
             let remote = remote.clone();
             let chunk = self.chunk;
-            tokio::spawn(async move {
+            spawn(Box::pin(async move {
                 let _ = Self::fetch(&*store, &cell, &remote, idx, chunk).await;
-            });
+            }));
         }
         let mut out = Vec::with_capacity((end - offset) as usize);
         let cells: Vec<_> = (first..=last)
@@ -170,5 +193,39 @@ impl ReadCache {
         }
         let eof = offset + out.len() as u64 >= remote.size;
         Ok((out, eof))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file ever read used to keep its reader's state for the volume's life.
+    #[tokio::test]
+    async fn the_readers_tracked_stay_bounded_however_many_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(crate::store::local::LocalStore::open(dir.path()).unwrap());
+        let etag = store
+            .put("k", crate::store::Body::Bytes(Bytes::from_static(b"0123456789")), &Default::default())
+            .await
+            .unwrap();
+        let remote = Remote {
+            key: "k".into(),
+            etag,
+            size: 10,
+        };
+        let cache = ReadCache::new(4, 1 << 20);
+        let spawn: Spawn<'_> = &|f| {
+            tokio::spawn(f);
+        };
+        for ino in 0..3 * MAX_STREAMS as u64 {
+            let (b, _) = cache.read(&store, ino, &remote, 2, 3, 2, spawn).await.unwrap();
+            assert_eq!(b, b"234");
+            assert!(cache.streams() <= MAX_STREAMS);
+        }
+        // The most recent reader is still known: its next read is sequential.
+        let last = 3 * MAX_STREAMS as u64 - 1;
+        let w = cache.inner.locked().stream[&last].1;
+        assert_eq!(w, 1);
     }
 }

@@ -485,6 +485,41 @@ impl MetaDb {
         }
     }
 
+    /// Children of `parent` by name, in byte order: names above `after` (all when None) up to
+    /// and including `upto` (no limit when None), at most `max`.
+    pub fn children_by_name(
+        &self,
+        parent: Ino,
+        after: Option<&[u8]>,
+        upto: Option<&[u8]>,
+        max: usize,
+    ) -> MetaResult<Vec<(Vec<u8>, Ino)>> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) => Bound::Excluded(k2(b'N', parent, a)),
+            None => Bound::Included(k(b'N', parent)),
+        };
+        let end = match upto {
+            Some(u) => Bound::Included(k2(b'N', parent, u)),
+            None => Bound::Excluded(k(b'N', parent.wrapping_add(1))),
+        };
+        let mut out = Vec::new();
+        if matches!((after, upto), (Some(a), Some(u)) if a >= u) {
+            return Ok(out);
+        }
+        if upto.is_none() && parent == u64::MAX {
+            return Ok(out); // no key above the last parent's names to end the range with
+        }
+        for item in self.tree.range::<Vec<u8>, _>((start, end)) {
+            let (key, ino) = item?;
+            out.push((key[9..].to_vec(), be_u64(&ino)?));
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Children of `parent` with inode numbers above `after`, in inode order, at most `max`.
     pub fn children(&self, parent: Ino, after: Ino, max: usize) -> MetaResult<Vec<(Ino, Vec<u8>)>> {
         let start = k2(b'D', parent, &(after.saturating_add(1)).to_be_bytes());

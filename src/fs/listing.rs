@@ -1,0 +1,387 @@
+//! Reconciling directories with S3 listings: when a listing is stale, relisting (before the
+//! caller goes on, or in the background for a large directory), and applying a listing page by
+//! page under the namespace lock.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+
+use tracing::Instrument;
+
+use super::{names, FsResult, Volume, SMALL_DIR};
+use crate::meta::{Batch, Ino, Inode, Kind, Remote, Time};
+use crate::store::{ListPage, ObjectSummary, StoreError};
+use crate::sync::LockExt;
+
+/// Names (in key form) a page of a listing covers: past `after` (from the start when None), up
+/// to and including `upto` (to the end when None).
+#[derive(Clone, Copy)]
+struct Range<'a> {
+    after: Option<&'a str>,
+    upto: Option<&'a str>,
+}
+
+/// What one page of a listing shows of a directory, by name.
+struct Page {
+    files: HashMap<String, ObjectSummary>,
+    dirs: HashSet<String>,
+}
+
+impl Page {
+    fn of(prefix: &str, page: ListPage) -> Page {
+        let mut files = HashMap::new();
+        let mut dirs = HashSet::new();
+        for o in page.objects {
+            let name = &o.key[prefix.len()..];
+            if name.is_empty() {
+                continue; // the directory's own marker
+            }
+            if names::listable(name) {
+                files.insert(name.to_string(), o);
+            } else if name != names::VOLUME_RECORD {
+                tracing::warn!(key = %o.key, "object name cannot be shown over NFS; skipped");
+            }
+        }
+        for p in page.prefixes {
+            let name = p[prefix.len()..].trim_end_matches('/');
+            if names::listable(name) {
+                dirs.insert(name.to_string());
+            } else {
+                tracing::warn!(prefix = %p, "prefix cannot be shown over NFS; skipped");
+            }
+        }
+        Page { files, dirs }
+    }
+}
+
+impl Volume {
+    pub(crate) fn listing_stale(&self, dir: Ino) -> bool {
+        match self.listed.locked().get(&dir) {
+            Some(at) => self.cfg.clock.elapsed(*at) >= self.cfg.refresh,
+            None => true,
+        }
+    }
+
+    /// Brings a directory's children in line with S3 when its listing is stale (or `force`).
+    ///
+    /// A directory never listed, or a small one ([`SMALL_DIR`] entries: one LIST request), is
+    /// listed before the caller goes on, so the first access after the refresh interval sees S3
+    /// as it is now. A large one is relisted in the background (once at a time) while callers
+    /// carry on with what they have: its listing takes many S3 requests, and no create, lookup
+    /// or stat should wait for it; a lookup that misses in it lists it first (see
+    /// [`Volume::lookup`]). `force` (RMDIR, RENAME of a directory) always lists first.
+    pub(crate) async fn refresh_dir(&self, dir: &Inode, force: bool) -> FsResult<()> {
+        if !force {
+            let listed_before = self.listed.locked().contains_key(&dir.ino);
+            if !self.listing_stale(dir.ino) {
+                return Ok(());
+            }
+            if listed_before {
+                if !self.relisting.locked().insert(dir.ino) {
+                    return Ok(()); // a relisting is under way: it is as fresh as we can be
+                }
+                if self.meta.children(dir.ino, 0, SMALL_DIR + 1)?.len() <= SMALL_DIR {
+                    let r = self.list_dir(dir).await;
+                    self.relisting.locked().remove(&dir.ino);
+                    return r;
+                }
+                if let Some(vol) = self.this.get().and_then(|w| w.upgrade()) {
+                    let (dir, ino) = (dir.clone(), dir.ino);
+                    let v = vol.clone();
+                    v.spawn_background(
+                        async move {
+                            if let Err(e) = vol.list_dir(&dir).await {
+                                tracing::warn!(ino = dir.ino, error = %e, "background relisting failed");
+                            }
+                            vol.relisting.locked().remove(&dir.ino);
+                        }
+                        .instrument(tracing::info_span!("relist", ino)),
+                    );
+                } else {
+                    self.relisting.locked().remove(&dir.ino);
+                }
+                return Ok(());
+            }
+        }
+        self.list_dir(dir).await
+    }
+
+    /// Lists a directory from S3 and applies what it finds, one page at a time: memory holds a
+    /// page (1,000 entries), never the whole directory, however large it is.
+    ///
+    /// S3 lists in key order, so a page covers a range of names (in key form: a directory's
+    /// name followed by '/'), from just past the previous page's last key to its own last key.
+    /// Local entries in that range that the page lacks are what S3 no longer has. Each page is
+    /// applied under the namespace lock, on its own: a listing that fails half-way leaves the
+    /// pages it got applied, each of them consistent.
+    pub(crate) async fn list_dir(&self, dir: &Inode) -> FsResult<()> {
+        let prefix = self.dir_prefix(dir)?;
+        let epoch_before = self.flusher.epoch();
+        let listing = self.flusher.begin_listing();
+        let started = listing.started;
+        let mut token = None;
+        // Every name up to and including this key form has been reconciled.
+        let mut done: Option<String> = None;
+        loop {
+            let page = match self.store.list(&prefix, Some("/"), token, 1000).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(%prefix, error = %e, "listing failed; serving the local view");
+                    return match e {
+                        StoreError::Unavailable(_) => Ok(()),
+                        other => Err(other.into()),
+                    };
+                }
+            };
+            token = page.next.clone();
+            let upto = match &token {
+                None => None,
+                Some(_) => {
+                    let last_object = page.objects.last().map(|o| o.key.as_str());
+                    let last_prefix = page.prefixes.last().map(String::as_str);
+                    match last_object.max(last_prefix) {
+                        Some(k) => Some(k[prefix.len()..].to_string()),
+                        // An empty page (S3 may send one): nothing to reconcile yet.
+                        None => continue,
+                    }
+                }
+            };
+            let range = Range {
+                after: done.as_deref(),
+                upto: upto.as_deref(),
+            };
+            let page = Page::of(&prefix, page);
+            if !self.apply_page(dir.ino, &prefix, page, range, epoch_before, started).await? {
+                return Ok(()); // the directory is gone
+            }
+            if token.is_none() {
+                break;
+            }
+            done = upto;
+        }
+        self.usage.changed();
+        self.listed.locked().insert(dir.ino, started);
+        Ok(())
+    }
+
+    /// Applies one page of a listing: adds and updates what it has, forgets the entries of its
+    /// range that it lacks. False when the directory no longer exists.
+    async fn apply_page(
+        &self,
+        dir: Ino,
+        prefix: &str,
+        page: Page,
+        range: Range<'_>,
+        epoch_before: u64,
+        started: std::time::Instant,
+    ) -> FsResult<bool> {
+        let _g = self.ns.lock().await;
+        let Some(dir) = self.meta.inode(dir)? else {
+            return Ok(false);
+        };
+        // Objects that pending work is about to move or delete are not new entries: they are
+        // where renamed or removed inodes used to be (the journal indexes them by key, so this
+        // costs a lookup per unknown name, not a read of all pending work). A deletion that
+        // finished while the listing was under way is in `deleted_since`.
+        let is_leaving = |key: &str, is_dir: bool| -> FsResult<bool> {
+            Ok(self.flusher.writing(key, is_dir)
+                || self.flusher.deleted_since(key, is_dir, started)
+                || self.meta.key_leaving(key, is_dir)?)
+        };
+        let mut batch = Batch::new();
+        let mut seen = HashSet::new();
+        let now = Time::now();
+        let Page { files, dirs } = page;
+        // What S3 has: add or update. A name that is both an object and a prefix is a directory.
+        let remote_entries = dirs.iter().map(|n| (n.clone(), None)).chain(
+            files
+                .into_iter()
+                .filter(|(n, _)| !dirs.contains(n))
+                .map(|(n, o)| (n, Some(o))),
+        );
+        for (name, obj) in remote_entries {
+            seen.insert(name.clone());
+            let existing = self.meta.lookup(dir.ino, name.as_bytes())?;
+            let want_kind = if obj.is_none() { Kind::Dir } else { Kind::File };
+            let key = match &obj {
+                Some(o) => o.key.clone(),
+                None => format!("{prefix}{name}/"),
+            };
+            if existing.is_none() && is_leaving(&key, obj.is_none())? {
+                continue;
+            }
+            if let Some(ino) = existing {
+                let Some(inode) = self.meta.inode(ino)? else {
+                    continue;
+                };
+                if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
+                    continue; // local changes not yet in S3, or newer than this listing
+                }
+                // Symlinks, special files and hard links are all plain objects in a listing.
+                let same_kind = inode.kind == want_kind || (want_kind == Kind::File && inode.kind != Kind::Dir);
+                if same_kind {
+                    if let Some(o) = obj {
+                        self.update_from_listing(&mut batch, inode, &o);
+                    }
+                    continue;
+                }
+                self.forget_subtree(&mut batch, &inode)?;
+            }
+            let ino = self.alloc_ino(&mut batch);
+            let (size, mtime, remote, meta_loaded) = match &obj {
+                Some(o) => (
+                    o.size,
+                    Time::from_secs(o.last_modified),
+                    Some(Remote {
+                        key: o.key.clone(),
+                        etag: o.etag.clone(),
+                        size: o.size,
+                    }),
+                    false,
+                ),
+                None => (0, now, None, true),
+            };
+            let mode = if want_kind == Kind::Dir {
+                self.cfg.default_dir_mode
+            } else {
+                self.cfg.default_file_mode
+            };
+            let owner = (self.cfg.default_uid, self.cfg.default_gid);
+            let mut inode = Inode::new(ino, dir.ino, name.as_bytes(), want_kind, mode, owner, mtime);
+            inode.size = size;
+            inode.remote = remote;
+            inode.meta_loaded = meta_loaded;
+            batch.put_inode(&inode);
+            batch.link(dir.ino, name.as_bytes(), ino, want_kind);
+        }
+        // What S3 no longer has (in this page's range): forget, unless local changes are still
+        // on their way.
+        self.children_in_range(dir.ino, range, |name, ino| {
+            let Ok(n) = std::str::from_utf8(&name) else {
+                return Ok(());
+            };
+            if seen.contains(n) {
+                return Ok(());
+            }
+            let Some(inode) = self.meta.inode(ino)? else {
+                return Ok(());
+            };
+            if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
+                return Ok(());
+            }
+            if inode.kind == Kind::Dir && self.subtree_has_pending(ino)? {
+                return Ok(());
+            }
+            self.forget_subtree(&mut batch, &inode)
+        })?;
+        if !batch.is_empty() {
+            // The kernel client keeps a directory's entries (and its misses) until the
+            // directory's attributes change: make them change, or what S3 gained stays unseen.
+            self.touch_dir(&mut batch, dir.ino)?;
+        }
+        self.meta.commit(batch)?;
+        Ok(true)
+    }
+
+    /// A listed object whose ETag changed replaces what the inode knew of its content (unless
+    /// local writes not yet uploaded are newer).
+    fn update_from_listing(&self, batch: &mut Batch, mut inode: Inode, o: &crate::store::ObjectSummary) {
+        let changed = inode.remote.as_ref().map(|r| r.etag != o.etag).unwrap_or(true);
+        let dirty = self
+            .staged(inode.ino)
+            .is_some_and(|s| s.content_dirty.load(Ordering::Acquire));
+        if !changed || dirty {
+            return;
+        }
+        if let Kind::Link(file) = inode.kind {
+            // Another tool replaced this name's object: it is a file of its own now, no longer
+            // a name of `file`.
+            batch.del_link(file, inode.ino);
+            inode.kind = Kind::File;
+        }
+        inode.size = o.size;
+        inode.mtime = Time::from_secs(o.last_modified);
+        inode.remote = Some(Remote {
+            key: o.key.clone(),
+            etag: o.etag.clone(),
+            size: o.size,
+        });
+        inode.meta_loaded = false;
+        inode.target.clear();
+        self.drop_staged(inode.ino);
+        batch.put_inode(&inode);
+    }
+
+    /// Calls `f` with each child of `dir` whose name, in key form (a directory's with a trailing
+    /// '/'), falls in `range`; read from the index a chunk at a time.
+    fn children_in_range(
+        &self,
+        dir: Ino,
+        range: Range<'_>,
+        mut f: impl FnMut(Vec<u8>, Ino) -> FsResult<()>,
+    ) -> FsResult<()> {
+        let form = |name: &[u8], ino: Ino| -> FsResult<Vec<u8>> {
+            let mut f = name.to_vec();
+            if self.meta.inode(ino)?.is_some_and(|i| i.kind == Kind::Dir) {
+                f.push(b'/');
+            }
+            Ok(f)
+        };
+        let (after, upto) = (range.after.map(str::as_bytes), range.upto.map(str::as_bytes));
+        // A directory sorts after its bare name: "d/" can be past `after` though "d" is not, when
+        // "d" is a prefix of `after` followed by a byte below '/' ("d" and "d.txt").
+        if let Some(a) = after {
+            for i in 1..a.len() {
+                if a[i] >= b'/' {
+                    continue;
+                }
+                if let Some(ino) = self.meta.lookup(dir, &a[..i])? {
+                    let k = form(&a[..i], ino)?;
+                    if k.as_slice() > a && upto.is_none_or(|u| k.as_slice() <= u) {
+                        f(a[..i].to_vec(), ino)?;
+                    }
+                }
+            }
+        }
+        let mut from = after.map(<[u8]>::to_vec);
+        loop {
+            let chunk = self.meta.children_by_name(dir, from.as_deref(), upto, 1024)?;
+            let Some(last) = chunk.last() else { break };
+            from = Some(last.0.clone());
+            for (name, ino) in chunk {
+                // Past `upto` in key form though its bare name is not (only a directory whose
+                // name is a prefix of `upto` can be): the next page's.
+                let past = match upto {
+                    Some(u) if u.starts_with(&name) => form(&name, ino)?.as_slice() > u,
+                    _ => false,
+                };
+                if !past {
+                    f(name, ino)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn subtree_has_pending(&self, dir: Ino) -> FsResult<bool> {
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let mut after = 0;
+            loop {
+                let kids = self.meta.children(d, after, 1024)?;
+                let Some(last) = kids.last() else { break };
+                after = last.0;
+                for (ino, _) in kids {
+                    if self.meta.pending(ino)?.is_some() {
+                        return Ok(true);
+                    }
+                    if let Some(i) = self.meta.inode(ino)? {
+                        if i.kind == Kind::Dir {
+                            stack.push(ino);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+}
