@@ -4,7 +4,8 @@
 //!
 //! - NFS: `s3nfs_nfs_ops_total{op}`, `s3nfs_nfs_errors_total{op}`,
 //!   `s3nfs_nfs_op_duration_seconds{op}` (histogram), `s3nfs_nfs_read_bytes_total`,
-//!   `s3nfs_nfs_written_bytes_total`;
+//!   `s3nfs_nfs_written_bytes_total`, `s3nfs_nfs_refused_records_total` (hostile or broken
+//!   clients: records too long or undecodable);
 //! - S3: `s3nfs_s3_requests_total{op}`, `s3nfs_s3_errors_total{op}`,
 //!   `s3nfs_s3_request_duration_seconds{op}` (histogram), `s3nfs_s3_sent_bytes_total`,
 //!   `s3nfs_s3_received_bytes_total`;
@@ -136,8 +137,7 @@ impl Registry {
     /// Drops a closed volume's series.
     pub fn unregister_volume(&self, name: &str) {
         self.volumes
-            .lock()
-            .unwrap()
+            .locked()
             .retain(|e| e.vol.strong_count() > 0 && e.name != name);
     }
 
@@ -231,6 +231,12 @@ impl Registry {
             "s3nfs_s3_received_bytes_total",
             "Bytes received from S3 (GET).",
             r,
+        );
+        counter(
+            &mut out,
+            "s3nfs_nfs_refused_records_total",
+            "RPC records refused (too long or undecodable); their connections were closed.",
+            nfsserve::REFUSED_RECORDS.load(l),
         );
         counter(
             &mut out,

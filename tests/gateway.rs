@@ -963,6 +963,7 @@ async fn hostile_lengths_cost_nothing_and_close_only_the_liar() {
         // A file handle announced as 4 GiB - 16 inside a small record.
         call(vec![0xff, 0xff, 0xff, 0xf0, 0, 0, 0, 0]),
     ];
+    let refused_before = nfsserve::REFUSED_RECORDS.load(std::sync::atomic::Ordering::Relaxed);
     let mut conns = Vec::new();
     for l in &liars {
         for _ in 0..4 {
@@ -977,6 +978,9 @@ async fn hostile_lengths_cost_nothing_and_close_only_the_liar() {
         let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut sink)).await;
         assert!(r.is_ok(), "the gateway waited for 2 GiB that will never come");
     }
+    // ... and counted (s3nfs_nfs_refused_records_total), not logged each time.
+    let refused = nfsserve::REFUSED_RECORDS.load(std::sync::atomic::Ordering::Relaxed) - refused_before;
+    assert!(refused >= 8, "{refused} refused records counted for 8 oversized ones");
     // Other tests of this binary run meanwhile: the bound only tells "nothing like the 2 GiB a
     // fragment announced, times the 8 liars" from the noise.
     let (_, rss1) = common::csi::fds_and_rss();

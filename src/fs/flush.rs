@@ -202,8 +202,7 @@ impl FlushState {
     async fn key_lock(&self, key: &str) -> KeyGuard<'_> {
         let m = self
             .key_locks
-            .lock()
-            .unwrap()
+            .locked()
             .entry(key.to_string())
             .or_default()
             .clone();
@@ -671,8 +670,7 @@ impl Volume {
                 let done = st.part_done.notified();
                 if st
                     .multipart
-                    .lock()
-                    .unwrap()
+                    .locked()
                     .as_ref()
                     .is_none_or(|m| m.in_flight.is_empty())
                 {
@@ -772,8 +770,7 @@ impl Volume {
         let init = st.multipart_init.lock().await;
         let existing = st
             .multipart
-            .lock()
-            .unwrap()
+            .locked()
             .as_ref()
             .map(|m| (m.key.clone(), m.upload_id.clone()));
         if let Some((k, id)) = &existing {

@@ -12,6 +12,9 @@ use crate::meta::{Batch, Ino, Inode, Kind, Remote, Time};
 use crate::store::{ListPage, ObjectSummary, StoreError};
 use crate::sync::LockExt;
 
+/// Directories whose listing time is remembered at once (see [`Volume::note_listed`]).
+const MAX_LISTED: usize = 65_536;
+
 /// Names (in key form) a page of a listing covers: past `after` (from the start when None), up
 /// to and including `upto` (to the end when None).
 #[derive(Clone, Copy)]
@@ -54,6 +57,24 @@ impl Page {
 }
 
 impl Volume {
+    /// Records when a directory was listed. The map is kept to [`MAX_LISTED`] directories: past
+    /// it, the stale entries go (a stale entry means what no entry means), then, if needed,
+    /// arbitrary ones (those directories are listed again at their next access).
+    pub(crate) fn note_listed(&self, dir: Ino, at: std::time::Instant) {
+        let mut listed = self.listed.locked();
+        listed.insert(dir, at);
+        if listed.len() > MAX_LISTED {
+            let (clock, refresh) = (&self.cfg.clock, self.cfg.refresh);
+            listed.retain(|_, t| clock.elapsed(*t) < refresh);
+            if listed.len() > MAX_LISTED / 2 {
+                let excess: Vec<Ino> = listed.keys().copied().take(listed.len() - MAX_LISTED / 2).collect();
+                for ino in excess {
+                    listed.remove(&ino);
+                }
+            }
+        }
+    }
+
     pub(crate) fn listing_stale(&self, dir: Ino) -> bool {
         match self.listed.locked().get(&dir) {
             Some(at) => self.cfg.clock.elapsed(*at) >= self.cfg.refresh,
@@ -159,7 +180,7 @@ impl Volume {
             done = upto;
         }
         self.usage.changed();
-        self.listed.locked().insert(dir.ino, started);
+        self.note_listed(dir.ino, started);
         Ok(())
     }
 

@@ -747,6 +747,9 @@ impl Volume {
                 self.listed.locked().remove(&i.ino);
             }
             self.forget_links(batch, &i)?;
+            // Keys failed uploads of it may have written: S3 no longer has its object, so
+            // whatever else it may have left there goes too.
+            self.release_maybe_written(batch, i.ino, i.remote.as_ref().map(|r| r.key.as_str()))?;
             batch.unlink(i.parent, &i.name, i.ino, i.kind);
             batch.del_inode(i.ino);
             self.drop_staged(i.ino);
@@ -867,7 +870,7 @@ impl Volume {
         apply_owner(&mut inode, cred, &attr);
         self.commit_new(batch, &inode)?;
         // A new directory has nothing in S3 to list.
-        self.listed.locked().insert(inode.ino, self.cfg.clock.now());
+        self.note_listed(inode.ino, self.cfg.clock.now());
         Ok(self.attr_of(&inode))
     }
 

@@ -5,6 +5,8 @@ mod rpc;
 mod rpcwire;
 // s3nfs patch: one record through the server side, for fuzzing.
 pub use rpcwire::process_record;
+// s3nfs patch: refused records, for metrics.
+pub use rpcwire::REFUSED_RECORDS;
 mod write_counter;
 pub mod xdr;
 

@@ -103,6 +103,20 @@ async fn handle_rpc(
 /// 2 GiB fragments could take the process's memory. A longer record now closes the connection.
 pub const MAX_RECORD: usize = (1 << 20) + (64 << 10);
 
+/// s3nfs patch: records refused since the process started, too long or undecodable (their
+/// connection is closed). Exported as a metric; logged only at the 1st, 2nd, 4th, 8th... so
+/// that a hostile client cannot flood the log.
+pub static REFUSED_RECORDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn refused(what: &dyn std::fmt::Display) {
+    let n = REFUSED_RECORDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        warn!("refused an RPC record ({n} so far; logged at powers of two): {what}");
+    } else {
+        debug!("refused an RPC record: {what}");
+    }
+}
+
 async fn read_fragment(socket: &mut DuplexStream, append_to: &mut Vec<u8>) -> Result<bool, anyhow::Error> {
     let mut header_buf = [0_u8; 4];
     socket.read_exact(&mut header_buf).await?;
@@ -111,10 +125,12 @@ async fn read_fragment(socket: &mut DuplexStream, append_to: &mut Vec<u8>) -> Re
     let length = (fragment_header & ((1 << 31) - 1)) as usize;
     trace!("Reading fragment length:{}, last:{}", length, is_last);
     if append_to.len() + length > MAX_RECORD {
-        return Err(anyhow!(
+        let e = anyhow!(
             "record of {} bytes or more announced; at most {MAX_RECORD} accepted",
             append_to.len() + length
-        ));
+        );
+        refused(&e);
+        return Err(e);
     }
     // Only what actually arrives is held: a client that announces more and sends less holds
     // nothing it did not send.
@@ -214,7 +230,7 @@ impl SocketMessageHandler {
                 let maybe_reply = handle_rpc(&mut Cursor::new(fragment), &mut write_cursor, context).await;
                 match maybe_reply {
                     Err(e) => {
-                        error!("RPC Error: {:?}", e);
+                        refused(&e);
                         let _ = send.send(Reply { message: Err(e), held: permits });
                     },
                     Ok(true) => {
