@@ -5,7 +5,14 @@
 //! the NFS adapter and the volume (on the embedded store), in one process with no network. The
 //! bench runs itself under callgrind twice per operation, with the same setup and 100 and 300
 //! operations, and reports (instructions(300) - instructions(100)) / 200: the setup cancels out.
-//! "upload" is the background upload of one small (4 KiB) file, store write included.
+//! "upload" is the background upload of one small (4 KiB) file, store write included;
+//! "commit" is a COMMIT after an UNSTABLE 4 KiB WRITE (the WRITE is counted too); "smallfile"
+//! is what a kernel client sends for `echo data > new-file`: LOOKUP (a miss), CREATE, WRITE,
+//! COMMIT.
+//!
+//! `S3NFS_OPS_SYSCALLS=1` also counts system calls per operation the same way, under
+//! `strace -f -c` (system calls are what costs most in a user-mode-linux guest, where each is
+//! a trap into the host).
 //!
 //! Run: `cargo bench --bench ops` (needs valgrind). The figures recorded in
 //! `benches/ops-instructions.txt` are printed beside the new ones; `S3NFS_OPS_UPDATE=1`
@@ -31,6 +38,8 @@ const OPS: &[&str] = &[
     "setattr",
     "remove",
     "upload",
+    "commit",
+    "smallfile",
 ];
 const SETUP_FILES: u64 = 300;
 const N1: u64 = 100;
@@ -62,13 +71,27 @@ fn main() {
         })
         .collect();
     let mut rows = Vec::new();
+    let count_syscalls = std::env::var("S3NFS_OPS_SYSCALLS").as_deref() == Ok("1");
+    let only = std::env::var("S3NFS_OPS_ONLY").ok();
     for op in OPS {
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|x| x == *op)) {
+            continue;
+        }
         let a = instructions(op, N1);
         let b = instructions(op, N2);
         let per_op = b.saturating_sub(a) / (N2 - N1);
         let was = recorded.get(*op).copied();
+        let syscalls = if count_syscalls {
+            let (a, b) = (syscalls(op, N1), syscalls(op, N2));
+            format!(
+                " {:>6.1} syscalls/op",
+                (b as f64 - a as f64) / (N2 - N1) as f64
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{op:<12} {per_op:>10} instructions/op {}",
+            "{op:<12} {per_op:>10} instructions/op{syscalls} {}",
             match was {
                 Some(w) => format!("(recorded {w}: {:+.1}%)", (per_op as f64 / w as f64 - 1.0) * 100.0),
                 None => String::new(),
@@ -86,6 +109,36 @@ fn main() {
         std::fs::write(RECORD, text).unwrap();
         println!("wrote {RECORD}");
     }
+}
+
+/// Runs this binary under `strace -f -c` for `n` operations of `op`; returns the system calls
+/// of the whole run.
+fn syscalls(op: &str, n: u64) -> u64 {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let status = std::process::Command::new("strace")
+        .args(["-f", "-c", "-o"])
+        .arg(out.path())
+        .arg(std::env::current_exe().unwrap())
+        .env("S3NFS_OPS_CHILD", op)
+        .env("S3NFS_OPS_N", n.to_string())
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("strace is needed for S3NFS_OPS_SYSCALLS=1");
+    assert!(status.success(), "strace run of {op} failed");
+    let text = std::fs::read_to_string(out.path()).unwrap();
+    if std::env::var_os("S3NFS_OPS_SYSCALLS_SHOW").is_some() {
+        eprintln!("{op} x{n}:\n{text}");
+    }
+    // The "total" line: % time, seconds, usecs/call (may be empty), calls, errors, "total".
+    text.lines()
+        .find(|l| l.trim_end().ends_with("total"))
+        .and_then(|l| {
+            let nums: Vec<&str> = l.split_whitespace().collect();
+            nums.iter().rev().nth(if nums.len() >= 6 { 2 } else { 1 })?.parse().ok()
+        })
+        .expect("strace summary")
 }
 
 /// Runs this binary under callgrind for `n` operations of `op`; returns the instruction total.
@@ -183,6 +236,9 @@ fn child(op: &str, n: u64) {
                 "setattr" => call(3, NFS, 3, 2, x.fh(ino).sattr(0o600).u32(0)),
                 "remove" => call(3, NFS, 3, 12, x.fh(1).opaque(name.as_bytes())),
                 "upload" => Vec::new(),
+                // The WRITE before each COMMIT is built in the measured loop's pairs below.
+                "commit" => call(3, NFS, 3, 21, x.fh(ino).u64(0).u32(0)),
+                "smallfile" => call(3, NFS, 3, 3, x.fh(1).opaque(format!("s{i}").as_bytes())),
                 other => panic!("unknown op {other}"),
             };
             with_volume_id(r, id)
@@ -201,9 +257,36 @@ fn s3nfs_ops_measured_phase(
     requests: &[Vec<u8>],
     op: &str,
 ) {
+    let data = [9u8; 4096];
+    let send = |r: &[u8]| {
+        let reply = rt.block_on(nfsserve::process_record(fs.clone(), r)).expect("a reply");
+        assert_eq!(&reply[20..28], &[0; 8], "{op} failed");
+        reply
+    };
+    let id = vol.volume_id();
     for (i, r) in requests.iter().enumerate() {
         if op == "upload" {
             rt.block_on(vol.flush_inode(inos[i])).unwrap();
+            continue;
+        }
+        if op == "commit" {
+            // An UNSTABLE WRITE, then its COMMIT.
+            let w = call(3, NFS, 3, 7, X::default().fh(inos[i]).u64(0).u32(4096).u32(0).opaque(&data));
+            send(&with_volume_id(w, id));
+        }
+        if op == "smallfile" {
+            // LOOKUP (answered NOENT), CREATE, WRITE, COMMIT, as `echo > f` on a mount.
+            let reply = rt.block_on(nfsserve::process_record(fs.clone(), r)).expect("a reply");
+            assert_ne!(&reply[20..28], &[0; 8], "the LOOKUP found the new file");
+            let name = format!("s{i}");
+            let c = call(3, NFS, 3, 8, X::default().fh(1).opaque(name.as_bytes()).u32(0).sattr(0o644));
+            let created = send(&with_volume_id(c, id));
+            // CREATE3resok: post_op_fh3 (a bool, then the handle) first.
+            assert_eq!(&created[28..32], &[0, 0, 0, 1], "CREATE returned no handle");
+            let len = u32::from_be_bytes(created[32..36].try_into().unwrap()) as usize;
+            let fh = &created[36..36 + len];
+            send(&call(3, NFS, 3, 7, X::default().opaque(fh).u64(0).u32(4096).u32(0).opaque(&data)));
+            send(&call(3, NFS, 3, 21, X::default().opaque(fh).u64(0).u32(0)));
             continue;
         }
         let reply = rt.block_on(nfsserve::process_record(fs.clone(), r)).expect("a reply");

@@ -8,7 +8,9 @@
 //! tests; `apt-get install s3fs rclone fio` for the peers and the random-I/O workloads).
 //! Knobs: `S3NFS_PEERS_RUNS` (3: each figure is the median), `S3NFS_PEERS_BIG_MB` (256),
 //! `S3NFS_PEERS_SMALL` (1000 files), `S3NFS_PEERS_FSYNC` (200 files),
-//! `S3NFS_PEERS_SYSTEMS` ("s3nfs s3fs rclone"). Prints a table and writes
+//! `S3NFS_PEERS_SYSTEMS` ("s3nfs s3fs rclone"), `S3NFS_PEERS_ONLY_SMALL=1` (only the small
+//! files, `rm -r` and untar: the metadata-heavy workloads, in a few minutes),
+//! `S3NFS_PEERS_S3NFS_ARGS` (extra `s3nfs serve` flags, to try settings). Prints a table and writes
 //! `target/peers.json`. Natively (not in UML) the same script runs as root on any Linux host
 //! with the NFS client and FUSE: `S3NFS_PEERS_PRINT_SCRIPT=1` prints it.
 
@@ -73,7 +75,7 @@ mount_sys() { # SYSTEM BUCKET FRESH(1: fresh local state)
   case $1 in
     s3nfs)
       [ "$3" = 1 ] && rm -rf /tmp/work/s3nfs-state
-      bg s3nfs-$2 $S3NFS serve --listen 127.0.0.1:2049 --endpoint http://127.0.0.1:3900 --bucket $2 --region garage --state-dir /tmp/work/s3nfs-state --flush-delay 2s
+      bg s3nfs-$2 $S3NFS serve --listen 127.0.0.1:2049 --endpoint http://127.0.0.1:3900 --bucket $2 --region garage --state-dir /tmp/work/s3nfs-state --flush-delay 2s $S3NFS_ARGS
       wait_port 2049 60 && nfs_mount 2049 $M
       echo $(bg_pid s3nfs-$2) >/tmp/work/daemon.pid ;;
     s3fs)
@@ -108,14 +110,23 @@ run_sys() { # SYSTEM RUN
     $GARAGE -c $GD/config.toml bucket allow --read --write --owner $b --key vol-key >/dev/null || return 1
   mount_sys $s $b 1 || { kv ${s}_mount failed; return 1; }
   local t0 t
+  if [ -z "$ONLY_SMALL" ]; then
   t0=$(now_ms); dd if=/tmp/work/big of=$M/big bs=1M conv=fsync status=none; t=$(now_ms)
   kv ${s}_write_big_acked $(( t - t0 ))
   in_s3 $b big 1 $((BIG_MB << 20)) && kv ${s}_write_big_in_s3 $(( $(now_ms) - t0 ))
+  fi
   mkdir $M/small
   t0=$(now_ms)
   for i in $(seq 1 $SMALL); do printf '%s' "$DATA" >$M/small/f$i; done
   kv ${s}_small_written $(( $(now_ms) - t0 ))
   in_s3 $b small/ $SMALL && kv ${s}_small_in_s3 $(( $(now_ms) - t0 ))
+  if [ -n "$ONLY_SMALL" ]; then
+    t0=$(now_ms); rm -r $M/small; kv ${s}_rm_r $(( $(now_ms) - t0 ))
+    mkdir $M/untar
+    t0=$(now_ms); tar -C $M/untar -xf /tmp/work/tree.tar; kv ${s}_untar $(( $(now_ms) - t0 ))
+    umount_sys $s $b
+    return 0
+  fi
   umount_sys $s $b
   # Cold: a fresh daemon and no client cache.
   drop; mount_sys $s $b 1 || return 1
@@ -185,8 +196,11 @@ fn main() {
     let small: u64 = env("S3NFS_PEERS_SMALL", "1000").parse().unwrap();
     let fsync: u64 = env("S3NFS_PEERS_FSYNC", "200").parse().unwrap();
     let systems = env("S3NFS_PEERS_SYSTEMS", "s3nfs s3fs rclone");
+    let only_small = env("S3NFS_PEERS_ONLY_SMALL", "");
+    let s3nfs_args = env("S3NFS_PEERS_S3NFS_ARGS", "");
     let script = format!(
-        "RUNS={runs}\nBIG_MB={big_mb}\nSMALL={small}\nFSYNC={fsync}\nSYSTEMS='{systems}'\n{}{BODY}",
+        "RUNS={runs}\nBIG_MB={big_mb}\nSMALL={small}\nFSYNC={fsync}\nSYSTEMS='{systems}'\n\
+         ONLY_SMALL='{only_small}'\nS3NFS_ARGS='{s3nfs_args}'\n{}{BODY}",
         prelude()
     );
     if std::env::var_os("S3NFS_PEERS_PRINT_SCRIPT").is_some() {

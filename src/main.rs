@@ -84,6 +84,8 @@ fn parse_ports(s: &str) -> Result<std::ops::Range<u16>, String> {
 }
 
 #[derive(Parser)]
+// A flag given twice takes its last value (a wrapper script sets defaults, the user overrides).
+#[command(args_override_self = true)]
 struct ServeArgs {
     /// Address to listen on. Loopback by default: exposing the share is a deliberate choice.
     #[arg(long, default_value = "127.0.0.1:20490")]

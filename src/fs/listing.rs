@@ -148,7 +148,13 @@ impl Volume {
                 Err(e) => {
                     tracing::warn!(%prefix, error = %e, "listing failed; serving the local view");
                     return match e {
-                        StoreError::Unavailable(_) => Ok(()),
+                        StoreError::Unavailable(_) => {
+                            // Not again before the refresh interval: while S3 is unreachable,
+                            // every access would otherwise wait for the client's retries
+                            // (seconds each), for a listing that fails the same way.
+                            self.note_listed(dir.ino, self.cfg.clock.now());
+                            Ok(())
+                        }
                         other => Err(other.into()),
                     };
                 }

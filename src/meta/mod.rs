@@ -399,15 +399,54 @@ impl MetaDb {
         }
     }
 
+    /// Applies a committed batch to sled, key by key rather than as a sled batch.
+    ///
+    /// A sled batch is atomic because sled seals and writes out its log buffer for each one:
+    /// a write and two `sync_file_range` on sled's IO threads, and about fourteen thread
+    /// hand-offs, for every namespace operation (the most expensive part of a CREATE in a
+    /// user-mode-linux guest, where each is a trap into the host). Atomicity across a crash
+    /// comes from our own log instead: the batch is in `journal.wal` before it is applied, a
+    /// replay re-applies whole batches, and a checkpoint (the only point where the log is
+    /// emptied) flushes sled while holding the log's lock, so never in the middle of a batch.
+    ///
+    /// What concurrent readers can see is kept safe by the order: inode records are written
+    /// first and removed last, so an index entry (a name, a listing slot, pending work) never
+    /// points at an inode that is not there. A rename may show both names, or the entry in
+    /// both directories, for the moment between its puts and its deletes.
     fn apply(tree: &sled::Tree, batch: Batch) -> MetaResult<()> {
-        let mut b = sled::Batch::default();
-        for (key, val) in batch.ops {
-            match val {
-                Some(v) => b.insert(key, v),
-                None => b.remove(key),
+        // The last operation on a key is the one that counts, as in the batch.
+        let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(batch.ops.len());
+        for (i, (key, _)) in batch.ops.iter().enumerate() {
+            last.insert(key, i);
+        }
+        let ops: Vec<&(Vec<u8>, Option<Vec<u8>>)> = batch
+            .ops
+            .iter()
+            .enumerate()
+            .filter(|(i, (key, _))| last.get(key.as_slice()) == Some(i))
+            .map(|(_, op)| op)
+            .collect();
+        let is_inode = |key: &[u8]| key.first() == Some(&b'I');
+        for (key, val) in &ops {
+            if let (Some(v), true) = (val, is_inode(key)) {
+                tree.insert(key, v.as_slice())?;
             }
         }
-        tree.apply_batch(b)?;
+        for (key, val) in &ops {
+            if let (Some(v), false) = (val, is_inode(key)) {
+                tree.insert(key, v.as_slice())?;
+            }
+        }
+        for (key, val) in &ops {
+            if val.is_none() && !is_inode(key) {
+                tree.remove(key)?;
+            }
+        }
+        for (key, val) in &ops {
+            if val.is_none() && is_inode(key) {
+                tree.remove(key)?;
+            }
+        }
         Ok(())
     }
 

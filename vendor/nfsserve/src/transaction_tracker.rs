@@ -1,18 +1,39 @@
-use std::collections::{hash_map, HashMap};
+use std::collections::{hash_map, HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant};
+
+/// s3nfs patch: how long a request may stay in progress before it is forgotten (one whose
+/// connection was closed under it never completes).
+const MAX_IN_PROGRESS: Duration = Duration::from_secs(600);
+/// s3nfs patch: transactions remembered at most; past it the oldest completed ones go first.
+const MAX_TRACKED: usize = 1 << 16;
+
+type Key = (u32, String);
 
 /// `TransactionTracker` tracks the state of transactions to detect retransmissions.
+///
+/// s3nfs patch: 0.11.0 scanned the whole map on every request (`retain`), which made a burst of
+/// requests quadratic (3% of the gateway's CPU creating 1,000 small files) and kept as many
+/// entries as clients could send in the retention period. Expiry now pops from two queues in
+/// time order (amortised constant work per request), and the map is capped.
 pub struct TransactionTracker {
     retention_period: Duration,
-    transactions: Mutex<HashMap<(u32, String), TransactionState>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    states: HashMap<Key, TransactionState>,
+    /// (when it may be forgotten, key), in time order, for requests started and completed.
+    started: VecDeque<(Instant, Key)>,
+    completed: VecDeque<(Instant, Key)>,
 }
 
 impl TransactionTracker {
     pub fn new(retention_period: Duration) -> Self {
         Self {
             retention_period,
-            transactions: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Inner::default()),
         }
     }
 
@@ -22,36 +43,78 @@ impl TransactionTracker {
     /// Returns `true` if the transaction is a retransmission, `false` otherwise.
     pub fn is_retransmission(&self, xid: u32, client_addr: &str) -> bool {
         let key = (xid, client_addr.to_string());
-        let mut transactions = self.transactions.lock().expect("unable to unlock transactions mutex");
-        housekeeping(&mut transactions, self.retention_period);
-        if let hash_map::Entry::Vacant(e) = transactions.entry(key) {
-            e.insert(TransactionState::InProgress);
-            false
-        } else {
-            true
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.housekeeping(now);
+        match inner.states.entry(key.clone()) {
+            hash_map::Entry::Vacant(e) => {
+                e.insert(TransactionState::InProgress(now));
+                inner.started.push_back((now + MAX_IN_PROGRESS, key));
+                false
+            }
+            hash_map::Entry::Occupied(_) => true,
         }
     }
 
     /// Marks the transaction as processed.
     pub fn mark_processed(&self, xid: u32, client_addr: &str) {
         let key = (xid, client_addr.to_string());
-        let completion_time = SystemTime::now();
-        let mut transactions = self.transactions.lock().expect("unable to unlock transactions mutex");
-        if let Some(tx) = transactions.get_mut(&key) {
-            *tx = TransactionState::Completed(completion_time);
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = inner.states.get_mut(&key) {
+            *tx = TransactionState::Completed;
+            inner.completed.push_back((now + self.retention_period, key));
         }
     }
 }
 
-fn housekeeping(transactions: &mut HashMap<(u32, String), TransactionState>, max_age: Duration) {
-    let mut cutoff = SystemTime::now() - max_age;
-    transactions.retain(|_, v| match v {
-        TransactionState::InProgress => true,
-        TransactionState::Completed(completion_time) => completion_time >= &mut cutoff,
-    });
+impl Inner {
+    fn housekeeping(&mut self, now: Instant) {
+        while let Some((due, _)) = self.completed.front() {
+            if *due > now && self.completed.len() < MAX_TRACKED {
+                break;
+            }
+            let (_, key) = self.completed.pop_front().unwrap();
+            self.states.remove(&key);
+        }
+        while let Some((due, _)) = self.started.front() {
+            if *due > now && self.started.len() < MAX_TRACKED {
+                break;
+            }
+            let (due, key) = self.started.pop_front().unwrap();
+            // Only if it is still the same request, in progress since then.
+            if let Some(TransactionState::InProgress(since)) = self.states.get(&key) {
+                if *since + MAX_IN_PROGRESS == due {
+                    self.states.remove(&key);
+                }
+            }
+        }
+    }
 }
 
 pub enum TransactionState {
-    InProgress,
-    Completed(SystemTime),
+    InProgress(Instant),
+    Completed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retransmission_is_caught_until_the_retention_passes_and_the_map_stays_bounded() {
+        let t = TransactionTracker::new(Duration::from_secs(60));
+        assert!(!t.is_retransmission(1, "a"));
+        assert!(t.is_retransmission(1, "a"), "in progress");
+        t.mark_processed(1, "a");
+        assert!(t.is_retransmission(1, "a"), "completed lately");
+        assert!(!t.is_retransmission(1, "b"), "another client");
+        for xid in 0..3 * MAX_TRACKED as u32 {
+            assert!(!t.is_retransmission(xid + 10, "c"));
+            t.mark_processed(xid + 10, "c");
+        }
+        let inner = t.inner.lock().unwrap();
+        assert!(inner.states.len() <= MAX_TRACKED);
+        assert!(inner.started.len() <= MAX_TRACKED && inner.completed.len() <= MAX_TRACKED);
+    }
 }
