@@ -1189,3 +1189,49 @@ async fn a_listing_of_several_pages_follows_s3_across_page_boundaries() {
         "the relisting differs from S3: missing {missing:?}, extra {extra:?}"
     );
 }
+
+/// Opening and reading a small object the gateway has only seen in a listing costs one S3
+/// request: the GET that brings its bytes also brings its metadata (mode, owner), where a HEAD
+/// then a GET used to take two round trips. Larger objects still get a HEAD, then ranged GETs.
+#[tokio::test]
+async fn a_small_object_is_opened_and_read_with_one_request() {
+    use s3nfs::store::faulty::Op;
+    let (gw, s3, faults) = gateway::on_faulty_garage(Opts::default()).await;
+    let small: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    s3.store
+        .put(
+            "small.bin",
+            s3nfs::store::Body::Bytes(small.clone().into()),
+            &[("mode".to_string(), (0o100600u32).to_string()), ("uid".to_string(), "1234".to_string())]
+                .into_iter()
+                .collect(),
+        )
+        .await
+        .unwrap();
+    s3.put("big.bin", &vec![7u8; 200 << 10]).await;
+    s3.put("empty", b"").await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    faults.reset_counts();
+    let fh = c.lookup(&root, "small.bin").await.unwrap();
+    let attr = c.getattr(&fh).await.unwrap();
+    assert_eq!((attr.mode & 0o7777, attr.uid, attr.size), (0o600, 1234, 5000));
+    assert_eq!(c.read_all(&fh).await.unwrap(), small);
+    assert_eq!(
+        (faults.calls(Op::Head), faults.calls(Op::Get)),
+        (0, 1),
+        "S3 requests to open and read a small object: {:?}",
+        faults.call_counts()
+    );
+
+    // An empty object has no byte 0 to ask for: S3 refuses the range, and a HEAD answers.
+    let e = c.lookup(&root, "empty").await.unwrap();
+    assert_eq!(c.getattr(&e).await.unwrap().size, 0);
+    assert!(c.read_all(&e).await.unwrap().is_empty());
+
+    faults.reset_counts();
+    let big = c.lookup(&root, "big.bin").await.unwrap();
+    c.getattr(&big).await.unwrap();
+    assert_eq!(c.read_all(&big).await.unwrap(), vec![7u8; 200 << 10]);
+    assert_eq!(faults.calls(Op::Head), 1, "{:?}", faults.call_counts());
+}

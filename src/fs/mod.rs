@@ -300,6 +300,10 @@ impl Drop for BackgroundGuard {
 /// listing stale: one LIST request (S3 returns up to 1,000 keys a page).
 const SMALL_DIR: usize = 1000;
 
+/// Objects up to this size are fetched whole when their metadata is first needed (one GET
+/// instead of a HEAD, then a GET): about what a HEAD's round trip costs on most S3s.
+const SMALL_OBJECT: u64 = 64 << 10;
+
 /// Inode numbers are taken from the database in blocks, so a create commits one counter update
 /// per block, not per file; the unused rest of a block after a crash is simply skipped.
 const INO_BLOCK: u64 = 1024;
@@ -603,7 +607,14 @@ impl Volume {
         let Some(remote) = inode.remote.clone() else {
             return Ok(inode);
         };
-        let head = self.store.head(&remote.key).await;
+        // A small object comes whole with its metadata, in the request that would have been a
+        // HEAD: the READ that usually follows (an open, then a read) finds it in the cache.
+        let max = if remote.size <= SMALL_OBJECT { SMALL_OBJECT } else { 0 };
+        let (head, bytes) = match self.store.head_and_get(&remote.key, max).await {
+            Ok(Some((h, b))) => (Ok(Some(h)), b.filter(|b| b.len() as u64 == remote.size)),
+            Ok(None) => (Ok(None), None),
+            Err(e) => (Err(e), None),
+        };
         let _g = self.ns.lock().await;
         let mut cur = self.inode(inode.ino)?;
         if cur.meta_loaded {
@@ -611,10 +622,15 @@ impl Volume {
         }
         match head {
             Ok(Some(h)) => {
+                // The bytes are the listed version's only if the ETag says so.
+                let bytes = bytes.filter(|_| h.etag == remote.etag);
                 names::apply_user_meta(&mut cur, &h.user);
                 if cur.kind == Kind::Symlink && cur.target.is_empty() {
                     drop(_g);
-                    let target = self.store.get_range(&remote.key, 0..4096).await?;
+                    let target = match bytes {
+                        Some(b) => b.slice(..b.len().min(4096)),
+                        None => self.store.get_range(&remote.key, 0..4096).await?,
+                    };
                     let _g = self.ns.lock().await;
                     let mut again = self.inode(inode.ino)?;
                     again.kind = Kind::Symlink;
@@ -628,6 +644,11 @@ impl Volume {
                     b.put_inode(&again);
                     self.meta.commit(b)?;
                     return Ok(again);
+                }
+                if let Some(b) = bytes {
+                    if cur.kind == Kind::File {
+                        self.cache.prime(cur.ino, &remote.etag, b);
+                    }
                 }
             }
             Ok(None) => {} // deleted meanwhile; the next listing removes it

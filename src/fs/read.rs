@@ -60,6 +60,16 @@ impl ReadCache {
         inner.stream.remove(&ino);
     }
 
+    /// Puts an object's bytes in the cache when they fit in its first chunk (a small object
+    /// fetched whole with its metadata).
+    pub fn prime(&self, ino: Ino, etag: &str, bytes: Bytes) {
+        if bytes.len() as u64 > self.chunk {
+            return;
+        }
+        let cell = self.cell(ino, etag, 0, false);
+        let _ = cell.set(bytes);
+    }
+
     #[cfg(test)]
     fn streams(&self) -> usize {
         self.inner.locked().stream.len()

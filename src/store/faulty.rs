@@ -352,6 +352,12 @@ impl ObjectStore for FaultyStore {
         self.call(Op::Get, key, || self.inner.get_range(key, range)).await
     }
 
+    async fn head_and_get(&self, key: &str, max: u64) -> StoreResult<Option<(ObjectMeta, Option<Bytes>)>> {
+        // One request to the inner store: a GET when bytes are asked for, a HEAD when not.
+        let op = if max == 0 { Op::Head } else { Op::Get };
+        self.call(op, key, || self.inner.head_and_get(key, max)).await
+    }
+
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
         self.call(Op::Put, key, || self.inner.put(key, body, meta)).await
     }

@@ -140,6 +140,16 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// HEAD. `Ok(None)` when the object does not exist.
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>>;
 
+    /// What HEAD says of an object, and its first `max` bytes when the store can have both from
+    /// one request (S3: a ranged GET carries the object's metadata headers), so that opening a
+    /// small file costs one round trip, not a HEAD and then a GET. The bytes are of the same
+    /// version as the metadata. `Ok(None)` when the object does not exist. Stores without such
+    /// a request answer a HEAD and no bytes.
+    async fn head_and_get(&self, key: &str, max: u64) -> StoreResult<Option<(ObjectMeta, Option<Bytes>)>> {
+        let _ = max;
+        Ok(self.head(key).await?.map(|h| (h, None)))
+    }
+
     /// Ranged GET of `range` (end exclusive). A range past the end returns the bytes that exist
     /// (possibly none). `NotFound` when the object does not exist.
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes>;

@@ -460,6 +460,56 @@ impl ObjectStore for S3Store {
         .await
     }
 
+    async fn head_and_get(&self, key: &str, max: u64) -> StoreResult<Option<(ObjectMeta, Option<Bytes>)>> {
+        if max == 0 {
+            return Ok(self.head(key).await?.map(|h| (h, None)));
+        }
+        let span = self.span("GetObject", key);
+        traced(span.clone(), async {
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .range(format!("bytes=0-{}", max - 1))
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                // An empty object has no byte 0.
+                Err(e) if is_invalid_range(&e) => return Ok(self.head(key).await?.map(|h| (h, Some(Bytes::new())))),
+                Err(e) => {
+                    return match self.classify(e, key) {
+                        StoreError::NotFound(_) => Ok(None),
+                        other => Err(other),
+                    }
+                }
+            };
+            // "bytes 0-4095/4096": the object's size is after the slash. Without a range in the
+            // answer, the whole object came.
+            let size = out
+                .content_range()
+                .and_then(|r| r.rsplit('/').next()?.parse::<u64>().ok())
+                .unwrap_or(out.content_length().unwrap_or(0).max(0) as u64);
+            let meta = ObjectMeta {
+                key: key.to_string(),
+                size,
+                etag: strip_etag(out.e_tag()),
+                last_modified: secs(out.last_modified()),
+                user: from_map(out.metadata()),
+            };
+            let data = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?
+                .into_bytes();
+            span.record("bytes", data.len() as u64);
+            Ok(Some((meta, Some(data))))
+        })
+        .await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         let span = self.span("GetObject", key);
         traced(span.clone(), async {
