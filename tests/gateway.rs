@@ -804,7 +804,10 @@ async fn names_s3_cannot_hold_are_refused() {
 #[tokio::test]
 async fn s3_outage_writes_stage_reads_retry() {
     let (gw, s3, faults) = gateway::on_faulty_garage(Opts::default()).await;
-    s3.put("only-in-s3", b"remote bytes").await;
+    // Larger than what is fetched whole at the first LOOKUP (a small object would be served
+    // from the read cache through the outage).
+    let remote_bytes = b"remote bytes".repeat(10_000);
+    s3.put("only-in-s3", &remote_bytes).await;
     let mut c = Client::connect(gw.addr).await;
     let root = c.root.clone();
     let remote = c.lookup(&root, "only-in-s3").await.unwrap();
@@ -828,7 +831,7 @@ async fn s3_outage_writes_stage_reads_retry() {
     gw.vol.flush_all().await.unwrap();
     assert_eq!(s3.get("during-outage").await.unwrap(), b"written while S3 was down");
     assert_eq!(s3.get("old").await.unwrap(), b"old and more");
-    assert_eq!(c.read_all(&remote).await.unwrap(), b"remote bytes");
+    assert_eq!(c.read_all(&remote).await.unwrap(), remote_bytes);
 }
 
 /// Runs the binary until it exits (it must, within a minute): (status, stderr).
@@ -1234,4 +1237,55 @@ async fn a_small_object_is_opened_and_read_with_one_request() {
     c.getattr(&big).await.unwrap();
     assert_eq!(c.read_all(&big).await.unwrap(), vec![7u8; 200 << 10]);
     assert_eq!(faults.calls(Op::Head), 1, "{:?}", faults.call_counts());
+}
+
+/// A reader going through a directory's small files in name order (`cat dir/*`) finds them
+/// fetched ahead, metadata and bytes, in parallel; a reader jumping around starts nothing.
+#[tokio::test]
+async fn small_files_read_in_name_order_are_fetched_ahead() {
+    use s3nfs::store::faulty::Op;
+    let (gw, s3, faults) = gateway::on_faulty_garage(Opts {
+        refresh: Duration::from_secs(3600),
+        ..Opts::default()
+    })
+    .await;
+    let body = |i: usize| format!("file {i:02}").repeat(100).into_bytes();
+    for i in 0..40 {
+        s3.put(&format!("d/f{i:02}"), &body(i)).await;
+    }
+    let mut c = Client::connect(gw.addr).await;
+    // No listing through NFS: READDIR(PLUS) loads every entry's attributes, and a small
+    // file's bytes with them.
+    let d = c.lookup_path("d").await.unwrap();
+    let mut open_read = async |c: &mut Client, i: usize| {
+        let fh = c.lookup(&d, format!("f{i:02}")).await.unwrap();
+        c.getattr(&fh).await.unwrap();
+        assert_eq!(c.read_all(&fh).await.unwrap(), body(i), "f{i:02}");
+    };
+
+    // Jumping around: one request per file, nothing ahead.
+    faults.reset_counts();
+    open_read(&mut c, 30).await;
+    open_read(&mut c, 5).await;
+    gw.vol.background_idle().await;
+    assert_eq!((faults.calls(Op::Get), faults.calls(Op::Head)), (2, 0));
+
+    // In name order: the second cold open starts reading ahead, and from then on every file
+    // is read from what was fetched ahead (the read cache's misses do not move), each object
+    // fetched once. (The reader waits for the background work after each file, so that the
+    // count does not depend on who wins a race: in use, both run at once.)
+    open_read(&mut c, 6).await;
+    gw.vol.background_idle().await;
+    let misses = gw.vol.stats().cache_misses;
+    for i in 7..40 {
+        open_read(&mut c, i).await;
+        gw.vol.background_idle().await;
+    }
+    assert_eq!(gw.vol.stats().cache_misses, misses, "a file was read from S3, not from what was fetched ahead");
+    assert_eq!(
+        faults.calls(Op::Get) + faults.calls(Op::Head),
+        35,
+        "f30, f05, then f06..f39 (f30 already here), each fetched once: {:?}",
+        faults.call_counts()
+    );
 }

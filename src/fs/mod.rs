@@ -18,6 +18,7 @@ pub mod links;
 mod listing;
 pub mod names;
 pub mod perm;
+mod prefetch;
 pub mod read;
 pub mod staging;
 pub mod usage;
@@ -265,6 +266,8 @@ pub struct Volume {
     /// A handle on itself, for background work started from `&self` methods.
     this: std::sync::OnceLock<std::sync::Weak<Volume>>,
     pub(crate) cache: read::ReadCache,
+    /// Reading ahead across directories (see [`prefetch`]).
+    prefetch: prefetch::Prefetch,
     pub(crate) flusher: flush::FlushState,
     pub(crate) usage: usage::Usage,
     /// Work the volume started in the background (relistings, streaming uploads).
@@ -302,7 +305,7 @@ const SMALL_DIR: usize = 1000;
 
 /// Objects up to this size are fetched whole when their metadata is first needed (one GET
 /// instead of a HEAD, then a GET): about what a HEAD's round trip costs on most S3s.
-const SMALL_OBJECT: u64 = 64 << 10;
+pub(crate) const SMALL_OBJECT: u64 = 64 << 10;
 
 /// Inode numbers are taken from the database in blocks, so a create commits one counter update
 /// per block, not per file; the unused rest of a block after a crash is simply skipped.
@@ -353,6 +356,7 @@ impl Volume {
             staging_dir,
             listed: Mutex::new(HashMap::new()),
             relisting: Mutex::new(Default::default()),
+            prefetch: Default::default(),
             unsynced: Mutex::new(Vec::new()),
             this: std::sync::OnceLock::new(),
             cache,
@@ -598,62 +602,81 @@ impl Volume {
         }
         if !inode.meta_loaded {
             inode = self.load_meta(inode).await?;
+        } else {
+            self.note_open(&inode);
         }
         Ok(self.attr_of(&inode))
     }
 
-    /// Reads the `x-amz-meta-*` attributes of an object found by a listing (HEAD, once).
+    /// Reads the `x-amz-meta-*` attributes of an object found by a listing (once): a HEAD, or
+    /// for a small object a GET that brings its bytes too (the READ that usually follows an
+    /// open then finds them in the cache).
     async fn load_meta(&self, inode: Inode) -> FsResult<Inode> {
+        let loaded = self.fetch_meta(inode).await?;
+        self.note_cold_open(&loaded);
+        Ok(loaded)
+    }
+
+    /// [`Volume::load_meta`] without telling the read-ahead about it (a listing's loads).
+    async fn fetch_meta(&self, inode: Inode) -> FsResult<Inode> {
+        if inode.meta_loaded {
+            return Ok(inode);
+        }
         let Some(remote) = inode.remote.clone() else {
             return Ok(inode);
         };
-        // A small object comes whole with its metadata, in the request that would have been a
-        // HEAD: the READ that usually follows (an open, then a read) finds it in the cache.
         let max = if remote.size <= SMALL_OBJECT { SMALL_OBJECT } else { 0 };
-        let (head, bytes) = match self.store.head_and_get(&remote.key, max).await {
-            Ok(Some((h, b))) => (Ok(Some(h)), b.filter(|b| b.len() as u64 == remote.size)),
-            Ok(None) => (Ok(None), None),
-            Err(e) => (Err(e), None),
-        };
+        let fetched = self.store.head_and_get(&remote.key, max).await?;
+        self.apply_meta(inode.ino, &remote, fetched).await
+    }
+
+    /// Takes what [`ObjectStore::head_and_get`] brought for `ino`'s object `remote`: its
+    /// attributes (and a symlink's target) into the namespace, its bytes into the read cache.
+    pub(crate) async fn apply_meta(
+        &self,
+        ino: Ino,
+        remote: &crate::meta::Remote,
+        fetched: Option<(crate::store::ObjectMeta, Option<bytes::Bytes>)>,
+    ) -> FsResult<Inode> {
         let _g = self.ns.lock().await;
-        let mut cur = self.inode(inode.ino)?;
-        if cur.meta_loaded {
-            return Ok(cur);
+        let mut cur = self.inode(ino)?;
+        // The bytes are the listed version's only if the ETag says so.
+        let bytes = fetched.as_ref().and_then(|(h, b)| {
+            b.clone()
+                .filter(|b| b.len() as u64 == remote.size && h.etag == remote.etag)
+        });
+        if let (Some(b), Kind::File) = (&bytes, cur.kind) {
+            self.cache.prime(cur.ino, &remote.etag, b.clone());
         }
-        match head {
-            Ok(Some(h)) => {
-                // The bytes are the listed version's only if the ETag says so.
-                let bytes = bytes.filter(|_| h.etag == remote.etag);
-                names::apply_user_meta(&mut cur, &h.user);
-                if cur.kind == Kind::Symlink && cur.target.is_empty() {
-                    drop(_g);
-                    let target = match bytes {
-                        Some(b) => b.slice(..b.len().min(4096)),
-                        None => self.store.get_range(&remote.key, 0..4096).await?,
-                    };
-                    let _g = self.ns.lock().await;
-                    let mut again = self.inode(inode.ino)?;
-                    again.kind = Kind::Symlink;
-                    again.mode = cur.mode;
-                    again.uid = cur.uid;
-                    again.gid = cur.gid;
-                    again.mtime = cur.mtime;
-                    again.target = target.to_vec();
-                    again.meta_loaded = true;
-                    let mut b = Batch::new();
-                    b.put_inode(&again);
-                    self.meta.commit(b)?;
-                    return Ok(again);
-                }
-                if let Some(b) = bytes {
-                    if cur.kind == Kind::File {
-                        self.cache.prime(cur.ino, &remote.etag, b);
-                    }
-                }
+        if cur.meta_loaded || cur.remote.as_ref().is_some_and(|r| r.etag != remote.etag) {
+            return Ok(cur); // loaded meanwhile, or another version now: its own load will come
+        }
+        if let Some((h, _)) = fetched {
+            names::apply_user_meta(&mut cur, &h.user);
+            if cur.kind == Kind::Symlink && cur.target.is_empty() {
+                drop(_g);
+                let target = match bytes {
+                    Some(b) => b.slice(..b.len().min(4096)),
+                    None => self.store.get_range(&remote.key, 0..4096).await?,
+                };
+                let _g = self.ns.lock().await;
+                let mut again = self.inode(ino)?;
+                again.kind = Kind::Symlink;
+                again.mode = cur.mode;
+                again.uid = cur.uid;
+                again.gid = cur.gid;
+                again.mtime = cur.mtime;
+                again.target = target.to_vec();
+                again.meta_loaded = true;
+                let mut b = Batch::new();
+                b.put_inode(&again);
+                self.meta.commit(b)?;
+                return Ok(again);
             }
-            Ok(None) => {} // deleted meanwhile; the next listing removes it
-            Err(e) => return Err(e.into()),
-        }
+            if cur.kind != Kind::File {
+                self.cache.forget(cur.ino); // a special file after all: no bytes to read
+            }
+        } // None: deleted meanwhile; the next listing removes it
         cur.meta_loaded = true;
         let mut b = Batch::new();
         b.put_inode(&cur);
@@ -736,8 +759,15 @@ impl Volume {
         // Objects found by a listing: read their attributes in parallel, not one HEAD at a time.
         use futures::StreamExt;
         let todo: Vec<(usize, Ino)> = unloaded.into_iter().map(|i| (i, out[i].ino)).collect();
+        // Not as opens: what a listing loads says nothing about the order files are read in.
         let loaded: Vec<(usize, FsResult<Attr>)> = futures::stream::iter(todo)
-            .map(|(i, ino)| async move { (i, self.getattr(ino).await) })
+            .map(|(i, ino)| async move {
+                let attr = match self.inode(ino) {
+                    Ok(inode) => self.fetch_meta(inode).await.map(|i| self.attr_of(&i)),
+                    Err(e) => Err(e),
+                };
+                (i, attr)
+            })
             .buffer_unordered(32)
             .collect()
             .await;
@@ -1285,6 +1315,9 @@ impl Volume {
         let Some(remote) = inode.remote.clone() else {
             return Ok((Vec::new(), true));
         };
+        if offset == 0 && remote.size <= SMALL_OBJECT && !self.cache.has_small(ino, &remote.etag) {
+            self.note_cold_open(&inode); // a reader going through a directory, perhaps
+        }
         self.cache
             .read(&self.store, ino, &remote, offset, count, self.cfg.read_ahead, &|f| {
                 self.spawn_background(f)

@@ -24,6 +24,12 @@ type Cell = Arc<tokio::sync::OnceCell<Bytes>>;
 /// many files are read over a volume's life.
 const MAX_STREAMS: usize = 4096;
 
+/// Memory for small objects fetched whole (see [`ReadCache::prime`]).
+const SMALL_CACHE_BYTES: u64 = 8 << 20;
+
+/// ... and at most this many of them (the map's own overhead, for tiny objects).
+const SMALL_CACHE_OBJECTS: usize = 4096;
+
 /// Read-ahead fetches are handed to the volume, which counts them as its background work.
 pub type Spawn<'a> = &'a (dyn Fn(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) + Sync);
 
@@ -41,6 +47,12 @@ struct Inner {
     /// it was last used (a read counter). At most [`MAX_STREAMS`] entries.
     stream: HashMap<Ino, (u64, usize, u64)>,
     reads: u64,
+    /// Small objects fetched whole (with their metadata, or ahead of a reader going through a
+    /// directory): by inode, with their ETag, oldest first, at most [`SMALL_CACHE_BYTES`] and
+    /// [`SMALL_CACHE_OBJECTS`].
+    small: HashMap<Ino, (String, Bytes)>,
+    small_order: VecDeque<Ino>,
+    small_bytes: u64,
     pub hits: u64,
     pub misses: u64,
 }
@@ -58,16 +70,49 @@ impl ReadCache {
         let mut inner = self.inner.locked();
         inner.map.retain(|k, _| k.0 != ino);
         inner.stream.remove(&ino);
+        if let Some((_, b)) = inner.small.remove(&ino) {
+            inner.small_bytes -= b.len() as u64;
+            inner.small_order.retain(|i| *i != ino);
+        }
     }
 
-    /// Puts an object's bytes in the cache when they fit in its first chunk (a small object
-    /// fetched whole with its metadata).
+    /// Keeps a small object's bytes, fetched whole, for the reads that follow. Bounded by bytes
+    /// ([`SMALL_CACHE_BYTES`], oldest out first), apart from the chunk cache.
     pub fn prime(&self, ino: Ino, etag: &str, bytes: Bytes) {
-        if bytes.len() as u64 > self.chunk {
+        if bytes.len() as u64 > SMALL_CACHE_BYTES / 16 {
             return;
         }
-        let cell = self.cell(ino, etag, 0, false);
-        let _ = cell.set(bytes);
+        let mut inner = self.inner.locked();
+        let len = bytes.len() as u64;
+        if let Some((_, old)) = inner.small.insert(ino, (etag.to_string(), bytes)) {
+            inner.small_bytes -= old.len() as u64;
+        } else {
+            inner.small_order.push_back(ino);
+        }
+        inner.small_bytes += len;
+        while inner.small_bytes > SMALL_CACHE_BYTES || inner.small.len() > SMALL_CACHE_OBJECTS {
+            let Some(old) = inner.small_order.pop_front() else { break };
+            if let Some((_, b)) = inner.small.remove(&old) {
+                inner.small_bytes -= b.len() as u64;
+            }
+        }
+    }
+
+    /// Whether a small object's bytes of version `etag` are here.
+    pub fn has_small(&self, ino: Ino, etag: &str) -> bool {
+        self.inner.locked().small.get(&ino).is_some_and(|(e, _)| e == etag)
+    }
+
+    /// A small object's bytes, if they were fetched whole and are of version `etag`.
+    fn small(&self, ino: Ino, etag: &str) -> Option<Bytes> {
+        let mut inner = self.inner.locked();
+        let b = match inner.small.get(&ino) {
+            Some((e, b)) if e == etag => b.clone(),
+            _ => return None,
+        };
+        inner.hits += 1;
+        tracing::Span::current().record("cache", "hit");
+        Some(b)
     }
 
     #[cfg(test)]
@@ -146,6 +191,9 @@ impl ReadCache {
             return Ok((Vec::new(), true));
         }
         let end = (offset + count as u64).min(remote.size);
+        if let Some(b) = self.small(ino, &remote.etag).filter(|b| b.len() as u64 == remote.size) {
+            return Ok((b[offset as usize..end as usize].to_vec(), end >= remote.size));
+        }
         let first = offset / self.chunk;
         let last = (end - 1) / self.chunk;
         let window = {
