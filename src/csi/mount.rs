@@ -111,7 +111,7 @@ impl Mounter for SysMounter {
             .filter_map(parse_mountinfo)
             .filter(|(p, _)| *p == target)
             .map(|(_, e)| e)
-            .last())
+            .next_back())
     }
 }
 

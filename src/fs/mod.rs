@@ -345,7 +345,7 @@ impl Volume {
         meta.commit(batch)?;
         meta.sync()?;
 
-        let cache = read::ReadCache::new(cfg.read_chunk, cfg.cache_bytes);
+        let cache = read::ReadCache::new(cfg.read_chunk, cfg.cache_bytes, cfg.read_ahead);
         let flusher = flush::FlushState::new(cfg.upload_concurrency, cfg.clock.clone());
         let vol = Volume {
             store,
@@ -1319,7 +1319,7 @@ impl Volume {
             self.note_cold_open(&inode); // a reader going through a directory, perhaps
         }
         self.cache
-            .read(&self.store, ino, &remote, offset, count, self.cfg.read_ahead, &|f| {
+            .read(&self.store, ino, &remote, offset, count, &|f| {
                 self.spawn_background(f)
             })
             .await

@@ -76,7 +76,7 @@ impl Volume {
         }
         let mut dirs = self.prefetch.dirs.locked();
         let Some(st) = dirs.get_mut(&inode.parent) else { return };
-        if st.running || !st.trigger.as_ref().is_some_and(|t| inode.name >= *t) {
+        if st.running || st.trigger.as_ref().is_none_or(|t| inode.name < *t) {
             return;
         }
         let Some(after) = st.upto.clone() else { return };

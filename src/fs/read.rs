@@ -35,6 +35,8 @@ pub type Spawn<'a> = &'a (dyn Fn(std::pin::Pin<Box<dyn std::future::Future<Outpu
 
 pub struct ReadCache {
     chunk: u64,
+    /// Chunks fetched ahead of a sequential reader, at most.
+    read_ahead: usize,
     max_chunks: usize,
     inner: Mutex<Inner>,
 }
@@ -58,9 +60,10 @@ struct Inner {
 }
 
 impl ReadCache {
-    pub fn new(chunk: u64, cache_bytes: u64) -> ReadCache {
+    pub fn new(chunk: u64, cache_bytes: u64, read_ahead: usize) -> ReadCache {
         ReadCache {
             chunk,
+            read_ahead,
             max_chunks: (cache_bytes / chunk).max(2) as usize,
             inner: Mutex::new(Inner::default()),
         }
@@ -184,7 +187,6 @@ impl ReadCache {
         remote: &Remote,
         offset: u64,
         count: u32,
-        read_ahead: usize,
         spawn: Spawn<'_>,
     ) -> FsResult<(Vec<u8>, bool)> {
         if offset >= remote.size {
@@ -202,7 +204,7 @@ impl ReadCache {
             // Sequential if it starts where the last read ended (or close: the kernel reorders).
             let sequential = offset <= next + self.chunk && offset + self.chunk >= next;
             let w = if sequential {
-                (window * 2).clamp(1, read_ahead)
+                (window * 2).clamp(1, self.read_ahead)
             } else {
                 0
             };
@@ -272,12 +274,12 @@ mod tests {
             etag,
             size: 10,
         };
-        let cache = ReadCache::new(4, 1 << 20);
+        let cache = ReadCache::new(4, 1 << 20, 2);
         let spawn: Spawn<'_> = &|f| {
             tokio::spawn(f);
         };
         for ino in 0..3 * MAX_STREAMS as u64 {
-            let (b, _) = cache.read(&store, ino, &remote, 2, 3, 2, spawn).await.unwrap();
+            let (b, _) = cache.read(&store, ino, &remote, 2, 3, spawn).await.unwrap();
             assert_eq!(b, b"234");
             assert!(cache.streams() <= MAX_STREAMS);
         }

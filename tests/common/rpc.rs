@@ -20,7 +20,7 @@ impl X {
     pub fn opaque(mut self, b: &[u8]) -> X {
         self = self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
-        while self.0.len() % 4 != 0 {
+        while !self.0.len().is_multiple_of(4) {
             self.0.push(0);
         }
         self
