@@ -520,6 +520,14 @@ impl ObjectStore for MeteredStore {
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         metered("HeadObject", self.inner.head(key)).await
     }
+    async fn head_and_get(&self, key: &str, max: u64) -> StoreResult<Option<(ObjectMeta, Option<Bytes>)>> {
+        let op = if max == 0 { "HeadObject" } else { "GetObject" };
+        let r = metered(op, self.inner.head_and_get(key, max)).await;
+        if let Ok(Some((_, Some(b)))) = &r {
+            global().s3_received_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         let r = metered("GetObject", self.inner.get_range(key, range)).await;
         if let Ok(b) = &r {

@@ -29,6 +29,9 @@ const MAX_DIRS: usize = 256;
 #[derive(Default)]
 pub(crate) struct Prefetch {
     dirs: Mutex<HashMap<Ino, DirState>>,
+    /// The store answered a fetch ahead without the bytes (one without a combined request):
+    /// reading ahead would only repeat HEADs, so it stops for this volume.
+    useless: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -51,7 +54,7 @@ impl Volume {
     /// A small file was opened or read cold (from S3): read ahead if it follows the last one
     /// opened cold in its directory in name order.
     pub(crate) fn note_cold_open(&self, inode: &Inode) {
-        if !small_file(inode) {
+        if !small_file(inode) || self.prefetch.useless.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         let mut dirs = self.prefetch.dirs.locked();
@@ -138,6 +141,9 @@ impl Volume {
             .map(|inode| async move {
                 let remote = inode.remote.clone().expect("small_file has a remote");
                 let fetched = self.store.head_and_get(&remote.key, SMALL_OBJECT).await?;
+                if matches!(&fetched, Some((_, None))) {
+                    self.prefetch.useless.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.apply_meta(inode.ino, &remote, fetched).await
             })
             .buffer_unordered(PARALLEL)
