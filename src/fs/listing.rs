@@ -392,20 +392,13 @@ impl Volume {
     fn subtree_has_pending(&self, dir: Ino) -> FsResult<bool> {
         let mut stack = vec![dir];
         while let Some(d) = stack.pop() {
-            let mut after = 0;
-            loop {
-                let kids = self.meta.children(d, after, 1024)?;
-                let Some(last) = kids.last() else { break };
-                after = last.0;
-                for (ino, _) in kids {
-                    if self.meta.pending(ino)?.is_some() {
-                        return Ok(true);
-                    }
-                    if let Some(i) = self.meta.inode(ino)? {
-                        if i.kind == Kind::Dir {
-                            stack.push(ino);
-                        }
-                    }
+            for ino in self.meta.child_inos(d) {
+                let ino = ino?;
+                if self.meta.pending(ino)?.is_some() {
+                    return Ok(true);
+                }
+                if self.meta.inode(ino)?.is_some_and(|i| i.kind == Kind::Dir) {
+                    stack.push(ino);
                 }
             }
         }

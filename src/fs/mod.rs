@@ -784,15 +784,9 @@ impl Volume {
         let mut stack = vec![inode.clone()];
         while let Some(i) = stack.pop() {
             if i.kind == Kind::Dir {
-                let mut after = 0;
-                loop {
-                    let kids = self.meta.children(i.ino, after, 1024)?;
-                    let Some(last) = kids.last() else { break };
-                    after = last.0;
-                    for (ino, _) in kids {
-                        if let Some(c) = self.meta.inode(ino)? {
-                            stack.push(c);
-                        }
+                for ino in self.meta.child_inos(i.ino) {
+                    if let Some(c) = self.meta.inode(ino?)? {
+                        stack.push(c);
                     }
                 }
                 self.listed.locked().remove(&i.ino);
@@ -1130,12 +1124,8 @@ impl Volume {
             // was to overwrite) are no longer its to overwrite: they go. Never its own object,
             // which the move copies from.
             self.release_maybe_written(&mut batch, i, remote.as_ref().map(|r| r.key.as_str()))?;
-            let mut after = 0;
-            loop {
-                let kids = self.meta.children(i, after, 1024)?;
-                let Some(last) = kids.last() else { break };
-                after = last.0;
-                stack.extend(kids.into_iter().map(|k| k.0));
+            for ino in self.meta.child_inos(i) {
+                stack.push(ino?);
             }
         }
         self.meta.commit(batch)?;
@@ -1148,20 +1138,16 @@ impl Volume {
         self.refresh_dir(dir, true).await?;
         let mut stack = vec![dir.ino];
         while let Some(d) = stack.pop() {
-            let mut after = 0;
-            loop {
-                let kids = self.meta.children(d, after, 1024)?;
-                let Some(last) = kids.last() else { break };
-                after = last.0;
-                for (ino, _) in kids {
-                    let Some(i) = self.meta.inode(ino)? else {
-                        continue;
-                    };
-                    if i.kind == Kind::Dir {
-                        self.refresh_dir(&i, false).await?;
-                        stack.push(ino);
-                    }
+            // The index is read before the listings below change it.
+            let mut subdirs = Vec::new();
+            for ino in self.meta.child_inos(d) {
+                if let Some(i) = self.meta.inode(ino?)?.filter(|i| i.kind == Kind::Dir) {
+                    subdirs.push(i);
                 }
+            }
+            for i in subdirs {
+                self.refresh_dir(&i, false).await?;
+                stack.push(i.ino);
             }
         }
         Ok(())

@@ -559,6 +559,18 @@ impl MetaDb {
         Ok(out)
     }
 
+    /// Every child of `parent`, in inode order, read from the index as the iteration goes (the
+    /// walk of a subtree, however large its directories).
+    pub fn child_inos(&self, parent: Ino) -> impl Iterator<Item = MetaResult<Ino>> + '_ {
+        let start = k2(b'D', parent, &0u64.to_be_bytes());
+        let end = k2(b'D', parent.wrapping_add(1), &0u64.to_be_bytes());
+        let range = if parent == u64::MAX { None } else { Some(self.tree.range(start..end)) };
+        range.into_iter().flatten().map(|item| {
+            let (key, _) = item?;
+            be_u64(&key[9..17])
+        })
+    }
+
     /// Children of `parent` with inode numbers above `after`, in inode order, at most `max`.
     pub fn children(&self, parent: Ino, after: Ino, max: usize) -> MetaResult<Vec<(Ino, Vec<u8>)>> {
         let start = k2(b'D', parent, &(after.saturating_add(1)).to_be_bytes());
