@@ -1289,3 +1289,23 @@ async fn small_files_read_in_name_order_are_fetched_ahead() {
         faults.call_counts()
     );
 }
+
+/// A listing's attribute loads (READDIRPLUS, `ls -l`) fetch only tiny objects whole (a GET that
+/// costs what a HEAD does): listing a directory of larger files must not transfer them.
+#[tokio::test]
+async fn a_listing_fetches_only_tiny_objects_whole() {
+    use s3nfs::store::faulty::Op;
+    let (gw, s3, faults) = gateway::on_faulty_garage(Opts::default()).await;
+    s3.put("tiny", &[1u8; 4096]).await;
+    s3.put("medium", &[2u8; 20 << 10]).await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    faults.reset_counts();
+    assert_eq!(c.names(&root).await.unwrap(), vec!["medium", "tiny"]);
+    assert_eq!(
+        (faults.calls(Op::Get), faults.calls(Op::Head)),
+        (1, 1),
+        "{:?}",
+        faults.call_counts()
+    );
+}

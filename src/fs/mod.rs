@@ -307,6 +307,10 @@ const SMALL_DIR: usize = 1000;
 /// instead of a HEAD, then a GET): about what a HEAD's round trip costs on most S3s.
 pub(crate) const SMALL_OBJECT: u64 = 64 << 10;
 
+/// The same for the attributes a listing (READDIRPLUS) loads: smaller, since `ls -l` of a large
+/// directory must not transfer every file. A GET this small costs what a HEAD does.
+const LISTED_SMALL_OBJECT: u64 = 8 << 10;
+
 /// Inode numbers are taken from the database in blocks, so a create commits one counter update
 /// per block, not per file; the unused rest of a block after a crash is simply skipped.
 const INO_BLOCK: u64 = 1024;
@@ -612,20 +616,21 @@ impl Volume {
     /// for a small object a GET that brings its bytes too (the READ that usually follows an
     /// open then finds them in the cache).
     async fn load_meta(&self, inode: Inode) -> FsResult<Inode> {
-        let loaded = self.fetch_meta(inode).await?;
+        let loaded = self.fetch_meta(inode, SMALL_OBJECT).await?;
         self.note_cold_open(&loaded);
         Ok(loaded)
     }
 
-    /// [`Volume::load_meta`] without telling the read-ahead about it (a listing's loads).
-    async fn fetch_meta(&self, inode: Inode) -> FsResult<Inode> {
+    /// [`Volume::load_meta`] without telling the read-ahead about it (a listing's loads);
+    /// objects up to `small` bytes come whole.
+    async fn fetch_meta(&self, inode: Inode, small: u64) -> FsResult<Inode> {
         if inode.meta_loaded {
             return Ok(inode);
         }
         let Some(remote) = inode.remote.clone() else {
             return Ok(inode);
         };
-        let max = if remote.size <= SMALL_OBJECT { SMALL_OBJECT } else { 0 };
+        let max = if remote.size <= small { small } else { 0 };
         let fetched = self.store.head_and_get(&remote.key, max).await?;
         self.apply_meta(inode.ino, &remote, fetched).await
     }
@@ -763,7 +768,7 @@ impl Volume {
         let loaded: Vec<(usize, FsResult<Attr>)> = futures::stream::iter(todo)
             .map(|(i, ino)| async move {
                 let attr = match self.inode(ino) {
-                    Ok(inode) => self.fetch_meta(inode).await.map(|i| self.attr_of(&i)),
+                    Ok(inode) => self.fetch_meta(inode, LISTED_SMALL_OBJECT).await.map(|i| self.attr_of(&i)),
                     Err(e) => Err(e),
                 };
                 (i, attr)
