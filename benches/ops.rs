@@ -82,10 +82,7 @@ fn main() {
         let was = recorded.get(*op).copied();
         let syscalls = if count_syscalls {
             let (a, b) = (syscalls(op, N1), syscalls(op, N2));
-            format!(
-                " {:>6.1} syscalls/op",
-                (b as f64 - a as f64) / (N2 - N1) as f64
-            )
+            format!(" {:>6.1} syscalls/op", (b as f64 - a as f64) / (N2 - N1) as f64)
         } else {
             String::new()
         };
@@ -269,7 +266,13 @@ fn s3nfs_ops_measured_phase(
         }
         if op == "commit" {
             // An UNSTABLE WRITE, then its COMMIT.
-            let w = call(3, NFS, 3, 7, X::default().fh(inos[i]).u64(0).u32(4096).u32(0).opaque(&data));
+            let w = call(
+                3,
+                NFS,
+                3,
+                7,
+                X::default().fh(inos[i]).u64(0).u32(4096).u32(0).opaque(&data),
+            );
             send(&with_volume_id(w, id));
         }
         let reply = rt.block_on(nfsserve::process_record(fs.clone(), r)).expect("a reply");

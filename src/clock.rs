@@ -31,7 +31,11 @@ struct Manual {
 
 impl std::fmt::Debug for Clock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Clock::manual" } else { "Clock::system" })
+        f.write_str(if self.0.is_some() {
+            "Clock::manual"
+        } else {
+            "Clock::system"
+        })
     }
 }
 

@@ -66,19 +66,7 @@ const STAGES: [&str; 5] = [
     "node 0 restarting/back",
 ];
 
-/// Deterministic bytes for (seed, length).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+use common::pattern;
 
 /// The `i`-th MiB of large file `seed`.
 fn big_chunk(seed: u64, i: usize) -> Vec<u8> {
@@ -101,6 +89,9 @@ impl Content {
     }
 }
 
+/// Per (request kind, cluster stage): count, slowest time, and what it was.
+type Latencies = BTreeMap<(&'static str, usize), (u64, Duration, String)>;
+
 /// What the writers saw, as NFS clients.
 #[derive(Default)]
 struct Tally {
@@ -113,7 +104,7 @@ struct Tally {
     /// Requests acknowledged.
     ops: AtomicU64,
     /// Per (request kind, stage): (count, slowest, which).
-    latency: Mutex<BTreeMap<(&'static str, usize), (u64, Duration, String)>>,
+    latency: Mutex<Latencies>,
     /// Index into STAGES.
     stage: AtomicU32,
 }

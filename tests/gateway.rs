@@ -35,19 +35,7 @@ macro_rules! poll_until {
     }};
 }
 
-/// Deterministic bytes for (seed, length).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+use common::pattern;
 
 #[tokio::test]
 async fn everyday_file_operations() {
@@ -1205,9 +1193,12 @@ async fn a_small_object_is_opened_and_read_with_one_request() {
         .put(
             "small.bin",
             s3nfs::store::Body::Bytes(small.clone().into()),
-            &[("mode".to_string(), (0o100600u32).to_string()), ("uid".to_string(), "1234".to_string())]
-                .into_iter()
-                .collect(),
+            &[
+                ("mode".to_string(), (0o100600u32).to_string()),
+                ("uid".to_string(), "1234".to_string()),
+            ]
+            .into_iter()
+            .collect(),
         )
         .await
         .unwrap();
@@ -1257,7 +1248,7 @@ async fn small_files_read_in_name_order_are_fetched_ahead() {
     // No listing through NFS: READDIR(PLUS) loads every entry's attributes, and a small
     // file's bytes with them.
     let d = c.lookup_path("d").await.unwrap();
-    let mut open_read = async |c: &mut Client, i: usize| {
+    let open_read = async |c: &mut Client, i: usize| {
         let fh = c.lookup(&d, format!("f{i:02}")).await.unwrap();
         c.getattr(&fh).await.unwrap();
         assert_eq!(c.read_all(&fh).await.unwrap(), body(i), "f{i:02}");
@@ -1281,7 +1272,11 @@ async fn small_files_read_in_name_order_are_fetched_ahead() {
         open_read(&mut c, i).await;
         gw.vol.background_idle().await;
     }
-    assert_eq!(gw.vol.stats().cache_misses, misses, "a file was read from S3, not from what was fetched ahead");
+    assert_eq!(
+        gw.vol.stats().cache_misses,
+        misses,
+        "a file was read from S3, not from what was fetched ahead"
+    );
     assert_eq!(
         faults.calls(Op::Get) + faults.calls(Op::Head),
         35,

@@ -115,9 +115,7 @@ async fn the_flusher_backs_off_while_s3_fails_and_recovers_when_it_returns() {
     }
     assert_eq!(
         waits,
-        [400, 800, 1600, 3200, 6400, 10_000]
-            .map(Duration::from_millis)
-            .to_vec()
+        [400, 800, 1600, 3200, 6400, 10_000].map(Duration::from_millis).to_vec()
     );
     assert_eq!(s3.get("f").await, None);
 

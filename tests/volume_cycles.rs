@@ -83,7 +83,10 @@ fn a_thousand_open_write_close_cycles_leave_descriptors_threads_and_memory_flat(
             rss0 >> 20,
             rss1 >> 20
         );
-        assert!(sup.send(StatusAll).await.unwrap().is_empty(), "a volume is still running");
+        assert!(
+            sup.send(StatusAll).await.unwrap().is_empty(),
+            "a volume is still running"
+        );
         assert!(fds1 <= fds0 + 2, "descriptors grew from {fds0} to {fds1}");
         assert!(threads1 <= threads0 + 2, "threads grew from {threads0} to {threads1}");
         assert!(

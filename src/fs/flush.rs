@@ -135,10 +135,7 @@ impl FlushState {
     pub(crate) fn begin_listing(&self) -> Listing<'_> {
         let started = self.clock.now();
         *self.recent_deletes.locked().listings.entry(started).or_insert(0) += 1;
-        Listing {
-            flusher: self,
-            started,
-        }
+        Listing { flusher: self, started }
     }
 
     /// Whether `key` (or, for a directory prefix, anything under it) was deleted after `since`.
@@ -200,12 +197,7 @@ impl FlushState {
     }
 
     async fn key_lock(&self, key: &str) -> KeyGuard<'_> {
-        let m = self
-            .key_locks
-            .locked()
-            .entry(key.to_string())
-            .or_default()
-            .clone();
+        let m = self.key_locks.locked().entry(key.to_string()).or_default().clone();
         let guard = m.clone().lock_owned().await;
         KeyGuard {
             state: self,
@@ -328,7 +320,10 @@ impl Volume {
             }
             last = left;
             if stalls > 0 {
-                self.cfg.clock.sleep(std::time::Duration::from_millis(20 << stalls)).await;
+                self.cfg
+                    .clock
+                    .sleep(std::time::Duration::from_millis(20 << stalls))
+                    .await;
             }
         }
     }
@@ -668,12 +663,7 @@ impl Volume {
             // Parts a streaming pass started are still on their way: wait for them.
             loop {
                 let done = st.part_done.notified();
-                if st
-                    .multipart
-                    .locked()
-                    .as_ref()
-                    .is_none_or(|m| m.in_flight.is_empty())
-                {
+                if st.multipart.locked().as_ref().is_none_or(|m| m.in_flight.is_empty()) {
                     break;
                 }
                 done.await;
@@ -1019,7 +1009,10 @@ mod tests {
         assert!(!f.deleted_since("e/", true, old.started));
         clock.advance(Duration::from_secs(1));
         let young = f.begin_listing();
-        assert!(!f.deleted_since("d/a", false, young.started), "deleted before the listing began");
+        assert!(
+            !f.deleted_since("d/a", false, young.started),
+            "deleted before the listing began"
+        );
         drop(old);
         clock.advance(Duration::from_secs(1));
         for i in 0..100_000 {

@@ -177,7 +177,10 @@ impl Volume {
                 upto: upto.as_deref(),
             };
             let page = Page::of(&prefix, page);
-            if !self.apply_page(dir.ino, &prefix, page, range, epoch_before, started).await? {
+            if !self
+                .apply_page(dir.ino, &prefix, page, range, epoch_before, started)
+                .await?
+            {
                 return Ok(()); // the directory is gone
             }
             if token.is_none() {

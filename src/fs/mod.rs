@@ -29,7 +29,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-
 use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, MetaError, Time, ROOT_INO};
 use crate::store::{ObjectStore, StoreError};
 use crate::sync::LockExt;
@@ -768,7 +767,10 @@ impl Volume {
         let loaded: Vec<(usize, FsResult<Attr>)> = futures::stream::iter(todo)
             .map(|(i, ino)| async move {
                 let attr = match self.inode(ino) {
-                    Ok(inode) => self.fetch_meta(inode, LISTED_SMALL_OBJECT).await.map(|i| self.attr_of(&i)),
+                    Ok(inode) => self
+                        .fetch_meta(inode, LISTED_SMALL_OBJECT)
+                        .await
+                        .map(|i| self.attr_of(&i)),
                     Err(e) => Err(e),
                 };
                 (i, attr)
@@ -894,12 +896,7 @@ impl Volume {
         if let Some(SetTime::At(t)) = attr.mtime {
             inode.mtime = t;
         }
-        let st = Staged::open(
-            inode.ino,
-            self.staging_dir.join(inode.ino.to_string()),
-            true,
-            &self.cfg,
-        )?;
+        let st = Staged::open(inode.ino, self.staging_dir.join(inode.ino.to_string()), true, &self.cfg)?;
         st.content_dirty.store(true, Ordering::Release);
         st.pending_marked.store(true, Ordering::Release);
         *st.mtime.locked() = inode.mtime;
@@ -1310,9 +1307,7 @@ impl Volume {
             self.note_cold_open(&inode); // a reader going through a directory, perhaps
         }
         self.cache
-            .read(&self.store, ino, &remote, offset, count, &|f| {
-                self.spawn_background(f)
-            })
+            .read(&self.store, ino, &remote, offset, count, &|f| self.spawn_background(f))
             .await
     }
 

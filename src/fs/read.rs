@@ -94,7 +94,9 @@ impl ReadCache {
         }
         inner.small_bytes += len;
         while inner.small_bytes > SMALL_CACHE_BYTES || inner.small.len() > SMALL_CACHE_OBJECTS {
-            let Some(old) = inner.small_order.pop_front() else { break };
+            let Some(old) = inner.small_order.pop_front() else {
+                break;
+            };
             if let Some((_, b)) = inner.small.remove(&old) {
                 inner.small_bytes -= b.len() as u64;
             }
@@ -266,7 +268,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ObjectStore> = Arc::new(crate::store::local::LocalStore::open(dir.path()).unwrap());
         let etag = store
-            .put("k", crate::store::Body::Bytes(Bytes::from_static(b"0123456789")), &Default::default())
+            .put(
+                "k",
+                crate::store::Body::Bytes(Bytes::from_static(b"0123456789")),
+                &Default::default(),
+            )
             .await
             .unwrap();
         let remote = Remote {

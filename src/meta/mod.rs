@@ -564,7 +564,11 @@ impl MetaDb {
     pub fn child_inos(&self, parent: Ino) -> impl Iterator<Item = MetaResult<Ino>> + '_ {
         let start = k2(b'D', parent, &0u64.to_be_bytes());
         let end = k2(b'D', parent.wrapping_add(1), &0u64.to_be_bytes());
-        let range = if parent == u64::MAX { None } else { Some(self.tree.range(start..end)) };
+        let range = if parent == u64::MAX {
+            None
+        } else {
+            Some(self.tree.range(start..end))
+        };
         range.into_iter().flatten().map(|item| {
             let (key, _) = item?;
             be_u64(&key[9..17])

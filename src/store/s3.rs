@@ -409,6 +409,17 @@ where
     }
 }
 
+/// A GET's body, whole; its length recorded on the request's span.
+async fn read_body(body: aws_sdk_s3::primitives::ByteStream, key: &str, span: &Span) -> StoreResult<Bytes> {
+    let data = body
+        .collect()
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?
+        .into_bytes();
+    span.record("bytes", data.len() as u64);
+    Ok(data)
+}
+
 fn is_invalid_range<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
     match err {
         SdkError::ServiceError(s) => s.raw().status().as_u16() == 416 || s.err().code() == Some("InvalidRange"),
@@ -498,13 +509,7 @@ impl ObjectStore for S3Store {
                 last_modified: secs(out.last_modified()),
                 user: from_map(out.metadata()),
             };
-            let data = out
-                .body
-                .collect()
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?
-                .into_bytes();
-            span.record("bytes", data.len() as u64);
+            let data = read_body(out.body, key, &span).await?;
             Ok(Some((meta, Some(data))))
         })
         .await
@@ -534,13 +539,7 @@ impl ObjectStore for S3Store {
                 Err(e) if is_invalid_range(&e) => return Ok(Bytes::new()),
                 Err(e) => return Err(self.classify(e, key)),
             };
-            let data = out
-                .body
-                .collect()
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?
-                .into_bytes();
-            span.record("bytes", data.len() as u64);
+            let data = read_body(out.body, key, &span).await?;
             Ok(data)
         })
         .await

@@ -73,6 +73,21 @@ fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// An empty directory of this process for a new server (`label` tells clusters apart), after
+/// removing those of earlier test processes that are gone.
+fn fresh_dir(label: &str) -> PathBuf {
+    static STARTED: AtomicU32 = AtomicU32::new(0);
+    let base = std::env::temp_dir();
+    remove_stale_dirs(&base);
+    let dir = base.join(format!(
+        "{DIR_PREFIX}{}-{label}{}",
+        std::process::id(),
+        STARTED.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 /// Removes the directories of earlier test processes that no longer run.
 fn remove_stale_dirs(base: &Path) {
     let Ok(entries) = std::fs::read_dir(base) else {
@@ -213,16 +228,8 @@ impl Garage {
     /// Starts a fresh single-node Garage with a layout and an access key `test-key`.
     /// Panics (with the server's log) when it does not come up within a minute.
     pub fn start() -> Garage {
-        static STARTED: AtomicU32 = AtomicU32::new(0);
         let bin = garage_bin();
-        let base = std::env::temp_dir();
-        remove_stale_dirs(&base);
-        let dir = base.join(format!(
-            "{DIR_PREFIX}{}-{}",
-            std::process::id(),
-            STARTED.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("");
         std::fs::create_dir_all(&dir).expect("creating the garage directory");
 
         let s3 = free_port();
@@ -490,16 +497,8 @@ impl GarageCluster {
     /// Starts a fresh cluster and waits until every node sees all three up with every
     /// partition fully replicated. Panics (with a server log) when that takes over a minute.
     pub fn start() -> GarageCluster {
-        static STARTED: AtomicU32 = AtomicU32::new(0);
         let bin = garage_bin();
-        let base = std::env::temp_dir();
-        remove_stale_dirs(&base);
-        let dir = base.join(format!(
-            "{DIR_PREFIX}{}-cluster{}",
-            std::process::id(),
-            STARTED.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("cluster");
         let secret = random_hex(32);
         let region = "garage".to_string();
 

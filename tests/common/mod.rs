@@ -9,3 +9,17 @@ pub mod guest;
 pub mod nfs;
 pub mod rpc;
 pub mod uml;
+
+/// Deterministic bytes for (seed, length): a xorshift stream, so that a misplaced block shows.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
