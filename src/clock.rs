@@ -9,9 +9,18 @@
 //! request is in flight.)
 //!
 //! Latencies reported in metrics and traces stay on the real clock: they measure, not decide.
+//!
+//! One NFS operation reads the clock once, when it arrives ([`in_op`]): within it,
+//! [`Clock::op_now`] and [`wall_now`] answer from that reading. Where a system call is a
+//! trap into a hypervisor (no vDSO, as under user-mode-linux and on some virtual machines), a
+//! clock reading costs as much as any other system call, and a small-file create used to read
+//! the clock about 30 times. Only decisions that tolerate the operation's own age (a listing's
+//! freshness, the time of the last write, timestamps) use the operation's time; sleeps and
+//! back-offs always read the real clock.
 
+use std::cell::OnceCell;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
@@ -39,6 +48,38 @@ impl std::fmt::Debug for Clock {
     }
 }
 
+/// The time of the NFS operation being served: its arrival, and the wall-clock time read (at
+/// most once) when the operation first needs one.
+struct OpTime {
+    arrived: Instant,
+    wall: OnceCell<SystemTime>,
+}
+
+tokio::task_local! {
+    static OP_TIME: OpTime;
+}
+
+/// Runs one operation with `arrived` as its time (see the module's comment).
+pub async fn in_op<F: std::future::Future>(arrived: Instant, f: F) -> F::Output {
+    OP_TIME
+        .scope(
+            OpTime {
+                arrived,
+                wall: OnceCell::new(),
+            },
+            f,
+        )
+        .await
+}
+
+/// Wall-clock time: the operation's, within one (every timestamp an operation sets is the same,
+/// as on a local filesystem), or read now outside any.
+pub fn wall_now() -> SystemTime {
+    OP_TIME
+        .try_with(|t| *t.wall.get_or_init(SystemTime::now))
+        .unwrap_or_else(|_| SystemTime::now())
+}
+
 impl Clock {
     pub fn system() -> Clock {
         Clock(None)
@@ -58,6 +99,16 @@ impl Clock {
         match &self.0 {
             None => Instant::now(),
             Some(m) => m.base + *m.offset.borrow(),
+        }
+    }
+
+    /// Now, or within an NFS operation on the system clock, when that operation arrived (see the
+    /// module's comment): for decisions that tolerate the operation's age, never for sleeps or
+    /// for measuring how long something within the operation took.
+    pub fn op_now(&self) -> Instant {
+        match &self.0 {
+            None => OP_TIME.try_with(|t| t.arrived).unwrap_or_else(|_| Instant::now()),
+            Some(_) => self.now(),
         }
     }
 
@@ -165,6 +216,28 @@ mod tests {
         sleeper.await.unwrap();
         assert!(clock.until_sleeping(|s| s.is_empty()).await.is_empty());
         assert_eq!(clock.elapsed(start), Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn within_an_operation_time_is_its_arrival_and_outside_it_is_read() {
+        let clock = Clock::system();
+        let arrived = Instant::now() - Duration::from_secs(5);
+        let (op, wall) = in_op(arrived, async {
+            let wall = wall_now();
+            tokio::task::yield_now().await;
+            assert_eq!(wall_now(), wall, "one wall-clock reading per operation");
+            (clock.op_now(), wall)
+        })
+        .await;
+        assert_eq!(op, arrived);
+        assert!(
+            clock.op_now() >= arrived + Duration::from_secs(5),
+            "outside: the real clock"
+        );
+        assert!(wall_now() >= wall);
+        // A manual clock is never bypassed.
+        let manual = Clock::manual();
+        assert_eq!(in_op(arrived, async { manual.op_now() }).await, manual.now());
     }
 
     #[tokio::test]

@@ -383,12 +383,13 @@ impl Volume {
                 self.flusher.dirty_sweep.load(Ordering::Acquire)
             };
             let mut due = Vec::new();
+            let now = self.cfg.clock.now();
             for (ino, seq) in pending {
                 let st = self.staged(ino);
                 if let Some(st) = &st {
                     if st.content_dirty.load(Ordering::Acquire) {
                         dirty += st.size();
-                        let idle = st.idle();
+                        let idle = st.idle_at(now);
                         if !force && (idle < self.cfg.flush_delay || self.flusher.streaming.locked().contains(&ino)) {
                             continue;
                         }
@@ -885,7 +886,7 @@ impl Volume {
                 vol.upload_parts(&pass_st, &key, &user_meta(&inode), false).await
             }));
             // Stop once the writer pauses; the flusher completes the upload when the file is idle.
-            if st.idle() >= std::time::Duration::from_millis(200) {
+            if st.idle_at(self.cfg.clock.now()) >= std::time::Duration::from_millis(200) {
                 break;
             }
             self.cfg.clock.sleep(std::time::Duration::from_millis(20)).await;

@@ -77,7 +77,7 @@ impl Volume {
 
     pub(crate) fn listing_stale(&self, dir: Ino) -> bool {
         match self.listed.locked().get(&dir) {
-            Some(at) => self.cfg.clock.elapsed(*at) >= self.cfg.refresh,
+            Some(at) => self.cfg.clock.op_now().saturating_duration_since(*at) >= self.cfg.refresh,
             None => true,
         }
     }

@@ -611,6 +611,18 @@ impl Volume {
         Ok(self.attr_of(&inode))
     }
 
+    /// An inode's attributes as the volume holds them, for the attributes an NFS reply carries
+    /// beside its result: no revalidation against S3 (the operation did its own), unless the
+    /// object's metadata was never read.
+    pub async fn reply_attr(&self, ino: Ino) -> FsResult<Attr> {
+        let inode = self.inode(ino)?;
+        if !inode.meta_loaded {
+            return self.getattr(ino).await;
+        }
+        self.note_open(&inode); // LOOKUP's attributes may be all an open asks for
+        Ok(self.attr_of(&inode))
+    }
+
     /// Reads the `x-amz-meta-*` attributes of an object found by a listing (once): a HEAD, or
     /// for a small object a GET that brings its bytes too (the READ that usually follows an
     /// open then finds them in the cache).

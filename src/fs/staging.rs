@@ -96,7 +96,7 @@ impl Staged {
             pending_marked: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             mtime: Mutex::new(mtime),
-            last_write: Mutex::new(cfg.clock.now()),
+            last_write: Mutex::new(cfg.clock.op_now()),
             multipart: Mutex::new(None),
             multipart_init: tokio::sync::Mutex::new(()),
             part_done: tokio::sync::Notify::new(),
@@ -106,9 +106,9 @@ impl Staged {
         })
     }
 
-    /// Time since the last write, on the volume's clock.
-    pub fn idle(&self) -> std::time::Duration {
-        self.clock.elapsed(*self.last_write.locked())
+    /// Time since the last write at `now` (one clock reading serves a whole flush round).
+    pub fn idle_at(&self, now: std::time::Instant) -> std::time::Duration {
+        now.saturating_duration_since(*self.last_write.locked())
     }
 
     pub fn size(&self) -> u64 {
@@ -149,7 +149,7 @@ impl Staged {
         self.gen.fetch_add(1, Ordering::AcqRel);
         self.content_dirty.store(true, Ordering::Release);
         *self.mtime.locked() = Time::now();
-        *self.last_write.locked() = self.clock.now();
+        *self.last_write.locked() = self.clock.op_now();
         if len > 0 {
             if let Some(m) = self.multipart.locked().as_mut() {
                 let first = (offset / self.part_size) as i32 + 1;

@@ -81,8 +81,9 @@ pub struct Time {
 }
 
 impl Time {
+    /// The current NFS operation's time (see [`crate::clock::wall_now`]).
     pub fn now() -> Time {
-        let d = std::time::SystemTime::now()
+        let d = crate::clock::wall_now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         Time {
@@ -488,8 +489,8 @@ impl MetaDb {
         if commits == self.synced_commits.load(Acquire) {
             return Ok(()); // nothing committed since the last sync
         }
-        // Clone the handle so the fsync does not hold up committers.
-        let file = self.wal.locked().handle()?;
+        // Outside the log's lock, so the fsync does not hold up committers.
+        let file = self.wal.locked().handle();
         file.sync_data()?;
         self.synced_commits
             .fetch_max(commits, std::sync::atomic::Ordering::AcqRel);

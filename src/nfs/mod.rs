@@ -76,8 +76,9 @@ impl NfsAdapter {
         f: impl std::future::Future<Output = Result<T, FsError>>,
     ) -> Result<T, nfsstat3> {
         span.record("volume", &*self.name);
-        let start = std::time::Instant::now();
-        let r = op(span, f).await;
+        // The clock reading nfsserve took when the call arrived is this operation's time.
+        let start = nfsserve::vfs::arrived().unwrap_or_else(std::time::Instant::now);
+        let r = crate::clock::in_op(start, op(span, f)).await;
         crate::metrics::global().nfs_op(name, start.elapsed(), r.is_ok());
         r
     }
@@ -258,6 +259,17 @@ impl NFSFileSystem for NfsAdapter {
         let a = self
             .op("GETATTR", nfs_span!("GETATTR", ino = id), self.vol.getattr(id))
             .await?;
+        Ok(fattr(&self.vol, &a))
+    }
+
+    /// The attributes around another operation's result (pre- and post-op attributes): what the
+    /// volume holds, without GETATTR's revalidation, span or metrics; the operation itself
+    /// brought its directory up to date.
+    async fn reply_attr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
+        let start = nfsserve::vfs::arrived().unwrap_or_else(std::time::Instant::now);
+        let a = crate::clock::in_op(start, self.vol.reply_attr(id))
+            .await
+            .map_err(|e| status(&e))?;
         Ok(fattr(&self.vol, &a))
     }
 

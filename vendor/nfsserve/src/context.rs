@@ -18,6 +18,9 @@ pub struct RPCContext {
     pub mount_signal: Option<mpsc::Sender<bool>>,
     pub export_name: Arc<String>,
     pub transaction_tracker: Arc<TransactionTracker>,
+    /// When the call being served was received (s3nfs patch): read once per call, it serves the
+    /// retransmission tracker and the filesystem (`vfs::arrived`).
+    pub arrived: std::time::Instant,
 }
 
 impl fmt::Debug for RPCContext {

@@ -139,7 +139,8 @@ pub async fn handle_nfs(
     } else {
         crate::vfs::Caller { uid: 65534, gid: 65534, gids: Vec::new(), unix: false }
     };
-    crate::vfs::CALLER.scope(caller, dispatch(prog, xid, input, output, context)).await
+    let call = crate::vfs::CALLER.scope(caller, dispatch(prog, xid, input, output, context));
+    crate::vfs::ARRIVED.scope(context.arrived, call).await
 }
 
 async fn dispatch(
@@ -285,13 +286,13 @@ pub async fn nfsproc3_lookup(
     }
     let dirid = dirid.unwrap();
 
-    let dir_attr = match context.vfs.getattr(dirid).await {
+    let dir_attr = match context.vfs.reply_attr(dirid).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
     match context.vfs.lookup(dirid, &dirops.name).await {
         Ok(fid) => {
-            let obj_attr = match context.vfs.getattr(fid).await {
+            let obj_attr = match context.vfs.reply_attr(fid).await {
                 Ok(v) => nfs::post_op_attr::attributes(v),
                 Err(_) => nfs::post_op_attr::Void,
             };
@@ -380,7 +381,7 @@ pub async fn nfsproc3_read(
     }
     let id = id.unwrap();
 
-    let obj_attr = match context.vfs.getattr(id).await {
+    let obj_attr = match context.vfs.reply_attr(id).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
@@ -631,7 +632,7 @@ pub async fn nfsproc3_pathconf(
     }
     let id = id.unwrap();
 
-    let obj_attr = match context.vfs.getattr(id).await {
+    let obj_attr = match context.vfs.reply_attr(id).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
@@ -716,7 +717,7 @@ pub async fn nfsproc3_fsstat(
     }
     let id = id.unwrap();
 
-    let obj_attr = match context.vfs.getattr(id).await {
+    let obj_attr = match context.vfs.reply_attr(id).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
@@ -833,7 +834,7 @@ pub async fn nfsproc3_readdirplus(
         return Ok(());
     }
     let dirid = dirid.unwrap();
-    let dir_attr_maybe = context.vfs.getattr(dirid).await;
+    let dir_attr_maybe = context.vfs.reply_attr(dirid).await;
 
     let dir_attr = match dir_attr_maybe {
         Ok(v) => nfs::post_op_attr::attributes(v),
@@ -1021,7 +1022,7 @@ pub async fn nfsproc3_readdir(
         return Ok(());
     }
     let dirid = dirid.unwrap();
-    let dir_attr_maybe = context.vfs.getattr(dirid).await;
+    let dir_attr_maybe = context.vfs.reply_attr(dirid).await;
 
     let dir_attr = match dir_attr_maybe {
         Ok(v) => nfs::post_op_attr::attributes(v),
@@ -1216,7 +1217,7 @@ pub async fn nfsproc3_write(
     let id = id.unwrap();
 
     // get the object attributes before the write
-    let pre_obj_attr = match context.vfs.getattr(id).await {
+    let pre_obj_attr = match context.vfs.reply_attr(id).await {
         Ok(v) => {
             let wccattr = nfs::wcc_attr {
                 size: v.size,
@@ -1343,7 +1344,7 @@ pub async fn nfsproc3_create(
     let dirid = dirid.unwrap();
 
     // get the object attributes before the write
-    let pre_dir_attr = match context.vfs.getattr(dirid).await {
+    let pre_dir_attr = match context.vfs.reply_attr(dirid).await {
         Ok(v) => {
             let wccattr = nfs::wcc_attr {
                 size: v.size,
@@ -1374,7 +1375,7 @@ pub async fn nfsproc3_create(
                 // file exists. Fail with NFS3ERR_EXIST.
                 // Re-read dir attributes
                 // for post op attr
-                let post_dir_attr = match context.vfs.getattr(dirid).await {
+                let post_dir_attr = match context.vfs.reply_attr(dirid).await {
                     Ok(v) => nfs::post_op_attr::attributes(v),
                     Err(_) => nfs::post_op_attr::Void,
                 };
@@ -1414,7 +1415,7 @@ pub async fn nfsproc3_create(
     }
 
     // Re-read dir attributes for post op attr
-    let post_dir_attr = match context.vfs.getattr(dirid).await {
+    let post_dir_attr = match context.vfs.reply_attr(dirid).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
@@ -1524,7 +1525,7 @@ pub async fn nfsproc3_setattr(
 
     let ctime;
 
-    let pre_op_attr = match context.vfs.getattr(id).await {
+    let pre_op_attr = match context.vfs.reply_attr(id).await {
         Ok(v) => {
             let wccattr = nfs::wcc_attr {
                 size: v.size,
@@ -1633,7 +1634,7 @@ pub async fn nfsproc3_remove(
     let dirid = dirid.unwrap();
 
     // get the object attributes before the write
-    let pre_dir_attr = match context.vfs.getattr(dirid).await {
+    let pre_dir_attr = match context.vfs.reply_attr(dirid).await {
         Ok(v) => {
             let wccattr = nfs::wcc_attr {
                 size: v.size,
@@ -1659,7 +1660,7 @@ pub async fn nfsproc3_remove(
     };
 
     // Re-read dir attributes for post op attr
-    let post_dir_attr = match context.vfs.getattr(dirid).await {
+    let post_dir_attr = match context.vfs.reply_attr(dirid).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
@@ -1762,7 +1763,7 @@ pub async fn nfsproc3_rename(
     let to_dirid = to_dirid.unwrap();
 
     // get the object attributes before the write
-    let pre_from_dir_attr = match context.vfs.getattr(from_dirid).await {
+    let pre_from_dir_attr = match context.vfs.reply_attr(from_dirid).await {
         Ok(v) => {
             let wccattr = nfs::wcc_attr {
                 size: v.size,
@@ -1781,7 +1782,7 @@ pub async fn nfsproc3_rename(
     };
 
     // get the object attributes before the write
-    let pre_to_dir_attr = match context.vfs.getattr(to_dirid).await {
+    let pre_to_dir_attr = match context.vfs.reply_attr(to_dirid).await {
         Ok(v) => {
             let wccattr = nfs::wcc_attr {
                 size: v.size,
@@ -1803,11 +1804,11 @@ pub async fn nfsproc3_rename(
     let res = context.vfs.rename(from_dirid, &fromdirops.name, to_dirid, &todirops.name).await;
 
     // Re-read dir attributes for post op attr
-    let post_from_dir_attr = match context.vfs.getattr(from_dirid).await {
+    let post_from_dir_attr = match context.vfs.reply_attr(from_dirid).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
-    let post_to_dir_attr = match context.vfs.getattr(to_dirid).await {
+    let post_to_dir_attr = match context.vfs.reply_attr(to_dirid).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
@@ -1911,7 +1912,7 @@ pub async fn nfsproc3_mkdir(
     let dirid = dirid.unwrap();
 
     // get the object attributes before the write
-    let pre_dir_attr = match context.vfs.getattr(dirid).await {
+    let pre_dir_attr = match context.vfs.reply_attr(dirid).await {
         Ok(v) => {
             let wccattr = nfs::wcc_attr {
                 size: v.size,
@@ -1932,7 +1933,7 @@ pub async fn nfsproc3_mkdir(
     let res = context.vfs.mkdir_with_attr(dirid, &args.dirops.name, &args.attributes).await;
 
     // Re-read dir attributes for post op attr
-    let post_dir_attr = match context.vfs.getattr(dirid).await {
+    let post_dir_attr = match context.vfs.reply_attr(dirid).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
@@ -2037,7 +2038,7 @@ pub async fn nfsproc3_symlink(
     let dirid = dirid.unwrap();
 
     // get the object attributes before the write
-    let pre_dir_attr = match context.vfs.getattr(dirid).await {
+    let pre_dir_attr = match context.vfs.reply_attr(dirid).await {
         Ok(v) => {
             let wccattr = nfs::wcc_attr {
                 size: v.size,
@@ -2061,7 +2062,7 @@ pub async fn nfsproc3_symlink(
         .await;
 
     // Re-read dir attributes for post op attr
-    let post_dir_attr = match context.vfs.getattr(dirid).await {
+    let post_dir_attr = match context.vfs.reply_attr(dirid).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
@@ -2136,7 +2137,7 @@ pub async fn nfsproc3_readlink(
     }
     let id = id.unwrap();
     // if the id does not exist, we fail
-    let symlink_attr = match context.vfs.getattr(id).await {
+    let symlink_attr = match context.vfs.reply_attr(id).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(stat) => {
             make_success_reply(xid).serialize(output)?;
@@ -2168,14 +2169,14 @@ pub async fn nfsproc3_readlink(
 
 /// The pre-operation attributes of `id` for wcc_data, if it can be read.
 async fn pre_op(context: &RPCContext, id: nfs::fileid3) -> nfs::pre_op_attr {
-    match context.vfs.getattr(id).await {
+    match context.vfs.reply_attr(id).await {
         Ok(v) => nfs::pre_op_attr::attributes(nfs::wcc_attr { size: v.size, mtime: v.mtime, ctime: v.ctime }),
         Err(_) => nfs::pre_op_attr::Void,
     }
 }
 
 async fn post_op(context: &RPCContext, id: nfs::fileid3) -> nfs::post_op_attr {
-    match context.vfs.getattr(id).await {
+    match context.vfs.reply_attr(id).await {
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     }

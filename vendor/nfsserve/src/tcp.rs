@@ -111,7 +111,15 @@ async fn process_socket(
                     Some(Reply { message: Ok(msg), held }) => {
                         // A client that stops reading its replies is dropped rather than
                         // allowed to hold its requests' memory for ever.
-                        match tokio::time::timeout(REPLY_TIMEOUT, write_fragment(&mut to_client, &msg)).await {
+                        // The timer is armed only if the reply does not go out at once: a
+                        // timer costs clock readings, and nearly every reply fits the socket.
+                        let mut write = std::pin::pin!(write_fragment(&mut to_client, &msg));
+                        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(write.as_mut(), cx))).await;
+                        let written = match first {
+                            std::task::Poll::Ready(r) => Ok(r),
+                            std::task::Poll::Pending => tokio::time::timeout(REPLY_TIMEOUT, write).await,
+                        };
+                        match written {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => {
                                 debug!("Write error {:?}", e);
@@ -319,6 +327,7 @@ impl<T: NFSFileSystem + Send + Sync + 'static> NFSTcpListener<T> {
                 mount_signal: self.mount_signal.clone(),
                 export_name: self.export_name.clone(),
                 transaction_tracker: self.transaction_tracker.clone(),
+                arrived: std::time::Instant::now(),
             };
             info!("Accepting connection from {}", context.client_addr);
             debug!("Accepting socket {:?} {:?}", socket, context);

@@ -41,9 +41,9 @@ impl TransactionTracker {
     /// If it's a new transaction, it is marked as `InProgress`.
     ///
     /// Returns `true` if the transaction is a retransmission, `false` otherwise.
-    pub fn is_retransmission(&self, xid: u32, client_addr: &str) -> bool {
+    /// `now`: when the call arrived (s3nfs patch: the caller's one clock reading per call).
+    pub fn is_retransmission(&self, xid: u32, client_addr: &str, now: Instant) -> bool {
         let key = (xid, client_addr.to_string());
-        let now = Instant::now();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.housekeeping(now);
         match inner.states.entry(key.clone()) {
@@ -56,10 +56,11 @@ impl TransactionTracker {
         }
     }
 
-    /// Marks the transaction as processed.
-    pub fn mark_processed(&self, xid: u32, client_addr: &str) {
+    /// Marks the transaction as processed. It is remembered for the retention period counted
+    /// from `arrived`, when the call came in (no clock reading of its own).
+    pub fn mark_processed(&self, xid: u32, client_addr: &str, arrived: Instant) {
         let key = (xid, client_addr.to_string());
-        let now = Instant::now();
+        let now = arrived;
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = inner.states.get_mut(&key) {
             *tx = TransactionState::Completed;
@@ -104,14 +105,16 @@ mod tests {
     #[test]
     fn a_retransmission_is_caught_until_the_retention_passes_and_the_map_stays_bounded() {
         let t = TransactionTracker::new(Duration::from_secs(60));
-        assert!(!t.is_retransmission(1, "a"));
-        assert!(t.is_retransmission(1, "a"), "in progress");
-        t.mark_processed(1, "a");
-        assert!(t.is_retransmission(1, "a"), "completed lately");
-        assert!(!t.is_retransmission(1, "b"), "another client");
+        let now = Instant::now();
+        assert!(!t.is_retransmission(1, "a", now));
+        assert!(t.is_retransmission(1, "a", now), "in progress");
+        t.mark_processed(1, "a", now);
+        assert!(t.is_retransmission(1, "a", now + Duration::from_secs(59)), "completed lately");
+        assert!(!t.is_retransmission(1, "a", now + Duration::from_secs(61)), "retention passed");
+        assert!(!t.is_retransmission(1, "b", now), "another client");
         for xid in 0..3 * MAX_TRACKED as u32 {
-            assert!(!t.is_retransmission(xid + 10, "c"));
-            t.mark_processed(xid + 10, "c");
+            assert!(!t.is_retransmission(xid + 10, "c", now));
+            t.mark_processed(xid + 10, "c", now);
         }
         let inner = t.inner.lock().unwrap();
         assert!(inner.states.len() <= MAX_TRACKED);

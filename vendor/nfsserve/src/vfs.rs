@@ -93,6 +93,14 @@ pub struct Caller {
 tokio::task_local! {
     /// Set around every NFS procedure call; read it with [`caller`].
     pub static CALLER: Caller;
+    /// When the procedure being served was received (s3nfs patch); read it with [`arrived`].
+    pub static ARRIVED: std::time::Instant;
+}
+
+/// When the NFS procedure being served was received, if called from within one (s3nfs patch):
+/// the one clock reading a request costs the library, for the filesystem to reuse.
+pub fn arrived() -> Option<std::time::Instant> {
+    ARRIVED.try_with(|t| *t).ok()
 }
 
 /// The caller of the NFS procedure being served, if called from within one (s3nfs patch).
@@ -163,6 +171,14 @@ pub trait NFSFileSystem: Sync {
     /// Returns the attributes of an id.
     /// This method should be fast as it is used very frequently.
     async fn getattr(&self, id: fileid3) -> Result<fattr3, nfsstat3>;
+
+    /// The attributes a reply carries beside its result (s3nfs patch): the pre- and post-op
+    /// attributes of LOOKUP, CREATE, WRITE, REMOVE and the like, as opposed to the GETATTR
+    /// procedure itself. A filesystem that does more for GETATTR (revalidation, accounting)
+    /// can answer these from what it holds. Default: `getattr`.
+    async fn reply_attr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
+        self.getattr(id).await
+    }
 
     /// Sets the attributes of an id
     /// this should return Err(nfsstat3::NFS3ERR_ROFS) if readonly
