@@ -124,3 +124,69 @@ async fn the_flusher_backs_off_while_s3_fails_and_recovers_when_it_returns() {
     flusher_sleeps(&clock, FLUSH_TICK).await;
     assert_eq!(s3.get("f").await.as_deref(), Some(&b"kept"[..]));
 }
+
+/// Uploads that are due wait while clients keep the volume busy, for at most MAX_DEFER of one
+/// busy stretch, and go at the first round after the clients pause for QUIET.
+#[tokio::test]
+async fn due_uploads_wait_for_clients_to_pause_but_not_for_ever() {
+    use s3nfs::fs::flush::{MAX_DEFER, QUIET};
+    let clock = Clock::manual();
+    let (gw, s3) = on_garage(Opts {
+        flush_delay: Duration::from_secs(2),
+        clock: clock.clone(),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    // One tick of the flusher, with or without a client operation first.
+    let mut t = Duration::ZERO;
+    let mut tick = async |c: &mut Client, busy: bool| {
+        if busy {
+            c.getattr(&root).await.unwrap();
+        }
+        clock.advance(FLUSH_TICK);
+        t += FLUSH_TICK;
+        flusher_sleeps(&clock, FLUSH_TICK).await;
+        t
+    };
+
+    // Busy without a pause: "a" is due at 2 s and waits until the stretch is MAX_DEFER long.
+    let fh = c.create(&root, "a", 0o644).await.unwrap();
+    c.write_all(&fh, 0, b"a").await.unwrap();
+    loop {
+        let now = tick(&mut c, true).await;
+        if now < MAX_DEFER {
+            assert_eq!(s3.get("a").await, None, "uploaded at {now:?} while clients were busy");
+        } else {
+            assert_eq!(
+                s3.get("a").await.as_deref(),
+                Some(&b"a"[..]),
+                "still waiting at {now:?}"
+            );
+            break;
+        }
+    }
+
+    // A pause ends the stretch. "b", due while the clients are busy again, goes once they pause.
+    for _ in 0..5 {
+        tick(&mut c, false).await;
+    }
+    let fh = c.create(&root, "b", 0o644).await.unwrap();
+    c.write_all(&fh, 0, b"b").await.unwrap();
+    for _ in 0..15 {
+        tick(&mut c, true).await;
+    }
+    assert_eq!(s3.get("b").await, None, "uploaded while clients were busy");
+    // The last operation was one tick ago.
+    let mut quiet = FLUSH_TICK;
+    while s3.get("b").await.is_none() {
+        tick(&mut c, false).await;
+        quiet += FLUSH_TICK;
+        assert!(quiet <= QUIET + FLUSH_TICK, "not uploaded {quiet:?} into a pause");
+    }
+    assert!(
+        quiet >= QUIET,
+        "uploaded {quiet:?} into a pause, before it counted as one"
+    );
+}

@@ -78,7 +78,11 @@ impl NfsAdapter {
         span.record("volume", &*self.name);
         // The clock reading nfsserve took when the call arrived is this operation's time.
         let start = nfsserve::vfs::arrived().unwrap_or_else(std::time::Instant::now);
-        let r = crate::clock::in_op(start, op(span, f)).await;
+        let r = crate::clock::in_op(start, async {
+            self.vol.note_activity();
+            op(span, f).await
+        })
+        .await;
         crate::metrics::global().nfs_op(name, start.elapsed(), r.is_ok());
         r
     }
