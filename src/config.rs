@@ -11,6 +11,7 @@
 //! region = "us-east-1"
 //! flush_delay = "2s"
 //! refresh = "5s"
+//! busy_defer = "10s"   # how long due uploads may wait for busy clients to pause (0s: never)
 //! ```
 //! Credentials are never read from this file: they come from `AWS_ACCESS_KEY_ID` /
 //! `AWS_SECRET_ACCESS_KEY` (or the `--access-key` / `--secret-key` flags), so the file can be
@@ -42,6 +43,8 @@ pub struct Export {
     pub state_dir: PathBuf,
     pub flush_delay: Duration,
     pub refresh: Duration,
+    /// How long due uploads may wait for clients to pause (see `fs::flush::MAX_DEFER`).
+    pub busy_defer: Duration,
     /// The volume's size (`df`, ENOSPC past it); None: unlimited.
     pub capacity: Option<u64>,
     pub defaults: ObjectDefaults,
@@ -129,6 +132,7 @@ struct FileExport {
     state_dir: Option<PathBuf>,
     flush_delay: Option<String>,
     refresh: Option<String>,
+    busy_defer: Option<String>,
     durability: Option<String>,
     squash: Option<String>,
     anon_uid: Option<u32>,
@@ -257,6 +261,13 @@ pub fn load(path: &Path, base_state: &Path, creds: &S3Config) -> anyhow::Result<
                 .transpose()
                 .map_err(anyhow::Error::msg)?
                 .unwrap_or(Duration::from_secs(5)),
+            busy_defer: e
+                .busy_defer
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .unwrap_or(crate::fs::flush::MAX_DEFER),
             name: e.name,
         });
     }

@@ -703,7 +703,9 @@ async fn acknowledged_writes_survive_sigkill() {
     let g = common::garage::shared();
     let bucket = g.unique_bucket();
     let s3 = S3Side::for_bucket(&bucket).await;
-    let mut gw = Proc::start(&bucket, "", "100ms");
+    // Uploads while the writers write (not after them, as busy clients get by default): the
+    // kill must come with uploads under way.
+    let mut gw = Proc::start_with(&bucket, "", "100ms", &["--busy-defer", "0s"]);
     let plans = std::sync::Arc::new(plans(42, 200));
     let acked: Acked = std::sync::Arc::new(std::sync::Mutex::new(vec![None; plans.len()]));
     // Two writers, interleaved files.

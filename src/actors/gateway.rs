@@ -41,6 +41,7 @@ pub fn volume_config(export: &Export) -> VolumeConfig {
     cfg.prefix = export.prefix.clone();
     cfg.flush_delay = export.flush_delay;
     cfg.refresh = export.refresh;
+    cfg.busy_defer = export.busy_defer;
     cfg.capacity = export.capacity;
     cfg.default_uid = export.defaults.uid;
     cfg.default_gid = export.defaults.gid;

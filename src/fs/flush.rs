@@ -61,8 +61,9 @@ pub struct FlushState {
 /// How long the volume must go without an NFS operation to count as quiet (or a quarter of the
 /// flush delay, if that is shorter).
 pub const QUIET: std::time::Duration = std::time::Duration::from_millis(500);
-/// How long uploads and deletions that are due wait for a quiet volume, at most: past this in
-/// one busy stretch, they run alongside the clients' operations.
+/// How long uploads and deletions that are due wait for a quiet volume, at most, by default
+/// (`VolumeConfig::busy_defer`): past this in one busy stretch, they run alongside the clients'
+/// operations.
 pub const MAX_DEFER: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Default)]
@@ -153,18 +154,18 @@ impl FlushState {
     }
 
     /// Whether background uploads and deletions that are due should wait: clients sent an
-    /// operation within `quiet` of `now`, and have not been busy for [`MAX_DEFER`] already.
+    /// operation within `quiet` of `now`, and have not been busy for `max` already.
     ///
     /// Why: an upload costs CPU on the node (the request, and all of the S3 server's work when
     /// it runs on the node too, as a local MinIO does), and the clients' operations wait behind
     /// it. Measured in the benchmark guest, where Garage shares the CPU: an untar of 1,195 files
     /// took 10 s with uploads interleaved and 5.7 s with them after it, and the files were in S3
     /// no later. The wait is bounded, so a volume that is never quiet still uploads.
-    fn defers(&self, now: std::time::Instant, quiet: std::time::Duration) -> bool {
+    fn defers(&self, now: std::time::Instant, quiet: std::time::Duration, max: std::time::Duration) -> bool {
         let a = self.activity.locked();
         match (a.last, a.busy_since) {
             (Some(last), Some(since)) => {
-                now.saturating_duration_since(last) < quiet && now.saturating_duration_since(since) < MAX_DEFER
+                now.saturating_duration_since(last) < quiet && now.saturating_duration_since(since) < max
             }
             _ => false,
         }
@@ -389,7 +390,9 @@ impl Volume {
     /// bytes near their bound: writers would be held up waiting for uploads that wait for them.
     fn defers_background(&self) -> bool {
         self.flusher.dirty_bytes() <= self.cfg.max_dirty_bytes / 2
-            && self.flusher.defers(self.cfg.clock.now(), self.quiet())
+            && self
+                .flusher
+                .defers(self.cfg.clock.now(), self.quiet(), self.cfg.busy_defer)
     }
 
     /// One pass over the journal. Returns how many inodes and deletions are still pending.

@@ -187,6 +187,8 @@ pub struct VolumeConfig {
     pub state_dir: PathBuf,
     /// A dirty file is uploaded once it has been idle this long.
     pub flush_delay: Duration,
+    /// How long due uploads may wait for busy clients to pause ([`flush::MAX_DEFER`]).
+    pub busy_defer: Duration,
     /// A directory listing older than this is refreshed from S3 on next use.
     pub refresh: Duration,
     /// Multipart part size; also the dirty size past which a file streams to S3 as it is written.
@@ -226,6 +228,7 @@ impl VolumeConfig {
             prefix: String::new(),
             state_dir,
             flush_delay: Duration::from_secs(2),
+            busy_defer: flush::MAX_DEFER,
             refresh: Duration::from_secs(5),
             part_size: 16 << 20,
             upload_concurrency: 8,

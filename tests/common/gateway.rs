@@ -83,6 +83,7 @@ impl InProc {
             state_dir: state.path().join("state"),
             flush_delay: opts.flush_delay,
             refresh: opts.refresh,
+            busy_defer: s3nfs::fs::flush::MAX_DEFER,
             capacity: None,
             defaults: Default::default(),
             durability: opts.durability,
@@ -217,6 +218,8 @@ pub struct Proc {
     pub prefix: String,
     pub dir: tempfile::TempDir,
     pub flush_delay: String,
+    /// More `s3nfs serve` arguments.
+    pub args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -231,12 +234,18 @@ impl Proc {
 
     /// Starts the binary on a fresh port and state directory.
     pub fn start(bucket: &str, prefix: &str, flush_delay: &str) -> Proc {
+        Self::start_with(bucket, prefix, flush_delay, &[])
+    }
+
+    /// [`Proc::start`] with more `s3nfs serve` arguments.
+    pub fn start_with(bucket: &str, prefix: &str, flush_delay: &str, args: &[&str]) -> Proc {
         let mut p = Proc {
             port: free_port(),
             bucket: bucket.into(),
             prefix: prefix.into(),
             dir: tempfile::tempdir().unwrap(),
             flush_delay: flush_delay.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         p.spawn();
@@ -281,6 +290,7 @@ impl Proc {
             .arg(&self.flush_delay)
             .arg("--refresh")
             .arg("1s")
+            .args(&self.args)
             .stdout(Stdio::piped())
             .stderr(log);
         let mut child = cmd.spawn().expect("spawning s3nfs");
