@@ -76,8 +76,29 @@ pub async fn in_op<F: std::future::Future>(arrived: Instant, f: F) -> F::Output 
 /// as on a local filesystem), or read now outside any.
 pub fn wall_now() -> SystemTime {
     OP_TIME
-        .try_with(|t| *t.wall.get_or_init(SystemTime::now))
+        .try_with(|t| *t.wall.get_or_init(|| wall_at(t.arrived)))
         .unwrap_or_else(|_| SystemTime::now())
+}
+
+/// How old the pairing of the two clocks that [`wall_at`] derives from may get: a step of the
+/// system clock (not a slew, which both follow) shows in timestamps within this.
+const ANCHOR_AGE: Duration = Duration::from_secs(1);
+
+/// The wall-clock time at monotonic instant `at`, derived from a pairing of the two clocks
+/// read at most once per [`ANCHOR_AGE`]: one clock reading per second instead of one per
+/// operation.
+fn wall_at(at: Instant) -> SystemTime {
+    static ANCHOR: Mutex<Option<(Instant, SystemTime)>> = Mutex::new(None);
+    let mut anchor = ANCHOR.locked();
+    match *anchor {
+        Some((mono, wall)) if at >= mono && at - mono < ANCHOR_AGE => wall + (at - mono),
+        _ => {
+            // `at` is when the operation arrived, a moment ago: pair it with the wall clock now.
+            let wall = SystemTime::now();
+            *anchor = Some((at, wall));
+            wall
+        }
+    }
 }
 
 impl Clock {
