@@ -225,3 +225,59 @@ async fn a_new_file_under_a_renamed_files_old_name_never_takes_its_bytes() {
     assert_eq!(object(&store, "b").await, b"old bytes");
     assert_eq!(object(&store, "a").await, b"new bytes");
 }
+
+/// Only a writer at the end of a file streams it to S3 while writing: rewriting the middle of a
+/// big file would upload the same parts again and again. Once the writer appends, it streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_in_the_middle_is_not_streamed_while_written() {
+    use s3nfs::store::faulty::{FaultyStore, Op};
+
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let (faulty, faults) = FaultyStore::new(local);
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.part_size = PART;
+    cfg.flush_delay = std::time::Duration::from_secs(3600); // nothing is due: only streams upload
+    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+    let ino = vol
+        .create(&ROOT, vol.root(), b"big", SetAttr::default(), true)
+        .await
+        .unwrap()
+        .ino;
+    vol.setattr(
+        &ROOT,
+        ino,
+        SetAttr {
+            size: Some(40 * MIB as u64),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let data = pattern(MIB, 5);
+    for i in 0..20u64 {
+        vol.write(&ROOT, ino, (i * 7 % 38) * MIB as u64, &data).await.unwrap();
+        vol.flush_round(false).await.unwrap();
+    }
+    assert_eq!(
+        faults.calls(Op::UploadPart),
+        0,
+        "parts uploaded while the middle was rewritten"
+    );
+
+    // Appending: the stream starts.
+    for i in 40..60u64 {
+        vol.write(&ROOT, ino, i * MIB as u64, &data).await.unwrap();
+        vol.flush_round(false).await.unwrap();
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while faults.calls(Op::UploadPart) == 0 {
+            vol.flush_round(false).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("an appended file was not streamed");
+}

@@ -171,8 +171,8 @@ impl FlushState {
         }
     }
 
-    pub(crate) fn note_write(&self, st: &Staged, part_size: u64) {
-        if st.size() >= 2 * part_size && !self.streaming.locked().contains(&st.ino) {
+    pub(crate) fn note_write(&self, st: &Staged, part_size: u64, appending: bool) {
+        if appending && st.size() >= 2 * part_size && !self.streaming.locked().contains(&st.ino) {
             self.stream_wanted.locked().insert(st.ino);
             self.notify.notify_one();
         }
