@@ -297,26 +297,26 @@ impl ReadCache {
 mod tests {
     use super::*;
 
-    /// A random reader gets the ranges it asks for, not whole chunks; a reader that goes on
-    /// sequentially after its jumps gets chunks again.
-    #[tokio::test]
-    async fn a_random_reader_fetches_only_what_it_reads() {
+    /// A local store holding `data` as the object `k`.
+    async fn one_object(data: &[u8]) -> (tempfile::TempDir, Arc<dyn ObjectStore>, Remote) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ObjectStore> = Arc::new(crate::store::local::LocalStore::open(dir.path()).unwrap());
-        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
-        let etag = store
-            .put(
-                "k",
-                crate::store::Body::Bytes(Bytes::from(data.clone())),
-                &Default::default(),
-            )
-            .await
-            .unwrap();
+        let body = crate::store::Body::Bytes(Bytes::copy_from_slice(data));
+        let etag = store.put("k", body, &Default::default()).await.unwrap();
         let remote = Remote {
             key: "k".into(),
             etag,
             size: data.len() as u64,
         };
+        (dir, store, remote)
+    }
+
+    /// A random reader gets the ranges it asks for, not whole chunks; a reader that goes on
+    /// sequentially after its jumps gets chunks again.
+    #[tokio::test]
+    async fn a_random_reader_fetches_only_what_it_reads() {
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let (_dir, store, remote) = one_object(&data).await;
         let chunk = 256 << 10;
         let cache = ReadCache::new(chunk, 4 << 20, 2);
         let spawn: Spawn<'_> = &|f| {
@@ -350,21 +350,7 @@ mod tests {
     /// Every file ever read used to keep its reader's state for the volume's life.
     #[tokio::test]
     async fn the_readers_tracked_stay_bounded_however_many_files_are_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn ObjectStore> = Arc::new(crate::store::local::LocalStore::open(dir.path()).unwrap());
-        let etag = store
-            .put(
-                "k",
-                crate::store::Body::Bytes(Bytes::from_static(b"0123456789")),
-                &Default::default(),
-            )
-            .await
-            .unwrap();
-        let remote = Remote {
-            key: "k".into(),
-            etag,
-            size: 10,
-        };
+        let (_dir, store, remote) = one_object(b"0123456789").await;
         let cache = ReadCache::new(4, 1 << 20, 2);
         let spawn: Spawn<'_> = &|f| {
             tokio::spawn(f);
