@@ -195,6 +195,14 @@ pub fn normalize_prefix(p: &str) -> String {
     }
 }
 
+/// A duration from the config file, or `default` when the key is absent.
+fn duration_or(v: Option<&str>, default: Duration) -> anyhow::Result<Duration> {
+    Ok(v.map(parse_duration)
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or(default))
+}
+
 pub fn load(path: &Path, base_state: &Path, creds: &S3Config) -> anyhow::Result<Vec<Export>> {
     let text =
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
@@ -247,27 +255,9 @@ pub fn load(path: &Path, base_state: &Path, creds: &S3Config) -> anyhow::Result<
             backend,
             prefix: normalize_prefix(&e.prefix),
             state_dir: e.state_dir.clone().unwrap_or_else(|| base_state.join(&e.name)),
-            flush_delay: e
-                .flush_delay
-                .as_deref()
-                .map(parse_duration)
-                .transpose()
-                .map_err(anyhow::Error::msg)?
-                .unwrap_or(Duration::from_secs(2)),
-            refresh: e
-                .refresh
-                .as_deref()
-                .map(parse_duration)
-                .transpose()
-                .map_err(anyhow::Error::msg)?
-                .unwrap_or(Duration::from_secs(5)),
-            busy_defer: e
-                .busy_defer
-                .as_deref()
-                .map(parse_duration)
-                .transpose()
-                .map_err(anyhow::Error::msg)?
-                .unwrap_or(crate::fs::flush::MAX_DEFER),
+            flush_delay: duration_or(e.flush_delay.as_deref(), Duration::from_secs(2))?,
+            refresh: duration_or(e.refresh.as_deref(), Duration::from_secs(5))?,
+            busy_defer: duration_or(e.busy_defer.as_deref(), crate::fs::flush::MAX_DEFER)?,
             name: e.name,
         });
     }

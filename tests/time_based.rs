@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::gateway::{on_faulty_garage, on_garage, Opts};
-use common::nfs::Client;
+use common::gateway::{on_faulty_garage, on_garage, InProc, Opts, S3Side};
+use common::nfs::{Client, Fh};
 use s3nfs::actors::gateway::{FLUSH_TICK, MAX_BACKOFF};
 use s3nfs::clock::Clock;
 
@@ -20,8 +20,9 @@ async fn flusher_sleeps(clock: &Clock, left: Duration) {
         .unwrap_or_else(|_| panic!("the flusher never went to sleep for {left:?}"));
 }
 
-#[tokio::test]
-async fn a_file_goes_to_s3_once_idle_for_the_flush_delay_and_not_before() {
+/// A gateway on Garage with a flush delay of 2 s on a manual clock, and a client of it with the
+/// root's handle.
+async fn flush_delay_2s() -> (Clock, InProc, S3Side, Client, Fh) {
     let clock = Clock::manual();
     let (gw, s3) = on_garage(Opts {
         flush_delay: Duration::from_secs(2),
@@ -29,8 +30,14 @@ async fn a_file_goes_to_s3_once_idle_for_the_flush_delay_and_not_before() {
         ..Opts::default()
     })
     .await;
-    let mut c = Client::connect(gw.addr).await;
+    let c = Client::connect(gw.addr).await;
     let root = c.root.clone();
+    (clock, gw, s3, c, root)
+}
+
+#[tokio::test]
+async fn a_file_goes_to_s3_once_idle_for_the_flush_delay_and_not_before() {
+    let (clock, _gw, s3, mut c, root) = flush_delay_2s().await;
     let fh = c.create(&root, "f", 0o644).await.unwrap();
     c.write_all(&fh, 0, b"first").await.unwrap();
 
@@ -130,15 +137,7 @@ async fn the_flusher_backs_off_while_s3_fails_and_recovers_when_it_returns() {
 #[tokio::test]
 async fn due_uploads_wait_for_clients_to_pause_but_not_for_ever() {
     use s3nfs::fs::flush::{MAX_DEFER, QUIET};
-    let clock = Clock::manual();
-    let (gw, s3) = on_garage(Opts {
-        flush_delay: Duration::from_secs(2),
-        clock: clock.clone(),
-        ..Opts::default()
-    })
-    .await;
-    let mut c = Client::connect(gw.addr).await;
-    let root = c.root.clone();
+    let (clock, _gw, s3, mut c, root) = flush_delay_2s().await;
     // One tick of the flusher, with or without a client operation first.
     let mut t = Duration::ZERO;
     let mut tick = async |c: &mut Client, busy: bool| {

@@ -76,8 +76,7 @@ impl NfsAdapter {
         f: impl std::future::Future<Output = Result<T, FsError>>,
     ) -> Result<T, nfsstat3> {
         span.record("volume", &*self.name);
-        // The clock reading nfsserve took when the call arrived is this operation's time.
-        let start = nfsserve::vfs::arrived().unwrap_or_else(std::time::Instant::now);
+        let start = arrival();
         let r = crate::clock::in_op(start, async {
             self.vol.note_activity();
             op(span, f).await
@@ -86,6 +85,11 @@ impl NfsAdapter {
         crate::metrics::global().nfs_op(name, start.elapsed(), r.is_ok());
         r
     }
+}
+
+/// The time of the NFS call being served: the clock reading nfsserve took when it arrived.
+fn arrival() -> std::time::Instant {
+    nfsserve::vfs::arrived().unwrap_or_else(std::time::Instant::now)
 }
 
 /// The NFS status for a core error. NFS3ERR_JUKEBOX makes the kernel client wait and retry,
@@ -270,8 +274,7 @@ impl NFSFileSystem for NfsAdapter {
     /// volume holds, without GETATTR's revalidation, span or metrics; the operation itself
     /// brought its directory up to date.
     async fn reply_attr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
-        let start = nfsserve::vfs::arrived().unwrap_or_else(std::time::Instant::now);
-        let a = crate::clock::in_op(start, self.vol.reply_attr(id))
+        let a = crate::clock::in_op(arrival(), self.vol.reply_attr(id))
             .await
             .map_err(|e| status(&e))?;
         Ok(fattr(&self.vol, &a))
