@@ -685,3 +685,34 @@ fn regression_deleted_key_taken_by_a_link_removed_before_its_copy() {
         local_store,
     );
 }
+
+/// A linked file flushed, its two names renamed in turn (the second onto the first's old
+/// name), a flush round, then that name removed: the file must live on under its other name.
+#[test]
+fn regression_linked_names_renamed_in_turn_then_one_removed() {
+    run(
+        vec![
+            Op::Create { dir: 0, name: "b" },
+            Op::Link {
+                file: 0,
+                to_dir: 0,
+                name: "a",
+            },
+            Op::Flush,
+            // "a" -> "c", then "b" -> "a".
+            Op::Rename {
+                from: 0,
+                to_dir: 0,
+                name: "c",
+            },
+            Op::Rename {
+                from: 0,
+                to_dir: 0,
+                name: "a",
+            },
+            Op::Tick,
+            Op::Remove { any: 0 },
+        ],
+        local_store,
+    );
+}

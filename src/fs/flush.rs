@@ -528,23 +528,35 @@ impl Volume {
         Ok(inode.filter(|i| (i.kind == Kind::Dir) == is_dir).map(|i| i.ino))
     }
 
-    /// Deletes `key` unless a live inode (other than `except`) maps to it.
-    async fn delete_key(&self, key: &str, except: Option<Ino>) -> FsResult<()> {
+    /// Deletes `key` unless a live inode maps to it, or an inode other than `moved` (the one
+    /// whose move away from `key` just finished) still has to copy its object from there: that
+    /// one deletes the key once it has moved (see `sync_inode`). A hard link's name dropped after
+    /// its file took over its old key queues that key's deletion, and the file may be leaving
+    /// the key at the same time.
+    async fn delete_key(&self, key: &str, moved: Option<Ino>) -> FsResult<()> {
         let _k = self.flusher.key_lock(key).await;
         if let Some(owner) = self.resolve_key(key)? {
-            if Some(owner) != except {
-                // A live inode holds the key now and will write it. Until it has, the old
-                // object is its to deal with: if it goes (or moves) before writing, the key is
-                // deleted then (see `maybe_written`).
-                let owns_object = self
+            // A live inode holds the key now and will write it. Until it has, the old
+            // object is its to deal with: if it goes (or moves) before writing, the key is
+            // deleted then (see `maybe_written`).
+            let owns_object = self
+                .meta
+                .inode(owner)?
+                .is_some_and(|i| i.remote.as_ref().is_some_and(|r| r.key == key));
+            if !owns_object {
+                let mut b = Batch::new();
+                b.maybe_written(owner, key);
+                self.meta.commit(b)?;
+            }
+            return Ok(());
+        }
+        for m in self.meta.movers(key)? {
+            if Some(m) != moved
+                && self
                     .meta
-                    .inode(owner)?
-                    .is_some_and(|i| i.remote.as_ref().is_some_and(|r| r.key == key));
-                if !owns_object {
-                    let mut b = Batch::new();
-                    b.maybe_written(owner, key);
-                    self.meta.commit(b)?;
-                }
+                    .inode(m)?
+                    .is_some_and(|i| i.remote.is_some_and(|r| r.key == key))
+            {
                 return Ok(());
             }
         }
@@ -621,7 +633,7 @@ impl Volume {
         let Some(synced) = synced else { return Ok(()) };
         if let Some(old) = &inode.remote {
             if old.key != synced.remote.key {
-                self.delete_key(&old.key, None).await?;
+                self.delete_key(&old.key, Some(ino)).await?;
             }
         }
         let st = self.staged(ino);
@@ -654,7 +666,7 @@ impl Volume {
         };
         if let Some(old) = &entry.remote {
             if old.key != key {
-                self.delete_key(&old.key, None).await?;
+                self.delete_key(&old.key, Some(entry.ino)).await?;
             }
         }
         let synced = Synced {
