@@ -10,7 +10,9 @@
 //! `S3NFS_PEERS_SMALL` (1000 files), `S3NFS_PEERS_FSYNC` (200 files),
 //! `S3NFS_PEERS_SYSTEMS` ("s3nfs s3fs rclone"), `S3NFS_PEERS_ONLY_SMALL=1` (only the small
 //! files, `rm -r` and untar: the metadata-heavy workloads, in a few minutes),
-//! `S3NFS_PEERS_S3NFS_ARGS` (extra `s3nfs serve` flags, to try settings). Prints a table and writes
+//! `S3NFS_PEERS_S3NFS_ARGS` (extra `s3nfs serve` flags, to try settings),
+//! `S3NFS_PEERS_GARAGE_DB` (`lmdb`, Garage's default metadata engine; `sqlite`, which the tests
+//! use, costs Garage about 2.5x the CPU per small PUT in this guest). Prints a table and writes
 //! `target/peers.json`. Natively (not in UML) the same script runs as root on any Linux host
 //! with the NFS client and FUSE: `S3NFS_PEERS_PRINT_SCRIPT=1` prints it.
 
@@ -54,20 +56,77 @@ printf '%s:%s\n' "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" >/tmp/work/s3fs.p
 chmod 600 /tmp/work/s3fs.passwd
 raw() { $S3NFS "$1" --endpoint http://127.0.0.1:3900 --bucket "$2" --region garage "${@:3}"; }
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-# in_s3 BUCKET PREFIX COUNT [SIZE]: until the bucket holds COUNT objects under PREFIX (of SIZE).
+# in_s3 BUCKET PREFIX COUNT [SIZE]: until the bucket holds COUNT objects under PREFIX (or the
+# object PREFIX of SIZE bytes). One polling process for the whole wait: in this guest a process
+# start costs ~250 ms of the one CPU, and an `s3nfs ls` every 0.1 s took most of the CPU that the
+# uploads being waited for needed.
+cat >/tmp/work/s3wait.py <<'PY'
+# s3wait.py BUCKET PREFIX COUNT [SIZE]: polls S3 (ListObjectsV2, SigV4 by hand: no boto3) every
+# 0.1 s from one process, until BUCKET holds COUNT objects under PREFIX (the directory's own
+# marker, PREFIX itself, not counted), or with SIZE the object PREFIX with SIZE bytes. One process for the whole wait: a process start per poll costs the guest's one CPU
+# more than the uploads being waited for.
+import datetime, hashlib, hmac, http.client, os, re, sys, time, urllib.parse
+
+bucket, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+size = sys.argv[4] if len(sys.argv) > 4 else None
+host, region = "127.0.0.1:3900", "garage"
+akid, secret = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+conn = http.client.HTTPConnection(host, timeout=30)
+
+def hm(k, m):
+    return hmac.new(k, m.encode(), hashlib.sha256).digest()
+
+def get(query):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    amz, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    q = "&".join(f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}" for k, v in sorted(query.items()))
+    empty = hashlib.sha256(b"").hexdigest()
+    creq = f"GET\n/{bucket}\n{q}\nhost:{host}\nx-amz-content-sha256:{empty}\nx-amz-date:{amz}\n\nhost;x-amz-content-sha256;x-amz-date\n{empty}"
+    scope = f"{day}/{region}/s3/aws4_request"
+    sts = f"AWS4-HMAC-SHA256\n{amz}\n{scope}\n{hashlib.sha256(creq.encode()).hexdigest()}"
+    key = hm(hm(hm(hm(("AWS4" + secret).encode(), day), region), "s3"), "aws4_request")
+    sig = hmac.new(key, sts.encode(), hashlib.sha256).hexdigest()
+    auth = f"AWS4-HMAC-SHA256 Credential={akid}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={sig}"
+    conn.request("GET", f"/{bucket}?{q}", headers={"x-amz-date": amz, "x-amz-content-sha256": empty, "Authorization": auth})
+    r = conn.getresponse()
+    body = r.read().decode()
+    if r.status != 200:
+        raise RuntimeError(f"LIST {bucket}: {r.status} {body[:200]}")
+    return body
+
+def present():
+    n, token = 0, None
+    while True:
+        query = {"list-type": "2", "prefix": prefix}
+        if token:
+            query["continuation-token"] = token
+        body = get(query)
+        for c in re.findall(r"<Contents>(.*?)</Contents>", body, re.S):
+            key = re.search(r"<Key>(.*?)</Key>", c, re.S).group(1)
+            if size is None:
+                n += key != prefix
+            else:
+                n += key == prefix and re.search(r"<Size>(\d+)</Size>", c).group(1) == size
+        m = re.search(r"<NextContinuationToken>(.*?)</NextContinuationToken>", body)
+        if not m:
+            return n
+        token = m.group(1)
+
+deadline = time.monotonic() + 300
+while time.monotonic() < deadline:
+    try:
+        if present() >= count:
+            sys.exit(0)
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        conn = http.client.HTTPConnection(host, timeout=30)
+    time.sleep(0.1)
+print(f"s3wait {' '.join(sys.argv[1:])}: gave up after 300 s", file=sys.stderr)
+sys.exit(1)
+PY
 in_s3() {
-  local n
-  for i in $(seq 1 3000); do
-    # `s3nfs ls`: size, tab, key per line
-    if [ -n "$4" ]; then
-      n=$(raw ls "$1" 2>/dev/null | awk -F'\t' -v k="$2" -v s="$4" '$2 == k && $1 == s' | wc -l)
-    else
-      n=$(raw ls "$1" 2>/dev/null | awk -F'\t' -v p="$2" 'index($2, p) == 1' | wc -l)
-    fi
-    [ "$n" -ge "$3" ] && return 0
-    sleep 0.1
-  done
-  echo "in_s3 $*: gave up; the bucket holds:"; raw ls "$1" --long | head -5
+  python3 /tmp/work/s3wait.py "$@" && return 0
+  echo "in_s3 $*: the bucket holds:"; raw ls "$1" --long | head -5
   return 1
 }
 
@@ -198,9 +257,10 @@ fn main() {
     let systems = env("S3NFS_PEERS_SYSTEMS", "s3nfs s3fs rclone");
     let only_small = env("S3NFS_PEERS_ONLY_SMALL", "");
     let s3nfs_args = env("S3NFS_PEERS_S3NFS_ARGS", "");
+    let garage_db = env("S3NFS_PEERS_GARAGE_DB", "lmdb");
     let script = format!(
         "RUNS={runs}\nBIG_MB={big_mb}\nSMALL={small}\nFSYNC={fsync}\nSYSTEMS='{systems}'\n\
-         ONLY_SMALL='{only_small}'\nS3NFS_ARGS='{s3nfs_args}'\n{}{BODY}",
+         ONLY_SMALL='{only_small}'\nS3NFS_ARGS='{s3nfs_args}'\nGARAGE_DB='{garage_db}'\n{}{BODY}",
         prelude()
     );
     if std::env::var_os("S3NFS_PEERS_PRINT_SCRIPT").is_some() {
@@ -295,7 +355,9 @@ fn main() {
         json.push(format!("  \"{s}_peak_rss_mib\": {}", num(rss)));
         json.push(format!("  \"{s}_cpu_s_per_run\": {}", num(cpu)));
     }
-    println!("\n{table}\n\n(median of {runs} runs; one guest, one virtual CPU for everything)");
+    println!(
+        "\n{table}\n\n(median of {runs} runs; one guest, one virtual CPU for everything; Garage on {garage_db})"
+    );
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/peers.json");
     std::fs::write(path, format!("{{\n{}\n}}\n", json.join(",\n"))).unwrap();
     println!("figures: {path}");

@@ -23,7 +23,8 @@ mkdir -p $GD /tmp/s3nfs/state
 cat >$GD/config.toml <<EOF
 metadata_dir = "$GD/meta"
 data_dir = "$GD/data"
-db_engine = "sqlite"
+db_engine = "${{GARAGE_DB:-sqlite}}"
+lmdb_map_size = "1G"
 replication_factor = 1
 rpc_bind_addr = "127.0.0.1:3901"
 rpc_public_addr = "127.0.0.1:3901"
