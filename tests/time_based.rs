@@ -7,9 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::gateway::{on_faulty_garage, on_garage, InProc, Opts, S3Side};
-use common::nfs::{Client, Fh};
+use common::nfs::{Client, Fh, Status};
 use s3nfs::actors::gateway::{FLUSH_TICK, MAX_BACKOFF};
 use s3nfs::clock::Clock;
+use s3nfs::store::faulty::Op as FaultOp;
 
 /// Waits until the flusher has finished a round and sleeps `left` before the next one. Only a
 /// sleep registered after the clock last moved can have exactly `left` to go (older ones have
@@ -91,6 +92,34 @@ async fn a_listing_serves_until_the_refresh_interval_and_s3_is_read_at_the_first
     );
     assert_eq!(c.getattr(&old).await.unwrap().size, 11);
     assert_eq!(c.read_all(&old).await.unwrap(), b"overwritten");
+}
+
+/// RMDIR trusts a listing younger than the refresh interval, as every other operation does (an
+/// `rm -r` then lists each directory once, for READDIRPLUS, not twice), and past it asks S3: a
+/// child only S3 has makes the directory not empty.
+#[tokio::test]
+async fn rmdir_lists_a_directory_only_when_its_listing_is_past_the_refresh_interval() {
+    let clock = Clock::manual();
+    let refresh = Duration::from_secs(60);
+    let (gw, s3, faults) = on_faulty_garage(Opts {
+        refresh,
+        clock: clock.clone(),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    c.mkdir(&root, "stale").await.unwrap();
+    s3.put("stale/from-another-client", b"x").await;
+    clock.advance(refresh);
+    // Lists the root (stale by now) and knows "fresh" from creating it.
+    c.mkdir(&root, "fresh").await.unwrap();
+
+    faults.reset_counts();
+    c.rmdir(&root, "fresh").await.unwrap();
+    assert_eq!(faults.calls(FaultOp::List), 0, "a fresh listing was not trusted");
+    assert_eq!(c.rmdir(&root, "stale").await, Err(Status::NFS3ERR_NOTEMPTY));
+    assert_eq!(faults.calls(FaultOp::List), 1, "a stale directory was not listed");
 }
 
 /// While S3 refuses uploads, the flusher waits twice as long after each failed round, up to

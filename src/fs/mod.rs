@@ -1031,8 +1031,11 @@ impl Volume {
             _ => {}
         }
         if victim.kind == Kind::Dir {
-            // Children only S3 knows about count too.
-            self.refresh_dir(&victim, true).await?;
+            // Children only S3 knows about count too, as of a listing younger than the refresh
+            // interval like every other access: `rm -r` has just listed each directory for
+            // READDIRPLUS. A child another client adds within that interval is not lost: the
+            // marker's deletion leaves it, and the directory shows again at the next listing.
+            self.refresh_dir(&victim, false).await?;
         }
         let _g = self.ns.lock().await;
         if self.meta.lookup(dir, name)? != Some(ino) {
