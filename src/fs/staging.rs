@@ -70,27 +70,35 @@ pub struct Staged {
 
 impl Staged {
     pub fn open(ino: Ino, path: PathBuf, create: bool, cfg: &super::VolumeConfig) -> std::io::Result<Staged> {
+        // A new file starts empty (truncated, should a crash have left one under this inode
+        // number), and needs no stat: one system call less per file created.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(create)
+            .truncate(create)
             .open(&path)?;
-        let md = file.metadata()?;
-        let mtime = md
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| Time {
-                secs: d.as_secs() as i64,
-                nanos: d.subsec_nanos(),
-            })
-            .unwrap_or_else(Time::now);
+        let (len, mtime) = if create {
+            (0, Time::now())
+        } else {
+            let md = file.metadata()?;
+            let mtime = md
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| Time {
+                    secs: d.as_secs() as i64,
+                    nanos: d.subsec_nanos(),
+                })
+                .unwrap_or_else(Time::now);
+            (md.len(), mtime)
+        };
         Ok(Staged {
             ino,
             path,
             file,
             lock: tokio::sync::RwLock::new(()),
-            size: AtomicU64::new(md.len()),
+            size: AtomicU64::new(len),
             gen: AtomicU64::new(0),
             content_dirty: AtomicBool::new(false),
             pending_marked: AtomicBool::new(false),
