@@ -355,9 +355,7 @@ fn main() {
         json.push(format!("  \"{s}_peak_rss_mib\": {}", num(rss)));
         json.push(format!("  \"{s}_cpu_s_per_run\": {}", num(cpu)));
     }
-    println!(
-        "\n{table}\n\n(median of {runs} runs; one guest, one virtual CPU for everything; Garage on {garage_db})"
-    );
+    println!("\n{table}\n\n(median of {runs} runs; one guest, one virtual CPU for everything; Garage on {garage_db})");
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/peers.json");
     std::fs::write(path, format!("{{\n{}\n}}\n", json.join(",\n"))).unwrap();
     println!("figures: {path}");

@@ -281,3 +281,47 @@ async fn a_file_rewritten_in_the_middle_is_not_streamed_while_written() {
     .await
     .expect("an appended file was not streamed");
 }
+
+/// With one CPU (`stream_while_busy` off), a file written in one go does not stream to S3 while
+/// its writer is busy (the upload would only take the CPU from the writer), and starts
+/// streaming once the writer pauses, not a flush delay later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_spare_cpu_a_stream_waits_for_the_writer_to_pause() {
+    use s3nfs::store::faulty::{FaultyStore, Op};
+
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let (faulty, faults) = FaultyStore::new(local);
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let clock = s3nfs::clock::Clock::manual();
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.part_size = PART;
+    cfg.flush_delay = std::time::Duration::from_secs(3600); // nothing is due: only streams upload
+    cfg.stream_while_busy = false;
+    cfg.clock = clock.clone();
+    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+    let ino = vol
+        .create(&ROOT, vol.root(), b"big", SetAttr::default(), true)
+        .await
+        .unwrap()
+        .ino;
+    let data = pattern(MIB, 3);
+    for i in 0..30u64 {
+        vol.note_activity(); // what each NFS call does
+        vol.write(&ROOT, ino, i * MIB as u64, &data).await.unwrap();
+        vol.flush_round(false).await.unwrap();
+    }
+    assert_eq!(faults.calls(Op::UploadPart), 0, "streamed while the writer was busy");
+
+    // The writer pauses: the next rounds start the stream.
+    clock.advance(std::time::Duration::from_secs(1));
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while faults.calls(Op::UploadPart) == 0 {
+            vol.flush_round(false).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the stream did not start when the writer paused");
+}

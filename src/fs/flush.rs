@@ -414,10 +414,13 @@ impl Volume {
                 self.flusher.dirty_bytes.store(0, Ordering::Release);
                 return Ok(0);
             }
-            self.start_streams();
-            // Streams (large files being written) are not deferred: they keep up with a writer.
             let defer = !force && self.defers_background();
             tracing::Span::current().record("deferred", defer);
+            // Streams (large files being written) keep up with a writer, unless the writer
+            // would lose the CPU to them (see `VolumeConfig::stream_while_busy`).
+            if !defer || self.cfg.stream_while_busy {
+                self.start_streams();
+            }
             let mut first_err: Option<FsError> = None;
             // A round looks at a bounded share of the journal (ROUND_SCAN records), so that a
             // million pending inodes do not make every 200 ms tick read a million records; the
@@ -962,8 +965,15 @@ impl Volume {
                 async move {
                     let r = vol.stream_file(ino).await;
                     vol.flusher.streaming.locked().remove(&ino);
-                    if let Err(e) = r {
-                        tracing::warn!(ino, error = %e, "streaming upload paused; the file is uploaded when idle");
+                    match r {
+                        // Yielded to busy clients: a round after they pause takes it up again.
+                        Ok(true) => {
+                            vol.flusher.stream_wanted.locked().insert(ino);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(ino, error = %e, "streaming upload paused; the file is uploaded when idle")
+                        }
                     }
                     vol.flusher.kick();
                 }
@@ -975,9 +985,16 @@ impl Volume {
     /// Keeps parts flowing to S3 while a large file is written: each pass starts the parts the
     /// writer has left behind without waiting for earlier ones (the upload semaphore bounds how
     /// many are in flight), so the pipeline never drains between batches.
-    async fn stream_file(self: &Arc<Self>, ino: Ino) -> FsResult<()> {
+    ///
+    /// Returns whether it stopped to yield to busy clients (see `VolumeConfig::stream_while_busy`).
+    async fn stream_file(self: &Arc<Self>, ino: Ino) -> FsResult<bool> {
         let mut passes: Vec<tokio::task::JoinHandle<FsResult<()>>> = Vec::new();
+        let mut yielded = false;
         loop {
+            if !self.cfg.stream_while_busy && self.defers_background() {
+                yielded = true;
+                break;
+            }
             let Some(st) = self.staged(ino) else { break };
             let Some(inode) = self.meta.inode(ino)? else { break };
             let key = self.key_of(&inode)?;
@@ -996,7 +1013,7 @@ impl Volume {
         for p in passes {
             p.await.map_err(|e| FsError::Io(format!("upload task failed: {e}")))??;
         }
-        Ok(())
+        Ok(yielded)
     }
 
     /// Keeps at most `max_staged_files` staged copies: the least recently written ones that S3

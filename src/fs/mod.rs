@@ -193,6 +193,11 @@ pub struct VolumeConfig {
     pub refresh: Duration,
     /// Multipart part size; also the dirty size past which a file streams to S3 as it is written.
     pub part_size: u64,
+    /// Whether a file streams to S3 while clients are busy. On by default with more than one
+    /// CPU, where the upload runs beside the writer; with one, it would only take the CPU from
+    /// the writer, so the stream waits for the clients to pause (as due uploads do, bounded by
+    /// `busy_defer`) and then catches up.
+    pub stream_while_busy: bool,
     /// S3 uploads in flight per volume.
     pub upload_concurrency: usize,
     /// Bytes per ranged GET of the read path.
@@ -231,6 +236,7 @@ impl VolumeConfig {
             busy_defer: flush::MAX_DEFER,
             refresh: Duration::from_secs(5),
             part_size: 16 << 20,
+            stream_while_busy: std::thread::available_parallelism().map_or(true, |n| n.get() > 1),
             upload_concurrency: 8,
             read_chunk: 4 << 20,
             read_ahead: 8,
