@@ -20,6 +20,7 @@ use bytes::Bytes;
 
 pub mod faulty;
 pub mod local;
+pub mod pool;
 pub mod s3;
 
 /// User metadata, keys without the `x-amz-meta-` prefix, lower case.

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,6 +27,7 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use bytes::Bytes;
 use tracing::{Instrument, Span};
 
+use super::pool::BufPool;
 use super::{Body, ListPage, ObjectMeta, ObjectStore, ObjectSummary, Part, StoreError, StoreResult, UserMeta};
 
 /// A secret string: never printed, never logged.
@@ -68,7 +70,12 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     endpoint: String,
+    /// Buffers for large GET bodies (see [`super::pool`]).
+    bodies: Arc<BufPool>,
 }
+
+/// Body buffers kept for reuse per store: the read path's read-ahead window of 4 MiB chunks.
+const KEPT_BODY_BYTES: usize = 32 << 20;
 
 impl fmt::Debug for S3Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -131,6 +138,7 @@ impl S3Store {
             client: Client::from_conf(builder.build()),
             bucket: cfg.bucket,
             endpoint,
+            bodies: BufPool::new(KEPT_BODY_BYTES),
         })
     }
 
@@ -413,14 +421,22 @@ where
 }
 
 /// A GET's body, whole; its length recorded on the request's span.
-async fn read_body(body: aws_sdk_s3::primitives::ByteStream, key: &str, span: &Span) -> StoreResult<Bytes> {
-    let data = body
-        .collect()
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?
-        .into_bytes();
-    span.record("bytes", data.len() as u64);
-    Ok(data)
+/// Reads a GET's body into one buffer (from `pool`, sized by the body's announced length) as
+/// its frames arrive.
+async fn read_body(
+    mut body: aws_sdk_s3::primitives::ByteStream,
+    len: Option<i64>,
+    pool: &Arc<BufPool>,
+    key: &str,
+    span: &Span,
+) -> StoreResult<Bytes> {
+    let mut buf = pool.take(len.unwrap_or(0).clamp(0, 64 << 20) as usize);
+    while let Some(frame) = body.next().await {
+        let frame = frame.map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?;
+        buf.extend_from_slice(&frame);
+    }
+    span.record("bytes", buf.len() as u64);
+    Ok(pool.wrap(buf))
 }
 
 fn is_invalid_range<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
@@ -512,7 +528,8 @@ impl ObjectStore for S3Store {
                 last_modified: secs(out.last_modified()),
                 user: from_map(out.metadata()),
             };
-            let data = read_body(out.body, key, &span).await?;
+            let len = out.content_length();
+            let data = read_body(out.body, len, &self.bodies, key, &span).await?;
             Ok(Some((meta, Some(data))))
         })
         .await
@@ -542,7 +559,8 @@ impl ObjectStore for S3Store {
                 Err(e) if is_invalid_range(&e) => return Ok(Bytes::new()),
                 Err(e) => return Err(self.classify(e, key)),
             };
-            let data = read_body(out.body, key, &span).await?;
+            let len = out.content_length();
+            let data = read_body(out.body, len, &self.bodies, key, &span).await?;
             Ok(data)
         })
         .await
