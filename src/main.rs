@@ -418,8 +418,7 @@ fn in_actix_system(f: impl std::future::Future<Output = anyhow::Result<()>>) -> 
         // bookkeeping reads the clock four times per wake-up (the current-thread one, twice).
         // Where a clock reading is a system call (a guest without vDSO), that was 5% of a small
         // file's creation. Blocking work still goes to blocking threads either way.
-        let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
-        if one_cpu && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        if s3nfs::fs::one_cpu() && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

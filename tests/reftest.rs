@@ -496,6 +496,7 @@ impl Harness {
                 }
                 Kind::File => {
                     let (data, eof) = vol.read(&ROOT, ino, 0, 1 << 20).await.unwrap();
+                    let data = data.to_vec();
                     assert!(eof);
                     assert_eq!(data.len() as u64, attr.size, "size of {path}");
                     assert_eq!(attr.nlink as usize, self.model.names_of(&path).len(), "nlink of {path}");

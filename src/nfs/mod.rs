@@ -291,6 +291,12 @@ impl NFSFileSystem for NfsAdapter {
     }
 
     async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3> {
+        self.read_bytes(id, offset, count)
+            .await
+            .map(|(b, eof)| (b.to_vec(), eof))
+    }
+
+    async fn read_bytes(&self, id: fileid3, offset: u64, count: u32) -> Result<(bytes::Bytes, bool), nfsstat3> {
         let r = self
             .op(
                 "READ",

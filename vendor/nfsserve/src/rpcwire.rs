@@ -145,8 +145,35 @@ async fn read_fragment(socket: &mut DuplexStream, append_to: &mut Vec<u8>) -> Re
 
 /// s3nfs patch: a reply longer than one fragment allows is sent as several (0.11.0 asserted,
 /// which killed the connection's task on a READ of 2 GiB).
-pub async fn write_fragment<W: tokio::io::AsyncWrite + Unpin>(socket: &mut W, buf: &[u8]) -> Result<(), anyhow::Error> {
+/// s3nfs patch: `buf` is followed by `tail` (see [`REPLY_TAIL`]), in one vectored write when they
+/// fit one fragment.
+pub async fn write_fragment<W: tokio::io::AsyncWrite + Unpin>(
+    socket: &mut W,
+    buf: &[u8],
+    tail: &[u8],
+) -> Result<(), anyhow::Error> {
     const MAX_FRAGMENT: usize = (1 << 31) - 1;
+    if !tail.is_empty() {
+        if buf.len() + tail.len() > MAX_FRAGMENT {
+            let whole = [buf, tail].concat();
+            return Box::pin(write_fragment(socket, &whole, &[])).await;
+        }
+        let header = ((buf.len() + tail.len()) as u32 | (1u32 << 31)).to_be_bytes();
+        let mut slices = [
+            std::io::IoSlice::new(&header),
+            std::io::IoSlice::new(buf),
+            std::io::IoSlice::new(tail),
+        ];
+        let mut rest: &mut [std::io::IoSlice] = &mut slices;
+        while !rest.is_empty() {
+            let n = socket.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            std::io::IoSlice::advance_slices(&mut rest, n);
+        }
+        return Ok(());
+    }
     if buf.is_empty() {
         socket.write_all(&(1u32 << 31).to_be_bytes()).await?;
         return Ok(());
@@ -172,6 +199,23 @@ pub async fn write_fragment<W: tokio::io::AsyncWrite + Unpin>(socket: &mut W, bu
 
 pub type SocketMessageType = Result<Vec<u8>, anyhow::Error>;
 
+tokio::task_local! {
+    /// s3nfs patch: bytes that end the reply being built, sent after it on the socket without
+    /// being copied into it (a READ's data: one copy of every byte read, and the pages of a
+    /// fresh 1 MiB reply buffer, less). Only set where the reply goes to a socket.
+    pub(crate) static REPLY_TAIL: std::cell::RefCell<Option<bytes::Bytes>>;
+}
+
+/// s3nfs patch: whether the reply being built may end in a [`REPLY_TAIL`].
+pub(crate) fn tail_allowed() -> bool {
+    REPLY_TAIL.try_with(|_| ()).is_ok()
+}
+
+/// s3nfs patch: sets the bytes that end the reply being built (see [`REPLY_TAIL`]).
+pub(crate) fn set_tail(tail: bytes::Bytes) {
+    let _ = REPLY_TAIL.try_with(|t| *t.borrow_mut() = Some(tail));
+}
+
 /// s3nfs patch: requests one connection may have in flight (read from the socket, reply not yet
 /// written back); further requests stay in the socket until one is answered. 0.11.0 spawned a
 /// task per request without limit and queued replies without limit, so a client pipelining
@@ -186,6 +230,8 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// reply is on the socket.
 pub struct Reply {
     pub message: SocketMessageType,
+    /// Sent after `message` (see [`REPLY_TAIL`]).
+    pub tail: Option<bytes::Bytes>,
     pub held: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
@@ -237,15 +283,20 @@ impl SocketMessageHandler {
             tokio::spawn(async move {
                 let mut write_buf: Vec<u8> = Vec::new();
                 let mut write_cursor = Cursor::new(&mut write_buf);
-                let maybe_reply = handle_rpc(&mut Cursor::new(fragment), &mut write_cursor, context).await;
+                let (maybe_reply, tail) = REPLY_TAIL
+                    .scope(std::cell::RefCell::new(None), async {
+                        let r = handle_rpc(&mut Cursor::new(fragment), &mut write_cursor, context).await;
+                        (r, REPLY_TAIL.with(|t| t.borrow_mut().take()))
+                    })
+                    .await;
                 match maybe_reply {
                     Err(e) => {
                         refused(&e);
-                        let _ = send.send(Reply { message: Err(e), held: permits });
+                        let _ = send.send(Reply { message: Err(e), tail: None, held: permits });
                     },
                     Ok(true) => {
                         let _ = std::io::Write::flush(&mut write_cursor);
-                        let _ = send.send(Reply { message: Ok(write_buf), held: permits });
+                        let _ = send.send(Reply { message: Ok(write_buf), tail, held: permits });
                     },
                     Ok(false) => {
                         // do not reply (a retransmission of a request in progress)

@@ -108,12 +108,13 @@ async fn process_socket(
                         debug!("Message handling closed : {:?}", e);
                         return Err(e);
                     }
-                    Some(Reply { message: Ok(msg), held }) => {
+                    Some(Reply { message: Ok(msg), tail, held }) => {
                         // A client that stops reading its replies is dropped rather than
                         // allowed to hold its requests' memory for ever.
                         // The timer is armed only if the reply does not go out at once: a
                         // timer costs clock readings, and nearly every reply fits the socket.
-                        let mut write = std::pin::pin!(write_fragment(&mut to_client, &msg));
+                        let tail = tail.unwrap_or_default();
+                        let mut write = std::pin::pin!(write_fragment(&mut to_client, &msg, &tail));
                         let first = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(write.as_mut(), cx))).await;
                         let written = match first {
                             std::task::Poll::Ready(r) => Ok(r),

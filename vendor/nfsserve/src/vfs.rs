@@ -190,6 +190,12 @@ pub trait NFSFileSystem: Sync {
     /// EOF must be flagged if the end of the file is reached by the read.
     async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3>;
 
+    /// s3nfs patch: [`read`](Self::read) as shared bytes, which the READ reply sends as they are
+    /// instead of copying them into the reply buffer. Defaults to `read`.
+    async fn read_bytes(&self, id: fileid3, offset: u64, count: u32) -> Result<(bytes::Bytes, bool), nfsstat3> {
+        self.read(id, offset, count).await.map(|(v, eof)| (bytes::Bytes::from(v), eof))
+    }
+
     /// Writes the contents of a file returning (bytes, EOF)
     /// Note that offset/count may go past the end of the file and that
     /// in that case, the file is extended.
