@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use s3nfs::fs::{SetAttr, Volume, VolumeConfig};
+use s3nfs::store::faulty::{Faults, FaultyStore, Op};
 use s3nfs::store::local::LocalStore;
 use s3nfs::store::ObjectStore;
 
@@ -100,7 +101,6 @@ async fn streamed_multipart_upload_matches_the_file_after_rewrites_and_truncatio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
     use s3nfs::fs::FsError;
-    use s3nfs::store::faulty::{FaultyStore, Op};
     use std::time::Duration;
 
     let objects = tempfile::tempdir().unwrap();
@@ -193,7 +193,6 @@ async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
 /// fails the first time and the new file's upload goes first.
 #[tokio::test]
 async fn a_new_file_under_a_renamed_files_old_name_never_takes_its_bytes() {
-    use s3nfs::store::faulty::{FaultyStore, Op};
     use s3nfs::store::StoreError;
 
     let objects = tempfile::tempdir().unwrap();
@@ -226,26 +225,31 @@ async fn a_new_file_under_a_renamed_files_old_name_never_takes_its_bytes() {
     assert_eq!(object(&store, "a").await, b"new bytes");
 }
 
-/// Only a writer at the end of a file streams it to S3 while writing: rewriting the middle of a
-/// big file would upload the same parts again and again. Once the writer appends, it streams.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_rewritten_in_the_middle_is_not_streamed_while_written() {
-    use s3nfs::store::faulty::{FaultyStore, Op};
-
+/// A volume whose store counts requests, with parts of [`PART`] and a flush delay of an hour
+/// (nothing is due: only streams upload), and an empty file "big" in it; `tweak` sets the rest.
+async fn streams_only(tweak: impl FnOnce(&mut VolumeConfig)) -> ([tempfile::TempDir; 2], Arc<Volume>, Faults, u64) {
     let objects = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
     let (faulty, faults) = FaultyStore::new(local);
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let mut cfg = VolumeConfig::new(state.path().to_path_buf());
     cfg.part_size = PART;
-    cfg.flush_delay = std::time::Duration::from_secs(3600); // nothing is due: only streams upload
-    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+    cfg.flush_delay = std::time::Duration::from_secs(3600);
+    tweak(&mut cfg);
+    let vol = Volume::open(cfg, Arc::new(faulty)).await.unwrap();
     let ino = vol
         .create(&ROOT, vol.root(), b"big", SetAttr::default(), true)
         .await
         .unwrap()
         .ino;
+    ([objects, state], vol, faults, ino)
+}
+
+/// Only a writer at the end of a file streams it to S3 while writing: rewriting the middle of a
+/// big file would upload the same parts again and again. Once the writer appends, it streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_in_the_middle_is_not_streamed_while_written() {
+    let (_dirs, vol, faults, ino) = streams_only(|_| {}).await;
     vol.setattr(
         &ROOT,
         ino,
@@ -287,25 +291,12 @@ async fn a_file_rewritten_in_the_middle_is_not_streamed_while_written() {
 /// streaming once the writer pauses, not a flush delay later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_spare_cpu_a_stream_waits_for_the_writer_to_pause() {
-    use s3nfs::store::faulty::{FaultyStore, Op};
-
-    let objects = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
-    let (faulty, faults) = FaultyStore::new(local);
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let clock = s3nfs::clock::Clock::manual();
-    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
-    cfg.part_size = PART;
-    cfg.flush_delay = std::time::Duration::from_secs(3600); // nothing is due: only streams upload
-    cfg.stream_while_busy = false;
-    cfg.clock = clock.clone();
-    let vol = Volume::open(cfg, store.clone()).await.unwrap();
-    let ino = vol
-        .create(&ROOT, vol.root(), b"big", SetAttr::default(), true)
-        .await
-        .unwrap()
-        .ino;
+    let (_dirs, vol, faults, ino) = streams_only(|cfg| {
+        cfg.stream_while_busy = false;
+        cfg.clock = clock.clone();
+    })
+    .await;
     let data = pattern(MIB, 3);
     for i in 0..30u64 {
         vol.note_activity(); // what each NFS call does
