@@ -245,6 +245,19 @@ async fn streams_only(tweak: impl FnOnce(&mut VolumeConfig)) -> ([tempfile::Temp
     ([objects, state], vol, faults, ino)
 }
 
+/// Flush rounds until a part upload has been made (streams run in the background), or fails
+/// with `why` after 30 s.
+async fn flush_until_a_part_is_uploaded(vol: &Arc<Volume>, faults: &Faults, why: &str) {
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while faults.calls(Op::UploadPart) == 0 {
+            vol.flush_round(false).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect(why);
+}
+
 /// Only a writer at the end of a file streams it to S3 while writing: rewriting the middle of a
 /// big file would upload the same parts again and again. Once the writer appends, it streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,14 +289,7 @@ async fn a_file_rewritten_in_the_middle_is_not_streamed_while_written() {
         vol.write(&ROOT, ino, i * MIB as u64, &data).await.unwrap();
         vol.flush_round(false).await.unwrap();
     }
-    tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        while faults.calls(Op::UploadPart) == 0 {
-            vol.flush_round(false).await.unwrap();
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("an appended file was not streamed");
+    flush_until_a_part_is_uploaded(&vol, &faults, "an appended file was not streamed").await;
 }
 
 /// With one CPU (`stream_while_busy` off), a file written in one go does not stream to S3 while
@@ -307,12 +313,5 @@ async fn without_a_spare_cpu_a_stream_waits_for_the_writer_to_pause() {
 
     // The writer pauses: the next rounds start the stream.
     clock.advance(std::time::Duration::from_secs(1));
-    tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        while faults.calls(Op::UploadPart) == 0 {
-            vol.flush_round(false).await.unwrap();
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the stream did not start when the writer paused");
+    flush_until_a_part_is_uploaded(&vol, &faults, "the stream did not start when the writer paused").await;
 }
