@@ -241,6 +241,8 @@ pub fn one_cpu() -> bool {
 
 impl VolumeConfig {
     pub fn new(state_dir: PathBuf) -> VolumeConfig {
+        // Read once: it looks at the affinity mask and the cgroup's CPU quota.
+        let one_cpu = one_cpu();
         VolumeConfig {
             prefix: String::new(),
             state_dir,
@@ -248,10 +250,10 @@ impl VolumeConfig {
             busy_defer: flush::MAX_DEFER,
             refresh: Duration::from_secs(5),
             part_size: 16 << 20,
-            stream_while_busy: !one_cpu(),
+            stream_while_busy: !one_cpu,
             upload_concurrency: 8,
             read_chunk: 4 << 20,
-            read_ahead: if one_cpu() { 2 } else { 8 },
+            read_ahead: if one_cpu { 2 } else { 8 },
             cache_bytes: 48 << 20,
             stage_wait: Duration::from_secs(5),
             max_dirty_bytes: 16 << 30,
