@@ -52,13 +52,24 @@ pub struct ReadCache {
     inner: Mutex<Inner>,
 }
 
+#[derive(Clone, Copy)]
+struct Stream {
+    /// Where a sequential reader is expected next.
+    next: u64,
+    /// Its read-ahead window, in chunks.
+    window: usize,
+    /// When it was last used (a read counter).
+    used: u64,
+    /// Reads in a row that followed on from the one before.
+    run: u32,
+}
+
 #[derive(Default)]
 struct Inner {
     map: HashMap<(Ino, u64), (String, Cell)>,
     order: VecDeque<(Ino, u64)>,
-    /// Per inode: where a sequential reader is expected next, its read-ahead window, and when
-    /// it was last used (a read counter). At most [`MAX_STREAMS`] entries.
-    stream: HashMap<Ino, (u64, usize, u64)>,
+    /// Per inode, what its last reads tell of its reader. At most [`MAX_STREAMS`] entries.
+    stream: HashMap<Ino, Stream>,
     reads: u64,
     /// Small objects fetched whole (with their metadata, or ahead of a reader going through a
     /// directory): by inode, with their ETag, oldest first, at most [`SMALL_CACHE_BYTES`] and
@@ -239,14 +250,23 @@ impl ReadCache {
         let (window, jumping) = {
             let mut inner = self.inner.locked();
             let known = inner.stream.get(&ino).copied();
-            let (next, window, _) = known.unwrap_or((0, 0, 0));
+            let prev = known.unwrap_or(Stream {
+                next: 0,
+                window: 0,
+                used: 0,
+                run: 0,
+            });
             // Sequential if it starts where the last read ended (or close: the kernel reorders).
-            let sequential = offset <= next + self.chunk && offset + self.chunk >= next;
-            // The read before this one jumped: a random reader, unless this one and the next
-            // follow on (landing near the last read by chance is common with big chunks).
-            let jumping = known.is_some_and(|k| k.1 == 0);
+            let sequential = offset <= prev.next + self.chunk && offset + self.chunk >= prev.next;
+            // A random reader's READs fetch only their range. One is known by its last read:
+            // a jump, or a single read that followed on from a jump (landing near the last read
+            // by chance is common with big chunks; fio's random reads of 256 MiB fetched 80 MiB
+            // when each such landing made the next jump fetch a whole chunk). A first read, or
+            // the jump of a reader that had followed on twice, still takes a chunk: it may be a
+            // sequential reader starting there.
+            let jumping = known.is_some() && if sequential { prev.run == 0 } else { prev.run <= 1 };
             let w = if sequential {
-                (window * 2).clamp(1, self.read_ahead)
+                (prev.window * 2).clamp(1, self.read_ahead)
             } else {
                 0
             };
@@ -255,11 +275,20 @@ impl ReadCache {
             }
             inner.reads += 1;
             let now = inner.reads;
-            inner.stream.insert(ino, (end, w, now));
+            let run = if sequential { prev.run.saturating_add(1) } else { 0 };
+            inner.stream.insert(
+                ino,
+                Stream {
+                    next: end,
+                    window: w,
+                    used: now,
+                    run,
+                },
+            );
             if inner.stream.len() > MAX_STREAMS {
                 // Amortised: one pass per MAX_STREAMS / 2 new readers.
                 let keep_after = now - (MAX_STREAMS / 2) as u64;
-                inner.stream.retain(|_, s| s.2 > keep_after);
+                inner.stream.retain(|_, s| s.used > keep_after);
             }
             (if jumping { 0 } else { w }, jumping)
         };
@@ -362,10 +391,18 @@ mod tests {
                 "chunk fetched for a jump to {off}"
             );
         }
+        // A jump after a single follow-on is still a random reader's.
+        assert_eq!(read(100 << 10).await, at(100 << 10));
+        assert!(
+            !cache.cached(1, &remote.etag, 0),
+            "chunk fetched for a jump after one follow-on"
+        );
         // Following on twice: sequential again, chunks and read-ahead.
-        assert_eq!(read(508 << 10).await, at(508 << 10));
-        assert!(cache.cached(1, &remote.etag, 1));
-        assert!(cache.cached(1, &remote.etag, 2), "no read-ahead");
+        assert_eq!(read(104 << 10).await, at(104 << 10));
+        assert!(!cache.cached(1, &remote.etag, 0));
+        assert_eq!(read(108 << 10).await, at(108 << 10));
+        assert!(cache.cached(1, &remote.etag, 0));
+        assert!(cache.cached(1, &remote.etag, 1), "no read-ahead");
     }
 
     /// A sequential reader of a file larger than the cache keeps only a short trail of chunks
@@ -411,7 +448,7 @@ mod tests {
         }
         // The most recent reader is still known: its next read is sequential.
         let last = 3 * MAX_STREAMS as u64 - 1;
-        let w = cache.inner.locked().stream[&last].1;
+        let w = cache.inner.locked().stream[&last].window;
         assert_eq!(w, 1);
     }
 }
