@@ -104,6 +104,25 @@ pub async fn contract(store: &dyn ObjectStore) {
     assert!(ab.user.is_empty(), "{:?}", ab.user);
     assert_eq!(get(store, "ct/a/b", 0..100).await, &b"inner"[..]);
 
+    // Metadata and bytes in one request: the first `max` bytes (if the store can), of the
+    // same version as the metadata; a missing object is None.
+    for (max, want) in [(11, &b"hello world"[..]), (64 << 10, b"hello world"), (4, b"hell")] {
+        let (h, bytes) = store.head_and_get("ct/a", max).await.unwrap().expect("head_and_get a");
+        assert_eq!((h.size, h.etag.as_str()), (11, etag.as_str()));
+        assert_eq!(h.user, file_meta);
+        if let Some(b) = bytes {
+            assert_eq!(b, want, "the first {max} bytes");
+        }
+    }
+    let (h, bytes) = store
+        .head_and_get("ct/d/", 4096)
+        .await
+        .unwrap()
+        .expect("head_and_get d/");
+    assert_eq!((h.size, h.user), (0, dir_meta.clone()));
+    assert!(bytes.is_none_or(|b| b.is_empty()));
+    assert_eq!(store.head_and_get("ct/missing", 4096).await.unwrap(), None);
+
     // Listings: delimiter, common prefixes, the marker inside its own prefix.
     let page = store.list("ct/", Some("/"), None, 1000).await.unwrap();
     let keys: Vec<_> = page.objects.iter().map(|o| o.key.as_str()).collect();
