@@ -52,7 +52,8 @@ pub struct ReadCache {
     inner: Mutex<Inner>,
 }
 
-#[derive(Clone, Copy)]
+/// A file never read before is a reader at 0 with no window and no run.
+#[derive(Clone, Copy, Default)]
 struct Stream {
     /// Where a sequential reader is expected next.
     next: u64,
@@ -250,12 +251,7 @@ impl ReadCache {
         let (window, jumping) = {
             let mut inner = self.inner.locked();
             let known = inner.stream.get(&ino).copied();
-            let prev = known.unwrap_or(Stream {
-                next: 0,
-                window: 0,
-                used: 0,
-                run: 0,
-            });
+            let prev = known.unwrap_or_default();
             // Sequential if it starts where the last read ended (or close: the kernel reorders).
             let sequential = offset <= prev.next + self.chunk && offset + self.chunk >= prev.next;
             // A random reader's READs fetch only their range. One is known by its last read:
