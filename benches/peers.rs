@@ -1,10 +1,10 @@
 //! s3nfs side by side with the FUSE peers users compare it with: s3fs-fuse and rclone mount
 //! (`--vfs-cache-mode writes`), each on its own bucket of one Garage server, all inside one
-//! user-mode-linux guest (the kernel's NFS and FUSE clients, the daemons and Garage on the
+//! test-bed guest, user-mode-linux or qemu (tests/common/bed) (the kernel's NFS and FUSE clients, the daemons and Garage on the
 //! guest's one CPU), with raw S3 (`s3nfs put` / `s3nfs cat`: one PUT, sequential 8 MiB GETs)
 //! as the baseline. A peer that is not installed is skipped, and said so.
 //!
-//! Run: `cargo bench --bench peers` (needs user-mode-linux and Garage like the kernel-client
+//! Run: `cargo bench --bench peers` (needs the guest bed and Garage like the kernel-client
 //! tests; `apt-get install s3fs rclone fio` for the peers and the random-I/O workloads).
 //! Knobs: `S3NFS_PEERS_RUNS` (3: each figure is the median), `S3NFS_PEERS_BIG_MB` (256),
 //! `S3NFS_PEERS_SMALL` (1000 files), `S3NFS_PEERS_FSYNC` (200 files),
@@ -13,7 +13,7 @@
 //! `S3NFS_PEERS_S3NFS_ARGS` (extra `s3nfs serve` flags, to try settings),
 //! `S3NFS_PEERS_GARAGE_DB` (`lmdb`, Garage's default metadata engine; `sqlite`, which the tests
 //! use, costs Garage about 2.5x the CPU per small PUT in this guest). Prints a table and writes
-//! `target/peers.json`. Natively (not in UML) the same script runs as root on any Linux host
+//! `target/peers.json`. Natively (not in a guest) the same script runs as root on any Linux host
 //! with the NFS client and FUSE: `S3NFS_PEERS_PRINT_SCRIPT=1` prints it.
 
 // The kernel-client tests' guest harness (their `super::` is this crate's root here).
@@ -24,20 +24,20 @@ mod garage;
 #[path = "../tests/common/guest.rs"]
 mod guest;
 #[allow(dead_code)]
-#[path = "../tests/common/uml.rs"]
-mod uml;
+#[path = "../tests/common/bed/mod.rs"]
+mod bed;
 
 use std::collections::BTreeMap;
 
 use guest::prelude;
-use uml::{require_uml, run_guest, GuestOpts};
+use bed::{require_guest, run_guest, GuestOpts};
 
 /// The workloads, each run on $MNT of one system. Figures are reported as `KV <sys>_<name>=`
 /// milliseconds (or MiB / seconds for rss and cpu).
 const BODY: &str = r#"
 M=/mnt/peer
 mkdir -p $M /tmp/work
-modprobe -d /run/modroot fuse 2>/dev/null
+modprobe -d "$S3NFS_MODROOT" fuse 2>/dev/null
 [ -e /dev/fuse ] || mknod /dev/fuse c 10 229
 head -c $((BIG_MB << 20)) /dev/urandom >/tmp/work/big
 DATA=$(head -c 4096 /dev/zero | tr '\0' x)
@@ -267,7 +267,7 @@ fn main() {
         println!("{script}");
         return;
     }
-    if !require_uml("peers") {
+    if !require_guest("peers") {
         return;
     }
     let out = run_guest(
@@ -355,7 +355,13 @@ fn main() {
         json.push(format!("  \"{s}_peak_rss_mib\": {}", num(rss)));
         json.push(format!("  \"{s}_cpu_s_per_run\": {}", num(cpu)));
     }
-    println!("\n{table}\n\n(median of {runs} runs; one guest, one virtual CPU for everything; Garage on {garage_db})");
+    // Figures from different backends are not comparable (TCG emulates every instruction).
+    let backend = out.backend.map_or("?", |b| b.name());
+    json.push(format!("  \"backend\": \"{backend}\""));
+    println!(
+        "\n{table}\n\n(median of {runs} runs; one {backend} guest, one virtual CPU for everything; \
+         Garage on {garage_db}; compare only with figures from a {backend} guest)"
+    );
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/peers.json");
     std::fs::write(path, format!("{{\n{}\n}}\n", json.join(",\n"))).unwrap();
     println!("figures: {path}");

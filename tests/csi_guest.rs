@@ -1,4 +1,4 @@
-//! The whole life of a CSI volume with real kernel NFS mounts, inside user-mode-linux against
+//! The whole life of a CSI volume with real kernel NFS mounts, inside the guest test bed (tests/common/bed) against
 //! Garage (both in the guest, on 127.0.0.1, as on a node with hostNetwork): the `s3nfs csi`
 //! plugin serves gRPC on a Unix socket, and this test drives it as kubelet and the sidecars
 //! would, then checks the files through the mounts and the objects in S3.
@@ -21,14 +21,14 @@ use common::csi::{
     Clients,
 };
 use common::guest::prelude;
-use common::uml::{guest_path, require_uml, run_guest, s3nfs_bin, sh_quote, GuestOpts};
+use common::bed::{guest_path, require_guest, run_guest, s3nfs_bin, sh_quote, GuestOpts};
 use s3nfs::csi::pb::{self, volume_capability::access_mode::Mode};
 use s3nfs::store::s3::{S3Config, S3Store, Secret};
 use s3nfs::store::{Body, ObjectStore, StoreError};
 
 #[test]
 fn csi_volume_life_with_kernel_mounts() {
-    if !require_uml("csi_volume_life_with_kernel_mounts") {
+    if !require_guest("csi_volume_life_with_kernel_mounts") {
         return;
     }
     let exe = std::env::current_exe().unwrap();
@@ -201,7 +201,7 @@ fn publish(
 }
 
 #[test]
-#[ignore = "runs inside the user-mode-linux guest (see csi_volume_life_with_kernel_mounts)"]
+#[ignore = "runs inside the guest (see csi_volume_life_with_kernel_mounts)"]
 fn guest_side() {
     assert!(
         std::env::var_os("S3NFS_IN_GUEST").is_some(),

@@ -1,19 +1,20 @@
-//! The Linux kernel's own NFSv3 client (inside user-mode-linux) against the s3nfs gateway and
+//! The Linux kernel's own NFSv3 client (inside the guest test bed, user-mode-linux or qemu) against the s3nfs gateway and
 //! a Garage S3 server, both running in the same guest on 127.0.0.1, as on a real node. Every
 //! scenario checks its results on the mount and on the objects in S3 (read with `s3nfs ls` and
-//! `s3nfs cat`, which read the bucket, not the gateway). See `tests/common/uml.rs`.
+//! `s3nfs cat`, which read the bucket, not the gateway). See `tests/common/bed/mod.rs`.
 //!
-//! Needs `apt-get install user-mode-linux kmod` and Garage (`.ci/run` installs both);
-//! `S3NFS_SKIP_UML=1` skips instead of failing (for machines without them; CI never sets it).
+//! Needs a guest backend (`user-mode-linux`, or qemu with its bed) and Garage; `.ci/run` installs
+//! them. `S3NFS_SKIP_GUEST=1` skips instead of failing (for machines without them; CI never
+//! sets it).
 
 mod common;
 
 use common::guest::script;
-use common::uml::{require_uml, run_guest, GuestOpts};
+use common::bed::{backend, guest_path, require_guest, run_guest, run_guest_on, Backend, GuestOpts};
 
 #[test]
-fn uml_harness_mounts_nfs() {
-    if !require_uml("uml_harness_mounts_nfs") {
+fn guest_harness_mounts_nfs() {
+    if !require_guest("guest_harness_mounts_nfs") {
         return;
     }
     let body = r#"
@@ -59,7 +60,8 @@ kv s3_keys "$(s3ls | cut -f2 | tr '\n' ' ')"
     assert_eq!(out.value("size"), Some("4194304"));
     assert_eq!(out.value("fstype"), Some("nfs"));
     eprintln!(
-        "uml: host boot-to-script {:?}, server start + mount {} ms, guest uptime at mount {} s, whole run {:?}",
+        "{}: host boot-to-script {:?}, server start + mount {} ms, guest uptime at mount {} s, whole run {:?}",
+        out.backend.unwrap().name(),
         out.boot.unwrap(),
         out.expect_value("mount_ms"),
         out.expect_value("guest_uptime_at_mount"),
@@ -138,19 +140,21 @@ step fifo sh -c "mkfifo $M/pipe && test -p $M/pipe && { echo through >$M/pipe & 
 step git_real sh -c "cd $M && git init -q realgit && cd realgit && echo x >x && git add x && git -c user.name=t -c user.email=t@t commit -qm m && git fsck --no-progress && test \"\$(git log --format=%s)\" = m"
 
 # a $BIGDIR-entry directory (10,000 for s3nfs): exact count, no duplicates, ls -l works.
-# timeout: a server that loses its place in a listing makes `ls` loop forever.
+# timeout: a server that loses its place in a listing makes `ls` loop forever. 120 s, scaled by
+# the backend's slowdown (qemu emulates every instruction).
+LIST_LIMIT=$((120 * S3NFS_GUEST_SLOWDOWN))
 mkdir $M/many
 timed create_many sh -c "cd $M/many && seq -f 'entry-%05g' 1 $BIGDIR | xargs touch"
 step drop_caches sh -c 'sync; echo 3 >/proc/sys/vm/drop_caches'
-kv many_count "$(timeout 120 ls -f $M/many | grep -vxE '\.|\.\.' | wc -l)"
-kv many_dups "$(timeout 120 ls -f $M/many | sort | uniq -d | wc -l)"
-timed ls_l sh -c "timeout 120 ls -l $M/many >/tmp/ls_l"
+kv many_count "$(timeout $LIST_LIMIT ls -f $M/many | grep -vxE '\.|\.\.' | wc -l)"
+kv many_dups "$(timeout $LIST_LIMIT ls -f $M/many | sort | uniq -d | wc -l)"
+timed ls_l sh -c "timeout $LIST_LIMIT ls -l $M/many >/tmp/ls_l"
 kv many_ls_l "$(grep -c ' entry-' /tmp/ls_l)"
-step many_names cmp <(timeout 120 ls $M/many) <(seq -f 'entry-%05g' 1 $BIGDIR)
+step many_names cmp <(timeout $LIST_LIMIT ls $M/many) <(seq -f 'entry-%05g' 1 $BIGDIR)
 
 # a git-like workload: many small files in fan-out dirs, write-to-temp + rename (objects),
 # lock file + rename over the existing ref, fsync. Built-ins where possible: every process
-# spawned in the guest costs ~70 ms under UML.
+# spawned in the guest costs ~70 ms under UML, more under qemu.
 G=$M/repo
 gitlike() {
   local i h d last=
@@ -198,7 +202,9 @@ start_server
 step server_up_again wait_port $PORT 60 || show_log server
 step remount nfs_mount $PORT $M
 step sums_after_remount sh -c "cd $M && md5sum --quiet -c /tmp/sums"
-kv many_count_after "$(timeout 120 ls -f $M/many | grep -vxE '\.|\.\.' | wc -l)"
+t0=$(now_ms)
+kv many_count_after "$(timeout $LIST_LIMIT ls -f $M/many | grep -vxE '\.|\.\.' | wc -l)"
+kv relist_many_ms $(( $(now_ms) - t0 ))
 step final_umount umount $M
 "#;
 
@@ -229,19 +235,20 @@ fn everyday() {
         }
     }
     eprintln!(
-        "timings (ms): mount {} cp_tree {} rm_tree {} create_many {} ls_l {} gitlike {}",
+        "timings (ms): mount {} cp_tree {} rm_tree {} create_many {} ls_l {} gitlike {} relist_many {}",
         out.expect_value("mount_ms"),
         out.expect_value("cp_tree_ms"),
         out.expect_value("rm_tree_ms"),
         out.expect_value("create_many_ms"),
         out.expect_value("ls_l_ms"),
         out.expect_value("gitlike_ms"),
+        out.expect_value("relist_many_ms"),
     );
 }
 
 #[test]
 fn everyday_use_s3nfs() {
-    if !require_uml("everyday_use_s3nfs") {
+    if !require_guest("everyday_use_s3nfs") {
         return;
     }
     everyday();
@@ -284,7 +291,7 @@ kv s3_keys "$(s3ls | cut -f2 | tr '\n' ' ')"
 
 #[test]
 fn gateway_crash_mid_write() {
-    if !require_uml("gateway_crash_mid_write") {
+    if !require_guest("gateway_crash_mid_write") {
         return;
     }
     let out = run_guest(&script(CRASH), &GuestOpts::default().mem("1G").timeout_secs(900));
@@ -303,4 +310,41 @@ fn gateway_crash_mid_write() {
         out.expect_value("size_at_kill"),
         out.expect_value("writer_resume_ms")
     );
+}
+
+/// The bed's backends keep one contract: the qemu backend boots on every machine (it is the
+/// fallback, so it is checked even where UML is chosen), UML where the probe says it does, and
+/// each loads the kernel NFS client, sees the host read-only and writes to its own tmpfs.
+#[test]
+fn guest_backends_keep_one_contract() {
+    if !require_guest("guest_backends_keep_one_contract") {
+        return;
+    }
+    let chosen = backend().unwrap();
+    if let Ok(forced) = std::env::var("S3NFS_GUEST") {
+        assert_eq!(chosen.name(), forced, "S3NFS_GUEST forces the backend");
+    }
+    // The host's tree as the guest sees it (a clone under /tmp is at /run/host/tmp).
+    let probe = guest_path(env!("CARGO_MANIFEST_DIR"));
+    let body = format!(
+        r#"
+kv backend "$S3NFS_GUEST_BACKEND"
+step nfs_client grep -qw nfs /proc/filesystems
+step host_visible test -f {probe}/Cargo.toml
+step host_read_only sh -c '! touch {probe}/.guest-write 2>/dev/null'
+step tmpfs_writable sh -c 'echo x >/tmp/x && echo y >/mnt/y && test "$(cat /tmp/x /mnt/y)" = "$(printf "x\ny")"'
+step modroot test -d "$S3NFS_MODROOT/lib/modules/$(uname -r)"
+"#
+    );
+    let mut backends = vec![Backend::Qemu];
+    match Backend::Uml.available().and_then(|_| if chosen == Backend::Uml { Ok(()) } else { Err(String::new()) }) {
+        Ok(()) => backends.push(Backend::Uml),
+        Err(_) => eprintln!("uml not checked: this run uses {}", chosen.name()),
+    }
+    for b in backends {
+        let out = run_guest_on(b, &body, &GuestOpts::default().timeout_secs(180));
+        out.assert_all_ok();
+        assert_eq!(out.value("backend"), Some(b.name()));
+        assert_eq!(out.backend, Some(b));
+    }
 }

@@ -1,5 +1,5 @@
 //! POSIX conformance of the mounted share: pjdfstest (the Rust rewrite, crates.io `pjdfstest`)
-//! run as root by the Linux kernel NFSv3 client inside user-mode-linux, on an s3nfs export of a
+//! run as root by the Linux kernel NFSv3 client inside the guest test bed, on an s3nfs export of a
 //! Garage bucket (the same guest set-up as `kernel_mount.rs`, see `tests/common/guest.rs`).
 //!
 //! Every case that passes today is listed in `tests/posix-baseline.txt`; the test fails when
@@ -19,7 +19,7 @@
 //!
 //! Needs pjdfstest (`cargo install pjdfstest --locked`, which needs `libacl1-dev`; `.ci/run`
 //! installs it), found as `$PJDFSTEST_BIN`, else `~/.cargo/bin/pjdfstest`, else on PATH; and
-//! user-mode-linux like `kernel_mount.rs`. `S3NFS_SKIP_UML=1` skips instead of failing.
+//! the guest test bed like `kernel_mount.rs`. `S3NFS_SKIP_GUEST=1` skips instead of failing.
 //! pjdfstest switches to the users `nobody` and `tests`: the guest adds `tests` to its own
 //! copies of /etc/passwd and /etc/group (bind-mounted over the host's, which it sees read-only),
 //! so nothing changes on the host.
@@ -30,11 +30,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use common::guest::script;
-use common::uml::{guest_path, require_uml, run_guest, sh_quote, GuestOpts};
+use common::bed::{guest_path, require_guest, run_guest, sh_quote, GuestOpts};
 
 const INSTALL_HINT: &str = "pjdfstest is needed for the POSIX conformance test: \
      `apt-get install libacl1-dev && cargo install pjdfstest --locked` (or set PJDFSTEST_BIN), \
-     or set S3NFS_SKIP_UML=1 to skip the kernel-client tests";
+     or set S3NFS_SKIP_GUEST=1 to skip the kernel-client tests";
 
 const BASELINE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/posix-baseline.txt");
 
@@ -261,11 +261,11 @@ fn write_baseline(passing: &BTreeSet<String>) {
 
 #[test]
 fn pjdfstest_on_mount() {
-    if !require_uml("pjdfstest_on_mount") {
+    if !require_guest("pjdfstest_on_mount") {
         return;
     }
     let Some(pjd) = pjdfstest_bin() else {
-        if std::env::var("S3NFS_SKIP_UML").as_deref() == Ok("1") {
+        if std::env::var("S3NFS_SKIP_GUEST").as_deref() == Ok("1") {
             eprintln!("SKIPPED pjdfstest_on_mount: pjdfstest not found; {INSTALL_HINT}");
             return;
         }

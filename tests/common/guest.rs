@@ -1,9 +1,9 @@
 //! The guest-side setup shared by the kernel-client tests (`kernel_mount.rs`, `posix.rs`):
-//! Garage S3 and the s3nfs gateway inside a user-mode-linux guest, the export mounted on $M.
-//! See `tests/common/uml.rs` for the harness itself.
+//! Garage S3 and the s3nfs gateway inside a test-bed guest, the export mounted on $M.
+//! See `tests/common/bed/mod.rs` for the harness itself.
 
 use super::garage::garage_bin;
-use super::uml::{guest_path, s3nfs_bin, sh_quote};
+use super::bed::{guest_path, s3nfs_bin, sh_quote};
 
 pub const PORT: u16 = 2049;
 

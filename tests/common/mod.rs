@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests. Each test binary uses only some of them.
 #![allow(dead_code)]
 
+pub mod bed;
 pub mod contract;
 pub mod csi;
 pub mod garage;
@@ -8,7 +9,6 @@ pub mod gateway;
 pub mod guest;
 pub mod nfs;
 pub mod rpc;
-pub mod uml;
 
 /// Deterministic bytes for (seed, length): a xorshift stream, so that a misplaced block shows.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {

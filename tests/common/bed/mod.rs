@@ -1,32 +1,42 @@
-//! A user-mode-linux harness: boot a throw-away Linux guest (with the kernel NFS client) from
-//! an integration test, run a shell script inside, and get back structured results.
+//! The guest test bed: boot a throw-away Linux guest with the kernel NFS client from an
+//! integration test, run a shell script inside as root, and get back structured results.
 //!
-//! The host machine's kernel may lack an NFS client; user-mode-linux (`linux.uml`, Debian
-//! package `user-mode-linux`) has one, as loadable modules in `/usr/lib/uml/modules/<ver>`.
+//! The host's kernel may lack an NFS client, so the kernel-client tests run in a guest. Two
+//! backends give the same guest contract:
+//! - **uml** ([`uml`]): Debian's `user-mode-linux`, the host's root over hostfs. Fast to boot,
+//!   but Debian 12's UML 6.1 dies at init on hosts with AVX-512 (`ptrace set fp regs failed,
+//!   errno = 14`: the host kernel takes `PTRACE_SETREGSET NT_X86_XSTATE` only with its full
+//!   XSAVE size, UML passes 832 bytes).
+//! - **qemu** ([`qemu`]): `qemu-system-x86_64` with software emulation (TCG; KVM on these
+//!   machines is a nested software hypervisor that cannot run a stock kernel), Debian's 6.1
+//!   kernel unpacked into a bed under `target/guest-bed` by `qemu-bed.sh`, the host's root
+//!   read-only over virtio-9p.
 //!
-//! How a run works:
-//! - `run_guest` writes `init`, `prelude.sh` and `script.sh` into a fresh work directory
-//!   under `CARGO_TARGET_TMPDIR` and boots
-//!   `linux.uml mem=M root=/dev/root rootfstype=hostfs rootflags=/ ro init=<work>/init
-//!   con=null con0=fd:0,fd:1` with stdin `/dev/null` and stdout+stderr to `<work>/console.log`.
-//! - The guest sees the host's whole filesystem READ-ONLY over hostfs (checked: `ro` boots
-//!   fine, writes fail with EROFS), so host binaries and files are used in place by their host
-//!   paths. It writes only to tmpfs: `/run`, `/tmp`, `/mnt` (and `/var/tmp`). Host paths under
-//!   `/tmp` or `/mnt` are hidden by those tmpfs mounts; the init binds the host's `/tmp` and `/mnt`
-//!   read-only at `/run/host/tmp` and `/run/host/mnt` first, and [`guest_path`] translates.
-//! - The UML kernel's modules are bound at `/run/modroot/lib/modules/<ver>` and loaded with
-//!   `modprobe -d /run/modroot nfsv3` (no need for a `/lib/modules` on the host).
+//! Which one runs: `S3NFS_GUEST=uml` or `S3NFS_GUEST=qemu` forces it; otherwise UML is probed
+//! once (a guest that only reports back), and qemu is used where UML does not boot. The probe's
+//! answer is kept in `target/guest-bed/uml-probe` for the host's boot, so each test binary does
+//! not pay for it again. Every run prints which backend ran.
+//!
+//! The contract, the same on both:
+//! - The guest sees the host's whole filesystem READ-ONLY, so host binaries and files are used
+//!   in place by their host paths. It writes only to tmpfs: `/run`, `/tmp`, `/mnt` (and
+//!   `/var/tmp`, `/dev/shm`). Host paths under `/tmp` or `/mnt` are hidden by those tmpfs
+//!   mounts; the init binds the host's `/tmp` and `/mnt` read-only at `/run/host/tmp` and
+//!   `/run/host/mnt` first, and [`guest_path`] translates.
+//! - The kernel NFS client is loaded (`nfsv3`); other modules of the guest kernel load with
+//!   `modprobe -d "$S3NFS_MODROOT" NAME`. `$S3NFS_GUEST_BACKEND` names the backend.
 //! - Results travel on the console: the prelude's `step`/`kv` print lines
 //!   `@@<token>@@ STEP <name> rc=<n>` and `@@<token>@@ KV <key>=<value>`, with a per-run random
 //!   token; the host keeps only those lines for results (kernel and program noise stays in the
 //!   log, which is printed, last 200 lines, when an assertion fails).
-//! - UML keeps guest memory in a file in `$TMPDIR`: each run gets its own directory, in
-//!   `/dev/shm` when it has room (memory-backed, fast) else in the work directory.
-//! - On timeout the UML process group is killed (UML forks helper processes).
 //!
 //! Guest-side helpers (bash, see `PRELUDE`): `step NAME cmd...`, `kv KEY VALUE`,
 //! `wait_port PORT [SECS]`, `nfs_mount PORT DIR [OPTS]`, `bg NAME cmd...` / `bg_kill NAME [SIG]`
 //! / `bg_pid NAME` / `show_log NAME`, `now_ms`.
+//!
+//! By hand: `S3NFS_GUEST=qemu S3NFS_GUEST_VERBOSE=1 cargo test --test kernel_mount
+//! guest_harness_mounts_nfs -- --nocapture` runs one guest test and prints its console;
+//! `S3NFS_GUEST_KEEP=1` keeps the work directory (init, script, console log).
 
 #![allow(dead_code)]
 
@@ -36,60 +46,106 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const INSTALL_HINT: &str = "user-mode-linux is needed for kernel NFS client tests: \
-     `apt-get install user-mode-linux kmod` (Debian/Ubuntu), \
-     or set S3NFS_SKIP_UML=1 to skip these tests";
+mod qemu;
+mod uml;
 
-/// Where `linux.uml` is, if on PATH.
-pub fn uml_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("linux.uml"))
-        .find(|p| p.is_file())
+/// Which kind of guest runs the tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Uml,
+    Qemu,
 }
 
-/// The UML kernel's module version (a directory in `/usr/lib/uml/modules`).
-pub fn uml_modules_version() -> Option<String> {
-    let mut vers: Vec<String> = fs::read_dir("/usr/lib/uml/modules")
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("modules.dep").is_file())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    vers.sort();
-    vers.pop()
+impl Backend {
+    /// How much slower a guest of this backend runs the same script, roughly: time limits in
+    /// guest scripts (`$S3NFS_GUEST_SLOWDOWN`) and the whole run's limit are scaled by it. They
+    /// are bounds for a hang, never a synchronisation. Under qemu's emulation, creating 10,000
+    /// files through the kernel client took 149 s where UML takes about a tenth of it.
+    pub fn slowdown(self) -> u32 {
+        match self {
+            Backend::Uml => 1,
+            Backend::Qemu => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Uml => "uml",
+            Backend::Qemu => "qemu",
+        }
+    }
+
+    /// Ok when this backend's parts are installed (for qemu: the bed is built, building it
+    /// if needed); else what is missing and how to get it.
+    pub fn available(self) -> Result<(), String> {
+        match self {
+            Backend::Uml => uml::available(),
+            Backend::Qemu => qemu::available(),
+        }
+    }
 }
 
-/// Ok when user-mode-linux and its modules are installed; else how to install them.
-pub fn uml_available() -> Result<(), String> {
-    if uml_binary().is_none() {
-        return Err(format!("linux.uml not found on PATH; {INSTALL_HINT}"));
-    }
-    if uml_modules_version().is_none() {
-        return Err(format!(
-            "no UML kernel modules in /usr/lib/uml/modules/<ver>; {INSTALL_HINT}"
-        ));
-    }
-    if !Path::new("/sbin/modprobe").exists() && !Path::new("/usr/sbin/modprobe").exists() {
-        return Err(format!("modprobe not found; {INSTALL_HINT}"));
-    }
-    Ok(())
+/// The backend this run uses: forced by `S3NFS_GUEST`, else UML where it boots, else qemu.
+/// Decided once per process. Err says why no guest can run here.
+pub fn backend() -> Result<Backend, String> {
+    static CHOICE: OnceLock<Result<Backend, String>> = OnceLock::new();
+    CHOICE
+        .get_or_init(|| {
+            let chosen = choose();
+            // Straight to stderr, past the test harness's capture: CI's log says which ran.
+            let line = match &chosen {
+                Ok(b) => format!("guest bed: backend {}\n", b.name()),
+                Err(e) => format!("guest bed: no backend: {e}\n"),
+            };
+            let _ = std::io::stderr().write_all(line.as_bytes());
+            chosen
+        })
+        .clone()
 }
 
-/// For tests that need UML: true to go on. When UML is missing this panics with the install
-/// hint, unless `S3NFS_SKIP_UML=1`, then it prints a skip notice and returns false.
-pub fn require_uml(test: &str) -> bool {
-    match uml_available() {
-        Ok(()) => true,
-        Err(e) if std::env::var("S3NFS_SKIP_UML").as_deref() == Ok("1") => {
+fn choose() -> Result<Backend, String> {
+    match std::env::var("S3NFS_GUEST").as_deref() {
+        Ok("uml") => return Backend::Uml.available().map(|_| Backend::Uml),
+        Ok("qemu") => return Backend::Qemu.available().map(|_| Backend::Qemu),
+        Ok("") | Err(_) => {}
+        Ok(other) => return Err(format!("S3NFS_GUEST={other:?}: expected uml or qemu")),
+    }
+    let uml_why = match uml::boots() {
+        Ok(()) => return Ok(Backend::Uml),
+        Err(e) => e,
+    };
+    Backend::Qemu
+        .available()
+        .map(|_| Backend::Qemu)
+        .map_err(|q| format!("user-mode-linux: {uml_why}; qemu: {q}"))
+}
+
+/// For tests that need a guest: true to go on. When no backend can run this panics with the
+/// reason, unless `S3NFS_SKIP_GUEST=1`, then it prints a skip notice and returns false.
+pub fn require_guest(test: &str) -> bool {
+    match backend() {
+        Ok(_) => true,
+        Err(e) if std::env::var("S3NFS_SKIP_GUEST").as_deref() == Ok("1") => {
             eprintln!("SKIPPED {test}: {e}");
             false
         }
         Err(e) => panic!("{test}: {e}"),
     }
+}
+
+/// Where the qemu bed lives: `S3NFS_QEMU_BED`, else `target/guest-bed`.
+pub fn bed_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("S3NFS_QEMU_BED") {
+        return PathBuf::from(d);
+    }
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("CARGO_TARGET_TMPDIR has a parent")
+        .join("guest-bed")
 }
 
 /// The path under which a host file is visible inside the guest.
@@ -117,9 +173,9 @@ pub fn s3nfs_bin() -> PathBuf {
 
 #[derive(Clone, Debug)]
 pub struct GuestOpts {
-    /// Guest memory, UML syntax (`768M`). Guest tmpfs contents live in it.
+    /// Guest memory (`768M`, `2G`). Guest tmpfs contents live in it.
     pub mem: String,
-    /// Whole run, boot to power-off.
+    /// Whole run, boot to power-off, on UML (scaled by [`Backend::slowdown`]).
     pub timeout: Duration,
     /// Size limit of the guest's /tmp and /mnt tmpfs.
     pub tmpfs_size: String,
@@ -136,7 +192,7 @@ impl Default for GuestOpts {
             timeout: Duration::from_secs(300),
             tmpfs_size: "2g".into(),
             env: Vec::new(),
-            verbose: std::env::var_os("S3NFS_UML_VERBOSE").is_some(),
+            verbose: std::env::var_os("S3NFS_GUEST_VERBOSE").is_some(),
         }
     }
 }
@@ -179,15 +235,17 @@ impl Step<'_> {
 
 #[derive(Debug, Default)]
 pub struct GuestOutput {
+    /// The backend that ran the guest.
+    pub backend: Option<Backend>,
     /// Steps in the order reported (a name may repeat; `step()` returns the last).
     pub steps: Vec<(String, i32)>,
     pub values: HashMap<String, String>,
     /// Exit status of the guest script, `None` if it did not finish (crash, timeout).
     pub script_rc: Option<i32>,
     pub timed_out: bool,
-    /// Everything UML printed (kernel, init, the script's own output).
+    /// Everything the guest printed (kernel, init, the script's own output).
     pub console: String,
-    /// Host wall time from spawning UML to the guest script starting, and to UML exiting.
+    /// Host wall time from spawning the guest to its script starting, and to its exit.
     pub boot: Option<Duration>,
     pub total: Duration,
 }
@@ -249,7 +307,8 @@ impl GuestOutput {
 
     pub fn fail(&self, msg: &str) -> ! {
         panic!(
-            "{msg}\n--- steps: {:?}\n--- values: {:?}\n--- guest console (last 200 lines) ---\n{}\n--- end console ---",
+            "{msg}\n--- backend: {:?}\n--- steps: {:?}\n--- values: {:?}\n--- guest console (last 200 lines) ---\n{}\n--- end console ---",
+            self.backend.map(Backend::name),
             self.steps,
             self.values,
             self.console_tail(200)
@@ -259,7 +318,7 @@ impl GuestOutput {
 
 /// Runs in the guest script's shell (bash) before the test's script.
 pub const PRELUDE: &str = r#"
-# --- s3nfs UML prelude ---
+# --- s3nfs guest prelude ---
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 _emit() { printf '@@%s@@ %s\n' "$S3NFS_TOKEN" "$*"; }
 # step NAME cmd...: run cmd, report "STEP NAME rc=N", return its status.
@@ -297,7 +356,14 @@ mkdir -p /run/logs
 # --- end prelude ---
 "#;
 
-fn init_script(work: &Path, ver: &str, token: &str, opts: &GuestOpts) -> String {
+/// What a backend adds to the common init: `early` runs first (the kernel file systems),
+/// `modules` once `/run` is a tmpfs and must set `S3NFS_MODROOT` and load `nfsv3`.
+pub(crate) struct BootLines {
+    pub early: String,
+    pub modules: String,
+}
+
+fn init_script(work: &Path, boot: &BootLines, backend: Backend, token: &str, opts: &GuestOpts) -> String {
     let w = work.display();
     let mut env = String::new();
     for (k, v) in &opts.env {
@@ -306,53 +372,35 @@ fn init_script(work: &Path, ver: &str, token: &str, opts: &GuestOpts) -> String 
     format!(
         r#"#!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
-mount -t proc proc /proc
-mount -t sysfs sys /sys
+{early}
 mount -t tmpfs -o mode=755 none /run
 # devtmpfs lacks these (bash process substitution uses /dev/fd/N)
 ln -sf /proc/self/fd /dev/fd; ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout; ln -sf /proc/self/fd/2 /dev/stderr
 # host /tmp and /mnt stay reachable (read-only) under /run/host before tmpfs covers them
-mkdir -p /run/host/tmp /run/host/mnt /run/s3nfs-uml
+mkdir -p /run/host/tmp /run/host/mnt /run/s3nfs-guest
 mount --bind /tmp /run/host/tmp
 mount --bind /mnt /run/host/mnt
-cp {w}/prelude.sh {w}/script.sh /run/s3nfs-uml/
+cp {w}/prelude.sh {w}/script.sh /run/s3nfs-guest/
 mount -t tmpfs -o size={sz},mode=1777 none /tmp
 mount -t tmpfs -o size={sz} none /mnt
 mount -t tmpfs none /var/tmp 2>/dev/null
-mkdir -p /run/modroot/lib/modules/{ver}
-mount --bind /usr/lib/uml/modules/{ver} /run/modroot/lib/modules/{ver}
-modprobe -d /run/modroot nfsv3 || echo "@@{token}@@ STEP uml_modprobe rc=1"
+{modules}
 ip link set lo up
-export S3NFS_TOKEN={token}
+export S3NFS_TOKEN={token} S3NFS_GUEST_BACKEND={name} S3NFS_GUEST_SLOWDOWN={slowdown} S3NFS_MODROOT
 {env}echo "@@{token}@@ GUEST_START"
-cd /run/s3nfs-uml
+cd /run/s3nfs-guest
 bash -c '. ./prelude.sh; . ./script.sh' </dev/null 2>&1
 echo "@@{token}@@ GUEST_END rc=$?"
 sync
 poweroff -f 2>/dev/null || echo o >/proc/sysrq-trigger
 "#,
+        early = boot.early,
+        modules = boot.modules,
+        name = backend.name(),
+        slowdown = backend.slowdown(),
         sz = opts.tmpfs_size,
     )
-}
-
-fn free_bytes(dir: &str) -> u64 {
-    let c = std::ffi::CString::new(dir).unwrap();
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return 0;
-    }
-    st.f_bavail as u64 * st.f_frsize as u64
-}
-
-fn mem_bytes(mem: &str) -> u64 {
-    let (n, mul) = match mem.chars().last() {
-        Some('G' | 'g') => (&mem[..mem.len() - 1], 1 << 30),
-        Some('M' | 'm') => (&mem[..mem.len() - 1], 1 << 20),
-        Some('K' | 'k') => (&mem[..mem.len() - 1], 1 << 10),
-        _ => (mem, 1),
-    };
-    n.parse::<u64>().unwrap_or(1 << 30) * mul
 }
 
 fn parse(console: &str, token: &str, out: &mut GuestOutput) {
@@ -376,28 +424,20 @@ fn parse(console: &str, token: &str, out: &mut GuestOutput) {
     }
 }
 
-/// Boots a guest, runs `script` (bash, after the prelude) as root, and collects the results.
+/// Boots a guest on this run's backend, runs `script` (bash, after the prelude) as root, and
+/// collects the results.
 pub fn run_guest(script: &str, opts: &GuestOpts) -> GuestOutput {
-    uml_available().unwrap_or_else(|e| panic!("{e}"));
-    let ver = uml_modules_version().unwrap();
+    let backend = backend().unwrap_or_else(|e| panic!("{e}"));
+    run_guest_on(backend, script, opts)
+}
+
+/// As [`run_guest`], on the given backend.
+pub fn run_guest_on(backend: Backend, script: &str, opts: &GuestOpts) -> GuestOutput {
+    backend.available().unwrap_or_else(|e| panic!("{e}"));
     let work = tempfile::Builder::new()
-        .prefix("uml-")
+        .prefix("guest-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("work dir");
-    // UML's guest memory file: memory-backed /dev/shm if it has room, else the work dir.
-    let need = mem_bytes(&opts.mem) + (256 << 20);
-    let memdir = if free_bytes("/dev/shm") > need {
-        tempfile::Builder::new()
-            .prefix("s3nfs-uml-")
-            .tempdir_in("/dev/shm")
-            .ok()
-    } else {
-        None
-    };
-    let tmpdir = memdir
-        .as_ref()
-        .map(|d| d.path().to_path_buf())
-        .unwrap_or_else(|| work.path().to_path_buf());
     let token = format!(
         "{:x}{:x}",
         std::process::id(),
@@ -414,36 +454,44 @@ pub fn run_guest(script: &str, opts: &GuestOpts) -> GuestOutput {
             .expect("write work file");
         fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
     };
-    write("init", &init_script(wp, &ver, &token, opts), 0o755);
+    let boot = match backend {
+        Backend::Uml => uml::boot_lines(&token),
+        Backend::Qemu => qemu::boot_lines(&token),
+    };
+    write("init", &init_script(wp, &boot, backend, &token, opts), 0o755);
     write("prelude.sh", PRELUDE, 0o644);
     write("script.sh", script, 0o644);
     let log_path = wp.join("console.log");
     let log = fs::File::create(&log_path).unwrap();
+    let init = wp.join("init");
+    // Held until the guest is gone: UML keeps guest memory in files there.
+    let (mut cmd, _scratch) = match backend {
+        Backend::Uml => uml::command(&init, opts, wp),
+        Backend::Qemu => (qemu::command(&init, opts), None),
+    };
 
     let start = Instant::now();
-    let mut child = Command::new(uml_binary().unwrap())
-        .arg(format!("mem={}", opts.mem))
-        .args(["root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro"])
-        .arg(format!("init={}", wp.join("init").display()))
-        .args(["con=null", "con0=fd:0,fd:1"])
-        .env("TMPDIR", &tmpdir)
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .process_group(0)
         .spawn()
-        .expect("spawn linux.uml");
+        .unwrap_or_else(|e| panic!("spawn the {} guest: {e}", backend.name()));
     let pgid = child.id() as i32;
     let start_marker = format!("@@{token}@@ GUEST_START");
-    let mut out = GuestOutput::default();
+    let mut out = GuestOutput {
+        backend: Some(backend),
+        ..GuestOutput::default()
+    };
     loop {
         if out.boot.is_none() && fs::read_to_string(&log_path).is_ok_and(|s| s.contains(&start_marker)) {
             out.boot = Some(start.elapsed());
         }
-        if child.try_wait().expect("wait linux.uml").is_some() {
+        if child.try_wait().expect("wait for the guest").is_some() {
             break;
         }
-        if start.elapsed() > opts.timeout {
+        if start.elapsed() > opts.timeout * backend.slowdown() {
             out.timed_out = true;
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
             let _ = child.wait();
@@ -462,10 +510,16 @@ pub fn run_guest(script: &str, opts: &GuestOpts) -> GuestOutput {
     let console = String::from_utf8_lossy(&bytes).into_owned();
     parse(&console, &token, &mut out);
     out.console = console;
+    eprintln!(
+        "guest bed: {} guest, script started after {:?}, whole run {:?}",
+        backend.name(),
+        out.boot,
+        out.total
+    );
     if opts.verbose {
         eprintln!("--- guest console ---\n{}", out.console_tail(200));
     }
-    if std::env::var_os("S3NFS_UML_KEEP").is_some() {
+    if std::env::var_os("S3NFS_GUEST_KEEP").is_some() {
         eprintln!("keeping guest work dir {}", work.keep().display());
     }
     out
