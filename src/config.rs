@@ -43,7 +43,7 @@ pub struct Export {
     pub state_dir: PathBuf,
     pub flush_delay: Duration,
     pub refresh: Duration,
-    /// How long due uploads may wait for clients to pause (see `fs::flush::MAX_DEFER`).
+    /// How long due uploads may wait for clients to pause (see `fs::defer::MAX_DEFER`).
     pub busy_defer: Duration,
     /// The volume's size (`df`, ENOSPC past it); None: unlimited.
     pub capacity: Option<u64>,
@@ -257,7 +257,7 @@ pub fn load(path: &Path, base_state: &Path, creds: &S3Config) -> anyhow::Result<
             state_dir: e.state_dir.clone().unwrap_or_else(|| base_state.join(&e.name)),
             flush_delay: duration_or(e.flush_delay.as_deref(), Duration::from_secs(2))?,
             refresh: duration_or(e.refresh.as_deref(), Duration::from_secs(5))?,
-            busy_defer: duration_or(e.busy_defer.as_deref(), crate::fs::flush::MAX_DEFER)?,
+            busy_defer: duration_or(e.busy_defer.as_deref(), crate::fs::defer::MAX_DEFER)?,
             name: e.name,
         });
     }

@@ -350,7 +350,7 @@ async fn garage_nodes_killed_mid_write_lose_nothing_acknowledged() {
             None
         });
     }
-    let store = s3nfs::metrics::MeteredStore::wrap(Arc::new(watcher));
+    let store = s3nfs::store::metered::MeteredStore::wrap(Arc::new(watcher));
     let mut gw = InProc::start(
         store,
         Opts {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::gateway::{on_faulty_garage, on_garage, InProc, Opts, S3Side};
 use common::nfs::{Client, Fh, Status};
-use s3nfs::actors::gateway::{FLUSH_TICK, MAX_BACKOFF};
+use s3nfs::fs::upload::{FLUSH_TICK, MAX_BACKOFF};
 use s3nfs::clock::Clock;
 use s3nfs::store::faulty::Op as FaultOp;
 
@@ -165,7 +165,7 @@ async fn the_flusher_backs_off_while_s3_fails_and_recovers_when_it_returns() {
 /// busy stretch, and go at the first round after the clients pause for QUIET.
 #[tokio::test]
 async fn due_uploads_wait_for_clients_to_pause_but_not_for_ever() {
-    use s3nfs::fs::flush::{MAX_DEFER, QUIET};
+    use s3nfs::fs::defer::{MAX_DEFER, QUIET};
     let (clock, _gw, s3, mut c, root) = flush_delay_2s().await;
     // One tick of the flusher, with or without a client operation first.
     let mut t = Duration::ZERO;

@@ -39,7 +39,7 @@ fn a_thousand_open_write_close_cycles_leave_descriptors_threads_and_memory_flat(
             state_dir: state.path().join("vol"),
             flush_delay: std::time::Duration::from_secs(3600),
             refresh: std::time::Duration::from_secs(3600),
-            busy_defer: s3nfs::fs::flush::MAX_DEFER,
+            busy_defer: s3nfs::fs::defer::MAX_DEFER,
             capacity: None,
             defaults: Default::default(),
             durability: Default::default(),

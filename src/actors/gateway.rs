@@ -31,10 +31,6 @@ use crate::sync::LockExt;
 
 /// How often staged data and the journal are fsync'd: the most a node reboot can lose.
 pub const LOCAL_SYNC_INTERVAL: Duration = Duration::from_millis(20);
-/// How often the flusher looks for files that went idle.
-pub const FLUSH_TICK: Duration = Duration::from_millis(200);
-/// Longest pause between flush rounds while S3 keeps failing.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 pub fn volume_config(export: &Export) -> VolumeConfig {
     let mut cfg = VolumeConfig::new(export.state_dir.clone());
@@ -169,30 +165,11 @@ fn record_failure(failure: &Mutex<Option<String>>, what: String) {
     }
 }
 
+/// The uploader's rounds at its own pace (see [`crate::fs::upload::Pace`]), and the usage
+/// recount that rides on its tick.
 async fn flusher(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc<Mutex<Option<String>>>) {
-    use std::sync::atomic::Ordering;
-    // While S3 keeps failing, back off (up to MAX_BACKOFF) instead of retrying every tick.
-    let mut backoff = FLUSH_TICK;
-    let clock = vol.cfg.clock.clone();
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = vol.flusher.wait(), if backoff == FLUSH_TICK => {}
-            _ = clock.sleep(backoff) => {}
-        }
-        let errors = vol.flusher.errors.load(Ordering::Relaxed);
-        let failed = match vol.flush_round(false).await {
-            Err(e) => {
-                tracing::warn!(error = %e, "flush round failed; retrying");
-                true
-            }
-            Ok(_) => vol.flusher.errors.load(Ordering::Relaxed) != errors,
-        };
-        backoff = if failed {
-            (backoff * 2).min(MAX_BACKOFF)
-        } else {
-            FLUSH_TICK
-        };
+    let mut pace = crate::fs::upload::Pace::default();
+    while vol.next_upload_round(&mut pace, &mut stop).await {
         if vol.recount_due() {
             let v = vol.clone();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.recount_usage_if_due()).await {

@@ -34,5 +34,5 @@ pub async fn open_store(export: &Export, check: bool) -> anyhow::Result<Arc<dyn 
         );
         return Err(anyhow::Error::new(e).context(what));
     }
-    Ok(crate::metrics::MeteredStore::wrap(store))
+    Ok(crate::store::metered::MeteredStore::wrap(store))
 }

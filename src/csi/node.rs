@@ -86,7 +86,7 @@ fn export_of(state: &NodeState, v: &StagedVolume, secret: &S3Secret) -> Result<E
         state_dir: state.gateway_dir(&id),
         flush_delay: params.flush_delay,
         refresh: params.refresh,
-        busy_defer: crate::fs::flush::MAX_DEFER,
+        busy_defer: crate::fs::defer::MAX_DEFER,
         capacity: v.capacity,
         defaults: params.defaults,
         durability: params.durability,

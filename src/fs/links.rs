@@ -3,7 +3,7 @@
 //! the data and attributes, and each further name is a `Kind::Link` inode pointing at it. NFS
 //! sees only the file's inode number. When the file is uploaded, every other name is marked
 //! pending and the flusher copies the file's object onto it, so all names end up the same
-//! version (see `flush::sync_inode`).
+//! version (see `upload::sync`).
 
 use crate::meta::{Batch, Ino, Inode, Kind, Time};
 
@@ -91,7 +91,7 @@ impl Volume {
         // the old key), so no version of the file is lost on the way.
         let h = self.inode(heir)?;
         // The heir's own copy goes, unless the file is at that key by then (the deletion
-        // spares a key a live inode holds, see `flush::delete_key`).
+        // spares a key a live inode holds, see `upload::sync::delete_key`).
         self.queue_remote_delete(batch, &h);
         batch.unlink(h.parent, &h.name, heir, h.kind);
         batch.del_inode(heir);

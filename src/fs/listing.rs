@@ -136,8 +136,8 @@ impl Volume {
     /// pages it got applied, each of them consistent.
     pub(crate) async fn list_dir(&self, dir: &Inode) -> FsResult<()> {
         let prefix = self.dir_prefix(dir)?;
-        let epoch_before = self.flusher.epoch();
-        let listing = self.flusher.begin_listing();
+        let epoch_before = self.uploader.epoch();
+        let listing = self.uploader.ledger().begin_listing();
         let started = listing.started;
         let mut token = None;
         // Every name up to and including this key form has been reconciled.
@@ -213,8 +213,8 @@ impl Volume {
         // costs a lookup per unknown name, not a read of all pending work). A deletion that
         // finished while the listing was under way is in `deleted_since`.
         let is_leaving = |key: &str, is_dir: bool| -> FsResult<bool> {
-            Ok(self.flusher.writing(key, is_dir)
-                || self.flusher.deleted_since(key, is_dir, started)
+            Ok(self.uploader.ledger().writing(key, is_dir)
+                || self.uploader.ledger().deleted_since(key, is_dir, started)
                 || self.meta.key_leaving(key, is_dir)?)
         };
         let mut batch = Batch::new();

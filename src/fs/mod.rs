@@ -6,14 +6,15 @@
 //!   serialises namespace changes. File data does not queue behind it: WRITE and READ go to the
 //!   inode's staged file (see [`staging`]) or the read cache.
 //! - **Pending work.** An inode whose S3 object is behind has a `P` record; an object to delete
-//!   has an `X` record. The flusher ([`flush`]) turns them into S3 requests and clears them.
+//!   has an `X` record. The flusher ([`upload`]) turns them into S3 requests and clears them.
 //! - **Seeing S3.** A directory is listed from S3 (one delimiter listing) the first time it is
 //!   used and again when its listing is older than the refresh interval, so objects put, changed
 //!   or deleted by other tools show up. Local changes not yet in S3 always win over a listing.
 //! - **Lock order.** A staged file's `lock` before `ns`, never the other way round.
 
+pub mod defer;
 pub mod durable;
-pub mod flush;
+mod ledger;
 pub mod links;
 mod listing;
 pub mod names;
@@ -21,6 +22,7 @@ pub mod perm;
 mod prefetch;
 pub mod read;
 pub mod staging;
+pub mod upload;
 pub mod usage;
 
 use std::collections::HashMap;
@@ -189,7 +191,7 @@ pub struct VolumeConfig {
     pub state_dir: PathBuf,
     /// A dirty file is uploaded once it has been idle this long.
     pub flush_delay: Duration,
-    /// How long due uploads may wait for busy clients to pause ([`flush::MAX_DEFER`]).
+    /// How long due uploads may wait for busy clients to pause ([`defer::MAX_DEFER`]).
     pub busy_defer: Duration,
     /// A directory listing older than this is refreshed from S3 on next use.
     pub refresh: Duration,
@@ -252,7 +254,7 @@ impl VolumeConfig {
             prefix: String::new(),
             state_dir,
             flush_delay: Duration::from_secs(2),
-            busy_defer: flush::MAX_DEFER,
+            busy_defer: defer::MAX_DEFER,
             refresh: Duration::from_secs(5),
             part_size: 16 << 20,
             stream_while_busy: !one_cpu,
@@ -295,7 +297,7 @@ pub struct Volume {
     pub(crate) cache: read::ReadCache,
     /// Reading ahead across directories (see [`prefetch`]).
     prefetch: prefetch::Prefetch,
-    pub(crate) flusher: flush::FlushState,
+    pub(crate) uploader: upload::Uploader,
     pub(crate) usage: usage::Usage,
     /// Work the volume started in the background (relistings, streaming uploads).
     background: Arc<Background>,
@@ -377,7 +379,7 @@ impl Volume {
         meta.sync()?;
 
         let cache = read::ReadCache::new(cfg.read_chunk, cfg.cache_bytes, cfg.read_ahead);
-        let flusher = flush::FlushState::new(cfg.upload_concurrency, cfg.clock.clone());
+        let uploader = upload::Uploader::new(cfg.upload_concurrency, cfg.clock.clone());
         let vol = Volume {
             store,
             meta,
@@ -391,7 +393,7 @@ impl Volume {
             unsynced: Mutex::new(Vec::new()),
             this: std::sync::OnceLock::new(),
             cache,
-            flusher,
+            uploader,
             usage: usage::Usage::new(cfg.capacity, cfg.clock.clone()),
             background: Arc::new(Background::default()),
             volume_id,
@@ -512,10 +514,10 @@ impl Volume {
         let (cache_hits, cache_misses) = self.cache.stats();
         VolumeStats {
             pending_inodes: self.meta.pending_count() as u64,
-            dirty_bytes: self.flusher.dirty_bytes(),
+            dirty_bytes: self.uploader.dirty_bytes(),
             journal_bytes: self.meta.journal_bytes(),
-            uploaded_bytes: self.flusher.uploaded_bytes.load(Ordering::Relaxed),
-            upload_errors: self.flusher.errors.load(Ordering::Relaxed),
+            uploaded_bytes: self.uploader.uploaded_bytes(),
+            upload_errors: self.uploader.errors(),
             cache_hits,
             cache_misses,
             usage: self.usage(),
@@ -1290,7 +1292,7 @@ impl Volume {
     // ---------------------------------------------------------------- data
 
     pub async fn write(&self, cred: &Cred, ino: Ino, offset: u64, data: &[u8]) -> FsResult<Attr> {
-        if self.flusher.dirty_bytes() > self.cfg.max_dirty_bytes {
+        if self.uploader.dirty_bytes() > self.cfg.max_dirty_bytes {
             return Err(FsError::Retry("too much data waiting for S3".into()));
         }
         if !cred.is_root() {
@@ -1326,7 +1328,7 @@ impl Volume {
             // it writes; one rewriting the middle of a big file would have the same parts
             // uploaded again and again (fio's random writes to a 256 MiB file sent 117 MB).
             let appending = offset.saturating_add(data.len() as u64) >= st.size();
-            self.flusher.note_write(&st, self.cfg.part_size, appending);
+            self.uploader.note_write(&st, self.cfg.part_size, appending);
             let inode = self.inode(ino)?;
             return Ok(self.attr_of(&inode));
         }

@@ -8,6 +8,8 @@
 //! - [`faulty::FaultyStore`]: wraps another store and injects errors, delays and dropped
 //!   connections, for the error-path tests.
 //!
+//! [`metered::MeteredStore`] wraps any of them to count and time its requests.
+//!
 //! Keys passed here are full keys (the volume prefix already applied). User metadata is given
 //! without the `x-amz-meta-` prefix (`mode`, `uid`, `gid`, `mtime`), as s3fs and geesefs name it.
 
@@ -18,10 +20,14 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+mod etag;
 pub mod faulty;
 pub mod local;
+pub mod metered;
 pub mod pool;
 pub mod s3;
+
+pub use etag::multipart_etag;
 
 /// User metadata, keys without the `x-amz-meta-` prefix, lower case.
 pub type UserMeta = BTreeMap<String, String>;

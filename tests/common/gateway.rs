@@ -83,7 +83,7 @@ impl InProc {
             state_dir: state.path().join("state"),
             flush_delay: opts.flush_delay,
             refresh: opts.refresh,
-            busy_defer: s3nfs::fs::flush::MAX_DEFER,
+            busy_defer: s3nfs::fs::defer::MAX_DEFER,
             capacity: None,
             defaults: Default::default(),
             durability: opts.durability,

@@ -1,0 +1,400 @@
+//! The uploader: turns pending journal records into S3 requests.
+//!
+//! - `X` records (objects to delete) go first, each under the lock of its key and only when no
+//!   live inode maps to that key any more (a file created again under the same name, or moved onto
+//!   it, must not lose its new object to the old one's deletion).
+//! - `P` records: directories and symlinks are PUT at once; a file's staged bytes are uploaded
+//!   once the file has been idle for the flush delay (or at once when forced: shutdown, unpublish,
+//!   an operator's flush). Files past two parts stream as a multipart upload while they are still
+//!   being written. A file whose bytes are already in S3 but whose key or attributes changed is
+//!   moved or rewritten server-side by CopyObject.
+//! - A record is cleared only if nothing changed while its S3 request was in flight (the change
+//!   sequence in `P` and the staged file's generation are compared), so a write racing an upload
+//!   is never marked clean.
+//!
+//! Here: the uploader's state ([`Uploader`]), its pace ([`Pace`]: tick, kick, back-off) and a
+//! round over the journal. One inode's way to S3 is in `sync.rs`, large files in
+//! `multipart.rs`; what listings must not take at S3's word is in `fs/ledger.rs`, and when due
+//! work waits for busy clients in `fs/defer.rs`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use tracing::Instrument;
+
+use super::defer::BusyClients;
+use super::ledger::KeyLedger;
+use super::staging::Staged;
+use super::{FsError, FsResult, Volume};
+use crate::meta::{Batch, Ino, Remote};
+use crate::sync::LockExt;
+
+mod multipart;
+mod sync;
+
+/// The state the uploader alone changes: its concurrency, its wake-ups, the dirty-byte count,
+/// streams wanted and running, per-key locks, the round cursor and its counters.
+pub struct Uploader {
+    pub(crate) uploads: tokio::sync::Semaphore,
+    notify: tokio::sync::Notify,
+    /// Bumped every time S3 catches up with an inode; listings older than an inode's epoch do
+    /// not override it.
+    epoch: AtomicU64,
+    dirty_bytes: AtomicU64,
+    stream_wanted: Mutex<HashSet<Ino>>,
+    streaming: Mutex<HashSet<Ino>>,
+    key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// What listings must not take at S3's word (see [`KeyLedger`]).
+    ledger: KeyLedger,
+    /// Where the next round's share of the pending inodes starts (see `flush_round`).
+    cursor: AtomicU64,
+    /// Dirty bytes counted so far in the sweep under way.
+    dirty_sweep: AtomicU64,
+    /// One flush round at a time: the background flusher and `flush_all` must not sync the same
+    /// inode concurrently (the loser of a rename's copy would find its source already gone).
+    round: tokio::sync::Mutex<()>,
+    /// Whether due work waits for the clients (see [`BusyClients`]).
+    busy: BusyClients,
+    /// Counters for status and metrics.
+    uploaded_bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Uploader {
+    pub fn new(concurrency: usize, clock: crate::clock::Clock) -> Uploader {
+        Uploader {
+            uploads: tokio::sync::Semaphore::new(concurrency.max(1)),
+            notify: tokio::sync::Notify::new(),
+            epoch: AtomicU64::new(1),
+            dirty_bytes: AtomicU64::new(0),
+            stream_wanted: Mutex::new(HashSet::new()),
+            streaming: Mutex::new(HashSet::new()),
+            key_locks: Mutex::new(HashMap::new()),
+            ledger: KeyLedger::new(clock),
+            round: tokio::sync::Mutex::new(()),
+            cursor: AtomicU64::new(0),
+            dirty_sweep: AtomicU64::new(0),
+            busy: BusyClients::default(),
+            uploaded_bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    /// What listings must not take at S3's word.
+    pub(crate) fn ledger(&self) -> &KeyLedger {
+        &self.ledger
+    }
+
+    /// Bytes uploaded since the volume opened.
+    pub fn uploaded_bytes(&self) -> u64 {
+        self.uploaded_bytes.load(Ordering::Relaxed)
+    }
+
+    /// S3 requests of the uploader that failed since the volume opened (the work stays
+    /// journalled and is retried).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Acquire)
+    }
+
+    /// Wakes the flusher now rather than at its next tick. Namespace operations do not call
+    /// this: a round looks at every pending inode, and one round per operation made creating
+    /// 10,000 files quadratic. The tick (200 ms) is soon enough for them.
+    pub fn kick(&self) {
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn note_write(&self, st: &Staged, part_size: u64, appending: bool) {
+        if appending && st.size() >= 2 * part_size && !self.streaming.locked().contains(&st.ino) {
+            self.stream_wanted.locked().insert(st.ino);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Counts and logs failed S3 work (which stays journalled), keeping the first error.
+    fn note_failures(&self, what: &str, results: Vec<FsResult<()>>, first: &mut Option<FsError>) {
+        for e in results.into_iter().filter_map(Result::err) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "{what} failed; it stays journalled and is retried");
+            first.get_or_insert(e);
+        }
+    }
+
+    pub async fn wait(&self) {
+        self.notify.notified().await
+    }
+
+    async fn key_lock(&self, key: &str) -> KeyGuard<'_> {
+        let m = self.key_locks.locked().entry(key.to_string()).or_default().clone();
+        let guard = m.clone().lock_owned().await;
+        KeyGuard {
+            state: self,
+            key: key.to_string(),
+            _guard: Some(guard),
+            m,
+        }
+    }
+}
+
+struct KeyGuard<'a> {
+    state: &'a Uploader,
+    key: String,
+    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    m: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        self._guard.take();
+        let mut locks = self.state.key_locks.locked();
+        // The map's own reference and ours: nobody else waits for this key.
+        if Arc::strong_count(&self.m) == 2 {
+            locks.remove(&self.key);
+        }
+    }
+}
+
+/// Wakes everyone waiting on a `Notify` when dropped (after the state it guards is updated).
+struct WakeOnDrop<'a>(&'a tokio::sync::Notify);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.notify_waiters();
+    }
+}
+
+/// What an upload produced, to be recorded if nothing changed meanwhile.
+struct Synced {
+    remote: Remote,
+    /// Staged file generation the upload was taken from.
+    gen: Option<u64>,
+}
+
+/// How often the uploader looks for files that went idle.
+pub const FLUSH_TICK: std::time::Duration = std::time::Duration::from_millis(200);
+/// Longest pause between rounds while S3 keeps failing.
+pub const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// When the background uploader runs its next round: every [`FLUSH_TICK`], or at once when
+/// kicked; while S3 keeps failing, it backs off, doubling up to [`MAX_BACKOFF`], instead of
+/// retrying every tick (and a kick does not cut a back-off short).
+pub struct Pace {
+    wait: std::time::Duration,
+}
+
+impl Default for Pace {
+    fn default() -> Pace {
+        Pace { wait: FLUSH_TICK }
+    }
+}
+
+/// Journal records one background flush round looks at.
+const ROUND_SCAN: usize = 4096;
+
+impl Volume {
+    /// Waits for the next background round at `pace`, runs it, and sets the pace from its
+    /// outcome. False once `stop` is set (checked before the round, never during one).
+    pub async fn next_upload_round(
+        self: &Arc<Self>,
+        pace: &mut Pace,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return false,
+            _ = self.uploader.wait(), if pace.wait == FLUSH_TICK => {}
+            _ = self.cfg.clock.sleep(pace.wait) => {}
+        }
+        let errors = self.uploader.errors();
+        let failed = match self.flush_round(false).await {
+            Err(e) => {
+                tracing::warn!(error = %e, "flush round failed; retrying");
+                true
+            }
+            Ok(_) => self.uploader.errors() != errors,
+        };
+        pace.wait = if failed {
+            (pace.wait * 2).min(MAX_BACKOFF)
+        } else {
+            FLUSH_TICK
+        };
+        true
+    }
+
+    /// Uploads everything pending now, ignoring the flush delay; returns when nothing is pending
+    /// or an S3 error stops progress (the error is returned; the work stays journalled).
+    pub async fn flush_all(self: &Arc<Self>) -> FsResult<()> {
+        // A round can end with work still pending for good reasons (a write raced an upload, an
+        // upload's result was recorded as a delete of what it wrote): only several rounds in a
+        // row without progress mean S3 keeps refusing.
+        const MAX_STALLS: u32 = 5;
+        let (mut last, mut stalls) = (usize::MAX, 0);
+        loop {
+            let left = self.flush_round(true).await?;
+            if left == 0 {
+                return Ok(());
+            }
+            stalls = if left >= last { stalls + 1 } else { 0 };
+            if stalls >= MAX_STALLS {
+                return Err(FsError::Retry(format!(
+                    "{left} inodes still pending after {MAX_STALLS} flush rounds"
+                )));
+            }
+            last = left;
+            if stalls > 0 {
+                self.cfg
+                    .clock
+                    .sleep(std::time::Duration::from_millis(20 << stalls))
+                    .await;
+            }
+        }
+    }
+
+    /// Notes that a client operation arrived (see [`BusyClients::defers`]); called within the
+    /// operation, whose arrival is the time.
+    pub fn note_activity(&self) {
+        self.uploader.busy.note_activity(self.cfg.clock.op_now(), self.quiet());
+    }
+
+    fn quiet(&self) -> std::time::Duration {
+        super::defer::QUIET.min(self.cfg.flush_delay / 4)
+    }
+
+    /// Whether due uploads and deletions wait for the clients to pause. Not when the dirty
+    /// bytes near their bound: writers would be held up waiting for uploads that wait for them.
+    fn defers_background(&self) -> bool {
+        self.uploader.dirty_bytes() <= self.cfg.max_dirty_bytes / 2
+            && self
+                .uploader
+                .busy
+                .defers(self.cfg.clock.now(), self.quiet(), self.cfg.busy_defer)
+    }
+
+    /// One pass over the journal. Returns how many inodes and deletions are still pending.
+    pub async fn flush_round(self: &Arc<Self>, force: bool) -> FsResult<usize> {
+        let span = tracing::info_span!(
+            "flush",
+            force,
+            pending = tracing::field::Empty,
+            deferred = tracing::field::Empty
+        );
+        async move {
+            let _round = self.uploader.round.lock().await;
+            if !force
+                && self.meta.pending_count() == 0
+                && self.meta.delete_count() == 0
+                && self.uploader.stream_wanted.locked().is_empty()
+            {
+                // An idle tick: nothing to look at, and nothing pending is nothing dirty.
+                self.uploader.dirty_bytes.store(0, Ordering::Release);
+                return Ok(0);
+            }
+            let defer = !force && self.defers_background();
+            tracing::Span::current().record("deferred", defer);
+            // Streams (large files being written) keep up with a writer, unless the writer
+            // would lose the CPU to them (see `VolumeConfig::stream_while_busy`).
+            if !defer || self.cfg.stream_while_busy {
+                self.start_streams();
+            }
+            let mut first_err: Option<FsError> = None;
+            // A round looks at a bounded share of the journal (ROUND_SCAN records), so that a
+            // million pending inodes do not make every 200 ms tick read a million records; the
+            // next round goes on where this one stopped. A forced round (flush_all) takes all.
+            let deletes = if force {
+                self.meta.all_deletes()?
+            } else if defer {
+                Vec::new()
+            } else {
+                self.meta.some_deletes(ROUND_SCAN)?
+            };
+            // Each item looks again: clients that start while a round runs come first too.
+            let yields = move || !force && self.defers_background();
+            let results: Vec<_> = futures::stream::iter(deletes.into_iter().map(|(seq, key)| async move {
+                if yields() {
+                    return Ok(()); // still in the journal: a later round deletes it
+                }
+                let r = self.delete_key(&key, None).await;
+                if r.is_ok() {
+                    let mut b = Batch::new();
+                    b.done_delete(seq, &key);
+                    self.meta.commit(b)?;
+                }
+                r
+            }))
+            .buffer_unordered(self.cfg.upload_concurrency)
+            .collect()
+            .await;
+            self.uploader.note_failures("delete", results, &mut first_err);
+
+            let (pending, sweep_start, sweep_end) = if force {
+                (self.meta.all_pending()?, true, true)
+            } else {
+                let after = self.uploader.cursor.load(Ordering::Acquire);
+                let page = self.meta.pending_after(after, ROUND_SCAN)?;
+                let end = page.len() < ROUND_SCAN;
+                let next = if end { 0 } else { page.last().map_or(0, |p| p.0) };
+                self.uploader.cursor.store(next, Ordering::Release);
+                (page, after == 0, end)
+            };
+            tracing::Span::current().record("pending", pending.len());
+            let mut dirty = if sweep_start {
+                0
+            } else {
+                self.uploader.dirty_sweep.load(Ordering::Acquire)
+            };
+            let mut due = Vec::new();
+            let now = self.cfg.clock.now();
+            for (ino, seq) in pending {
+                let st = self.staged(ino);
+                if let Some(st) = &st {
+                    if st.content_dirty.load(Ordering::Acquire) {
+                        dirty += st.size();
+                        let idle = st.idle_at(now);
+                        if !force && (idle < self.cfg.flush_delay || self.uploader.streaming.locked().contains(&ino)) {
+                            continue;
+                        }
+                    }
+                }
+                due.push((ino, seq));
+            }
+            if defer {
+                due.clear(); // the sweep above still counts the dirty bytes
+            }
+            // Dirty bytes are known once a sweep over every pending inode is complete.
+            if sweep_end {
+                self.uploader.dirty_bytes.store(dirty, Ordering::Release);
+            } else {
+                self.uploader.dirty_sweep.store(dirty, Ordering::Release);
+            }
+            if !due.is_empty() && !sweep_end {
+                self.uploader.kick(); // more of the journal to look at, and it had work
+            }
+            let results: Vec<_> = futures::stream::iter(due.into_iter().map(|(ino, seq)| async move {
+                if yields() {
+                    return Ok(()); // still pending: a later round uploads it
+                }
+                self.sync_inode(ino, seq).await
+            }))
+            .buffer_unordered(self.cfg.upload_concurrency)
+            .collect()
+            .await;
+            self.uploader.note_failures("upload", results, &mut first_err);
+            let left = self.meta.pending_count() + self.meta.delete_count();
+            match first_err {
+                Some(e) if force => Err(e),
+                _ => Ok(left),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+}

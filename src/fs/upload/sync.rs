@@ -1,0 +1,336 @@
+//! Bringing one inode's pending work to S3: deletions under the key lock, a file's or a link's
+//! upload, a server-side move by CopyObject, and recording the result in the journal only if
+//! nothing changed while the request was in flight.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracing::Instrument;
+
+use crate::fs::names::user_meta;
+use crate::fs::staging::Staged;
+use super::Synced;
+use crate::fs::{FsError, FsResult, Volume};
+use crate::meta::{Batch, Ino, Inode, Kind, Remote, ROOT_INO};
+use crate::store::Body;
+use crate::sync::LockExt;
+
+impl Volume {
+    /// The inode whose key is `key` now, if any.
+    fn resolve_key(&self, key: &str) -> FsResult<Option<Ino>> {
+        let Some(rest) = key.strip_prefix(self.cfg.prefix.as_str()) else {
+            return Ok(None);
+        };
+        let is_dir = rest.ends_with('/');
+        let mut cur = ROOT_INO;
+        for comp in rest.trim_end_matches('/').split('/') {
+            match self.meta.lookup(cur, comp.as_bytes())? {
+                Some(i) => cur = i,
+                None => return Ok(None),
+            }
+        }
+        let inode = self.meta.inode(cur)?;
+        Ok(inode.filter(|i| (i.kind == Kind::Dir) == is_dir).map(|i| i.ino))
+    }
+
+    /// Deletes `key` unless a live inode maps to it, or an inode other than `moved` (the one
+    /// whose move away from `key` just finished) still has to copy its object from there: that
+    /// one deletes the key once it has moved (see `sync_inode`). A hard link's name dropped after
+    /// its file took over its old key queues that key's deletion, and the file may be leaving
+    /// the key at the same time.
+    pub(super) async fn delete_key(&self, key: &str, moved: Option<Ino>) -> FsResult<()> {
+        let _k = self.uploader.key_lock(key).await;
+        if let Some(owner) = self.resolve_key(key)? {
+            // A live inode holds the key now and will write it. Until it has, the old
+            // object is its to deal with: if it goes (or moves) before writing, the key is
+            // deleted then (see `maybe_written`).
+            let owns_object = self
+                .meta
+                .inode(owner)?
+                .is_some_and(|i| i.remote.as_ref().is_some_and(|r| r.key == key));
+            if !owns_object {
+                let mut b = Batch::new();
+                b.maybe_written(owner, key);
+                self.meta.commit(b)?;
+            }
+            return Ok(());
+        }
+        for m in self.meta.movers(key)? {
+            if Some(m) != moved
+                && self
+                    .meta
+                    .inode(m)?
+                    .is_some_and(|i| i.remote.is_some_and(|r| r.key == key))
+            {
+                return Ok(());
+            }
+        }
+        self.store.delete(key).await?;
+        self.uploader.ledger.note_deleted(key);
+        Ok(())
+    }
+
+    pub(super) async fn sync_inode(self: &Arc<Self>, ino: Ino, seq: u64) -> FsResult<()> {
+        let Some(inode) = self.meta.inode(ino)? else {
+            let mut b = Batch::new();
+            b.clear_pending(ino);
+            return Ok(self.meta.commit(b)?);
+        };
+        if ino == ROOT_INO {
+            return self.record(ino, seq, None, None).await;
+        }
+        if let Kind::Link(file) = inode.kind {
+            return self.sync_link(inode, file, seq).await;
+        }
+        let key = self.key_of(&inode)?;
+        self.protect_movers(&key, ino).await?;
+        let meta = user_meta(&inode);
+        let _writing = self.uploader.ledger.writing_guard(&key);
+        let span = tracing::info_span!("sync_inode", ino, key = %key);
+        crate::telemetry::link_causes(&span, self.volume_id(), ino, true);
+        let synced = async {
+            match inode.kind {
+                Kind::Dir | Kind::Fifo | Kind::Socket | Kind::CharDev(_) | Kind::BlockDev(_) => {
+                    self.put_small(&key, Bytes::new(), &meta).await.map(Some)
+                }
+                Kind::Link(_) => unreachable!("handled by sync_link"),
+                Kind::Symlink => self
+                    .put_small(&key, Bytes::from(inode.target.clone()), &meta)
+                    .await
+                    .map(Some),
+                Kind::File => match self.staged(ino) {
+                    Some(st) if st.content_dirty.load(Ordering::Acquire) => {
+                        self.upload_staged(&st, &inode, &key, &meta).await
+                    }
+                    _ => match &inode.remote {
+                        Some(r) => {
+                            let _k = self.uploader.key_lock(&key).await;
+                            let etag = self.store.copy(&r.key, &key, &meta).await?;
+                            Ok(Some(Synced {
+                                remote: Remote {
+                                    key: key.clone(),
+                                    etag,
+                                    size: r.size,
+                                },
+                                gen: None,
+                            }))
+                        }
+                        None => self.put_small(&key, Bytes::new(), &meta).await.map(Some),
+                    },
+                },
+            }
+        }
+        .instrument(span)
+        .await;
+        let synced = match synced {
+            Ok(s) => s,
+            Err(e) => {
+                // The request may have reached S3 and only its reply been lost: remember the
+                // key, so that it is cleaned up if the inode settles elsewhere.
+                if inode.remote.as_ref().is_none_or(|r| r.key != key) {
+                    let mut b = Batch::new();
+                    b.maybe_written(ino, &key);
+                    self.meta.commit(b)?;
+                }
+                return Err(e);
+            }
+        };
+        let Some(synced) = synced else { return Ok(()) };
+        if let Some(old) = &inode.remote {
+            if old.key != synced.remote.key {
+                self.delete_key(&old.key, Some(ino)).await?;
+            }
+        }
+        let st = self.staged(ino);
+        self.record(ino, seq, Some(synced), st).await
+    }
+
+    /// A hard link's object: a copy of its file's, once the file itself is in S3 (until then
+    /// the file's upload marks this name pending again when it is done).
+    async fn sync_link(self: &Arc<Self>, entry: Inode, file: Ino, seq: u64) -> FsResult<()> {
+        let Some(f) = self.meta.inode(file)? else {
+            return self.record(entry.ino, seq, None, None).await;
+        };
+        let src = match &f.remote {
+            Some(r) if self.meta.pending(file)?.is_none() => r.clone(),
+            _ => {
+                if self.meta.pending(file)?.is_none() {
+                    let mut b = Batch::new();
+                    b.mark_pending(file, self.next_seq());
+                    self.meta.commit(b)?;
+                }
+                return self.record(entry.ino, seq, None, None).await;
+            }
+        };
+        let key = self.key_of(&entry)?;
+        let _writing = self.uploader.ledger.writing_guard(&key);
+        let etag = {
+            let _permit = self.uploader.uploads.acquire().await.expect("semaphore never closed");
+            let _k = self.uploader.key_lock(&key).await;
+            self.store.copy(&src.key, &key, &user_meta(&f)).await?
+        };
+        if let Some(old) = &entry.remote {
+            if old.key != key {
+                self.delete_key(&old.key, Some(entry.ino)).await?;
+            }
+        }
+        let synced = Synced {
+            remote: Remote {
+                key,
+                etag,
+                size: src.size,
+            },
+            gen: None,
+        };
+        self.record(entry.ino, seq, Some(synced), None).await
+    }
+
+    /// Before `writer` writes `key`: a file still to be moved away from `key` (renamed, or a
+    /// name that took over from a removed one, and not yet copied) would copy whatever `writer`
+    /// puts there instead of its own bytes. Its bytes are brought into staging first (from
+    /// `key`, still untouched), so that it uploads them from there. This also breaks cycles of
+    /// renames (a swap of two names) that no order of copies could carry out.
+    async fn protect_movers(&self, key: &str, writer: Ino) -> FsResult<()> {
+        for m in self.meta.movers(key)? {
+            if m == writer {
+                continue;
+            }
+            let needs_bytes = match self.meta.inode(m)? {
+                Some(i) => i.kind == Kind::File && i.remote.as_ref().is_some_and(|r| r.key == key),
+                None => false,
+            };
+            if needs_bytes {
+                let st = self.stage(m, false).await?;
+                st.content_dirty.store(true, Ordering::Release);
+                st.pending_marked.store(true, Ordering::Release);
+            }
+            let mut b = Batch::new();
+            b.moved_from(key, m);
+            if needs_bytes {
+                b.mark_pending(m, self.next_seq());
+            }
+            self.meta.commit(b)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads one inode's pending work now (COMMIT of a volume with `--durability s3`).
+    pub async fn flush_inode(self: &Arc<Self>, ino: Ino) -> FsResult<()> {
+        // A write racing the upload leaves the inode pending under a new number: go again,
+        // a bounded number of times.
+        for _ in 0..8 {
+            let Some(seq) = self.meta.pending(ino)? else {
+                return Ok(());
+            };
+            self.sync_inode(ino, seq).await?;
+        }
+        Err(FsError::Retry(
+            "the file kept changing while it was being committed".into(),
+        ))
+    }
+
+    pub(super) async fn put_small(&self, key: &str, body: Bytes, meta: &crate::store::UserMeta) -> FsResult<Synced> {
+        let _permit = self.uploader.uploads.acquire().await.expect("semaphore never closed");
+        let _k = self.uploader.key_lock(key).await;
+        let size = body.len() as u64;
+        let etag = self.store.put(key, Body::Bytes(body), meta).await?;
+        self.uploader.uploaded_bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(Synced {
+            remote: Remote {
+                key: key.to_string(),
+                etag,
+                size,
+            },
+            gen: None,
+        })
+    }
+
+
+    /// Keeps at most `max_staged_files` staged copies: the least recently written ones that S3
+    /// already holds are dropped (their disk space and file descriptors freed). Recent ones stay,
+    /// so a file written again soon, or while S3 is unreachable, needs no download.
+    fn trim_staged(&self) {
+        let max = self.cfg.max_staged_files;
+        let mut clean: Vec<(std::time::Instant, Arc<Staged>)> = {
+            let staged = self.staged.locked();
+            // Some slack, so the sort below runs once per many uploads, not after each.
+            if staged.len() <= max + max / 8 {
+                return;
+            }
+            staged
+                .values()
+                .filter(|st| !st.content_dirty.load(Ordering::Acquire) && !st.pending_marked.load(Ordering::Acquire))
+                .map(|st| (*st.last_write.locked(), st.clone()))
+                .collect()
+        };
+        clean.sort_by_key(|c| c.0);
+        let excess = self.staged.locked().len().saturating_sub(max);
+        for (_, st) in clean.into_iter().take(excess) {
+            // Writers hold the lock shared: one busy right now keeps its copy.
+            if let Ok(_w) = st.lock.try_write() {
+                if !st.content_dirty.load(Ordering::Acquire) && !st.pending_marked.load(Ordering::Acquire) {
+                    self.drop_staged(st.ino);
+                }
+            }
+        }
+    }
+
+    /// Records a finished sync: the remote location, and clears `P` if nothing changed meanwhile.
+    /// Takes the staged file's lock before `ns` (the lock order).
+    async fn record(&self, ino: Ino, seq: u64, synced: Option<Synced>, st: Option<Arc<Staged>>) -> FsResult<()> {
+        let _w = match &st {
+            Some(st) => Some(st.lock.write().await),
+            None => None,
+        };
+        let _g = self.ns.lock().await;
+        let mut b = Batch::new();
+        let Some(mut inode) = self.meta.inode(ino)? else {
+            // Removed while uploading: what we just wrote must go too.
+            if let Some(s) = &synced {
+                b.queue_delete(self.next_seq(), &s.remote.key);
+            }
+            b.clear_pending(ino);
+            return Ok(self.meta.commit(b)?);
+        };
+        let mut clean = self.meta.pending(ino)? == Some(seq);
+        if let Some(s) = synced {
+            if let Some(old) = &inode.remote {
+                if old.key != s.remote.key {
+                    b.moved_from(&old.key, ino);
+                }
+            }
+            // Keys that failed uploads may have written: only the one just written is ours.
+            self.release_maybe_written(&mut b, ino, Some(&s.remote.key))?;
+            if let (Some(st), Some(gen)) = (&st, s.gen) {
+                if st.gen() == gen {
+                    st.content_dirty.store(false, Ordering::Release);
+                    inode.size = s.remote.size;
+                    inode.mtime = st.mtime();
+                } else {
+                    clean = false;
+                }
+            }
+            inode.remote = Some(s.remote);
+            inode.synced_epoch = self.uploader.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+            b.put_inode(&inode);
+            // The file's other names copy what was just uploaded.
+            if !matches!(inode.kind, Kind::Link(_) | Kind::Dir) {
+                for l in self.meta.links(ino)? {
+                    b.mark_pending(l, self.next_seq());
+                }
+            }
+        }
+        if clean {
+            b.clear_pending(ino);
+            if let Some(st) = &st {
+                st.pending_marked.store(false, Ordering::Release);
+            }
+        }
+        self.meta.commit(b)?;
+        drop(_g);
+        drop(_w);
+        self.trim_staged();
+        Ok(())
+    }
+}
