@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{bed_dir, BootLines, GuestOpts};
+use super::{bed_dir, guest_path, BootLines, GuestOpts};
 
 /// The script that builds the bed.
 fn bed_script() -> PathBuf {
@@ -53,7 +53,9 @@ fn version() -> String {
 }
 
 pub(super) fn boot_lines(token: &str) -> BootLines {
-    let kernel = bed_dir().join("kernel");
+    // Read after /tmp and /mnt are covered by the guest's tmpfs: a bed under them is reached
+    // through /run/host.
+    let kernel = guest_path(bed_dir().join("kernel"));
     BootLines {
         early: "mount -t proc proc /proc\n\
                 mount -t sysfs sys /sys\n\
@@ -63,9 +65,8 @@ pub(super) fn boot_lines(token: &str) -> BootLines {
                 mount -t tmpfs -o mode=1777 shm /dev/shm"
             .into(),
         modules: format!(
-            "S3NFS_MODROOT={}\n\
-             modprobe -d $S3NFS_MODROOT nfsv3 || echo \"@@{token}@@ STEP guest_modprobe rc=1\"",
-            kernel.display()
+            "S3NFS_MODROOT={kernel}\n\
+             modprobe -d $S3NFS_MODROOT nfsv3 || echo \"@@{token}@@ STEP guest_modprobe rc=1\""
         ),
     }
 }
