@@ -4,9 +4,9 @@
 //! The host's kernel may lack an NFS client, so the kernel-client tests run in a guest. Two
 //! backends give the same guest contract:
 //! - **uml** ([`uml`]): Debian's `user-mode-linux`, the host's root over hostfs. Fast to boot,
-//!   but Debian 12's UML 6.1 dies at init on hosts with AVX-512 (`ptrace set fp regs failed,
-//!   errno = 14`: the host kernel takes `PTRACE_SETREGSET NT_X86_XSTATE` only with its full
-//!   XSAVE size, UML passes 832 bytes).
+//!   but Debian 12's UML 6.1 dies at init on some hosts (`ptrace set fp regs failed, errno =
+//!   14`: the host kernel takes `PTRACE_SETREGSET NT_X86_XSTATE` only with its full XSAVE
+//!   size, UML passes 832 bytes; seen with AVX-512 and AMX, while AVX-512 alone boots).
 //! - **qemu** ([`qemu`]): `qemu-system-x86_64` with software emulation (TCG; KVM on these
 //!   machines is a nested software hypervisor that cannot run a stock kernel), Debian's 6.1
 //!   kernel unpacked into a bed under `target/guest-bed` by `qemu-bed.sh`, the host's root
