@@ -18,19 +18,19 @@
 
 // The kernel-client tests' guest harness (their `super::` is this crate's root here).
 #[allow(dead_code)]
+#[path = "../tests/common/bed/mod.rs"]
+mod bed;
+#[allow(dead_code)]
 #[path = "../tests/common/garage.rs"]
 mod garage;
 #[allow(dead_code)]
 #[path = "../tests/common/guest.rs"]
 mod guest;
-#[allow(dead_code)]
-#[path = "../tests/common/bed/mod.rs"]
-mod bed;
 
 use std::collections::BTreeMap;
 
-use guest::prelude;
 use bed::{require_guest, run_guest, GuestOpts};
+use guest::prelude;
 
 /// The workloads, each run on $MNT of one system. Figures are reported as `KV <sys>_<name>=`
 /// milliseconds (or MiB / seconds for rss and cpu).

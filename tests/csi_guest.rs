@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::bed::{guest_path, require_guest, run_guest, s3nfs_bin, sh_quote, GuestOpts};
 use common::csi::{
     connect, mount_cap, publish_req, rwo, stage_req as stage, unpublish_req as unpublish, unstage_req as unstage,
     Clients,
 };
 use common::guest::prelude;
-use common::bed::{guest_path, require_guest, run_guest, s3nfs_bin, sh_quote, GuestOpts};
 use s3nfs::csi::pb::{self, volume_capability::access_mode::Mode};
 use s3nfs::store::s3::{S3Config, S3Store, Secret};
 use s3nfs::store::{Body, ObjectStore, StoreError};

@@ -29,8 +29,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use common::guest::script;
 use common::bed::{guest_path, require_guest, run_guest, sh_quote, GuestOpts};
+use common::guest::script;
 
 const INSTALL_HINT: &str = "pjdfstest is needed for the POSIX conformance test: \
      `apt-get install libacl1-dev && cargo install pjdfstest --locked` (or set PJDFSTEST_BIN), \

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::gateway::{on_faulty_garage, on_garage, InProc, Opts, S3Side};
 use common::nfs::{Client, Fh, Status};
-use s3nfs::fs::upload::{FLUSH_TICK, MAX_BACKOFF};
 use s3nfs::clock::Clock;
+use s3nfs::fs::upload::{FLUSH_TICK, MAX_BACKOFF};
 use s3nfs::store::faulty::Op as FaultOp;
 
 /// Waits until the flusher has finished a round and sleeps `left` before the next one. Only a

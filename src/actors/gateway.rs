@@ -1,5 +1,5 @@
 //! One volume being served: the core ([`Volume`]), its NFS listener, and its background work
-//! (the flusher and the local sync ticker), with one lifecycle for all of them.
+//! (the uploader's rounds and the local sync ticker), with one lifecycle for all of them.
 //!
 //! Everything a gateway starts it also stops, in this order ([`Gateway::close`]):
 //! 1. the NFS listener stops accepting; each connection answers the requests it has already
@@ -89,7 +89,7 @@ impl Gateway {
         let (stop_background, rx) = watch::channel(false);
         let failure = Arc::new(Mutex::new(None));
         let mut background = JoinSet::new();
-        background.spawn(flusher(vol.clone(), rx.clone(), failure.clone()));
+        background.spawn(upload_rounds(vol.clone(), rx.clone(), failure.clone()));
         background.spawn(local_sync(vol.clone(), rx, failure.clone()));
         Ok(Gateway {
             name: export.name.clone(),
@@ -167,7 +167,7 @@ fn record_failure(failure: &Mutex<Option<String>>, what: String) {
 
 /// The uploader's rounds at its own pace (see [`crate::fs::upload::Pace`]), and the usage
 /// recount that rides on its tick.
-async fn flusher(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc<Mutex<Option<String>>>) {
+async fn upload_rounds(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc<Mutex<Option<String>>>) {
     let mut pace = crate::fs::upload::Pace::default();
     while vol.next_upload_round(&mut pace, &mut stop).await {
         if vol.recount_due() {

@@ -212,9 +212,10 @@ impl Volume {
         // where renamed or removed inodes used to be (the journal indexes them by key, so this
         // costs a lookup per unknown name, not a read of all pending work). A deletion that
         // finished while the listing was under way is in `deleted_since`.
+        let ledger = self.uploader.ledger();
         let is_leaving = |key: &str, is_dir: bool| -> FsResult<bool> {
-            Ok(self.uploader.ledger().writing(key, is_dir)
-                || self.uploader.ledger().deleted_since(key, is_dir, started)
+            Ok(ledger.writing(key, is_dir)
+                || ledger.deleted_since(key, is_dir, started)
                 || self.meta.key_leaving(key, is_dir)?)
         };
         let mut batch = Batch::new();

@@ -6,7 +6,7 @@
 //!   serialises namespace changes. File data does not queue behind it: WRITE and READ go to the
 //!   inode's staged file (see [`staging`]) or the read cache.
 //! - **Pending work.** An inode whose S3 object is behind has a `P` record; an object to delete
-//!   has an `X` record. The flusher ([`upload`]) turns them into S3 requests and clears them.
+//!   has an `X` record. The uploader ([`upload`]) turns them into S3 requests and clears them.
 //! - **Seeing S3.** A directory is listed from S3 (one delimiter listing) the first time it is
 //!   used and again when its listing is older than the refresh interval, so objects put, changed
 //!   or deleted by other tools show up. Local changes not yet in S3 always win over a listing.

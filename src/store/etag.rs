@@ -36,7 +36,10 @@ mod tests {
     #[test]
     fn the_etag_of_a_completed_multipart_object() {
         // Two parts whose ETags are the MD5s of "a" and "b".
-        let part = |n, etag: &str| Part { number: n, etag: etag.to_string() };
+        let part = |n, etag: &str| Part {
+            number: n,
+            etag: etag.to_string(),
+        };
         let parts = [
             part(1, "0cc175b9c0f1b6a831c399e269772661"),
             part(2, "92eb5ffee6ae2fec3ad71c777531578f"),

@@ -2,8 +2,8 @@
 //! Garage S3 and the s3nfs gateway inside a test-bed guest, the export mounted on $M.
 //! See `tests/common/bed/mod.rs` for the harness itself.
 
-use super::garage::garage_bin;
 use super::bed::{guest_path, s3nfs_bin, sh_quote};
+use super::garage::garage_bin;
 
 pub const PORT: u16 = 2049;
 

@@ -396,5 +396,4 @@ impl Volume {
         .instrument(span)
         .await
     }
-
 }

@@ -8,9 +8,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tracing::Instrument;
 
+use super::{Synced, WakeOnDrop};
 use crate::fs::names::user_meta;
 use crate::fs::staging::{Multipart, Staged};
-use super::{Synced, WakeOnDrop};
 use crate::fs::{FsError, FsResult, Volume};
 use crate::meta::{Batch, Ino, Inode, Remote};
 use crate::store::{Body, Part};
@@ -289,5 +289,4 @@ impl Volume {
         }
         Ok(yielded)
     }
-
 }

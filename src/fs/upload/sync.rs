@@ -8,9 +8,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::Instrument;
 
+use super::Synced;
 use crate::fs::names::user_meta;
 use crate::fs::staging::Staged;
-use super::Synced;
 use crate::fs::{FsError, FsResult, Volume};
 use crate::meta::{Batch, Ino, Inode, Kind, Remote, ROOT_INO};
 use crate::store::Body;
@@ -245,7 +245,6 @@ impl Volume {
             gen: None,
         })
     }
-
 
     /// Keeps at most `max_staged_files` staged copies: the least recently written ones that S3
     /// already holds are dropped (their disk space and file descriptors freed). Recent ones stay,

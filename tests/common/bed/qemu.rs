@@ -49,7 +49,10 @@ pub(super) fn available() -> Result<(), String> {
 }
 
 fn version() -> String {
-    std::fs::read_to_string(bed_dir().join("version")).expect("bed version").trim().to_string()
+    std::fs::read_to_string(bed_dir().join("version"))
+        .expect("bed version")
+        .trim()
+        .to_string()
 }
 
 pub(super) fn boot_lines(token: &str) -> BootLines {
@@ -74,10 +77,18 @@ pub(super) fn boot_lines(token: &str) -> BootLines {
 pub(super) fn command(init: &Path, opts: &GuestOpts) -> Command {
     let bed = bed_dir();
     let v = version();
-    let smp = std::env::var("S3NFS_QEMU_SMP").unwrap_or_else(|_| "1".into());
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none"])
-        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", &smp, "-m", &opts.mem])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            &opts.mem,
+        ])
         .args(["-serial", "stdio"])
         .arg("-kernel")
         .arg(bed.join(format!("kernel/boot/vmlinuz-{v}")))

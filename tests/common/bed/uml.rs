@@ -40,7 +40,9 @@ pub(super) fn available() -> Result<(), String> {
         return Err(format!("linux.uml not found on PATH; {INSTALL_HINT}"));
     }
     if modules_version().is_none() {
-        return Err(format!("no UML kernel modules in /usr/lib/uml/modules/<ver>; {INSTALL_HINT}"));
+        return Err(format!(
+            "no UML kernel modules in /usr/lib/uml/modules/<ver>; {INSTALL_HINT}"
+        ));
     }
     if !Path::new("/sbin/modprobe").exists() && !Path::new("/usr/sbin/modprobe").exists() {
         return Err(format!("modprobe not found; {INSTALL_HINT}"));
@@ -54,9 +56,17 @@ pub(super) fn boots() -> Result<(), String> {
     available()?;
     let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let memo = bed_dir().join("uml-probe");
-    if let Some((id, answer)) = fs::read_to_string(&memo).ok().as_deref().and_then(|s| s.split_once('\n')) {
+    if let Some((id, answer)) = fs::read_to_string(&memo)
+        .ok()
+        .as_deref()
+        .and_then(|s| s.split_once('\n'))
+    {
         if id == boot_id.trim() {
-            return if answer == "ok" { Ok(()) } else { Err(answer.to_string()) };
+            return if answer == "ok" {
+                Ok(())
+            } else {
+                Err(answer.to_string())
+            };
         }
     }
     let opts = GuestOpts::default().mem("256M").timeout_secs(120);
@@ -99,11 +109,17 @@ pub(super) fn boot_lines(token: &str) -> BootLines {
 pub(super) fn command(init: &Path, opts: &GuestOpts, work: &Path) -> (Command, Option<tempfile::TempDir>) {
     let need = mem_bytes(&opts.mem) + (256 << 20);
     let memdir = if free_bytes("/dev/shm") > need {
-        tempfile::Builder::new().prefix("s3nfs-uml-").tempdir_in("/dev/shm").ok()
+        tempfile::Builder::new()
+            .prefix("s3nfs-uml-")
+            .tempdir_in("/dev/shm")
+            .ok()
     } else {
         None
     };
-    let tmpdir = memdir.as_ref().map(|d| d.path().to_path_buf()).unwrap_or_else(|| work.to_path_buf());
+    let tmpdir = memdir
+        .as_ref()
+        .map(|d| d.path().to_path_buf())
+        .unwrap_or_else(|| work.to_path_buf());
     let mut cmd = Command::new(binary().expect("linux.uml"));
     cmd.arg(format!("mem={}", opts.mem))
         .args(["root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro"])
