@@ -7,12 +7,14 @@
 //! - [`nfs`]: the thin nfsserve adapter over [`fs`].
 //! - [`actors`]: the supervisor and per-volume actors (actix) that own volumes and listeners.
 //! - [`csi`]: the Kubernetes CSI plugin (controller and node services over gRPC).
+//! - [`cluster`]: ReadWriteMany volumes: the owner's lease, the relays of other nodes.
 //! - [`clock`]: the injectable time source of flush delays, refreshes and back-offs.
 //! - [`config`]: exports, from flags or a config file.
 //! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, Prometheus/OTLP metrics.
 
 pub mod actors;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod csi;
 pub mod fs;

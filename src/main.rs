@@ -69,6 +69,57 @@ struct CsiArgs {
     /// Ports for the gateways on 127.0.0.1, FIRST-LAST.
     #[arg(long, default_value = "20500-20999", value_parser = parse_ports)]
     ports: std::ops::Range<u16>,
+    /// ReadWriteMany volumes: where their Leases are kept. `in-cluster` (the pod's service
+    /// account), or the API server's URL. Without it, MULTI_NODE writer modes are refused.
+    #[arg(long, env = "S3NFS_LEASE_API")]
+    lease_api: Option<String>,
+    /// The namespace of the Leases (default: the pod's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// How long a Lease lasts without renewal: a dead owner is replaced after this. The owner
+    /// stops serving after two thirds of it.
+    #[arg(long, default_value = "15s", value_parser = config::parse_duration)]
+    lease_duration: std::time::Duration,
+    /// This node's address, where its owner gateways take other nodes' connections (e.g. the
+    /// downward API's status.hostIP).
+    #[arg(long, env = "NODE_IP")]
+    node_address: Option<std::net::IpAddr>,
+    /// The driver's key pair for traffic between nodes (mutual TLS; PEM files).
+    #[arg(long, env = "S3NFS_PEER_CERT")]
+    peer_cert: Option<PathBuf>,
+    #[arg(long, env = "S3NFS_PEER_KEY")]
+    peer_key: Option<PathBuf>,
+}
+
+/// The ReadWriteMany part of a node plugin, when `--lease-api` is given.
+fn cluster_of(a: &CsiArgs) -> anyhow::Result<Option<s3nfs::csi::shared::Cluster>> {
+    let Some(api) = &a.lease_api else { return Ok(None) };
+    let leases: std::sync::Arc<dyn s3nfs::cluster::lease::LeaseApi> = if api == "in-cluster" {
+        std::sync::Arc::new(s3nfs::cluster::kube::KubeLeases::in_cluster(a.lease_namespace.clone())?)
+    } else {
+        let ns = a.lease_namespace.clone().unwrap_or_else(|| "default".into());
+        std::sync::Arc::new(s3nfs::cluster::kube::KubeLeases::new(api, &ns, None, None)?)
+    };
+    let address = a
+        .node_address
+        .ok_or_else(|| anyhow::anyhow!("--lease-api needs --node-address (or NODE_IP)"))?;
+    let (Some(cert), Some(key)) = (&a.peer_cert, &a.peer_key) else {
+        anyhow::bail!("--lease-api needs --peer-cert and --peer-key: traffic between nodes is authenticated");
+    };
+    let tls = s3nfs::cluster::tls::PeerTls::from_files(cert, key)?;
+    let d = a.lease_duration;
+    let timing = s3nfs::cluster::elect::Timing {
+        duration: d,
+        renew_deadline: d * 2 / 3,
+        retry: d / 7,
+    };
+    timing.check().map_err(anyhow::Error::msg)?;
+    Ok(Some(s3nfs::csi::shared::Cluster {
+        leases,
+        tls,
+        address,
+        timing,
+    }))
 }
 
 fn parse_ports(s: &str) -> Result<std::ops::Range<u16>, String> {
@@ -309,6 +360,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .send(StartVolume {
                 export: e.clone(),
                 check: true,
+                term: None,
             })
             .await??;
         let what = match &e.backend {
@@ -355,7 +407,9 @@ async fn csi(a: CsiArgs) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let socket = s3nfs::csi::socket_path(&a.endpoint).map_err(anyhow::Error::msg)?;
     let sup = Supervisor::default().start();
+    let cluster = cluster_of(&a)?;
     let opts = s3nfs::csi::CsiOptions {
+        cluster,
         mode: a.mode,
         socket,
         node_id: a.node_id,

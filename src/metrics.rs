@@ -13,6 +13,7 @@
 //!   work pending: the journal's length), `s3nfs_volume_journal_bytes`,
 //!   `s3nfs_volume_uploaded_bytes_total`, `s3nfs_volume_upload_errors_total`,
 //!   `s3nfs_cache_hits_total`, `s3nfs_cache_misses_total`, `s3nfs_cache_hit_ratio`;
+//! - ReadWriteMany: `s3nfs_peer_refused_connections_total`, `s3nfs_peer_relayed_connections_total`;
 //! - the exporter itself: `s3nfs_otel_spans_exported_total`, `s3nfs_otel_spans_dropped_total`,
 //!   `s3nfs_otel_spans_export_failed_total`.
 //!
@@ -82,6 +83,11 @@ pub struct Registry {
     pub spans_exported: AtomicU64,
     pub spans_dropped: AtomicU64,
     pub spans_export_failed: AtomicU64,
+    /// Connections to an owner's cross-node port refused: no client certificate, or the wrong
+    /// one (ReadWriteMany).
+    pub peer_refused: AtomicU64,
+    /// Connections relayed from this node to another node's owner gateway.
+    pub peer_relayed: AtomicU64,
     volumes: Mutex<Vec<VolumeEntry>>,
 }
 
@@ -233,6 +239,18 @@ impl Registry {
             "s3nfs_nfs_refused_records_total",
             "RPC records refused (too long or undecodable); their connections were closed.",
             nfsserve::REFUSED_RECORDS.load(l),
+        );
+        counter(
+            &mut out,
+            "s3nfs_peer_refused_connections_total",
+            "Connections to an owner gateway's cross-node port refused (no or a wrong key).",
+            self.peer_refused.load(l),
+        );
+        counter(
+            &mut out,
+            "s3nfs_peer_relayed_connections_total",
+            "Connections relayed from this node to another node's owner gateway.",
+            self.peer_relayed.load(l),
         );
         counter(
             &mut out,

@@ -113,11 +113,6 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
                 },
                 Code::InvalidArgument,
             ),
-            (
-                "for multi-node writing",
-                |r| r.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter)],
-                Code::InvalidArgument,
-            ),
             ("without a secret", |r| r.secrets.clear(), Code::InvalidArgument),
             (
                 "with an unknown parameter",
@@ -169,10 +164,6 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
                 *code
             );
         }
-        let mut r = create_req(&name, &[], 1 << 20);
-        r.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter)];
-        let err = controller.create_volume(r).await.unwrap_err();
-        assert!(err.message().contains("MULTI_NODE_MULTI_WRITER"), "{}", err.message());
 
         // CreateVolume: a bucket per volume, idempotent by name, AlreadyExists on another size
         let created = expect!(
@@ -241,15 +232,18 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
         )
         .unwrap();
         assert!(ok.confirmed.is_some());
-        let no = expect!(
-            "validate multi-node writing",
-            controller
-                .validate_volume_capabilities(validate(&id, vec![mount_cap(Mode::MultiNodeMultiWriter)]))
-                .await,
-            Code::Ok
-        )
-        .unwrap();
-        assert!(no.confirmed.is_none() && !no.message.is_empty());
+        // ReadWriteMany: one owner gateway, the other nodes relay to it (tests/rwx.rs).
+        for mode in [Mode::MultiNodeMultiWriter, Mode::MultiNodeSingleWriter] {
+            let yes = expect!(
+                format!("validate {mode:?}"),
+                controller
+                    .validate_volume_capabilities(validate(&id, vec![mount_cap(mode)]))
+                    .await,
+                Code::Ok
+            )
+            .unwrap();
+            assert!(yes.confirmed.is_some(), "{mode:?}: {}", yes.message);
+        }
 
         // ControllerExpandVolume
         let expand = |id: &str, bytes: Option<i64>| pb::ControllerExpandVolumeRequest {
@@ -302,12 +296,18 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             node.node_stage_volume(r.clone()).await,
             Code::InvalidArgument
         );
+        // This plugin has no --lease-api: it cannot take part in a ReadWriteMany volume.
         expect!(
-            "stage for multi-node writing",
+            "stage for multi-node writing on a node without a lease store",
             node.node_stage_volume(stage_req(&id, &staging, mount_cap(Mode::MultiNodeMultiWriter)))
                 .await,
-            Code::InvalidArgument
+            Code::FailedPrecondition
         );
+        let refused = node
+            .node_stage_volume(stage_req(&id, &staging, mount_cap(Mode::MultiNodeSingleWriter)))
+            .await
+            .unwrap_err();
+        assert!(refused.message().contains("--lease-api"), "{}", refused.message());
         let mut r = stage_req(&id, &staging, rwo());
         r.secrets = with(secret(), "secretAccessKey", "wrong");
         expect!(

@@ -71,10 +71,22 @@ impl Gateway {
         store: Arc<dyn ObjectStore>,
         clock: crate::clock::Clock,
     ) -> anyhow::Result<Gateway> {
+        Self::start_with(export, store, clock, None).await
+    }
+
+    /// [`Gateway::start_with_clock`], with `keyed_handles` for a ReadWriteMany owner (see
+    /// [`crate::fs::VolumeConfig::keyed_handles`]).
+    pub async fn start_with(
+        export: &Export,
+        store: Arc<dyn ObjectStore>,
+        clock: crate::clock::Clock,
+        keyed_handles: Option<u64>,
+    ) -> anyhow::Result<Gateway> {
         // A root span of its own: the journal replay and the restore of in-flight uploads.
         let span = tracing::info_span!(parent: None, "volume_open", volume = %export.name);
         let mut cfg = volume_config(export);
         cfg.clock = clock;
+        cfg.keyed_handles = keyed_handles;
         let vol = Volume::open(cfg, store).instrument(span).await?;
         let adapter = NfsAdapter::named(vol.clone(), &export.name).with_squash(export.squash);
         let listener = NFSTcpListener::bind(&export.listen.to_string(), adapter)
@@ -146,6 +158,18 @@ impl Gateway {
         }
         drop(vol);
         Ok(())
+    }
+}
+
+impl Gateway {
+    /// Stops at once, uploading nothing more: the end of a ReadWriteMany owner's term, whose
+    /// store's fence the caller has raised already. What was not in S3 is dropped with the
+    /// local state; only writes no COMMIT acknowledged can be in it (the owner's durability
+    /// is S3).
+    pub fn abandon(self) {
+        crate::metrics::global().unregister_volume(&self.name);
+        tracing::warn!(volume = %self.name, "gateway abandoned: this node no longer owns the volume");
+        drop(self);
     }
 }
 

@@ -16,7 +16,9 @@ pub mod supervisor;
 pub mod volume;
 
 pub use gateway::{volume_config, Gateway, LOCAL_SYNC_INTERVAL};
-pub use supervisor::{ResizeVolume, StartVolume, StatusAll, StopAll, StopVolume, Supervisor, VolumeStatusOf};
+pub use supervisor::{
+    AbandonVolume, OwnerTerm, ResizeVolume, StartVolume, StatusAll, StopAll, StopVolume, Supervisor, VolumeStatusOf,
+};
 pub use volume::{VolumeActor, VolumeStatus};
 
 /// Builds the store an export names, and with `check` checks it before anything is served. A

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use actix::prelude::*;
 
 use super::gateway::Gateway;
-use super::volume::{Close, SetCapacity, Status, VolumeActor, VolumeStatus};
+use super::volume::{Abandon, Close, SetCapacity, Status, VolumeActor, VolumeStatus};
 use crate::config::Export;
 
 struct Running {
@@ -40,20 +40,35 @@ impl Actor for Supervisor {
 pub struct StartVolume {
     pub export: Export,
     pub check: bool,
+    /// A ReadWriteMany owner's term; `None` for every other volume.
+    pub term: Option<OwnerTerm>,
+}
+
+/// What a ReadWriteMany owner's gateway has that others do not (see [`crate::cluster`]): file
+/// handles any owner reproduces, and a fence that stops its writes to S3 at once.
+#[derive(Debug, Clone)]
+pub struct OwnerTerm {
+    /// The volume id in every handle, the same on every owner.
+    pub volume_id: u64,
+    pub fence: crate::store::fenced::Fence,
 }
 
 impl Handler<StartVolume> for Supervisor {
     type Result = ResponseActFuture<Self, anyhow::Result<SocketAddr>>;
     fn handle(&mut self, m: StartVolume, _: &mut Context<Self>) -> Self::Result {
-        let (export, check) = (m.export, m.check);
+        let (export, check, term) = (m.export, m.check, m.term);
         if let Some(r) = self.volumes.get(&export.name) {
             return Box::pin(fut::ready(Ok(r.addr)));
         }
         let name = export.name.clone();
         Box::pin(
             async move {
-                let store = super::open_store(&export, check).await?;
-                Gateway::start(&export, store).await
+                let mut store = super::open_store(&export, check).await?;
+                let keyed = term.as_ref().map(|t| t.volume_id);
+                if let Some(t) = term {
+                    store = crate::store::fenced::FencedStore::wrap(store, t.fence);
+                }
+                Gateway::start_with(&export, store, crate::clock::Clock::system(), keyed).await
             }
             .into_actor(self)
             .map(move |r, act, _| {
@@ -93,6 +108,24 @@ impl Handler<StopVolume> for Supervisor {
                     r
                 }),
         )
+    }
+}
+
+/// Ends a volume at once, uploading nothing more (a ReadWriteMany owner that lost its lease;
+/// see [`Gateway::abandon`]). Done when it is not running.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AbandonVolume(pub String);
+
+impl Handler<AbandonVolume> for Supervisor {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, m: AbandonVolume, _: &mut Context<Self>) -> Self::Result {
+        let actor = self.volumes.remove(&m.0).map(|r| r.actor);
+        Box::pin(async move {
+            if let Some(a) = actor {
+                let _ = a.send(Abandon).await;
+            }
+        })
     }
 }
 

@@ -46,6 +46,21 @@ impl Handler<Close> for VolumeActor {
     }
 }
 
+/// Ends the volume now, without uploading (see [`Gateway::abandon`]); the actor stops.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Abandon;
+
+impl Handler<Abandon> for VolumeActor {
+    type Result = ();
+    fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
+        if let Some(gw) = self.gateway.take() {
+            gw.abandon();
+        }
+        ctx.stop();
+    }
+}
+
 /// Sets the volume's capacity (online expansion).
 #[derive(Message)]
 #[rtype(result = "()")]

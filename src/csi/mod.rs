@@ -8,6 +8,7 @@
 //! - [`identity`], [`controller`], [`node`]: the three services, thin: the controller talks to
 //!   S3 through the store, the node sends the [`crate::actors::Supervisor`] messages to start,
 //!   stop and resize gateways, and mounts through a [`mount::Mounter`];
+//! - [`shared`]: ReadWriteMany volumes: the node's member of each, and its owner gateway;
 //! - [`state`]: what the node plugin records of each staged volume, so that a restarted plugin
 //!   brings every gateway back on its port before it answers a call.
 //!
@@ -27,6 +28,7 @@ pub mod mount;
 pub mod node;
 pub mod params;
 pub mod record;
+pub mod shared;
 pub mod state;
 
 /// The generated CSI v1 messages and services.

@@ -20,9 +20,13 @@ use super::mount::{MountEntry, Mounter};
 use super::params::{capacity_for, check_capability, Params, S3Secret, VolumeId};
 use super::pb::{self, node_server::Node, node_service_capability as nsc};
 use super::record;
+use super::shared::{lease_name, Cluster, SupervisedOwner};
 use super::state::{NodeState, StagedVolume};
 use super::{anyhow_status, store_status};
 use crate::actors::{ResizeVolume, StartVolume, StopVolume, Supervisor, VolumeStatusOf};
+use crate::cluster::elect::Role;
+use crate::cluster::lease::Holder;
+use crate::cluster::member::{Member, MemberConfig};
 use crate::config::{Backend, Export};
 use crate::sync::LockExt;
 
@@ -38,7 +42,15 @@ pub struct NodeService {
     deferred: Mutex<HashMap<String, Deferred>>,
     port_alloc: Mutex<()>,
     busy: Arc<Mutex<HashSet<String>>>,
+    /// Set when the plugin may take part in ReadWriteMany volumes.
+    cluster: Option<Arc<Cluster>>,
+    /// The member of each ReadWriteMany volume staged here.
+    members: Mutex<HashMap<String, Member>>,
 }
+
+/// How long NodeStage waits for a ReadWriteMany volume's owner to be known: a free lease is
+/// taken at once, a lease held by a node that died is taken when it expires.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(40);
 
 /// What NodeStage asked for.
 #[derive(Clone)]
@@ -47,6 +59,7 @@ struct Deferred {
     context: BTreeMap<String, String>,
     single_target: bool,
     read_only: bool,
+    multi_node: bool,
 }
 
 /// Held while a call works on a volume.
@@ -114,7 +127,65 @@ impl NodeService {
             deferred: Default::default(),
             port_alloc: Mutex::new(()),
             busy: Default::default(),
+            cluster: None,
+            members: Default::default(),
         }
+    }
+
+    /// Lets the plugin serve ReadWriteMany volumes.
+    pub fn with_cluster(mut self, cluster: Cluster) -> NodeService {
+        self.cluster = Some(Arc::new(cluster));
+        self
+    }
+
+    /// Starts the volume's member (or finds it running). With `settle`, waits until an owner
+    /// is known and fails if none is.
+    async fn start_member(&self, v: &StagedVolume, secret: &S3Secret, settle: bool) -> Result<(), Status> {
+        let c = self.cluster.clone().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "volume {}: ReadWriteMany needs the node plugin started with --lease-api, --node-address and --peer-cert/--peer-key (the Helm chart sets them)",
+                v.volume_id
+            ))
+        })?;
+        if !self.members.locked().contains_key(&v.volume_id) {
+            let export = export_of(&self.state, v, secret)?;
+            let owner = Arc::new(SupervisedOwner::new(self.supervisor.clone(), export));
+            let cfg = MemberConfig {
+                lease: lease_name(&v.volume_id),
+                me: Holder {
+                    node: self.node_id.clone(),
+                    addr: SocketAddr::new(c.address, v.port),
+                },
+                endpoint: SocketAddr::from(([127, 0, 0, 1], v.port)),
+                timing: c.timing,
+            };
+            let m = Member::start(
+                cfg,
+                c.leases.clone(),
+                c.tls.clone(),
+                owner,
+                crate::clock::Clock::system(),
+            )
+            .await
+            .map_err(|e| Status::internal(format!("volume {}: {e:#}", v.volume_id)))?;
+            self.members.locked().insert(v.volume_id.clone(), m);
+        }
+        if !settle {
+            return Ok(());
+        }
+        let m = self.members.locked().remove(&v.volume_id);
+        let Some(m) = m else { return Ok(()) };
+        let role = m.settled(SETTLE).await;
+        if role == Role::Unknown {
+            m.leave().await;
+            return Err(Status::unavailable(format!(
+                "volume {}: no owner within {SETTLE:?}: is the Kubernetes API server reachable? will retry",
+                v.volume_id
+            )));
+        }
+        tracing::info!(volume = %v.volume_id, ?role, "ReadWriteMany volume joined");
+        self.members.locked().insert(v.volume_id.clone(), m);
+        Ok(())
     }
 
     /// Brings back the gateway of every recorded volume on its port, before any call is
@@ -132,10 +203,24 @@ impl NodeService {
                     continue;
                 }
             };
+            if v.multi_node {
+                match self.start_member(&v, &secret, false).await {
+                    Ok(()) => tracing::info!(volume = %v.volume_id, "ReadWriteMany member restored"),
+                    Err(e) => {
+                        tracing::error!(volume = %v.volume_id, error = %e.message(), "cannot restore the ReadWriteMany member")
+                    }
+                }
+                self.staged.locked().insert(v.volume_id.clone(), v);
+                continue;
+            }
             let started = match export_of(&self.state, &v, &secret) {
                 Ok(export) => self
                     .supervisor
-                    .send(StartVolume { export, check: false })
+                    .send(StartVolume {
+                        export,
+                        check: false,
+                        term: None,
+                    })
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.map_err(|e| format!("{e:#}"))),
@@ -230,6 +315,7 @@ impl NodeService {
             single_target: d.single_target,
             read_only: d.read_only,
             targets: self.staged(&id).map(|v| v.targets).unwrap_or_default(),
+            multi_node: d.multi_node,
         };
         let export = export_of(&self.state, &v, secret)?;
         // Recorded before the mount exists: a plugin that dies between the two brings the
@@ -240,7 +326,29 @@ impl NodeService {
             this.staged.locked().remove(&id);
             let _ = this.state.remove(vol);
         };
-        match self.supervisor.send(StartVolume { export, check: true }).await {
+        let started = if v.multi_node {
+            drop(export);
+            self.start_member(&v, secret, true)
+                .await
+                .map(|()| Ok(Ok(SocketAddr::from(([127, 0, 0, 1], port)))))
+        } else {
+            Ok(self
+                .supervisor
+                .send(StartVolume {
+                    export,
+                    check: true,
+                    term: None,
+                })
+                .await)
+        };
+        let started = match started {
+            Ok(s) => s,
+            Err(status) => {
+                undo(self);
+                return Err(status);
+            }
+        };
+        match started {
             Ok(Ok(addr)) => tracing::info!(volume = %id, %addr, "gateway started"),
             Ok(Err(e)) => {
                 undo(self);
@@ -260,7 +368,13 @@ impl NodeService {
             .await
             .map_err(|e| internal(&format!("NFS mount of the gateway on {}", staging.display()), e));
         if let Err(s) = mounted {
-            let _ = self.supervisor.send(StopVolume(id.clone())).await;
+            let member = self.members.locked().remove(&id);
+            match member {
+                Some(m) => m.leave().await,
+                None => {
+                    let _ = self.supervisor.send(StopVolume(id.clone())).await;
+                }
+            }
             undo(self);
             return Err(s);
         }
@@ -311,6 +425,12 @@ impl Node for NodeService {
             .ok_or_else(|| Status::invalid_argument("volume_capability is missing"))?;
         let access = check_capability(cap).map_err(Status::invalid_argument)?;
         Params::parse(&r.volume_context, false)?;
+        if access.multi_node && self.cluster.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "volume {}: ReadWriteMany needs the node plugin started with --lease-api, --node-address and --peer-cert/--peer-key (the Helm chart sets them)",
+                vol.to_id()
+            )));
+        }
         let id = vol.to_id();
         let _lock = self.lock(&id)?;
         if r.secrets.is_empty() {
@@ -324,6 +444,7 @@ impl Node for NodeService {
                     context: r.volume_context.into_iter().collect(),
                     single_target: access.single_target,
                     read_only: access.read_only,
+                    multi_node: access.multi_node,
                 },
             );
             return Ok(Response::new(pb::NodeStageVolumeResponse {}));
@@ -336,6 +457,7 @@ impl Node for NodeService {
                 context: r.volume_context.into_iter().collect(),
                 single_target: access.single_target,
                 read_only: access.read_only,
+                multi_node: access.multi_node,
             },
             &secret,
         )
@@ -367,12 +489,18 @@ impl Node for NodeService {
                 )));
             }
         }
-        // Returns once every byte is in S3; if S3 refuses, the gateway and its record stay
-        // (still uploading in the background) and kubelet retries.
-        match self.supervisor.send(StopVolume(id.clone())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Status::unavailable(format!("volume {id}: {e}; will retry"))),
-            Err(e) => return Err(internal("supervisor", e)),
+        let member = self.members.locked().remove(&id);
+        if let Some(m) = member {
+            // Hands the volume over if this node owns it (see `Member::leave`).
+            m.leave().await;
+        } else {
+            // Returns once every byte is in S3; if S3 refuses, the gateway and its record stay
+            // (still uploading in the background) and kubelet retries.
+            match self.supervisor.send(StopVolume(id.clone())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Status::unavailable(format!("volume {id}: {e}; will retry"))),
+                Err(e) => return Err(internal("supervisor", e)),
+            }
         }
         self.staged.locked().remove(&id);
         self.state
@@ -496,6 +624,29 @@ impl Node for NodeService {
                 path.display()
             )));
         }
+        let role = self.members.locked().get(&id).map(|m| m.role());
+        match role {
+            None | Some(Role::Owner { .. }) => {}
+            Some(r) => {
+                // Usage is the owner's to tell; this node only relays.
+                let message = match &r {
+                    Role::Follower { owner } => format!("ReadWriteMany volume owned by node {}", owner.node),
+                    _ => "ReadWriteMany volume: no owner known; writes wait".into(),
+                };
+                return Ok(Response::new(pb::NodeGetVolumeStatsResponse {
+                    usage: vec![],
+                    volume_condition: Some(pb::VolumeCondition {
+                        abnormal: matches!(r, Role::Unknown),
+                        message,
+                    }),
+                }));
+            }
+        }
+        let owner_note = if role.is_some() {
+            format!("ReadWriteMany volume owned by this node ({})", self.node_id)
+        } else {
+            "gateway serving".into()
+        };
         let st = self
             .supervisor
             .send(VolumeStatusOf(id.clone()))
@@ -516,7 +667,7 @@ impl Node for NodeService {
             ],
             volume_condition: Some(pb::VolumeCondition {
                 abnormal: st.failure.is_some(),
-                message: st.failure.unwrap_or_else(|| "gateway serving".into()),
+                message: st.failure.unwrap_or(owner_note),
             }),
         }))
     }

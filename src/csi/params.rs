@@ -412,11 +412,14 @@ pub struct Access {
     pub read_only: bool,
     /// SINGLE_NODE_SINGLE_WRITER: one publish target at a time.
     pub single_target: bool,
+    /// MULTI_NODE_SINGLE_WRITER or MULTI_NODE_MULTI_WRITER: one owner gateway, other nodes
+    /// relay to it (see [`crate::cluster`]).
+    pub multi_node: bool,
 }
 
 /// Checks one volume capability: a mount (not a block device) in an access mode s3nfs can
-/// honour. Multi-node writing is refused: it would need one owner gateway that other nodes
-/// mount over the network, and independent write-back caches on several nodes would lose data.
+/// honour. Every mode is: writing from several nodes goes through one owner gateway that the
+/// other nodes relay to, so there is one write-back cache, never one per node.
 pub fn check_capability(cap: &super::pb::VolumeCapability) -> Result<Access, String> {
     use super::pb::volume_capability::{access_mode::Mode, AccessType};
     match &cap.access_type {
@@ -429,23 +432,16 @@ pub fn check_capability(cap: &super::pb::VolumeCapability) -> Result<Access, Str
         .as_ref()
         .ok_or("volume capability has no access_mode")?
         .mode;
+    let access = |read_only, single_target, multi_node| Access {
+        read_only,
+        single_target,
+        multi_node,
+    };
     match Mode::try_from(mode) {
-        Ok(Mode::SingleNodeWriter | Mode::SingleNodeMultiWriter) => Ok(Access {
-            read_only: false,
-            single_target: false,
-        }),
-        Ok(Mode::SingleNodeSingleWriter) => Ok(Access {
-            read_only: false,
-            single_target: true,
-        }),
-        Ok(Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly) => Ok(Access {
-            read_only: true,
-            single_target: false,
-        }),
-        Ok(m @ (Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter)) => Err(format!(
-            "access mode {} is not supported yet: writing from several nodes needs one owner gateway that the others mount, which s3nfs does not offer yet (independent caches on each node would lose data); use ReadWriteOnce, ReadWriteOncePod or ReadOnlyMany",
-            m.as_str_name()
-        )),
+        Ok(Mode::SingleNodeWriter | Mode::SingleNodeMultiWriter) => Ok(access(false, false, false)),
+        Ok(Mode::SingleNodeSingleWriter) => Ok(access(false, true, false)),
+        Ok(Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly) => Ok(access(true, false, false)),
+        Ok(Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter) => Ok(access(false, false, true)),
         Ok(Mode::Unknown) | Err(_) => Err(format!("access mode {mode} is unknown")),
     }
 }

@@ -27,6 +27,8 @@ pub struct CsiOptions {
     /// so that a restarted plugin finds its ports free.
     pub ports: Range<u16>,
     pub mounter: Arc<dyn Mounter>,
+    /// ReadWriteMany volumes' leases and peers; `None` refuses them.
+    pub cluster: Option<super::shared::Cluster>,
 }
 
 /// Serves until `shutdown` completes. In node mode, every recorded volume's gateway is back
@@ -47,6 +49,10 @@ pub async fn serve(
             supervisor,
             opts.mounter.clone(),
         );
+        let node = match opts.cluster {
+            Some(c) => node.with_cluster(c),
+            None => node,
+        };
         node.restore().await;
         Some(NodeServer::new(node))
     } else {

@@ -36,6 +36,9 @@ pub struct StagedVolume {
     pub read_only: bool,
     /// Publish targets and whether each is read-only.
     pub targets: BTreeMap<PathBuf, bool>,
+    /// Staged in a MULTI_NODE writer mode: served by a member of the volume's cluster.
+    #[serde(default)]
+    pub multi_node: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -174,6 +177,7 @@ mod tests {
             single_target: false,
             read_only: false,
             targets: [(PathBuf::from("/t/1"), true)].into_iter().collect(),
+            multi_node: true,
         };
         let secret = S3Secret {
             access_key: "AK".into(),

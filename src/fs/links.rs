@@ -37,7 +37,14 @@ impl Volume {
         }
         let mut batch = Batch::new();
         let now = Time::now();
-        let name_ino = self.alloc_ino(&mut batch);
+        let name_ino = self.alloc_ino_at(&mut batch, || {
+            let d = self.inode(dir).ok()?;
+            Some(format!(
+                "{}{}",
+                self.dir_prefix(&d).ok()?,
+                std::str::from_utf8(name).ok()?
+            ))
+        });
         let entry = Inode::new(
             name_ino,
             dir,

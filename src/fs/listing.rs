@@ -257,7 +257,7 @@ impl Volume {
                 }
                 self.forget_subtree(&mut batch, &inode)?;
             }
-            let ino = self.alloc_ino(&mut batch);
+            let ino = self.alloc_ino_at(&mut batch, || Some(key.clone()));
             let (size, mtime, remote, meta_loaded) = match &obj {
                 Some(o) => (
                     o.size,

@@ -14,6 +14,7 @@
 
 pub mod defer;
 pub mod durable;
+mod handles;
 mod ledger;
 pub mod links;
 mod listing;
@@ -36,6 +37,7 @@ use bytes::Bytes;
 use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, MetaError, Time, ROOT_INO};
 use crate::store::{ObjectStore, StoreError};
 use crate::sync::LockExt;
+pub use handles::keyed_volume_id;
 use names::check_name;
 pub use perm::Cred;
 use staging::Staged;
@@ -238,6 +240,9 @@ pub struct VolumeConfig {
     pub durability: durable::Durability,
     /// Time for the flush delay, the refresh interval and back-offs (manual in tests).
     pub clock: crate::clock::Clock,
+    /// `Some(volume id)`: file handles any gateway of the volume reproduces from S3 alone
+    /// (ReadWriteMany owners; see [`handles`]). `None`: handles from this gateway's journal.
+    pub keyed_handles: Option<u64>,
 }
 
 /// Whether this process may run on one CPU only, where work done beside the clients' (uploads,
@@ -272,6 +277,7 @@ impl VolumeConfig {
             capacity: None,
             durability: durable::Durability::Local,
             clock: crate::clock::Clock::system(),
+            keyed_handles: None,
         }
     }
 }
@@ -308,6 +314,9 @@ pub struct Volume {
     next_seq: AtomicU64,
     /// Group commit of COMMITs (see [`durable`]).
     sync_group: durable::SyncGroup,
+    /// When the last search for a lost handle found nothing (see [`handles`]): searches are
+    /// a walk of the whole volume, at most one per refresh interval for handles that stay lost.
+    lost_search: tokio::sync::Mutex<Option<Instant>>,
 }
 
 /// Counts the tasks a volume runs in the background, so that closing it can wait for the last
@@ -354,7 +363,9 @@ impl Volume {
         let meta = MetaDb::open(&cfg.state_dir.join("meta"))?;
         let mut volume_id = meta.counter("volume_id")?;
         let mut batch = Batch::new();
-        if volume_id == 0 {
+        if let Some(id) = cfg.keyed_handles {
+            volume_id = id;
+        } else if volume_id == 0 {
             volume_id = rand_u64() | 1;
             batch.set_counter("volume_id", volume_id);
         }
@@ -401,6 +412,7 @@ impl Volume {
             ino_limit: AtomicU64::new(ino_base + INO_BLOCK),
             next_seq: AtomicU64::new(seq_base),
             sync_group: durable::SyncGroup::new(),
+            lost_search: tokio::sync::Mutex::new(None),
             cfg,
         };
         vol.restore_staged()?;
@@ -863,15 +875,15 @@ impl Volume {
     /// A new inode in `dir`, owned as `cred` creates it there (see [`perm::new_owner`]).
     fn new_inode(&self, batch: &mut Batch, cred: &Cred, dir: &Inode, name: &[u8], kind: Kind, mode: u32) -> Inode {
         let (uid, gid, mode) = perm::new_owner(cred, dir, kind, mode);
-        Inode::new(
-            self.alloc_ino(batch),
-            dir.ino,
-            name,
-            kind,
-            mode,
-            (uid, gid),
-            Time::now(),
-        )
+        let ino = self.alloc_ino_at(batch, || {
+            let slash = if kind == Kind::Dir { "/" } else { "" };
+            Some(format!(
+                "{}{}{slash}",
+                self.dir_prefix(dir).ok()?,
+                std::str::from_utf8(name).ok()?
+            ))
+        });
+        Inode::new(ino, dir.ino, name, kind, mode, (uid, gid), Time::now())
     }
 
     /// Common checks for a new entry: the directory exists, is fresh and `cred` may write in

@@ -609,7 +609,7 @@ impl NFSFileSystem for NfsAdapter {
         nfs_fh3 { data }
     }
 
-    fn fh_to_id(&self, fh: &nfs_fh3) -> Result<fileid3, nfsstat3> {
+    async fn fh_to_id(&self, fh: &nfs_fh3) -> Result<fileid3, nfsstat3> {
         if fh.data.len() != 20 || &fh.data[..4] != FH_MAGIC {
             return Err(nfsstat3::NFS3ERR_BADHANDLE);
         }
@@ -618,7 +618,14 @@ impl NFSFileSystem for NfsAdapter {
             // A handle from another volume (or one recreated from scratch): not ours any more.
             return Err(nfsstat3::NFS3ERR_STALE);
         }
-        Ok(u64::from_be_bytes(fh.data[12..20].try_into().unwrap()))
+        let ino = u64::from_be_bytes(fh.data[12..20].try_into().unwrap());
+        // A ReadWriteMany volume's handle that an earlier owner gave out: look for it in S3
+        // before the operation runs (see `fs::handles`). Unknown handles of other volumes are
+        // answered STALE by the operation itself.
+        if self.vol.keyed_handles() && !self.vol.knows(ino) {
+            self.vol.find_lost(ino).await;
+        }
+        Ok(ino)
     }
 
     fn serverid(&self) -> nfsserve::nfs::cookieverf3 {

@@ -22,6 +22,7 @@ use bytes::Bytes;
 
 mod etag;
 pub mod faulty;
+pub mod fenced;
 pub mod local;
 pub mod metered;
 pub mod pool;

@@ -90,6 +90,7 @@ impl InProcPlugin {
             state_dir: state.clone(),
             ports,
             mounter: mounter.clone() as Arc<dyn Mounter>,
+            cluster: None,
         };
         let sup = supervisor.clone();
         let task = actix_rt::spawn(async move {

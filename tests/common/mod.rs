@@ -7,6 +7,7 @@ pub mod csi;
 pub mod garage;
 pub mod gateway;
 pub mod guest;
+pub mod kube_api;
 pub mod nfs;
 pub mod rpc;
 

@@ -217,7 +217,7 @@ pub async fn nfsproc3_getattr(
     handle.deserialize(input)?;
     debug!("nfsproc3_getattr({:?},{:?}) ", xid, handle);
 
-    let id = context.vfs.fh_to_id(&handle);
+    let id = context.vfs.fh_to_id(&handle).await;
     // fail if unable to convert file handle
     if let Err(stat) = id {
         make_success_reply(xid).serialize(output)?;
@@ -276,7 +276,7 @@ pub async fn nfsproc3_lookup(
     dirops.deserialize(input)?;
     debug!("nfsproc3_lookup({:?},{:?}) ", xid, dirops);
 
-    let dirid = context.vfs.fh_to_id(&dirops.dir);
+    let dirid = context.vfs.fh_to_id(&dirops.dir).await;
     // fail if unable to convert file handle
     if let Err(stat) = dirid {
         make_success_reply(xid).serialize(output)?;
@@ -372,7 +372,7 @@ pub async fn nfsproc3_read(
     // client's to choose, and 0.11.0 allocated whatever it asked.
     args.count = args.count.min(1024 * 1024);
 
-    let id = context.vfs.fh_to_id(&args.file);
+    let id = context.vfs.fh_to_id(&args.file).await;
     if let Err(stat) = id {
         make_success_reply(xid).serialize(output)?;
         stat.serialize(output)?;
@@ -468,7 +468,7 @@ pub async fn nfsproc3_fsinfo(
     handle.deserialize(input)?;
     debug!("nfsproc3_fsinfo({:?},{:?}) ", xid, handle);
 
-    let id = context.vfs.fh_to_id(&handle);
+    let id = context.vfs.fh_to_id(&handle).await;
     // fail if unable to convert file handle
     if let Err(stat) = id {
         make_success_reply(xid).serialize(output)?;
@@ -539,7 +539,7 @@ pub async fn nfsproc3_access(
     access.deserialize(input)?;
     debug!("nfsproc3_access({:?},{:?},{:?})", xid, handle, access);
 
-    let id = context.vfs.fh_to_id(&handle);
+    let id = context.vfs.fh_to_id(&handle).await;
     // fail if unable to convert file handle
     if let Err(stat) = id {
         make_success_reply(xid).serialize(output)?;
@@ -634,7 +634,7 @@ pub async fn nfsproc3_pathconf(
     handle.deserialize(input)?;
     debug!("nfsproc3_pathconf({:?},{:?})", xid, handle);
 
-    let id = context.vfs.fh_to_id(&handle);
+    let id = context.vfs.fh_to_id(&handle).await;
     // fail if unable to convert file handle
     if let Err(stat) = id {
         make_success_reply(xid).serialize(output)?;
@@ -719,7 +719,7 @@ pub async fn nfsproc3_fsstat(
     let mut handle = nfs::nfs_fh3::default();
     handle.deserialize(input)?;
     debug!("nfsproc3_fsstat({:?},{:?}) ", xid, handle);
-    let id = context.vfs.fh_to_id(&handle);
+    let id = context.vfs.fh_to_id(&handle).await;
     // fail if unable to convert file handle
     if let Err(stat) = id {
         make_success_reply(xid).serialize(output)?;
@@ -837,7 +837,7 @@ pub async fn nfsproc3_readdirplus(
     args.deserialize(input)?;
     debug!("nfsproc3_readdirplus({:?},{:?}) ", xid, args);
 
-    let dirid = context.vfs.fh_to_id(&args.dir);
+    let dirid = context.vfs.fh_to_id(&args.dir).await;
     // fail if unable to convert file handle
     if let Err(stat) = dirid {
         make_success_reply(xid).serialize(output)?;
@@ -1025,7 +1025,7 @@ pub async fn nfsproc3_readdir(
     args.deserialize(input)?;
     debug!("nfsproc3_readdirplus({:?},{:?}) ", xid, args);
 
-    let dirid = context.vfs.fh_to_id(&args.dir);
+    let dirid = context.vfs.fh_to_id(&args.dir).await;
     // fail if unable to convert file handle
     if let Err(stat) = dirid {
         make_success_reply(xid).serialize(output)?;
@@ -1219,7 +1219,7 @@ pub async fn nfsproc3_write(
         return Ok(());
     }
 
-    let id = context.vfs.fh_to_id(&args.file);
+    let id = context.vfs.fh_to_id(&args.file).await;
     if let Err(stat) = id {
         make_success_reply(xid).serialize(output)?;
         stat.serialize(output)?;
@@ -1343,7 +1343,7 @@ pub async fn nfsproc3_create(
 
     // find the directory we are supposed to create the
     // new file in
-    let dirid = context.vfs.fh_to_id(&dirops.dir);
+    let dirid = context.vfs.fh_to_id(&dirops.dir).await;
     if let Err(stat) = dirid {
         // directory does not exist
         make_success_reply(xid).serialize(output)?;
@@ -1526,7 +1526,7 @@ pub async fn nfsproc3_setattr(
     args.deserialize(input)?;
     debug!("nfsproc3_setattr({:?},{:?}) ", xid, args);
 
-    let id = context.vfs.fh_to_id(&args.object);
+    let id = context.vfs.fh_to_id(&args.object).await;
     // fail if unable to convert file handle
     if let Err(stat) = id {
         make_success_reply(xid).serialize(output)?;
@@ -1634,7 +1634,7 @@ pub async fn nfsproc3_remove(
     debug!("nfsproc3_remove({:?}, {:?}) ", xid, dirops);
 
     // find the directory with the file
-    let dirid = context.vfs.fh_to_id(&dirops.dir);
+    let dirid = context.vfs.fh_to_id(&dirops.dir).await;
     if let Err(stat) = dirid {
         // directory does not exist
         make_success_reply(xid).serialize(output)?;
@@ -1749,7 +1749,7 @@ pub async fn nfsproc3_rename(
     debug!("nfsproc3_rename({:?}, {:?}, {:?}) ", xid, fromdirops, todirops);
 
     // find the from directory
-    let from_dirid = context.vfs.fh_to_id(&fromdirops.dir);
+    let from_dirid = context.vfs.fh_to_id(&fromdirops.dir).await;
     if let Err(stat) = from_dirid {
         // directory does not exist
         make_success_reply(xid).serialize(output)?;
@@ -1760,7 +1760,7 @@ pub async fn nfsproc3_rename(
     }
 
     // find the to directory
-    let to_dirid = context.vfs.fh_to_id(&todirops.dir);
+    let to_dirid = context.vfs.fh_to_id(&todirops.dir).await;
     if let Err(stat) = to_dirid {
         // directory does not exist
         make_success_reply(xid).serialize(output)?;
@@ -1911,7 +1911,7 @@ pub async fn nfsproc3_mkdir(
 
     // find the directory we are supposed to create the
     // new file in
-    let dirid = context.vfs.fh_to_id(&args.dirops.dir);
+    let dirid = context.vfs.fh_to_id(&args.dirops.dir).await;
     if let Err(stat) = dirid {
         // directory does not exist
         make_success_reply(xid).serialize(output)?;
@@ -2037,7 +2037,7 @@ pub async fn nfsproc3_symlink(
 
     // find the directory we are supposed to create the
     // new file in
-    let dirid = context.vfs.fh_to_id(&args.dirops.dir);
+    let dirid = context.vfs.fh_to_id(&args.dirops.dir).await;
     if let Err(stat) = dirid {
         // directory does not exist
         make_success_reply(xid).serialize(output)?;
@@ -2140,7 +2140,7 @@ pub async fn nfsproc3_readlink(
     handle.deserialize(input)?;
     debug!("nfsproc3_readlink({:?},{:?}) ", xid, handle);
 
-    let id = context.vfs.fh_to_id(&handle);
+    let id = context.vfs.fh_to_id(&handle).await;
     // fail if unable to convert file handle
     if let Err(stat) = id {
         make_success_reply(xid).serialize(output)?;
@@ -2232,7 +2232,7 @@ pub async fn nfsproc3_mknod(
         _ => false,
     };
     debug!("nfsproc3_mknod({:?}, {:?}, {:?})", xid, dirops, ftype);
-    let dirid = match context.vfs.fh_to_id(&dirops.dir) {
+    let dirid = match context.vfs.fh_to_id(&dirops.dir).await {
         Ok(id) => id,
         Err(stat) => {
             make_success_reply(xid).serialize(output)?;
@@ -2285,7 +2285,10 @@ pub async fn nfsproc3_link(
     let mut link = nfs::diropargs3::default();
     link.deserialize(input)?;
     debug!("nfsproc3_link({:?}, {:?}, {:?})", xid, file, link);
-    let ids = context.vfs.fh_to_id(&file).and_then(|f| Ok((f, context.vfs.fh_to_id(&link.dir)?)));
+    let ids = match context.vfs.fh_to_id(&file).await {
+        Ok(f) => context.vfs.fh_to_id(&link.dir).await.map(|d| (f, d)),
+        Err(e) => Err(e),
+    };
     let (id, dirid) = match ids {
         Ok(ids) => ids,
         Err(stat) => {
@@ -2334,7 +2337,7 @@ pub async fn nfsproc3_commit(
     let mut count: nfs::count3 = 0;
     count.deserialize(input)?;
     debug!("nfsproc3_commit({:?}, {:?}, {}, {})", xid, file, offset, count);
-    let id = match context.vfs.fh_to_id(&file) {
+    let id = match context.vfs.fh_to_id(&file).await {
         Ok(id) => id,
         Err(stat) => {
             make_success_reply(xid).serialize(output)?;

@@ -378,8 +378,9 @@ pub trait NFSFileSystem: Sync {
         ret.extend_from_slice(&id.to_le_bytes());
         nfs_fh3 { data: ret }
     }
-    /// Converts an opaque NFS file handle to a fileid.  Optional.
-    fn fh_to_id(&self, id: &nfs_fh3) -> Result<fileid3, nfsstat3> {
+    /// Converts an opaque NFS file handle to a fileid.  Optional. Async: a file system may
+    /// have to look for a handle it does not know yet (one another server gave out).
+    async fn fh_to_id(&self, id: &nfs_fh3) -> Result<fileid3, nfsstat3> {
         if id.data.len() != 16 {
             return Err(nfsstat3::NFS3ERR_BADHANDLE);
         }

@@ -1,0 +1,451 @@
+//! Who owns a ReadWriteMany volume: a campaign for its lease, as client-go's leader election
+//! runs one, and the role it gives this node.
+//!
+//! # The rules, and why they keep one writer
+//! - **Taking over.** A contender takes the lease only when it is free, or when its record has
+//!   not changed for `duration` as measured by the contender's own clock from the moment it
+//!   saw that record appear. The holder's `renewTime` is never compared with a local clock, so
+//!   clocks need not agree on the time of day.
+//! - **Stepping down.** The owner counts from the moment it *sent* its last successful renewal.
+//!   If `renew_deadline` passes without another, it stops serving ([`Role::Unknown`]) at once.
+//!   A contender cannot have seen that renewal before it was sent, so it waits at least
+//!   `duration` from then: the owner stops `duration - renew_deadline` (5 s by default) before
+//!   anyone may start.
+//! - **Clock assumption.** Only the *rate* of the nodes' monotonic clocks matters: the margin
+//!   holds while no clock runs more than `(duration - renew_deadline) / duration` (a third, by
+//!   default) faster or slower than another over one lease duration, minus the time the owner
+//!   takes to stop its gateway. Wall-clock offsets do not matter.
+//! - **Every write is a compare-and-swap** on the version last read ([`LeaseApi::update`]),
+//!   so of two contenders that saw the same expired record, one wins and the other sees a
+//!   conflict.
+//! - **Epoch.** `leaseTransitions` counts hand-overs; an owner that finds the lease held by
+//!   anyone else stops at once, whatever its deadline says.
+//!
+//! [`Campaign`] is the rule, free of I/O and timers, so that tests drive it with explicit
+//! instants; [`run`] is the loop that reads and writes the lease every `retry`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+
+use super::lease::{Holder, LeaseApi, LeaseError, LeaseRecord, Versioned};
+use crate::clock::Clock;
+
+/// The campaign's periods. The defaults are client-go's recommended ratios, shortened: a
+/// lease of 15 s, renewed every 2 s, given up 10 s after the last renewal.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Timing {
+    pub fn check(&self) -> Result<(), String> {
+        if self.retry.is_zero() || self.retry >= self.renew_deadline || self.renew_deadline >= self.duration {
+            return Err(format!(
+                "lease timing must have 0 < retry < renew deadline < duration, not {:?} / {:?} / {:?}",
+                self.retry, self.renew_deadline, self.duration
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What this node is for the volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Not known, or the lease was lost: serve nothing, neither as owner nor as relay.
+    Unknown,
+    /// This node owns the volume; `epoch` is the lease's `leaseTransitions`.
+    Owner { epoch: u32 },
+    /// Another node owns it and takes relayed connections at `owner.addr`.
+    Follower { owner: Holder },
+}
+
+/// What the campaign asks of the lease store next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Create(LeaseRecord),
+    Update(LeaseRecord, String),
+    /// Someone else holds a live lease: nothing to write.
+    Wait,
+}
+
+/// The election rule for one node and one lease.
+#[derive(Debug)]
+pub struct Campaign {
+    me: Holder,
+    timing: Timing,
+    /// The version last seen and when (by this node's clock) it was first seen.
+    observed: Option<(String, Instant)>,
+    /// The last record seen.
+    record: Option<LeaseRecord>,
+    /// When the last successful write as holder was sent.
+    renewed: Option<Instant>,
+}
+
+impl Campaign {
+    pub fn new(me: Holder, timing: Timing) -> Campaign {
+        Campaign {
+            me,
+            timing,
+            observed: None,
+            record: None,
+            renewed: None,
+        }
+    }
+
+    fn holds(&self, r: &LeaseRecord) -> bool {
+        r.holder.as_deref() == Some(self.me.identity().as_str())
+    }
+
+    /// Takes in the lease as read at `now` and says what to write.
+    pub fn next(&mut self, read: Option<&Versioned>, now: Instant, wall: SystemTime) -> Step {
+        let duration_secs = self.timing.duration.as_secs().max(1) as u32;
+        let Some(v) = read else {
+            self.observed = None;
+            self.record = None;
+            return Step::Create(LeaseRecord {
+                holder: Some(self.me.identity()),
+                duration_secs,
+                acquire_time: Some(wall),
+                renew_time: Some(wall),
+                transitions: 0,
+            });
+        };
+        if self.observed.as_ref().map(|(ver, _)| ver) != Some(&v.version) {
+            self.observed = Some((v.version.clone(), now));
+        }
+        self.record = Some(v.record.clone());
+        let r = &v.record;
+        let ours = self.holds(r);
+        if !ours {
+            // A lost lease stops the owner at once.
+            self.renewed = None;
+        }
+        let free = r.holder.as_deref().unwrap_or("").is_empty();
+        let seen_at = self.observed.as_ref().map(|(_, t)| *t).unwrap_or(now);
+        // The record's own duration decides, not ours: the holder promised to stop within it.
+        let expired = now.saturating_duration_since(seen_at) >= Duration::from_secs(r.duration_secs.into());
+        if !ours && !free && !expired {
+            return Step::Wait;
+        }
+        let record = LeaseRecord {
+            holder: Some(self.me.identity()),
+            duration_secs,
+            acquire_time: if ours { r.acquire_time } else { Some(wall) },
+            renew_time: Some(wall),
+            transitions: if ours {
+                r.transitions
+            } else {
+                r.transitions.wrapping_add(1)
+            },
+        };
+        Step::Update(record, v.version.clone())
+    }
+
+    /// A write sent at `sent` succeeded and stored `v`.
+    pub fn written(&mut self, v: &Versioned, sent: Instant) {
+        self.observed = Some((v.version.clone(), sent));
+        self.record = Some(v.record.clone());
+        self.renewed = Some(sent);
+    }
+
+    /// The role at `now`, from what was last read or written.
+    pub fn role(&self, now: Instant) -> Role {
+        let Some(r) = &self.record else {
+            return Role::Unknown;
+        };
+        if self.holds(r) {
+            return match self.renewed {
+                Some(t) if now.saturating_duration_since(t) < self.timing.renew_deadline => {
+                    Role::Owner { epoch: r.transitions }
+                }
+                _ => Role::Unknown,
+            };
+        }
+        match r.holder.as_deref().and_then(Holder::parse) {
+            Some(owner) => Role::Follower { owner },
+            None => Role::Unknown,
+        }
+    }
+
+    /// The record to write to hand the lease over at once, if this node holds it.
+    pub fn release(&self) -> Option<(LeaseRecord, String)> {
+        let r = self.record.as_ref()?;
+        if !self.holds(r) {
+            return None;
+        }
+        let version = self.observed.as_ref()?.0.clone();
+        Some((
+            LeaseRecord {
+                holder: None,
+                duration_secs: 1,
+                acquire_time: None,
+                renew_time: None,
+                transitions: r.transitions,
+            },
+            version,
+        ))
+    }
+
+    /// When the owner must stop if no renewal succeeds before.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.renewed.map(|t| t + self.timing.renew_deadline)
+    }
+}
+
+/// Campaigns for `lease` until `stop` turns true, publishing the role on `role`. On stop,
+/// a lease this node holds is released so that another node takes over without waiting.
+pub async fn run(
+    api: Arc<dyn LeaseApi>,
+    lease: String,
+    mut campaign: Campaign,
+    clock: Clock,
+    role: watch::Sender<Role>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let retry = campaign.timing.retry;
+    let mut logged_error = false;
+    loop {
+        let sent = clock.now();
+        let outcome = round(&*api, &lease, &mut campaign, sent).await;
+        match outcome {
+            Ok(()) => logged_error = false,
+            Err(e) if !logged_error => {
+                tracing::warn!(lease = %lease, error = %e, "lease: no answer from the lease store; retrying");
+                logged_error = true;
+            }
+            Err(_) => {}
+        }
+        let now = clock.now();
+        let new = campaign.role(now);
+        role.send_if_modified(|r| {
+            if *r != new {
+                tracing::info!(lease = %lease, from = ?r, to = ?new, "lease: role changed");
+                *r = new.clone();
+                true
+            } else {
+                false
+            }
+        });
+        // The owner wakes for its deadline too: it must step down on time even while a
+        // request hangs or the store is away.
+        let wake = match campaign.deadline() {
+            Some(d) if d > now && d < now + retry => d,
+            _ => now + retry,
+        };
+        tokio::select! {
+            _ = clock.sleep_until(wake) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    if let Some((record, version)) = campaign.release() {
+        // Stopped serving first (the caller stops the gateway before it stops the campaign).
+        match api.update(&lease, &record, &version).await {
+            Ok(_) => tracing::info!(lease = %lease, "lease: released"),
+            Err(e) => {
+                tracing::warn!(lease = %lease, error = %e, "lease: release failed; others take over when it expires")
+            }
+        }
+    }
+    role.send_replace(Role::Unknown);
+}
+
+/// One read and at most one write, bounded so that the owner's deadline is kept.
+async fn round(api: &dyn LeaseApi, lease: &str, campaign: &mut Campaign, sent: Instant) -> Result<(), LeaseError> {
+    let read = api.get(lease).await?;
+    let step = campaign.next(read.as_ref(), sent, crate::clock::wall_now());
+    let written = match step {
+        Step::Wait => return Ok(()),
+        Step::Create(r) => api.create(lease, &r).await,
+        Step::Update(r, v) => api.update(lease, &r, &v).await,
+    };
+    match written {
+        Ok(v) => {
+            campaign.written(&v, sent);
+            Ok(())
+        }
+        // Someone else wrote first: the next read shows who.
+        Err(LeaseError::Conflict) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(n: &str, port: u16) -> Holder {
+        Holder {
+            node: n.into(),
+            addr: std::net::SocketAddr::from(([10, 0, 0, 1], port)),
+        }
+    }
+
+    fn versioned(r: &LeaseRecord, v: &str) -> Versioned {
+        Versioned {
+            record: r.clone(),
+            version: v.into(),
+        }
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_free_lease_is_created_and_the_creator_owns_it_until_its_deadline() {
+        let t0 = Instant::now();
+        let mut a = Campaign::new(holder("a", 1), Timing::default());
+        let Step::Create(r) = a.next(None, t0, SystemTime::now()) else {
+            panic!("expected create")
+        };
+        assert_eq!(r.holder.as_deref(), Some("a@10.0.0.1:1"));
+        assert_eq!(r.duration_secs, 15);
+        a.written(&versioned(&r, "1"), t0);
+        assert_eq!(a.role(t0 + 9 * S), Role::Owner { epoch: 0 });
+        // No renewal for the renew deadline: it stops serving.
+        assert_eq!(a.role(t0 + 10 * S), Role::Unknown);
+        assert_eq!(a.deadline(), Some(t0 + 10 * S));
+    }
+
+    #[test]
+    fn a_contender_waits_a_full_duration_from_when_it_saw_the_record_whatever_renew_time_says() {
+        let t0 = Instant::now();
+        let a = holder("a", 1);
+        // The holder's wall clock is far behind: renewTime looks an hour old.
+        let held = LeaseRecord {
+            holder: Some(a.identity()),
+            duration_secs: 15,
+            acquire_time: Some(SystemTime::now() - 3600 * S),
+            renew_time: Some(SystemTime::now() - 3600 * S),
+            transitions: 4,
+        };
+        let mut b = Campaign::new(holder("b", 2), Timing::default());
+        assert_eq!(b.next(Some(&versioned(&held, "7")), t0, SystemTime::now()), Step::Wait);
+        assert_eq!(b.role(t0), Role::Follower { owner: a.clone() });
+        // The same record 14 s later: still live.
+        assert_eq!(
+            b.next(Some(&versioned(&held, "7")), t0 + 14 * S, SystemTime::now()),
+            Step::Wait
+        );
+        // A renewal (new version) restarts the wait.
+        assert_eq!(
+            b.next(Some(&versioned(&held, "8")), t0 + 14 * S, SystemTime::now()),
+            Step::Wait
+        );
+        assert_eq!(
+            b.next(Some(&versioned(&held, "8")), t0 + 28 * S, SystemTime::now()),
+            Step::Wait
+        );
+        // 15 s without a change: taken over, epoch + 1, on the version read.
+        match b.next(Some(&versioned(&held, "8")), t0 + 29 * S, SystemTime::now()) {
+            Step::Update(r, v) => {
+                assert_eq!(v, "8");
+                assert_eq!(r.transitions, 5);
+                assert_eq!(r.holder.as_deref(), Some("b@10.0.0.1:2"));
+            }
+            s => panic!("expected takeover, got {s:?}"),
+        }
+    }
+
+    #[test]
+    fn the_owner_stops_before_any_contender_may_start() {
+        let timing = Timing::default();
+        let t0 = Instant::now();
+        let mut a = Campaign::new(holder("a", 1), timing);
+        let Step::Create(r) = a.next(None, t0, SystemTime::now()) else {
+            panic!()
+        };
+        let stored = versioned(&r, "1");
+        a.written(&stored, t0);
+        // The contender sees the record at the earliest moment possible: when it was sent.
+        let mut b = Campaign::new(holder("b", 2), timing);
+        assert_eq!(b.next(Some(&stored), t0, SystemTime::now()), Step::Wait);
+        let first_takeover = (0..60)
+            .map(|s| t0 + s * S)
+            .find(|&t| b.next(Some(&stored), t, SystemTime::now()) != Step::Wait)
+            .unwrap();
+        let last_owned = (0..60)
+            .map(|s| t0 + s * S)
+            .filter(|&t| a.role(t) != Role::Unknown)
+            .last()
+            .unwrap();
+        assert!(
+            first_takeover - last_owned >= timing.duration - timing.renew_deadline,
+            "owner serves until {:?}, contender starts at {:?}",
+            last_owned - t0,
+            first_takeover - t0
+        );
+    }
+
+    #[test]
+    fn a_released_lease_is_taken_at_once_and_an_owner_that_sees_another_holder_stops_at_once() {
+        let t0 = Instant::now();
+        let mut a = Campaign::new(holder("a", 1), Timing::default());
+        let Step::Create(r) = a.next(None, t0, SystemTime::now()) else {
+            panic!()
+        };
+        a.written(&versioned(&r, "1"), t0);
+        let (released, ver) = a.release().unwrap();
+        assert_eq!(ver, "1");
+        assert_eq!(released.holder, None);
+        let mut b = Campaign::new(holder("b", 2), Timing::default());
+        let Step::Update(taken, _) = b.next(Some(&versioned(&released, "2")), t0, SystemTime::now()) else {
+            panic!("a released lease must be taken without waiting")
+        };
+        assert_eq!(taken.transitions, 1);
+        // a reads b's record within its own deadline: it stops now.
+        assert_eq!(
+            a.next(Some(&versioned(&taken, "3")), t0 + S, SystemTime::now()),
+            Step::Wait
+        );
+        assert_eq!(a.role(t0 + S), Role::Follower { owner: holder("b", 2) });
+        assert_eq!(a.release(), None);
+    }
+
+    #[test]
+    fn the_owner_renews_on_the_version_it_read_and_keeps_its_epoch() {
+        let t0 = Instant::now();
+        let mut a = Campaign::new(holder("a", 1), Timing::default());
+        let held = LeaseRecord {
+            holder: Some(holder("a", 1).identity()),
+            duration_secs: 15,
+            acquire_time: None,
+            renew_time: None,
+            transitions: 9,
+        };
+        match a.next(Some(&versioned(&held, "40")), t0, SystemTime::now()) {
+            Step::Update(r, v) => {
+                assert_eq!((r.transitions, v.as_str()), (9, "40"));
+                // Not owner until the write succeeds.
+                assert_eq!(a.role(t0), Role::Unknown);
+                a.written(&versioned(&r, "41"), t0);
+                assert_eq!(a.role(t0), Role::Owner { epoch: 9 });
+            }
+            s => panic!("{s:?}"),
+        }
+    }
+
+    #[test]
+    fn timing_must_leave_a_margin() {
+        assert!(Timing::default().check().is_ok());
+        let bad = Timing {
+            duration: Duration::from_secs(10),
+            renew_deadline: Duration::from_secs(10),
+            retry: Duration::from_secs(2),
+        };
+        assert!(bad.check().is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! The byte pipes of a ReadWriteMany volume: the node-local endpoint every node's kernel
+//! mounts, and the owner's cross-node port.
+//!
+//! - **The endpoint** listens on the node's 127.0.0.1 at the port the kernel mounted, for as
+//!   long as the volume is staged on the node. Each connection goes to the current [`Target`]:
+//!   the owner gateway on this node, or another node's cross-node port over mutual TLS. When
+//!   the target changes, every connection is closed; the kernel's hard mount reconnects and
+//!   sends again what was not answered, now to the new target. NFSv3 keeps no per-connection
+//!   state, so nothing else is needed. While no target is known, connections wait.
+//! - **The cross-node port** is the owner's, on the node's own address: a connection that
+//!   completes the TLS handshake with the driver's key pair ([`super::tls`]) is joined to the
+//!   owner gateway on 127.0.0.1; anything else is refused and counted.
+//!
+//! Bytes are copied as they come: RPC records are not parsed here, so the relay adds no
+//! limits of its own and a hostile client meets the gateway's own checks.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::tls::PeerTls;
+
+/// Where the endpoint sends connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Nowhere yet: connections wait.
+    None,
+    /// The owner gateway on this node.
+    Local(SocketAddr),
+    /// Another node's cross-node port.
+    Remote(SocketAddr),
+}
+
+/// Big enough for a 1 MiB WRITE to cross in a few reads.
+const BUF: usize = 256 * 1024;
+/// A peer that does not finish its handshake in this long is dropped.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Serves the node-local endpoint until the task is aborted (which closes every connection).
+pub async fn endpoint(listener: TcpListener, target: watch::Receiver<Target>, tls: PeerTls) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, _)) => {
+                    let _ = client.set_nodelay(true);
+                    conns.spawn(endpoint_conn(client, target.clone(), tls.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn endpoint_conn(client: TcpStream, mut target: watch::Receiver<Target>, tls: PeerTls) {
+    let t = match target.wait_for(|t| *t != Target::None).await {
+        Ok(t) => t.clone(),
+        Err(_) => return,
+    };
+    let changed = async {
+        let _ = target.wait_for(|now| *now != t).await;
+    };
+    match &t {
+        Target::None => {}
+        Target::Local(addr) => {
+            let Ok(up) = TcpStream::connect(addr).await else {
+                return;
+            };
+            let _ = up.set_nodelay(true);
+            pipe(client, up, changed).await;
+        }
+        Target::Remote(addr) => {
+            let up = async {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                tokio::time::timeout(HANDSHAKE, tls.connector().connect(PeerTls::server_name(), s))
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+            };
+            match up.await {
+                Ok(up) => {
+                    crate::metrics::global().peer_relayed.fetch_add(1, Ordering::Relaxed);
+                    pipe(client, up, changed).await
+                }
+                Err(e) => tracing::warn!(owner = %addr, error = %e, "relay: cannot reach the owner gateway"),
+            }
+        }
+    }
+}
+
+/// Serves the owner's cross-node port until aborted: authenticated connections are joined
+/// to the gateway at `gateway`.
+pub async fn cross_node(listener: TcpListener, gateway: SocketAddr, tls: PeerTls) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((peer, from)) => {
+                    let _ = peer.set_nodelay(true);
+                    let acceptor = tls.acceptor();
+                    conns.spawn(async move {
+                        let shaken = tokio::time::timeout(HANDSHAKE, acceptor.accept(peer)).await;
+                        let peer = match shaken {
+                            Ok(Ok(p)) => p,
+                            Ok(Err(e)) => {
+                                crate::metrics::global().peer_refused.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(%from, error = %e, "cross-node connection refused");
+                                return;
+                            }
+                            Err(_) => {
+                                crate::metrics::global().peer_refused.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(%from, "cross-node connection refused: no TLS handshake");
+                                return;
+                            }
+                        };
+                        let Ok(up) = TcpStream::connect(gateway).await else { return };
+                        let _ = up.set_nodelay(true);
+                        pipe(peer, up, std::future::pending::<()>()).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cross-node port: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// Copies both ways until either side closes or `until` completes.
+async fn pipe<A, B>(mut a: A, mut b: B, until: impl std::future::Future<Output = ()>)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUF, BUF) => {}
+        _ = until => {}
+    }
+}
