@@ -89,6 +89,12 @@ pub fn otlp_configured() -> bool {
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), and exports spans and metrics over
+/// Colour codes only for a person at a terminal: a file or a log shipper would keep them.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
 /// OTLP when configured (see the module docs). Must be called inside a tokio runtime when OTLP
 /// is configured: the exporters' connections live on it.
 pub fn init() -> Guard {
@@ -96,7 +102,9 @@ pub fn init() -> Guard {
     let mut guard = Guard::default();
     let handle = tokio::runtime::Handle::try_current().ok();
     if !otlp_configured() || handle.is_none() {
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(colour());
         let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
         return guard;
     }
@@ -197,6 +205,7 @@ pub fn init() -> Guard {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(colour())
                 .with_filter(filter),
         )
         .with(otel_layer)

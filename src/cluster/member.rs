@@ -130,6 +130,9 @@ impl Member {
         }
         let _ = self.stop.send(true);
         let _ = (&mut self.campaign).await;
+        // The endpoint's port is free when this returns: the volume may be staged again.
+        self.endpoint.abort();
+        let _ = (&mut self.endpoint).await;
     }
 }
 
@@ -151,7 +154,9 @@ async fn follow(
     retry: Duration,
     clock: Clock,
 ) {
-    let mut serving: Option<JoinHandle<()>> = None;
+    // Aborted when dropped: `follow` itself is aborted by `leave` and `Drop`, and a detached
+    // cross-node port would go on handing peers to a gateway that is gone.
+    let mut serving: Option<AbortOnDrop> = None;
     loop {
         let now = role.borrow_and_update().clone();
         let mut start_failed = false;
@@ -160,7 +165,7 @@ async fn follow(
                 if serving.is_none() {
                     match start_owner(&*gateway, epoch, cross_node, &tls).await {
                         Ok((addr, port)) => {
-                            serving = Some(port);
+                            serving = Some(AbortOnDrop(port));
                             target.send_replace(Target::Local(addr));
                             tracing::info!(%addr, %cross_node, epoch, "this node owns the volume now");
                         }
@@ -206,11 +211,20 @@ async fn start_owner(
     Ok((addr, tokio::spawn(relay::cross_node(listener, addr, tls.clone()))))
 }
 
-async fn end_term(serving: &mut Option<JoinHandle<()>>, target: &watch::Sender<Target>, gateway: &dyn OwnerGateway) {
+/// A task that ends with its handle.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn end_term(serving: &mut Option<AbortOnDrop>, target: &watch::Sender<Target>, gateway: &dyn OwnerGateway) {
     // The fence first: nothing else here may delay it.
     let Some(port) = serving.take() else { return };
     gateway.fence().await;
-    port.abort();
+    drop(port);
     target.send_if_modified(|t| {
         let change = matches!(t, Target::Local(_));
         if change {

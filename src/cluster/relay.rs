@@ -61,40 +61,69 @@ pub async fn endpoint(listener: TcpListener, target: watch::Receiver<Target>, tl
     }
 }
 
+/// One kernel connection: joined to the target, and closed when the target changes or the
+/// upstream closes. While no upstream can be reached (no owner yet, or a dead one not yet
+/// replaced), the connection is held and the upstream tried again: the kernel's requests wait
+/// here, and a closed connection would cost the kernel a reconnection back-off of its own
+/// (3 s and growing).
 async fn endpoint_conn(client: TcpStream, mut target: watch::Receiver<Target>, tls: PeerTls) {
-    let t = match target.wait_for(|t| *t != Target::None).await {
-        Ok(t) => t.clone(),
-        Err(_) => return,
-    };
-    let changed = async {
-        let _ = target.wait_for(|now| *now != t).await;
-    };
-    match &t {
-        Target::None => {}
-        Target::Local(addr) => {
-            let Ok(up) = TcpStream::connect(addr).await else {
-                return;
-            };
-            let _ = up.set_nodelay(true);
-            pipe(client, up, changed).await;
-        }
-        Target::Remote(addr) => {
-            let up = async {
-                let s = TcpStream::connect(addr).await?;
-                s.set_nodelay(true)?;
-                tokio::time::timeout(HANDSHAKE, tls.connector().connect(PeerTls::server_name(), s))
-                    .await
-                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
-            };
-            match up.await {
-                Ok(up) => {
-                    crate::metrics::global().peer_relayed.fetch_add(1, Ordering::Relaxed);
-                    pipe(client, up, changed).await
+    loop {
+        let t = match target.wait_for(|t| *t != Target::None).await {
+            Ok(t) => t.clone(),
+            Err(_) => return,
+        };
+        let changed = {
+            let mut rx = target.clone();
+            let t = t.clone();
+            async move {
+                let _ = rx.wait_for(|now| *now != t).await;
+            }
+        };
+        match &t {
+            Target::None => {}
+            Target::Local(addr) => {
+                if let Ok(up) = TcpStream::connect(addr).await {
+                    let _ = up.set_nodelay(true);
+                    return pipe(client, up, changed).await;
                 }
-                Err(e) => tracing::warn!(owner = %addr, error = %e, "relay: cannot reach the owner gateway"),
+            }
+            Target::Remote(addr) => {
+                // A cut-off owner does not even refuse: give up on it as soon as another is named.
+                let attempt = tokio::select! {
+                    r = connect_remote(*addr, &tls) => Some(r),
+                    _ = target.changed() => None,
+                };
+                match attempt {
+                    Some(Ok(up)) => {
+                        crate::metrics::global().peer_relayed.fetch_add(1, Ordering::Relaxed);
+                        return pipe(client, up, changed).await;
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(owner = %addr, error = %e, "relay: cannot reach the owner gateway yet")
+                    }
+                    None => continue,
+                }
             }
         }
+        // Try again soon, or at once if the target changes.
+        let _ = tokio::time::timeout(RETRY, target.changed()).await;
     }
+}
+
+/// How often a held connection tries an unreachable upstream again.
+const RETRY: Duration = Duration::from_millis(250);
+
+async fn connect_remote(
+    addr: SocketAddr,
+    tls: &PeerTls,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let s = tokio::time::timeout(HANDSHAKE, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    tokio::time::timeout(HANDSHAKE, tls.connector().connect(PeerTls::server_name(), s))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
 /// Serves the owner's cross-node port until aborted: authenticated connections are joined

@@ -350,7 +350,10 @@ impl NFSFileSystem for NfsAdapter {
                     crate::telemetry::note_cause(self.vol.volume_id(), id);
                     let a = self.vol.write(&self.cred(), id, offset, data).await?;
                     if stable != stable_how::UNSTABLE {
-                        self.vol.sync_durable().await?;
+                        // What COMMIT promises, as the volume's durability says: with `s3`, a
+                        // stable WRITE (the kernel's choice for a one-WRITE fsync) is in S3
+                        // before it is answered.
+                        return self.vol.commit(id).await;
                     }
                     Ok(a)
                 },

@@ -31,7 +31,7 @@ rpc_public_addr = "127.0.0.1:3901"
 rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 [s3_api]
 s3_region = "garage"
-api_bind_addr = "127.0.0.1:3900"
+api_bind_addr = "${{GARAGE_API:-127.0.0.1:3900}}"
 root_domain = ".s3.garage.localhost"
 EOF
 gcli() {{ $GARAGE -c $GD/config.toml "$@"; }}

@@ -133,6 +133,14 @@ impl Uploader {
         self.notify.notified().await
     }
 
+    /// Held for the whole of one inode's sync, from reading its bytes to recording the result:
+    /// two syncs of one inode (an upload round's and a COMMIT's) would otherwise read in one
+    /// order and PUT in the other, leaving S3 with the older bytes after the COMMIT returned.
+    /// Same map as the key locks; the NUL that no key holds keeps the names apart.
+    async fn sync_lock(&self, ino: Ino) -> KeyGuard<'_> {
+        self.key_lock(&format!("\0sync {ino}")).await
+    }
+
     async fn key_lock(&self, key: &str) -> KeyGuard<'_> {
         let m = self.key_locks.locked().entry(key.to_string()).or_default().clone();
         let guard = m.clone().lock_owned().await;
@@ -377,11 +385,11 @@ impl Volume {
             if !due.is_empty() && !sweep_end {
                 self.uploader.kick(); // more of the journal to look at, and it had work
             }
-            let results: Vec<_> = futures::stream::iter(due.into_iter().map(|(ino, seq)| async move {
+            let results: Vec<_> = futures::stream::iter(due.into_iter().map(|(ino, _seq)| async move {
                 if yields() {
                     return Ok(()); // still pending: a later round uploads it
                 }
-                self.sync_inode(ino, seq).await
+                self.sync_inode(ino).await
             }))
             .buffer_unordered(self.cfg.upload_concurrency)
             .collect()

@@ -71,7 +71,12 @@ impl Volume {
         Ok(())
     }
 
-    pub(super) async fn sync_inode(self: &Arc<Self>, ino: Ino, seq: u64) -> FsResult<()> {
+    pub(super) async fn sync_inode(self: &Arc<Self>, ino: Ino) -> FsResult<()> {
+        let _one_at_a_time = self.uploader.sync_lock(ino).await;
+        // Read under the lock: another sync may have run while this one waited.
+        let Some(seq) = self.meta.pending(ino)? else {
+            return Ok(());
+        };
         let Some(inode) = self.meta.inode(ino)? else {
             let mut b = Batch::new();
             b.clear_pending(ino);
@@ -220,10 +225,10 @@ impl Volume {
         // A write racing the upload leaves the inode pending under a new number: go again,
         // a bounded number of times.
         for _ in 0..8 {
-            let Some(seq) = self.meta.pending(ino)? else {
+            if self.meta.pending(ino)?.is_none() {
                 return Ok(());
-            };
-            self.sync_inode(ino, seq).await?;
+            }
+            self.sync_inode(ino).await?;
         }
         Err(FsError::Retry(
             "the file kept changing while it was being committed".into(),
