@@ -24,16 +24,21 @@ MANIFESTS = DEPLOY / "manifests"
 RELEASE = "s3nfs"
 NAMESPACE = "s3nfs"
 
-# The secret has no default credentials; the example carries placeholders.
+# The secret has no default credentials; the example carries placeholders. The ReadWriteMany key
+# pair is a Secret the user makes (deploy/README.md has the command): a pair generated at render
+# time would be a different one at every run, and the same one in every cluster that applies it.
+PEER_SECRET = "s3nfs-peer"
 EXAMPLE_VALUES = {
     "secret": {
         "accessKey": "REPLACE-WITH-ACCESS-KEY-ID",
         "secretKey": "REPLACE-WITH-SECRET-ACCESS-KEY",
         "endpoint": "http://minio.minio:9000",
-    }
+    },
+    "readWriteMany": {"peerSecretName": PEER_SECRET},
 }
 
-# Template file -> manifest file. NOTES.txt is Helm's message after an install, not an object.
+# Template file -> manifest file. NOTES.txt is Helm's message after an install, not an object;
+# peer-secret.yaml renders nothing with EXAMPLE_VALUES (see PEER_SECRET).
 FILES = {
     "csidriver.yaml": "csidriver.yaml",
     "rbac.yaml": "rbac.yaml",
@@ -42,7 +47,7 @@ FILES = {
     "storageclass.yaml": "storageclass.yaml",
     "secret.yaml": "secret.example.yaml",
 }
-NOT_MANIFESTS = {"NOTES.txt"}
+NOT_MANIFESTS = {"NOTES.txt", "peer-secret.yaml"}
 
 HEADER = """\
 # Generated from deploy/helm/s3nfs (default values, namespace s3nfs) by
@@ -53,6 +58,12 @@ HEADER = """\
 SECRET_NOTE = """\
 # An example: put your credentials and endpoint in it before applying, or create a Secret of
 # this name with these keys yourself.
+"""
+
+NODE_NOTE = f"""\
+# ReadWriteMany needs the Secret {PEER_SECRET} (the node plugins' key pair), which these manifests
+# do not create: deploy/README.md has the command that makes it. Without it the node pods do not
+# start.
 """
 
 NAMESPACE_YAML = f"""\
@@ -88,9 +99,12 @@ def manifests() -> dict[str, str]:
             f"render-manifests: template(s) {sorted(unknown)} have no file in deploy/manifests/: "
             "add them to FILES in deploy/render-manifests.py"
         )
+    if rendered.get("peer-secret.yaml", "").strip():
+        raise SystemExit("render-manifests: the chart generated a key pair; deploy/manifests/ must not carry one")
     files = {"namespace.yaml": HEADER + "\n" + NAMESPACE_YAML}
+    notes = {"secret.example.yaml": SECRET_NOTE, "node.yaml": NODE_NOTE}
     for template, name in FILES.items():
-        note = SECRET_NOTE if name == "secret.example.yaml" else ""
+        note = notes.get(name, "")
         files[name] = HEADER + note + "\n" + rendered[template].strip() + "\n"
     return files
 

@@ -114,7 +114,7 @@ impl Volume {
         batch.put_inode(&f);
         batch.mark_pending(f.ino, self.next_seq());
         if let Some(st) = self.staged(f.ino) {
-            st.pending_marked.store(true, std::sync::atomic::Ordering::Release);
+            st.journalled();
         }
         Ok(())
     }

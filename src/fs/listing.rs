@@ -3,7 +3,6 @@
 //! page under the namespace lock.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 
 use tracing::Instrument;
 
@@ -317,9 +316,7 @@ impl Volume {
     /// local writes not yet uploaded are newer).
     fn update_from_listing(&self, batch: &mut Batch, mut inode: Inode, o: &crate::store::ObjectSummary) {
         let changed = inode.remote.as_ref().map(|r| r.etag != o.etag).unwrap_or(true);
-        let dirty = self
-            .staged(inode.ino)
-            .is_some_and(|s| s.content_dirty.load(Ordering::Acquire));
+        let dirty = self.staged(inode.ino).is_some_and(|s| s.is_dirty());
         if !changed || dirty {
             return;
         }

@@ -441,8 +441,7 @@ impl Volume {
             let st = Staged::open(ino, entry.path(), false, &self.cfg)?;
             if self.meta.pending(ino)?.is_some() {
                 // Whatever is staged may be newer than S3: upload it again.
-                st.content_dirty.store(true, Ordering::Release);
-                st.pending_marked.store(true, Ordering::Release);
+                st.changed();
                 if st.mtime() < inode.mtime {
                     *st.mtime.locked() = inode.mtime;
                 }
@@ -865,7 +864,7 @@ impl Volume {
 
     fn drop_staged(&self, ino: Ino) {
         if let Some(st) = self.staged.locked().remove(&ino) {
-            st.gone.store(true, Ordering::Release);
+            st.retire();
             let _ = std::fs::remove_file(&st.path);
         }
     }
@@ -951,8 +950,7 @@ impl Volume {
             inode.mtime = t;
         }
         let st = Staged::open(inode.ino, self.staging_dir.join(inode.ino.to_string()), true, &self.cfg)?;
-        st.content_dirty.store(true, Ordering::Release);
-        st.pending_marked.store(true, Ordering::Release);
+        st.changed();
         *st.mtime.locked() = inode.mtime;
         self.commit_new(batch, &inode)?;
         self.staged.locked().insert(inode.ino, Arc::new(st));
@@ -1287,7 +1285,7 @@ impl Volume {
         if s3_visible && inode.ino != ROOT_INO {
             batch.mark_pending(ino, self.next_seq());
             if let Some(st) = &staged {
-                st.pending_marked.store(true, Ordering::Release);
+                st.journalled();
             }
         }
         self.meta.commit(batch)?;
@@ -1318,7 +1316,7 @@ impl Volume {
             let st = self.stage(ino, false).await?;
             {
                 let _r = st.lock.read().await;
-                if st.gone.load(Ordering::Acquire) {
+                if st.is_retired() {
                     continue; // removed or evicted under us: look again
                 }
                 let growth = offset.saturating_add(data.len() as u64).saturating_sub(st.size());
@@ -1327,13 +1325,13 @@ impl Volume {
                 self.usage.grew(growth);
             }
             self.note_unsynced(&st);
-            if !st.pending_marked.load(Ordering::Acquire) {
+            if !st.is_journalled() {
                 let _g = self.ns.lock().await;
-                if !st.pending_marked.load(Ordering::Acquire) {
+                if !st.is_journalled() {
                     let mut b = Batch::new();
                     b.mark_pending(ino, self.next_seq());
                     self.meta.commit(b)?;
-                    st.pending_marked.store(true, Ordering::Release);
+                    st.journalled();
                 }
             }
             // Only a writer at the end of the file (copying, appending) is streamed to S3 while
@@ -1352,7 +1350,7 @@ impl Volume {
             perm::check_io(cred, &self.inode(ino)?, perm::R)?;
         }
         if let Some(st) = self.staged(ino) {
-            if !st.gone.load(Ordering::Acquire) {
+            if !st.is_retired() {
                 let (data, eof) = st.read_at(offset, count)?;
                 return Ok((data.into(), eof));
             }
@@ -1394,7 +1392,7 @@ impl Volume {
         for st in unsynced {
             // Cleared first: a write landing during the fsync queues the file again.
             st.unsynced.store(false, Ordering::Release);
-            if !st.gone.load(Ordering::Acquire) {
+            if !st.is_retired() {
                 st.sync()?;
             }
         }
@@ -1411,7 +1409,7 @@ impl Volume {
         b.put_inode(&inode);
         b.mark_pending(ino, self.next_seq());
         if let Some(st) = self.staged(ino) {
-            st.pending_marked.store(true, Ordering::Release);
+            st.journalled();
         }
         self.meta.commit(b)?;
         Ok(())

@@ -47,12 +47,12 @@ pub struct Staged {
     size: AtomicU64,
     /// Bumped by every change of the bytes.
     gen: AtomicU64,
-    /// The bytes differ from what S3 holds.
-    pub content_dirty: AtomicBool,
+    /// The bytes differ from what S3 holds. Changed only through the transitions below.
+    content_dirty: AtomicBool,
     /// A `P` record is committed for this inode since its last upload.
-    pub pending_marked: AtomicBool,
+    pending_marked: AtomicBool,
     /// Set when the staged copy is dropped (file removed or evicted); holders must look again.
-    pub gone: AtomicBool,
+    gone: AtomicBool,
     pub mtime: Mutex<Time>,
     pub last_write: Mutex<Instant>,
     pub multipart: Mutex<Option<Multipart>>,
@@ -112,6 +112,68 @@ impl Staged {
             part_size: cfg.part_size,
             clock: cfg.clock.clone(),
         })
+    }
+
+    // ------------------------------------------------ the upload state, and its transitions
+    //
+    // Two flags say where the staged bytes stand against S3: `content_dirty` (the bytes differ
+    // from the object) and `pending_marked` (a `P` record in the journal says so, so that a
+    // restart uploads them). They move only through these methods:
+    //
+    //   clean --changed()--> dirty+pending --uploaded(gen)--> pending --settled()--> clean
+    //   clean --journalled()--> pending (metadata or a name to upload, bytes unchanged)
+    //
+    // and `retire()` ends the staged copy for good.
+
+    /// Its bytes differ from S3 and the journal has (or is about to have) a `P` record: a new
+    /// file, bytes restored after a restart, bytes brought in to be uploaded elsewhere.
+    pub fn changed(&self) {
+        self.content_dirty.store(true, Ordering::Release);
+        self.pending_marked.store(true, Ordering::Release);
+    }
+
+    /// The journal has a `P` record for the inode (metadata, a name or bytes to upload).
+    pub fn journalled(&self) {
+        self.pending_marked.store(true, Ordering::Release);
+    }
+
+    /// Whether a `P` record stands for the inode since its last upload.
+    pub fn is_journalled(&self) -> bool {
+        self.pending_marked.load(Ordering::Acquire)
+    }
+
+    /// Whether the bytes differ from what S3 holds.
+    pub fn is_dirty(&self) -> bool {
+        self.content_dirty.load(Ordering::Acquire)
+    }
+
+    /// Neither dirty nor journalled: S3 holds these bytes, and the copy may be dropped.
+    pub fn is_clean(&self) -> bool {
+        !self.is_dirty() && !self.is_journalled()
+    }
+
+    /// An upload of the bytes as of generation `gen` finished: clean if nothing was written
+    /// since, which it returns. The caller holds `lock` exclusively.
+    pub fn uploaded(&self, gen: u64) -> bool {
+        if self.gen() != gen {
+            return false;
+        }
+        self.content_dirty.store(false, Ordering::Release);
+        true
+    }
+
+    /// The `P` record was cleared: nothing left to upload.
+    pub fn settled(&self) {
+        self.pending_marked.store(false, Ordering::Release);
+    }
+
+    /// The staged copy is dropped (file removed or evicted); holders must look again.
+    pub fn retire(&self) {
+        self.gone.store(true, Ordering::Release);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
     }
 
     /// Time since the last write at `now` (one clock reading serves a whole flush round).

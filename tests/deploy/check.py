@@ -16,17 +16,23 @@ What it checks:
      node plugin, the CSIDriver's fields, the StorageClass's secret parameters, RBAC, ...);
   5. deploy/manifests/ equals a fresh render of the chart's defaults;
   6. with all-values.yaml, the custom kubelet directory is behind every host path and the old
-     one appears nowhere.
+     one appears nowhere;
+  7. ReadWriteMany: the node plugin's Lease Role (get/create/update, nothing more), its token,
+     env and key pair mount when readWriteMany.enabled; the generated key pair (a matching
+     ECDSA P-256 pair, a new one per install) or the named Secret; nothing of it when disabled.
 Exits 1 listing every failure, 2 when a Python package is missing.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import importlib.util
 import pathlib
 import re
+import ssl
 import sys
+import tempfile
 from typing import Any, Iterator
 
 sys.dont_write_bytecode = True  # no __pycache__ in deploy/ from importing render-manifests.py
@@ -51,6 +57,13 @@ MANIFESTS = ROOT / "deploy" / "manifests"
 ALL_VALUES_FILE = ROOT / "tests" / "deploy" / "all-values.yaml"
 
 DRIVER = "csi.s3nfs.io"
+README = ROOT / "deploy" / "README.md"
+# The chart's generated ReadWriteMany key pair: its own template, different at every render.
+PEER_TEMPLATE = "peer-secret.yaml"
+# The node plugin's environment that only ReadWriteMany brings.
+RWX_ENV = ("S3NFS_LEASE_API", "POD_NAMESPACE", "NODE_IP", "S3NFS_PEER_CERT", "S3NFS_PEER_KEY")
+# DER of the OID prime256v1 (NIST P-256), which an EC key in PEM names.
+P256_OID = bytes.fromhex("06082a8648ce3d030107")
 # The chart's minimum (its kubeVersion) and the newest version kubernetes-validate ships.
 _minimum = re.search(r">=\s*v?(\d+\.\d+)", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])
 KUBE_VERSIONS = [_minimum.group(1), ".".join(kubernetes_validate.latest_version().split(".")[:2])]
@@ -128,6 +141,15 @@ def render(values: dict | None, release: str, namespace: str) -> dict[str, str]:
     with helm.Chart.load(str(CHART)) as chart:
         out = chart.render(values, name=release, namespace=namespace, is_install=True)
     return {p.rsplit("/templates/", 1)[-1]: t for p, t in out.items() if not p.endswith("NOTES.txt")}
+
+
+def stable(files: dict[str, str]) -> dict[str, str]:
+    """The render with the generated key pair blanked, so that two renders compare equal when
+    only the pair differs."""
+    out = dict(files)
+    if PEER_TEMPLATE in out:
+        out[PEER_TEMPLATE] = re.sub(r"^(\s*tls\.(?:crt|key)):.*$", r"\1: GENERATED", out[PEER_TEMPLATE], flags=re.M)
+    return out
 
 
 def parse(files: dict[str, str], label: str) -> list[dict]:
@@ -261,8 +283,8 @@ def check_defaults(docs: list[dict]) -> None:
     ns = "s3nfs"
     kinds = sorted(d["kind"] for d in docs)
     check(kinds == sorted(["CSIDriver", "ServiceAccount", "ServiceAccount", "ClusterRole", "ClusterRole",
-                           "ClusterRoleBinding", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment",
-                           "DaemonSet", "StorageClass", "Secret"]),
+                           "ClusterRoleBinding", "ClusterRoleBinding", "Role", "RoleBinding", "Role", "RoleBinding",
+                           "Deployment", "DaemonSet", "StorageClass", "Secret", "Secret"]),
           f"default render: unexpected set of objects {kinds}")
 
     # CSIDriver
@@ -278,7 +300,6 @@ def check_defaults(docs: list[dict]) -> None:
     pod = ds["spec"]["template"]["spec"]
     check(pod.get("hostNetwork") is True, "node DaemonSet: hostNetwork must be true (the gateways listen on the host's loopback)")
     check(pod.get("dnsPolicy") == "ClusterFirstWithHostNet", "node DaemonSet: dnsPolicy must be ClusterFirstWithHostNet")
-    check(pod.get("automountServiceAccountToken") is False, "node DaemonSet: must not mount a service account token")
     check(pod.get("priorityClassName") == "system-node-critical", "node DaemonSet: priorityClassName must default to system-node-critical")
     check(pod.get("terminationGracePeriodSeconds") == 30, "node DaemonSet: terminationGracePeriodSeconds must default to 30")
     check({"operator": "Exists"} in pod.get("tolerations", []), "node DaemonSet: must tolerate every taint by default")
@@ -350,7 +371,6 @@ def check_defaults(docs: list[dict]) -> None:
         check(mount_of(c, "/csi").get("name") == socket.get("name"), f"controller: {c.get('name')} must share the socket dir")
 
     # RBAC
-    check(one(docs, "ServiceAccount", "s3nfs-node").get("automountServiceAccountToken") is False, "node ServiceAccount: automountServiceAccountToken must be false")
     prov_role = one(docs, "ClusterRole", "s3nfs-provisioner")
     for group, resource, verbs in [
         ("", "persistentvolumes", {"get", "list", "watch", "create", "delete", "patch"}),
@@ -382,7 +402,8 @@ def check_defaults(docs: list[dict]) -> None:
     bound = {(d["roleRef"]["name"], s["name"]) for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding") for s in d["subjects"]}
     for role in ("s3nfs-provisioner", "s3nfs-resizer", "s3nfs-leader-election"):
         check((role, "s3nfs-controller") in bound, f"{role} is not bound to the controller's ServiceAccount")
-    check(not any(s == "s3nfs-node" for _, s in bound), "the node ServiceAccount must have no role")
+    check({r for r, s in bound if s == "s3nfs-node"} == {"s3nfs-node-leases"},
+          "the node ServiceAccount must have the Lease Role of ReadWriteMany and no other role")
 
     # StorageClass and Secret
     sc = one(docs, "StorageClass", "s3nfs")
@@ -404,6 +425,110 @@ def check_defaults(docs: list[dict]) -> None:
           f"Secret: keys must be csi-s3's, not {sorted(data)}")
     check(data.get("region") == "us-east-1" and data.get("insecure") == "false", "Secret: region/insecure defaults are wrong")
     check(all(isinstance(v, str) for v in data.values()), "Secret: every value must be a string")
+
+
+def check_rwx_on(docs: list[dict], label: str, prefix: str, secret_name: str, duration: str) -> None:
+    """ReadWriteMany enabled: what the node plugin needs for its Leases and its peers."""
+    ds = one(docs, "DaemonSet", f"{prefix}-node")
+    pod = ds["spec"]["template"]["spec"]
+    node = container(pod, "s3nfs")
+    check(pod.get("automountServiceAccountToken") is True,
+          f"{label}: the node pod must mount its service account token (ReadWriteMany's Leases)")
+    check(one(docs, "ServiceAccount", f"{prefix}-node").get("automountServiceAccountToken") is True,
+          f"{label}: the node ServiceAccount must have automountServiceAccountToken true")
+    env = env_of(node)
+    check(env.get("S3NFS_LEASE_API") == "in-cluster", f"{label}: node plugin: S3NFS_LEASE_API must be in-cluster, not {env.get('S3NFS_LEASE_API')!r}")
+    check(env.get("POD_NAMESPACE") == {"fieldRef": {"fieldPath": "metadata.namespace"}},
+          f"{label}: node plugin: POD_NAMESPACE must come from metadata.namespace")
+    check(env.get("NODE_IP") == {"fieldRef": {"fieldPath": "status.hostIP"}},
+          f"{label}: node plugin: NODE_IP must come from status.hostIP")
+    check(f"--lease-duration={duration}" in node.get("args", []), f"{label}: node plugin: --lease-duration={duration} missing")
+    secret_volumes = [v for v in pod.get("volumes", []) if "secret" in v]
+    if check(len(secret_volumes) == 1, f"{label}: the node pod must have one Secret volume (the key pair), not {secret_volumes}"):
+        vol = secret_volumes[0]
+        check(vol["secret"].get("secretName") == secret_name,
+              f"{label}: the key pair volume must be the Secret {secret_name}, not {vol['secret'].get('secretName')}")
+        check(vol["secret"].get("defaultMode") == 0o400,
+              f"{label}: the key pair volume must have defaultMode 0400, not {vol['secret'].get('defaultMode')!r}")
+        check("items" not in vol["secret"] or {i["path"] for i in vol["secret"]["items"]} == {"tls.crt", "tls.key"},
+              f"{label}: the key pair volume must hold tls.crt and tls.key")
+        mounts = [m for m in node.get("volumeMounts", []) if m.get("name") == vol["name"]]
+        if check(len(mounts) == 1, f"{label}: node plugin must mount the key pair once, not {mounts}"):
+            m = mounts[0]
+            check(m.get("readOnly") is True, f"{label}: node plugin must mount the key pair readOnly")
+            check("subPath" not in m, f"{label}: node plugin must mount the key pair's directory, not a subPath")
+            where = m["mountPath"].rstrip("/")
+            check(env.get("S3NFS_PEER_CERT") == f"{where}/tls.crt",
+                  f"{label}: S3NFS_PEER_CERT {env.get('S3NFS_PEER_CERT')!r} is not {where}/tls.crt")
+            check(env.get("S3NFS_PEER_KEY") == f"{where}/tls.key",
+                  f"{label}: S3NFS_PEER_KEY {env.get('S3NFS_PEER_KEY')!r} is not {where}/tls.key")
+        for c in pod["containers"]:
+            if c["name"] != "s3nfs":
+                check(all(m.get("name") != vol["name"] for m in c.get("volumeMounts", [])),
+                      f"{label}: {c['name']} must not mount the key pair")
+    role = one(docs, "Role", f"{prefix}-node-leases")
+    rules = role.get("rules", [])
+    exact = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create", "get", "update"]}]
+    check([{**r, "verbs": sorted(r.get("verbs", []))} for r in rules] == exact,
+          f"{label}: {role['metadata']['name']} must grant exactly get, create, update on leases.coordination.k8s.io, not {rules}")
+    node_bindings = sorted(
+        (d["kind"], d["metadata"]["name"], d["roleRef"]["kind"], d["roleRef"]["name"])
+        for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
+        for s in d["subjects"] if s.get("kind") == "ServiceAccount" and s.get("name") == f"{prefix}-node"
+    )
+    check([(k, rk, rn) for k, _, rk, rn in node_bindings] == [("RoleBinding", "Role", f"{prefix}-node-leases")],
+          f"{label}: the node ServiceAccount must be bound, by a RoleBinding, to {prefix}-node-leases alone, not {node_bindings}")
+
+
+def check_rwx_off(docs: list[dict], label: str, prefix: str) -> None:
+    """readWriteMany.enabled=false: none of ReadWriteMany's objects or settings."""
+    ds = one(docs, "DaemonSet", f"{prefix}-node")
+    pod = ds["spec"]["template"]["spec"]
+    node = container(pod, "s3nfs")
+    check(pod.get("automountServiceAccountToken") is False, f"{label}: without ReadWriteMany the node pod must not mount a token")
+    check(one(docs, "ServiceAccount", f"{prefix}-node").get("automountServiceAccountToken") is False,
+          f"{label}: without ReadWriteMany the node ServiceAccount must have automountServiceAccountToken false")
+    present = sorted(set(RWX_ENV) & set(env_of(node)))
+    check(not present, f"{label}: without ReadWriteMany the node plugin must not have {present}")
+    args = [a for a in node.get("args", []) if a.startswith(("--lease", "--peer", "--node-address"))]
+    check(not args, f"{label}: without ReadWriteMany the node plugin must not have {args}")
+    check(not any("secret" in v for v in pod.get("volumes", [])), f"{label}: without ReadWriteMany the node pod mounts no Secret")
+    tls = [ident(d) for d in docs if d["kind"] == "Secret" and d.get("type") == "kubernetes.io/tls"]
+    check(not tls, f"{label}: without ReadWriteMany no key pair Secret, found {tls}")
+    check(not any(d["kind"] == "Role" and d["metadata"]["name"] == f"{prefix}-node-leases" for d in docs),
+          f"{label}: without ReadWriteMany no Lease Role for the node plugin")
+    bound = [ident(d) for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
+             for s in d["subjects"] if s.get("name") == f"{prefix}-node"]
+    check(not bound, f"{label}: without ReadWriteMany the node ServiceAccount must have no role, found {bound}")
+
+
+def check_peer_secret(docs: list[dict], label: str, name: str) -> bytes:
+    """The chart's generated key pair: a kubernetes.io/tls Secret whose certificate and key match,
+    an ECDSA P-256 key. Returns the key's PEM."""
+    secret = one(docs, "Secret", name)
+    check(secret.get("type") == "kubernetes.io/tls", f"{label}: Secret {name} must be of type kubernetes.io/tls")
+    data = secret.get("data") or {}
+    if not check(sorted(data) == ["tls.crt", "tls.key"] and "stringData" not in secret,
+                 f"{label}: Secret {name} must hold exactly tls.crt and tls.key in data, not {sorted(data)}"):
+        return b""
+    try:
+        crt, key = base64.b64decode(data["tls.crt"], validate=True), base64.b64decode(data["tls.key"], validate=True)
+    except (ValueError, TypeError) as e:
+        check(False, f"{label}: Secret {name}: data is not base64: {e}")
+        return b""
+    check(crt.startswith(b"-----BEGIN CERTIFICATE-----"), f"{label}: Secret {name}: tls.crt is not a PEM certificate")
+    body = re.search(rb"-----BEGIN (EC )?PRIVATE KEY-----(.*?)-----END", key, re.S)
+    if check(body, f"{label}: Secret {name}: tls.key is not a PEM EC or PKCS#8 private key"):
+        check(P256_OID in base64.b64decode(b"".join(body.group(2).split())), f"{label}: Secret {name}: tls.key is not an ECDSA P-256 key")
+    # OpenSSL refuses a certificate with a key that is not its own.
+    with tempfile.TemporaryDirectory() as tmp:
+        (pathlib.Path(tmp) / "tls.crt").write_bytes(crt)
+        (pathlib.Path(tmp) / "tls.key").write_bytes(key)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(f"{tmp}/tls.crt", f"{tmp}/tls.key")
+        except ssl.SSLError as e:
+            check(False, f"{label}: Secret {name}: tls.crt and tls.key are not one key pair: {e}")
+    return key
 
 
 def check_all_values(docs: list[dict], full: list[dict], values: dict, text: str) -> None:
@@ -506,14 +631,15 @@ def main() -> int:
             continue
         try:
             changed = render(merge(REQUIRED, nested(path, other)), "s3nfs", "s3nfs")
-            check(changed != default_render, f"values.yaml: {dotted} changes nothing in the render (a dead value)")
+            check(stable(changed) != stable(default_render), f"values.yaml: {dotted} changes nothing in the render (a dead value)")
         except helm.HelmError as e:
             check(False, f"values.yaml: {dotted}={other!r} alone does not render: {e}")
     for path, _ in leaves(all_values):
         check(lookup(defaults, path)[0], f"all-values.yaml: {'.'.join(path)} is not a value of values.yaml")
 
     # Missing credentials and a bad endpoint are refused with a message.
-    for values, needle in [({}, "is required"), (merge(REQUIRED, {"secret": {"endpoint": "minio:9000"}}), "http:// or https://")]:
+    for values, needle in [({}, "is required"), (merge(REQUIRED, {"secret": {"endpoint": "minio:9000"}}), "http:// or https://"),
+                           (merge(REQUIRED, {"readWriteMany": {"leaseDuration": "500ms"}}), "whole seconds or minutes")]:
         try:
             render(values, "s3nfs", "s3nfs")
             check(False, f"rendering with {values} should fail with a message about {needle}")
@@ -534,16 +660,45 @@ def main() -> int:
     check_structure(docs, "s3nfs", "defaults")
     check_defaults(docs)
 
+    # 7. ReadWriteMany: on by default, with a generated key pair that differs per install.
+    check_rwx_on(docs, "defaults", "s3nfs", "s3nfs-peer", "15s")
+    key = check_peer_secret(docs, "defaults", "s3nfs-peer")
+    again = check_peer_secret(parse(render(REQUIRED, "s3nfs", "s3nfs"), "chart(defaults, again)"), "defaults (again)", "s3nfs-peer")
+    check(key != again, "defaults: two installs got the same key pair (it must be generated, not part of the chart)")
+    # With a Secret of the user's: the chart makes none and mounts that one.
+    own = render(merge(REQUIRED, {"readWriteMany": {"peerSecretName": "own-peer-pair"}}), "s3nfs", "s3nfs")
+    check(not own.get(PEER_TEMPLATE, "").strip(), f"peerSecretName: {PEER_TEMPLATE} must render nothing")
+    own_docs = parse(own, "chart(peerSecretName)")
+    check(not [d for d in own_docs if d["kind"] == "Secret" and d["metadata"]["name"] != "s3nfs-secret"],
+          "peerSecretName: the chart must create no key pair Secret")
+    check_structure(own_docs, "s3nfs", "peerSecretName")
+    check_rwx_on(own_docs, "peerSecretName", "s3nfs", "own-peer-pair", "15s")
+    # Off: nothing of it.
+    off_docs = parse(render(merge(REQUIRED, {"readWriteMany": {"enabled": False}}), "s3nfs", "s3nfs"), "chart(rwx off)")
+    validate([d for d in off_docs if d["kind"] in ("DaemonSet", "ServiceAccount")])
+    check_structure(off_docs, "s3nfs", "rwx off")
+    check_rwx_off(off_docs, "rwx off", "s3nfs")
+    check(sorted(d["kind"] for d in docs if d["kind"] not in ("Secret", "Role", "RoleBinding")) ==
+          sorted(d["kind"] for d in off_docs if d["kind"] not in ("Secret", "Role", "RoleBinding")),
+          "rwx off: only the key pair Secret and the node plugin's Role and RoleBinding may go")
+
     # 3, 6. The all-values render, as given and with the secret and StorageClass turned on.
     all_render = render(all_values, "tenant", "storage-system")
     all_docs = parse(all_render, "chart(all-values)")
     validate(all_docs)
     check_structure(all_docs, "storage-system", "all-values")
-    full_values = merge(all_values, {"secret": {"create": True}, "storageClass": {"create": True}})
+    full_values = merge(all_values, {"secret": {"create": True}, "storageClass": {"create": True},
+                                     "readWriteMany": {"enabled": True}})
     full_docs = parse(render(full_values, "tenant", "storage-system"), "chart(all-values, create)")
-    validate([d for d in full_docs if d["kind"] in ("Secret", "StorageClass")])
+    validate([d for d in full_docs if d["kind"] in ("Secret", "StorageClass", "Role", "RoleBinding", "DaemonSet", "ServiceAccount")])
     check_structure(full_docs, "storage-system", "all-values+create")
     check_all_values(all_docs, full_docs, all_values, "\n".join(all_render.values()))
+    prefix = all_values["fullnameOverride"]
+    check_rwx_off(all_docs, "all-values", prefix)
+    rwx = all_values["readWriteMany"]
+    check_rwx_on(full_docs, "all-values+rwx", prefix, rwx["peerSecretName"], rwx["leaseDuration"])
+    check(not [d for d in full_docs if d["kind"] == "Secret" and d.get("type") == "kubernetes.io/tls"],
+          "all-values+rwx: with peerSecretName the chart must create no key pair Secret")
 
     # 5. The plain manifests: valid, and exactly the chart's default render.
     manifest_docs = parse({p.name: p.read_text() for p in sorted(MANIFESTS.glob("*.yaml"))}, "deploy/manifests")
@@ -558,6 +713,13 @@ def main() -> int:
     namespaces = [d for d in manifest_docs if d["kind"] == "Namespace"]
     check([d["metadata"]["name"] for d in namespaces] == ["s3nfs"], "deploy/manifests/namespace.yaml must create the namespace s3nfs")
     check_structure([d for d in manifest_docs if d["kind"] != "Namespace"], "s3nfs", "manifests")
+    # No key pair in the manifests (it would be everyone's): the node plugin mounts a Secret the
+    # README's command makes.
+    check_rwx_on(manifest_docs, "manifests", "s3nfs", render_manifests.PEER_SECRET, "15s")
+    check(not [ident(d) for d in manifest_docs if d["kind"] == "Secret" and d.get("type") == "kubernetes.io/tls"],
+          "deploy/manifests/ must not carry a key pair")
+    check(f"kubectl -n s3nfs create secret tls {render_manifests.PEER_SECRET} --cert=tls.crt --key=tls.key" in README.read_text(),
+          f"deploy/README.md must give the command that makes the Secret {render_manifests.PEER_SECRET}")
 
     if failures:
         print(f"tests/deploy/check.py: {len(failures)} problem(s):", file=sys.stderr)

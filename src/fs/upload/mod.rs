@@ -363,7 +363,7 @@ impl Volume {
             for (ino, seq) in pending {
                 let st = self.staged(ino);
                 if let Some(st) = &st {
-                    if st.content_dirty.load(Ordering::Acquire) {
+                    if st.is_dirty() {
                         dirty += st.size();
                         let idle = st.idle_at(now);
                         if !force && (idle < self.cfg.flush_delay || self.uploader.streaming.locked().contains(&ino)) {

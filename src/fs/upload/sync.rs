@@ -105,9 +105,7 @@ impl Volume {
                     .await
                     .map(Some),
                 Kind::File => match self.staged(ino) {
-                    Some(st) if st.content_dirty.load(Ordering::Acquire) => {
-                        self.upload_staged(&st, &inode, &key, &meta).await
-                    }
+                    Some(st) if st.is_dirty() => self.upload_staged(&st, &inode, &key, &meta).await,
                     _ => match &inode.remote {
                         Some(r) => {
                             let _k = self.uploader.key_lock(&key).await;
@@ -207,8 +205,7 @@ impl Volume {
             };
             if needs_bytes {
                 let st = self.stage(m, false).await?;
-                st.content_dirty.store(true, Ordering::Release);
-                st.pending_marked.store(true, Ordering::Release);
+                st.changed();
             }
             let mut b = Batch::new();
             b.moved_from(key, m);
@@ -264,7 +261,7 @@ impl Volume {
             }
             staged
                 .values()
-                .filter(|st| !st.content_dirty.load(Ordering::Acquire) && !st.pending_marked.load(Ordering::Acquire))
+                .filter(|st| st.is_clean())
                 .map(|st| (*st.last_write.locked(), st.clone()))
                 .collect()
         };
@@ -273,7 +270,7 @@ impl Volume {
         for (_, st) in clean.into_iter().take(excess) {
             // Writers hold the lock shared: one busy right now keeps its copy.
             if let Ok(_w) = st.lock.try_write() {
-                if !st.content_dirty.load(Ordering::Acquire) && !st.pending_marked.load(Ordering::Acquire) {
+                if st.is_clean() {
                     self.drop_staged(st.ino);
                 }
             }
@@ -307,8 +304,7 @@ impl Volume {
             // Keys that failed uploads may have written: only the one just written is ours.
             self.release_maybe_written(&mut b, ino, Some(&s.remote.key))?;
             if let (Some(st), Some(gen)) = (&st, s.gen) {
-                if st.gen() == gen {
-                    st.content_dirty.store(false, Ordering::Release);
+                if st.uploaded(gen) {
                     inode.size = s.remote.size;
                     inode.mtime = st.mtime();
                 } else {
@@ -328,7 +324,7 @@ impl Volume {
         if clean {
             b.clear_pending(ino);
             if let Some(st) = &st {
-                st.pending_marked.store(false, Ordering::Release);
+                st.settled();
             }
         }
         self.meta.commit(b)?;

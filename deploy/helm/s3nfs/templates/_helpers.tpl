@@ -65,3 +65,11 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+
+{{/* The Secret holding the node plugins' key pair for ReadWriteMany: the user's, or the chart's. */}}
+{{- define "s3nfs.peerSecretName" -}}
+{{- .Values.readWriteMany.peerSecretName | default (printf "%s-peer" (include "s3nfs.fullname" .)) -}}
+{{- end -}}
+
+{{/* Where the node plugin reads that key pair. */}}
+{{- define "s3nfs.peerDir" -}}/etc/s3nfs/peer{{- end -}}
