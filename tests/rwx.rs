@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::bed::{guest_path, require_guest, run_guest, s3nfs_bin, sh_quote, GuestOpts};
-use common::csi::{connect, mount_cap, publish_req, stage_req, Clients};
+use common::csi::{connect, mount_cap, publish_req, stage_req, unpublish_req, unstage_req, Clients};
 use common::guest::prelude;
 use common::kube_api::KubeApi;
 use s3nfs::csi::pb::{self, volume_capability::access_mode::Mode};
@@ -418,6 +418,9 @@ async fn scenario() {
     }
     let owner = holder(&api).expect("a lease holder");
     kv("first_owner", &owner);
+    // kubelet repeats calls after its own restart: the same answers, nothing new started.
+    nodes[2].stage_and_publish().await;
+    assert_eq!(holder(&api).as_deref(), Some(owner.as_str()));
     for n in &nodes {
         let cond = n.condition().await;
         if n.name == owner {
@@ -690,6 +693,50 @@ async fn scenario() {
     assert!(
         owner_node.log().contains("cross-node connection refused"),
         "the refusals are not in the owner's log"
+    );
+
+    // 7. Unstage everywhere, the owner first: it uploads what is pending and releases the
+    //    lease, and a remaining node takes over at once (well within a lease duration).
+    let order: Vec<usize> = {
+        let mut o: Vec<usize> = (0..nodes.len()).collect();
+        o.sort_by_key(|&i| nodes[i].name != new_owner);
+        o
+    };
+    for (k, &i) in order.iter().enumerate() {
+        let n = &nodes[i];
+        let mut c = n.clients().await;
+        for p in 0..2 {
+            c.node
+                .node_unpublish_volume(unpublish_req(VOLUME, &n.pod(p)))
+                .await
+                .unwrap_or_else(|e| panic!("NodeUnpublish on {}: {e}", n.name));
+        }
+        let t = Instant::now();
+        c.node
+            .node_unstage_volume(unstage_req(VOLUME, &n.staging()))
+            .await
+            .unwrap_or_else(|e| panic!("NodeUnstage on {}: {e}", n.name));
+        // Again, as kubelet may: still fine.
+        c.node
+            .node_unstage_volume(unstage_req(VOLUME, &n.staging()))
+            .await
+            .unwrap_or_else(|e| panic!("NodeUnstage again on {}: {e}", n.name));
+        if k == 0 {
+            kv("owner_unstage_ms", t.elapsed().as_millis());
+            let left = n.name;
+            until(
+                "a remaining node to own the volume after the owner left",
+                Duration::from_secs(8),
+                || holder(&api).is_some_and(|h| h != left),
+            )
+            .await;
+        }
+    }
+    // The last one out released the lease.
+    let lease = api.lease(NAMESPACE, &s3nfs::csi::shared::lease_name(VOLUME)).unwrap();
+    assert!(
+        lease["spec"]["holderIdentity"].as_str().unwrap_or("").is_empty(),
+        "the lease is still held after every node unstaged: {lease}"
     );
     drop(api);
 }
