@@ -221,7 +221,17 @@ pub async fn run(
     let mut logged_error = false;
     loop {
         let sent = clock.now();
-        let outcome = round(&*api, &lease, &mut campaign, sent).await;
+        // A request that hangs must not keep the owner serving past its deadline: the round
+        // is given up when the deadline comes (the role below is then Unknown).
+        let outcome = match campaign.deadline() {
+            Some(deadline) if deadline > sent => {
+                tokio::select! {
+                    r = round(&*api, &lease, &mut campaign, sent) => r,
+                    _ = clock.sleep_until(deadline) => Err(LeaseError::Unavailable("no answer before the renew deadline".into())),
+                }
+            }
+            _ => round(&*api, &lease, &mut campaign, sent).await,
+        };
         match outcome {
             Ok(()) => logged_error = false,
             Err(e) if !logged_error => {
@@ -436,6 +446,93 @@ mod tests {
             }
             s => panic!("{s:?}"),
         }
+    }
+
+    /// A lease store in memory with the API server's compare-and-swap, which can be made to
+    /// stop answering.
+    #[derive(Default)]
+    struct Mem {
+        lease: std::sync::Mutex<Option<Versioned>>,
+        version: std::sync::atomic::AtomicU64,
+        hang: std::sync::atomic::AtomicBool,
+    }
+
+    impl Mem {
+        async fn answer(&self) {
+            if self.hang.load(std::sync::atomic::Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+        }
+        fn stored(&self, r: &LeaseRecord) -> Versioned {
+            let v = self.version.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+            let stored = versioned(r, &v.to_string());
+            *self.lease.lock().unwrap() = Some(stored.clone());
+            stored
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl LeaseApi for Mem {
+        async fn get(&self, _: &str) -> Result<Option<Versioned>, LeaseError> {
+            self.answer().await;
+            Ok(self.lease.lock().unwrap().clone())
+        }
+        async fn create(&self, _: &str, r: &LeaseRecord) -> Result<Versioned, LeaseError> {
+            self.answer().await;
+            if self.lease.lock().unwrap().is_some() {
+                return Err(LeaseError::Conflict);
+            }
+            Ok(self.stored(r))
+        }
+        async fn update(&self, _: &str, r: &LeaseRecord, version: &str) -> Result<Versioned, LeaseError> {
+            self.answer().await;
+            if self.lease.lock().unwrap().as_ref().map(|v| v.version.as_str()) != Some(version) {
+                return Err(LeaseError::Conflict);
+            }
+            Ok(self.stored(r))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_owner_whose_lease_store_hangs_steps_down_at_its_deadline() {
+        let clock = Clock::manual();
+        let api = Arc::new(Mem::default());
+        let (tx, mut role) = watch::channel(Role::Unknown);
+        let (_stop, stop_rx) = watch::channel(false);
+        let t0 = clock.now();
+        tokio::spawn(run(
+            api.clone(),
+            "l".into(),
+            Campaign::new(holder("a", 1), Timing::default()),
+            clock.clone(),
+            tx,
+            stop_rx,
+        ));
+        role.wait_for(|r| matches!(r, Role::Owner { .. })).await.unwrap();
+        // The store stops answering; requests hang rather than fail.
+        api.hang.store(true, std::sync::atomic::Ordering::Release);
+        let mut owned_until = t0;
+        while matches!(*role.borrow(), Role::Owner { .. }) {
+            owned_until = clock.now();
+            // One step of time at a time, each once the campaign sleeps.
+            // A campaign stuck in the hanging request would never sleep again.
+            tokio::time::timeout(Duration::from_secs(10), clock.until_sleeping(|s| !s.is_empty()))
+                .await
+                .expect("the campaign is stuck in a request instead of keeping its deadline");
+            clock.advance(Duration::from_millis(500));
+            tokio::task::yield_now().await;
+            assert!(
+                clock.elapsed(t0) < Duration::from_secs(30),
+                "still owner after 30 s without a renewal"
+            );
+        }
+        role.wait_for(|r| *r == Role::Unknown).await.unwrap();
+        // Renewed at t0, deadline 10 s: stopped by then, however long the request hangs.
+        assert!(
+            owned_until.saturating_duration_since(t0) <= Duration::from_secs(10),
+            "served until {:?} after the last renewal",
+            owned_until - t0
+        );
     }
 
     #[test]
