@@ -113,14 +113,16 @@ async fn endpoint_conn(client: TcpStream, mut target: watch::Receiver<Target>, t
 /// How often a held connection tries an unreachable upstream again.
 const RETRY: Duration = Duration::from_millis(250);
 
-async fn connect_remote(
-    addr: SocketAddr,
-    tls: &PeerTls,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+/// TLS over a buffered socket: rustls asks for one record (16 KiB at most) per read, and a
+/// 1 MiB READ reply would otherwise cost about a hundred system calls on each side.
+type Buffered = tokio::io::BufReader<TcpStream>;
+
+async fn connect_remote(addr: SocketAddr, tls: &PeerTls) -> std::io::Result<tokio_rustls::client::TlsStream<Buffered>> {
     let s = tokio::time::timeout(HANDSHAKE, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;
+    let s = tokio::io::BufReader::with_capacity(BUF, s);
     tokio::time::timeout(HANDSHAKE, tls.connector().connect(PeerTls::server_name(), s))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
@@ -137,6 +139,7 @@ pub async fn cross_node(listener: TcpListener, gateway: SocketAddr, tls: PeerTls
                     let _ = peer.set_nodelay(true);
                     let acceptor = tls.acceptor();
                     conns.spawn(async move {
+                        let peer = tokio::io::BufReader::with_capacity(BUF, peer);
                         let shaken = tokio::time::timeout(HANDSHAKE, acceptor.accept(peer)).await;
                         let peer = match shaken {
                             Ok(Ok(p)) => p,

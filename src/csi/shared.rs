@@ -1,6 +1,6 @@
 //! ReadWriteMany volumes on the node: the node plugin's side of [`crate::cluster`].
 //!
-//! A volume staged in a MULTI_NODE writer mode gets a [`Member`] instead of a gateway of its
+//! A volume staged in a MULTI_NODE writer mode gets a [`Member`](crate::cluster::member::Member) instead of a gateway of its
 //! own: the kernel mounts the member's endpoint on 127.0.0.1 at the volume's port, and the
 //! member runs the owner gateway through the [`Supervisor`] only while this node holds the
 //! volume's lease. That gateway differs from a single-node one in four ways, each needed for
