@@ -534,9 +534,54 @@ async fn scenario() {
         "a follower's restart moved the lease"
     );
 
+    //    And the owner's plugin: it finds the lease still its own and serves again at once,
+    //    from S3 alone; writers on the owner and on a follower resume.
+    let oi = nodes.iter().position(|n| n.name == owner).unwrap();
+    // The third node reads what the other two wrote.
+    let ri = (0..nodes.len()).find(|i| *i != oi && *i != fi).unwrap();
+    let writers: Vec<(PathBuf, Child)> = [oi, fi]
+        .iter()
+        .map(|&i| {
+            let p = nodes[i].dir().join("owner-restart.progress");
+            let w = writer(
+                &nodes[i].pod(1).join(format!("owner-restart-{}.log", nodes[i].name)),
+                &p,
+                300,
+            );
+            (p, w)
+        })
+        .collect();
+    for (p, _) in &writers {
+        until("the writers to get going", Duration::from_secs(60), || {
+            progress(p).len() >= 30
+        })
+        .await;
+    }
+    let t = Instant::now();
+    nodes[oi].kill9();
+    nodes[oi].start();
+    let _ = nodes[oi].clients().await;
+    for (_, mut w) in writers {
+        assert!(
+            w.wait().unwrap().success(),
+            "a writer failed across the owner's plugin restart"
+        );
+    }
+    kv("owner_restart_writers_done_ms", t.elapsed().as_millis());
+    assert_eq!(
+        holder(&api).as_deref(),
+        Some(owner.as_str()),
+        "the owner's restart moved the lease"
+    );
+    let want: String = (0..300).map(line).collect();
+    for &i in &[oi, fi] {
+        let f = format!("owner-restart-{}.log", nodes[i].name);
+        let got = std::fs::read_to_string(nodes[ri].pod(1).join(&f)).unwrap();
+        assert!(got == want, "{f} after the owner's restart: {} bytes", got.len());
+    }
+
     // 4. The owner's node is cut off while all three write. A survivor takes over; the writers
     //    on the survivors go on through the same open files (the old owner's handles).
-    let oi = nodes.iter().position(|n| n.name == owner).unwrap();
     let before = transitions(&api);
     let mut fail_writers = Vec::new();
     for n in &nodes {
