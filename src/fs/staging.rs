@@ -307,11 +307,16 @@ impl Volume {
                     }
                 }
             };
-            match tokio::time::timeout(self.cfg.stage_wait, job).await {
-                Ok(Ok(st)) if !st.gone.load(Ordering::Acquire) => return Ok(st),
-                Ok(Ok(_)) => continue, // removed or evicted since: look again
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(FsError::Retry("the file is still coming from S3".into())),
+            // On the volume's clock: a test on the manual clock decides when the wait is over.
+            let waited = tokio::select! {
+                r = job => Some(r),
+                _ = self.cfg.clock.sleep(self.cfg.stage_wait) => None,
+            };
+            match waited {
+                Some(Ok(st)) if !st.is_retired() => return Ok(st),
+                Some(Ok(_)) => continue, // removed or evicted since: look again
+                Some(Err(e)) => return Err(e),
+                None => return Err(FsError::Retry("the file is still coming from S3".into())),
             }
         }
     }
