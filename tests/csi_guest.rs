@@ -21,9 +21,8 @@ use common::csi::{
     connect, mount_cap, publish_req, rwo, stage_req as stage, unpublish_req as unpublish, unstage_req as unstage,
     Clients,
 };
-use common::guest::prelude;
+use common::guest::{guest_env as env, guest_s3 as s3, guest_secret, prelude, s3_get};
 use s3nfs::csi::pb::{self, volume_capability::access_mode::Mode};
-use s3nfs::store::s3::{S3Config, S3Store, Secret};
 use s3nfs::store::{Body, ObjectStore, StoreError};
 
 #[test]
@@ -63,42 +62,8 @@ step csi_life {exe} --exact guest_side --ignored --nocapture --test-threads=1
 const SOCKET: &str = "/tmp/csi/csi.sock";
 const STATE: &str = "/tmp/csi/state";
 
-fn env(k: &str) -> String {
-    std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: this runs inside the guest"))
-}
-
 fn secret() -> HashMap<String, String> {
-    [
-        ("accessKeyID", env("AWS_ACCESS_KEY_ID")),
-        ("secretAccessKey", env("AWS_SECRET_ACCESS_KEY")),
-        ("endpoint", "http://127.0.0.1:3900".to_string()),
-        ("region", "garage".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
-}
-
-async fn s3(bucket: &str) -> S3Store {
-    S3Store::connect(S3Config {
-        endpoint: Some("http://127.0.0.1:3900".into()),
-        bucket: bucket.into(),
-        region: "garage".into(),
-        path_style: true,
-        access_key: Some(env("AWS_ACCESS_KEY_ID")),
-        secret_key: Some(Secret(env("AWS_SECRET_ACCESS_KEY"))),
-        session_token: None,
-    })
-    .await
-    .unwrap()
-}
-
-async fn s3_get(store: &S3Store, key: &str) -> Option<Vec<u8>> {
-    let head = store.head(key).await.unwrap()?;
-    if head.size == 0 {
-        return Some(Vec::new());
-    }
-    Some(store.get_range(key, 0..head.size).await.unwrap().to_vec())
+    guest_secret("http://127.0.0.1:3900")
 }
 
 /// The `s3nfs csi` plugin, as the node DaemonSet runs it.

@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 
 use common::bed::{guest_path, require_guest, run_guest, s3nfs_bin, sh_quote, GuestOpts};
 use common::csi::{connect, mount_cap, publish_req, stage_req, unpublish_req, unstage_req, Clients};
-use common::guest::prelude;
+use common::guest::{guest_env as env, guest_s3, guest_secret, prelude, s3_get};
 use common::kube_api::KubeApi;
 use s3nfs::csi::pb::{self, volume_capability::access_mode::Mode};
-use s3nfs::store::s3::{S3Config, S3Store, Secret};
 use s3nfs::store::ObjectStore;
 
 #[test]
@@ -86,10 +85,6 @@ const ROOT: &str = "/tmp/rwx";
 const NAMESPACE: &str = "s3nfs";
 const NODES: [&str; 3] = ["a", "b", "c"];
 
-fn env(k: &str) -> String {
-    std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: this runs inside the guest"))
-}
-
 /// How much slower than user-mode-linux this guest runs: bounds on waits scale with it.
 fn slow() -> u64 {
     std::env::var("S3NFS_GUEST_SLOWDOWN")
@@ -103,37 +98,8 @@ fn kv(k: &str, v: impl std::fmt::Display) {
 }
 
 fn secret() -> HashMap<String, String> {
-    [
-        ("accessKeyID", env("AWS_ACCESS_KEY_ID")),
-        ("secretAccessKey", env("AWS_SECRET_ACCESS_KEY")),
-        ("endpoint", "http://10.99.0.1:3900".to_string()),
-        ("region", "garage".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
-}
-
-async fn s3() -> S3Store {
-    S3Store::connect(S3Config {
-        endpoint: Some("http://127.0.0.1:3900".into()),
-        bucket: "vol".into(),
-        region: "garage".into(),
-        path_style: true,
-        access_key: Some(env("AWS_ACCESS_KEY_ID")),
-        secret_key: Some(Secret(env("AWS_SECRET_ACCESS_KEY"))),
-        session_token: None,
-    })
-    .await
-    .unwrap()
-}
-
-async fn s3_get(store: &S3Store, key: &str) -> Option<Vec<u8>> {
-    let head = store.head(key).await.unwrap()?;
-    if head.size == 0 {
-        return Some(Vec::new());
-    }
-    Some(store.get_range(key, 0..head.size).await.unwrap().to_vec())
+    // Garage on the bridge, where every node reaches it.
+    guest_secret("http://10.99.0.1:3900")
 }
 
 fn rwx() -> pb::VolumeCapability {
@@ -359,27 +325,6 @@ fn writer_side() {
     }
 }
 
-fn openssl_pair(dir: &Path, name: &str) {
-    let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .args(["-subj", "/CN=s3nfs-peer", "-days", "2", "-keyout"])
-        .arg(dir.join(format!("{name}.key")))
-        .arg("-out")
-        .arg(dir.join(format!("{name}.crt")))
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl is needed to make the nodes' key pair (apt-get install openssl)");
-    assert!(st.success(), "openssl req failed");
-}
-
 #[test]
 #[ignore = "runs inside the guest (see read_write_many_across_three_nodes_with_failover)"]
 fn guest_side() {
@@ -396,8 +341,8 @@ fn guest_side() {
 
 async fn scenario() {
     std::fs::create_dir_all(ROOT).unwrap();
-    openssl_pair(Path::new(ROOT), "peer");
-    openssl_pair(Path::new(ROOT), "stranger");
+    common::peer::openssl_pair(Path::new(ROOT), "peer");
+    common::peer::openssl_pair(Path::new(ROOT), "stranger");
     let api = KubeApi::start("10.99.0.1:6443".parse().unwrap()).await;
     let mut nodes: Vec<Node> = NODES
         .iter()
@@ -486,7 +431,7 @@ async fn scenario() {
             );
         }
     }
-    let bucket = s3().await;
+    let bucket = guest_s3("vol").await;
     for n in &nodes {
         // fsync'd on a ReadWriteMany volume: in S3.
         let got = s3_get(&bucket, &format!("shared/logs/{}.log", n.name)).await;

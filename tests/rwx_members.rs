@@ -47,31 +47,9 @@ const TIMING: Timing = Timing {
 /// Bound on anything that should take a few lease periods at most.
 const LONG: Duration = Duration::from_secs(30);
 
-/// A self-signed pair made by the `openssl` CLI, as an operator makes the chart's Secret:
-/// (certificate PEM, key PEM).
+/// A pair made by the `openssl` CLI: (certificate PEM, key PEM).
 fn openssl_pair(dir: &Path, name: &str) -> (Vec<u8>, Vec<u8>) {
-    let (key, cert) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.crt")));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .args(["-subj", "/CN=s3nfs-peer", "-days", "2", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap_or_else(|e| panic!("these tests need the openssl CLI to make the peer key pair: {e}"));
-    assert!(
-        out.status.success(),
-        "openssl req failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (cert, key) = common::peer::openssl_pair(dir, name);
     (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())
 }
 

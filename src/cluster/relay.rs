@@ -43,16 +43,29 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// Serves the node-local endpoint until the task is aborted (which closes every connection).
 pub async fn endpoint(listener: TcpListener, target: watch::Receiver<Target>, tls: PeerTls) {
+    accept_loop(listener, "relay endpoint", |client, _| {
+        endpoint_conn(client, target.clone(), tls.clone())
+    })
+    .await
+}
+
+/// Accepts connections until aborted, each served by `serve` in a task that ends with this
+/// one (the set of connection tasks is dropped with it). Accept errors (EMFILE) are retried.
+async fn accept_loop<F, Fut>(listener: TcpListener, what: &str, mut serve: F)
+where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((client, _)) => {
-                    let _ = client.set_nodelay(true);
-                    conns.spawn(endpoint_conn(client, target.clone(), tls.clone()));
+                Ok((conn, from)) => {
+                    let _ = conn.set_nodelay(true);
+                    conns.spawn(serve(conn, from));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "relay endpoint: accept failed");
+                    tracing::warn!(error = %e, "{what}: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -131,42 +144,32 @@ async fn connect_remote(addr: SocketAddr, tls: &PeerTls) -> std::io::Result<toki
 /// Serves the owner's cross-node port until aborted: authenticated connections are joined
 /// to the gateway at `gateway`.
 pub async fn cross_node(listener: TcpListener, gateway: SocketAddr, tls: PeerTls) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((peer, from)) => {
-                    let _ = peer.set_nodelay(true);
-                    let acceptor = tls.acceptor();
-                    conns.spawn(async move {
-                        let peer = tokio::io::BufReader::with_capacity(BUF, peer);
-                        let shaken = tokio::time::timeout(HANDSHAKE, acceptor.accept(peer)).await;
-                        let peer = match shaken {
-                            Ok(Ok(p)) => p,
-                            Ok(Err(e)) => {
-                                crate::metrics::global().peer_refused.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(%from, error = %e, "cross-node connection refused");
-                                return;
-                            }
-                            Err(_) => {
-                                crate::metrics::global().peer_refused.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(%from, "cross-node connection refused: no TLS handshake");
-                                return;
-                            }
-                        };
-                        let Ok(up) = TcpStream::connect(gateway).await else { return };
-                        let _ = up.set_nodelay(true);
-                        pipe(peer, up, std::future::pending::<()>()).await;
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cross-node port: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+    accept_loop(listener, "cross-node port", |peer, from| {
+        cross_node_conn(peer, from, gateway, tls.acceptor())
+    })
+    .await
+}
+
+async fn cross_node_conn(peer: TcpStream, from: SocketAddr, gateway: SocketAddr, acceptor: tokio_rustls::TlsAcceptor) {
+    let peer = tokio::io::BufReader::with_capacity(BUF, peer);
+    let peer = match tokio::time::timeout(HANDSHAKE, acceptor.accept(peer)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            crate::metrics::global().peer_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%from, error = %e, "cross-node connection refused");
+            return;
         }
-    }
+        Err(_) => {
+            crate::metrics::global().peer_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%from, "cross-node connection refused: no TLS handshake");
+            return;
+        }
+    };
+    let Ok(up) = TcpStream::connect(gateway).await else {
+        return;
+    };
+    let _ = up.set_nodelay(true);
+    pipe(peer, up, std::future::pending::<()>()).await;
 }
 
 /// Copies both ways until either side closes or `until` completes.

@@ -140,7 +140,7 @@ impl NodeService {
 
     /// Starts the volume's member (or finds it running). With `settle`, waits until an owner
     /// is known and fails if none is.
-    async fn start_member(&self, v: &StagedVolume, secret: &S3Secret, settle: bool) -> Result<(), Status> {
+    async fn start_member(&self, v: &StagedVolume, export: Export, settle: bool) -> Result<(), Status> {
         let c = self.cluster.clone().ok_or_else(|| {
             Status::failed_precondition(format!(
                 "volume {}: ReadWriteMany needs the node plugin started with --lease-api, --node-address and --peer-cert/--peer-key (the Helm chart sets them)",
@@ -148,7 +148,6 @@ impl NodeService {
             ))
         })?;
         if !self.members.locked().contains_key(&v.volume_id) {
-            let export = export_of(&self.state, v, secret)?;
             let owner = Arc::new(SupervisedOwner::new(self.supervisor.clone(), export));
             let cfg = MemberConfig {
                 lease: lease_name(&v.volume_id),
@@ -204,7 +203,11 @@ impl NodeService {
                 }
             };
             if v.multi_node {
-                match self.start_member(&v, &secret, false).await {
+                let started = match export_of(&self.state, &v, &secret) {
+                    Ok(export) => self.start_member(&v, export, false).await,
+                    Err(s) => Err(s),
+                };
+                match started {
                     Ok(()) => tracing::info!(volume = %v.volume_id, "ReadWriteMany member restored"),
                     Err(e) => {
                         tracing::error!(volume = %v.volume_id, error = %e.message(), "cannot restore the ReadWriteMany member")
@@ -327,8 +330,7 @@ impl NodeService {
             let _ = this.state.remove(vol);
         };
         let started = if v.multi_node {
-            drop(export);
-            self.start_member(&v, secret, true)
+            self.start_member(&v, export, true)
                 .await
                 .map(|()| Ok(Ok(SocketAddr::from(([127, 0, 0, 1], port)))))
         } else {

@@ -2,6 +2,11 @@
 //! Garage S3 and the s3nfs gateway inside a test-bed guest, the export mounted on $M.
 //! See `tests/common/bed/mod.rs` for the harness itself.
 
+use std::collections::HashMap;
+
+use s3nfs::store::s3::{S3Config, S3Store, Secret};
+use s3nfs::store::ObjectStore;
+
 use super::bed::{guest_path, s3nfs_bin, sh_quote};
 use super::garage::garage_bin;
 
@@ -69,4 +74,48 @@ pub fn script(body: &str) -> String {
         "PORT={PORT}\n{}{SERVE_AND_MOUNT}{body}\nshow_log server 30\n",
         prelude()
     )
+}
+
+// ------------------------------------------------------------ for test code inside the guest
+
+/// A variable the host side set for the guest (the prelude's Garage key, the run's token).
+pub fn guest_env(k: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: this runs inside the guest"))
+}
+
+/// The CSI Secret (csi-s3's keys) for the prelude's Garage key, with Garage at `endpoint`.
+pub fn guest_secret(endpoint: &str) -> HashMap<String, String> {
+    [
+        ("accessKeyID", guest_env("AWS_ACCESS_KEY_ID")),
+        ("secretAccessKey", guest_env("AWS_SECRET_ACCESS_KEY")),
+        ("endpoint", endpoint.to_string()),
+        ("region", "garage".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The prelude's Garage, seen directly: what S3 holds, whatever the gateways say.
+pub async fn guest_s3(bucket: &str) -> S3Store {
+    S3Store::connect(S3Config {
+        endpoint: Some("http://127.0.0.1:3900".into()),
+        bucket: bucket.into(),
+        region: "garage".into(),
+        path_style: true,
+        access_key: Some(guest_env("AWS_ACCESS_KEY_ID")),
+        secret_key: Some(Secret(guest_env("AWS_SECRET_ACCESS_KEY"))),
+        session_token: None,
+    })
+    .await
+    .unwrap()
+}
+
+/// An object's bytes, or `None` if it does not exist.
+pub async fn s3_get(store: &S3Store, key: &str) -> Option<Vec<u8>> {
+    let head = store.head(key).await.unwrap()?;
+    if head.size == 0 {
+        return Some(Vec::new());
+    }
+    Some(store.get_range(key, 0..head.size).await.unwrap().to_vec())
 }

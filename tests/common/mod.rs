@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod guest;
 pub mod kube_api;
 pub mod nfs;
+pub mod peer;
 pub mod rpc;
 
 /// Deterministic bytes for (seed, length): a xorshift stream, so that a misplaced block shows.
