@@ -23,4 +23,5 @@ pub mod metrics;
 pub mod nfs;
 pub mod store;
 pub mod sync;
+pub mod tasks;
 pub mod telemetry;

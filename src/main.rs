@@ -345,12 +345,17 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let exports = exports(&a)?;
-    if let Some(l) = a.metrics_listen {
-        let addr = s3nfs::metrics::serve(l)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {l}: {e}"))?;
-        println!("s3nfs: metrics on http://{addr}/metrics");
-    }
+    // Served for as long as this function runs: until the process exits.
+    let _metrics = match a.metrics_listen {
+        Some(l) => {
+            let (addr, server) = s3nfs::metrics::serve(l)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {l}: {e}"))?;
+            println!("s3nfs: metrics on http://{addr}/metrics");
+            Some(server)
+        }
+        None => None,
+    };
     let sup = Supervisor::default().start();
     for e in &exports {
         if !e.listen.ip().is_loopback() {

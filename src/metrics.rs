@@ -344,17 +344,21 @@ fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// Serves `GET /metrics` on `addr` until the process ends; returns the bound address.
-pub async fn serve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+/// Serves `GET /metrics` on `addr` for as long as the returned task is held; returns the bound
+/// address.
+pub async fn serve(addr: SocketAddr) -> std::io::Result<(SocketAddr, crate::tasks::Owned<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(async move {
+    let server = crate::tasks::owned(async move {
+        // Connections end with the server.
+        let mut conns = tokio::task::JoinSet::new();
         loop {
+            while conns.try_join_next().is_some() {}
             let Ok((mut sock, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let mut buf = Vec::with_capacity(1024);
                 let read = tokio::time::timeout(Duration::from_secs(5), async {
                     let mut chunk = [0u8; 1024];
@@ -394,7 +398,7 @@ pub async fn serve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
             });
         }
     });
-    Ok(local)
+    Ok((local, server))
 }
 
 /// The same values as OTLP observable instruments on `provider`'s meter.

@@ -1173,7 +1173,7 @@ async fn a_listing_of_several_pages_follows_s3_across_page_boundaries() {
     clock.advance(Duration::from_secs(60));
     // A directory this large is relisted in the background, started by the first access.
     c.names(&root).await.unwrap();
-    gw.vol.background_idle().await;
+    gw.vol.tasks().idle().await;
     let got: std::collections::BTreeSet<String> = c.names(&root).await.unwrap().into_iter().collect();
     let missing: Vec<_> = want.difference(&got).collect();
     let extra: Vec<_> = got.difference(&want).collect();
@@ -1260,7 +1260,7 @@ async fn small_files_read_in_name_order_are_fetched_ahead() {
     faults.reset_counts();
     open_read(&mut c, 30).await;
     open_read(&mut c, 5).await;
-    gw.vol.background_idle().await;
+    gw.vol.tasks().idle().await;
     assert_eq!((faults.calls(Op::Get), faults.calls(Op::Head)), (2, 0));
 
     // In name order: the second cold open starts reading ahead, and from then on every file
@@ -1268,11 +1268,11 @@ async fn small_files_read_in_name_order_are_fetched_ahead() {
     // fetched once. (The reader waits for the background work after each file, so that the
     // count does not depend on who wins a race: in use, both run at once.)
     open_read(&mut c, 6).await;
-    gw.vol.background_idle().await;
+    gw.vol.tasks().idle().await;
     let misses = gw.vol.stats().cache_misses;
     for i in 7..40 {
         open_read(&mut c, i).await;
-        gw.vol.background_idle().await;
+        gw.vol.tasks().idle().await;
     }
     assert_eq!(
         gw.vol.stats().cache_misses,

@@ -10,24 +10,24 @@
 //! 4. the volume is dropped: the database closes (checkpointing its journal), staging files
 //!    are closed, the read cache is freed, and its metric series disappear.
 //!
-//! The first failure of a background task is recorded ([`Gateway::failure`]) instead of being
-//! lost in a detached task. Dropping a `Gateway` without `close` aborts everything at once, as
-//! a crash would: acknowledged writes are safe in the journal and staging, nothing is uploaded.
+//! The background work runs under the volume's task owner ([`crate::tasks::Tasks`]), which
+//! records the first failure ([`Gateway::failure`]). Dropping a `Gateway` without `close` aborts
+//! everything at once, as a crash would: acknowledged writes are safe in the journal and
+//! staging, nothing is uploaded.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nfsserve::tcp::{NFSTcp, NFSTcpListener};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::config::Export;
 use crate::fs::{Volume, VolumeConfig};
 use crate::nfs::NfsAdapter;
 use crate::store::ObjectStore;
-use crate::sync::LockExt;
+use crate::tasks::Owned;
 
 /// How often staged data and the journal are fsync'd: the most a node reboot can lose.
 pub const LOCAL_SYNC_INTERVAL: Duration = Duration::from_millis(20);
@@ -52,10 +52,7 @@ pub struct Gateway {
     pub vol: Arc<Volume>,
     pub addr: SocketAddr,
     stop_listener: watch::Sender<bool>,
-    listener: Option<tokio::task::JoinHandle<()>>,
-    stop_background: watch::Sender<bool>,
-    background: JoinSet<()>,
-    failure: Arc<Mutex<Option<String>>>,
+    listener: Option<Owned<()>>,
 }
 
 impl Gateway {
@@ -97,27 +94,22 @@ impl Gateway {
         crate::metrics::global().register_volume(&export.name, &source);
 
         let (stop_listener, rx) = watch::channel(false);
-        let listener = tokio::spawn(listener.handle_until(rx));
-        let (stop_background, rx) = watch::channel(false);
-        let failure = Arc::new(Mutex::new(None));
-        let mut background = JoinSet::new();
-        background.spawn(upload_rounds(vol.clone(), rx.clone(), failure.clone()));
-        background.spawn(local_sync(vol.clone(), rx, failure.clone()));
+        let listener = crate::tasks::owned(listener.handle_until(rx));
+        let tasks = vol.tasks();
+        tasks.spawn_loop("upload rounds", upload_rounds(vol.clone(), tasks.stopping()));
+        tasks.spawn_loop("local sync", local_sync(vol.clone(), tasks.stopping()));
         Ok(Gateway {
             name: export.name.clone(),
             vol,
             addr,
             stop_listener,
             listener: Some(listener),
-            stop_background,
-            background,
-            failure,
         })
     }
 
     /// The first failure of a background task, if any.
     pub fn failure(&self) -> Option<String> {
-        self.failure.locked().clone()
+        self.vol.tasks().failure()
     }
 
     /// Stops taking NFS requests and waits for those in flight. Idempotent.
@@ -137,10 +129,8 @@ impl Gateway {
             let e = anyhow::anyhow!("volume {}: data still pending: {e}", self.name);
             return Err((self, e));
         }
-        let _ = self.stop_background.send(true);
-        while self.background.join_next().await.is_some() {}
-        // Relistings and streaming uploads the volume started itself.
-        self.vol.background_idle().await;
+        // The loops, and the relistings, streaming uploads and read-ahead the volume started.
+        self.vol.tasks().stop().await;
         let vol = self.vol.clone();
         let synced = tokio::task::spawn_blocking(move || vol.sync_local()).await;
         if let Ok(Err(e)) = synced {
@@ -178,32 +168,25 @@ impl Drop for Gateway {
         if let Some(l) = &self.listener {
             l.abort();
         }
-        self.background.abort_all();
-    }
-}
-
-fn record_failure(failure: &Mutex<Option<String>>, what: String) {
-    let mut f = failure.locked();
-    if f.is_none() {
-        *f = Some(what);
+        self.vol.tasks().abort_all();
     }
 }
 
 /// The uploader's rounds at its own pace (see [`crate::fs::upload::Pace`]), and the usage
 /// recount that rides on its tick.
-async fn upload_rounds(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc<Mutex<Option<String>>>) {
+async fn upload_rounds(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
     let mut pace = crate::fs::upload::Pace::default();
     while vol.next_upload_round(&mut pace, &mut stop).await {
         if vol.recount_due() {
             let v = vol.clone();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.recount_usage_if_due()).await {
-                record_failure(&failure, format!("counting usage: {e}"));
+                vol.tasks().fail(format!("counting usage: {e}"));
             }
         }
     }
 }
 
-async fn local_sync(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: Arc<Mutex<Option<String>>>) {
+async fn local_sync(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
     let clock = vol.cfg.clock.clone();
     loop {
         tokio::select! {
@@ -216,7 +199,7 @@ async fn local_sync(vol: Arc<Volume>, mut stop: watch::Receiver<bool>, failure: 
         let v = vol.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.sync_local()).await {
             tracing::error!(error = %e, "local sync failed");
-            record_failure(&failure, format!("local sync: {e}"));
+            vol.tasks().fail(format!("local sync: {e}"));
         }
     }
 }

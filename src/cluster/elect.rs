@@ -500,7 +500,7 @@ mod tests {
         let (tx, mut role) = watch::channel(Role::Unknown);
         let (_stop, stop_rx) = watch::channel(false);
         let t0 = clock.now();
-        tokio::spawn(run(
+        let _campaign = crate::tasks::owned(run(
             api.clone(),
             "l".into(),
             Campaign::new(holder("a", 1), Timing::default()),

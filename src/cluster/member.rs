@@ -17,9 +17,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tasks::{owned, Owned};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::elect::{self, Campaign, Role, Timing};
 use super::lease::{Holder, LeaseApi};
@@ -53,9 +53,10 @@ pub struct MemberConfig {
 pub struct Member {
     role: watch::Receiver<Role>,
     stop: watch::Sender<bool>,
-    campaign: JoinHandle<()>,
-    follower: JoinHandle<()>,
-    endpoint: JoinHandle<()>,
+    // Each ends with the member (see [`crate::tasks::Owned`]).
+    campaign: Owned<()>,
+    follower: Owned<()>,
+    endpoint: Owned<()>,
     gateway: Arc<dyn OwnerGateway>,
 }
 
@@ -74,10 +75,10 @@ impl Member {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {} for the volume's local endpoint: {e}", cfg.endpoint))?;
         let (target_tx, target_rx) = watch::channel(Target::None);
-        let endpoint = tokio::spawn(relay::endpoint(listener, target_rx, tls.clone()));
+        let endpoint = owned(relay::endpoint(listener, target_rx, tls.clone()));
         let (role_tx, role_rx) = watch::channel(Role::Unknown);
         let (stop, stop_rx) = watch::channel(false);
-        let campaign = tokio::spawn(elect::run(
+        let campaign = owned(elect::run(
             api,
             cfg.lease.clone(),
             Campaign::new(cfg.me.clone(), cfg.timing),
@@ -85,7 +86,7 @@ impl Member {
             role_tx,
             stop_rx,
         ));
-        let follower = tokio::spawn(follow(
+        let follower = owned(follow(
             role_rx.clone(),
             target_tx,
             gateway.clone(),
@@ -136,14 +137,6 @@ impl Member {
     }
 }
 
-impl Drop for Member {
-    fn drop(&mut self) {
-        self.campaign.abort();
-        self.follower.abort();
-        self.endpoint.abort();
-    }
-}
-
 /// Acts on every change of role (see the module docs).
 async fn follow(
     mut role: watch::Receiver<Role>,
@@ -156,7 +149,7 @@ async fn follow(
 ) {
     // Aborted when dropped: `follow` itself is aborted by `leave` and `Drop`, and a detached
     // cross-node port would go on handing peers to a gateway that is gone.
-    let mut serving: Option<AbortOnDrop> = None;
+    let mut serving: Option<Owned<()>> = None;
     loop {
         let now = role.borrow_and_update().clone();
         let mut start_failed = false;
@@ -165,7 +158,7 @@ async fn follow(
                 if serving.is_none() {
                     match start_owner(&*gateway, epoch, cross_node, &tls).await {
                         Ok((addr, port)) => {
-                            serving = Some(AbortOnDrop(port));
+                            serving = Some(port);
                             target.send_replace(Target::Local(addr));
                             tracing::info!(%addr, %cross_node, epoch, "this node owns the volume now");
                         }
@@ -199,7 +192,7 @@ async fn start_owner(
     epoch: u32,
     cross_node: SocketAddr,
     tls: &PeerTls,
-) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+) -> anyhow::Result<(SocketAddr, Owned<()>)> {
     let addr = gateway.start(epoch).await?;
     let listener = match TcpListener::bind(cross_node).await {
         Ok(l) => l,
@@ -208,19 +201,10 @@ async fn start_owner(
             anyhow::bail!("cannot listen on {cross_node} for other nodes: {e}");
         }
     };
-    Ok((addr, tokio::spawn(relay::cross_node(listener, addr, tls.clone()))))
+    Ok((addr, owned(relay::cross_node(listener, addr, tls.clone()))))
 }
 
-/// A task that ends with its handle.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-async fn end_term(serving: &mut Option<AbortOnDrop>, target: &watch::Sender<Target>, gateway: &dyn OwnerGateway) {
+async fn end_term(serving: &mut Option<Owned<()>>, target: &watch::Sender<Target>, gateway: &dyn OwnerGateway) {
     // The fence first: nothing else here may delay it.
     let Some(port) = serving.take() else { return };
     gateway.fence().await;

@@ -19,7 +19,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::meta::Ino;
 
@@ -120,7 +120,7 @@ impl Volume {
             .and_then(|w| w.upgrade())
             .ok_or_else(|| FsError::Io("volume closing".into()))?;
         let timed = move || {
-            let start = Instant::now();
+            let start = crate::clock::stopwatch();
             let r = vol.sync_local();
             (r, Some(start.elapsed()))
         };

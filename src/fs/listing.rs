@@ -108,6 +108,7 @@ impl Volume {
                     let (dir, ino) = (dir.clone(), dir.ino);
                     let v = vol.clone();
                     v.spawn_background(
+                        "relisting",
                         async move {
                             if let Err(e) = vol.list_dir(&dir).await {
                                 tracing::warn!(ino = dir.ino, error = %e, "background relisting failed");

@@ -315,8 +315,8 @@ pub struct Volume {
     prefetch: prefetch::Prefetch,
     pub(crate) uploader: upload::Uploader,
     pub(crate) usage: usage::Usage,
-    /// Work the volume started in the background (relistings, streaming uploads).
-    background: Arc<Background>,
+    /// Owner of the volume's background work (see [`crate::tasks`]).
+    tasks: crate::tasks::Tasks,
     volume_id: u64,
     next_ino: AtomicU64,
     /// The persisted `ino_limit` counter, kept here so allocation does not read the database.
@@ -327,24 +327,6 @@ pub struct Volume {
     /// When the last search for a lost handle found nothing (see `handles.rs`): searches are
     /// a walk of the whole volume, at most one per refresh interval for handles that stay lost.
     lost_search: tokio::sync::Mutex<Option<Instant>>,
-}
-
-/// Counts the tasks a volume runs in the background, so that closing it can wait for the last
-/// one: each holds the volume, and the database closes only when the last holder lets go.
-#[derive(Default)]
-struct Background {
-    running: std::sync::atomic::AtomicUsize,
-    idle: tokio::sync::Notify,
-}
-
-struct BackgroundGuard(Arc<Background>);
-
-impl Drop for BackgroundGuard {
-    fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
 }
 
 /// A directory with at most this many entries is relisted before an access that finds its
@@ -416,7 +398,7 @@ impl Volume {
             cache,
             uploader,
             usage: usage::Usage::new(cfg.capacity, cfg.clock.clone()),
-            background: Arc::new(Background::default()),
+            tasks: crate::tasks::Tasks::new(),
             volume_id,
             next_ino: AtomicU64::new(ino_base),
             ino_limit: AtomicU64::new(ino_base + INO_BLOCK),
@@ -481,26 +463,19 @@ impl Volume {
         }
     }
 
-    /// Runs `f` in the background, counted (see [`Volume::background_idle`]).
-    pub(crate) fn spawn_background(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.background.running.fetch_add(1, Ordering::AcqRel);
-        let guard = BackgroundGuard(self.background.clone());
-        tokio::spawn(async move {
-            f.await;
-            drop(guard);
-        });
+    /// Runs `f` in the background under the volume's task owner.
+    pub(crate) fn spawn_background(
+        &self,
+        what: &'static str,
+        f: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.tasks.spawn(what, f);
     }
 
-    /// Waits until no background task of the volume runs. Call it once nothing starts new ones
-    /// (the NFS listener stopped, everything flushed).
-    pub async fn background_idle(&self) {
-        loop {
-            let idle = self.background.idle.notified();
-            if self.background.running.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            idle.await;
-        }
+    /// The owner of the volume's background work: the gateway starts its loops there and stops
+    /// them all through it.
+    pub fn tasks(&self) -> &crate::tasks::Tasks {
+        &self.tasks
     }
 
     /// Counts bytes and files from the metadata (see [`usage`]).
@@ -661,7 +636,7 @@ fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
-        std::time::SystemTime::now()
+        crate::clock::wall_now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos(),

@@ -94,6 +94,7 @@ impl Volume {
         };
         let v = vol.clone();
         v.spawn_background(
+            "reading ahead",
             async move {
                 let (upto, trigger) = match vol.fetch_window(dir, &after).await {
                     Ok(r) => r,

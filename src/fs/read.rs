@@ -41,9 +41,6 @@ const SEQUENTIAL_TRAIL: u64 = 1;
 /// What a random reader's READ fetches at least (see [`ReadCache::read_exact_range`]).
 const RANDOM_GRAIN: u64 = 64 << 10;
 
-/// Read-ahead fetches are handed to the volume, which counts them as its background work.
-pub type Spawn<'a> = &'a (dyn Fn(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) + Sync);
-
 pub struct ReadCache {
     chunk: u64,
     /// Chunks fetched ahead of a sequential reader, at most.
@@ -237,7 +234,8 @@ impl ReadCache {
         remote: &Remote,
         offset: u64,
         count: u32,
-        spawn: Spawn<'_>,
+        // Read-ahead fetches run as the volume's background work.
+        tasks: &crate::tasks::Tasks,
     ) -> FsResult<(Bytes, bool)> {
         if offset >= remote.size {
             return Ok((Bytes::new(), true));
@@ -302,9 +300,9 @@ impl ReadCache {
             let store = store.clone();
             let remote = remote.clone();
             let chunk = self.chunk;
-            spawn(Box::pin(async move {
+            tasks.spawn("read-ahead", async move {
                 let _ = Self::fetch(&*store, &cell, &remote, idx, chunk).await;
-            }));
+            });
         }
         let cells: Vec<_> = (first..=last)
             .map(|i| (i, self.cell(ino, &remote.etag, i, true)))
@@ -365,13 +363,11 @@ mod tests {
         let (_dir, store, remote) = one_object(&data).await;
         let chunk = 256 << 10;
         let cache = ReadCache::new(chunk, 4 << 20, 2);
-        let spawn: Spawn<'_> = &|f| {
-            tokio::spawn(f);
-        };
+        let tasks = crate::tasks::Tasks::new();
         let read = |off: u64| {
-            let (cache, store, remote) = (&cache, &store, &remote);
+            let (cache, store, remote, tasks) = (&cache, &store, &remote, &tasks);
             async move {
-                let (b, _) = cache.read(store, 1, remote, off, 4096, spawn).await.unwrap();
+                let (b, _) = cache.read(store, 1, remote, off, 4096, tasks).await.unwrap();
                 b
             }
         };
@@ -405,9 +401,7 @@ mod tests {
     /// behind it; a file that fits is kept whole for the next reader.
     #[tokio::test]
     async fn a_sequential_reader_of_a_file_larger_than_the_cache_leaves_a_short_trail() {
-        let spawn: Spawn<'_> = &|f| {
-            tokio::spawn(f);
-        };
+        let tasks = crate::tasks::Tasks::new();
         let chunk = 64 << 10;
         for (size, whole_kept) in [(1u64 << 20, false), (256 << 10, true)] {
             let data: Vec<u8> = (0..size as u32).map(|i| (i % 251) as u8).collect();
@@ -415,7 +409,7 @@ mod tests {
             // Room for 8 chunks: 512 KiB.
             let cache = ReadCache::new(chunk, 8 * chunk, 2);
             for off in (0..size).step_by(16 << 10) {
-                let (b, _) = cache.read(&store, 1, &remote, off, 16 << 10, spawn).await.unwrap();
+                let (b, _) = cache.read(&store, 1, &remote, off, 16 << 10, &tasks).await.unwrap();
                 assert_eq!(&b[..], &data[off as usize..off as usize + (16 << 10)]);
             }
             let last = size / chunk - 1;
@@ -434,11 +428,9 @@ mod tests {
     async fn the_readers_tracked_stay_bounded_however_many_files_are_read() {
         let (_dir, store, remote) = one_object(b"0123456789").await;
         let cache = ReadCache::new(4, 1 << 20, 2);
-        let spawn: Spawn<'_> = &|f| {
-            tokio::spawn(f);
-        };
+        let tasks = crate::tasks::Tasks::new();
         for ino in 0..3 * MAX_STREAMS as u64 {
-            let (b, _) = cache.read(&store, ino, &remote, 2, 3, spawn).await.unwrap();
+            let (b, _) = cache.read(&store, ino, &remote, 2, 3, &tasks).await.unwrap();
             assert_eq!(&b[..], b"234");
             assert!(cache.streams() <= MAX_STREAMS);
         }

@@ -289,6 +289,7 @@ impl Volume {
                         // The job leaves the map under the map's lock, which we hold until it
                         // is in: it cannot leave before it arrived.
                         vol.spawn_background(
+                            "staging download",
                             async move {
                                 let r = v.fetch_to_staging(ino, empty).await;
                                 v.staging_jobs.locked().remove(&ino);

@@ -367,7 +367,8 @@ impl MetaDb {
             *n += 1;
             return Ok((db.clone(), path));
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Another process holds the lock: this waits in real time, on no volume's clock.
+        let deadline = crate::clock::stopwatch() + std::time::Duration::from_secs(10);
         let db = loop {
             let r = sled::Config::new()
                 .path(&path)
@@ -378,7 +379,7 @@ impl MetaDb {
             match r {
                 Err(sled::Error::Io(e))
                     // sled reports the lock as an `Other` error naming it.
-                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                    if e.to_string().contains("could not acquire lock") && crate::clock::stopwatch() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }

@@ -30,7 +30,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -291,7 +291,7 @@ fn meta_path(objects: &Path, id: u64) -> PathBuf {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now()
+    crate::clock::wall_now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
@@ -714,7 +714,7 @@ impl Inner {
 
     fn create_multipart(&self, key: &str, user: &UserMeta) -> StoreResult<String> {
         let id = self.new_id();
-        let nonce = SystemTime::now()
+        let nonce = crate::clock::wall_now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0)

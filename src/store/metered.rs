@@ -5,7 +5,6 @@
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -25,7 +24,7 @@ impl MeteredStore {
 }
 
 async fn metered<T>(op: &'static str, f: impl std::future::Future<Output = StoreResult<T>>) -> StoreResult<T> {
-    let start = Instant::now();
+    let start = crate::clock::stopwatch();
     let r = f.await;
     // A missing object is an answer, not a failure worth alerting on.
     let ok = matches!(&r, Ok(_) | Err(StoreError::NotFound(_)));

@@ -236,6 +236,7 @@ impl Volume {
             let span = tracing::info_span!(parent: None, "stream_upload", ino);
             crate::telemetry::link_causes(&span, self.volume_id(), ino, false);
             self.spawn_background(
+                "streaming upload",
                 async move {
                     let r = vol.stream_file(ino).await;
                     vol.uploader.streaming.locked().remove(&ino);
@@ -262,7 +263,10 @@ impl Volume {
     ///
     /// Returns whether it stopped to yield to busy clients (see `VolumeConfig::stream_while_busy`).
     async fn stream_file(self: &Arc<Self>, ino: Ino) -> FsResult<bool> {
-        let mut passes: Vec<tokio::task::JoinHandle<FsResult<()>>> = Vec::new();
+        // Passes run as tasks of their own (each hashes and sends its parts on whichever CPU
+        // is free), owned by this call: cancelled with it, awaited before it returns.
+        let mut passes: tokio::task::JoinSet<FsResult<()>> = tokio::task::JoinSet::new();
+        let mut failed = None;
         let mut yielded = false;
         loop {
             if !self.cfg.stream_while_busy && self.defers_background() {
@@ -274,19 +278,28 @@ impl Volume {
             let key = self.key_of(&inode)?;
             let vol = self.clone();
             let pass_st = st.clone();
-            passes.retain(|p| !p.is_finished());
-            passes.push(tokio::spawn(async move {
-                vol.upload_parts(&pass_st, &key, &user_meta(&inode), false).await
-            }));
+            // Reap the passes that ended; a failure is reported once the others have ended.
+            while let Some(done) = passes.try_join_next() {
+                failed = failed.or(pass_failure(done));
+            }
+            passes.spawn(async move { vol.upload_parts(&pass_st, &key, &user_meta(&inode), false).await });
             // Stop once the writer pauses; the flusher completes the upload when the file is idle.
             if st.idle_at(self.cfg.clock.now()) >= std::time::Duration::from_millis(200) {
                 break;
             }
             self.cfg.clock.sleep(std::time::Duration::from_millis(20)).await;
         }
-        for p in passes {
-            p.await.map_err(|e| FsError::Io(format!("upload task failed: {e}")))??;
+        while let Some(done) = passes.join_next().await {
+            failed = failed.or(pass_failure(done));
         }
-        Ok(yielded)
+        failed.map_or(Ok(yielded), Err)
+    }
+}
+
+fn pass_failure(done: Result<FsResult<()>, tokio::task::JoinError>) -> Option<FsError> {
+    match done {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(FsError::Io(format!("upload task failed: {e}"))),
     }
 }
