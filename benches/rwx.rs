@@ -76,7 +76,8 @@ async fn node(n: u8, volume: &str, bucket: &str, api: &KubeApi, tls: &PeerTls) -
         durability: Default::default(), // SupervisedOwner makes it S3
         squash: Default::default(),
     };
-    let owner = Arc::new(SupervisedOwner::new(Supervisor::default().start(), export));
+    let store = s3nfs::actors::open_store(&export, false).await.unwrap();
+    let owner = Arc::new(SupervisedOwner::new(Supervisor::default().start(), export, store));
     let endpoint = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let cfg = MemberConfig {
         lease: lease_name(volume),

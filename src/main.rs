@@ -366,6 +366,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 export: e.clone(),
                 check: true,
                 term: None,
+                store: None,
             })
             .await??;
         let what = match &e.backend {
@@ -421,6 +422,7 @@ async fn csi(a: CsiArgs) -> anyhow::Result<()> {
         state_dir: a.state_dir,
         ports: a.ports,
         mounter: std::sync::Arc::new(s3nfs::csi::mount::SysMounter),
+        stores: std::sync::Arc::new(s3nfs::store::connect::S3Connector),
     };
     let shutdown = async move {
         tokio::select! {

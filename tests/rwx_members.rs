@@ -118,7 +118,8 @@ impl Volume {
             durability: Default::default(),
             squash: Default::default(),
         };
-        let gateway = Arc::new(SupervisedOwner::new(Supervisor::default().start(), export));
+        let store = s3nfs::actors::open_store(&export, false).await.unwrap();
+        let gateway = Arc::new(SupervisedOwner::new(Supervisor::default().start(), export, store));
         let cfg = MemberConfig {
             lease: lease_name(&self.id),
             me: me.clone(),

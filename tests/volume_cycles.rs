@@ -56,6 +56,7 @@ fn a_thousand_open_write_close_cycles_leave_descriptors_threads_and_memory_flat(
                     export: export.clone(),
                     check: i == 0,
                     term: None,
+                    store: None,
                 })
                 .await
                 .unwrap()

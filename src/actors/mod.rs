@@ -28,6 +28,15 @@ pub async fn open_store(export: &Export, check: bool) -> anyhow::Result<Arc<dyn 
         Backend::Local { dir } => Arc::new(crate::store::local::LocalStore::open(dir)?),
         Backend::S3(cfg) => Arc::new(crate::store::s3::S3Store::connect(cfg.clone()).await?),
     };
+    checked(export, crate::store::metered::MeteredStore::wrap(store), check).await
+}
+
+/// `store`, once it has passed the start-up check when `check` is set.
+pub async fn checked(
+    export: &Export,
+    store: Arc<dyn ObjectStore>,
+    check: bool,
+) -> anyhow::Result<Arc<dyn ObjectStore>> {
     if let Err(e) = if check { store.check().await } else { Ok(()) } {
         let what = format!(
             "export {}: {} refused the start-up check: {e}",
@@ -36,5 +45,5 @@ pub async fn open_store(export: &Export, check: bool) -> anyhow::Result<Arc<dyn 
         );
         return Err(anyhow::Error::new(e).context(what));
     }
-    Ok(crate::store::metered::MeteredStore::wrap(store))
+    Ok(store)
 }

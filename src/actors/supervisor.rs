@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use actix::prelude::*;
 
@@ -42,6 +43,9 @@ pub struct StartVolume {
     pub check: bool,
     /// A ReadWriteMany owner's term; `None` for every other volume.
     pub term: Option<OwnerTerm>,
+    /// The store to serve from, when the caller has one for the volume already (the CSI node
+    /// reads the volume's record through it first); `None` opens the export's backend.
+    pub store: Option<Arc<dyn crate::store::ObjectStore>>,
 }
 
 /// What a ReadWriteMany owner's gateway has that others do not (see [`crate::cluster`]): file
@@ -56,14 +60,17 @@ pub struct OwnerTerm {
 impl Handler<StartVolume> for Supervisor {
     type Result = ResponseActFuture<Self, anyhow::Result<SocketAddr>>;
     fn handle(&mut self, m: StartVolume, _: &mut Context<Self>) -> Self::Result {
-        let (export, check, term) = (m.export, m.check, m.term);
+        let (export, check, term, given) = (m.export, m.check, m.term, m.store);
         if let Some(r) = self.volumes.get(&export.name) {
             return Box::pin(fut::ready(Ok(r.addr)));
         }
         let name = export.name.clone();
         Box::pin(
             async move {
-                let mut store = super::open_store(&export, check).await?;
+                let mut store = match given {
+                    Some(s) => super::checked(&export, s, check).await?,
+                    None => super::open_store(&export, check).await?,
+                };
                 let keyed = term.as_ref().map(|t| t.volume_id);
                 if let Some(t) = term {
                     store = crate::store::fenced::FencedStore::wrap(store, t.fence);

@@ -13,22 +13,30 @@ use super::params::{
 use super::pb::{self, controller_server::Controller, controller_service_capability as csc};
 use super::record::{self, VolumeRecord};
 use super::store_status;
-use crate::store::s3::S3Store;
+use crate::store::connect::Connector;
 use crate::store::{ObjectStore, StoreError};
 
-pub struct ControllerService;
+pub struct ControllerService {
+    stores: Arc<dyn Connector>,
+}
+
+impl ControllerService {
+    pub fn new(stores: Arc<dyn Connector>) -> ControllerService {
+        ControllerService { stores }
+    }
+}
 
 /// A client for one bucket with the credentials of a request.
-pub async fn connect(secret: &S3Secret, bucket: &str) -> Result<Arc<S3Store>, Status> {
-    S3Store::connect(secret.s3_config(bucket))
+pub async fn connect(stores: &dyn Connector, secret: &S3Secret, bucket: &str) -> Result<Arc<dyn ObjectStore>, Status> {
+    stores
+        .connect(&secret.s3_config(bucket))
         .await
-        .map(Arc::new)
         .map_err(|e| Status::invalid_argument(format!("S3 settings of the secret: {e}")))
 }
 
 /// The record of an existing volume, None when the volume (or its bucket) does not exist.
 /// A bucket or prefix with objects but no record is a volume made elsewhere (a static PV).
-async fn find(store: &S3Store, vol: &VolumeId) -> Result<Option<Option<VolumeRecord>>, Status> {
+async fn find(store: &dyn ObjectStore, vol: &VolumeId) -> Result<Option<Option<VolumeRecord>>, Status> {
     let what = format!("reading volume {}", vol.to_id());
     match record::read(store, vol).await {
         Ok(Some(r)) => Ok(Some(Some(r))),
@@ -77,7 +85,7 @@ impl Controller for ControllerService {
             },
         };
         let id = vol.to_id();
-        let store = connect(&secret, &vol.bucket).await?;
+        let store = connect(&*self.stores, &secret, &vol.bucket).await?;
         store
             .create_bucket(&secret.region)
             .await
@@ -133,9 +141,9 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         let vol = VolumeId::parse(&r.volume_id)?;
         let secret = S3Secret::parse(&r.secrets, "provisioner")?;
-        let store = connect(&secret, &vol.bucket).await?;
+        let store = connect(&*self.stores, &secret, &vol.bucket).await?;
         let id = vol.to_id();
-        let rec = match find(&store, &vol).await? {
+        let rec = match find(&*store, &vol).await? {
             None => return Ok(Response::new(pb::DeleteVolumeResponse {})),
             Some(None) => {
                 // Not created by s3nfs (a static PV of existing data): never deleted by it.
@@ -148,7 +156,7 @@ impl Controller for ControllerService {
             tracing::info!(volume = %id, "onDelete=retain: the volume's data is kept");
             return Ok(Response::new(pb::DeleteVolumeResponse {}));
         }
-        delete_prefix(&store, &vol)
+        delete_prefix(&*store, &vol)
             .await
             .map_err(|e| store_status(&e, &format!("deleting the data of volume {id}")))?;
         // The record goes last: a delete interrupted before it is retried with the same result.
@@ -176,8 +184,8 @@ impl Controller for ControllerService {
             return Err(Status::invalid_argument("volume_capabilities is missing"));
         }
         let secret = S3Secret::parse(&r.secrets, "controller")?;
-        let store = connect(&secret, &vol.bucket).await?;
-        if find(&store, &vol).await?.is_none() {
+        let store = connect(&*self.stores, &secret, &vol.bucket).await?;
+        if find(&*store, &vol).await?.is_none() {
             return Err(Status::not_found(format!("volume {} does not exist", vol.to_id())));
         }
         if let Err(s) = check_capabilities(&r.volume_capabilities) {
@@ -224,9 +232,9 @@ impl Controller for ControllerService {
         };
         let wanted = capacity_for(Some(range))?;
         let secret = S3Secret::parse(&r.secrets, "controller-expand")?;
-        let store = connect(&secret, &vol.bucket).await?;
+        let store = connect(&*self.stores, &secret, &vol.bucket).await?;
         let id = vol.to_id();
-        let mut rec = match find(&store, &vol).await? {
+        let mut rec = match find(&*store, &vol).await? {
             None => return Err(Status::not_found(format!("volume {id} does not exist"))),
             Some(None) => {
                 return Err(Status::failed_precondition(format!(
@@ -250,7 +258,7 @@ impl Controller for ControllerService {
 }
 
 /// Deletes every object of a volume but its record.
-async fn delete_prefix(store: &S3Store, vol: &VolumeId) -> Result<(), StoreError> {
+async fn delete_prefix(store: &dyn ObjectStore, vol: &VolumeId) -> Result<(), StoreError> {
     let record = vol.record_key();
     loop {
         // Listing from the start each time: what was deleted is gone from the next page.
@@ -264,12 +272,7 @@ async fn delete_prefix(store: &S3Store, vol: &VolumeId) -> Result<(), StoreError
         if keys.is_empty() {
             return Ok(());
         }
-        use futures::StreamExt;
-        let mut deletes = futures::stream::iter(keys)
-            .map(|k| async move { store.delete(&k).await })
-            .buffer_unordered(16);
-        while let Some(r) = deletes.next().await {
-            r?;
-        }
+        // One DeleteObjects request per page.
+        store.delete_many(&keys).await?;
     }
 }

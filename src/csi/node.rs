@@ -28,6 +28,8 @@ use crate::cluster::elect::Role;
 use crate::cluster::lease::Holder;
 use crate::cluster::member::{Member, MemberConfig};
 use crate::config::{Backend, Export};
+use crate::store::connect::Connector;
+use crate::store::ObjectStore;
 use crate::sync::LockExt;
 
 pub struct NodeService {
@@ -36,6 +38,8 @@ pub struct NodeService {
     ports: Range<u16>,
     supervisor: Addr<Supervisor>,
     mounter: Arc<dyn Mounter>,
+    /// Where the volumes' stores come from: one client per staged volume.
+    stores: Arc<dyn Connector>,
     /// The staged volumes, as recorded in `state`.
     staged: Mutex<HashMap<String, StagedVolume>>,
     /// Volumes staged without a secret, waiting for the first publish to bring one.
@@ -116,6 +120,7 @@ impl NodeService {
         ports: Range<u16>,
         supervisor: Addr<Supervisor>,
         mounter: Arc<dyn Mounter>,
+        stores: Arc<dyn Connector>,
     ) -> NodeService {
         NodeService {
             node_id,
@@ -123,6 +128,7 @@ impl NodeService {
             ports,
             supervisor,
             mounter,
+            stores,
             staged: Mutex::new(HashMap::new()),
             deferred: Default::default(),
             port_alloc: Mutex::new(()),
@@ -140,7 +146,13 @@ impl NodeService {
 
     /// Starts the volume's member (or finds it running). With `settle`, waits until an owner
     /// is known and fails if none is.
-    async fn start_member(&self, v: &StagedVolume, export: Export, settle: bool) -> Result<(), Status> {
+    async fn start_member(
+        &self,
+        v: &StagedVolume,
+        export: Export,
+        store: Arc<dyn ObjectStore>,
+        settle: bool,
+    ) -> Result<(), Status> {
         let c = self.cluster.clone().ok_or_else(|| {
             Status::failed_precondition(format!(
                 "volume {}: ReadWriteMany needs the node plugin started with --lease-api, --node-address and --peer-cert/--peer-key (the Helm chart sets them)",
@@ -148,7 +160,7 @@ impl NodeService {
             ))
         })?;
         if !self.members.locked().contains_key(&v.volume_id) {
-            let owner = Arc::new(SupervisedOwner::new(self.supervisor.clone(), export));
+            let owner = Arc::new(SupervisedOwner::new(self.supervisor.clone(), export, store));
             let cfg = MemberConfig {
                 lease: lease_name(&v.volume_id),
                 me: Holder {
@@ -202,9 +214,16 @@ impl NodeService {
                     continue;
                 }
             };
+            let prepared = match (export_of(&self.state, &v, &secret), VolumeId::parse(&v.volume_id)) {
+                (Ok(export), Ok(id)) => match connect(&*self.stores, &secret, &id.bucket).await {
+                    Ok(store) => Ok((export, store)),
+                    Err(s) => Err(s),
+                },
+                (Err(s), _) | (_, Err(s)) => Err(s),
+            };
             if v.multi_node {
-                let started = match export_of(&self.state, &v, &secret) {
-                    Ok(export) => self.start_member(&v, export, false).await,
+                let started = match prepared {
+                    Ok((export, store)) => self.start_member(&v, export, store, false).await,
                     Err(s) => Err(s),
                 };
                 match started {
@@ -216,13 +235,14 @@ impl NodeService {
                 self.staged.locked().insert(v.volume_id.clone(), v);
                 continue;
             }
-            let started = match export_of(&self.state, &v, &secret) {
-                Ok(export) => self
+            let started = match prepared {
+                Ok((export, store)) => self
                     .supervisor
                     .send(StartVolume {
                         export,
                         check: false,
                         term: None,
+                        store: Some(store),
                     })
                     .await
                     .map_err(|e| e.to_string())
@@ -297,7 +317,7 @@ impl NodeService {
         // The volume's capacity as last expanded, from its record (none for a static PV);
         // this is also where refused credentials or an unreachable S3 show, before anything
         // is made.
-        let store = connect(secret, &vol.bucket).await?;
+        let store = connect(&*self.stores, secret, &vol.bucket).await?;
         let capacity = record::read(&*store, vol)
             .await
             .map_err(|e| store_status(&e, &format!("reading volume {id} in S3")))?
@@ -330,7 +350,7 @@ impl NodeService {
             let _ = this.state.remove(vol);
         };
         let started = if v.multi_node {
-            self.start_member(&v, export, true)
+            self.start_member(&v, export, store, true)
                 .await
                 .map(|()| Ok(Ok(SocketAddr::from(([127, 0, 0, 1], port)))))
         } else {
@@ -340,6 +360,7 @@ impl NodeService {
                     export,
                     check: true,
                     term: None,
+                    store: Some(store),
                 })
                 .await)
         };
@@ -694,7 +715,7 @@ impl Node for NodeService {
                     .state
                     .load(&vol)
                     .map_err(|e| Status::not_found(format!("volume {id} has no credentials on this node: {e}")))?;
-                let store = connect(&secret, &vol.bucket).await?;
+                let store = connect(&*self.stores, &secret, &vol.bucket).await?;
                 record::read(&*store, &vol)
                     .await
                     .map_err(|e| store_status(&e, &format!("reading volume {id}")))?

@@ -29,6 +29,9 @@ pub struct CsiOptions {
     pub mounter: Arc<dyn Mounter>,
     /// ReadWriteMany volumes' leases and peers; `None` refuses them.
     pub cluster: Option<super::shared::Cluster>,
+    /// Where the volumes' stores come from ([`crate::store::connect::S3Connector`] but in
+    /// tests).
+    pub stores: Arc<dyn crate::store::connect::Connector>,
 }
 
 /// Serves until `shutdown` completes. In node mode, every recorded volume's gateway is back
@@ -48,6 +51,7 @@ pub async fn serve(
             opts.ports.clone(),
             supervisor,
             opts.mounter.clone(),
+            opts.stores.clone(),
         );
         let node = match opts.cluster {
             Some(c) => node.with_cluster(c),
@@ -58,7 +62,10 @@ pub async fn serve(
     } else {
         None
     };
-    let controller = opts.mode.controller().then(|| ControllerServer::new(ControllerService));
+    let controller = opts
+        .mode
+        .controller()
+        .then(|| ControllerServer::new(ControllerService::new(opts.stores.clone())));
 
     if let Some(dir) = opts.socket.parent() {
         std::fs::create_dir_all(dir)?;

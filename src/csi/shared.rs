@@ -49,18 +49,25 @@ pub struct SupervisedOwner {
     pub supervisor: Addr<Supervisor>,
     /// The volume's export as a single-node gateway would have it; adapted per term.
     pub export: Export,
+    /// The volume's store, one client for every term (each term fences it anew).
+    store: Arc<dyn crate::store::ObjectStore>,
     /// Held while a term runs: raised by [`OwnerGateway::fence`].
     fence: Mutex<Option<Fence>>,
 }
 
 impl SupervisedOwner {
-    pub fn new(supervisor: Addr<Supervisor>, mut export: Export) -> SupervisedOwner {
+    pub fn new(
+        supervisor: Addr<Supervisor>,
+        mut export: Export,
+        store: Arc<dyn crate::store::ObjectStore>,
+    ) -> SupervisedOwner {
         export.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         export.durability = crate::fs::durable::Durability::S3;
         export.flush_delay = export.flush_delay.min(SHARED_FLUSH_DELAY);
         SupervisedOwner {
             supervisor,
             export,
+            store,
             fence: Mutex::new(None),
         }
     }
@@ -100,6 +107,7 @@ impl OwnerGateway for SupervisedOwner {
                 export,
                 check: false,
                 term: Some(term),
+                store: Some(self.store.clone()),
             })
             .await
             .map_err(|e| anyhow::anyhow!("supervisor: {e}"))?

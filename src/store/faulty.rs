@@ -45,10 +45,13 @@ pub enum Op {
     Complete,
     Abort,
     Check,
+    DeleteMany,
+    CreateBucket,
+    DeleteBucket,
 }
 
 impl Op {
-    pub const ALL: [Op; 12] = [
+    pub const ALL: [Op; 15] = [
         Op::Head,
         Op::Get,
         Op::Put,
@@ -61,6 +64,9 @@ impl Op {
         Op::Complete,
         Op::Abort,
         Op::Check,
+        Op::DeleteMany,
+        Op::CreateBucket,
+        Op::DeleteBucket,
     ];
 
     fn index(self) -> usize {
@@ -82,6 +88,9 @@ impl Op {
             Op::Complete => "CompleteMultipartUpload",
             Op::Abort => "AbortMultipartUpload",
             Op::Check => "Check",
+            Op::DeleteMany => "DeleteObjects",
+            Op::CreateBucket => "CreateBucket",
+            Op::DeleteBucket => "DeleteBucket",
         }
     }
 }
@@ -124,14 +133,27 @@ struct Rules {
 
 struct State {
     rules: Mutex<Rules>,
-    calls: [AtomicU64; 12],
-    reached: [AtomicU64; 12],
+    calls: [AtomicU64; 15],
+    reached: [AtomicU64; 15],
 }
 
 /// The control handle of a [`FaultyStore`]. Clones control the same store.
 #[derive(Clone)]
 pub struct Faults {
     state: Arc<State>,
+}
+
+impl Default for Faults {
+    /// Faults for stores to share ([`FaultyStore::sharing`]): none injected yet.
+    fn default() -> Faults {
+        Faults {
+            state: Arc::new(State {
+                rules: Mutex::new(Rules::default()),
+                calls: Default::default(),
+                reached: Default::default(),
+            }),
+        }
+    }
 }
 
 impl fmt::Debug for Faults {
@@ -247,20 +269,14 @@ pub struct FaultyStore {
 
 impl FaultyStore {
     pub fn new(inner: Arc<dyn ObjectStore>) -> (FaultyStore, Faults) {
-        let faults = Faults {
-            state: Arc::new(State {
-                rules: Mutex::new(Rules::default()),
-                calls: Default::default(),
-                reached: Default::default(),
-            }),
-        };
-        (
-            FaultyStore {
-                inner,
-                faults: faults.clone(),
-            },
-            faults,
-        )
+        let faults = Faults::default();
+        (FaultyStore::sharing(inner, faults.clone()), faults)
+    }
+
+    /// A store under the same faults (and counters) as another: every bucket a test's CSI
+    /// services connect to, under one switch.
+    pub fn sharing(inner: Arc<dyn ObjectStore>, faults: Faults) -> FaultyStore {
+        FaultyStore { inner, faults }
     }
 
     /// Another handle on this store's faults.
@@ -342,6 +358,20 @@ impl ObjectStore for FaultyStore {
 
     async fn check(&self) -> StoreResult<()> {
         self.call(Op::Check, "", || self.inner.check()).await
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        let first = keys.first().map_or("", |k| k.as_str());
+        self.call(Op::DeleteMany, first, || self.inner.delete_many(keys)).await
+    }
+
+    async fn create_bucket(&self, region: &str) -> StoreResult<()> {
+        self.call(Op::CreateBucket, "", || self.inner.create_bucket(region))
+            .await
+    }
+
+    async fn delete_bucket(&self) -> StoreResult<()> {
+        self.call(Op::DeleteBucket, "", || self.inner.delete_bucket()).await
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {

@@ -78,6 +78,18 @@ impl ObjectStore for FencedStore {
         self.writable()?;
         self.inner.delete(key).await
     }
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        self.writable()?;
+        self.inner.delete_many(keys).await
+    }
+    async fn create_bucket(&self, region: &str) -> StoreResult<()> {
+        self.writable()?;
+        self.inner.create_bucket(region).await
+    }
+    async fn delete_bucket(&self) -> StoreResult<()> {
+        self.writable()?;
+        self.inner.delete_bucket().await
+    }
     async fn list(
         &self,
         prefix: &str,

@@ -72,6 +72,15 @@ impl ObjectStore for MeteredStore {
     async fn delete(&self, key: &str) -> StoreResult<()> {
         metered("DeleteObject", self.inner.delete(key)).await
     }
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        metered("DeleteObjects", self.inner.delete_many(keys)).await
+    }
+    async fn create_bucket(&self, region: &str) -> StoreResult<()> {
+        metered("CreateBucket", self.inner.create_bucket(region)).await
+    }
+    async fn delete_bucket(&self) -> StoreResult<()> {
+        metered("DeleteBucket", self.inner.delete_bucket()).await
+    }
     async fn list(
         &self,
         prefix: &str,

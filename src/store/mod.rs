@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod connect;
 mod etag;
 pub mod faulty;
 pub mod fenced;
@@ -202,4 +203,35 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Aborts the upload. Succeeds when it no longer exists.
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;
+
+    /// Deletes `keys` (S3: DeleteObjects, up to [`DELETE_BATCH`] keys a request). Keys that do
+    /// not exist count as deleted. Stores without a batch request delete one key at a time.
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        for k in keys {
+            self.delete(k).await?;
+        }
+        Ok(())
+    }
+
+    /// Bucket administration (the CSI controller's CreateVolume): creates the store's bucket in
+    /// `region`. Succeeds when it exists already and belongs to the caller.
+    async fn create_bucket(&self, region: &str) -> StoreResult<()> {
+        let _ = region;
+        Err(StoreError::Invalid(format!(
+            "{} cannot create buckets",
+            self.describe()
+        )))
+    }
+
+    /// Bucket administration (DeleteVolume): deletes the store's bucket, which must be empty.
+    /// Succeeds when it does not exist.
+    async fn delete_bucket(&self) -> StoreResult<()> {
+        Err(StoreError::Invalid(format!(
+            "{} cannot delete buckets",
+            self.describe()
+        )))
+    }
 }
+
+/// Keys per DeleteObjects request: S3's limit.
+pub const DELETE_BATCH: usize = 1000;

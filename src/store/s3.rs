@@ -147,57 +147,6 @@ impl S3Store {
         &self.bucket
     }
 
-    /// Creates the bucket (the CSI controller's bucket per volume). Ok when it exists already
-    /// and belongs to these credentials.
-    pub async fn create_bucket(&self, region: &str) -> StoreResult<()> {
-        let span = self.span("CreateBucket", "");
-        traced(span, async {
-            let mut req = self.client.create_bucket().bucket(&self.bucket);
-            // us-east-1 is the one region that must not be named.
-            if !region.is_empty() && region != "us-east-1" {
-                req = req.create_bucket_configuration(
-                    aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                        .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(region))
-                        .build(),
-                );
-            }
-            match req.send().await {
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    let code = e
-                        .as_service_error()
-                        .and_then(|s| s.code())
-                        .unwrap_or_default()
-                        .to_string();
-                    match code.as_str() {
-                        "BucketAlreadyOwnedByYou" => Ok(()),
-                        "BucketAlreadyExists" => Err(StoreError::Invalid(format!(
-                            "bucket {} exists and belongs to someone else",
-                            self.bucket
-                        ))),
-                        _ => Err(self.classify(e, "")),
-                    }
-                }
-            }
-        })
-        .await
-    }
-
-    /// Deletes the bucket, which must be empty. Ok when it does not exist.
-    pub async fn delete_bucket(&self) -> StoreResult<()> {
-        let span = self.span("DeleteBucket", "");
-        traced(span, async {
-            match self.client.delete_bucket().bucket(&self.bucket).send().await {
-                Ok(_) => Ok(()),
-                Err(e) => match self.classify(e, "") {
-                    StoreError::NoSuchBucket(_) | StoreError::NotFound(_) => Ok(()),
-                    other => Err(other),
-                },
-            }
-        })
-        .await
-    }
-
     fn span(&self, op: &'static str, key: &str) -> Span {
         tracing::info_span!(
             "s3.request",
@@ -450,6 +399,100 @@ fn is_invalid_range<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) ->
 impl ObjectStore for S3Store {
     fn describe(&self) -> String {
         format!("s3 bucket {:?} at {}", self.bucket, self.endpoint)
+    }
+
+    async fn create_bucket(&self, region: &str) -> StoreResult<()> {
+        let span = self.span("CreateBucket", "");
+        traced(span, async {
+            let mut req = self.client.create_bucket().bucket(&self.bucket);
+            // us-east-1 is the one region that must not be named.
+            if !region.is_empty() && region != "us-east-1" {
+                req = req.create_bucket_configuration(
+                    aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                        .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(region))
+                        .build(),
+                );
+            }
+            match req.send().await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let code = e
+                        .as_service_error()
+                        .and_then(|s| s.code())
+                        .unwrap_or_default()
+                        .to_string();
+                    match code.as_str() {
+                        "BucketAlreadyOwnedByYou" => Ok(()),
+                        "BucketAlreadyExists" => Err(StoreError::Invalid(format!(
+                            "bucket {} exists and belongs to someone else",
+                            self.bucket
+                        ))),
+                        _ => Err(self.classify(e, "")),
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    async fn delete_bucket(&self) -> StoreResult<()> {
+        let span = self.span("DeleteBucket", "");
+        traced(span, async {
+            match self.client.delete_bucket().bucket(&self.bucket).send().await {
+                Ok(_) => Ok(()),
+                Err(e) => match self.classify(e, "") {
+                    StoreError::NoSuchBucket(_) | StoreError::NotFound(_) => Ok(()),
+                    other => Err(other),
+                },
+            }
+        })
+        .await
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        for batch in keys.chunks(super::DELETE_BATCH) {
+            let span = self.span("DeleteObjects", batch.first().map_or("", |k| k.as_str()));
+            traced(span, async {
+                let objects = batch
+                    .iter()
+                    .map(|k| ObjectIdentifier::builder().key(k).build())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| StoreError::Invalid(e.to_string()))?;
+                // Quiet: the reply lists only the keys that failed.
+                let delete = Delete::builder()
+                    .set_objects(Some(objects))
+                    .quiet(true)
+                    .build()
+                    .map_err(|e| StoreError::Invalid(e.to_string()))?;
+                let out = self
+                    .client
+                    .delete_objects()
+                    .bucket(&self.bucket)
+                    .delete(delete)
+                    .send()
+                    .await
+                    .map_err(|e| self.classify(e, ""))?;
+                // A key that does not exist is deleted as far as S3 says; anything else failed.
+                let Some(e) = out.errors().iter().find(|e| e.code() != Some("NoSuchKey")) else {
+                    return Ok(());
+                };
+                let what = format!(
+                    "DeleteObjects: {} of {} keys not deleted, first {:?}: {} {}",
+                    out.errors().len(),
+                    batch.len(),
+                    e.key().unwrap_or_default(),
+                    e.code().unwrap_or_default(),
+                    e.message().unwrap_or_default()
+                );
+                Err(match e.code() {
+                    Some("AccessDenied") => StoreError::AccessDenied(what),
+                    _ => StoreError::Unavailable(what),
+                })
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     async fn check(&self) -> StoreResult<()> {

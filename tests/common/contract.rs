@@ -69,6 +69,28 @@ pub async fn contract(store: &dyn ObjectStore) {
     }
     store.delete("ct/missing").await.expect("delete of a missing key");
 
+    // A batch delete: keys that exist go, a missing one is no error, others stay.
+    for k in ["ct/batch/1", "ct/batch/2", "ct/batch/3"] {
+        store
+            .put(k, Body::Bytes(Bytes::from_static(b"b")), &Default::default())
+            .await
+            .unwrap();
+    }
+    store
+        .delete_many(&["ct/batch/1".into(), "ct/batch/missing".into(), "ct/batch/3".into()])
+        .await
+        .expect("delete_many");
+    let left: Vec<_> = store
+        .list("ct/batch/", None, None, 10)
+        .await
+        .unwrap()
+        .objects
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(left, ["ct/batch/2"]);
+    store.delete("ct/batch/2").await.unwrap();
+
     // A directory marker, `a` beside `a/b`, user metadata.
     let dir_meta = meta(&[("mode", "16877"), ("uid", "0"), ("gid", "0"), ("mtime", "1700000000")]);
     store

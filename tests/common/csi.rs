@@ -77,6 +77,16 @@ pub struct InProcPlugin {
 impl InProcPlugin {
     /// `dir` holds the socket and the state directory.
     pub async fn start(dir: &Path, ports: std::ops::Range<u16>) -> InProcPlugin {
+        Self::start_on(dir, ports, Arc::new(s3nfs::store::connect::S3Connector)).await
+    }
+
+    /// [`InProcPlugin::start`] with the services' stores from `stores` (S3, or embedded buckets
+    /// with or without faults).
+    pub async fn start_on(
+        dir: &Path,
+        ports: std::ops::Range<u16>,
+        stores: Arc<dyn s3nfs::store::connect::Connector>,
+    ) -> InProcPlugin {
         use actix::Actor;
         let socket = dir.join("csi.sock");
         let state = dir.join("state");
@@ -91,6 +101,7 @@ impl InProcPlugin {
             ports,
             mounter: mounter.clone() as Arc<dyn Mounter>,
             cluster: None,
+            stores,
         };
         let sup = supervisor.clone();
         let task = actix_rt::spawn(async move {
