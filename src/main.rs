@@ -19,6 +19,10 @@ use s3nfs::store::s3::{S3Config, Secret};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines on stderr: `text` (coloured only on a terminal) or `json` (one object per
+    /// line, for log shippers).
+    #[arg(long, global = true, env = "S3NFS_LOG_FORMAT", default_value = "text")]
+    log_format: s3nfs::telemetry::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -506,7 +510,19 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-fn main() -> anyhow::Result<()> {
+/// Every error that stops the program: one line, `error: what: cause: cause`, never a
+/// backtrace (`RUST_BACKTRACE` is for panics, which are bugs).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     // glibc gives each thread that allocates its own arena; with a multi-threaded runtime moving
     // megabyte buffers between threads, freed memory strands in many arenas and RSS creeps up.
     // A few arenas keep the gateway inside its memory budget at no measurable cost.
@@ -524,6 +540,7 @@ fn main() -> anyhow::Result<()> {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
     let cli = Cli::parse();
+    s3nfs::telemetry::set_log_format(cli.log_format);
     raise_fd_limit();
     match cli.cmd {
         Cmd::Serve(a) => in_actix_system(serve(a)),

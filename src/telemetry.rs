@@ -88,13 +88,54 @@ pub fn otlp_configured() -> bool {
             || env_set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`), and exports spans and metrics over
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For people: coloured when stderr is a terminal, plain otherwise.
+    #[default]
+    Text,
+    /// For log shippers: one JSON object per line, with the fields of the event and of the
+    /// spans it happened in.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("log format {s:?}: text or json")),
+        }
+    }
+}
+
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Chooses the log format before [`init`] (the CLI's `--log-format`, or `S3NFS_LOG_FORMAT`).
+pub fn set_log_format(f: LogFormat) {
+    let _ = LOG_FORMAT.set(f);
+}
+
 /// Colour codes only for a person at a terminal: a file or a log shipper would keep them.
 fn colour() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal()
 }
 
+/// The stderr layer in the chosen format.
+fn log_layer<S>() -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match LOG_FORMAT.get().copied().unwrap_or_default() {
+        LogFormat::Text => Box::new(fmt.with_ansi(colour())),
+        LogFormat::Json => Box::new(fmt.json().with_ansi(false).with_current_span(true).with_span_list(true)),
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), and exports spans and metrics over
 /// OTLP when configured (see the module docs). Must be called inside a tokio runtime when OTLP
 /// is configured: the exporters' connections live on it.
 pub fn init() -> Guard {
@@ -102,10 +143,7 @@ pub fn init() -> Guard {
     let mut guard = Guard::default();
     let handle = tokio::runtime::Handle::try_current().ok();
     if !otlp_configured() || handle.is_none() {
-        let fmt = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(colour());
-        let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
+        let _ = tracing_subscriber::registry().with(log_layer().with_filter(filter)).try_init();
         return guard;
     }
     let handle = handle.unwrap();
@@ -202,12 +240,7 @@ pub fn init() -> Guard {
     });
     ENABLED.store(tracer_provider.is_some(), Ordering::Relaxed);
     let _ = tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(colour())
-                .with_filter(filter),
-        )
+        .with(log_layer().with_filter(filter))
         .with(otel_layer)
         .try_init();
     guard.tracer = tracer_provider;
