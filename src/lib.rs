@@ -13,6 +13,7 @@
 //! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, Prometheus/OTLP metrics.
 
 pub mod actors;
+pub mod admin;
 pub mod clock;
 pub mod cluster;
 pub mod config;

@@ -51,6 +51,26 @@ enum Cmd {
         key: String,
         file: PathBuf,
     },
+    /// What each volume of the running gateway or node plugin holds that is not yet in S3, its
+    /// uploads, last S3 error, use and (ReadWriteMany) owner.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// The admin socket of the process to ask (default: as `serve` and `csi` choose it).
+        #[arg(long, env = "S3NFS_ADMIN_SOCKET")]
+        admin_socket: Option<PathBuf>,
+    },
+    /// Uploads everything pending now (of VOLUME, or of every volume), showing what is left;
+    /// fails if S3 refuses.
+    Flush {
+        volume: Option<String>,
+        /// One JSON event per line.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "S3NFS_ADMIN_SOCKET")]
+        admin_socket: Option<PathBuf>,
+    },
     /// The Kubernetes CSI plugin: Identity, Controller and/or Node services on a Unix socket.
     /// In node mode it hosts the gateways of the volumes staged on this node.
     Csi(CsiArgs),
@@ -93,6 +113,13 @@ struct CsiArgs {
     peer_cert: Option<PathBuf>,
     #[arg(long, env = "S3NFS_PEER_KEY")]
     peer_key: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464). Off unless given.
+    #[arg(long, env = "S3NFS_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// The admin socket `s3nfs status` and `s3nfs flush` talk to (node mode; default
+    /// /run/s3nfs/admin.sock for root).
+    #[arg(long, env = "S3NFS_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
 }
 
 /// The ReadWriteMany part of a node plugin, when `--lease-api` is given.
@@ -162,6 +189,10 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off unless given.
     #[arg(long, env = "S3NFS_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// The admin socket `s3nfs status` and `s3nfs flush` talk to (default
+    /// /run/s3nfs/admin.sock for root, else under $XDG_RUNTIME_DIR).
+    #[arg(long, env = "S3NFS_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
     /// Several exports from a TOML file (see README); the flags above give credentials and defaults.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -361,6 +392,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let sup = Supervisor::default().start();
+    let admin_socket = a.admin_socket.clone().unwrap_or_else(s3nfs::admin::default_socket);
+    let _admin = s3nfs::admin::server::serve(&admin_socket, s3nfs::admin::source::Source::new(sup.clone())).await?;
     for e in &exports {
         if !e.listen.ip().is_loopback() {
             tracing::warn!(listen = %e.listen, "listening beyond loopback: anyone who can reach this address can mount the share");
@@ -418,7 +451,21 @@ async fn csi(a: CsiArgs) -> anyhow::Result<()> {
     let socket = s3nfs::csi::socket_path(&a.endpoint).map_err(anyhow::Error::msg)?;
     let sup = Supervisor::default().start();
     let cluster = cluster_of(&a)?;
+    // Served for as long as this function runs: until the process exits.
+    let _metrics = match a.metrics_listen {
+        Some(l) => Some(
+            s3nfs::metrics::serve(l)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {l}: {e}"))?
+                .1,
+        ),
+        None => None,
+    };
     let opts = s3nfs::csi::CsiOptions {
+        admin_socket: a
+            .mode
+            .node()
+            .then(|| a.admin_socket.clone().unwrap_or_else(s3nfs::admin::default_socket)),
         cluster,
         mode: a.mode,
         socket,
@@ -556,6 +603,18 @@ fn run() -> anyhow::Result<()> {
         Cmd::Put { store, key, file } => {
             let _log = s3nfs::telemetry::init();
             runtime().block_on(put(store, key, file))
+        }
+        Cmd::Status { json, admin_socket } => {
+            let socket = admin_socket.unwrap_or_else(s3nfs::admin::default_socket);
+            runtime().block_on(s3nfs::admin::cli::status(&socket, json, &mut std::io::stdout()))
+        }
+        Cmd::Flush {
+            volume,
+            json,
+            admin_socket,
+        } => {
+            let socket = admin_socket.unwrap_or_else(s3nfs::admin::default_socket);
+            runtime().block_on(s3nfs::admin::cli::flush(&socket, volume, json, &mut std::io::stdout()))
         }
     }
 }

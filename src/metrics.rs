@@ -9,9 +9,12 @@
 //! - S3: `s3nfs_s3_requests_total{op}`, `s3nfs_s3_errors_total{op}`,
 //!   `s3nfs_s3_request_duration_seconds{op}` (histogram), `s3nfs_s3_sent_bytes_total`,
 //!   `s3nfs_s3_received_bytes_total`;
-//! - per volume: `s3nfs_volume_dirty_bytes`, `s3nfs_volume_upload_queue_depth` (inodes with S3
-//!   work pending: the journal's length), `s3nfs_volume_journal_bytes`,
-//!   `s3nfs_volume_uploaded_bytes_total`, `s3nfs_volume_upload_errors_total`,
+//! - per volume: `s3nfs_volume_dirty_bytes`, `s3nfs_volume_upload_queue_depth` (inodes and
+//!   deletions with S3 work pending: the journal's length), `s3nfs_volume_pending_seconds` (how
+//!   long data has been waiting for S3), `s3nfs_volume_uploads_in_flight`,
+//!   `s3nfs_volume_journal_bytes`, `s3nfs_volume_uploaded_bytes_total`,
+//!   `s3nfs_volume_upload_errors_total`, `s3nfs_volume_used_bytes`, `s3nfs_volume_files`,
+//!   `s3nfs_volume_capacity_bytes` (volumes with a capacity only), `s3nfs_volume_failed`,
 //!   `s3nfs_cache_hits_total`, `s3nfs_cache_misses_total`, `s3nfs_cache_hit_ratio`;
 //! - ReadWriteMany: `s3nfs_peer_refused_connections_total`, `s3nfs_peer_relayed_connections_total`;
 //! - the exporter itself: `s3nfs_otel_spans_exported_total`, `s3nfs_otel_spans_dropped_total`,
@@ -102,6 +105,15 @@ pub struct VolumeSample {
     pub upload_errors: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// How long the volume has held data not in S3 (0 when all of it is there).
+    pub pending_seconds: f64,
+    pub uploads_in_flight: u64,
+    /// `None` for a volume without a capacity (not a CSI volume).
+    pub capacity_bytes: Option<u64>,
+    pub used_bytes: u64,
+    pub files: u64,
+    /// A background task of the volume failed (see `s3nfs status`).
+    pub failed: bool,
 }
 
 pub fn global() -> &'static Registry {
@@ -275,7 +287,7 @@ impl Registry {
 
         let vols = self.volumes();
         type Get = fn(&VolumeSample) -> f64;
-        let per_volume: [(&str, &str, &str, Get); 8] = [
+        let per_volume: [(&str, &str, &str, Get); 13] = [
             (
                 "s3nfs_volume_dirty_bytes",
                 "gauge",
@@ -321,11 +333,47 @@ impl Registry {
                 "Cache hits over lookups (0 before any).",
                 |v| hit_ratio(v.cache_hits, v.cache_misses),
             ),
+            (
+                "s3nfs_volume_pending_seconds",
+                "gauge",
+                "How long the volume has held data not yet in S3 (0 when all of it is there).",
+                |v| v.pending_seconds,
+            ),
+            (
+                "s3nfs_volume_uploads_in_flight",
+                "gauge",
+                "S3 uploads in flight.",
+                |v| v.uploads_in_flight as f64,
+            ),
+            (
+                "s3nfs_volume_used_bytes",
+                "gauge",
+                "Bytes the volume's files hold.",
+                |v| v.used_bytes as f64,
+            ),
+            ("s3nfs_volume_files", "gauge", "Files in the volume.", |v| {
+                v.files as f64
+            }),
+            (
+                "s3nfs_volume_failed",
+                "gauge",
+                "1 when a background task of the volume has failed (s3nfs status names it).",
+                |v| v.failed as u8 as f64,
+            ),
         ];
         for (name, kind, help, get) in per_volume {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for v in &vols {
                 let _ = writeln!(out, "{name}{{volume=\"{}\"}} {}", escape(&v.name), get(v));
+            }
+        }
+        // Only volumes with a capacity have the series: a ratio of use to capacity must not
+        // divide by a made-up number.
+        let name = "s3nfs_volume_capacity_bytes";
+        let _ = writeln!(out, "# HELP {name} The volume's capacity.\n# TYPE {name} gauge");
+        for v in &vols {
+            if let Some(c) = v.capacity_bytes {
+                let _ = writeln!(out, "{name}{{volume=\"{}\"}} {c}", escape(&v.name));
             }
         }
         out

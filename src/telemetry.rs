@@ -143,7 +143,9 @@ pub fn init() -> Guard {
     let mut guard = Guard::default();
     let handle = tokio::runtime::Handle::try_current().ok();
     if !otlp_configured() || handle.is_none() {
-        let _ = tracing_subscriber::registry().with(log_layer().with_filter(filter)).try_init();
+        let _ = tracing_subscriber::registry()
+            .with(log_layer().with_filter(filter))
+            .try_init();
         return guard;
     }
     let handle = handle.unwrap();

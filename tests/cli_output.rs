@@ -48,8 +48,7 @@ fn json_logs_are_one_object_per_line() {
     let err = serve_stderr(&[("S3NFS_LOG_FORMAT", "json")]);
     let mut lines = 0;
     for line in err.lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
         assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
         assert!(v["fields"]["message"].is_string(), "{line}");
         lines += 1;

@@ -125,7 +125,7 @@ impl Gateway {
     pub async fn close(mut self) -> Result<(), (Gateway, anyhow::Error)> {
         self.stop_serving().await;
         let span = tracing::info_span!("volume_close", volume = %self.name);
-        if let Err(e) = self.vol.flush_all().instrument(span).await {
+        if let Err(e) = flush_logging_progress(&self.vol, &self.name).instrument(span).await {
             let e = anyhow::anyhow!("volume {}: data still pending: {e}", self.name);
             return Err((self, e));
         }
@@ -169,6 +169,32 @@ impl Drop for Gateway {
             l.abort();
         }
         self.vol.tasks().abort_all();
+    }
+}
+
+/// How often the final flush logs what is left.
+const CLOSE_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// `flush_all`, logging what is left every few seconds while it takes long (a shutdown with
+/// gigabytes pending: the operator sees it move, as `s3nfs flush` shows it).
+async fn flush_logging_progress(vol: &Arc<Volume>, name: &str) -> crate::fs::FsResult<()> {
+    let progress = crate::fs::FlushProgress::new(vol);
+    let flushing = vol.flush_all();
+    tokio::pin!(flushing);
+    loop {
+        tokio::select! {
+            r = &mut flushing => return r,
+            _ = tokio::time::sleep(CLOSE_PROGRESS_EVERY) => {
+                let p = progress.sample();
+                tracing::info!(
+                    volume = %name,
+                    files = p.files,
+                    bytes = p.bytes,
+                    bytes_per_second = p.bytes_per_second as u64,
+                    "uploading what is pending before stopping"
+                );
+            }
+        }
     }
 }
 

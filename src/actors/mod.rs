@@ -17,7 +17,8 @@ pub mod volume;
 
 pub use gateway::{volume_config, Gateway, LOCAL_SYNC_INTERVAL};
 pub use supervisor::{
-    AbandonVolume, OwnerTerm, ResizeVolume, StartVolume, StatusAll, StopAll, StopVolume, Supervisor, VolumeStatusOf,
+    AbandonVolume, OwnerTerm, ResizeVolume, StartVolume, StatusAll, StopAll, StopVolume, Supervisor, VolumeOf,
+    VolumeStatusOf,
 };
 pub use volume::{VolumeActor, VolumeStatus};
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::gateway::Gateway;
-use super::volume::{Abandon, Close, SetCapacity, Status, VolumeActor, VolumeStatus};
+use super::volume::{Abandon, Close, Handle, SetCapacity, Status, VolumeActor, VolumeStatus};
 use crate::config::Export;
 
 struct Running {
@@ -181,6 +181,19 @@ impl Handler<ResizeVolume> for Supervisor {
             }
             None => false,
         }
+    }
+}
+
+/// The volume itself, if it is running (see [`super::volume::Handle`]).
+#[derive(Message)]
+#[rtype(result = "Option<std::sync::Arc<crate::fs::Volume>>")]
+pub struct VolumeOf(pub String);
+
+impl Handler<VolumeOf> for Supervisor {
+    type Result = ResponseFuture<Option<Arc<crate::fs::Volume>>>;
+    fn handle(&mut self, m: VolumeOf, _: &mut Context<Self>) -> Self::Result {
+        let actor = self.volumes.get(&m.0).map(|r| r.actor.clone());
+        Box::pin(async move { actor?.send(Handle).await.ok().flatten() })
     }
 }
 

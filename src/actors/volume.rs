@@ -5,7 +5,7 @@
 use actix::prelude::*;
 
 use super::gateway::Gateway;
-use crate::fs::usage::UsageSnapshot;
+use crate::fs::VolumeStats;
 
 pub struct VolumeActor {
     /// None only while a close is running.
@@ -76,18 +76,11 @@ impl Handler<SetCapacity> for VolumeActor {
 }
 
 /// What an operator asks: `s3nfs status`, NodeGetVolumeStats.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct VolumeStatus {
     pub name: String,
-    pub listen: String,
-    pub pending_inodes: usize,
-    pub dirty_bytes: u64,
-    pub uploaded_bytes: u64,
-    pub upload_errors: u64,
-    #[serde(skip)]
-    pub usage: UsageSnapshot,
-    /// The first failure of a background task.
-    pub failure: Option<String>,
+    pub listen: std::net::SocketAddr,
+    pub stats: VolumeStats,
 }
 
 #[derive(Message)]
@@ -97,18 +90,22 @@ pub struct Status;
 impl Handler<Status> for VolumeActor {
     type Result = MessageResult<Status>;
     fn handle(&mut self, _: Status, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.gateway.as_ref().map(|gw| {
-            let s = gw.vol.stats();
-            VolumeStatus {
-                name: gw.name.clone(),
-                listen: gw.addr.to_string(),
-                pending_inodes: s.pending_inodes as usize,
-                dirty_bytes: s.dirty_bytes,
-                uploaded_bytes: s.uploaded_bytes,
-                upload_errors: s.upload_errors,
-                usage: s.usage,
-                failure: gw.failure(),
-            }
+        MessageResult(self.gateway.as_ref().map(|gw| VolumeStatus {
+            name: gw.name.clone(),
+            listen: gw.addr,
+            stats: gw.vol.stats(),
         }))
+    }
+}
+
+/// The volume itself, for work an operator asks for beside the NFS clients' (`s3nfs flush`).
+#[derive(Message)]
+#[rtype(result = "Option<std::sync::Arc<crate::fs::Volume>>")]
+pub struct Handle;
+
+impl Handler<Handle> for VolumeActor {
+    type Result = MessageResult<Handle>;
+    fn handle(&mut self, _: Handle, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.gateway.as_ref().map(|gw| gw.vol.clone()))
     }
 }

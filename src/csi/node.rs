@@ -41,7 +41,7 @@ pub struct NodeService {
     /// Where the volumes' stores come from: one client per staged volume.
     stores: Arc<dyn Connector>,
     /// The staged volumes, as recorded in `state`.
-    staged: Mutex<HashMap<String, StagedVolume>>,
+    staged: Arc<Mutex<HashMap<String, StagedVolume>>>,
     /// Volumes staged without a secret, waiting for the first publish to bring one.
     deferred: Mutex<HashMap<String, Deferred>>,
     port_alloc: Mutex<()>,
@@ -49,7 +49,7 @@ pub struct NodeService {
     /// Set when the plugin may take part in ReadWriteMany volumes.
     cluster: Option<Arc<Cluster>>,
     /// The member of each ReadWriteMany volume staged here.
-    members: Mutex<HashMap<String, Member>>,
+    members: Arc<Mutex<HashMap<String, Member>>>,
 }
 
 /// How long NodeStage waits for a ReadWriteMany volume's owner to be known: a free lease is
@@ -129,12 +129,30 @@ impl NodeService {
             supervisor,
             mounter,
             stores,
-            staged: Mutex::new(HashMap::new()),
+            staged: Default::default(),
             deferred: Default::default(),
             port_alloc: Mutex::new(()),
             busy: Default::default(),
             cluster: None,
             members: Default::default(),
+        }
+    }
+
+    /// Lists the ReadWriteMany volumes staged here with their roles, whenever called (for
+    /// `s3nfs status`).
+    pub fn shared_volumes(&self) -> impl Fn() -> Vec<crate::admin::source::SharedVolume> + Send + Sync + 'static {
+        let (staged, members) = (self.staged.clone(), self.members.clone());
+        move || {
+            let ports: HashMap<String, u16> = staged.locked().iter().map(|(k, v)| (k.clone(), v.port)).collect();
+            members
+                .locked()
+                .iter()
+                .map(|(name, m)| crate::admin::source::SharedVolume {
+                    name: name.clone(),
+                    port: ports.get(name).copied().unwrap_or(0),
+                    role: m.role(),
+                })
+                .collect()
         }
     }
 
@@ -676,7 +694,7 @@ impl Node for NodeService {
             .await
             .map_err(|e| internal("supervisor", e))?
             .ok_or_else(|| Status::not_found(format!("volume {id} has no running gateway")))?;
-        let u = st.usage;
+        let u = st.stats.usage;
         let usage = |unit: pb::volume_usage::Unit, total: u64, used: u64| pb::VolumeUsage {
             available: total.saturating_sub(used) as i64,
             total: total as i64,
@@ -689,8 +707,8 @@ impl Node for NodeService {
                 usage(pb::volume_usage::Unit::Inodes, crate::fs::usage::FILE_SLOTS, u.files),
             ],
             volume_condition: Some(pb::VolumeCondition {
-                abnormal: st.failure.is_some(),
-                message: st.failure.unwrap_or(owner_note),
+                abnormal: st.stats.failure.is_some(),
+                message: st.stats.failure.unwrap_or(owner_note),
             }),
         }))
     }

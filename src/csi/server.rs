@@ -32,6 +32,8 @@ pub struct CsiOptions {
     /// Where the volumes' stores come from ([`crate::store::connect::S3Connector`] but in
     /// tests).
     pub stores: Arc<dyn crate::store::connect::Connector>,
+    /// Where `s3nfs status` and `s3nfs flush` reach the node's volumes; `None`: nowhere.
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// Serves until `shutdown` completes. In node mode, every recorded volume's gateway is back
@@ -41,7 +43,8 @@ pub async fn serve(
     supervisor: Addr<Supervisor>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let node = if opts.mode.node() {
+    // The admin socket is served for as long as the node is.
+    let (node, _admin) = if opts.mode.node() {
         anyhow::ensure!(!opts.node_id.is_empty(), "--node-id is required in node mode");
         let state = NodeState::open(&opts.state_dir)
             .map_err(|e| anyhow::anyhow!("state directory {}: {e}", opts.state_dir.display()))?;
@@ -49,7 +52,7 @@ pub async fn serve(
             opts.node_id.clone(),
             state,
             opts.ports.clone(),
-            supervisor,
+            supervisor.clone(),
             opts.mounter.clone(),
             opts.stores.clone(),
         );
@@ -58,9 +61,16 @@ pub async fn serve(
             None => node,
         };
         node.restore().await;
-        Some(NodeServer::new(node))
+        let admin = match &opts.admin_socket {
+            Some(path) => {
+                let source = crate::admin::source::Source::new(supervisor).with_shared(node.shared_volumes());
+                crate::admin::server::serve(path, source).await?
+            }
+            None => None,
+        };
+        (Some(NodeServer::new(node)), admin)
     } else {
-        None
+        (None, None)
     };
     let controller = opts
         .mode

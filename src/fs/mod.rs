@@ -31,6 +31,7 @@ mod lookup;
 pub mod names;
 pub mod perm;
 mod prefetch;
+pub mod progress;
 pub mod read;
 pub mod staging;
 pub mod upload;
@@ -50,6 +51,7 @@ use crate::sync::LockExt;
 pub use handles::keyed_volume_id;
 use names::check_name;
 pub use perm::Cred;
+pub use progress::FlushProgress;
 use staging::Staged;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -165,9 +167,9 @@ pub struct DirEntry {
 }
 
 /// A snapshot of a volume's counters (see [`Volume::stats`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeStats {
-    /// Inodes with S3 work pending (the journal's length).
+    /// Inodes and deletions with S3 work pending (the journal's length).
     pub pending_inodes: u64,
     /// Written but not yet in S3.
     pub dirty_bytes: u64,
@@ -177,6 +179,15 @@ pub struct VolumeStats {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub usage: usage::UsageSnapshot,
+    /// How long the volume has held work not in S3; zero when everything is there.
+    pub pending_for: Duration,
+    /// S3 uploads in flight now.
+    pub uploads_in_flight: usize,
+    /// The last S3 error of the uploader, and when.
+    pub last_error: Option<(String, std::time::SystemTime)>,
+    pub last_upload: Option<std::time::SystemTime>,
+    /// The first failure of a background task.
+    pub failure: Option<String>,
 }
 
 impl crate::metrics::VolumeSource for Volume {
@@ -191,6 +202,12 @@ impl crate::metrics::VolumeSource for Volume {
             upload_errors: s.upload_errors,
             cache_hits: s.cache_hits,
             cache_misses: s.cache_misses,
+            pending_seconds: s.pending_for.as_secs_f64(),
+            uploads_in_flight: s.uploads_in_flight as u64,
+            capacity_bytes: s.usage.limited().then_some(s.usage.capacity),
+            used_bytes: s.usage.used_bytes,
+            files: s.usage.files,
+            failed: s.failure.is_some(),
         }
     }
 }
@@ -508,9 +525,21 @@ impl Volume {
     /// What the volume has waiting for S3 and has done, for operators and metrics.
     pub fn stats(&self) -> VolumeStats {
         let (cache_hits, cache_misses) = self.cache.stats();
+        let pending_inodes = (self.meta.pending_count() + self.meta.delete_count()) as u64;
+        let dirty_bytes = self.uploader.dirty_bytes();
+        let health = self.uploader.health();
         VolumeStats {
-            pending_inodes: self.meta.pending_count() as u64,
-            dirty_bytes: self.uploader.dirty_bytes(),
+            pending_inodes,
+            dirty_bytes,
+            pending_for: if pending_inodes > 0 || dirty_bytes > 0 {
+                health.pending_for(self.cfg.clock.now())
+            } else {
+                Duration::ZERO
+            },
+            uploads_in_flight: self.uploader.in_flight(),
+            last_error: health.last_error(),
+            last_upload: health.last_upload(),
+            failure: self.tasks.failure(),
             journal_bytes: self.meta.journal_bytes(),
             uploaded_bytes: self.uploader.uploaded_bytes(),
             upload_errors: self.uploader.errors(),

@@ -35,6 +35,11 @@ pub struct UsageSnapshot {
 }
 
 impl UsageSnapshot {
+    /// Whether the volume has a capacity (a CSI volume), not [`UNLIMITED`].
+    pub fn limited(&self) -> bool {
+        self.capacity < UNLIMITED
+    }
+
     pub fn free_bytes(&self) -> u64 {
         self.capacity.saturating_sub(self.used_bytes)
     }

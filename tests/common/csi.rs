@@ -102,6 +102,7 @@ impl InProcPlugin {
             mounter: mounter.clone() as Arc<dyn Mounter>,
             cluster: None,
             stores,
+            admin_socket: None,
         };
         let sup = supervisor.clone();
         let task = actix_rt::spawn(async move {

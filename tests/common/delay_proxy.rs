@@ -44,7 +44,13 @@ impl DelayProxy {
     /// Listens on 127.0.0.1 (a free port) and forwards each connection to `target`, delaying
     /// the client-to-server bytes by `delay`.
     pub async fn start(target: SocketAddr, delay: Duration) -> io::Result<DelayProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), target, delay).await
+    }
+
+    /// [`DelayProxy::start`] on a given address: a proxy dropped (S3 gone) and started again
+    /// at its address (S3 back) makes an outage for a client that keeps its endpoint.
+    pub async fn start_at(listen: SocketAddr, target: SocketAddr, delay: Duration) -> io::Result<DelayProxy> {
+        let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             // Dropping the JoinSet (when this task is aborted) aborts every connection task.

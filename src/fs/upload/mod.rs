@@ -31,8 +31,11 @@ use super::{FsError, FsResult, Volume};
 use crate::meta::{Batch, Ino, Remote};
 use crate::sync::LockExt;
 
+mod health;
 mod multipart;
 mod sync;
+
+pub use health::Health;
 
 /// The state the uploader alone changes: its concurrency, its wake-ups, the dirty-byte count,
 /// streams wanted and running, per-key locks, the round cursor and its counters.
@@ -60,11 +63,17 @@ pub struct Uploader {
     /// Counters for status and metrics.
     uploaded_bytes: AtomicU64,
     errors: AtomicU64,
+    /// Uploads allowed in flight (the semaphore's size).
+    concurrency: usize,
+    /// What an operator asks about (see [`Health`]).
+    health: Health,
 }
 
 impl Uploader {
     pub fn new(concurrency: usize, clock: crate::clock::Clock) -> Uploader {
         Uploader {
+            concurrency: concurrency.max(1),
+            health: Health::new(clock.now()),
             uploads: tokio::sync::Semaphore::new(concurrency.max(1)),
             notify: tokio::sync::Notify::new(),
             epoch: AtomicU64::new(1),
@@ -80,6 +89,22 @@ impl Uploader {
             uploaded_bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         }
+    }
+
+    /// The last error, the last upload, how long work has been pending.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// S3 uploads (PUTs, parts, copies) in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.concurrency.saturating_sub(self.uploads.available_permits())
+    }
+
+    /// Counts `len` bytes uploaded now.
+    fn note_uploaded(&self, len: u64) {
+        self.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
+        self.health.uploaded();
     }
 
     /// What listings must not take at S3's word.
@@ -124,6 +149,7 @@ impl Uploader {
     fn note_failures(&self, what: &str, results: Vec<FsResult<()>>, first: &mut Option<FsError>) {
         for e in results.into_iter().filter_map(Result::err) {
             self.errors.fetch_add(1, Ordering::Relaxed);
+            self.health.failed(&e);
             tracing::warn!(error = %e, "{what} failed; it stays journalled and is retried");
             first.get_or_insert(e);
         }
@@ -225,9 +251,15 @@ impl Volume {
         let failed = match self.flush_round(false).await {
             Err(e) => {
                 tracing::warn!(error = %e, "flush round failed; retrying");
+                self.uploader.health.failed(&e);
                 true
             }
-            Ok(_) => self.uploader.errors() != errors,
+            Ok(left) => {
+                if left == 0 {
+                    self.uploader.health.clean(self.cfg.clock.now());
+                }
+                self.uploader.errors() != errors
+            }
         };
         pace.wait = if failed {
             (pace.wait * 2).min(MAX_BACKOFF)
@@ -246,8 +278,14 @@ impl Volume {
         const MAX_STALLS: u32 = 5;
         let (mut last, mut stalls) = (usize::MAX, 0);
         loop {
-            let left = self.flush_round(true).await?;
+            let left = self
+                .flush_round(true)
+                .await
+                .inspect_err(|e| self.uploader.health.failed(e))?;
             if left == 0 {
+                // Nothing pending is nothing dirty: the figure need not wait for the next sweep.
+                self.uploader.dirty_bytes.store(0, Ordering::Release);
+                self.uploader.health.clean(self.cfg.clock.now());
                 return Ok(());
             }
             stalls = if left >= last { stalls + 1 } else { 0 };

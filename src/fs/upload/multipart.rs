@@ -1,7 +1,6 @@
 //! Large files: the multipart upload of a staged file (parts copied server-side where the
 //! object already holds them), and streaming a file to S3 while it is still being written.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -212,7 +211,7 @@ impl Volume {
                 let Some(m) = m.as_mut() else { return Ok(()) };
                 m.in_flight.remove(&p);
                 let etag = r?;
-                self.uploader.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
+                self.uploader.note_uploaded(len);
                 if !m.dirtied.remove(&p) && m.upload_id == upload_id {
                     m.done.insert(p, (etag, len));
                 }

@@ -237,7 +237,7 @@ impl Volume {
         let _k = self.uploader.key_lock(key).await;
         let size = body.len() as u64;
         let etag = self.store.put(key, Body::Bytes(body), meta).await?;
-        self.uploader.uploaded_bytes.fetch_add(size, Ordering::Relaxed);
+        self.uploader.note_uploaded(size);
         Ok(Synced {
             remote: Remote {
                 key: key.to_string(),
