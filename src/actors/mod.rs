@@ -5,6 +5,14 @@
 //! Only lifecycle goes through the mailboxes. NFS requests call the volume directly from the
 //! listener's tasks: namespace changes are serialised inside the volume, reads and writes of
 //! file data are not serialised at all.
+//!
+//! Why actors here, when background work runs as tasks under [`crate::tasks`]: the life of a
+//! volume is a sequence of requests that must not interleave (start, stop, abandon, resize,
+//! status), arriving from CSI calls, ReadWriteMany role changes, signals and the admin socket
+//! at any time. A mailbox per volume orders them without a lock held across the long awaits of
+//! a close (which uploads everything), and a stop that fails hands the gateway back to its actor
+//! rather than losing it. actix is also the runtime the design names; the actors stay this thin
+//! so that nothing on an I/O path depends on it.
 
 use std::sync::Arc;
 

@@ -90,11 +90,11 @@ impl Volume {
         if let Some(SetTime::At(t)) = attr.mtime {
             inode.mtime = t;
         }
-        let st = Staged::open(inode.ino, self.staging_dir.join(inode.ino.to_string()), true, &self.cfg)?;
+        let st = Staged::open(inode.ino, self.staging.path(inode.ino), true, &self.cfg)?;
         st.changed();
         *st.mtime.locked() = inode.mtime;
         self.commit_new(batch, &inode)?;
-        self.staged.locked().insert(inode.ino, Arc::new(st));
+        self.staging.insert(Arc::new(st));
         drop(g);
         Ok(self.attr_of(&inode))
     }
@@ -110,7 +110,7 @@ impl Volume {
         apply_owner(&mut inode, cred, &attr);
         self.commit_new(batch, &inode)?;
         // A new directory has nothing in S3 to list.
-        self.note_listed(inode.ino, self.cfg.clock.now());
+        self.freshness.note_listed(inode.ino, self.cfg.clock.now());
         Ok(self.attr_of(&inode))
     }
 

@@ -78,7 +78,7 @@ impl Volume {
     /// Whether [`Volume::sync_local`] has anything to do (the sync tick skips an idle volume
     /// without waking a blocking thread).
     pub fn needs_local_sync(&self) -> bool {
-        self.meta.unsynced() || !self.unsynced.locked().is_empty()
+        self.meta.unsynced() || self.staging.has_unsynced()
     }
 
     /// Whether the usage count is due (see [`Volume::recount_usage_if_due`]).
@@ -91,7 +91,7 @@ impl Volume {
     /// syncing them all every tick would keep the disk busy doing nothing.
     pub fn sync_local(&self) -> FsResult<()> {
         self.meta.sync()?;
-        let unsynced = std::mem::take(&mut *self.unsynced.locked());
+        let unsynced = self.staging.take_unsynced();
         for st in unsynced {
             // Cleared first: a write landing during the fsync queues the file again.
             st.unsynced.store(false, Ordering::Release);
@@ -120,8 +120,6 @@ impl Volume {
 
     /// Queues a staged file for the next local fsync.
     pub(super) fn note_unsynced(&self, st: &Arc<Staged>) {
-        if !st.unsynced.swap(true, Ordering::AcqRel) {
-            self.unsynced.locked().push(st.clone());
-        }
+        self.staging.note_unsynced(st);
     }
 }

@@ -9,10 +9,6 @@ use tracing::Instrument;
 use super::{names, FsResult, Volume, SMALL_DIR};
 use crate::meta::{Batch, Ino, Inode, Kind, Remote, Time};
 use crate::store::{ListPage, ObjectSummary, StoreError};
-use crate::sync::LockExt;
-
-/// Directories whose listing time is remembered at once (see [`Volume::note_listed`]).
-const MAX_LISTED: usize = 65_536;
 
 /// Names (in key form) a page of a listing covers: past `after` (from the start when None), up
 /// to and including `upto` (to the end when None).
@@ -56,31 +52,6 @@ impl Page {
 }
 
 impl Volume {
-    /// Records when a directory was listed. The map is kept to [`MAX_LISTED`] directories: past
-    /// it, the stale entries go (a stale entry means what no entry means), then, if needed,
-    /// arbitrary ones (those directories are listed again at their next access).
-    pub(crate) fn note_listed(&self, dir: Ino, at: std::time::Instant) {
-        let mut listed = self.listed.locked();
-        listed.insert(dir, at);
-        if listed.len() > MAX_LISTED {
-            let (clock, refresh) = (&self.cfg.clock, self.cfg.refresh);
-            listed.retain(|_, t| clock.elapsed(*t) < refresh);
-            if listed.len() > MAX_LISTED / 2 {
-                let excess: Vec<Ino> = listed.keys().copied().take(listed.len() - MAX_LISTED / 2).collect();
-                for ino in excess {
-                    listed.remove(&ino);
-                }
-            }
-        }
-    }
-
-    pub(crate) fn listing_stale(&self, dir: Ino) -> bool {
-        match self.listed.locked().get(&dir) {
-            Some(at) => self.cfg.clock.op_now().saturating_duration_since(*at) >= self.cfg.refresh,
-            None => true,
-        }
-    }
-
     /// Brings a directory's children in line with S3 when its listing is stale (or `force`).
     ///
     /// A directory never listed, or a small one ([`SMALL_DIR`] entries: one LIST request), is
@@ -91,17 +62,17 @@ impl Volume {
     /// [`Volume::lookup`]). `force` (RMDIR, RENAME of a directory) always lists first.
     pub(crate) async fn refresh_dir(&self, dir: &Inode, force: bool) -> FsResult<()> {
         if !force {
-            let listed_before = self.listed.locked().contains_key(&dir.ino);
-            if !self.listing_stale(dir.ino) {
+            let listed_before = self.freshness.ever_listed(dir.ino);
+            if !self.freshness.stale(dir.ino) {
                 return Ok(());
             }
             if listed_before {
-                if !self.relisting.locked().insert(dir.ino) {
+                if !self.freshness.start_relisting(dir.ino) {
                     return Ok(()); // a relisting is under way: it is as fresh as we can be
                 }
                 if self.meta.children(dir.ino, 0, SMALL_DIR + 1)?.len() <= SMALL_DIR {
                     let r = self.list_dir(dir).await;
-                    self.relisting.locked().remove(&dir.ino);
+                    self.freshness.end_relisting(dir.ino);
                     return r;
                 }
                 if let Some(vol) = self.this.get().and_then(|w| w.upgrade()) {
@@ -113,12 +84,12 @@ impl Volume {
                             if let Err(e) = vol.list_dir(&dir).await {
                                 tracing::warn!(ino = dir.ino, error = %e, "background relisting failed");
                             }
-                            vol.relisting.locked().remove(&dir.ino);
+                            vol.freshness.end_relisting(dir.ino);
                         }
                         .instrument(tracing::info_span!("relist", ino)),
                     );
                 } else {
-                    self.relisting.locked().remove(&dir.ino);
+                    self.freshness.end_relisting(dir.ino);
                 }
                 return Ok(());
             }
@@ -152,7 +123,7 @@ impl Volume {
                             // Not again before the refresh interval: while S3 is unreachable,
                             // every access would otherwise wait for the client's retries
                             // (seconds each), for a listing that fails the same way.
-                            self.note_listed(dir.ino, self.cfg.clock.now());
+                            self.freshness.note_listed(dir.ino, self.cfg.clock.now());
                             Ok(())
                         }
                         other => Err(other.into()),
@@ -189,7 +160,7 @@ impl Volume {
             done = upto;
         }
         self.usage.changed();
-        self.note_listed(dir.ino, started);
+        self.freshness.note_listed(dir.ino, started);
         Ok(())
     }
 

@@ -9,7 +9,7 @@ impl Volume {
         let mut inode = self.inode(ino)?;
         // A client revalidating an open file asks its handle, not its directory: refresh the
         // directory (once per refresh interval) so changes made in S3 by others reach it too.
-        if ino != ROOT_INO && self.listing_stale(inode.parent) {
+        if ino != ROOT_INO && self.freshness.stale(inode.parent) {
             if let Ok(parent) = self.inode(inode.parent) {
                 self.refresh_dir(&parent, false).await?;
                 inode = self.inode(ino)?;
@@ -129,7 +129,7 @@ impl Volume {
             Some(ino) => ino,
             // Still stale: a large directory relisting in the background. A name it lacks may
             // be new in S3: NOENT only after S3 said so.
-            None if self.listing_stale(dir) => {
+            None if self.freshness.stale(dir) => {
                 self.list_dir(&d).await?;
                 self.meta.lookup(dir, name)?.ok_or(FsError::NotFound)?
             }
@@ -220,7 +220,7 @@ impl Volume {
                         stack.push(c);
                     }
                 }
-                self.listed.locked().remove(&i.ino);
+                self.freshness.forget(i.ino);
             }
             self.forget_links(batch, &i)?;
             // Keys failed uploads of it may have written: S3 no longer has its object, so
@@ -234,9 +234,6 @@ impl Volume {
     }
 
     pub(super) fn drop_staged(&self, ino: Ino) {
-        if let Some(st) = self.staged.locked().remove(&ino) {
-            st.retire();
-            let _ = std::fs::remove_file(&st.path);
-        }
+        self.staging.drop_file(ino);
     }
 }

@@ -19,16 +19,19 @@
 //! [`read`] (the read cache), `prefetch.rs`, [`usage`], `handles.rs` (handles any gateway of a
 //! ReadWriteMany volume reproduces).
 
+mod area;
 mod change;
 mod data;
 pub mod defer;
 pub mod durable;
+mod freshness;
 mod handles;
 mod ledger;
 pub mod links;
 mod listing;
 mod lookup;
 pub mod names;
+mod numbers;
 pub mod perm;
 mod prefetch;
 pub mod progress;
@@ -37,10 +40,9 @@ pub mod staging;
 pub mod upload;
 pub mod usage;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -309,22 +311,21 @@ impl VolumeConfig {
     }
 }
 
+/// One volume: handles every part shares (its configuration, the store, the metadata
+/// database, the namespace lock, its task owner) and the parts that each change only their own
+/// state: the staging area, listing freshness, the read cache and read-ahead, the uploader,
+/// usage, the numbers it hands out, the group commit and the lost-handle search. The fields are
+/// more than ten because each part is one; the behaviour is in the files named after them.
 pub struct Volume {
     pub cfg: VolumeConfig,
     pub(crate) store: Arc<dyn ObjectStore>,
     pub(crate) meta: MetaDb,
     /// Serialises namespace changes (see the module docs for the lock order).
     pub(crate) ns: tokio::sync::Mutex<()>,
-    pub(crate) staged: Mutex<HashMap<Ino, Arc<Staged>>>,
-    /// Files being brought from S3 into staging now, one job per file (see [`staging`]).
-    staging_jobs: Mutex<HashMap<Ino, staging::StagingJob>>,
-    staging_dir: PathBuf,
-    /// When each directory was last listed from S3 (memory only: after a restart, relist).
-    listed: Mutex<HashMap<Ino, Instant>>,
-    /// Staged files written since the last local fsync.
-    unsynced: Mutex<Vec<Arc<Staged>>>,
-    /// Directories being relisted in the background right now.
-    relisting: Mutex<std::collections::HashSet<Ino>>,
+    /// Staged files, their downloads and fsync queue (see [`area`]).
+    pub(crate) staging: area::StagingArea,
+    /// When each directory was last listed, which are being relisted (see [`freshness`]).
+    freshness: freshness::Freshness,
     /// A handle on itself, for background work started from `&self` methods.
     this: std::sync::OnceLock<std::sync::Weak<Volume>>,
     pub(crate) cache: read::ReadCache,
@@ -335,10 +336,8 @@ pub struct Volume {
     /// Owner of the volume's background work (see [`crate::tasks`]).
     tasks: crate::tasks::Tasks,
     volume_id: u64,
-    next_ino: AtomicU64,
-    /// The persisted `ino_limit` counter, kept here so allocation does not read the database.
-    ino_limit: AtomicU64,
-    next_seq: AtomicU64,
+    /// Inode numbers and change sequences (see [`numbers`]).
+    numbers: numbers::Numbers,
     /// Group commit of COMMITs (see [`durable`]).
     sync_group: durable::SyncGroup,
     /// When the last search for a lost handle found nothing (see `handles.rs`): searches are
@@ -358,17 +357,12 @@ pub(crate) const SMALL_OBJECT: u64 = 64 << 10;
 /// directory must not transfer every file. A GET this small costs what a HEAD does.
 const LISTED_SMALL_OBJECT: u64 = 8 << 10;
 
-/// Inode numbers are taken from the database in blocks, so a create commits one counter update
-/// per block, not per file; the unused rest of a block after a crash is simply skipped.
-const INO_BLOCK: u64 = 1024;
-
 impl Volume {
     /// Opens the volume's local state (replaying its journal), restores staged files and
     /// in-flight uploads, and creates the root on first use.
     pub async fn open(cfg: VolumeConfig, store: Arc<dyn ObjectStore>) -> anyhow::Result<Arc<Volume>> {
         std::fs::create_dir_all(&cfg.state_dir)?;
-        let staging_dir = cfg.state_dir.join("staging");
-        std::fs::create_dir_all(&staging_dir)?;
+        let staging = area::StagingArea::open(cfg.state_dir.join("staging"))?;
         let meta = MetaDb::open(&cfg.state_dir.join("meta"))?;
         let mut volume_id = meta.counter("volume_id")?;
         let mut batch = Batch::new();
@@ -390,11 +384,7 @@ impl Volume {
                 Time::now(),
             ));
         }
-        // Start past every number a previous run may have handed out.
-        let ino_base = meta.counter("ino_limit")?.max(ROOT_INO + 1);
-        batch.set_counter("ino_limit", ino_base + INO_BLOCK);
-        let seq_base = meta.counter("seq_limit")? + 1;
-        batch.set_counter("seq_limit", seq_base + (1 << 32));
+        let numbers = numbers::Numbers::open(&meta, &mut batch)?;
         meta.commit(batch)?;
         meta.sync()?;
 
@@ -404,22 +394,16 @@ impl Volume {
             store,
             meta,
             ns: tokio::sync::Mutex::new(()),
-            staged: Mutex::new(HashMap::new()),
-            staging_jobs: Mutex::new(HashMap::new()),
-            staging_dir,
-            listed: Mutex::new(HashMap::new()),
-            relisting: Mutex::new(Default::default()),
+            staging,
+            freshness: freshness::Freshness::new(cfg.clock.clone(), cfg.refresh),
             prefetch: Default::default(),
-            unsynced: Mutex::new(Vec::new()),
             this: std::sync::OnceLock::new(),
             cache,
             uploader,
             usage: usage::Usage::new(cfg.capacity, cfg.clock.clone()),
             tasks: crate::tasks::Tasks::new(),
             volume_id,
-            next_ino: AtomicU64::new(ino_base),
-            ino_limit: AtomicU64::new(ino_base + INO_BLOCK),
-            next_seq: AtomicU64::new(seq_base),
+            numbers,
             sync_group: durable::SyncGroup::new(),
             lost_search: tokio::sync::Mutex::new(None),
             cfg,
@@ -435,7 +419,7 @@ impl Volume {
     /// Picks up staged files left by the previous run.
     fn restore_staged(&self) -> FsResult<()> {
         let mut restored = 0;
-        for entry in std::fs::read_dir(&self.staging_dir)? {
+        for entry in std::fs::read_dir(self.staging.dir())? {
             let entry = entry?;
             let name = entry.file_name();
             let Some(ino) = name.to_str().and_then(|n| n.parse::<Ino>().ok()) else {
@@ -457,7 +441,7 @@ impl Volume {
             } else {
                 *st.mtime.locked() = inode.mtime;
             }
-            self.staged.locked().insert(ino, Arc::new(st));
+            self.staging.insert(Arc::new(st));
             restored += 1;
         }
         if restored > 0 {
@@ -499,7 +483,7 @@ impl Volume {
     fn count_usage(&self) -> FsResult<()> {
         self.usage.begin_count();
         let (mut bytes, mut files) = (0u64, 0u64);
-        let staged = self.staged.locked().clone();
+        let staged = self.staging.snapshot();
         self.meta.for_each_inode(|inode| {
             if inode.ino == ROOT_INO || matches!(inode.kind, Kind::Link(_)) {
                 return;
@@ -568,22 +552,15 @@ impl Volume {
     }
 
     fn alloc_ino(&self, batch: &mut Batch) -> Ino {
-        let ino = self.next_ino.fetch_add(1, Ordering::AcqRel);
-        // Allocation happens under `ns`, so reading and raising the limit do not race.
-        if ino + 1 >= self.ino_limit.load(Ordering::Acquire) {
-            let limit = ino + 1 + INO_BLOCK;
-            batch.set_counter("ino_limit", limit);
-            self.ino_limit.store(limit, Ordering::Release);
-        }
-        ino
+        self.numbers.ino(batch)
     }
 
     pub(crate) fn next_seq(&self) -> u64 {
-        self.next_seq.fetch_add(1, Ordering::AcqRel)
+        self.numbers.seq()
     }
 
     fn staged(&self, ino: Ino) -> Option<Arc<Staged>> {
-        self.staged.locked().get(&ino).cloned()
+        self.staging.get(ino)
     }
 
     pub(crate) fn inode(&self, ino: Ino) -> FsResult<Inode> {

@@ -272,7 +272,7 @@ impl Volume {
                 return Ok(st);
             }
             let job = {
-                let mut jobs = self.staging_jobs.locked();
+                let mut jobs = self.staging.jobs();
                 if let Some(st) = self.staged(ino) {
                     return Ok(st);
                 }
@@ -292,7 +292,7 @@ impl Volume {
                             "staging download",
                             async move {
                                 let r = v.fetch_to_staging(ino, empty).await;
-                                v.staging_jobs.locked().remove(&ino);
+                                v.staging.jobs().remove(&ino);
                                 let _ = tx.send(r);
                             }
                             .instrument(tracing::info_span!("stage", ino)),
@@ -330,8 +330,8 @@ impl Volume {
         if inode.kind != Kind::File {
             return Err(FsError::Invalid("not a regular file".into()));
         }
-        let path = self.staging_dir.join(ino.to_string());
-        let tmp = self.staging_dir.join(format!("{ino}.download"));
+        let path = self.staging.path(ino);
+        let tmp = self.staging.download_path(ino);
         {
             let file = std::fs::File::create(&tmp)?;
             if let (Some(r), false) = (&inode.remote, empty) {
@@ -356,7 +356,7 @@ impl Volume {
         std::fs::rename(&tmp, &path)?;
         let st = Arc::new(Staged::open(ino, path, false, &self.cfg)?);
         *st.mtime.locked() = inode.mtime;
-        self.staged.locked().insert(ino, st.clone());
+        self.staging.insert(st.clone());
         Ok(st)
     }
 }

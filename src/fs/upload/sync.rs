@@ -14,7 +14,6 @@ use crate::fs::staging::Staged;
 use crate::fs::{FsError, FsResult, Volume};
 use crate::meta::{Batch, Ino, Inode, Kind, Remote, ROOT_INO};
 use crate::store::Body;
-use crate::sync::LockExt;
 
 impl Volume {
     /// The inode whose key is `key` now, if any.
@@ -252,22 +251,7 @@ impl Volume {
     /// already holds are dropped (their disk space and file descriptors freed). Recent ones stay,
     /// so a file written again soon, or while S3 is unreachable, needs no download.
     fn trim_staged(&self) {
-        let max = self.cfg.max_staged_files;
-        let mut clean: Vec<(std::time::Instant, Arc<Staged>)> = {
-            let staged = self.staged.locked();
-            // Some slack, so the sort below runs once per many uploads, not after each.
-            if staged.len() <= max + max / 8 {
-                return;
-            }
-            staged
-                .values()
-                .filter(|st| st.is_clean())
-                .map(|st| (*st.last_write.locked(), st.clone()))
-                .collect()
-        };
-        clean.sort_by_key(|c| c.0);
-        let excess = self.staged.locked().len().saturating_sub(max);
-        for (_, st) in clean.into_iter().take(excess) {
+        for st in self.staging.excess_clean(self.cfg.max_staged_files) {
             // Writers hold the lock shared: one busy right now keeps its copy.
             if let Ok(_w) = st.lock.try_write() {
                 if st.is_clean() {

@@ -1,0 +1,112 @@
+//! The staging area: the volume's staged files (local copies of files being written or read
+//! for writing, see [`Staged`]), the downloads bringing files into it, and the files written
+//! since the last local fsync. It alone changes these sets; a staged file's own state changes
+//! through [`Staged`]'s named transitions.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use super::staging::{Staged, StagingJob};
+use crate::meta::Ino;
+use crate::sync::LockExt;
+
+pub struct StagingArea {
+    dir: PathBuf,
+    files: Mutex<HashMap<Ino, Arc<Staged>>>,
+    /// Files being brought from S3 into the area now, one job per file (see `staging.rs`).
+    jobs: Mutex<HashMap<Ino, StagingJob>>,
+    /// Staged files written since the last local fsync.
+    unsynced: Mutex<Vec<Arc<Staged>>>,
+}
+
+impl StagingArea {
+    /// The area in `dir`, created if needed. Files left there are not taken up until
+    /// [`StagingArea::insert`]: the volume decides which to restore.
+    pub fn open(dir: PathBuf) -> std::io::Result<StagingArea> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(StagingArea {
+            dir,
+            files: Default::default(),
+            jobs: Default::default(),
+            unsynced: Default::default(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where inode `ino`'s copy lives.
+    pub fn path(&self, ino: Ino) -> PathBuf {
+        self.dir.join(ino.to_string())
+    }
+
+    /// Where a download of `ino` is written before it is renamed into place (a name that
+    /// `restore` recognises as never acknowledged).
+    pub fn download_path(&self, ino: Ino) -> PathBuf {
+        self.dir.join(format!("{ino}.download"))
+    }
+
+    pub fn get(&self, ino: Ino) -> Option<Arc<Staged>> {
+        self.files.locked().get(&ino).cloned()
+    }
+
+    pub fn insert(&self, st: Arc<Staged>) {
+        self.files.locked().insert(st.ino, st);
+    }
+
+    /// Drops `ino`'s copy: retired (writers holding it see so) and its file removed.
+    pub fn drop_file(&self, ino: Ino) {
+        if let Some(st) = self.files.locked().remove(&ino) {
+            st.retire();
+            let _ = std::fs::remove_file(&st.path);
+        }
+    }
+
+    /// Every staged file now.
+    pub fn snapshot(&self) -> HashMap<Ino, Arc<Staged>> {
+        self.files.locked().clone()
+    }
+
+    /// With more than `max` files (and some slack, so that the sort runs once per many
+    /// uploads), the clean ones beyond `max`, least recently written first.
+    pub fn excess_clean(&self, max: usize) -> Vec<Arc<Staged>> {
+        let mut clean: Vec<(Instant, Arc<Staged>)> = {
+            let files = self.files.locked();
+            if files.len() <= max + max / 8 {
+                return Vec::new();
+            }
+            files
+                .values()
+                .filter(|st| st.is_clean())
+                .map(|st| (*st.last_write.locked(), st.clone()))
+                .collect()
+        };
+        clean.sort_by_key(|c| c.0);
+        let excess = self.files.locked().len().saturating_sub(max);
+        clean.into_iter().take(excess).map(|c| c.1).collect()
+    }
+
+    /// The downloads under way (`staging.rs` starts and ends them under this lock).
+    pub(super) fn jobs(&self) -> MutexGuard<'_, HashMap<Ino, StagingJob>> {
+        self.jobs.locked()
+    }
+
+    /// Queues `st` for the next local fsync.
+    pub fn note_unsynced(&self, st: &Arc<Staged>) {
+        if !st.unsynced.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.unsynced.locked().push(st.clone());
+        }
+    }
+
+    pub fn has_unsynced(&self) -> bool {
+        !self.unsynced.locked().is_empty()
+    }
+
+    /// The files to fsync now; the queue starts again empty.
+    pub fn take_unsynced(&self) -> Vec<Arc<Staged>> {
+        std::mem::take(&mut *self.unsynced.locked())
+    }
+}

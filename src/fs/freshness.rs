@@ -1,0 +1,77 @@
+//! How fresh the volume's picture of each directory is: when it was last listed from S3, and
+//! which directories are being relisted in the background now. Memory only: after a restart,
+//! every directory is listed again at its next access.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::clock::Clock;
+use crate::meta::Ino;
+use crate::sync::LockExt;
+
+/// Directories whose listing time is kept (see [`Freshness::note_listed`]).
+pub const MAX_LISTED: usize = 65_536;
+
+pub struct Freshness {
+    listed: Mutex<HashMap<Ino, Instant>>,
+    relisting: Mutex<HashSet<Ino>>,
+    clock: Clock,
+    refresh: Duration,
+}
+
+impl Freshness {
+    pub fn new(clock: Clock, refresh: Duration) -> Freshness {
+        Freshness {
+            listed: Default::default(),
+            relisting: Default::default(),
+            clock,
+            refresh,
+        }
+    }
+
+    /// Records when a directory was listed. At most [`MAX_LISTED`] directories are kept: past
+    /// it, the stale entries go (a stale entry means what no entry means), then, if needed,
+    /// arbitrary ones (those directories are listed again at their next access).
+    pub fn note_listed(&self, dir: Ino, at: Instant) {
+        let mut listed = self.listed.locked();
+        listed.insert(dir, at);
+        if listed.len() > MAX_LISTED {
+            let (clock, refresh) = (&self.clock, self.refresh);
+            listed.retain(|_, t| clock.elapsed(*t) < refresh);
+            if listed.len() > MAX_LISTED / 2 {
+                let excess: Vec<Ino> = listed.keys().copied().take(listed.len() - MAX_LISTED / 2).collect();
+                for ino in excess {
+                    listed.remove(&ino);
+                }
+            }
+        }
+    }
+
+    /// Whether `dir`'s listing is older than the refresh interval (or there is none), as of
+    /// the operation being served.
+    pub fn stale(&self, dir: Ino) -> bool {
+        match self.listed.locked().get(&dir) {
+            Some(at) => self.clock.op_now().saturating_duration_since(*at) >= self.refresh,
+            None => true,
+        }
+    }
+
+    pub fn ever_listed(&self, dir: Ino) -> bool {
+        self.listed.locked().contains_key(&dir)
+    }
+
+    /// Forgets `dir` (removed): its number is not reused, the entry would only take room.
+    pub fn forget(&self, dir: Ino) {
+        self.listed.locked().remove(&dir);
+    }
+
+    /// Claims the relisting of `dir`; false when one is under way already.
+    pub fn start_relisting(&self, dir: Ino) -> bool {
+        self.relisting.locked().insert(dir)
+    }
+
+    pub fn end_relisting(&self, dir: Ino) {
+        self.relisting.locked().remove(&dir);
+    }
+}
