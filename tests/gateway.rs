@@ -503,7 +503,7 @@ async fn ten_thousand_entries_page_exactly_once() {
 }
 
 /// Plain READDIR (the Linux client falls back to it for big directories; nfsserve 0.11 ignored
-/// its cookie, see vendor/nfsserve/PATCHES.md).
+/// its cookie, see the History in crates/nfsserve/README.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readdir_plain_pages_exactly_once() {
     let (_gw, _dir, mut c, big, all) = big_directory(1_000).await;

@@ -12,7 +12,9 @@ use nfsserve::nfs::{
     fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime, set_gid3, set_mode3,
     set_mtime, set_size3, set_uid3, specdata3, stable_how, writeverf3,
 };
-use nfsserve::vfs::{DirEntry as NfsDirEntry, FsStat, NFSFileSystem, ReadDirResult, VFSCapabilities};
+use nfsserve::vfs::{
+    CallContext, Caller, DirEntry as NfsDirEntry, FsStat, NFSFileSystem, ReadDirResult, VFSCapabilities,
+};
 use tracing::Instrument;
 
 use crate::config::{Squash, SquashMode};
@@ -29,18 +31,18 @@ pub struct NfsAdapter {
 }
 
 /// The identity a call runs as. A call without AUTH_UNIX credentials is anonymous.
-pub fn cred_of(squash: &Squash, caller: Option<nfsserve::vfs::Caller>) -> Cred {
+pub fn cred_of(squash: &Squash, c: &Caller) -> Cred {
     let anon = Cred::user(squash.anon_uid, squash.anon_gid);
-    let Some(c) = caller.filter(|c| c.unix) else {
+    if !c.unix {
         return anon;
-    };
+    }
     match squash.mode {
         SquashMode::All => anon,
         SquashMode::Root if c.uid == 0 => anon,
         _ => Cred {
             uid: c.uid,
             gid: c.gid,
-            groups: c.gids,
+            groups: c.gids.clone(),
         },
     }
 }
@@ -63,20 +65,22 @@ impl NfsAdapter {
         self
     }
 
-    /// Who the NFS procedure being served runs as.
-    fn cred(&self) -> Cred {
-        cred_of(&self.squash, nfsserve::vfs::caller())
+    /// Who the NFS call `cx` runs as.
+    fn cred(&self, cx: &CallContext) -> Cred {
+        cred_of(&self.squash, &cx.caller)
     }
 
-    /// Runs one operation in its span, records the outcome on the span and in the metrics.
+    /// Runs one operation of the call `cx` in its span, on the call's arrival time, and records
+    /// the outcome on the span and in the metrics.
     async fn op<T>(
         &self,
+        cx: &CallContext,
         name: &'static str,
         span: tracing::Span,
         f: impl std::future::Future<Output = Result<T, FsError>>,
     ) -> Result<T, nfsstat3> {
         span.record("volume", &*self.name);
-        let start = arrival();
+        let start = cx.arrived;
         let r = crate::clock::in_op(start, async {
             self.vol.note_activity();
             op(span, f).await
@@ -85,11 +89,6 @@ impl NfsAdapter {
         crate::metrics::global().nfs_op(name, start.elapsed(), r.is_ok());
         r
     }
-}
-
-/// The time of the NFS call being served: the clock reading nfsserve took when it arrived.
-fn arrival() -> std::time::Instant {
-    nfsserve::vfs::arrived().unwrap_or_else(std::time::Instant::now)
 }
 
 /// The NFS status for a core error. NFS3ERR_JUKEBOX makes the kernel client wait and retry,
@@ -254,18 +253,19 @@ impl NFSFileSystem for NfsAdapter {
         self.vol.root()
     }
 
-    async fn lookup(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
+    async fn lookup(&self, cx: &CallContext, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
         self.op(
+            cx,
             "LOOKUP",
             nfs_span!("LOOKUP", ino = dirid),
-            self.vol.lookup(&self.cred(), dirid, filename),
+            self.vol.lookup(&self.cred(cx), dirid, filename),
         )
         .await
     }
 
-    async fn getattr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
+    async fn getattr(&self, cx: &CallContext, id: fileid3) -> Result<fattr3, nfsstat3> {
         let a = self
-            .op("GETATTR", nfs_span!("GETATTR", ino = id), self.vol.getattr(id))
+            .op(cx, "GETATTR", nfs_span!("GETATTR", ino = id), self.vol.getattr(id))
             .await?;
         Ok(fattr(&self.vol, &a))
     }
@@ -273,32 +273,39 @@ impl NFSFileSystem for NfsAdapter {
     /// The attributes around another operation's result (pre- and post-op attributes): what the
     /// volume holds, without GETATTR's revalidation, span or metrics; the operation itself
     /// brought its directory up to date.
-    async fn reply_attr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
-        let a = crate::clock::in_op(arrival(), self.vol.reply_attr(id))
+    async fn reply_attr(&self, cx: &CallContext, id: fileid3) -> Result<fattr3, nfsstat3> {
+        let a = crate::clock::in_op(cx.arrived, self.vol.reply_attr(id))
             .await
             .map_err(|e| status(&e))?;
         Ok(fattr(&self.vol, &a))
     }
 
-    async fn setattr(&self, id: fileid3, setattr: sattr3) -> Result<fattr3, nfsstat3> {
+    async fn setattr(&self, cx: &CallContext, id: fileid3, setattr: sattr3) -> Result<fattr3, nfsstat3> {
         let a = self
-            .op("SETATTR", nfs_span!("SETATTR", ino = id), async {
+            .op(cx, "SETATTR", nfs_span!("SETATTR", ino = id), async {
                 crate::telemetry::note_cause(self.vol.volume_id(), id);
-                self.vol.setattr(&self.cred(), id, setattr_of(&setattr)).await
+                self.vol.setattr(&self.cred(cx), id, setattr_of(&setattr)).await
             })
             .await?;
         Ok(fattr(&self.vol, &a))
     }
 
-    async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3> {
-        self.read_bytes(id, offset, count)
+    async fn read(&self, cx: &CallContext, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3> {
+        self.read_bytes(cx, id, offset, count)
             .await
             .map(|(b, eof)| (b.to_vec(), eof))
     }
 
-    async fn read_bytes(&self, id: fileid3, offset: u64, count: u32) -> Result<(bytes::Bytes, bool), nfsstat3> {
+    async fn read_bytes(
+        &self,
+        cx: &CallContext,
+        id: fileid3,
+        offset: u64,
+        count: u32,
+    ) -> Result<(bytes::Bytes, bool), nfsstat3> {
         let r = self
             .op(
+                cx,
                 "READ",
                 nfs_span!(
                     "READ",
@@ -309,7 +316,7 @@ impl NFSFileSystem for NfsAdapter {
                     cache = tracing::field::Empty
                 ),
                 async {
-                    let r = self.vol.read(&self.cred(), id, offset, count).await;
+                    let r = self.vol.read(&self.cred(cx), id, offset, count).await;
                     if let Ok((data, _)) = &r {
                         tracing::Span::current().record("bytes", data.len());
                     }
@@ -325,12 +332,13 @@ impl NFSFileSystem for NfsAdapter {
         r
     }
 
-    async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
-        Ok(self.write_stable(id, offset, data, stable_how::FILE_SYNC).await?.0)
+    async fn write(&self, cx: &CallContext, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
+        Ok(self.write_stable(cx, id, offset, data, stable_how::FILE_SYNC).await?.0)
     }
 
     async fn write_stable(
         &self,
+        cx: &CallContext,
         id: fileid3,
         offset: u64,
         data: &[u8],
@@ -338,6 +346,7 @@ impl NFSFileSystem for NfsAdapter {
     ) -> Result<(fattr3, stable_how), nfsstat3> {
         let a = self
             .op(
+                cx,
                 "WRITE",
                 nfs_span!(
                     "WRITE",
@@ -348,7 +357,7 @@ impl NFSFileSystem for NfsAdapter {
                 ),
                 async {
                     crate::telemetry::note_cause(self.vol.volume_id(), id);
-                    let a = self.vol.write(&self.cred(), id, offset, data).await?;
+                    let a = self.vol.write(&self.cred(cx), id, offset, data).await?;
                     if stable != stable_how::UNSTABLE {
                         // What COMMIT promises, as the volume's durability says: with `s3`, a
                         // stable WRITE (the kernel's choice for a one-WRITE fsync) is in S3
@@ -371,9 +380,9 @@ impl NFSFileSystem for NfsAdapter {
         Ok((fattr(&self.vol, &a), committed))
     }
 
-    async fn commit(&self, id: fileid3, _offset: u64, _count: u32) -> Result<fattr3, nfsstat3> {
+    async fn commit(&self, cx: &CallContext, id: fileid3, _offset: u64, _count: u32) -> Result<fattr3, nfsstat3> {
         let a = self
-            .op("COMMIT", nfs_span!("COMMIT", ino = id), self.vol.commit(id))
+            .op(cx, "COMMIT", nfs_span!("COMMIT", ino = id), self.vol.commit(id))
             .await?;
         Ok(fattr(&self.vol, &a))
     }
@@ -382,7 +391,7 @@ impl NFSFileSystem for NfsAdapter {
         self.vol.write_verifier()
     }
 
-    async fn access(&self, id: fileid3, requested: u32) -> Result<u32, nfsstat3> {
+    async fn access(&self, cx: &CallContext, id: fileid3, requested: u32) -> Result<u32, nfsstat3> {
         const READ: u32 = 0x01;
         const LOOKUP: u32 = 0x02;
         const MODIFY: u32 = 0x04;
@@ -390,9 +399,9 @@ impl NFSFileSystem for NfsAdapter {
         const DELETE: u32 = 0x10;
         const EXECUTE: u32 = 0x20;
         let (rwx, is_dir) = self
-            .op("ACCESS", nfs_span!("ACCESS", ino = id), async {
+            .op(cx, "ACCESS", nfs_span!("ACCESS", ino = id), async {
                 let a = self.vol.getattr(id).await?;
-                Ok((self.vol.permissions(&self.cred(), id)?, a.kind == Kind::Dir))
+                Ok((self.vol.permissions(&self.cred(cx), id)?, a.kind == Kind::Dir))
             })
             .await?;
         let mut granted = 0;
@@ -412,15 +421,16 @@ impl NFSFileSystem for NfsAdapter {
         crate::fs::links::LINK_MAX
     }
 
-    async fn link(&self, id: fileid3, dirid: fileid3, linkname: &filename3) -> Result<(), nfsstat3> {
-        self.op("LINK", nfs_span!("LINK", ino = id, dir = dirid), async {
-            self.vol.link(&self.cred(), id, dirid, linkname).await.map(|_| ())
+    async fn link(&self, cx: &CallContext, id: fileid3, dirid: fileid3, linkname: &filename3) -> Result<(), nfsstat3> {
+        self.op(cx, "LINK", nfs_span!("LINK", ino = id, dir = dirid), async {
+            self.vol.link(&self.cred(cx), id, dirid, linkname).await.map(|_| ())
         })
         .await
     }
 
     async fn mknod(
         &self,
+        cx: &CallContext,
         dirid: fileid3,
         filename: &filename3,
         ftype: ftype3,
@@ -435,21 +445,27 @@ impl NFSFileSystem for NfsAdapter {
             _ => return Err(nfsstat3::NFS3ERR_BADTYPE),
         };
         let a = self
-            .op("MKNOD", nfs_span!("MKNOD", ino = dirid), async {
+            .op(cx, "MKNOD", nfs_span!("MKNOD", ino = dirid), async {
                 self.vol
-                    .mknod(&self.cred(), dirid, filename, kind, setattr_of(attr))
+                    .mknod(&self.cred(cx), dirid, filename, kind, setattr_of(attr))
                     .await
             })
             .await?;
         Ok((a.ino, fattr(&self.vol, &a)))
     }
 
-    async fn create(&self, dirid: fileid3, filename: &filename3, attr: sattr3) -> Result<(fileid3, fattr3), nfsstat3> {
+    async fn create(
+        &self,
+        cx: &CallContext,
+        dirid: fileid3,
+        filename: &filename3,
+        attr: sattr3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
-            .op("CREATE", nfs_span!("CREATE", ino = dirid), async {
+            .op(cx, "CREATE", nfs_span!("CREATE", ino = dirid), async {
                 let a = self
                     .vol
-                    .create(&self.cred(), dirid, filename, setattr_of(&attr), false)
+                    .create(&self.cred(cx), dirid, filename, setattr_of(&attr), false)
                     .await?;
                 crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
                 Ok(a)
@@ -458,33 +474,49 @@ impl NFSFileSystem for NfsAdapter {
         Ok((a.ino, fattr(&self.vol, &a)))
     }
 
-    async fn create_exclusive(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
+    async fn create_exclusive(
+        &self,
+        cx: &CallContext,
+        dirid: fileid3,
+        filename: &filename3,
+    ) -> Result<fileid3, nfsstat3> {
         let a = self
-            .op("CREATE", nfs_span!("CREATE", ino = dirid, exclusive = true), async {
-                let a = self
-                    .vol
-                    .create(&self.cred(), dirid, filename, SetAttr::default(), true)
-                    .await?;
-                crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
-                Ok(a)
-            })
+            .op(
+                cx,
+                "CREATE",
+                nfs_span!("CREATE", ino = dirid, exclusive = true),
+                async {
+                    let a = self
+                        .vol
+                        .create(&self.cred(cx), dirid, filename, SetAttr::default(), true)
+                        .await?;
+                    crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
+                    Ok(a)
+                },
+            )
             .await?;
         Ok(a.ino)
     }
 
-    async fn mkdir(&self, dirid: fileid3, dirname: &filename3) -> Result<(fileid3, fattr3), nfsstat3> {
-        self.mkdir_with_attr(dirid, dirname, &sattr3::default()).await
+    async fn mkdir(
+        &self,
+        cx: &CallContext,
+        dirid: fileid3,
+        dirname: &filename3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
+        self.mkdir_with_attr(cx, dirid, dirname, &sattr3::default()).await
     }
 
     async fn mkdir_with_attr(
         &self,
+        cx: &CallContext,
         dirid: fileid3,
         dirname: &filename3,
         attr: &sattr3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
-            .op("MKDIR", nfs_span!("MKDIR", ino = dirid), async {
-                let a = self.vol.mkdir(&self.cred(), dirid, dirname, setattr_of(attr)).await?;
+            .op(cx, "MKDIR", nfs_span!("MKDIR", ino = dirid), async {
+                let a = self.vol.mkdir(&self.cred(cx), dirid, dirname, setattr_of(attr)).await?;
                 crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
                 Ok(a)
             })
@@ -492,36 +524,40 @@ impl NFSFileSystem for NfsAdapter {
         Ok((a.ino, fattr(&self.vol, &a)))
     }
 
-    async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
+    async fn remove(&self, cx: &CallContext, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
         self.op(
+            cx,
             "REMOVE",
             nfs_span!("REMOVE", ino = dirid),
-            self.vol.unlink(&self.cred(), dirid, filename),
+            self.vol.unlink(&self.cred(cx), dirid, filename),
         )
         .await
     }
 
-    async fn rmdir(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
+    async fn rmdir(&self, cx: &CallContext, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
         self.op(
+            cx,
             "RMDIR",
             nfs_span!("RMDIR", ino = dirid),
-            self.vol.rmdir(&self.cred(), dirid, filename),
+            self.vol.rmdir(&self.cred(cx), dirid, filename),
         )
         .await
     }
 
     async fn rename(
         &self,
+        cx: &CallContext,
         from_dirid: fileid3,
         from_filename: &filename3,
         to_dirid: fileid3,
         to_filename: &filename3,
     ) -> Result<(), nfsstat3> {
         self.op(
+            cx,
             "RENAME",
             nfs_span!("RENAME", ino = from_dirid, to_ino = to_dirid),
             async {
-                let cred = self.cred();
+                let cred = self.cred(cx);
                 self.vol
                     .rename(&cred, from_dirid, from_filename, to_dirid, to_filename)
                     .await?;
@@ -540,15 +576,17 @@ impl NFSFileSystem for NfsAdapter {
 
     async fn readdir(
         &self,
+        cx: &CallContext,
         dirid: fileid3,
         start_after: fileid3,
         max_entries: usize,
     ) -> Result<ReadDirResult, nfsstat3> {
         let (entries, end) = self
             .op(
+                cx,
                 "READDIR",
                 nfs_span!("READDIR", ino = dirid, cookie = start_after),
-                self.vol.readdir(&self.cred(), dirid, start_after, max_entries),
+                self.vol.readdir(&self.cred(cx), dirid, start_after, max_entries),
             )
             .await?;
         Ok(ReadDirResult {
@@ -567,16 +605,17 @@ impl NFSFileSystem for NfsAdapter {
 
     async fn symlink(
         &self,
+        cx: &CallContext,
         dirid: fileid3,
         linkname: &filename3,
         symlink: &nfspath3,
         attr: &sattr3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
-            .op("SYMLINK", nfs_span!("SYMLINK", ino = dirid), async {
+            .op(cx, "SYMLINK", nfs_span!("SYMLINK", ino = dirid), async {
                 let a = self
                     .vol
-                    .symlink(&self.cred(), dirid, linkname, symlink, setattr_of(attr))
+                    .symlink(&self.cred(cx), dirid, linkname, symlink, setattr_of(attr))
                     .await?;
                 crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
                 Ok(a)
@@ -585,14 +624,14 @@ impl NFSFileSystem for NfsAdapter {
         Ok((a.ino, fattr(&self.vol, &a)))
     }
 
-    async fn readlink(&self, id: fileid3) -> Result<nfspath3, nfsstat3> {
+    async fn readlink(&self, cx: &CallContext, id: fileid3) -> Result<nfspath3, nfsstat3> {
         let t = self
-            .op("READLINK", nfs_span!("READLINK", ino = id), self.vol.readlink(id))
+            .op(cx, "READLINK", nfs_span!("READLINK", ino = id), self.vol.readlink(id))
             .await?;
         Ok(t.into())
     }
 
-    async fn fsstat(&self, _root: fileid3) -> Result<FsStat, nfsstat3> {
+    async fn fsstat(&self, _cx: &CallContext, _root: fileid3) -> Result<FsStat, nfsstat3> {
         let u = self.vol.usage();
         Ok(FsStat {
             tbytes: u.capacity,
@@ -612,7 +651,7 @@ impl NFSFileSystem for NfsAdapter {
         nfs_fh3 { data }
     }
 
-    async fn fh_to_id(&self, fh: &nfs_fh3) -> Result<fileid3, nfsstat3> {
+    async fn fh_to_id(&self, _cx: &CallContext, fh: &nfs_fh3) -> Result<fileid3, nfsstat3> {
         if fh.data.len() != 20 || &fh.data[..4] != FH_MAGIC {
             return Err(nfsstat3::NFS3ERR_BADHANDLE);
         }

@@ -1,3 +1,6 @@
+//! An NFSv3 server library: ONC RPC over TCP, MOUNT v3, the portmapper's GETPORT and the NFSv3
+//! procedures, in front of a file system implementing [`vfs::NFSFileSystem`]. s3nfs's fork of
+//! nfsserve 0.11.0; README.md tells what changed since.
 #![cfg_attr(feature = "strict", deny(warnings))]
 
 mod context;

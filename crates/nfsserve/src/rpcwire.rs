@@ -1,8 +1,8 @@
 use std::io::{Cursor, Read, Write};
 
 use anyhow::anyhow;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, trace, warn};
 
@@ -44,10 +44,16 @@ async fn handle_rpc(
         }
 
         context.arrived = std::time::Instant::now();
-        if context.transaction_tracker.is_retransmission(xid, &context.client_addr, context.arrived) {
+        if context
+            .transaction_tracker
+            .is_retransmission(xid, &context.client_addr, context.arrived)
+        {
             // This is a retransmission
             // Drop the message and return
-            debug!("Retransmission detected, xid: {}, client_addr: {}, call: {:?}", xid, context.client_addr, call);
+            debug!(
+                "Retransmission detected, xid: {}, client_addr: {}, call: {:?}",
+                xid, context.client_addr, call
+            );
             return Ok(false);
         }
 
@@ -72,7 +78,9 @@ async fn handle_rpc(
             }
         }
         .map(|_| true);
-        context.transaction_tracker.mark_processed(xid, &context.client_addr, context.arrived);
+        context
+            .transaction_tracker
+            .mark_processed(xid, &context.client_addr, context.arrived);
         res
     } else {
         error!("Unexpectedly received a Reply instead of a Call");
@@ -292,16 +300,24 @@ impl SocketMessageHandler {
                 match maybe_reply {
                     Err(e) => {
                         refused(&e);
-                        let _ = send.send(Reply { message: Err(e), tail: None, held: permits });
-                    },
+                        let _ = send.send(Reply {
+                            message: Err(e),
+                            tail: None,
+                            held: permits,
+                        });
+                    }
                     Ok(true) => {
                         let _ = std::io::Write::flush(&mut write_cursor);
-                        let _ = send.send(Reply { message: Ok(write_buf), tail, held: permits });
-                    },
+                        let _ = send.send(Reply {
+                            message: Ok(write_buf),
+                            tail,
+                            held: permits,
+                        });
+                    }
                     Ok(false) => {
                         // do not reply (a retransmission of a request in progress)
                         drop(permits);
-                    },
+                    }
                 }
             });
         }
@@ -331,5 +347,136 @@ pub async fn process_record(vfs: Arc<dyn crate::vfs::NFSFileSystem + Send + Sync
     match handle_rpc(&mut Cursor::new(record), &mut Cursor::new(&mut out), context).await {
         Ok(true) => Some(out),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    fn header(len: u32, last: bool) -> [u8; 4] {
+        (len | if last { 1 << 31 } else { 0 }).to_be_bytes()
+    }
+
+    /// The reading end of a connection whose client sends `bytes`, then closes it if `close`
+    /// (else keeps it open until the test ends).
+    fn connection(bytes: Vec<u8>, close: bool) -> (DuplexStream, tokio::sync::oneshot::Sender<()>) {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (keep, kept) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            client.write_all(&bytes).await.unwrap();
+            if !close {
+                let _ = kept.await;
+            }
+        });
+        (server, keep)
+    }
+
+    #[tokio::test]
+    async fn a_fragment_marked_last_is_a_whole_record() {
+        let (mut s, _keep) = connection([&header(5, true)[..], b"hello"].concat(), true);
+        let mut rec = Vec::new();
+        assert!(read_fragment(&mut s, &mut rec).await.unwrap(), "last-fragment bit");
+        assert_eq!(rec, b"hello");
+    }
+
+    #[tokio::test]
+    async fn fragments_accumulate_until_the_last() {
+        let bytes = [
+            &header(3, false)[..],
+            b"abc",
+            &header(0, false),
+            &header(2, true),
+            b"de",
+        ]
+        .concat();
+        let (mut s, _keep) = connection(bytes, true);
+        let mut rec = Vec::new();
+        assert!(!read_fragment(&mut s, &mut rec).await.unwrap());
+        assert_eq!(rec, b"abc");
+        assert!(!read_fragment(&mut s, &mut rec).await.unwrap(), "an empty fragment");
+        assert!(read_fragment(&mut s, &mut rec).await.unwrap());
+        assert_eq!(rec, b"abcde");
+    }
+
+    #[tokio::test]
+    async fn a_record_of_max_record_bytes_is_accepted() {
+        let first = MAX_RECORD - 10;
+        let bytes = [
+            &header(first as u32, false)[..],
+            &vec![7u8; first],
+            &header(10, true),
+            &[8u8; 10],
+        ]
+        .concat();
+        let (mut s, _keep) = connection(bytes, true);
+        let mut rec = Vec::new();
+        assert!(!read_fragment(&mut s, &mut rec).await.unwrap());
+        assert!(read_fragment(&mut s, &mut rec).await.unwrap());
+        assert_eq!(rec.len(), MAX_RECORD);
+        assert_eq!(&rec[first..], &[8u8; 10]);
+    }
+
+    #[tokio::test]
+    async fn a_record_over_max_record_is_refused_across_fragments() {
+        let first = MAX_RECORD - 10;
+        let bytes = [
+            &header(first as u32, false)[..],
+            &vec![7u8; first],
+            &header(11, true),
+            &[8u8; 11],
+        ]
+        .concat();
+        let (mut s, _keep) = connection(bytes, true);
+        let refused_before = REFUSED_RECORDS.load(Ordering::Relaxed);
+        let mut rec = Vec::new();
+        assert!(!read_fragment(&mut s, &mut rec).await.unwrap());
+        let e = read_fragment(&mut s, &mut rec).await.unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+        assert_eq!(rec.len(), first, "the refused fragment's bytes were not read");
+        assert!(REFUSED_RECORDS.load(Ordering::Relaxed) > refused_before);
+    }
+
+    #[tokio::test]
+    async fn a_header_announcing_2_gib_is_refused_without_allocating_or_waiting() {
+        // The client announces (2^31 - 1) bytes and sends none; the connection stays open, so a
+        // reader that waited for the data would never return.
+        let (mut s, _keep) = connection(header((1 << 31) - 1, true).to_vec(), false);
+        let mut rec = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), read_fragment(&mut s, &mut rec))
+            .await
+            .expect("refused at once, not waiting for 2 GiB");
+        assert!(r.is_err());
+        assert_eq!(rec.capacity(), 0, "nothing reserved for the announced length");
+    }
+
+    #[tokio::test]
+    async fn a_fragment_cut_short_is_an_error_holding_only_what_arrived() {
+        let (mut s, _keep) = connection([&header(1000, true)[..], &[1u8; 10]].concat(), true);
+        let mut rec = Vec::new();
+        let e = read_fragment(&mut s, &mut rec).await.unwrap_err();
+        assert!(e.to_string().contains("inside a fragment"), "{e}");
+        assert_eq!(rec.len(), 10);
+        assert!(rec.capacity() < 1000, "capacity {}", rec.capacity());
+    }
+
+    #[tokio::test]
+    async fn a_reply_is_one_last_fragment_with_its_tail() {
+        let mut out: Vec<u8> = Vec::new();
+        write_fragment(&mut out, b"head", b"").await.unwrap();
+        assert_eq!(out, [&header(4, true)[..], b"head"].concat());
+
+        let mut out: Vec<u8> = Vec::new();
+        write_fragment(&mut out, b"head", b"tail bytes").await.unwrap();
+        assert_eq!(out, [&header(14, true)[..], b"head", b"tail bytes"].concat());
+
+        let mut out: Vec<u8> = Vec::new();
+        write_fragment(&mut out, b"", b"").await.unwrap();
+        assert_eq!(out, header(0, true));
     }
 }

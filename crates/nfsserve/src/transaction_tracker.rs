@@ -109,8 +109,14 @@ mod tests {
         assert!(!t.is_retransmission(1, "a", now));
         assert!(t.is_retransmission(1, "a", now), "in progress");
         t.mark_processed(1, "a", now);
-        assert!(t.is_retransmission(1, "a", now + Duration::from_secs(59)), "completed lately");
-        assert!(!t.is_retransmission(1, "a", now + Duration::from_secs(61)), "retention passed");
+        assert!(
+            t.is_retransmission(1, "a", now + Duration::from_secs(59)),
+            "completed lately"
+        );
+        assert!(
+            !t.is_retransmission(1, "a", now + Duration::from_secs(61)),
+            "retention passed"
+        );
         assert!(!t.is_retransmission(1, "b", now), "another client");
         for xid in 0..3 * MAX_TRACKED as u32 {
             assert!(!t.is_retransmission(xid + 10, "c", now));

@@ -79,7 +79,7 @@ impl ReadDirSimpleResult {
     }
 }
 
-/// The AUTH_UNIX identity of the caller of the NFS procedure being served (s3nfs patch).
+/// The AUTH_UNIX identity of a call's caller (s3nfs patch).
 /// A call without AUTH_UNIX credentials (AUTH_NONE) has `unix: false` and ids 65534.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Caller {
@@ -87,25 +87,39 @@ pub struct Caller {
     pub gid: u32,
     /// Supplementary groups (AUTH_UNIX carries at most 16).
     pub gids: Vec<u32>,
+    /// Whether the call carried AUTH_UNIX credentials.
     pub unix: bool,
 }
 
-tokio::task_local! {
-    /// Set around every NFS procedure call; read it with [`caller`].
-    pub static CALLER: Caller;
-    /// When the procedure being served was received (s3nfs patch); read it with [`arrived`].
-    pub static ARRIVED: std::time::Instant;
+impl Caller {
+    /// The caller of a call without AUTH_UNIX credentials: nobody (65534), not uid 0.
+    pub fn nobody() -> Caller {
+        Caller {
+            uid: 65534,
+            gid: 65534,
+            gids: Vec::new(),
+            unix: false,
+        }
+    }
 }
 
-/// When the NFS procedure being served was received, if called from within one (s3nfs patch):
-/// the one clock reading a request costs the library, for the filesystem to reuse.
-pub fn arrived() -> Option<std::time::Instant> {
-    ARRIVED.try_with(|t| *t).ok()
+/// The call an [`NFSFileSystem`] method serves (s3nfs patch): who sent it and when it arrived.
+/// The library builds one per RPC call and passes it to every method that does work for that
+/// call (MOUNT's path walk included); the methods that describe the file system itself
+/// (`capabilities`, `root_dir`, `linkmax`, `write_verifier`, `id_to_fh`, `serverid`) take none.
+#[derive(Clone, Debug)]
+pub struct CallContext {
+    /// The caller's credentials.
+    pub caller: Caller,
+    /// When the call was received: the one clock reading a call costs the library, for the
+    /// file system to reuse.
+    pub arrived: std::time::Instant,
 }
 
-/// The caller of the NFS procedure being served, if called from within one (s3nfs patch).
-pub fn caller() -> Option<Caller> {
-    CALLER.try_with(|c| c.clone()).ok()
+impl CallContext {
+    pub fn new(caller: Caller, arrived: std::time::Instant) -> CallContext {
+        CallContext { caller, arrived }
+    }
 }
 
 static mut GENERATION_NUMBER: u64 = 0;
@@ -114,7 +128,10 @@ static GENERATION_NUMBER_INIT: Once = Once::new();
 fn get_generation_number() -> u64 {
     unsafe {
         GENERATION_NUMBER_INIT.call_once(|| {
-            GENERATION_NUMBER = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+            GENERATION_NUMBER = SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
         });
         GENERATION_NUMBER
     }
@@ -153,6 +170,12 @@ pub enum VFSCapabilities {
 ///  getattr needs to be fast. NFS uses that a lot
 //
 ///  The 0 fileid is reserved and should not be used
+//
+/// The call being served
+/// ---------------------
+/// Every method that does work for an RPC call receives that call's [`CallContext`]: the
+/// caller's credentials (for permission checks and the owner of new files) and when the call
+/// arrived. Methods describing the file system itself take none.
 #[async_trait]
 pub trait NFSFileSystem: Sync {
     /// Returns the set of capabilities supported
@@ -166,34 +189,42 @@ pub trait NFSFileSystem: Sync {
     /// and this should return the id of the file "dir/a.txt"
     ///
     /// This method should be fast as it is used very frequently.
-    async fn lookup(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3>;
+    async fn lookup(&self, cx: &CallContext, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3>;
 
     /// Returns the attributes of an id.
     /// This method should be fast as it is used very frequently.
-    async fn getattr(&self, id: fileid3) -> Result<fattr3, nfsstat3>;
+    async fn getattr(&self, cx: &CallContext, id: fileid3) -> Result<fattr3, nfsstat3>;
 
     /// The attributes a reply carries beside its result (s3nfs patch): the pre- and post-op
     /// attributes of LOOKUP, CREATE, WRITE, REMOVE and the like, as opposed to the GETATTR
     /// procedure itself. A filesystem that does more for GETATTR (revalidation, accounting)
     /// can answer these from what it holds. Default: `getattr`.
-    async fn reply_attr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
-        self.getattr(id).await
+    async fn reply_attr(&self, cx: &CallContext, id: fileid3) -> Result<fattr3, nfsstat3> {
+        self.getattr(cx, id).await
     }
 
     /// Sets the attributes of an id
     /// this should return Err(nfsstat3::NFS3ERR_ROFS) if readonly
-    async fn setattr(&self, id: fileid3, setattr: sattr3) -> Result<fattr3, nfsstat3>;
+    async fn setattr(&self, cx: &CallContext, id: fileid3, setattr: sattr3) -> Result<fattr3, nfsstat3>;
 
     /// Reads the contents of a file returning (bytes, EOF)
     /// Note that offset/count may go past the end of the file and that
     /// in that case, all bytes till the end of file are returned.
     /// EOF must be flagged if the end of the file is reached by the read.
-    async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3>;
+    async fn read(&self, cx: &CallContext, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3>;
 
     /// s3nfs patch: [`read`](Self::read) as shared bytes, which the READ reply sends as they are
     /// instead of copying them into the reply buffer. Defaults to `read`.
-    async fn read_bytes(&self, id: fileid3, offset: u64, count: u32) -> Result<(bytes::Bytes, bool), nfsstat3> {
-        self.read(id, offset, count).await.map(|(v, eof)| (bytes::Bytes::from(v), eof))
+    async fn read_bytes(
+        &self,
+        cx: &CallContext,
+        id: fileid3,
+        offset: u64,
+        count: u32,
+    ) -> Result<(bytes::Bytes, bool), nfsstat3> {
+        self.read(cx, id, offset, count)
+            .await
+            .map(|(v, eof)| (bytes::Bytes::from(v), eof))
     }
 
     /// Writes the contents of a file returning (bytes, EOF)
@@ -201,42 +232,55 @@ pub trait NFSFileSystem: Sync {
     /// in that case, the file is extended.
     /// If not supported due to readonly file system
     /// this should return Err(nfsstat3::NFS3ERR_ROFS)
-    async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3>;
+    async fn write(&self, cx: &CallContext, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3>;
 
     /// Creates a file with the following attributes.
     /// If not supported due to readonly file system
     /// this should return Err(nfsstat3::NFS3ERR_ROFS)
-    async fn create(&self, dirid: fileid3, filename: &filename3, attr: sattr3) -> Result<(fileid3, fattr3), nfsstat3>;
+    async fn create(
+        &self,
+        cx: &CallContext,
+        dirid: fileid3,
+        filename: &filename3,
+        attr: sattr3,
+    ) -> Result<(fileid3, fattr3), nfsstat3>;
 
     /// Creates a file if it does not already exist
     /// this should return Err(nfsstat3::NFS3ERR_ROFS)
-    async fn create_exclusive(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3>;
+    async fn create_exclusive(
+        &self,
+        cx: &CallContext,
+        dirid: fileid3,
+        filename: &filename3,
+    ) -> Result<fileid3, nfsstat3>;
 
     /// Makes a directory with the following attributes.
     /// If not supported dur to readonly file system
     /// this should return Err(nfsstat3::NFS3ERR_ROFS)
-    async fn mkdir(&self, dirid: fileid3, dirname: &filename3) -> Result<(fileid3, fattr3), nfsstat3>;
+    async fn mkdir(&self, cx: &CallContext, dirid: fileid3, dirname: &filename3)
+        -> Result<(fileid3, fattr3), nfsstat3>;
 
     /// Makes a directory with the attributes MKDIR carried (s3nfs patch: upstream drops them).
     async fn mkdir_with_attr(
         &self,
+        cx: &CallContext,
         dirid: fileid3,
         dirname: &filename3,
         attr: &sattr3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
         let _ = attr;
-        self.mkdir(dirid, dirname).await
+        self.mkdir(cx, dirid, dirname).await
     }
 
     /// Removes a file.
     /// If not supported due to readonly file system
     /// this should return Err(nfsstat3::NFS3ERR_ROFS)
-    async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3>;
+    async fn remove(&self, cx: &CallContext, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3>;
 
     /// s3nfs patch: RMDIR (0.11.0 sent it to `remove`, so RMDIR of a file removed the file).
     /// Defaults to `remove`.
-    async fn rmdir(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
-        self.remove(dirid, filename).await
+    async fn rmdir(&self, cx: &CallContext, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
+        self.remove(cx, dirid, filename).await
     }
 
     /// Removes a file.
@@ -244,6 +288,7 @@ pub trait NFSFileSystem: Sync {
     /// this should return Err(nfsstat3::NFS3ERR_ROFS)
     async fn rename(
         &self,
+        cx: &CallContext,
         from_dirid: fileid3,
         from_filename: &filename3,
         to_dirid: fileid3,
@@ -260,6 +305,7 @@ pub trait NFSFileSystem: Sync {
     //
     async fn readdir(
         &self,
+        cx: &CallContext,
         dirid: fileid3,
         start_after: fileid3,
         max_entries: usize,
@@ -267,8 +313,15 @@ pub trait NFSFileSystem: Sync {
 
     /// Simple version of readdir.
     /// Only need to return filename and id
-    async fn readdir_simple(&self, dirid: fileid3, count: usize) -> Result<ReadDirSimpleResult, nfsstat3> {
-        Ok(ReadDirSimpleResult::from_readdir_result(&self.readdir(dirid, 0, count).await?))
+    async fn readdir_simple(
+        &self,
+        cx: &CallContext,
+        dirid: fileid3,
+        count: usize,
+    ) -> Result<ReadDirSimpleResult, nfsstat3> {
+        Ok(ReadDirSimpleResult::from_readdir_result(
+            &self.readdir(cx, dirid, 0, count).await?,
+        ))
     }
 
     /// Makes a symlink with the following attributes.
@@ -276,6 +329,7 @@ pub trait NFSFileSystem: Sync {
     /// this should return Err(nfsstat3::NFS3ERR_ROFS)
     async fn symlink(
         &self,
+        cx: &CallContext,
         dirid: fileid3,
         linkname: &filename3,
         symlink: &nfspath3,
@@ -283,12 +337,13 @@ pub trait NFSFileSystem: Sync {
     ) -> Result<(fileid3, fattr3), nfsstat3>;
 
     /// Reads a symlink
-    async fn readlink(&self, id: fileid3) -> Result<nfspath3, nfsstat3>;
+    async fn readlink(&self, cx: &CallContext, id: fileid3) -> Result<nfspath3, nfsstat3>;
 
     /// MKNOD (s3nfs patch): a fifo, socket, or character or block device (`spec` holds the
     /// major and minor numbers of a device).
     async fn mknod(
         &self,
+        _cx: &CallContext,
         _dirid: fileid3,
         _filename: &filename3,
         _ftype: ftype3,
@@ -299,7 +354,13 @@ pub trait NFSFileSystem: Sync {
     }
 
     /// LINK (s3nfs patch): a new name `linkname` in `dirid` for the file `id`.
-    async fn link(&self, _id: fileid3, _dirid: fileid3, _linkname: &filename3) -> Result<(), nfsstat3> {
+    async fn link(
+        &self,
+        _cx: &CallContext,
+        _id: fileid3,
+        _dirid: fileid3,
+        _linkname: &filename3,
+    ) -> Result<(), nfsstat3> {
         Err(nfsstat3::NFS3ERR_NOTSUPP)
     }
 
@@ -312,18 +373,19 @@ pub trait NFSFileSystem: Sync {
     /// write and how stable the data is now, which may be more but never less than asked.
     async fn write_stable(
         &self,
+        cx: &CallContext,
         id: fileid3,
         offset: u64,
         data: &[u8],
         _stable: stable_how,
     ) -> Result<(fattr3, stable_how), nfsstat3> {
-        Ok((self.write(id, offset, data).await?, stable_how::FILE_SYNC))
+        Ok((self.write(cx, id, offset, data).await?, stable_how::FILE_SYNC))
     }
 
     /// COMMIT (s3nfs patch): makes what was written UNSTABLE to `id` stable; returns its
     /// attributes afterwards.
-    async fn commit(&self, id: fileid3, _offset: u64, _count: u32) -> Result<fattr3, nfsstat3> {
-        self.getattr(id).await
+    async fn commit(&self, cx: &CallContext, id: fileid3, _offset: u64, _count: u32) -> Result<fattr3, nfsstat3> {
+        self.getattr(cx, id).await
     }
 
     /// The write verifier (s3nfs patch): it must change whenever data answered UNSTABLE may
@@ -333,18 +395,18 @@ pub trait NFSFileSystem: Sync {
     }
 
     /// ACCESS (s3nfs patch): which of the `requested` ACCESS3_* bits the caller holds on `id`.
-    async fn access(&self, _id: fileid3, requested: u32) -> Result<u32, nfsstat3> {
+    async fn access(&self, _cx: &CallContext, _id: fileid3, requested: u32) -> Result<u32, nfsstat3> {
         Ok(requested)
     }
 
     /// s3nfs patch: space and file counts for FSSTAT (`df`).
-    async fn fsstat(&self, _root_fileid: fileid3) -> Result<FsStat, nfsstat3> {
+    async fn fsstat(&self, _cx: &CallContext, _root_fileid: fileid3) -> Result<FsStat, nfsstat3> {
         Ok(FsStat::default())
     }
 
     /// Get static file system Information
-    async fn fsinfo(&self, root_fileid: fileid3) -> Result<fsinfo3, nfsstat3> {
-        let dir_attr: nfs::post_op_attr = match self.getattr(root_fileid).await {
+    async fn fsinfo(&self, cx: &CallContext, root_fileid: fileid3) -> Result<fsinfo3, nfsstat3> {
+        let dir_attr: nfs::post_op_attr = match self.getattr(cx, root_fileid).await {
             Ok(v) => nfs::post_op_attr::attributes(v),
             Err(_) => nfs::post_op_attr::Void,
         };
@@ -380,7 +442,7 @@ pub trait NFSFileSystem: Sync {
     }
     /// Converts an opaque NFS file handle to a fileid.  Optional. Async: a file system may
     /// have to look for a handle it does not know yet (one another server gave out).
-    async fn fh_to_id(&self, id: &nfs_fh3) -> Result<fileid3, nfsstat3> {
+    async fn fh_to_id(&self, _cx: &CallContext, id: &nfs_fh3) -> Result<fileid3, nfsstat3> {
         if id.data.len() != 16 {
             return Err(nfsstat3::NFS3ERR_BADHANDLE);
         }
@@ -395,14 +457,14 @@ pub trait NFSFileSystem: Sync {
     }
     /// Converts a complete path to a fileid.  Optional.
     /// The default implementation walks the directory structure with lookup()
-    async fn path_to_id(&self, path: &[u8]) -> Result<fileid3, nfsstat3> {
+    async fn path_to_id(&self, cx: &CallContext, path: &[u8]) -> Result<fileid3, nfsstat3> {
         let splits = path.split(|&r| r == b'/');
         let mut fid = self.root_dir();
         for component in splits {
             if component.is_empty() {
                 continue;
             }
-            fid = self.lookup(fid, &component.into()).await?;
+            fid = self.lookup(cx, fid, &component.into()).await?;
         }
         Ok(fid)
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::transaction_tracker::TransactionTracker;
-use crate::vfs::NFSFileSystem;
+use crate::vfs::{CallContext, Caller, NFSFileSystem};
 
 #[derive(Clone)]
 pub struct RPCContext {
@@ -19,8 +19,26 @@ pub struct RPCContext {
     pub export_name: Arc<String>,
     pub transaction_tracker: Arc<TransactionTracker>,
     /// When the call being served was received (s3nfs patch): read once per call, it serves the
-    /// retransmission tracker and the filesystem (`vfs::arrived`).
+    /// retransmission tracker and the filesystem (`CallContext::arrived`).
     pub arrived: std::time::Instant,
+}
+
+impl RPCContext {
+    /// What the file system is told of the call being served (s3nfs patch): the caller's whole
+    /// AUTH_UNIX identity, nobody for a call without AUTH_UNIX, and when the call arrived.
+    pub(crate) fn call_context(&self) -> CallContext {
+        let caller = if self.auth_is_unix {
+            Caller {
+                uid: self.auth.uid,
+                gid: self.auth.gid,
+                gids: self.auth.gids.clone(),
+                unix: true,
+            }
+        } else {
+            Caller::nobody()
+        };
+        CallContext::new(caller, self.arrived)
+    }
 }
 
 impl fmt::Debug for RPCContext {

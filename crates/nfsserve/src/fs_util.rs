@@ -123,20 +123,20 @@ pub async fn path_setattr(path: &Path, setattr: &sattr3) -> Result<(), nfsstat3>
     match setattr.atime {
         set_atime::SET_TO_SERVER_TIME => {
             let _ = filetime::set_file_atime(path, filetime::FileTime::now());
-        },
+        }
         set_atime::SET_TO_CLIENT_TIME(time) => {
             let _ = filetime::set_file_atime(path, time.into());
-        },
-        _ => {},
+        }
+        _ => {}
     };
     match setattr.mtime {
         set_mtime::SET_TO_SERVER_TIME => {
             let _ = filetime::set_file_mtime(path, filetime::FileTime::now());
-        },
+        }
         set_mtime::SET_TO_CLIENT_TIME(time) => {
             let _ = filetime::set_file_mtime(path, time.into());
-        },
-        _ => {},
+        }
+        _ => {}
     };
     if let set_mode3::mode(mode) = setattr.mode {
         debug!(" -- set permissions {:?} {:?}", path, mode);

@@ -56,7 +56,7 @@ pub fn handle_portmap(
         PortmapProgram::PMAPPROC_GETPORT => pmapproc_getport(xid, input, output, context)?,
         _ => {
             proc_unavail_reply_message(xid).serialize(output)?;
-        },
+        }
     }
     Ok(())
 }

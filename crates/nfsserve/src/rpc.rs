@@ -180,11 +180,11 @@ impl XDR for rpc_body {
             rpc_body::CALL(v) => {
                 0_u32.serialize(dest)?;
                 v.serialize(dest)?;
-            },
+            }
             rpc_body::REPLY(v) => {
                 1_u32.serialize(dest)?;
                 v.serialize(dest)?;
-            },
+            }
         }
         Ok(())
     }
@@ -288,11 +288,11 @@ impl XDR for reply_body {
             reply_body::MSG_ACCEPTED(v) => {
                 0_u32.serialize(dest)?;
                 v.serialize(dest)?;
-            },
+            }
             reply_body::MSG_DENIED(v) => {
                 1_u32.serialize(dest)?;
                 v.serialize(dest)?;
-            },
+            }
         }
         Ok(())
     }
@@ -359,20 +359,20 @@ impl XDR for accept_body {
         match self {
             accept_body::SUCCESS => {
                 0_u32.serialize(dest)?;
-            },
+            }
             accept_body::PROG_UNAVAIL => {
                 1_u32.serialize(dest)?;
-            },
+            }
             accept_body::PROG_MISMATCH(v) => {
                 2_u32.serialize(dest)?;
                 v.serialize(dest)?;
-            },
+            }
             accept_body::PROC_UNAVAIL => {
                 3_u32.serialize(dest)?;
-            },
+            }
             accept_body::GARBAGE_ARGS => {
                 4_u32.serialize(dest)?;
-            },
+            }
         }
         Ok(())
     }
@@ -425,11 +425,11 @@ impl XDR for rejected_reply {
             rejected_reply::RPC_MISMATCH(v) => {
                 0_u32.serialize(dest)?;
                 v.serialize(dest)?;
-            },
+            }
             rejected_reply::AUTH_ERROR(v) => {
                 1_u32.serialize(dest)?;
                 v.serialize(dest)?;
-            },
+            }
         }
         Ok(())
     }

@@ -441,14 +441,14 @@ impl XDR for set_atime {
         match self {
             set_atime::DONT_CHANGE => {
                 0_u32.serialize(dest)?;
-            },
+            }
             set_atime::SET_TO_SERVER_TIME => {
                 1_u32.serialize(dest)?;
-            },
+            }
             set_atime::SET_TO_CLIENT_TIME(v) => {
                 2_u32.serialize(dest)?;
                 v.serialize(dest)?;
-            },
+            }
         }
         Ok(())
     }
@@ -464,7 +464,10 @@ impl XDR for set_atime {
             r.deserialize(src)?;
             *self = set_atime::SET_TO_CLIENT_TIME(r);
         } else {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "Invalid value for set_atime"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "Invalid value for set_atime",
+            ));
         }
         Ok(())
     }
@@ -485,14 +488,14 @@ impl XDR for set_mtime {
         match self {
             set_mtime::DONT_CHANGE => {
                 0_u32.serialize(dest)?;
-            },
+            }
             set_mtime::SET_TO_SERVER_TIME => {
                 1_u32.serialize(dest)?;
-            },
+            }
             set_mtime::SET_TO_CLIENT_TIME(v) => {
                 2_u32.serialize(dest)?;
                 v.serialize(dest)?;
-            },
+            }
         }
         Ok(())
     }
@@ -508,7 +511,10 @@ impl XDR for set_mtime {
             r.deserialize(src)?;
             *self = set_mtime::SET_TO_CLIENT_TIME(r);
         } else {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "Invalid value for set_mtime"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "Invalid value for set_mtime",
+            ));
         }
         Ok(())
     }

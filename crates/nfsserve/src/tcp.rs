@@ -209,10 +209,10 @@ impl<T: NFSFileSystem + Send + Sync + 'static> NFSTcpListener<T> {
                             num_tries_left -= 1;
                             continue;
                         }
-                    },
+                    }
                     Ok(_) => {
                         return result;
-                    },
+                    }
                 }
             }
             unreachable!(); // Does not detect automatically that loop above never terminates.
@@ -248,7 +248,10 @@ impl<T: NFSFileSystem + Send + Sync + 'static> NFSTcpListener<T> {
     /// Example: Name `foo` results in the export path `/foo`.
     /// Default path is `/` if not set.
     pub fn with_export_name<S: AsRef<str>>(&mut self, export_name: S) {
-        self.export_name = Arc::new(format!("/{}", export_name.as_ref().trim_end_matches('/').trim_start_matches('/')))
+        self.export_name = Arc::new(format!(
+            "/{}",
+            export_name.as_ref().trim_end_matches('/').trim_start_matches('/')
+        ))
     }
 }
 

@@ -53,7 +53,7 @@ pub async fn handle_mount(
         MountProgram::MOUNTPROC3_EXPORT => mountproc3_export(xid, input, output, context)?,
         _ => {
             proc_unavail_reply_message(xid).serialize(output)?;
-        },
+        }
     }
     Ok(())
 }
@@ -98,7 +98,7 @@ pub async fn mountproc3_mnt(
         mountstat3::MNT3ERR_NOENT.serialize(output)?;
         return Ok(());
     };
-    if let Ok(fileid) = context.vfs.path_to_id(&path).await {
+    if let Ok(fileid) = context.vfs.path_to_id(&context.call_context(), &path).await {
         let response = mountres3_ok {
             fhandle: context.vfs.id_to_fh(fileid).data,
             auth_flavors: vec![

@@ -1,0 +1,395 @@
+//! WRITE, COMMIT and CREATE.
+use std::io::{Read, Write};
+
+use byteorder::{ReadBytesExt, WriteBytesExt};
+use num_derive::{FromPrimitive, ToPrimitive};
+use num_traits::cast::FromPrimitive;
+use tracing::{debug, error, warn};
+
+use super::{post_op, pre_op};
+use crate::context::RPCContext;
+use crate::nfs;
+use crate::rpc::*;
+use crate::vfs::{CallContext, VFSCapabilities};
+use crate::xdr::*;
+
+// s3nfs patch: stable_how moved to nfs.rs (the VFS trait uses it).
+pub use crate::nfs::stable_how;
+
+#[allow(non_camel_case_types)]
+#[derive(Debug, Default)]
+struct WRITE3args {
+    file: nfs::nfs_fh3,
+    offset: nfs::offset3,
+    count: nfs::count3,
+    stable: u32,
+    data: Vec<u8>,
+}
+xdr_struct!(WRITE3args, file, offset, count, stable, data);
+
+#[allow(non_camel_case_types)]
+#[derive(Debug, Default)]
+struct WRITE3resok {
+    file_wcc: nfs::wcc_data,
+    count: nfs::count3,
+    committed: stable_how,
+    verf: nfs::writeverf3,
+}
+xdr_struct!(WRITE3resok, file_wcc, count, committed, verf);
+/*
+enum stable_how {
+    UNSTABLE = 0,
+    DATA_SYNC = 1,
+    FILE_SYNC = 2
+};
+
+
+struct WRITE3args {
+    nfs_fh3 file;
+    offset3 offset;
+    count3 count;
+    stable_how stable;
+    opaque data<>;
+};
+
+struct WRITE3resok {
+    wcc_data file_wcc;
+    count3 count;
+    stable_how committed;
+    writeverf3 verf;
+};
+
+
+struct WRITE3resfail {
+    wcc_data file_wcc;
+};
+
+
+union WRITE3res switch (nfsstat3 status) {
+    case NFS3_OK:
+        WRITE3resok resok;
+    default:
+        WRITE3resfail resfail;
+};
+
+ */
+pub async fn nfsproc3_write(
+    xid: u32,
+    input: &mut impl Read,
+    output: &mut impl Write,
+    context: &RPCContext,
+    cx: &CallContext,
+) -> Result<(), anyhow::Error> {
+    // if we do not have write capabilities
+    if !matches!(context.vfs.capabilities(), VFSCapabilities::ReadWrite) {
+        warn!("No write capabilities.");
+        make_success_reply(xid).serialize(output)?;
+        nfs::nfsstat3::NFS3ERR_ROFS.serialize(output)?;
+        nfs::wcc_data::default().serialize(output)?;
+        return Ok(());
+    }
+
+    let mut args = WRITE3args::default();
+    args.deserialize(input)?;
+    debug!("nfsproc3_write({:?},...) ", xid);
+    // sanity check the length
+    if args.data.len() != args.count as usize {
+        garbage_args_reply_message(xid).serialize(output)?;
+        return Ok(());
+    }
+
+    let id = context.vfs.fh_to_id(cx, &args.file).await;
+    if let Err(stat) = id {
+        make_success_reply(xid).serialize(output)?;
+        stat.serialize(output)?;
+        nfs::wcc_data::default().serialize(output)?;
+        return Ok(());
+    }
+    let id = id.unwrap();
+
+    // get the object attributes before the write
+    let pre_obj_attr = match context.vfs.reply_attr(cx, id).await {
+        Ok(v) => {
+            let wccattr = nfs::wcc_attr {
+                size: v.size,
+                mtime: v.mtime,
+                ctime: v.ctime,
+            };
+            nfs::pre_op_attr::attributes(wccattr)
+        }
+        Err(_) => nfs::pre_op_attr::Void,
+    };
+
+    // s3nfs patch: the client's `stable` reaches the filesystem, which says what it achieved.
+    let stable = stable_how::from_u32(args.stable).unwrap_or(stable_how::FILE_SYNC);
+    match context.vfs.write_stable(cx, id, args.offset, &args.data, stable).await {
+        Ok((fattr, committed)) => {
+            debug!("write success {:?} --> {:?}", xid, fattr);
+            let res = WRITE3resok {
+                file_wcc: nfs::wcc_data {
+                    before: pre_obj_attr,
+                    after: nfs::post_op_attr::attributes(fattr),
+                },
+                count: args.count,
+                committed,
+                verf: context.vfs.write_verifier(),
+            };
+            make_success_reply(xid).serialize(output)?;
+            nfs::nfsstat3::NFS3_OK.serialize(output)?;
+            res.serialize(output)?;
+        }
+        Err(stat) => {
+            debug!("write error {:?} --> {:?}", xid, stat);
+            make_success_reply(xid).serialize(output)?;
+            stat.serialize(output)?;
+            nfs::wcc_data::default().serialize(output)?;
+        }
+    }
+    Ok(())
+}
+
+/*
+ COMMIT3res NFSPROC3_COMMIT(COMMIT3args) = 21;
+
+ struct COMMIT3args { nfs_fh3 file; offset3 offset; count3 count; };
+ struct COMMIT3resok { wcc_data file_wcc; writeverf3 verf; };
+ struct COMMIT3resfail { wcc_data file_wcc; };
+*/
+pub async fn nfsproc3_commit(
+    xid: u32,
+    input: &mut impl Read,
+    output: &mut impl Write,
+    context: &RPCContext,
+    cx: &CallContext,
+) -> Result<(), anyhow::Error> {
+    let mut file = nfs::nfs_fh3::default();
+    file.deserialize(input)?;
+    let mut offset: nfs::offset3 = 0;
+    offset.deserialize(input)?;
+    let mut count: nfs::count3 = 0;
+    count.deserialize(input)?;
+    debug!("nfsproc3_commit({:?}, {:?}, {}, {})", xid, file, offset, count);
+    let id = match context.vfs.fh_to_id(cx, &file).await {
+        Ok(id) => id,
+        Err(stat) => {
+            make_success_reply(xid).serialize(output)?;
+            stat.serialize(output)?;
+            nfs::wcc_data::default().serialize(output)?;
+            return Ok(());
+        }
+    };
+    let before = pre_op(context, cx, id).await;
+    let res = context.vfs.commit(cx, id, offset, count).await;
+    make_success_reply(xid).serialize(output)?;
+    match res {
+        Ok(fattr) => {
+            nfs::nfsstat3::NFS3_OK.serialize(output)?;
+            nfs::wcc_data {
+                before,
+                after: nfs::post_op_attr::attributes(fattr),
+            }
+            .serialize(output)?;
+            context.vfs.write_verifier().serialize(output)?;
+        }
+        Err(stat) => {
+            stat.serialize(output)?;
+            nfs::wcc_data {
+                before,
+                after: post_op(context, cx, id).await,
+            }
+            .serialize(output)?;
+        }
+    }
+    Ok(())
+}
+
+#[allow(non_camel_case_types)]
+#[derive(Copy, Clone, Debug, Default, FromPrimitive, ToPrimitive)]
+#[repr(u32)]
+pub enum createmode3 {
+    #[default]
+    UNCHECKED = 0,
+    GUARDED = 1,
+    EXCLUSIVE = 2,
+}
+xdr_enum_serde!(createmode3);
+/*
+CREATE3res NFSPROC3_CREATE(CREATE3args) = 8;
+
+      enum createmode3 {
+           UNCHECKED = 0,
+           GUARDED   = 1,
+           EXCLUSIVE = 2
+      };
+
+      union createhow3 switch (createmode3 mode) {
+      case UNCHECKED:
+      case GUARDED:
+           sattr3       obj_attributes;
+      case EXCLUSIVE:
+           createverf3  verf;
+      };
+
+      struct CREATE3args {
+           diropargs3   where;
+           createhow3   how;
+      };
+
+      struct CREATE3resok {
+           post_op_fh3   obj;
+           post_op_attr  obj_attributes;
+           wcc_data      dir_wcc;
+      };
+
+      struct CREATE3resfail {
+           wcc_data      dir_wcc;
+      };
+
+      union CREATE3res switch (nfsstat3 status) {
+      case NFS3_OK:
+           CREATE3resok    resok;
+      default:
+           CREATE3resfail  resfail;
+      };
+*/
+
+pub async fn nfsproc3_create(
+    xid: u32,
+    input: &mut impl Read,
+    output: &mut impl Write,
+    context: &RPCContext,
+    cx: &CallContext,
+) -> Result<(), anyhow::Error> {
+    // if we do not have write capabilities
+    if !matches!(context.vfs.capabilities(), VFSCapabilities::ReadWrite) {
+        warn!("No write capabilities.");
+        make_success_reply(xid).serialize(output)?;
+        nfs::nfsstat3::NFS3ERR_ROFS.serialize(output)?;
+        nfs::wcc_data::default().serialize(output)?;
+        return Ok(());
+    }
+
+    let mut dirops = nfs::diropargs3::default();
+    dirops.deserialize(input)?;
+    let mut createhow = createmode3::default();
+    createhow.deserialize(input)?;
+
+    debug!("nfsproc3_create({:?}, {:?}, {:?}) ", xid, dirops, createhow);
+
+    // find the directory we are supposed to create the
+    // new file in
+    let dirid = context.vfs.fh_to_id(cx, &dirops.dir).await;
+    if let Err(stat) = dirid {
+        // directory does not exist
+        make_success_reply(xid).serialize(output)?;
+        stat.serialize(output)?;
+        nfs::wcc_data::default().serialize(output)?;
+        error!("Directory does not exist");
+        return Ok(());
+    }
+    // found the directory, get the attributes
+    let dirid = dirid.unwrap();
+
+    // get the object attributes before the write
+    let pre_dir_attr = match context.vfs.reply_attr(cx, dirid).await {
+        Ok(v) => {
+            let wccattr = nfs::wcc_attr {
+                size: v.size,
+                mtime: v.mtime,
+                ctime: v.ctime,
+            };
+            nfs::pre_op_attr::attributes(wccattr)
+        }
+        Err(stat) => {
+            error!("Cannot stat directory");
+            make_success_reply(xid).serialize(output)?;
+            stat.serialize(output)?;
+            nfs::wcc_data::default().serialize(output)?;
+            return Ok(());
+        }
+    };
+    let mut target_attributes = nfs::sattr3::default();
+
+    match createhow {
+        createmode3::UNCHECKED => {
+            target_attributes.deserialize(input)?;
+            debug!("create unchecked {:?}", target_attributes);
+        }
+        createmode3::GUARDED => {
+            target_attributes.deserialize(input)?;
+            debug!("create guarded {:?}", target_attributes);
+            if context.vfs.lookup(cx, dirid, &dirops.name).await.is_ok() {
+                // file exists. Fail with NFS3ERR_EXIST.
+                // Re-read dir attributes
+                // for post op attr
+                let post_dir_attr = match context.vfs.reply_attr(cx, dirid).await {
+                    Ok(v) => nfs::post_op_attr::attributes(v),
+                    Err(_) => nfs::post_op_attr::Void,
+                };
+
+                make_success_reply(xid).serialize(output)?;
+                nfs::nfsstat3::NFS3ERR_EXIST.serialize(output)?;
+                nfs::wcc_data {
+                    before: pre_dir_attr,
+                    after: post_dir_attr,
+                }
+                .serialize(output)?;
+                return Ok(());
+            }
+        }
+        createmode3::EXCLUSIVE => {
+            debug!("create exclusive");
+        }
+    }
+
+    let fid: Result<nfs::fileid3, nfs::nfsstat3>;
+    let postopattr: nfs::post_op_attr;
+    // fill in the fid and post op attr here
+    if matches!(createhow, createmode3::EXCLUSIVE) {
+        // the API for exclusive is very slightly different
+        // We are not returning a post op attribute
+        fid = context.vfs.create_exclusive(cx, dirid, &dirops.name).await;
+        postopattr = nfs::post_op_attr::Void;
+    } else {
+        // create!
+        let res = context.vfs.create(cx, dirid, &dirops.name, target_attributes).await;
+        fid = res.map(|x| x.0);
+        postopattr = if let Ok((_, fattr)) = res {
+            nfs::post_op_attr::attributes(fattr)
+        } else {
+            nfs::post_op_attr::Void
+        };
+    }
+
+    // Re-read dir attributes for post op attr
+    let post_dir_attr = match context.vfs.reply_attr(cx, dirid).await {
+        Ok(v) => nfs::post_op_attr::attributes(v),
+        Err(_) => nfs::post_op_attr::Void,
+    };
+    let wcc_res = nfs::wcc_data {
+        before: pre_dir_attr,
+        after: post_dir_attr,
+    };
+
+    match fid {
+        Ok(fid) => {
+            debug!("create success --> {:?}, {:?}", fid, postopattr);
+            make_success_reply(xid).serialize(output)?;
+            nfs::nfsstat3::NFS3_OK.serialize(output)?;
+            // serialize CREATE3resok
+            let fh = context.vfs.id_to_fh(fid);
+            nfs::post_op_fh3::handle(fh).serialize(output)?;
+            postopattr.serialize(output)?;
+            wcc_res.serialize(output)?;
+        }
+        Err(e) => {
+            error!("create error --> {:?}", e);
+            // serialize CREATE3resfail
+            make_success_reply(xid).serialize(output)?;
+            e.serialize(output)?;
+            wcc_res.serialize(output)?;
+        }
+    }
+
+    Ok(())
+}
