@@ -13,13 +13,25 @@
 //! append) fails its checksum and is dropped: that commit was never acknowledged.
 //!
 //! # Key space (one sled tree, so that a batch is atomic)
+//! Keys start with a one-byte tag; numbers are big-endian, so keys sort as their numbers do.
+//! The key builders are [`by_ino`] (tag, ino), [`by_ino_and`] (tag, ino, bytes) and
+//! [`by_object_key`] (tag, S3 key, NUL, number).
 //! - `I` ino → [`Inode`]
-//! - `D` parent ino → name: the listing order. Entries are ordered by the child's inode number,
-//!   which never changes and is never reused, so a READDIR cookie (the last fileid returned) stays
-//!   a valid resume point whatever else is added or removed.
-//! - `N` parent name → ino: lookup by name.
+//! - `D` parent ino, child ino → name: the listing order. Entries are ordered by the child's
+//!   inode number, which never changes and is never reused, so a READDIR cookie (the last fileid
+//!   returned) stays a valid resume point whatever else is added or removed.
+//! - `N` parent ino, name → ino: lookup by name.
+//! - `C` parent ino, child ino → (): the subdirectories, so that a directory's link count
+//!   (2 + subdirectories) costs no scan of its files.
+//! - `H` file ino, name ino → (): the other names (hard links, `Kind::Link`) of a file.
 //! - `P` ino → change sequence: the inode has S3 work pending (upload, metadata, move).
+//! - `Q`: only the end of `P`'s range in scans, never written.
 //! - `X` seq → key: an S3 object to delete.
+//! - `Y` key, seq → (): the same queue by object key ("is this key being deleted?").
+//! - `Z` key, ino → (): `ino` still has its object at `key` and is moving away from it (a
+//!   rename not yet carried out in S3): listings must not take the object for a new file.
+//! - `W` ino, key → (): an upload of `ino` to `key` may have written it although it failed
+//!   (its reply was lost): if `ino` ends up elsewhere, `key` is deleted.
 //! - `U` ino → (key, upload id): a multipart upload in flight, aborted on restart.
 //! - `M` name → u64: counters and the volume id.
 
@@ -157,22 +169,24 @@ pub struct Batch {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
-fn k(tag: u8, a: u64) -> Vec<u8> {
+/// `tag`, then `ino` (or a sequence number).
+fn by_ino(tag: u8, ino: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(9);
     v.push(tag);
-    v.extend_from_slice(&a.to_be_bytes());
+    v.extend_from_slice(&ino.to_be_bytes());
     v
 }
 
-fn k2(tag: u8, a: u64, b: &[u8]) -> Vec<u8> {
-    let mut v = k(tag, a);
-    v.extend_from_slice(b);
+/// `tag`, `ino`, then `rest` (a name, a child's number, an object key).
+fn by_ino_and(tag: u8, ino: u64, rest: &[u8]) -> Vec<u8> {
+    let mut v = by_ino(tag, ino);
+    v.extend_from_slice(rest);
     v
 }
 
 /// `tag`, then `bytes`, then a NUL and `n`: keys of indexes by object key, where a prefix scan
 /// over `tag` + a key prefix finds every entry for the keys under it.
-fn kb(tag: u8, bytes: &[u8], n: u64) -> Vec<u8> {
+fn by_object_key(tag: u8, bytes: &[u8], n: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(bytes.len() + 10);
     v.push(tag);
     v.extend_from_slice(bytes);
@@ -203,76 +217,76 @@ impl Batch {
         self.ops.push((key, None));
     }
     pub fn put_inode(&mut self, inode: &Inode) {
-        self.put(k(b'I', inode.ino), enc(inode));
+        self.put(by_ino(b'I', inode.ino), enc(inode));
     }
     pub fn del_inode(&mut self, ino: Ino) {
-        self.del(k(b'I', ino));
-        self.del(k(b'P', ino));
-        self.del(k(b'U', ino));
+        self.del(by_ino(b'I', ino));
+        self.del(by_ino(b'P', ino));
+        self.del(by_ino(b'U', ino));
     }
     /// Enters `ino` (of kind `kind`) in `parent` as `name`. Subdirectories are indexed apart
     /// too, so that a directory's link count (2 + subdirectories) costs no scan of its files.
     pub fn link(&mut self, parent: Ino, name: &[u8], ino: Ino, kind: Kind) {
-        self.put(k2(b'D', parent, &ino.to_be_bytes()), name.to_vec());
-        self.put(k2(b'N', parent, name), ino.to_be_bytes().to_vec());
+        self.put(by_ino_and(b'D', parent, &ino.to_be_bytes()), name.to_vec());
+        self.put(by_ino_and(b'N', parent, name), ino.to_be_bytes().to_vec());
         if kind == Kind::Dir {
-            self.put(k2(b'C', parent, &ino.to_be_bytes()), Vec::new());
+            self.put(by_ino_and(b'C', parent, &ino.to_be_bytes()), Vec::new());
         }
     }
     pub fn unlink(&mut self, parent: Ino, name: &[u8], ino: Ino, kind: Kind) {
-        self.del(k2(b'D', parent, &ino.to_be_bytes()));
-        self.del(k2(b'N', parent, name));
+        self.del(by_ino_and(b'D', parent, &ino.to_be_bytes()));
+        self.del(by_ino_and(b'N', parent, name));
         if kind == Kind::Dir {
-            self.del(k2(b'C', parent, &ino.to_be_bytes()));
+            self.del(by_ino_and(b'C', parent, &ino.to_be_bytes()));
         }
     }
     /// Records that `name_ino` (a `Kind::Link`) is another name of the file `file`.
     pub fn add_link(&mut self, file: Ino, name_ino: Ino) {
-        self.put(k2(b'H', file, &name_ino.to_be_bytes()), Vec::new());
+        self.put(by_ino_and(b'H', file, &name_ino.to_be_bytes()), Vec::new());
     }
     pub fn del_link(&mut self, file: Ino, name_ino: Ino) {
-        self.del(k2(b'H', file, &name_ino.to_be_bytes()));
+        self.del(by_ino_and(b'H', file, &name_ino.to_be_bytes()));
     }
     pub fn mark_pending(&mut self, ino: Ino, seq: u64) {
-        self.put(k(b'P', ino), seq.to_be_bytes().to_vec());
+        self.put(by_ino(b'P', ino), seq.to_be_bytes().to_vec());
     }
     pub fn clear_pending(&mut self, ino: Ino) {
-        self.del(k(b'P', ino));
+        self.del(by_ino(b'P', ino));
     }
     /// Queues the deletion of the object `key`. `Y` indexes the queue by key, so that a listing
     /// asks "is this key being deleted?" without reading the whole queue.
     pub fn queue_delete(&mut self, seq: u64, key: &str) {
-        self.put(k(b'X', seq), key.as_bytes().to_vec());
-        self.put(kb(b'Y', key.as_bytes(), seq), Vec::new());
+        self.put(by_ino(b'X', seq), key.as_bytes().to_vec());
+        self.put(by_object_key(b'Y', key.as_bytes(), seq), Vec::new());
     }
     pub fn done_delete(&mut self, seq: u64, key: &str) {
-        self.del(k(b'X', seq));
-        self.del(kb(b'Y', key.as_bytes(), seq));
+        self.del(by_ino(b'X', seq));
+        self.del(by_object_key(b'Y', key.as_bytes(), seq));
     }
     /// Records that the object `key` belongs to `ino` only until `ino` is uploaded under its new
     /// key (a rename not yet carried out in S3): listings must not take it for a new file.
     pub fn moving_from(&mut self, key: &str, ino: Ino) {
-        self.put(kb(b'Z', key.as_bytes(), ino), Vec::new());
+        self.put(by_object_key(b'Z', key.as_bytes(), ino), Vec::new());
     }
     pub fn moved_from(&mut self, key: &str, ino: Ino) {
-        self.del(kb(b'Z', key.as_bytes(), ino));
+        self.del(by_object_key(b'Z', key.as_bytes(), ino));
     }
     /// An upload of `ino` to `key` failed in a way that may have written it all the same (the
     /// reply was lost): if `ino` ends up elsewhere, `key` is to be deleted.
     pub fn maybe_written(&mut self, ino: Ino, key: &str) {
-        self.put(k2(b'W', ino, key.as_bytes()), Vec::new());
+        self.put(by_ino_and(b'W', ino, key.as_bytes()), Vec::new());
     }
     pub fn forget_maybe_written(&mut self, ino: Ino, key: &str) {
-        self.del(k2(b'W', ino, key.as_bytes()));
+        self.del(by_ino_and(b'W', ino, key.as_bytes()));
     }
     pub fn set_upload(&mut self, ino: Ino, key: &str, upload_id: &str) {
-        self.put(k(b'U', ino), enc(&(key.to_string(), upload_id.to_string())));
+        self.put(by_ino(b'U', ino), enc(&(key.to_string(), upload_id.to_string())));
     }
     pub fn clear_upload(&mut self, ino: Ino) {
-        self.del(k(b'U', ino));
+        self.del(by_ino(b'U', ino));
     }
     pub fn set_counter(&mut self, name: &str, v: u64) {
-        self.put(k2(b'M', 0, name.as_bytes()), v.to_be_bytes().to_vec());
+        self.put(by_ino_and(b'M', 0, name.as_bytes()), v.to_be_bytes().to_vec());
     }
 }
 
@@ -513,14 +527,14 @@ impl MetaDb {
     }
 
     pub fn inode(&self, ino: Ino) -> MetaResult<Option<Inode>> {
-        match self.tree.get(k(b'I', ino))? {
+        match self.tree.get(by_ino(b'I', ino))? {
             Some(v) => Ok(Some(dec(&v)?)),
             None => Ok(None),
         }
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> MetaResult<Option<Ino>> {
-        match self.tree.get(k2(b'N', parent, name))? {
+        match self.tree.get(by_ino_and(b'N', parent, name))? {
             Some(v) => Ok(Some(be_u64(&v)?)),
             None => Ok(None),
         }
@@ -537,12 +551,12 @@ impl MetaDb {
     ) -> MetaResult<Vec<(Vec<u8>, Ino)>> {
         use std::ops::Bound;
         let start = match after {
-            Some(a) => Bound::Excluded(k2(b'N', parent, a)),
-            None => Bound::Included(k(b'N', parent)),
+            Some(a) => Bound::Excluded(by_ino_and(b'N', parent, a)),
+            None => Bound::Included(by_ino(b'N', parent)),
         };
         let end = match upto {
-            Some(u) => Bound::Included(k2(b'N', parent, u)),
-            None => Bound::Excluded(k(b'N', parent.wrapping_add(1))),
+            Some(u) => Bound::Included(by_ino_and(b'N', parent, u)),
+            None => Bound::Excluded(by_ino(b'N', parent.wrapping_add(1))),
         };
         let mut out = Vec::new();
         if matches!((after, upto), (Some(a), Some(u)) if a >= u) {
@@ -564,8 +578,8 @@ impl MetaDb {
     /// Every child of `parent`, in inode order, read from the index as the iteration goes (the
     /// walk of a subtree, however large its directories).
     pub fn child_inos(&self, parent: Ino) -> impl Iterator<Item = MetaResult<Ino>> + '_ {
-        let start = k2(b'D', parent, &0u64.to_be_bytes());
-        let end = k2(b'D', parent.wrapping_add(1), &0u64.to_be_bytes());
+        let start = by_ino_and(b'D', parent, &0u64.to_be_bytes());
+        let end = by_ino_and(b'D', parent.wrapping_add(1), &0u64.to_be_bytes());
         let range = if parent == u64::MAX {
             None
         } else {
@@ -579,8 +593,8 @@ impl MetaDb {
 
     /// Children of `parent` with inode numbers above `after`, in inode order, at most `max`.
     pub fn children(&self, parent: Ino, after: Ino, max: usize) -> MetaResult<Vec<(Ino, Vec<u8>)>> {
-        let start = k2(b'D', parent, &(after.saturating_add(1)).to_be_bytes());
-        let end = k2(b'D', parent.wrapping_add(1), &0u64.to_be_bytes());
+        let start = by_ino_and(b'D', parent, &(after.saturating_add(1)).to_be_bytes());
+        let end = by_ino_and(b'D', parent.wrapping_add(1), &0u64.to_be_bytes());
         let mut out = Vec::new();
         if after == u64::MAX {
             return Ok(out);
@@ -611,7 +625,7 @@ impl MetaDb {
 
     /// The other names (`Kind::Link` inodes) of the file `file`.
     pub fn links(&self, file: Ino) -> MetaResult<Vec<Ino>> {
-        let prefix = k(b'H', file);
+        let prefix = by_ino(b'H', file);
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix(&prefix) {
             let (key, _) = kv?;
@@ -626,7 +640,7 @@ impl MetaDb {
 
     /// The change sequence of a pending inode, if it is pending.
     pub fn pending(&self, ino: Ino) -> MetaResult<Option<u64>> {
-        match self.tree.get(k(b'P', ino))? {
+        match self.tree.get(by_ino(b'P', ino))? {
             Some(v) => Ok(Some(be_u64(&v)?)),
             None => Ok(None),
         }
@@ -705,7 +719,7 @@ impl MetaDb {
         if after == u64::MAX {
             return Ok(out);
         }
-        for item in self.tree.range(k(b'P', after + 1)..k(b'Q', 0)) {
+        for item in self.tree.range(by_ino(b'P', after + 1)..by_ino(b'Q', 0)) {
             let (key, v) = item?;
             out.push((be_u64(&key[1..9])?, be_u64(&v)?));
             if out.len() >= max {
@@ -727,7 +741,7 @@ impl MetaDb {
 
     /// Keys an upload of `ino` may have written without our knowing (see `Batch::maybe_written`).
     pub fn maybe_written_keys(&self, ino: Ino) -> MetaResult<Vec<String>> {
-        let p = k(b'W', ino);
+        let p = by_ino(b'W', ino);
         let mut out = Vec::new();
         for item in self.tree.scan_prefix(&p) {
             let (key, _) = item?;
@@ -785,7 +799,7 @@ impl MetaDb {
     }
 
     pub fn counter(&self, name: &str) -> MetaResult<u64> {
-        match self.tree.get(k2(b'M', 0, name.as_bytes()))? {
+        match self.tree.get(by_ino_and(b'M', 0, name.as_bytes()))? {
             Some(v) => be_u64(&v),
             None => Ok(0),
         }
