@@ -392,8 +392,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let sup = Supervisor::default().start();
-    let admin_socket = a.admin_socket.clone().unwrap_or_else(s3nfs::admin::default_socket);
-    let _admin = s3nfs::admin::server::serve(&admin_socket, s3nfs::admin::source::Source::new(sup.clone())).await?;
+    let mut started = Vec::new();
     for e in &exports {
         if !e.listen.ip().is_loopback() {
             tracing::warn!(listen = %e.listen, "listening beyond loopback: anyone who can reach this address can mount the share");
@@ -406,6 +405,13 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 store: None,
             })
             .await??;
+        started.push((e, addr));
+    }
+    // Once the exports serve (a start that fails has nothing to report on), and before the
+    // mount commands are printed: whoever waits for them finds everything ready.
+    let admin_socket = a.admin_socket.clone().unwrap_or_else(s3nfs::admin::default_socket);
+    let _admin = s3nfs::admin::server::serve(&admin_socket, s3nfs::admin::source::Source::new(sup.clone())).await?;
+    for (e, addr) in started {
         let what = match &e.backend {
             Backend::Local { dir } => format!("embedded store in {}", dir.display()),
             Backend::S3(c) => format!(

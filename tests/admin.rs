@@ -175,3 +175,30 @@ fn status_without_a_process_says_what_to_check() {
     assert!(err.starts_with("error: nothing answers on"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+/// Two gateways given one admin socket: the first keeps it, the second serves without one; a
+/// gateway started after the first was killed (its socket file left behind) takes it over.
+#[test]
+fn one_process_serves_an_admin_socket_and_a_dead_ones_is_taken_over() {
+    let bucket = garage::shared().unique_bucket();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let args = ["--admin-socket", socket.to_str().unwrap()];
+    let mut first = Proc::start_with(&bucket, "one/", "1s", &args);
+    let second = Proc::start_with(&bucket, "two/", "1s", &args);
+    let port = |st: StatusReply| st.volumes[0].port;
+    assert_eq!(port(status(&socket)), first.addr().port());
+    assert!(
+        second.log().contains("another process serves the admin socket"),
+        "{}",
+        second.log()
+    );
+    first.kill9();
+    assert!(
+        socket.exists(),
+        "the killed gateway's socket file is gone: the takeover below proves nothing"
+    );
+    let third = Proc::start_with(&bucket, "three/", "1s", &args);
+    assert_eq!(port(status(&socket)), third.addr().port());
+    drop((second, third));
+}

@@ -15,9 +15,14 @@ use crate::tasks::Owned;
 /// How often a flush reports what is left.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// Binds `path` and serves it for as long as the returned task is held. `Ok(None)` when a live
-/// process serves the path already (a second `serve` on the machine): that one keeps it.
+/// Binds `path` and serves it for as long as the returned task is held. `Ok(None)` when another
+/// live process serves the path already (a second `serve` on the machine): that one keeps it.
+///
+/// Who serves the path is decided by a lock on `<path>.lock` (flock, released by the kernel when
+/// the holder dies), not by probing the socket: two processes starting at once cannot both
+/// think the path free, and one that finds a socket left by a dead process replaces it.
 pub async fn serve(path: &Path, source: Source) -> anyhow::Result<Option<Owned<()>>> {
+    use std::os::unix::io::AsRawFd;
     if let Some(dir) = path.parent() {
         if !dir.exists() {
             std::fs::create_dir_all(dir)?;
@@ -25,12 +30,22 @@ pub async fn serve(path: &Path, source: Source) -> anyhow::Result<Option<Owned<(
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            tracing::warn!(socket = %path.display(), "another process serves the admin socket; s3nfs status and flush will not see this one (give it --admin-socket)");
-            return Ok(None);
-        }
-        std::fs::remove_file(path)?; // left by a process that died
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", PathBuf::from(&lock_path).display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        tracing::warn!(socket = %path.display(), "another process serves the admin socket; s3nfs status and flush will not see this one (give it --admin-socket)");
+        return Ok(None);
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {} // a socket left by a process that died, or none
     }
     // Created with no access for others from the start, not opened up and then closed.
     // SAFETY: umask only changes this process's file creation mask; restored at once.
@@ -40,10 +55,12 @@ pub async fn serve(path: &Path, source: Source) -> anyhow::Result<Option<Owned<(
     let listener = bound.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
     let source = Arc::new(source);
     let path = path.to_path_buf();
-    Ok(Some(crate::tasks::owned(accept(listener, source, path))))
+    Ok(Some(crate::tasks::owned(accept(listener, source, path, lock))))
 }
 
-async fn accept(listener: UnixListener, source: Arc<Source>, path: PathBuf) {
+async fn accept(listener: UnixListener, source: Arc<Source>, path: PathBuf, lock: std::fs::File) {
+    // The socket goes before the lock: the next holder finds no socket of ours.
+    let _lock = lock;
     let _remove = RemoveOnDrop(path);
     // Connections end with the server.
     let mut conns = tokio::task::JoinSet::new();
