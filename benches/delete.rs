@@ -38,7 +38,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let bucket = garage::shared().unique_bucket();
         let s3 = S3Store::connect(garage::shared().s3_config(&bucket)).await.unwrap();
