@@ -139,7 +139,7 @@ impl Volume {
             return Err(FsError::Invalid("mknod makes fifos, sockets and devices only".into()));
         }
         if matches!(kind, Kind::CharDev(_) | Kind::BlockDev(_)) && !cred.is_root() {
-            return Err(FsError::Perm);
+            return Err(FsError::NotOwner);
         }
         let d = self.prepare_new(cred, dir, name).await?;
         let _g = self.ns.lock().await;

@@ -24,7 +24,7 @@ impl Volume {
     /// LINK: `name` in `dir` becomes another name of the file `ino`.
     pub async fn link(&self, cred: &Cred, ino: Ino, dir: Ino, name: &[u8]) -> FsResult<Attr> {
         if self.inode(ino)?.kind == Kind::Dir {
-            return Err(FsError::Perm); // link(2) of a directory: EPERM
+            return Err(FsError::NotOwner); // link(2) of a directory: EPERM
         }
         self.prepare_new(cred, dir, name).await?;
         let _g = self.ns.lock().await;

@@ -79,8 +79,9 @@ pub enum FsError {
     /// Temporarily impossible (S3 unreachable and the staging bound reached): retry later.
     #[error("try again later: {0}")]
     Retry(String),
+    /// S3 refused the gateway's credentials (not the caller's permissions: see `Denied`).
     #[error("permission denied by S3: {0}")]
-    Access(String),
+    S3Denied(String),
     #[error("I/O error: {0}")]
     Io(String),
     #[error("not supported: {0}")]
@@ -90,7 +91,7 @@ pub enum FsError {
     Denied,
     /// Only the owner or root may do this (EPERM).
     #[error("operation not permitted")]
-    Perm,
+    NotOwner,
     #[error("too many links")]
     TooManyLinks,
 }
@@ -116,7 +117,7 @@ impl From<StoreError> for FsError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(_) => FsError::NotFound,
-            StoreError::AccessDenied(m) => FsError::Access(m),
+            StoreError::AccessDenied(m) => FsError::S3Denied(m),
             StoreError::Unavailable(m) => FsError::Retry(m),
             StoreError::NoSuchBucket(b) => FsError::Io(format!("bucket {b} is gone")),
             StoreError::Invalid(m) => FsError::Invalid(m),

@@ -101,7 +101,7 @@ pub fn check_io(cred: &Cred, inode: &Inode, want: u32) -> FsResult<()> {
 pub fn check_delete(cred: &Cred, dir: &Inode, victim: &Inode) -> FsResult<()> {
     check(cred, dir, W | X)?;
     if dir.mode & S_ISVTX != 0 && !cred.is_root() && !cred.owns(dir) && !cred.owns(victim) {
-        return Err(FsError::Perm);
+        return Err(FsError::NotOwner);
     }
     Ok(())
 }
@@ -138,15 +138,15 @@ pub fn check_chattr(
     if !cred.is_root() {
         // chown: root only (a no-op chown to oneself is allowed).
         if new_uid != inode.uid || (uid.is_some() && !cred.owns(inode)) {
-            return Err(FsError::Perm);
+            return Err(FsError::NotOwner);
         }
         // chgrp: the owner, to a group it is in.
         if gid.is_some() && (!cred.owns(inode) || (new_gid != inode.gid && !cred.in_group(new_gid))) {
-            return Err(FsError::Perm);
+            return Err(FsError::NotOwner);
         }
         // chmod: the owner.
         if mode.is_some() && !cred.owns(inode) {
-            return Err(FsError::Perm);
+            return Err(FsError::NotOwner);
         }
     }
     let mut m = mode.map(|m| m & 0o7777).unwrap_or(inode.mode);
@@ -191,7 +191,7 @@ pub fn check_times(cred: &Cred, inode: &Inode, to_now: bool) -> FsResult<()> {
     if to_now {
         check(cred, inode, W)
     } else {
-        Err(FsError::Perm)
+        Err(FsError::NotOwner)
     }
 }
 
@@ -229,16 +229,16 @@ mod tests {
         };
         assert!(matches!(
             check_chattr(&owner, &f, None, Some(0), None),
-            Err(FsError::Perm)
+            Err(FsError::NotOwner)
         ));
         assert!(matches!(
             check_chattr(&owner, &f, None, None, Some(300)),
-            Err(FsError::Perm)
+            Err(FsError::NotOwner)
         ));
         assert_eq!(check_chattr(&owner, &f, None, None, Some(200)).unwrap(), 0o755);
         assert!(matches!(
             check_chattr(&Cred::user(5, 5), &f, Some(0o777), None, None),
-            Err(FsError::Perm)
+            Err(FsError::NotOwner)
         ));
         assert_eq!(check_chattr(&Cred::root(), &f, None, Some(5), None).unwrap(), 0o755);
         assert_eq!(mode_after_write(&Cred::user(5, 5), 0o6755), 0o755);
@@ -252,7 +252,7 @@ mod tests {
         let theirs = file(0o644, 1000, 1000);
         assert!(matches!(
             check_delete(&Cred::user(2000, 2000), &dir, &theirs),
-            Err(FsError::Perm)
+            Err(FsError::NotOwner)
         ));
         assert!(check_delete(&Cred::user(1000, 1000), &dir, &theirs).is_ok());
         assert!(check_delete(&Cred::root(), &dir, &theirs).is_ok());

@@ -105,11 +105,11 @@ pub fn status(e: &FsError) -> nfsstat3 {
         FsError::Stale => nfsstat3::NFS3ERR_STALE,
         FsError::NoSpace(_) => nfsstat3::NFS3ERR_NOSPC,
         FsError::Retry(_) => nfsstat3::NFS3ERR_JUKEBOX,
-        FsError::Access(_) => nfsstat3::NFS3ERR_ACCES,
+        FsError::S3Denied(_) => nfsstat3::NFS3ERR_ACCES,
         FsError::Io(_) => nfsstat3::NFS3ERR_IO,
         FsError::NotSupported(_) => nfsstat3::NFS3ERR_NOTSUPP,
         FsError::Denied => nfsstat3::NFS3ERR_ACCES,
-        FsError::Perm => nfsstat3::NFS3ERR_PERM,
+        FsError::NotOwner => nfsstat3::NFS3ERR_PERM,
         FsError::TooManyLinks => nfsstat3::NFS3ERR_MLINK,
     }
 }
@@ -218,7 +218,7 @@ async fn op<T>(span: tracing::Span, f: impl std::future::Future<Output = Result<
                 let s = status(&e);
                 tracing::Span::current().record("status", tracing::field::debug(&s));
                 match &e {
-                    FsError::Io(_) | FsError::Access(_) | FsError::NoSpace(_) | FsError::Retry(_) => {
+                    FsError::Io(_) | FsError::S3Denied(_) | FsError::NoSpace(_) | FsError::Retry(_) => {
                         tracing::warn!(error = %e, "NFS operation failed")
                     }
                     _ => tracing::debug!(error = %e, "NFS operation failed"),
