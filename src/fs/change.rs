@@ -166,18 +166,6 @@ impl Volume {
         }
     }
 
-    /// Gives up the keys `ino` may have written or was handed (see `Batch::maybe_written`):
-    /// each is queued for deletion, except `keep`, the object that is `ino`'s own.
-    pub(crate) fn release_maybe_written(&self, batch: &mut Batch, ino: Ino, keep: Option<&str>) -> FsResult<()> {
-        for k in self.meta.maybe_written_keys(ino)? {
-            batch.forget_maybe_written(ino, &k);
-            if keep != Some(k.as_str()) {
-                batch.queue_delete(self.next_seq(), &k);
-            }
-        }
-        Ok(())
-    }
-
     /// Removes an entry of any kind (an empty directory included).
     pub async fn remove(&self, cred: &Cred, dir: Ino, name: &[u8]) -> FsResult<()> {
         self.remove_entry(cred, dir, name, None).await

@@ -71,7 +71,7 @@ impl Volume {
             self.note_cold_open(&inode); // a reader going through a directory, perhaps
         }
         self.cache
-            .read(&self.store, ino, &remote, offset, count, &self.tasks)
+            .read(&self.store, ino, &remote, offset, count, self.tasks())
             .await
     }
 

@@ -232,8 +232,4 @@ impl Volume {
         }
         Ok(())
     }
-
-    pub(super) fn drop_staged(&self, ino: Ino) {
-        self.staging.drop_file(ino);
-    }
 }

@@ -13,14 +13,19 @@
 //! - **Lock order.** A staged file's `lock` before `ns`, never the other way round.
 //!
 //! # Where things are
-//! This file holds the types, opening a volume and the helpers every part uses. The `Volume`'s
-//! operations: `lookup.rs` (reading the namespace), `change.rs` (changing it), `data.rs` (file
-//! bytes), [`links`] (hard links), [`durable`] (COMMIT); its parts: [`staging`], [`upload`],
-//! [`read`] (the read cache), `prefetch.rs`, [`usage`], `handles.rs` (handles any gateway of a
-//! ReadWriteMany volume reproduces).
+//! This file holds the types and opening a volume. What every part shares (configuration,
+//! store, database, namespace lock, staging area, numbers, task owner) is [`Core`], in
+//! `core.rs`; `Volume` reaches it through `Deref`, and so does the uploader, which owns its own
+//! state and works on `Core` alone. The `Volume`'s operations: `lookup.rs` (reading the
+//! namespace), `change.rs` (changing it), `data.rs` (file bytes), [`links`] (hard links),
+//! [`durable`] (COMMIT); its parts: `area.rs` and [`staging`] (staged files), [`upload`] (the
+//! uploader), [`read`] (the read cache), `prefetch.rs`, `freshness.rs` (listing times),
+//! [`usage`], `numbers.rs`, `handles.rs` (handles any gateway of a ReadWriteMany volume
+//! reproduces).
 
 mod area;
 mod change;
+mod core;
 mod data;
 pub mod defer;
 pub mod durable;
@@ -47,6 +52,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+pub use self::core::Core;
 use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, MetaError, Time, ROOT_INO};
 use crate::store::{ObjectStore, StoreError};
 use crate::sync::LockExt;
@@ -312,19 +318,12 @@ impl VolumeConfig {
     }
 }
 
-/// One volume: handles every part shares (its configuration, the store, the metadata
-/// database, the namespace lock, its task owner) and the parts that each change only their own
-/// state: the staging area, listing freshness, the read cache and read-ahead, the uploader,
-/// usage, the numbers it hands out, the group commit and the lost-handle search. The fields are
-/// more than ten because each part is one; the behaviour is in the files named after them.
+/// One volume: the handles its parts share ([`Core`], reached through `Deref`) and the parts
+/// that each change only their own state: listing freshness, the read cache and read-ahead,
+/// the uploader, usage, the group commit and the lost-handle search. The behaviour is in the
+/// files named after them.
 pub struct Volume {
-    pub cfg: VolumeConfig,
-    pub(crate) store: Arc<dyn ObjectStore>,
-    pub(crate) meta: MetaDb,
-    /// Serialises namespace changes (see the module docs for the lock order).
-    pub(crate) ns: tokio::sync::Mutex<()>,
-    /// Staged files, their downloads and fsync queue (see [`area`]).
-    pub(crate) staging: area::StagingArea,
+    core: Arc<Core>,
     /// When each directory was last listed, which are being relisted (see [`freshness`]).
     freshness: freshness::Freshness,
     /// A handle on itself, for background work started from `&self` methods.
@@ -332,18 +331,20 @@ pub struct Volume {
     pub(crate) cache: read::ReadCache,
     /// Reading ahead across directories (see [`prefetch`]).
     prefetch: prefetch::Prefetch,
-    pub(crate) uploader: upload::Uploader,
+    pub(crate) uploader: Arc<upload::Uploader>,
     pub(crate) usage: usage::Usage,
-    /// Owner of the volume's background work (see [`crate::tasks`]).
-    tasks: crate::tasks::Tasks,
-    volume_id: u64,
-    /// Inode numbers and change sequences (see [`numbers`]).
-    numbers: numbers::Numbers,
     /// Group commit of COMMITs (see [`durable`]).
     sync_group: durable::SyncGroup,
     /// When the last search for a lost handle found nothing (see `handles.rs`): searches are
     /// a walk of the whole volume, at most one per refresh interval for handles that stay lost.
     lost_search: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl std::ops::Deref for Volume {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 /// A directory with at most this many entries is relisted before an access that finds its
@@ -390,24 +391,20 @@ impl Volume {
         meta.sync()?;
 
         let cache = read::ReadCache::new(cfg.read_chunk, cfg.cache_bytes, cfg.read_ahead);
-        let uploader = upload::Uploader::new(cfg.upload_concurrency, cfg.clock.clone());
+        let usage = usage::Usage::new(cfg.capacity, cfg.clock.clone());
+        let freshness = freshness::Freshness::new(cfg.clock.clone(), cfg.refresh);
+        let core = Core::new(cfg, store, meta, staging, numbers, volume_id);
+        let uploader = Arc::new(upload::Uploader::new(core.clone()));
         let vol = Volume {
-            store,
-            meta,
-            ns: tokio::sync::Mutex::new(()),
-            staging,
-            freshness: freshness::Freshness::new(cfg.clock.clone(), cfg.refresh),
+            core,
+            freshness,
             prefetch: Default::default(),
             this: std::sync::OnceLock::new(),
             cache,
             uploader,
-            usage: usage::Usage::new(cfg.capacity, cfg.clock.clone()),
-            tasks: crate::tasks::Tasks::new(),
-            volume_id,
-            numbers,
+            usage,
             sync_group: durable::SyncGroup::new(),
             lost_search: tokio::sync::Mutex::new(None),
-            cfg,
         };
         vol.restore_staged()?;
         vol.count_usage()?;
@@ -417,67 +414,34 @@ impl Volume {
         Ok(vol)
     }
 
-    /// Picks up staged files left by the previous run.
-    fn restore_staged(&self) -> FsResult<()> {
-        let mut restored = 0;
-        for entry in std::fs::read_dir(self.staging.dir())? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(ino) = name.to_str().and_then(|n| n.parse::<Ino>().ok()) else {
-                // Leftover temporary download: never acknowledged to anyone.
-                let _ = std::fs::remove_file(entry.path());
-                continue;
-            };
-            let Some(inode) = self.meta.inode(ino)? else {
-                let _ = std::fs::remove_file(entry.path());
-                continue;
-            };
-            let st = Staged::open(ino, entry.path(), false, &self.cfg)?;
-            if self.meta.pending(ino)?.is_some() {
-                // Whatever is staged may be newer than S3: upload it again.
-                st.changed();
-                if st.mtime() < inode.mtime {
-                    *st.mtime.locked() = inode.mtime;
-                }
-            } else {
-                *st.mtime.locked() = inode.mtime;
-            }
-            self.staging.insert(Arc::new(st));
-            restored += 1;
-        }
-        if restored > 0 {
-            tracing::info!(restored, "restored staged files");
-        }
-        Ok(())
-    }
-
-    async fn abort_orphan_uploads(&self) {
-        let Ok(uploads) = self.meta.all_uploads() else {
-            return;
-        };
-        for (ino, key, id) in uploads {
-            if let Err(e) = self.store.abort_multipart(&key, &id).await {
-                tracing::warn!(%key, error = %e, "could not abort an interrupted multipart upload");
-            }
-            let mut b = Batch::new();
-            b.clear_upload(ino);
-            let _ = self.meta.commit(b);
-        }
-    }
-
-    /// Runs `f` in the background under the volume's task owner.
-    pub(crate) fn spawn_background(
+    /// Waits for the uploader's next round and runs it (see [`upload::Uploader`]); false once
+    /// `stop` is set.
+    pub async fn next_upload_round(
         &self,
-        what: &'static str,
-        f: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
-        self.tasks.spawn(what, f);
+        pace: &mut upload::Pace,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        self.uploader.next_upload_round(pace, stop).await
     }
 
-    /// The owner of the volume's background work: the gateway starts its loops there and stops
-    /// them all through it.
-    pub fn tasks(&self) -> &crate::tasks::Tasks {
-        &self.tasks
+    /// Uploads everything pending now (see [`upload::Uploader::flush_all`]).
+    pub async fn flush_all(&self) -> FsResult<()> {
+        self.uploader.flush_all().await
+    }
+
+    /// One pass of the uploader over the journal; returns what is still pending.
+    pub async fn flush_round(&self, force: bool) -> FsResult<usize> {
+        self.uploader.flush_round(force).await
+    }
+
+    /// Uploads one inode's pending work now.
+    pub async fn flush_inode(&self, ino: Ino) -> FsResult<()> {
+        self.uploader.flush_inode(ino).await
+    }
+
+    /// Notes that a client operation arrived: due uploads may wait for busy clients.
+    pub fn note_activity(&self) {
+        self.uploader.note_activity();
     }
 
     /// Counts bytes and files from the metadata (see [`usage`]).
@@ -524,7 +488,7 @@ impl Volume {
             uploads_in_flight: self.uploader.in_flight(),
             last_error: health.last_error(),
             last_upload: health.last_upload(),
-            failure: self.tasks.failure(),
+            failure: self.tasks().failure(),
             journal_bytes: self.meta.journal_bytes(),
             uploaded_bytes: self.uploader.uploaded_bytes(),
             upload_errors: self.uploader.errors(),
@@ -544,49 +508,8 @@ impl Volume {
         self.usage.set_capacity(capacity);
     }
 
-    pub fn volume_id(&self) -> u64 {
-        self.volume_id
-    }
-
     pub fn root(&self) -> Ino {
         ROOT_INO
-    }
-
-    fn alloc_ino(&self, batch: &mut Batch) -> Ino {
-        self.numbers.ino(batch)
-    }
-
-    pub(crate) fn next_seq(&self) -> u64 {
-        self.numbers.seq()
-    }
-
-    fn staged(&self, ino: Ino) -> Option<Arc<Staged>> {
-        self.staging.get(ino)
-    }
-
-    pub(crate) fn inode(&self, ino: Ino) -> FsResult<Inode> {
-        self.meta.inode(ino)?.ok_or(FsError::Stale)
-    }
-
-    /// The S3 key of an inode: the volume prefix and its path; directories end in '/'.
-    pub(crate) fn key_of(&self, inode: &Inode) -> FsResult<String> {
-        let mut parts: Vec<Vec<u8>> = Vec::new();
-        let mut cur = inode.clone();
-        while cur.ino != ROOT_INO {
-            parts.push(cur.name.clone());
-            cur = self.inode(cur.parent)?;
-        }
-        let mut key = self.cfg.prefix.clone();
-        for (i, p) in parts.iter().rev().enumerate() {
-            if i > 0 {
-                key.push('/');
-            }
-            key.push_str(std::str::from_utf8(p).map_err(|_| FsError::Invalid("non UTF-8 name".into()))?);
-        }
-        if inode.kind == Kind::Dir && inode.ino != ROOT_INO {
-            key.push('/');
-        }
-        Ok(key)
     }
 
     /// The key prefix under which a directory's children live.

@@ -15,7 +15,7 @@ use std::time::Instant;
 use futures::FutureExt;
 use tracing::Instrument;
 
-use super::{FsError, FsResult, Volume};
+use super::{Core, FsError, FsResult};
 use crate::meta::{Ino, Kind, Time};
 use crate::sync::LockExt;
 
@@ -259,7 +259,7 @@ impl Staged {
 /// A fetch of one file from S3 into staging, shared by everyone who needs that file meanwhile.
 pub(crate) type StagingJob = futures::future::Shared<futures::future::BoxFuture<'static, FsResult<Arc<Staged>>>>;
 
-impl Volume {
+impl Core {
     /// The staged copy of a file, bringing it from S3 first unless `empty` (about to be emptied).
     ///
     /// The fetch runs as a background job of its own, one per file: a cold 10 GiB file delays

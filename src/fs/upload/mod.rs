@@ -12,6 +12,10 @@
 //!   sequence in `P` and the staged file's generation are compared), so a write racing an upload
 //!   is never marked clean.
 //!
+//! The uploader is a part of its own: it owns the state below and works on the volume's shared
+//! [`Core`] (store, database, staging area), never on the rest of the `Volume`, which hands it
+//! work and asks it questions through its methods.
+//!
 //! Here: the uploader's state ([`Uploader`]), its pace ([`Pace`]: tick, kick, back-off) and a
 //! round over the journal. One inode's way to S3 is in `sync.rs`, large files in
 //! `multipart.rs`; what listings must not take at S3's word is in `fs/ledger.rs`, and when due
@@ -27,7 +31,7 @@ use tracing::Instrument;
 use super::defer::BusyClients;
 use super::ledger::KeyLedger;
 use super::staging::Staged;
-use super::{FsError, FsResult, Volume};
+use super::{Core, FsError, FsResult};
 use crate::meta::{Batch, Ino, Remote};
 use crate::sync::LockExt;
 
@@ -40,6 +44,8 @@ pub use health::Health;
 /// The state the uploader alone changes: its concurrency, its wake-ups, the dirty-byte count,
 /// streams wanted and running, per-key locks, the round cursor and its counters.
 pub struct Uploader {
+    /// What the uploader shares with the volume's other parts.
+    core: Arc<Core>,
     pub(crate) uploads: tokio::sync::Semaphore,
     notify: tokio::sync::Notify,
     /// Bumped every time S3 catches up with an inode; listings older than an inode's epoch do
@@ -69,9 +75,18 @@ pub struct Uploader {
     health: Health,
 }
 
+impl std::ops::Deref for Uploader {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
 impl Uploader {
-    pub fn new(concurrency: usize, clock: crate::clock::Clock) -> Uploader {
+    pub fn new(core: Arc<Core>) -> Uploader {
+        let (concurrency, clock) = (core.cfg.upload_concurrency, core.cfg.clock.clone());
         Uploader {
+            core,
             concurrency: concurrency.max(1),
             health: Health::new(clock.now()),
             uploads: tokio::sync::Semaphore::new(concurrency.max(1)),
@@ -234,7 +249,7 @@ impl Default for Pace {
 /// Journal records one background flush round looks at.
 const ROUND_SCAN: usize = 4096;
 
-impl Volume {
+impl Uploader {
     /// Waits for the next background round at `pace`, runs it, and sets the pace from its
     /// outcome. False once `stop` is set (checked before the round, never during one).
     pub async fn next_upload_round(
@@ -244,21 +259,21 @@ impl Volume {
     ) -> bool {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return false,
-            _ = self.uploader.wait(), if pace.wait == FLUSH_TICK => {}
+            _ = self.wait(), if pace.wait == FLUSH_TICK => {}
             _ = self.cfg.clock.sleep(pace.wait) => {}
         }
-        let errors = self.uploader.errors();
+        let errors = self.errors();
         let failed = match self.flush_round(false).await {
             Err(e) => {
                 tracing::warn!(error = %e, "flush round failed; retrying");
-                self.uploader.health.failed(&e);
+                self.health.failed(&e);
                 true
             }
             Ok(left) => {
                 if left == 0 {
-                    self.uploader.health.clean(self.cfg.clock.now());
+                    self.health.clean(self.cfg.clock.now());
                 }
-                self.uploader.errors() != errors
+                self.errors() != errors
             }
         };
         pace.wait = if failed {
@@ -278,14 +293,11 @@ impl Volume {
         const MAX_STALLS: u32 = 5;
         let (mut last, mut stalls) = (usize::MAX, 0);
         loop {
-            let left = self
-                .flush_round(true)
-                .await
-                .inspect_err(|e| self.uploader.health.failed(e))?;
+            let left = self.flush_round(true).await.inspect_err(|e| self.health.failed(e))?;
             if left == 0 {
                 // Nothing pending is nothing dirty: the figure need not wait for the next sweep.
-                self.uploader.dirty_bytes.store(0, Ordering::Release);
-                self.uploader.health.clean(self.cfg.clock.now());
+                self.dirty_bytes.store(0, Ordering::Release);
+                self.health.clean(self.cfg.clock.now());
                 return Ok(());
             }
             stalls = if left >= last { stalls + 1 } else { 0 };
@@ -307,7 +319,7 @@ impl Volume {
     /// Notes that a client operation arrived (see [`BusyClients::defers`]); called within the
     /// operation, whose arrival is the time.
     pub fn note_activity(&self) {
-        self.uploader.busy.note_activity(self.cfg.clock.op_now(), self.quiet());
+        self.busy.note_activity(self.cfg.clock.op_now(), self.quiet());
     }
 
     fn quiet(&self) -> std::time::Duration {
@@ -317,9 +329,8 @@ impl Volume {
     /// Whether due uploads and deletions wait for the clients to pause. Not when the dirty
     /// bytes near their bound: writers would be held up waiting for uploads that wait for them.
     fn defers_background(&self) -> bool {
-        self.uploader.dirty_bytes() <= self.cfg.max_dirty_bytes / 2
+        self.dirty_bytes() <= self.cfg.max_dirty_bytes / 2
             && self
-                .uploader
                 .busy
                 .defers(self.cfg.clock.now(), self.quiet(), self.cfg.busy_defer)
     }
@@ -333,14 +344,14 @@ impl Volume {
             deferred = tracing::field::Empty
         );
         async move {
-            let _round = self.uploader.round.lock().await;
+            let _round = self.round.lock().await;
             if !force
                 && self.meta.pending_count() == 0
                 && self.meta.delete_count() == 0
-                && self.uploader.stream_wanted.locked().is_empty()
+                && self.stream_wanted.locked().is_empty()
             {
                 // An idle tick: nothing to look at, and nothing pending is nothing dirty.
-                self.uploader.dirty_bytes.store(0, Ordering::Release);
+                self.dirty_bytes.store(0, Ordering::Release);
                 return Ok(0);
             }
             let defer = !force && self.defers_background();
@@ -378,23 +389,23 @@ impl Volume {
             .buffer_unordered(self.cfg.upload_concurrency)
             .collect()
             .await;
-            self.uploader.note_failures("delete", results, &mut first_err);
+            self.note_failures("delete", results, &mut first_err);
 
             let (pending, sweep_start, sweep_end) = if force {
                 (self.meta.all_pending()?, true, true)
             } else {
-                let after = self.uploader.cursor.load(Ordering::Acquire);
+                let after = self.cursor.load(Ordering::Acquire);
                 let page = self.meta.pending_after(after, ROUND_SCAN)?;
                 let end = page.len() < ROUND_SCAN;
                 let next = if end { 0 } else { page.last().map_or(0, |p| p.0) };
-                self.uploader.cursor.store(next, Ordering::Release);
+                self.cursor.store(next, Ordering::Release);
                 (page, after == 0, end)
             };
             tracing::Span::current().record("pending", pending.len());
             let mut dirty = if sweep_start {
                 0
             } else {
-                self.uploader.dirty_sweep.load(Ordering::Acquire)
+                self.dirty_sweep.load(Ordering::Acquire)
             };
             let mut due = Vec::new();
             let now = self.cfg.clock.now();
@@ -404,7 +415,7 @@ impl Volume {
                     if st.is_dirty() {
                         dirty += st.size();
                         let idle = st.idle_at(now);
-                        if !force && (idle < self.cfg.flush_delay || self.uploader.streaming.locked().contains(&ino)) {
+                        if !force && (idle < self.cfg.flush_delay || self.streaming.locked().contains(&ino)) {
                             continue;
                         }
                     }
@@ -416,12 +427,12 @@ impl Volume {
             }
             // Dirty bytes are known once a sweep over every pending inode is complete.
             if sweep_end {
-                self.uploader.dirty_bytes.store(dirty, Ordering::Release);
+                self.dirty_bytes.store(dirty, Ordering::Release);
             } else {
-                self.uploader.dirty_sweep.store(dirty, Ordering::Release);
+                self.dirty_sweep.store(dirty, Ordering::Release);
             }
             if !due.is_empty() && !sweep_end {
-                self.uploader.kick(); // more of the journal to look at, and it had work
+                self.kick(); // more of the journal to look at, and it had work
             }
             let results: Vec<_> = futures::stream::iter(due.into_iter().map(|(ino, _seq)| async move {
                 if yields() {
@@ -432,7 +443,7 @@ impl Volume {
             .buffer_unordered(self.cfg.upload_concurrency)
             .collect()
             .await;
-            self.uploader.note_failures("upload", results, &mut first_err);
+            self.note_failures("upload", results, &mut first_err);
             let left = self.meta.pending_count() + self.meta.delete_count();
             match first_err {
                 Some(e) if force => Err(e),

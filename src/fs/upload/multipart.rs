@@ -10,12 +10,12 @@ use tracing::Instrument;
 use super::{Synced, WakeOnDrop};
 use crate::fs::names::user_meta;
 use crate::fs::staging::{Multipart, Staged};
-use crate::fs::{FsError, FsResult, Volume};
+use crate::fs::{FsError, FsResult};
 use crate::meta::{Batch, Ino, Inode, Remote};
 use crate::store::{Body, Part};
 use crate::sync::LockExt;
 
-impl Volume {
+impl super::Uploader {
     /// Uploads a staged file: one PUT of a consistent snapshot when small, else the multipart
     /// upload (continuing what streaming started). `None` when writes raced it: try next round.
     pub(super) async fn upload_staged(
@@ -78,7 +78,7 @@ impl Volume {
             }
             drop(w);
             let completed = {
-                let _k = self.uploader.key_lock(&mkey).await;
+                let _k = self.key_lock(&mkey).await;
                 self.store.complete_multipart(&mkey, &upload_id, &parts).await
             };
             let etag = match completed {
@@ -197,7 +197,7 @@ impl Volume {
             let mkey = mkey.clone();
             let upload_id = upload_id.clone();
             async move {
-                let _permit = self.uploader.uploads.acquire().await.expect("semaphore never closed");
+                let _permit = self.uploads.acquire().await.expect("semaphore never closed");
                 let offset = (p as u64 - 1) * self.cfg.part_size;
                 let len = self.part_len(size, p);
                 let body = Body::File {
@@ -211,7 +211,7 @@ impl Volume {
                 let Some(m) = m.as_mut() else { return Ok(()) };
                 m.in_flight.remove(&p);
                 let etag = r?;
-                self.uploader.note_uploaded(len);
+                self.note_uploaded(len);
                 if !m.dirtied.remove(&p) && m.upload_id == upload_id {
                     m.done.insert(p, (etag, len));
                 }
@@ -226,9 +226,9 @@ impl Volume {
 
     /// Starts streaming uploads for files being written past two parts.
     pub(super) fn start_streams(self: &Arc<Self>) {
-        let wanted: Vec<Ino> = self.uploader.stream_wanted.locked().drain().collect();
+        let wanted: Vec<Ino> = self.stream_wanted.locked().drain().collect();
         for ino in wanted {
-            if !self.uploader.streaming.locked().insert(ino) {
+            if !self.streaming.locked().insert(ino) {
                 continue;
             }
             let vol = self.clone();
@@ -238,18 +238,18 @@ impl Volume {
                 "streaming upload",
                 async move {
                     let r = vol.stream_file(ino).await;
-                    vol.uploader.streaming.locked().remove(&ino);
+                    vol.streaming.locked().remove(&ino);
                     match r {
                         // Yielded to busy clients: a round after they pause takes it up again.
                         Ok(true) => {
-                            vol.uploader.stream_wanted.locked().insert(ino);
+                            vol.stream_wanted.locked().insert(ino);
                         }
                         Ok(false) => {}
                         Err(e) => {
                             tracing::warn!(ino, error = %e, "streaming upload paused; the file is uploaded when idle")
                         }
                     }
-                    vol.uploader.kick();
+                    vol.kick();
                 }
                 .instrument(span),
             );

@@ -11,11 +11,11 @@ use tracing::Instrument;
 use super::Synced;
 use crate::fs::names::user_meta;
 use crate::fs::staging::Staged;
-use crate::fs::{FsError, FsResult, Volume};
+use crate::fs::{FsError, FsResult};
 use crate::meta::{Batch, Ino, Inode, Kind, Remote, ROOT_INO};
 use crate::store::Body;
 
-impl Volume {
+impl super::Uploader {
     /// The inode whose key is `key` now, if any.
     fn resolve_key(&self, key: &str) -> FsResult<Option<Ino>> {
         let Some(rest) = key.strip_prefix(self.cfg.prefix.as_str()) else {
@@ -39,7 +39,7 @@ impl Volume {
     /// its file took over its old key queues that key's deletion, and the file may be leaving
     /// the key at the same time.
     pub(super) async fn delete_key(&self, key: &str, moved: Option<Ino>) -> FsResult<()> {
-        let _k = self.uploader.key_lock(key).await;
+        let _k = self.key_lock(key).await;
         if let Some(owner) = self.resolve_key(key)? {
             // A live inode holds the key now and will write it. Until it has, the old
             // object is its to deal with: if it goes (or moves) before writing, the key is
@@ -66,12 +66,12 @@ impl Volume {
             }
         }
         self.store.delete(key).await?;
-        self.uploader.ledger.note_deleted(key);
+        self.ledger.note_deleted(key);
         Ok(())
     }
 
     pub(super) async fn sync_inode(self: &Arc<Self>, ino: Ino) -> FsResult<()> {
-        let _one_at_a_time = self.uploader.sync_lock(ino).await;
+        let _one_at_a_time = self.sync_lock(ino).await;
         // Read under the lock: another sync may have run while this one waited.
         let Some(seq) = self.meta.pending(ino)? else {
             return Ok(());
@@ -90,7 +90,7 @@ impl Volume {
         let key = self.key_of(&inode)?;
         self.protect_movers(&key, ino).await?;
         let meta = user_meta(&inode);
-        let _writing = self.uploader.ledger.writing_guard(&key);
+        let _writing = self.ledger.writing_guard(&key);
         let span = tracing::info_span!("sync_inode", ino, key = %key);
         crate::telemetry::link_causes(&span, self.volume_id(), ino, true);
         let synced = async {
@@ -107,7 +107,7 @@ impl Volume {
                     Some(st) if st.is_dirty() => self.upload_staged(&st, &inode, &key, &meta).await,
                     _ => match &inode.remote {
                         Some(r) => {
-                            let _k = self.uploader.key_lock(&key).await;
+                            let _k = self.key_lock(&key).await;
                             let etag = self.store.copy(&r.key, &key, &meta).await?;
                             Ok(Some(Synced {
                                 remote: Remote {
@@ -166,10 +166,10 @@ impl Volume {
             }
         };
         let key = self.key_of(&entry)?;
-        let _writing = self.uploader.ledger.writing_guard(&key);
+        let _writing = self.ledger.writing_guard(&key);
         let etag = {
-            let _permit = self.uploader.uploads.acquire().await.expect("semaphore never closed");
-            let _k = self.uploader.key_lock(&key).await;
+            let _permit = self.uploads.acquire().await.expect("semaphore never closed");
+            let _k = self.key_lock(&key).await;
             self.store.copy(&src.key, &key, &user_meta(&f)).await?
         };
         if let Some(old) = &entry.remote {
@@ -232,11 +232,11 @@ impl Volume {
     }
 
     pub(super) async fn put_small(&self, key: &str, body: Bytes, meta: &crate::store::UserMeta) -> FsResult<Synced> {
-        let _permit = self.uploader.uploads.acquire().await.expect("semaphore never closed");
-        let _k = self.uploader.key_lock(key).await;
+        let _permit = self.uploads.acquire().await.expect("semaphore never closed");
+        let _k = self.key_lock(key).await;
         let size = body.len() as u64;
         let etag = self.store.put(key, Body::Bytes(body), meta).await?;
-        self.uploader.note_uploaded(size);
+        self.note_uploaded(size);
         Ok(Synced {
             remote: Remote {
                 key: key.to_string(),
@@ -296,7 +296,7 @@ impl Volume {
                 }
             }
             inode.remote = Some(s.remote);
-            inode.synced_epoch = self.uploader.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+            inode.synced_epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
             b.put_inode(&inode);
             // The file's other names copy what was just uploaded.
             if !matches!(inode.kind, Kind::Link(_) | Kind::Dir) {

@@ -1,0 +1,176 @@
+//! What every part of a volume shares: its configuration, the store, the metadata database
+//! and the namespace lock, the staging area, the numbers it hands out and its task owner. Each
+//! is owned here once and reached by the parts through an `Arc<Core>`; the state each part
+//! changes alone stays in that part ([`super::upload::Uploader`], [`super::Volume`]'s others).
+
+use std::sync::{Arc, OnceLock, Weak};
+
+use super::area::StagingArea;
+use super::numbers::Numbers;
+use super::staging::Staged;
+use super::{FsError, FsResult, VolumeConfig};
+use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, ROOT_INO};
+use crate::store::ObjectStore;
+use crate::sync::LockExt;
+
+pub struct Core {
+    pub cfg: VolumeConfig,
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) meta: MetaDb,
+    /// Serialises namespace changes (see the module docs of [`super`] for the lock order).
+    pub(crate) ns: tokio::sync::Mutex<()>,
+    /// Staged files, their downloads and fsync queue (see [`super::area`]).
+    pub(crate) staging: StagingArea,
+    /// Inode numbers and change sequences (see [`super::numbers`]).
+    numbers: Numbers,
+    /// Owner of the volume's background work (see [`crate::tasks`]).
+    tasks: crate::tasks::Tasks,
+    volume_id: u64,
+    /// A handle on itself, for downloads into staging started from `&self` methods.
+    pub(super) this: OnceLock<Weak<Core>>,
+}
+
+impl Core {
+    pub(super) fn new(
+        cfg: VolumeConfig,
+        store: Arc<dyn ObjectStore>,
+        meta: MetaDb,
+        staging: StagingArea,
+        numbers: Numbers,
+        volume_id: u64,
+    ) -> Arc<Core> {
+        let core = Arc::new(Core {
+            cfg,
+            store,
+            meta,
+            ns: tokio::sync::Mutex::new(()),
+            staging,
+            numbers,
+            tasks: crate::tasks::Tasks::new(),
+            volume_id,
+            this: OnceLock::new(),
+        });
+        let _ = core.this.set(Arc::downgrade(&core));
+        core
+    }
+
+    pub(super) fn alloc_ino(&self, batch: &mut Batch) -> Ino {
+        self.numbers.ino(batch)
+    }
+
+    /// Runs `f` in the background under the volume's task owner.
+    pub(crate) fn spawn_background(
+        &self,
+        what: &'static str,
+        f: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.tasks.spawn(what, f);
+    }
+
+    /// The owner of the volume's background work: the gateway starts its loops there and stops
+    /// them all through it.
+    pub fn tasks(&self) -> &crate::tasks::Tasks {
+        &self.tasks
+    }
+
+    pub fn volume_id(&self) -> u64 {
+        self.volume_id
+    }
+
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.numbers.seq()
+    }
+
+    pub(crate) fn staged(&self, ino: Ino) -> Option<Arc<Staged>> {
+        self.staging.get(ino)
+    }
+
+    pub(crate) fn inode(&self, ino: Ino) -> FsResult<Inode> {
+        self.meta.inode(ino)?.ok_or(FsError::Stale)
+    }
+
+    /// The S3 key of an inode: the volume prefix and its path; directories end in '/'.
+    pub(crate) fn key_of(&self, inode: &Inode) -> FsResult<String> {
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        let mut cur = inode.clone();
+        while cur.ino != ROOT_INO {
+            parts.push(cur.name.clone());
+            cur = self.inode(cur.parent)?;
+        }
+        let mut key = self.cfg.prefix.clone();
+        for (i, p) in parts.iter().rev().enumerate() {
+            if i > 0 {
+                key.push('/');
+            }
+            key.push_str(std::str::from_utf8(p).map_err(|_| FsError::Invalid("non UTF-8 name".into()))?);
+        }
+        if inode.kind == Kind::Dir && inode.ino != ROOT_INO {
+            key.push('/');
+        }
+        Ok(key)
+    }
+
+    /// Gives up the keys `ino` may have written or was handed (see `Batch::maybe_written`):
+    /// each is queued for deletion, except `keep`, the object that is `ino`'s own.
+    pub(crate) fn release_maybe_written(&self, batch: &mut Batch, ino: Ino, keep: Option<&str>) -> FsResult<()> {
+        for k in self.meta.maybe_written_keys(ino)? {
+            batch.forget_maybe_written(ino, &k);
+            if keep != Some(k.as_str()) {
+                batch.queue_delete(self.next_seq(), &k);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn drop_staged(&self, ino: Ino) {
+        self.staging.drop_file(ino);
+    }
+
+    /// Picks up staged files left by the previous run.
+    pub(super) fn restore_staged(&self) -> FsResult<()> {
+        let mut restored = 0;
+        for entry in std::fs::read_dir(self.staging.dir())? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(ino) = name.to_str().and_then(|n| n.parse::<Ino>().ok()) else {
+                // Leftover temporary download: never acknowledged to anyone.
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            };
+            let Some(inode) = self.meta.inode(ino)? else {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            };
+            let st = Staged::open(ino, entry.path(), false, &self.cfg)?;
+            if self.meta.pending(ino)?.is_some() {
+                // Whatever is staged may be newer than S3: upload it again.
+                st.changed();
+                if st.mtime() < inode.mtime {
+                    *st.mtime.locked() = inode.mtime;
+                }
+            } else {
+                *st.mtime.locked() = inode.mtime;
+            }
+            self.staging.insert(Arc::new(st));
+            restored += 1;
+        }
+        if restored > 0 {
+            tracing::info!(restored, "restored staged files");
+        }
+        Ok(())
+    }
+
+    pub(super) async fn abort_orphan_uploads(&self) {
+        let Ok(uploads) = self.meta.all_uploads() else {
+            return;
+        };
+        for (ino, key, id) in uploads {
+            if let Err(e) = self.store.abort_multipart(&key, &id).await {
+                tracing::warn!(%key, error = %e, "could not abort an interrupted multipart upload");
+            }
+            let mut b = Batch::new();
+            b.clear_upload(ino);
+            let _ = self.meta.commit(b);
+        }
+    }
+}
