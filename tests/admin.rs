@@ -159,6 +159,24 @@ async fn status_and_flush_report_and_upload_what_is_pending() {
     assert_eq!((v.pending_files, v.pending_bytes), (0, 0), "{v:?}");
     assert!(v.last_upload_at.is_some());
 
+    // The same for a person: text status and flush (shown with --nocapture).
+    let fh = c.create(&root, "d.bin", 0o644).await.unwrap();
+    c.write_all(&fh, 0, &vec![b'y'; 3 << 20]).await.unwrap();
+    c.commit(&fh).await.unwrap();
+    let out = cli(&["status"], &socket);
+    let text = String::from_utf8(out.stdout).unwrap();
+    eprintln!("$ s3nfs status\n{text}");
+    assert!(text.contains("last upload") && text.contains("last S3 error"), "{text}");
+    let out = cli(&["flush"], &socket);
+    let text = String::from_utf8(out.stdout).unwrap();
+    eprintln!("$ s3nfs flush\n{text}");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains(" left, ") && text.contains("default: all in S3"),
+        "{text}"
+    );
+    assert_eq!(s3.head("d.bin").await.map(|h| h.size), Some(3 << 20));
+
     // A volume that does not exist is refused by name.
     let out = cli(&["flush", "nope"], &socket);
     assert!(!out.status.success());

@@ -97,6 +97,9 @@ impl Volume {
             st.unsynced.store(false, Ordering::Release);
             if !st.is_retired() {
                 st.sync()?;
+                if super::staging::over_fd_budget() {
+                    st.close_fd();
+                }
             }
         }
         Ok(())

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -37,10 +37,44 @@ pub struct Multipart {
     pub completing: bool,
 }
 
+/// Staged files with a descriptor open, in the whole process (the limit on descriptors is the
+/// process's): past [`fd_budget`], descriptors of files just fsync'd are closed (see
+/// `Volume::sync_local`), and reopened at their next use.
+static OPEN_FDS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many staged files may keep a descriptor open: a quarter of the process's limit, at most
+/// 8,192. Creating 100,000 files while uploads wait for busy clients must not run the gateway
+/// out of descriptors (EMFILE on every later operation).
+pub fn fd_budget() -> usize {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct passed.
+        let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur as usize
+        } else {
+            1024
+        };
+        (cur / 4).clamp(64, 8192)
+    })
+}
+
+/// Whether staged files hold more descriptors than [`fd_budget`].
+pub fn over_fd_budget() -> bool {
+    OPEN_FDS.load(Ordering::Relaxed) > fd_budget()
+}
+
 pub struct Staged {
     pub ino: Ino,
     pub path: PathBuf,
-    file: File,
+    /// Opened at the first use, not at creation: a file created and not yet written has no
+    /// staging file at all (an empty upload needs none). Closed again when over the budget.
+    fd: Mutex<Option<Arc<File>>>,
+    /// The staging file exists (a new file's is created by its first write).
+    on_disk: AtomicBool,
     /// Writers take it shared; whoever needs a consistent view of the whole file (a snapshot for
     /// upload, truncation, eviction) takes it exclusively.
     pub lock: tokio::sync::RwLock<()>,
@@ -70,18 +104,11 @@ pub struct Staged {
 
 impl Staged {
     pub fn open(ino: Ino, path: PathBuf, create: bool, cfg: &super::VolumeConfig) -> std::io::Result<Staged> {
-        // A new file starts empty (truncated, should a crash have left one under this inode
-        // number), and needs no stat: one system call less per file created.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(create)
-            .open(&path)?;
+        // A new file touches no disk until written: no system call at all per file created.
         let (len, mtime) = if create {
             (0, Time::now())
         } else {
-            let md = file.metadata()?;
+            let md = std::fs::metadata(&path)?;
             let mtime = md
                 .modified()
                 .ok()
@@ -96,7 +123,8 @@ impl Staged {
         Ok(Staged {
             ino,
             path,
-            file,
+            fd: Mutex::new(None),
+            on_disk: AtomicBool::new(!create),
             lock: tokio::sync::RwLock::new(()),
             size: AtomicU64::new(len),
             gen: AtomicU64::new(0),
@@ -193,9 +221,39 @@ impl Staged {
         *self.mtime.locked()
     }
 
+    /// The open staging file, opened (a new file's created, empty: truncated, should a crash
+    /// have left one under this inode number) if it is not.
+    fn file(&self) -> std::io::Result<Arc<File>> {
+        let mut fd = self.fd.locked();
+        if let Some(f) = &*fd {
+            return Ok(f.clone());
+        }
+        let create = !self.on_disk.load(Ordering::Acquire);
+        let f = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(create)
+                .open(&self.path)?,
+        );
+        self.on_disk.store(true, Ordering::Release);
+        OPEN_FDS.fetch_add(1, Ordering::Relaxed);
+        *fd = Some(f.clone());
+        Ok(f)
+    }
+
+    /// Closes the descriptor (the file stays; the next use opens it again). Call it once the
+    /// file is fsync'd: `sync` syncs only through an open descriptor.
+    pub fn close_fd(&self) {
+        if self.fd.locked().take().is_some() {
+            OPEN_FDS.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Writes `data` at `offset`. The caller holds `lock` shared.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.file.write_all_at(data, offset)?;
+        self.file()?.write_all_at(data, offset)?;
         self.size.fetch_max(offset + data.len() as u64, Ordering::AcqRel);
         self.touched(offset, data.len() as u64);
         Ok(())
@@ -203,7 +261,7 @@ impl Staged {
 
     /// Sets the length. The caller holds `lock` exclusively.
     pub fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.file.set_len(len)?;
+        self.file()?.set_len(len)?;
         self.size.store(len, Ordering::Release);
         // Shrinking invalidates the part layout; growing changes the last part. Start over.
         if let Some(m) = self.multipart.locked().as_mut() {
@@ -240,8 +298,9 @@ impl Staged {
         let n = (size - offset).min(count as u64) as usize;
         let mut buf = vec![0u8; n];
         let mut read = 0;
+        let file = self.file()?;
         while read < n {
-            let r = self.file.read_at(&mut buf[read..], offset + read as u64)?;
+            let r = file.read_at(&mut buf[read..], offset + read as u64)?;
             if r == 0 {
                 break;
             }
@@ -251,8 +310,20 @@ impl Staged {
         Ok((buf, offset + read as u64 >= size))
     }
 
+    /// Makes what was written durable. Writes go through the open descriptor, and a closed
+    /// one was synced before it was closed.
     pub fn sync(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+        let fd = self.fd.locked().clone();
+        match fd {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        self.close_fd();
     }
 }
 

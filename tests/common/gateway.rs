@@ -228,6 +228,11 @@ impl Proc {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// The gateway process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
