@@ -64,8 +64,8 @@ fn write_volume(out: &mut impl Write, v: &VolumeReport, now: u64) -> std::io::Re
     } else {
         writeln!(
             out,
-            "  not in S3      {} files, {}, for {}",
-            v.pending_files,
+            "  not in S3      {}, {}, for {}",
+            files(v.pending_files),
             bytes(v.pending_bytes),
             seconds(v.pending_seconds)
         )?;
@@ -73,7 +73,7 @@ fn write_volume(out: &mut impl Write, v: &VolumeReport, now: u64) -> std::io::Re
     writeln!(out, "  uploading      {}", v.uploads_in_flight)?;
     writeln!(out, "  last upload    {}", ago(v.last_upload_at))?;
     match &v.last_error {
-        Some(e) => writeln!(out, "  last S3 error  {} ({e})", ago(v.last_error_at))?,
+        Some(e) => writeln!(out, "  last S3 error  {} ({})", ago(v.last_error_at), shorten(e, 160))?,
         None => writeln!(out, "  last S3 error  none")?,
     }
     match v.capacity_bytes {
@@ -110,7 +110,8 @@ pub async fn flush(socket: &Path, volume: Option<String>, json: bool, out: &mut 
                 bytes: b,
                 bytes_per_second,
             } => format!(
-                "{volume}: {files} files, {} left, {}/s",
+                "{volume}: {}, {} left, {}/s",
+                self::files(files),
                 bytes(b),
                 bytes(bytes_per_second as u64)
             ),
@@ -146,6 +147,22 @@ pub async fn flush(socket: &Path, volume: Option<String>, json: bool, out: &mut 
         }
     }
     anyhow::bail!("the process behind the admin socket went away before the flush ended")
+}
+
+fn files(n: u64) -> String {
+    if n == 1 {
+        "1 file".into()
+    } else {
+        format!("{n} files")
+    }
+}
+
+/// At most `max` characters of `s` (S3 client errors can run to a screenful).
+fn shorten(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
 }
 
 pub fn bytes(n: u64) -> String {

@@ -89,6 +89,17 @@ impl StagingArea {
         clean.into_iter().take(excess).map(|c| c.1).collect()
     }
 
+    /// Bytes of the staged files that S3 does not have yet, counted now (for operators: the
+    /// uploader's own figure is its last round's).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.files
+            .locked()
+            .values()
+            .filter(|st| st.is_dirty())
+            .map(|st| st.size())
+            .sum()
+    }
+
     /// The downloads under way (`staging.rs` starts and ends them under this lock).
     pub(super) fn jobs(&self) -> MutexGuard<'_, HashMap<Ino, StagingJob>> {
         self.jobs.locked()

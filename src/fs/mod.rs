@@ -475,7 +475,7 @@ impl Volume {
     pub fn stats(&self) -> VolumeStats {
         let (cache_hits, cache_misses) = self.cache.stats();
         let pending_inodes = (self.meta.pending_count() + self.meta.delete_count()) as u64;
-        let dirty_bytes = self.uploader.dirty_bytes();
+        let dirty_bytes = self.staging.dirty_bytes();
         let health = self.uploader.health();
         VolumeStats {
             pending_inodes,
