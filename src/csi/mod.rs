@@ -22,6 +22,7 @@ use tonic::Status;
 
 use crate::store::StoreError;
 
+mod authority;
 pub mod controller;
 pub mod identity;
 pub mod mount;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use actix::Addr;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 
+use super::authority::{AnyAuthority, MAX_FRAME};
 use super::controller::ControllerService;
 use super::identity::IdentityService;
 use super::mount::Mounter;
@@ -93,13 +95,18 @@ pub async fn serve(
     tracing::info!(socket = %opts.socket.display(), mode = ?opts.mode, "CSI plugin serving");
     println!("s3nfs: CSI {:?} plugin on unix://{}", opts.mode, opts.socket.display());
 
+    // Every client's `:authority` made acceptable to h2: gRPC's C core (Python's grpcio and
+    // others) sends the socket's percent-encoded path, which h2 refuses (authority.rs).
+    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(AnyAuthority::new));
     tonic::transport::Server::builder()
         // One span per call, so the RPC's work (S3 requests, the mount) nests under it.
         .trace_fn(|req| tracing::info_span!("csi", rpc = %req.uri().path().rsplit('/').next().unwrap_or("")))
+        // The frame size AnyAuthority cuts rewritten header blocks to (h2's default, stated).
+        .max_frame_size(MAX_FRAME as u32)
         .add_service(IdentityServer::new(IdentityService { mode: opts.mode }))
         .add_optional_service(controller)
         .add_optional_service(node)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     let _ = std::fs::remove_file(&opts.socket);
     Ok(())
