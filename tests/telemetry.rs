@@ -292,6 +292,25 @@ async fn scenario(backend: Backend<'_>, protocol: &str, sink: otlp_sink::Sink) {
     assert!(m.contains_key("s3nfs_volume_journal_bytes{volume=\"default\"}"));
     assert_eq!(get("s3nfs_otel_spans_dropped_total"), 0.0);
 
+    // A periodic OTLP export while the volume is open carries its series (the last export,
+    // at exit, comes after the volume has closed). Waited for, not assumed: the work above can
+    // take less than one export interval.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sink
+        .received
+        .metrics
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| &r.resource_metrics)
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .any(|m| m.name == "s3nfs.volume.dirty_bytes")
+    {
+        assert!(Instant::now() < deadline, "no OTLP export with the volume's series");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // SIGTERM: uploads what is pending, flushes telemetry, exits 0.
     let mut gw = gw;
     unsafe { libc::kill(gw.child.id() as i32, libc::SIGTERM) };
