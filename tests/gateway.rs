@@ -1306,3 +1306,51 @@ async fn a_listing_fetches_only_tiny_objects_whole() {
         faults.call_counts()
     );
 }
+
+/// A directory's owner and mode live in its marker object: a gateway that knows nothing but S3
+/// (a new node, a lost state directory) finds them there, as PostgreSQL's check of its data
+/// directory's owner needs. A directory that is only a prefix (written by another tool) has
+/// the defaults.
+#[tokio::test]
+async fn directory_owner_and_mode_come_back_from_s3_alone() {
+    let (mut gw, s3) = on_garage(Opts::default()).await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let d = c.mkdir(&root, "pgdata").await.unwrap();
+    c.setattr(
+        &d,
+        Set {
+            mode: Some(0o700),
+            uid: Some(101),
+            gid: Some(104),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let f = c.create(&d, "PG_VERSION", 0o600).await.unwrap();
+    c.write_all(&f, 0, b"15\n").await.unwrap();
+    gw.close().await;
+    s3.put("bare/file", b"x").await;
+
+    let fresh = InProc::start(s3.store.clone(), Opts::default()).await;
+    let mut c = Client::connect(fresh.addr).await;
+    let root = c.root.clone();
+    let d = c.lookup(&root, "pgdata").await.unwrap();
+    let a = c.getattr(&d).await.unwrap();
+    assert_eq!((a.mode & 0o7777, a.uid, a.gid), (0o700, 101, 104), "pgdata from S3 alone");
+    // Listed first (READDIRPLUS), then asked: the same answer.
+    let fresh2 = InProc::start(s3.store.clone(), Opts::default()).await;
+    let mut c2 = Client::connect(fresh2.addr).await;
+    let root2 = c2.root.clone();
+    let names = c2.readdirplus_all(&root2, 4096).await.unwrap();
+    assert!(names.iter().any(|(n, _)| n == b"pgdata"), "{names:?}");
+    let d2 = c2.lookup(&root2, "pgdata").await.unwrap();
+    let a2 = c2.getattr(&d2).await.unwrap();
+    assert_eq!((a2.mode & 0o7777, a2.uid, a2.gid), (0o700, 101, 104), "pgdata listed first");
+    let bare = c2.lookup(&root2, "bare").await.unwrap();
+    let b = c2.getattr(&bare).await.unwrap();
+    assert_eq!((b.mode & 0o7777, b.uid, b.gid), (0o755, 0, 0), "a prefix-only directory");
+    let file = c2.lookup(&bare, "file").await.unwrap();
+    assert_eq!(c2.read_all(&file).await.unwrap(), b"x");
+}

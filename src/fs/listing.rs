@@ -240,7 +240,19 @@ impl Volume {
                     }),
                     false,
                 ),
-                None => (0, now, None, true),
+                // A directory (a common prefix): its marker object, if it has one, carries its
+                // owner and mode; read at first use like a file's, or a fresh gateway would give
+                // every directory the defaults.
+                None => (
+                    0,
+                    now,
+                    Some(Remote {
+                        key: key.clone(),
+                        etag: String::new(),
+                        size: 0,
+                    }),
+                    false,
+                ),
             };
             let mode = if want_kind == Kind::Dir {
                 self.cfg.default_dir_mode

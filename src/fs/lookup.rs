@@ -104,7 +104,11 @@ impl Volume {
             if cur.kind != Kind::File {
                 self.cache.forget(cur.ino); // a special file after all: no bytes to read
             }
-        } // None: deleted meanwhile; the next listing removes it
+        } else if cur.kind == Kind::Dir {
+            // A directory that is only a prefix, with no marker object: the defaults stand,
+            // and there is no object of its own to move or delete.
+            cur.remote = None;
+        } // else a file deleted meanwhile; the next listing removes it
         cur.meta_loaded = true;
         let mut b = Batch::new();
         b.put_inode(&cur);
