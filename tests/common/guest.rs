@@ -38,6 +38,9 @@ rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 s3_region = "garage"
 api_bind_addr = "${{GARAGE_API:-127.0.0.1:3900}}"
 root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:3903"
+metrics_token = "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' | tee $GD/metrics_token)"
 EOF
 gcli() {{ $GARAGE -c $GD/config.toml "$@"; }}
 bg garage $GARAGE -c $GD/config.toml server
