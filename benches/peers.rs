@@ -11,6 +11,10 @@
 //! `S3NFS_PEERS_SYSTEMS` ("s3nfs s3fs rclone"), `S3NFS_PEERS_ONLY_SMALL=1` (only the small
 //! files, `rm -r` and untar: the metadata-heavy workloads, in a few minutes),
 //! `S3NFS_PEERS_S3NFS_ARGS` (extra `s3nfs serve` flags, to try settings),
+//! `S3NFS_PEERS_APPS=1` (applications instead: PostgreSQL's pgbench, Redis with its
+//! append-only file, git and cargo, on "local s3nfs s3fs rclone", where local is the guest's own
+//! tmpfs; `S3NFS_PEERS_PG_SCALE` (10), `S3NFS_PEERS_PG_TX` (500 per client, 4 clients),
+//! `S3NFS_PEERS_REDIS_N` (100000); `apt-get install postgresql redis-server git`),
 //! `S3NFS_PEERS_GARAGE_DB` (`lmdb`, Garage's default metadata engine; `sqlite`, which the tests
 //! use, costs Garage about 2.5x the CPU per small PUT in this guest). Prints a table and writes
 //! `target/peers.json`. Natively (not in a guest) the same script runs as root on any Linux host
@@ -39,7 +43,7 @@ M=/mnt/peer
 mkdir -p $M /tmp/work
 modprobe -d "$S3NFS_MODROOT" fuse 2>/dev/null
 [ -e /dev/fuse ] || mknod /dev/fuse c 10 229
-head -c $((BIG_MB << 20)) /dev/urandom >/tmp/work/big
+[ -z "$APPS" ] && head -c $((BIG_MB << 20)) /dev/urandom >/tmp/work/big
 DATA=$(head -c 4096 /dev/zero | tr '\0' x)
 tar -C /usr/share/perl -cf /tmp/work/tree.tar 5.36.0 2>/dev/null
 kv tree_files "$(tar -tf /tmp/work/tree.tar | grep -vc '/$')"
@@ -87,6 +91,8 @@ def get(query):
     key = hm(hm(hm(hm(("AWS4" + secret).encode(), day), region), "s3"), "aws4_request")
     sig = hmac.new(key, sts.encode(), hashlib.sha256).hexdigest()
     auth = f"AWS4-HMAC-SHA256 Credential={akid}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={sig}"
+    with open("/tmp/work/polls", "a") as f:
+        f.write("1\n")  # s3count.py takes this LIST out of the workload's requests
     conn.request("GET", f"/{bucket}?{q}", headers={"x-amz-date": amz, "x-amz-content-sha256": empty, "Authorization": auth})
     r = conn.getresponse()
     body = r.read().decode()
@@ -124,6 +130,54 @@ while time.monotonic() < deadline:
 print(f"s3wait {' '.join(sys.argv[1:])}: gave up after 300 s", file=sys.stderr)
 sys.exit(1)
 PY
+cat >/tmp/work/s3count.py <<'PY'
+# s3count.py mark | s3count.py settle: S3 requests by kind, as Garage counts them (its metrics,
+# api_s3_request_counter by api_endpoint). `mark` records the counts; `settle` waits until no
+# request has arrived for QUIET seconds (a daemon may still be uploading or deleting in the
+# background), prints the requests since the mark by kind, less s3wait.py's own LISTs, and marks.
+import http.client, json, os, re, sys, time
+
+QUIET = float(os.environ.get("S3_QUIET", "6"))
+state, polls = "/tmp/work/s3count.json", "/tmp/work/polls"
+token = open(os.environ["GD"] + "/metrics_token").read().strip()
+
+def counts():
+    c = http.client.HTTPConnection("127.0.0.1:3903", timeout=30)
+    c.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+    body = c.getresponse().read().decode()
+    out = {}
+    for m in re.finditer(r'^api_s3_request_counter\{([^}]*)\} (\S+)$', body, re.M):
+        kind = re.search(r'api_endpoint="([^"]*)"', m.group(1))
+        if kind:
+            out[kind.group(1)] = out.get(kind.group(1), 0) + int(float(m.group(2)))
+    return out
+
+if sys.argv[1] == "settle":
+    now, since = counts(), time.monotonic()
+    deadline = since + 300
+    while time.monotonic() - since < QUIET and time.monotonic() < deadline:
+        time.sleep(0.5)
+        c = counts()
+        if c != now:
+            now, since = c, time.monotonic()
+    before = json.load(open(state))
+    delta = {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0) > 0}
+    if os.path.exists(polls):
+        n = sum(int(x) for x in open(polls).read().split())
+        os.remove(polls)
+        delta["ListObjectsV2"] = delta.get("ListObjectsV2", 0) - n
+        if delta["ListObjectsV2"] <= 0:
+            del delta["ListObjectsV2"]
+    print(" ".join(f"{k}:{v}" for k, v in sorted(delta.items())) or "none")
+else:
+    now = counts()
+    if os.path.exists(polls):
+        os.remove(polls)
+json.dump(now, open(state, "w"))
+PY
+# req SYSTEM NAME: the S3 requests of the workload NAME just done (see s3count.py).
+req() { [ "$1" = local ] || kv "${1}_req_$2" "$(GD=$GD python3 /tmp/work/s3count.py settle)"; }
+s3mark() { GD=$GD python3 /tmp/work/s3count.py mark; }
 in_s3() {
   python3 /tmp/work/s3wait.py "$@" && return 0
   echo "in_s3 $*: the bucket holds:"; raw ls "$1" --long | head -5
@@ -132,6 +186,10 @@ in_s3() {
 
 mount_sys() { # SYSTEM BUCKET FRESH(1: fresh local state)
   case $1 in
+    local)
+      # The guest's own disk (its tmpfs), bound on $M so that the workloads see one path.
+      mkdir -p /tmp/work/local-$2 && mount --bind /tmp/work/local-$2 $M
+      echo >/tmp/work/daemon.pid ;;
     s3nfs)
       [ "$3" = 1 ] && rm -rf /tmp/work/s3nfs-state
       bg s3nfs-$2 $S3NFS serve --listen 127.0.0.1:2049 --endpoint http://127.0.0.1:3900 --bucket $2 --region garage --state-dir /tmp/work/s3nfs-state --flush-delay 2s $S3NFS_ARGS
@@ -163,47 +221,128 @@ umount_sys() { # SYSTEM BUCKET
   esac
 }
 
+# run_apps SYSTEM: applications on $M (Debian's postgresql, redis-server, git; rustc from the
+# host's toolchain). Each figure is a time: a fixed amount of work, so that lower is better
+# throughout the table.
+as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups env HOME=/tmp "$@"; }
+run_apps() {
+  local s=$1 t0 PGBIN
+  PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  if [ -x "$PGBIN/initdb" ]; then
+    mkdir $M/pg && chown postgres:postgres $M/pg && chmod 700 $M/pg
+    touch /run/logs/pg-$s.log && chown postgres /run/logs/pg-$s.log
+    t0=$(now_ms)
+    if as_pg $PGBIN/initdb -D $M/pg --locale=C -E UTF8 -U postgres --no-instructions >/run/logs/initdb-$s.log 2>&1 &&
+       printf "listen_addresses = ''\nunix_socket_directories = '/tmp'\nshared_buffers = 64MB\n" | as_pg sh -c "cat >>$M/pg/postgresql.conf" &&
+       as_pg $PGBIN/pg_ctl -D $M/pg -l /run/logs/pg-$s.log -w -t 3600 start >/dev/null &&
+       as_pg $PGBIN/pgbench -h /tmp -i -q -s $PG_SCALE postgres >/run/logs/pgbench-$s.log 2>&1; then
+      kv ${s}_pg_init $(( $(now_ms) - t0 ))
+      req $s pg_init
+      t0=$(now_ms)
+      as_pg $PGBIN/pgbench -h /tmp -c 4 -j 4 -t $PG_TX postgres >>/run/logs/pgbench-$s.log 2>&1 &&
+        kv ${s}_pgbench $(( $(now_ms) - t0 ))
+      req $s pgbench
+      as_pg $PGBIN/pg_ctl -D $M/pg -w -t 3600 -m fast stop >/dev/null
+    else
+      kv ${s}_pg_error "$(tail -n 3 /run/logs/initdb-$s.log /run/logs/pg-$s.log /run/logs/pgbench-$s.log 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
+      as_pg $PGBIN/pg_ctl -D $M/pg -w -m immediate stop >/dev/null 2>&1
+    fi
+  fi
+  if command -v redis-server >/dev/null; then
+    mkdir $M/redis
+    bg redis-$s redis-server --port 6379 --bind 127.0.0.1 --dir $M/redis --appendonly yes --appendfsync everysec --save '' --daemonize no
+    if wait_port 6379 120; then
+      t0=$(now_ms)
+      redis-benchmark -q -t set -n $REDIS_N -r 100000 >/dev/null 2>&1 && kv ${s}_redis_set $(( $(now_ms) - t0 ))
+      req $s redis_set
+      redis-cli shutdown >/dev/null 2>&1
+    else
+      kv ${s}_redis_error "$(tail -n 3 /run/logs/redis-$s.log | tr '\n' ' ')"
+    fi
+    bg_kill redis-$s
+  fi
+  if command -v git >/dev/null; then
+    export HOME=/tmp GIT_CONFIG_NOSYSTEM=1
+    git config --global --add safe.directory '*'
+    t0=$(now_ms); git clone -q --no-hardlinks "$REPO" $M/repo && kv ${s}_git_clone $(( $(now_ms) - t0 ))
+    req $s git_clone
+    drop; t0=$(now_ms); git -C $M/repo status --porcelain >/dev/null && kv ${s}_git_status $(( $(now_ms) - t0 ))
+    req $s git_status
+    t0=$(now_ms); git -C $M/repo gc -q --aggressive && kv ${s}_git_gc $(( $(now_ms) - t0 ))
+    req $s git_gc
+  fi
+  if [ -x "$CARGO" ]; then
+    # A crate of one file, built from nothing: rustc and the linker write into target/ on $M.
+    mkdir -p $M/hello/src && printf '[package]\nname = "hello"\nversion = "0.1.0"\nedition = "2021"\n' >$M/hello/Cargo.toml
+    printf 'fn main() {\n    let v: Vec<u64> = (1..=10).collect();\n    println!("{}", v.iter().sum::<u64>());\n}\n' >$M/hello/src/main.rs
+    t0=$(now_ms)
+    RUSTC=${CARGO%/cargo}/rustc CARGO_HOME=/tmp/work/cargo-home $CARGO build -q --offline --manifest-path $M/hello/Cargo.toml >/run/logs/cargo-$s.log 2>&1 &&
+      kv ${s}_cargo_build $(( $(now_ms) - t0 ))
+    req $s cargo_build
+  fi
+}
+
 run_sys() { # SYSTEM RUN
   local s=$1 b=b-$1-$2
   $GARAGE -c $GD/config.toml bucket create $b >/dev/null &&
     $GARAGE -c $GD/config.toml bucket allow --read --write --owner $b --key vol-key >/dev/null || return 1
   mount_sys $s $b 1 || { kv ${s}_mount failed; return 1; }
+  s3mark
   local t0 t
+  if [ -n "$APPS" ]; then
+    run_apps $s
+    umount_sys $s $b
+    return 0
+  fi
   if [ -z "$ONLY_SMALL" ]; then
   t0=$(now_ms); dd if=/tmp/work/big of=$M/big bs=1M conv=fsync status=none; t=$(now_ms)
   kv ${s}_write_big_acked $(( t - t0 ))
   in_s3 $b big 1 $((BIG_MB << 20)) && kv ${s}_write_big_in_s3 $(( $(now_ms) - t0 ))
+  req $s write_big_in_s3
   fi
   mkdir $M/small
   t0=$(now_ms)
   for i in $(seq 1 $SMALL); do printf '%s' "$DATA" >$M/small/f$i; done
   kv ${s}_small_written $(( $(now_ms) - t0 ))
   in_s3 $b small/ $SMALL && kv ${s}_small_in_s3 $(( $(now_ms) - t0 ))
+  req $s small_in_s3
   if [ -n "$ONLY_SMALL" ]; then
     t0=$(now_ms); rm -r $M/small; kv ${s}_rm_r $(( $(now_ms) - t0 ))
+    req $s rm_r
     mkdir $M/untar
     t0=$(now_ms); tar -C $M/untar -xf /tmp/work/tree.tar; kv ${s}_untar $(( $(now_ms) - t0 ))
+    req $s untar
     umount_sys $s $b
     return 0
   fi
   umount_sys $s $b
   # Cold: a fresh daemon and no client cache.
   drop; mount_sys $s $b 1 || return 1
+  s3mark
   t0=$(now_ms); cat $M/big >/dev/null; kv ${s}_read_big $(( $(now_ms) - t0 ))
+  req $s read_big
   drop; t0=$(now_ms); ls -l $M/small >/dev/null; kv ${s}_ls_l $(( $(now_ms) - t0 ))
+  req $s ls_l
   drop; t0=$(now_ms); stat $M/small/* >/dev/null; kv ${s}_stat_all $(( $(now_ms) - t0 ))
+  req $s stat_all
   drop; t0=$(now_ms); cat $M/small/* >/dev/null; kv ${s}_read_small $(( $(now_ms) - t0 ))
+  req $s read_small
   t0=$(now_ms); mv $M/small $M/small2; kv ${s}_mv_dir $(( $(now_ms) - t0 ))
+  req $s mv_dir
   t0=$(now_ms); rm -r $M/small2; kv ${s}_rm_r $(( $(now_ms) - t0 ))
+  req $s rm_r
   mkdir $M/untar
   t0=$(now_ms); tar -C $M/untar -xf /tmp/work/tree.tar; kv ${s}_untar $(( $(now_ms) - t0 ))
+  req $s untar
   if command -v fio >/dev/null; then
     t0=$(now_ms)
     fio --name=fsynced --directory=$M --nrfiles=$FSYNC --filesize=4k --bs=4k --rw=write --fsync=1 \
         --ioengine=psync --numjobs=1 --create_on_open=1 >/dev/null 2>&1 && kv ${s}_fsync_small $(( $(now_ms) - t0 ))
+    req $s fsync_small
     t0=$(now_ms)
     fio --name=rand --filename=$M/big --rw=randrw --bs=4k --size=$((BIG_MB))M --io_size=4M \
         --ioengine=psync --randrepeat=1 --fsync_on_close=1 >/dev/null 2>&1 && kv ${s}_rand_4k $(( $(now_ms) - t0 ))
+    req $s rand_4k
   fi
   umount_sys $s $b
 }
@@ -212,8 +351,10 @@ run_sys() { # SYSTEM RUN
 $GARAGE -c $GD/config.toml bucket create b-raw >/dev/null
 $GARAGE -c $GD/config.toml bucket allow --read --write --owner b-raw --key vol-key >/dev/null
 for r in $(seq 1 $RUNS); do
+  if [ -z "$APPS" ]; then
   t0=$(now_ms); raw put b-raw big$r /tmp/work/big && kv raw_write_big $(( $(now_ms) - t0 ))
   drop; t0=$(now_ms); raw cat b-raw big$r >/dev/null && kv raw_read_big $(( $(now_ms) - t0 ))
+  fi
   for s in $SYSTEMS; do
     case $s in
       s3fs|rclone) command -v $s >/dev/null || { kv ${s}_missing 1; continue; } ;;
@@ -238,6 +379,16 @@ const FIGURES: &[(&str, &str)] = &[
     ("untar", "untar of TREE files (a Perl library, 21 MB)"),
     ("fsync_small", "FSYNC files of 4 KiB, each fsync'd"),
     ("rand_4k", "random 4 KiB reads and writes, 4 MiB in BIG"),
+    ("pg_init", "PostgreSQL: initdb, start, `pgbench -i -s PG_SCALE`"),
+    ("pgbench", "`pgbench -c 4 -t PG_TX` (TPC-B, PG_TOTAL transactions)"),
+    (
+        "redis_set",
+        "Redis, AOF fsync'd every second: `redis-benchmark -t set -n REDIS_N`",
+    ),
+    ("git_clone", "`git clone` of this repository"),
+    ("git_status", "`git status` (caches dropped)"),
+    ("git_gc", "`git gc --aggressive`"),
+    ("cargo_build", "`cargo build` of a one-file crate"),
 ];
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -258,9 +409,30 @@ fn main() {
     let only_small = env("S3NFS_PEERS_ONLY_SMALL", "");
     let s3nfs_args = env("S3NFS_PEERS_S3NFS_ARGS", "");
     let garage_db = env("S3NFS_PEERS_GARAGE_DB", "lmdb");
+    let apps = env("S3NFS_PEERS_APPS", "");
+    let systems = if apps.is_empty() {
+        systems
+    } else {
+        env("S3NFS_PEERS_SYSTEMS", "local s3nfs s3fs rclone")
+    };
+    let pg_scale: u64 = env("S3NFS_PEERS_PG_SCALE", "10").parse().unwrap();
+    let pg_tx: u64 = env("S3NFS_PEERS_PG_TX", "500").parse().unwrap();
+    let redis_n: u64 = env("S3NFS_PEERS_REDIS_N", "100000").parse().unwrap();
+    // The crate under test's repository, and the real cargo behind rustup's proxy (the guest
+    // cannot write rustup's home).
+    let repo = bed::guest_path(concat!(env!("CARGO_MANIFEST_DIR"), "/.git"));
+    let cargo = std::process::Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|o| format!("{}/bin/cargo", String::from_utf8_lossy(&o.stdout).trim()))
+        .unwrap_or_default();
     let script = format!(
         "RUNS={runs}\nBIG_MB={big_mb}\nSMALL={small}\nFSYNC={fsync}\nSYSTEMS='{systems}'\n\
-         ONLY_SMALL='{only_small}'\nS3NFS_ARGS='{s3nfs_args}'\nGARAGE_DB='{garage_db}'\n{}{BODY}",
+         ONLY_SMALL='{only_small}'\nS3NFS_ARGS='{s3nfs_args}'\nGARAGE_DB='{garage_db}'\n\
+         APPS='{apps}'\nPG_SCALE={pg_scale}\nPG_TX={pg_tx}\nREDIS_N={redis_n}\nREPO={}\nCARGO={}\n{}{BODY}",
+        bed::sh_quote(&repo),
+        bed::sh_quote(&bed::guest_path(&cargo)),
         prelude()
     );
     if std::env::var_os("S3NFS_PEERS_PRINT_SCRIPT").is_some() {
@@ -294,28 +466,38 @@ fn main() {
     let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v}"));
     let mut json: Vec<String> = Vec::new();
     let mut table = format!(
-        "| workload | raw S3 | {} | s3nfs / raw | s3nfs / best peer |\n|---|---|{}---|---|\n",
+        "| workload | raw S3 | {} | s3nfs / raw | s3nfs / local | s3nfs / best peer |\n|---|---|{}---|---|---|\n",
         sys.join(" | "),
         "---|".repeat(sys.len())
     );
     let secs = |ms: Option<f64>| ms.map_or("—".to_string(), |v| format!("{:.2} s", v / 1000.0));
-    for (key, what) in FIGURES {
-        let what = what
-            .replace("BIG", &format!("{big_mb} MiB"))
+    let label = |what: &str| {
+        what.replace("BIG", &format!("{big_mb} MiB"))
             .replace("SMALL", &small.to_string())
             .replace("FSYNC", &fsync.to_string())
-            .replace("TREE", &tree.to_string());
+            .replace("TREE", &tree.to_string())
+            .replace("PG_SCALE", &pg_scale.to_string())
+            .replace("PG_TX", &pg_tx.to_string())
+            .replace("PG_TOTAL", &(4 * pg_tx).to_string())
+            .replace("REDIS_N", &redis_n.to_string())
+    };
+    for (key, what) in FIGURES {
+        let what = label(what);
         let raw = match *key {
             "write_big_in_s3" => med("raw_write_big"),
             "read_big" => med("raw_read_big"),
             _ => None,
         };
         let per: Vec<Option<f64>> = sys.iter().map(|s| med(&format!("{s}_{key}"))).collect();
+        if raw.is_none() && per.iter().all(Option::is_none) {
+            continue; // a workload of the other set (S3NFS_PEERS_APPS)
+        }
         let ours = sys.iter().position(|s| *s == "s3nfs").and_then(|i| per[i]);
+        let local = sys.iter().position(|s| *s == "local").and_then(|i| per[i]);
         let best_peer = sys
             .iter()
             .zip(&per)
-            .filter(|(s, _)| **s != "s3nfs")
+            .filter(|(s, _)| **s != "s3nfs" && **s != "local")
             .filter_map(|(_, v)| *v)
             .fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.min(v))));
         // Times: a ratio above 1 means s3nfs is faster.
@@ -324,10 +506,11 @@ fn main() {
             _ => "—".into(),
         };
         table.push_str(&format!(
-            "| {what} | {} | {} | {} | {} |\n",
+            "| {what} | {} | {} | {} | {} | {} |\n",
             secs(raw),
             per.iter().map(|v| secs(*v)).collect::<Vec<_>>().join(" | "),
             ratio(raw),
+            ratio(local),
             ratio(best_peer)
         ));
         let mut row = vec![format!("\"raw_ms\": {}", num(raw))];
@@ -336,7 +519,82 @@ fn main() {
         }
         json.push(format!("  \"{key}\": {{{}}}", row.join(", ")));
     }
+    // S3 requests by kind per workload (Garage's count, see s3count.py): what a user pays for.
+    let mut reqs: BTreeMap<String, Vec<BTreeMap<String, u64>>> = BTreeMap::new();
+    for line in out.console.lines() {
+        let Some(rest) = line.split("KV ").nth(1) else { continue };
+        let Some((k, v)) = rest.split_once('=') else { continue };
+        if !k.contains("_req_") {
+            continue;
+        }
+        let kinds = v
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once(':'))
+            .filter_map(|(kind, n)| Some((kind.to_string(), n.parse().ok()?)))
+            .collect();
+        reqs.entry(k.to_string()).or_default().push(kinds);
+    }
+    // The run with the median total, by kind.
+    let median_req = |k: &str| -> Option<BTreeMap<String, u64>> {
+        let mut runs = reqs.get(k)?.clone();
+        runs.sort_by_key(|r| r.values().sum::<u64>());
+        Some(runs[runs.len() / 2].clone())
+    };
+    let peers: Vec<&str> = sys.iter().copied().filter(|s| *s != "local").collect();
+    let mut req_table = format!(
+        "| S3 requests | {} | s3nfs / fewest of the peers |\n|---|{}---|\n",
+        peers.join(" | "),
+        "---|".repeat(peers.len())
+    );
+    for (key, what) in FIGURES {
+        let per: Vec<Option<BTreeMap<String, u64>>> =
+            peers.iter().map(|s| median_req(&format!("{s}_req_{key}"))).collect();
+        if per.iter().all(Option::is_none) {
+            continue;
+        }
+        let total = |r: &Option<BTreeMap<String, u64>>| r.as_ref().map(|r| r.values().sum::<u64>());
+        let cell = |r: &Option<BTreeMap<String, u64>>| match r {
+            None => "—".to_string(),
+            Some(r) if r.is_empty() => "0".to_string(),
+            Some(r) => format!(
+                "{} ({})",
+                r.values().sum::<u64>(),
+                r.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        let ours = peers.iter().position(|s| *s == "s3nfs").and_then(|i| total(&per[i]));
+        let fewest = peers
+            .iter()
+            .zip(&per)
+            .filter(|(s, _)| **s != "s3nfs")
+            .filter_map(|(_, r)| total(r))
+            .min();
+        let ratio = match (ours, fewest) {
+            (Some(o), Some(f)) if f > 0 => format!("{:.2}x", o as f64 / f as f64),
+            (Some(0), Some(0)) => "1.00x".into(),
+            _ => "—".into(),
+        };
+        let what = label(what);
+        req_table.push_str(&format!(
+            "| {what} | {} | {ratio} |\n",
+            per.iter().map(cell).collect::<Vec<_>>().join(" | ")
+        ));
+        for (s, r) in peers.iter().zip(&per) {
+            json.push(format!("  \"{s}_requests_{key}\": {}", num(total(r).map(|t| t as f64))));
+        }
+    }
+    table.push_str(&format!("\n{req_table}"));
+    // An application that could not run on a system says why (the first lines of its error).
+    for line in out.console.lines() {
+        let Some(rest) = line.split("KV ").nth(1) else { continue };
+        if let Some((k, v)) = rest.split_once('=').filter(|(k, _)| k.ends_with("_error")) {
+            table.push_str(&format!("\n{k}: {}", v.trim()));
+        }
+    }
     for s in &sys {
+        if *s == "local" {
+            continue;
+        }
         if values.contains_key(&format!("{s}_missing")) {
             table.push_str(&format!("\n{s}: not installed, skipped\n"));
             continue;
