@@ -1338,7 +1338,11 @@ async fn directory_owner_and_mode_come_back_from_s3_alone() {
     let root = c.root.clone();
     let d = c.lookup(&root, "pgdata").await.unwrap();
     let a = c.getattr(&d).await.unwrap();
-    assert_eq!((a.mode & 0o7777, a.uid, a.gid), (0o700, 101, 104), "pgdata from S3 alone");
+    assert_eq!(
+        (a.mode & 0o7777, a.uid, a.gid),
+        (0o700, 101, 104),
+        "pgdata from S3 alone"
+    );
     // Listed first (READDIRPLUS), then asked: the same answer.
     let fresh2 = InProc::start(s3.store.clone(), Opts::default()).await;
     let mut c2 = Client::connect(fresh2.addr).await;
@@ -1347,10 +1351,18 @@ async fn directory_owner_and_mode_come_back_from_s3_alone() {
     assert!(names.iter().any(|(n, _)| n == b"pgdata"), "{names:?}");
     let d2 = c2.lookup(&root2, "pgdata").await.unwrap();
     let a2 = c2.getattr(&d2).await.unwrap();
-    assert_eq!((a2.mode & 0o7777, a2.uid, a2.gid), (0o700, 101, 104), "pgdata listed first");
+    assert_eq!(
+        (a2.mode & 0o7777, a2.uid, a2.gid),
+        (0o700, 101, 104),
+        "pgdata listed first"
+    );
     let bare = c2.lookup(&root2, "bare").await.unwrap();
     let b = c2.getattr(&bare).await.unwrap();
-    assert_eq!((b.mode & 0o7777, b.uid, b.gid), (0o755, 0, 0), "a prefix-only directory");
+    assert_eq!(
+        (b.mode & 0o7777, b.uid, b.gid),
+        (0o755, 0, 0),
+        "a prefix-only directory"
+    );
     let file = c2.lookup(&bare, "file").await.unwrap();
     assert_eq!(c2.read_all(&file).await.unwrap(), b"x");
 }
