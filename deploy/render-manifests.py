@@ -46,8 +46,11 @@ FILES = {
     "node.yaml": "node.yaml",
     "storageclass.yaml": "storageclass.yaml",
     "secret.yaml": "secret.example.yaml",
+    "metrics-service.yaml": "metrics.yaml",
 }
-NOT_MANIFESTS = {"NOTES.txt", "peer-secret.yaml"}
+# The Prometheus Operator's objects and the dashboard's ConfigMap render only when asked for
+# (their CRDs or a Grafana sidecar must be there): the plain manifests leave them out.
+NOT_MANIFESTS = {"NOTES.txt", "peer-secret.yaml", "servicemonitor.yaml", "prometheusrule.yaml", "dashboard.yaml"}
 
 HEADER = """\
 # Generated from deploy/helm/s3nfs (default values, namespace s3nfs) by

@@ -19,8 +19,14 @@ What it checks:
      one appears nowhere;
   7. ReadWriteMany: the node plugin's Lease Role (get/create/update, nothing more), its token,
      env and key pair mount when readWriteMany.enabled; the generated key pair (a matching
-     ECDSA P-256 pair, a new one per install) or the named Secret; nothing of it when disabled.
-Exits 1 listing every failure, 2 when a Python package is missing.
+     ECDSA P-256 pair, a new one per install) or the named Secret; nothing of it when disabled;
+  8. metrics: the ports, --metrics-listen and headless Services; the ServiceMonitor and
+     PrometheusRule validate against prometheus-operator's schemas (node and the npm package in
+     tests/deploy/package.json); every PromQL expression of the alerts and of the Grafana
+     dashboard parses (promql-parser) and names only metrics the code exports and labels it or
+     Prometheus sets. The exported names come from the code itself: tests/deploy.rs renders
+     s3nfs::metrics::global() into the file S3NFS_METRICS_EXPOSITION names.
+Exits 1 listing every failure, 2 when a Python package, node or the npm package is missing.
 """
 
 from __future__ import annotations
@@ -28,20 +34,24 @@ from __future__ import annotations
 import base64
 import copy
 import importlib.util
+import json
+import os
 import pathlib
 import re
 import ssl
+import subprocess
 import sys
 import tempfile
 from typing import Any, Iterator
 
 sys.dont_write_bytecode = True  # no __pycache__ in deploy/ from importing render-manifests.py
 
-PINNED = "helm-python-sdk==0.2.2 kubernetes-validate==1.37.0"
+PINNED = "helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 promql-parser==0.12.0"
 
 try:
     import helm_python as helm
     import kubernetes_validate
+    import promql_parser
     import yaml
 except ImportError as e:
     print(
@@ -57,6 +67,13 @@ MANIFESTS = ROOT / "deploy" / "manifests"
 ALL_VALUES_FILE = ROOT / "tests" / "deploy" / "all-values.yaml"
 
 DRIVER = "csi.s3nfs.io"
+DASHBOARD = CHART / "dashboards" / "s3nfs.json"
+# Kinds whose schemas come from prometheus-operator (validate-crds.mjs), not kubernetes-validate.
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_VALIDATOR = ROOT / "tests" / "deploy" / "validate-crds.mjs"
+# Labels a series may carry besides the code's own: what Prometheus's Kubernetes discovery and
+# the ServiceMonitor add.
+SCRAPE_LABELS = {"namespace", "pod", "node", "service", "job", "instance", "endpoint", "container"}
 README = ROOT / "deploy" / "README.md"
 # The chart's generated ReadWriteMany key pair: its own template, different at every render.
 PEER_TEMPLATE = "peer-secret.yaml"
@@ -76,7 +93,7 @@ REQUIRED = {
     }
 }
 # Maps whose keys are the user's own: compared as a whole, not key by key.
-FREE_FORM = {"nodeSelector", "affinity"}
+FREE_FORM = {"nodeSelector", "affinity", "labels"}
 SECRET_PARAMS = [
     f"csi.storage.k8s.io/{step}-secret-{what}"
     for step in ("provisioner", "controller-expand", "node-stage", "node-publish")
@@ -186,8 +203,30 @@ def nulls(value: Any, path: str = "") -> Iterator[str]:
             yield from nulls(v, f"{path}[{i}]")
 
 
+def validate_operator_objects(docs: list[dict]) -> None:
+    """ServiceMonitor and PrometheusRule against prometheus-operator's schemas (node)."""
+    if not docs:
+        return
+    body = json.dumps([strip(d) for d in docs])
+    try:
+        r = subprocess.run(["node", str(CRD_VALIDATOR)], input=body, capture_output=True, text=True,
+                           cwd=CRD_VALIDATOR.parent, timeout=120)
+    except FileNotFoundError:
+        print("tests/deploy/check.py: node is missing. Run .ci/run, or: apt-get install nodejs npm", file=sys.stderr)
+        sys.exit(2)
+    if "ERR_MODULE_NOT_FOUND" in r.stderr:
+        print("tests/deploy/check.py: the npm package is missing. Run .ci/run, or: npm ci --prefix tests/deploy",
+              file=sys.stderr)
+        sys.exit(2)
+    for line in r.stdout.splitlines():
+        check(False, f"prometheus-operator schema: {line}")
+    check(r.returncode in (0, 1) and (r.returncode == 0) == (not r.stdout.strip()),
+          f"validate-crds.mjs failed: {r.stderr.strip()[-500:]}")
+
+
 def validate(docs: list[dict]) -> None:
     seen = set()
+    validate_operator_objects([d for d in docs if d.get("kind") in OPERATOR_KINDS])
     for doc in docs:
         body = strip(doc)
         key = (doc.get("kind"), (doc.get("metadata") or {}).get("namespace"), (doc.get("metadata") or {}).get("name"))
@@ -195,6 +234,8 @@ def validate(docs: list[dict]) -> None:
         seen.add(key)
         for path in nulls(body):
             check(False, f"{ident(doc)}: {path} is null (a value rendered empty?)")
+        if doc.get("kind") in OPERATOR_KINDS:
+            continue
         for version in KUBE_VERSIONS:
             try:
                 kubernetes_validate.validate(body, version, strict=True)
@@ -284,7 +325,7 @@ def check_defaults(docs: list[dict]) -> None:
     kinds = sorted(d["kind"] for d in docs)
     check(kinds == sorted(["CSIDriver", "ServiceAccount", "ServiceAccount", "ClusterRole", "ClusterRole",
                            "ClusterRoleBinding", "ClusterRoleBinding", "Role", "RoleBinding", "Role", "RoleBinding",
-                           "Deployment", "DaemonSet", "StorageClass", "Secret", "Secret"]),
+                           "Deployment", "DaemonSet", "StorageClass", "Secret", "Secret", "Service", "Service"]),
           f"default render: unexpected set of objects {kinds}")
 
     # CSIDriver
@@ -314,6 +355,7 @@ def check_defaults(docs: list[dict]) -> None:
         check(a in args, f"node plugin: argument {a} missing from {args}")
     check(env_of(node).get("NODE_NAME") == {"fieldRef": {"fieldPath": "spec.nodeName"}}, "node plugin: NODE_NAME must come from spec.nodeName")
     check(env_of(node).get("RUST_LOG") == "info", "node plugin: RUST_LOG must default to info")
+    check(env_of(node).get("S3NFS_LOG_FORMAT") == "json", "node plugin: logs must default to JSON (S3NFS_LOG_FORMAT=json)")
     kubelet = mount_of(node, "/var/lib/kubelet")
     check(kubelet.get("mountPropagation") == "Bidirectional", "node plugin: the kubelet dir must be mounted with mountPropagation Bidirectional")
     check(volume(pod, kubelet.get("name", "")).get("hostPath", {}).get("path") == "/var/lib/kubelet", "node plugin: the kubelet dir mount is not the host's /var/lib/kubelet")
@@ -355,6 +397,7 @@ def check_defaults(docs: list[dict]) -> None:
         check(not any("leader-election" in a for a in c.get("args", [])), f"controller: {c['name']} must not use leader election with one replica")
     ctl = container(pod, "s3nfs")
     check(ctl.get("command") == ["/usr/local/bin/s3nfs"], "controller: command must be /usr/local/bin/s3nfs")
+    check(env_of(ctl).get("S3NFS_LOG_FORMAT") == "json", "controller: logs must default to JSON (S3NFS_LOG_FORMAT=json)")
     for a in ("csi", "--mode=controller", "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)"):
         check(a in ctl.get("args", []), f"controller: argument {a} missing from {ctl.get('args')}")
     socket = mount_of(ctl, "/csi")
@@ -531,6 +574,162 @@ def check_peer_secret(docs: list[dict], label: str, name: str) -> bytes:
     return key
 
 
+def exported() -> tuple[set[str], set[str]]:
+    """(metric names, label names) of the code's exposition text (see tests/deploy.rs)."""
+    path = os.environ.get("S3NFS_METRICS_EXPOSITION")
+    if not check(path, "S3NFS_METRICS_EXPOSITION is not set: run this through `cargo test --test deploy`, which "
+                       "renders the code's metrics for it"):
+        return set(), set()
+    text = pathlib.Path(path).read_text()
+    names: set[str] = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        names.add(name)
+        if kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    labels = set(re.findall(r"[{,]([a-zA-Z_]\w*)=\"", text))
+    check("s3nfs_volume_pending_seconds" in names and "volume" in labels and "op" in labels,
+          f"{path}: not the code's metrics (no s3nfs_volume_pending_seconds, volume or op)")
+    return names, labels
+
+
+def check_promql(expr: str, where: str, metrics: tuple[set[str], set[str]]) -> None:
+    """`expr` parses, and names only exported metrics and labels (Grafana's variables stand in
+    for a duration and a regular expression)."""
+    names, labels = metrics
+    grafana = (expr.replace("$__rate_interval", "5m").replace("$__interval", "5m")
+               .replace("${volume}", ".*").replace("$volume", ".*"))
+    m = re.fullmatch(r"\s*label_values\((\w+),\s*(\w+)\)\s*", grafana)
+    if m:
+        grafana = f"{m.group(1)}{{{m.group(2)}!=\"\"}}"
+    try:
+        tree = promql_parser.parse(grafana)
+    except ValueError as e:
+        check(False, f"{where}: PromQL does not parse ({e}): {expr}")
+        return
+    seen: list[str] = []
+    used: set[str] = set()
+    for group in re.findall(r"\b(?:by|on|without|ignoring)\s*\(([^)]*)\)", grafana):
+        used |= {label.strip() for label in group.split(",") if label.strip()}
+
+    def visit(node):
+        if isinstance(node, promql_parser.VectorSelector):
+            seen.append(node.name)
+        return True
+
+    promql_parser.walk(tree, visit)
+    used |= set(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)\s*\"", grafana))
+    check(seen, f"{where}: names no metric: {expr}")
+    for name in seen:
+        check(name in names, f"{where}: {name} is not a metric the code exports: {expr}")
+    for label in used - {""}:
+        check(label in labels | SCRAPE_LABELS, f"{where}: label {label} is neither the code's nor Prometheus's: {expr}")
+
+
+def check_dashboard(metrics: tuple[set[str], set[str]]) -> str:
+    """The Grafana dashboard file: its structure and every expression. Returns its text."""
+    text = DASHBOARD.read_text()
+    try:
+        dash = json.loads(text)
+    except ValueError as e:
+        check(False, f"{DASHBOARD}: not JSON: {e}")
+        return text
+    for key in ("uid", "title", "schemaVersion", "panels", "templating"):
+        check(key in dash, f"dashboard: no {key}")
+    ids = [p.get("id") for p in dash.get("panels", [])]
+    check(len(ids) == len(set(ids)) and all(isinstance(i, int) for i in ids), f"dashboard: panel ids not unique integers: {ids}")
+    exprs = 0
+    for p in dash.get("panels", []):
+        where = f"dashboard panel {p.get('id')} {p.get('title')!r}"
+        check(p.get("type") and p.get("title"), f"{where}: no type or title")
+        g = p.get("gridPos", {})
+        check(all(isinstance(g.get(k), int) for k in ("x", "y", "w", "h")) and g.get("x", 0) + g.get("w", 0) <= 24,
+              f"{where}: gridPos {g} is not a place on the 24-column grid")
+        if p.get("type") == "row":
+            continue
+        check(p.get("datasource", {}).get("uid") == "${datasource}", f"{where}: not on the datasource variable")
+        check(p.get("targets"), f"{where}: no query")
+        for t in p.get("targets", []):
+            exprs += 1
+            check_promql(t.get("expr", ""), where, metrics)
+    variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    check(variables.get("datasource", {}).get("query") == "prometheus", "dashboard: no Prometheus datasource variable")
+    vol = variables.get("volume", {})
+    check_promql(vol.get("definition", ""), "dashboard variable volume", metrics)
+    # What the issue asks the dashboard to show, by metric.
+    wanted = ["s3nfs_volume_dirty_bytes", "s3nfs_volume_uploaded_bytes_total", "s3nfs_s3_request_duration_seconds_bucket",
+              "s3nfs_nfs_ops_total", "s3nfs_s3_errors_total", "s3nfs_volume_capacity_bytes"]
+    for w in wanted:
+        check(w in text, f"dashboard: nothing shows {w}")
+    check(exprs >= 10, f"dashboard: {exprs} queries")
+    return text
+
+
+def check_metrics_on(docs: list[dict], label: str, prefix: str, node_port: int, controller_port: int) -> None:
+    """metrics.enabled: ports, --metrics-listen and the headless Services."""
+    for kind, name, component, port in [("DaemonSet", f"{prefix}-node", "node", node_port),
+                                        ("Deployment", f"{prefix}-controller", "controller", controller_port)]:
+        pod = one(docs, kind, name)["spec"].get("template", {}).get("spec", {})
+        c = container(pod, "s3nfs")
+        check(f"--metrics-listen=0.0.0.0:{port}" in c.get("args", []), f"{label}: {component} has no --metrics-listen=0.0.0.0:{port}")
+        ports = [p for p in c.get("ports", []) if p.get("name") == "metrics"]
+        check(len(ports) == 1 and ports[0].get("containerPort") == port, f"{label}: {component} has no metrics port {port}")
+        svc = one(docs, "Service", f"{prefix}-{component}-metrics")
+        spec = svc.get("spec", {})
+        check(spec.get("clusterIP") == "None", f"{label}: {component} metrics Service must be headless")
+        check(spec.get("selector", {}).get("app.kubernetes.io/component") == component, f"{label}: {component} metrics Service selects other pods")
+        pod_labels = one(docs, kind, name)["spec"]["template"]["metadata"]["labels"]
+        check(spec.get("selector", {}).items() <= pod_labels.items(), f"{label}: {component} metrics Service selects no pod of {name}")
+        sp = spec.get("ports", [{}])
+        check(sp[0].get("name") == "metrics" and sp[0].get("port") == port and sp[0].get("targetPort") == "metrics",
+              f"{label}: {component} metrics Service port is not metrics/{port}")
+        check(svc["metadata"]["labels"].get("s3nfs.io/metrics") == "true", f"{label}: {component} metrics Service lacks the ServiceMonitor's label")
+
+
+def check_metrics_off(docs: list[dict], label: str) -> None:
+    for d in docs:
+        check(d["kind"] not in ("Service", "ConfigMap") and d["kind"] not in OPERATOR_KINDS, f"{label}: metrics off, yet {ident(d)}")
+        if d["kind"] in ("DaemonSet", "Deployment"):
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                check(not any(a.startswith("--metrics-listen") for a in c.get("args", [])), f"{label}: metrics off, yet {c['name']} listens")
+                check(not [p for p in c.get("ports", []) if p.get("name") == "metrics"], f"{label}: metrics off, yet {c['name']} has a metrics port")
+
+
+def check_monitoring(docs: list[dict], label: str, prefix: str, namespace: str, mon: dict,
+                     metrics: tuple[set[str], set[str]], dashboard: str) -> None:
+    """ServiceMonitor, PrometheusRule and the dashboard's ConfigMap, as `mon` (the metrics
+    values) asks."""
+    sm = one(docs, "ServiceMonitor", prefix)
+    check(mon["serviceMonitor"]["labels"].items() <= sm["metadata"].get("labels", {}).items(), f"{label}: ServiceMonitor labels not applied")
+    sel = sm["spec"].get("selector", {}).get("matchLabels", {})
+    services = [d for d in docs if d["kind"] == "Service"]
+    check(len(services) == 2 and all(sel.items() <= s["metadata"]["labels"].items() for s in services),
+          f"{label}: the ServiceMonitor does not select both metrics Services")
+    check(sm["spec"].get("namespaceSelector", {}).get("matchNames") == [namespace], f"{label}: ServiceMonitor looks outside {namespace}")
+    ep = sm["spec"].get("endpoints", [{}])[0]
+    check(ep.get("port") == "metrics" and ep.get("path") == "/metrics" and ep.get("interval") == mon["serviceMonitor"]["interval"],
+          f"{label}: ServiceMonitor endpoint {ep}")
+    rule = one(docs, "PrometheusRule", prefix)
+    check(mon["prometheusRule"]["labels"].items() <= rule["metadata"].get("labels", {}).items(), f"{label}: PrometheusRule labels not applied")
+    alerts = {r.get("alert"): r for g in rule["spec"].get("groups", []) for r in g.get("rules", [])}
+    check(set(alerts) == {"S3nfsDataNotInS3", "S3nfsS3Errors", "S3nfsUploadsFailing", "S3nfsVolumeAlmostFull", "S3nfsVolumeFailed"},
+          f"{label}: alerts {sorted(alerts)}")
+    for name, r in alerts.items():
+        check_promql(str(r.get("expr", "")), f"{label}: alert {name}", metrics)
+        check(r.get("labels", {}).get("severity") in ("warning", "critical"), f"{label}: alert {name} has no severity")
+        check("s3nfs status" in r.get("annotations", {}).get("description", "") or name == "S3nfsVolumeAlmostFull",
+              f"{label}: alert {name} does not say to run s3nfs status")
+        check("{{ $labels." in r.get("annotations", {}).get("summary", ""), f"{label}: alert {name}'s summary names no series")
+    minutes = int(str(mon["prometheusRule"]["pendingFor"]).rstrip("m"))
+    check(re.search(rf"s3nfs_volume_pending_seconds\)\s*>\s*{minutes * 60}\b", str(alerts.get("S3nfsDataNotInS3", {}).get("expr"))),
+          f"{label}: S3nfsDataNotInS3 does not follow pendingFor {mon['prometheusRule']['pendingFor']}")
+    check(re.search(rf"\*\s*100\s*>\s*{mon['prometheusRule']['capacityPercent']}\b", str(alerts.get("S3nfsVolumeAlmostFull", {}).get("expr"))),
+          f"{label}: S3nfsVolumeAlmostFull does not follow capacityPercent")
+    check("s3nfs_volume_failed" in str(alerts.get("S3nfsVolumeFailed", {}).get("expr")), f"{label}: S3nfsVolumeFailed watches nothing")
+    cm = one(docs, "ConfigMap", f"{prefix}-dashboard")
+    check(mon["dashboard"]["labels"].items() <= cm["metadata"].get("labels", {}).items(), f"{label}: dashboard labels not applied")
+    check(cm.get("data", {}).get("s3nfs.json", "").strip() == dashboard.strip(), f"{label}: the ConfigMap does not carry {DASHBOARD.name} as it is")
+
+
 def check_all_values(docs: list[dict], full: list[dict], values: dict, text: str) -> None:
     """The all-values render: `docs` as given (secret and StorageClass off), `full` with them on."""
     ns, prefix = "storage-system", values["fullnameOverride"]
@@ -629,9 +828,16 @@ def main() -> int:
             continue
         if not check(other != value, f"all-values.yaml: {dotted} has its default value {value!r}"):
             continue
+        # A value under a map that is off by default (metrics.serviceMonitor.interval) matters
+        # once that map is on: compare the renders with it on.
+        base = copy.deepcopy(REQUIRED)
+        for i in range(1, len(path)):
+            if lookup(defaults, path[:i] + ("enabled",)) == (True, False) and path[i:] != ("enabled",):
+                base = merge(base, nested(path[:i] + ("enabled",), True))
         try:
-            changed = render(merge(REQUIRED, nested(path, other)), "s3nfs", "s3nfs")
-            check(stable(changed) != stable(default_render), f"values.yaml: {dotted} changes nothing in the render (a dead value)")
+            before = default_render if base == REQUIRED else render(base, "s3nfs", "s3nfs")
+            changed = render(merge(base, nested(path, other)), "s3nfs", "s3nfs")
+            check(stable(changed) != stable(before), f"values.yaml: {dotted} changes nothing in the render (a dead value)")
         except helm.HelmError as e:
             check(False, f"values.yaml: {dotted}={other!r} alone does not render: {e}")
     for path, _ in leaves(all_values):
@@ -639,7 +845,9 @@ def main() -> int:
 
     # Missing credentials and a bad endpoint are refused with a message.
     for values, needle in [({}, "is required"), (merge(REQUIRED, {"secret": {"endpoint": "minio:9000"}}), "http:// or https://"),
-                           (merge(REQUIRED, {"readWriteMany": {"leaseDuration": "500ms"}}), "whole seconds or minutes")]:
+                           (merge(REQUIRED, {"readWriteMany": {"leaseDuration": "500ms"}}), "whole seconds or minutes"),
+                           (merge(REQUIRED, {"logFormat": "yaml"}), "logFormat must be json or text"),
+                           (merge(REQUIRED, {"metrics": {"prometheusRule": {"enabled": True, "pendingFor": "90s"}}}), "whole minutes")]:
         try:
             render(values, "s3nfs", "s3nfs")
             check(False, f"rendering with {values} should fail with a message about {needle}")
@@ -659,6 +867,19 @@ def main() -> int:
     validate(docs)
     check_structure(docs, "s3nfs", "defaults")
     check_defaults(docs)
+
+    # 8. Metrics: on by default; the operator's objects and the dashboard when asked for.
+    metrics = exported()
+    dashboard = check_dashboard(metrics)
+    check_metrics_on(docs, "defaults", "s3nfs", 9811, 9812)
+    check(not [d for d in docs if d["kind"] in OPERATOR_KINDS | {"ConfigMap"}], "defaults: ServiceMonitor, PrometheusRule and dashboard are opt-in")
+    every = {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}
+    mon_docs = parse(render(merge(REQUIRED, {"metrics": every}), "s3nfs", "s3nfs"), "chart(monitoring)")
+    validate(mon_docs)
+    check_structure(mon_docs, "s3nfs", "monitoring")
+    check_monitoring(mon_docs, "monitoring", "s3nfs", "s3nfs", merge(defaults["metrics"], every), metrics, dashboard)
+    off = parse(render(merge(REQUIRED, {"metrics": {"enabled": False, **every}}), "s3nfs", "s3nfs"), "chart(metrics off)")
+    check_metrics_off(off, "metrics off")
 
     # 7. ReadWriteMany: on by default, with a generated key pair that differs per install.
     check_rwx_on(docs, "defaults", "s3nfs", "s3nfs-peer", "15s")
@@ -693,6 +914,17 @@ def main() -> int:
     validate([d for d in full_docs if d["kind"] in ("Secret", "StorageClass", "Role", "RoleBinding", "DaemonSet", "ServiceAccount")])
     check_structure(full_docs, "storage-system", "all-values+create")
     check_all_values(all_docs, full_docs, all_values, "\n".join(all_render.values()))
+    check_metrics_off(all_docs, "all-values")
+    check(all(env_of(container(d["spec"]["template"]["spec"], "s3nfs")).get("S3NFS_LOG_FORMAT") == all_values["logFormat"]
+              for d in all_docs if d["kind"] in ("DaemonSet", "Deployment")), "all-values: logFormat not applied")
+    # And with metrics on: every metrics value of all-values.yaml in the objects.
+    on_values = merge(all_values, {"metrics": {"enabled": True}})
+    on_docs = parse(render(on_values, "tenant", "storage-system"), "chart(all-values, metrics)")
+    validate([d for d in on_docs if d["kind"] in OPERATOR_KINDS | {"Service", "ConfigMap", "DaemonSet", "Deployment"}])
+    check_structure(on_docs, "storage-system", "all-values+metrics")
+    m = all_values["metrics"]
+    check_metrics_on(on_docs, "all-values+metrics", all_values["fullnameOverride"], m["nodePluginPort"], m["controllerPort"])
+    check_monitoring(on_docs, "all-values+metrics", all_values["fullnameOverride"], "storage-system", on_values["metrics"], metrics, dashboard)
     prefix = all_values["fullnameOverride"]
     check_rwx_off(all_docs, "all-values", prefix)
     rwx = all_values["readWriteMany"]

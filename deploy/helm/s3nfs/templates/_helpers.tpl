@@ -53,6 +53,8 @@ app.kubernetes.io/component: {{ .component }}
       fieldPath: spec.nodeName
 - name: RUST_LOG
   value: {{ .Values.logLevel | quote }}
+- name: S3NFS_LOG_FORMAT
+  value: {{ include "s3nfs.logFormat" . | quote }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -73,3 +75,21 @@ capabilities:
 
 {{/* Where the node plugin reads that key pair. */}}
 {{- define "s3nfs.peerDir" -}}/etc/s3nfs/peer{{- end -}}
+
+
+{{/* logFormat, checked. */}}
+{{- define "s3nfs.logFormat" -}}
+{{- if not (has .Values.logFormat (list "json" "text")) -}}
+{{- fail (printf "logFormat must be json or text, not %q" (toString .Values.logFormat)) -}}
+{{- end -}}
+{{- .Values.logFormat -}}
+{{- end -}}
+
+{{/* metrics.prometheusRule.pendingFor in seconds (whole minutes only, e.g. 15m). */}}
+{{- define "s3nfs.pendingForSeconds" -}}
+{{- $p := toString .Values.metrics.prometheusRule.pendingFor -}}
+{{- if not (regexMatch "^[1-9][0-9]*m$" $p) -}}
+{{- fail (printf "metrics.prometheusRule.pendingFor must be whole minutes, e.g. 15m, not %q" $p) -}}
+{{- end -}}
+{{- mul (trimSuffix "m" $p | atoi) 60 -}}
+{{- end -}}
