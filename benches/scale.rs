@@ -8,7 +8,8 @@
 //! the time per file stays flat as the count grows ×100; the last line gives that ratio for
 //! each step (the largest size against the smallest, same run).
 //!
-//! `cargo bench --bench scale` (S3NFS_SCALE_MAX=10000 stops at 10,000 files).
+//! `cargo bench --bench scale` (S3NFS_SCALE_MAX=10000 stops at 10,000 files;
+//! S3NFS_SCALE_MIN=100000 runs only the 100,000-file cases).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -26,7 +27,9 @@ struct Row {
     files: usize,
     /// Seconds per step, in `STEPS` order.
     secs: [f64; 6],
-    peak_rss_kib: u64,
+    /// The gateway's peak resident memory at the end of each step (`STEPS` order): where it
+    /// rises is the step that needed the memory.
+    peak_rss_kib: [u64; 6],
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -64,6 +67,9 @@ async fn run(bucket: &str, dirs: usize, files: usize) -> Row {
     let per = files / parents.len();
     let name = |i: usize| format!("f{i:06}");
     let mut secs = [0.0; 6];
+    let mut peak = [0u64; 6];
+    let pid = gw.pid();
+    let hwm = || pid.map(peak_rss_kib).unwrap_or(0);
 
     let t = Instant::now();
     for p in &parents {
@@ -76,6 +82,7 @@ async fn run(bucket: &str, dirs: usize, files: usize) -> Row {
         }
     }
     secs[0] = t.elapsed().as_secs_f64();
+    peak[0] = hwm();
 
     let t = Instant::now();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_s3nfs"))
@@ -84,6 +91,7 @@ async fn run(bucket: &str, dirs: usize, files: usize) -> Row {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     secs[1] = t.elapsed().as_secs_f64();
+    peak[1] = hwm();
 
     let t = Instant::now();
     let mut listed = 0;
@@ -91,6 +99,7 @@ async fn run(bucket: &str, dirs: usize, files: usize) -> Row {
         listed += c.readdirplus_all(p, 64 << 10).await.unwrap().len();
     }
     secs[2] = t.elapsed().as_secs_f64();
+    peak[2] = hwm();
     assert!(listed >= files, "ls -l saw {listed} of {files}");
 
     let t = Instant::now();
@@ -102,6 +111,7 @@ async fn run(bucket: &str, dirs: usize, files: usize) -> Row {
         }
     }
     secs[3] = t.elapsed().as_secs_f64();
+    peak[3] = hwm();
     assert!(found >= files, "find saw {found} of {files}");
 
     let t = Instant::now();
@@ -112,6 +122,7 @@ async fn run(bucket: &str, dirs: usize, files: usize) -> Row {
         }
     }
     secs[4] = t.elapsed().as_secs_f64();
+    peak[4] = hwm();
 
     let t = Instant::now();
     for (d, p) in parents.iter().enumerate() {
@@ -124,8 +135,7 @@ async fn run(bucket: &str, dirs: usize, files: usize) -> Row {
     }
     c.rmdir(&c.root.clone(), "top").await.unwrap();
     secs[5] = t.elapsed().as_secs_f64();
-
-    let peak_rss_kib = gw.pid().map(peak_rss_kib).unwrap_or(0);
+    peak[5] = hwm();
     drop(gw);
     Row {
         what: if dirs == 0 {
@@ -135,7 +145,7 @@ async fn run(bucket: &str, dirs: usize, files: usize) -> Row {
         },
         files,
         secs,
-        peak_rss_kib,
+        peak_rss_kib: peak,
     }
 }
 
@@ -166,22 +176,24 @@ fn main() {
         rows
     });
     println!(
-        "| files | layout | {} | peak RSS |",
+        "| files | layout | {} | peak RSS | peak RSS after each step (MiB) |",
         STEPS.map(|s| format!("{s} µs/file")).join(" | ")
     );
-    println!("|---|---|{}---|", "---|".repeat(STEPS.len()));
+    println!("|---|---|{}---|---|", "---|".repeat(STEPS.len()));
     for r in &rows {
         let cells: Vec<String> = r
             .secs
             .iter()
             .map(|s| format!("{:.0}", s * 1e6 / r.files as f64))
             .collect();
+        let steps: Vec<String> = r.peak_rss_kib.iter().map(|k| (k / 1024).to_string()).collect();
         println!(
-            "| {} | {} | {} | {} MiB |",
+            "| {} | {} | {} | {} MiB | {} |",
             r.files,
             r.what,
             cells.join(" | "),
-            r.peak_rss_kib / 1024
+            r.peak_rss_kib[5] / 1024,
+            steps.join(" / ")
         );
     }
     let flat: Vec<&Row> = rows.iter().filter(|r| r.what == "one directory").collect();
