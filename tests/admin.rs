@@ -110,6 +110,8 @@ async fn status_and_flush_report_and_upload_what_is_pending() {
     };
     assert!(v.pending_files >= 3, "{v:?}");
     assert_eq!(v.pending_bytes, written, "{v:?}");
+    // Created files are counted at once, not at the next recount.
+    assert_eq!(v.files, 3, "{v:?}");
     assert!(v.pending_seconds > 0.0, "{v:?}");
     for (name, _) in files {
         assert!(s3.head(name).await.is_none(), "{name} is in S3 before any flush");

@@ -59,7 +59,7 @@ impl Volume {
         batch.mark_pending(inode.ino, self.next_seq());
         self.touch_dir(&mut batch, inode.parent)?;
         self.meta.commit(batch)?;
-        self.usage.changed();
+        self.usage.created();
         Ok(())
     }
 

@@ -108,6 +108,13 @@ impl Usage {
         }
     }
 
+    /// A file, directory or other inode was created: counted at once (what `df -i` and
+    /// `s3nfs status` show right after), exactly by the next count.
+    pub fn created(&self) {
+        self.files.fetch_add(1, Ordering::AcqRel);
+        self.changed();
+    }
+
     /// Something changed that the next count should see (a removal, a rename, a relisting).
     pub fn changed(&self) {
         self.changed.store(true, Ordering::Release);
