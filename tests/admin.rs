@@ -132,6 +132,12 @@ async fn status_and_flush_report_and_upload_what_is_pending() {
     let v = &status(&socket).volumes[0];
     assert_eq!(v.pending_bytes, written);
     assert!(v.last_error.is_some() && v.last_error_at.is_some(), "{v:?}");
+    // The reason as a person reads it: the causes, not the SDK's Debug dump.
+    let reason = v.last_error.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("Connection refused") && !reason.contains("DispatchFailure("),
+        "{reason}"
+    );
 
     // S3 back: everything goes, with progress shown first.
     let _proxy = proxy_at(proxy_addr, garage_addr).await;

@@ -18,7 +18,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation, ResponseChecksumValidation,
     RuntimeComponents,
 };
-use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{BoxError, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
 use aws_sdk_s3::Client;
@@ -317,13 +317,9 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     match &err {
-        SdkError::ConstructionFailure(_) => StoreError::Invalid(DisplayErrorContext(&err).to_string()),
-        SdkError::TimeoutError(_) => {
-            StoreError::Unavailable(format!("request timed out: {}", DisplayErrorContext(&err)))
-        }
-        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            StoreError::Unavailable(DisplayErrorContext(&err).to_string())
-        }
+        SdkError::ConstructionFailure(_) => StoreError::Invalid(causes(&err)),
+        SdkError::TimeoutError(_) => StoreError::Unavailable(format!("request timed out: {}", causes(&err))),
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => StoreError::Unavailable(causes(&err)),
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
             let e = service.err();
@@ -365,8 +361,25 @@ where
                 _ => StoreError::Invalid(text),
             }
         }
-        _ => StoreError::Unavailable(DisplayErrorContext(&err).to_string()),
+        _ => StoreError::Unavailable(causes(&err)),
     }
+}
+
+/// An error and its causes, each once, joined by ": " ("dispatch failure: io error: ... :
+/// Connection refused"): what `s3nfs status` and the logs show. The SDK's own
+/// `DisplayErrorContext` appends the whole error's Debug form, which no reader needs.
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
 }
 
 /// A GET's body, whole; its length recorded on the request's span.
