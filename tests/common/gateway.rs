@@ -260,7 +260,17 @@ impl Proc {
     /// The command line, with the test key in the environment.
     pub fn command(bucket: &str, port: u16, dir: &Path, secret: Option<&str>) -> Command {
         let g = garage::shared();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_s3nfs"));
+        // S3NFS_GATEWAY_WRAPPER runs the gateway under a profiler (e.g. "heaptrack -o /tmp/ht"):
+        // for benches; the pid then is the wrapper's.
+        let mut cmd = match std::env::var("S3NFS_GATEWAY_WRAPPER") {
+            Ok(w) if !w.trim().is_empty() => {
+                let mut words = w.split_whitespace();
+                let mut c = Command::new(words.next().unwrap());
+                c.args(words).arg(env!("CARGO_BIN_EXE_s3nfs"));
+                c
+            }
+            _ => Command::new(env!("CARGO_BIN_EXE_s3nfs")),
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
