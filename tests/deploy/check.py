@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """Checks the Kubernetes deployment in deploy/: the Helm chart and the plain manifests.
 
-Run from anywhere: python3 tests/deploy/check.py (tests/deploy.rs runs it under `cargo test`).
+Run it with `cargo test --test deploy` (tests/deploy.rs), which hands it the code's metrics in
+S3NFS_METRICS_EXPOSITION; python3 tests/deploy/check.py alone, from anywhere, checks the rest
+and fails on that variable's absence (with a file the test wrote, e.g.
+S3NFS_METRICS_EXPOSITION=target/tmp/deploy-metrics.txt, it checks everything).
 Needs helm-python-sdk (Helm's Go SDK as a shared library: renders and lints charts offline, no
-helm binary) and kubernetes-validate (the Kubernetes OpenAPI schemas); .ci/run installs both.
+helm binary), kubernetes-validate (the Kubernetes OpenAPI schemas), promql-parser, and node with
+the npm package of tests/deploy/package.json; .ci/run installs them.
 
 What it checks:
   1. every value of values.yaml is set, to something else, in tests/deploy/all-values.yaml, and
@@ -24,8 +28,11 @@ What it checks:
      PrometheusRule validate against prometheus-operator's schemas (node and the npm package in
      tests/deploy/package.json); every PromQL expression of the alerts and of the Grafana
      dashboard parses (promql-parser) and names only metrics the code exports and labels it or
-     Prometheus sets. The exported names come from the code itself: tests/deploy.rs renders
-     s3nfs::metrics::global() into the file S3NFS_METRICS_EXPOSITION names.
+     Prometheus sets, and keeps the labels its legend or annotations print; the alerts follow
+     their values; the dashboard's panels have unique ids, places that do not overlap and
+     queries on the datasource variable, and its ConfigMap carries the file as it is. The
+     exported names come from the code itself: tests/deploy.rs renders s3nfs::metrics::global()
+     into the file S3NFS_METRICS_EXPOSITION names.
 Exits 1 listing every failure, 2 when a Python package, node or the npm package is missing.
 """
 
@@ -574,12 +581,13 @@ def check_peer_secret(docs: list[dict], label: str, name: str) -> bytes:
     return key
 
 
-def exported() -> tuple[set[str], set[str]]:
+def exported() -> tuple[set[str], set[str]] | None:
     """(metric names, label names) of the code's exposition text (see tests/deploy.rs)."""
     path = os.environ.get("S3NFS_METRICS_EXPOSITION")
     if not check(path, "S3NFS_METRICS_EXPOSITION is not set: run this through `cargo test --test deploy`, which "
-                       "renders the code's metrics for it"):
-        return set(), set()
+                       "renders the code's metrics into a file and names it there (the PromQL is parsed, but "
+                       "its metric and label names are left unchecked)"):
+        return None
     text = pathlib.Path(path).read_text()
     names: set[str] = set()
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
@@ -592,10 +600,40 @@ def exported() -> tuple[set[str], set[str]]:
     return names, labels
 
 
-def check_promql(expr: str, where: str, metrics: tuple[set[str], set[str]]) -> None:
+def promql_names(tree) -> tuple[list[str], set[str], set[str]]:
+    """(metric names selected, labels matched or grouped on, labels an aggregation keeps) of a
+    parsed expression. The last is the union of every `by (...)`: what an alert's annotations
+    may name."""
+    selected: list[str] = []
+    used: set[str] = set()
+    kept: set[str] = set()
+
+    def visit(node):
+        if isinstance(node, promql_parser.VectorSelector):
+            selected.append(node.name)
+            matchers = list(node.matchers.matchers) + [m for group in node.matchers.or_matchers for m in group]
+            used.update(m.name for m in matchers)
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            used.update(node.modifier.labels)
+            if node.modifier.type == promql_parser.AggModifierType.By:
+                kept.update(node.modifier.labels)
+        elif isinstance(node, promql_parser.BinaryExpr) and node.modifier is not None:
+            if node.modifier.matching is not None:
+                used.update(node.modifier.matching.labels)
+            used.update(node.modifier.group_labels or [])
+        return True
+
+    promql_parser.walk(tree, visit)
+    used.discard("__name__")
+    return selected, used, kept
+
+
+def check_promql(expr: str, where: str, metrics: tuple[set[str], set[str]] | None,
+                 shown: set[str] = frozenset()) -> set[str]:
     """`expr` parses, and names only exported metrics and labels (Grafana's variables stand in
-    for a duration and a regular expression)."""
-    names, labels = metrics
+    for a duration and a regular expression; `label_values(metric, label)` for a selector).
+    `shown`: labels a legend or an annotation prints, which the expression must keep or select.
+    Returns the labels its aggregations keep."""
     grafana = (expr.replace("$__rate_interval", "5m").replace("$__interval", "5m")
                .replace("${volume}", ".*").replace("$volume", ".*"))
     m = re.fullmatch(r"\s*label_values\((\w+),\s*(\w+)\)\s*", grafana)
@@ -605,27 +643,52 @@ def check_promql(expr: str, where: str, metrics: tuple[set[str], set[str]]) -> N
         tree = promql_parser.parse(grafana)
     except ValueError as e:
         check(False, f"{where}: PromQL does not parse ({e}): {expr}")
-        return
-    seen: list[str] = []
-    used: set[str] = set()
-    for group in re.findall(r"\b(?:by|on|without|ignoring)\s*\(([^)]*)\)", grafana):
-        used |= {label.strip() for label in group.split(",") if label.strip()}
-
-    def visit(node):
-        if isinstance(node, promql_parser.VectorSelector):
-            seen.append(node.name)
-        return True
-
-    promql_parser.walk(tree, visit)
-    used |= set(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)\s*\"", grafana))
-    check(seen, f"{where}: names no metric: {expr}")
-    for name in seen:
-        check(name in names, f"{where}: {name} is not a metric the code exports: {expr}")
-    for label in used - {""}:
-        check(label in labels | SCRAPE_LABELS, f"{where}: label {label} is neither the code's nor Prometheus's: {expr}")
+        return set()
+    selected, used, kept = promql_names(tree)
+    check(selected, f"{where}: names no metric: {expr}")
+    for label in shown:
+        check(label in kept | used, f"{where}: shows {label}, which the expression drops: {expr}")
+    if metrics is not None:
+        names, labels = metrics
+        for name in selected:
+            check(name in names, f"{where}: {name} is not a metric the code exports: {expr}")
+        for label in used | set(shown):
+            check(label in labels | SCRAPE_LABELS, f"{where}: label {label} is neither the code's nor Prometheus's: {expr}")
+    return kept
 
 
-def check_dashboard(metrics: tuple[set[str], set[str]]) -> str:
+def check_promql_checker(metrics: tuple[set[str], set[str]] | None) -> None:
+    """check_promql refuses what it is there to refuse (else every expression would pass)."""
+    bad = [
+        ('sum by (op) (rate(s3nfs_s3_errors_total[5m]', "does not parse"),
+        ("max(s3nfs_volume_pending_secs) > 900", "not a metric the code exports"),
+        ('s3nfs_volume_failed{volumes="x"} == 1', "label volumes"),
+        ("sum by (bucket) (rate(s3nfs_s3_requests_total[5m]))", "label bucket"),
+        ("a_total / on (tenant) b_total", "label tenant"),
+        ("label_values(s3nfs_volume_dirty_bytes, pvc)", "label pvc"),
+    ]
+    if metrics is None:
+        bad = bad[:1]
+    global failures
+    kept = failures
+    for expr, needle in bad:
+        failures = []
+        check_promql(expr, "self-test", metrics)
+        refused = any(needle in f for f in failures)
+        failures = kept
+        check(refused, f"check_promql accepts {expr!r} (it must report {needle!r})")
+    failures = []
+    check_promql("sum by (op) (rate(s3nfs_s3_errors_total[5m]))", "self-test", metrics, {"volume"})
+    refused = any("drops" in f for f in failures)
+    failures = kept
+    check(refused, "check_promql accepts an annotation naming a label the expression drops")
+
+
+def overlaps(a: dict, b: dict) -> bool:
+    return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+
+
+def check_dashboard(metrics: tuple[set[str], set[str]] | None) -> str:
     """The Grafana dashboard file: its structure and every expression. Returns its text."""
     text = DASHBOARD.read_text()
     try:
@@ -635,31 +698,51 @@ def check_dashboard(metrics: tuple[set[str], set[str]]) -> str:
         return text
     for key in ("uid", "title", "schemaVersion", "panels", "templating"):
         check(key in dash, f"dashboard: no {key}")
+    check(dash.get("uid") == "s3nfs-volumes", "dashboard: its uid must stay s3nfs-volumes (links and imports key on it)")
+    check(isinstance(dash.get("schemaVersion"), int) and dash["schemaVersion"] >= 39, "dashboard: schemaVersion below 39")
     ids = [p.get("id") for p in dash.get("panels", [])]
     check(len(ids) == len(set(ids)) and all(isinstance(i, int) for i in ids), f"dashboard: panel ids not unique integers: {ids}")
+    placed: list[tuple[str, dict]] = []
     exprs = 0
     for p in dash.get("panels", []):
         where = f"dashboard panel {p.get('id')} {p.get('title')!r}"
         check(p.get("type") and p.get("title"), f"{where}: no type or title")
         g = p.get("gridPos", {})
-        check(all(isinstance(g.get(k), int) for k in ("x", "y", "w", "h")) and g.get("x", 0) + g.get("w", 0) <= 24,
-              f"{where}: gridPos {g} is not a place on the 24-column grid")
+        if check(all(isinstance(g.get(k), int) for k in ("x", "y", "w", "h")) and g["x"] >= 0 and g["x"] + g["w"] <= 24,
+                 f"{where}: gridPos {g} is not a place on the 24-column grid"):
+            for other, h in placed:
+                check(not overlaps(g, h), f"{where}: overlaps {other}")
+            placed.append((where, g))
         if p.get("type") == "row":
             continue
         check(p.get("datasource", {}).get("uid") == "${datasource}", f"{where}: not on the datasource variable")
         check(p.get("targets"), f"{where}: no query")
         for t in p.get("targets", []):
             exprs += 1
-            check_promql(t.get("expr", ""), where, metrics)
+            check(t.get("datasource", {}).get("uid") == "${datasource}", f"{where}: query {t.get('refId')} not on the datasource variable")
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
+            check_promql(t.get("expr", ""), f"{where} query {t.get('refId')}", metrics, legend)
     variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
     check(variables.get("datasource", {}).get("query") == "prometheus", "dashboard: no Prometheus datasource variable")
-    vol = variables.get("volume", {})
-    check_promql(vol.get("definition", ""), "dashboard variable volume", metrics)
-    # What the issue asks the dashboard to show, by metric.
-    wanted = ["s3nfs_volume_dirty_bytes", "s3nfs_volume_uploaded_bytes_total", "s3nfs_s3_request_duration_seconds_bucket",
-              "s3nfs_nfs_ops_total", "s3nfs_s3_errors_total", "s3nfs_volume_capacity_bytes"]
+    for name, v in variables.items():
+        if v.get("type") == "query":
+            query = v.get("query")
+            query = query.get("query") if isinstance(query, dict) else query
+            check(query == v.get("definition"), f"dashboard variable {name}: query and definition differ")
+            check(v.get("datasource", {}).get("uid") == "${datasource}", f"dashboard variable {name}: not on the datasource variable")
+            check_promql(str(query), f"dashboard variable {name}", metrics)
+    check(re.fullmatch(r"label_values\(s3nfs_volume_\w+, volume\)", str(variables.get("volume", {}).get("definition"))),
+          "dashboard: no volume variable listing the volume label of a per-volume metric")
+    # What the dashboard is for, by metric.
+    wanted = ["s3nfs_volume_dirty_bytes", "s3nfs_volume_pending_seconds", "s3nfs_volume_uploaded_bytes_total",
+              "s3nfs_s3_requests_total", "s3nfs_s3_request_duration_seconds_bucket", "s3nfs_nfs_ops_total",
+              "s3nfs_nfs_op_duration_seconds_bucket", "s3nfs_s3_errors_total", "s3nfs_nfs_errors_total",
+              "s3nfs_volume_upload_errors_total", "s3nfs_volume_capacity_bytes", "s3nfs_cache_hit_ratio"]
     for w in wanted:
         check(w in text, f"dashboard: nothing shows {w}")
+    for q in ("0.5", "0.99"):
+        check(f"histogram_quantile({q}, sum by (le, op) (rate(s3nfs_s3_request_duration_seconds_bucket" in text,
+              f"dashboard: no S3 latency quantile {q} by op")
     check(exprs >= 10, f"dashboard: {exprs} queries")
     return text
 
@@ -695,7 +778,7 @@ def check_metrics_off(docs: list[dict], label: str) -> None:
 
 
 def check_monitoring(docs: list[dict], label: str, prefix: str, namespace: str, mon: dict,
-                     metrics: tuple[set[str], set[str]], dashboard: str) -> None:
+                     metrics: tuple[set[str], set[str]] | None, dashboard: str) -> None:
     """ServiceMonitor, PrometheusRule and the dashboard's ConfigMap, as `mon` (the metrics
     values) asks."""
     sm = one(docs, "ServiceMonitor", prefix)
@@ -714,20 +797,32 @@ def check_monitoring(docs: list[dict], label: str, prefix: str, namespace: str, 
     check(set(alerts) == {"S3nfsDataNotInS3", "S3nfsS3Errors", "S3nfsUploadsFailing", "S3nfsVolumeAlmostFull", "S3nfsVolumeFailed"},
           f"{label}: alerts {sorted(alerts)}")
     for name, r in alerts.items():
-        check_promql(str(r.get("expr", "")), f"{label}: alert {name}", metrics)
+        notes = r.get("annotations", {})
+        # Every label the annotations print ({{ $labels.x }}) must survive the expression's
+        # aggregations, or the alert reads "volume  ...".
+        shown = set(re.findall(r"\$labels\.(\w+)", notes.get("summary", "") + notes.get("description", "")))
+        kept = check_promql(str(r.get("expr", "")), f"{label}: alert {name}", metrics, shown)
         check(r.get("labels", {}).get("severity") in ("warning", "critical"), f"{label}: alert {name} has no severity")
-        check("s3nfs status" in r.get("annotations", {}).get("description", "") or name == "S3nfsVolumeAlmostFull",
-              f"{label}: alert {name} does not say to run s3nfs status")
-        check("{{ $labels." in r.get("annotations", {}).get("summary", ""), f"{label}: alert {name}'s summary names no series")
+        check(re.fullmatch(r"[1-9][0-9]*m", str(r.get("for", ""))) and int(r["for"][:-1]) <= 15,
+              f"{label}: alert {name} must wait whole minutes, at most 15, not {r.get('for')!r}")
+        check("s3nfs status" in notes.get("description", ""), f"{label}: alert {name} does not say to run s3nfs status")
+        check(notes.get("summary") and "{{ $labels." in notes["summary"], f"{label}: alert {name}'s summary names no series")
+        if "volume" in kept:
+            check("{{ $labels.volume }}" in notes.get("summary", ""), f"{label}: alert {name}'s summary does not name the volume")
     minutes = int(str(mon["prometheusRule"]["pendingFor"]).rstrip("m"))
     check(re.search(rf"s3nfs_volume_pending_seconds\)\s*>\s*{minutes * 60}\b", str(alerts.get("S3nfsDataNotInS3", {}).get("expr"))),
           f"{label}: S3nfsDataNotInS3 does not follow pendingFor {mon['prometheusRule']['pendingFor']}")
     check(re.search(rf"\*\s*100\s*>\s*{mon['prometheusRule']['capacityPercent']}\b", str(alerts.get("S3nfsVolumeAlmostFull", {}).get("expr"))),
           f"{label}: S3nfsVolumeAlmostFull does not follow capacityPercent")
-    check("s3nfs_volume_failed" in str(alerts.get("S3nfsVolumeFailed", {}).get("expr")), f"{label}: S3nfsVolumeFailed watches nothing")
+    check(re.search(r"\(s3nfs_volume_failed\)\s*==\s*1$", str(alerts.get("S3nfsVolumeFailed", {}).get("expr"))),
+          f"{label}: S3nfsVolumeFailed does not watch s3nfs_volume_failed == 1")
+    errors = str(alerts.get("S3nfsS3Errors", {}).get("expr"))
+    check(re.search(r"by \([^)]*\bop\)\s*\(rate\(s3nfs_s3_errors_total\[\w+\]\)\)\s*/\s*sum by \([^)]*\bop\)\s*"
+                    r"\(rate\(s3nfs_s3_requests_total\[\w+\]\)\)\s*>\s*0\.0\d+$", errors),
+          f"{label}: S3nfsS3Errors is not the share of failed S3 requests by op: {errors}")
     cm = one(docs, "ConfigMap", f"{prefix}-dashboard")
     check(mon["dashboard"]["labels"].items() <= cm["metadata"].get("labels", {}).items(), f"{label}: dashboard labels not applied")
-    check(cm.get("data", {}).get("s3nfs.json", "").strip() == dashboard.strip(), f"{label}: the ConfigMap does not carry {DASHBOARD.name} as it is")
+    check(cm.get("data", {}).get("s3nfs.json") == dashboard, f"{label}: the ConfigMap does not carry {DASHBOARD.name} as it is")
 
 
 def check_all_values(docs: list[dict], full: list[dict], values: dict, text: str) -> None:
@@ -847,7 +942,9 @@ def main() -> int:
     for values, needle in [({}, "is required"), (merge(REQUIRED, {"secret": {"endpoint": "minio:9000"}}), "http:// or https://"),
                            (merge(REQUIRED, {"readWriteMany": {"leaseDuration": "500ms"}}), "whole seconds or minutes"),
                            (merge(REQUIRED, {"logFormat": "yaml"}), "logFormat must be json or text"),
-                           (merge(REQUIRED, {"metrics": {"prometheusRule": {"enabled": True, "pendingFor": "90s"}}}), "whole minutes")]:
+                           (merge(REQUIRED, {"metrics": {"prometheusRule": {"enabled": True, "pendingFor": "90s"}}}), "whole minutes"),
+                           (merge(REQUIRED, {"metrics": {"prometheusRule": {"enabled": True, "capacityPercent": 150}}}), "capacityPercent must be a percentage"),
+                           (merge(REQUIRED, {"metrics": {"prometheusRule": {"enabled": True, "capacityPercent": "90%"}}}), "capacityPercent must be a percentage")]:
         try:
             render(values, "s3nfs", "s3nfs")
             check(False, f"rendering with {values} should fail with a message about {needle}")
@@ -878,6 +975,12 @@ def main() -> int:
     validate(mon_docs)
     check_structure(mon_docs, "s3nfs", "monitoring")
     check_monitoring(mon_docs, "monitoring", "s3nfs", "s3nfs", merge(defaults["metrics"], every), metrics, dashboard)
+    # Each alone renders its own object and no other.
+    for key, kind in (("serviceMonitor", "ServiceMonitor"), ("prometheusRule", "PrometheusRule"), ("dashboard", "ConfigMap")):
+        alone = parse(render(merge(REQUIRED, {"metrics": {key: {"enabled": True}}}), "s3nfs", "s3nfs"), f"chart({key})")
+        extra = sorted(d["kind"] for d in alone if d["kind"] in OPERATOR_KINDS | {"ConfigMap"})
+        check(extra == [kind], f"metrics.{key}.enabled alone: rendered {extra}, not one {kind}")
+    check_promql_checker(metrics)
     off = parse(render(merge(REQUIRED, {"metrics": {"enabled": False, **every}}), "s3nfs", "s3nfs"), "chart(metrics off)")
     check_metrics_off(off, "metrics off")
 
