@@ -391,6 +391,14 @@ const FIGURES: &[(&str, &str)] = &[
     ("cargo_build", "`cargo build` of a one-file crate"),
 ];
 
+/// Every `KV key=value` line of the guest's console, in order (a key once per run).
+fn kvs(console: &str) -> impl Iterator<Item = (&str, &str)> {
+    console
+        .lines()
+        .filter_map(|line| line.split("KV ").nth(1))
+        .filter_map(|rest| rest.split_once('='))
+}
+
 fn median(v: &mut [f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -452,9 +460,7 @@ fn main() {
     out.assert_finished();
     // Every value, per key, across runs.
     let mut values: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for line in out.console.lines() {
-        let Some(rest) = line.split("KV ").nth(1) else { continue };
-        let Some((k, v)) = rest.split_once('=') else { continue };
+    for (k, v) in kvs(&out.console) {
         if let Ok(v) = v.trim().parse::<f64>() {
             values.entry(k.to_string()).or_default().push(v);
         }
@@ -521,9 +527,7 @@ fn main() {
     }
     // S3 requests by kind per workload (Garage's count, see s3count.py): what a user pays for.
     let mut reqs: BTreeMap<String, Vec<BTreeMap<String, u64>>> = BTreeMap::new();
-    for line in out.console.lines() {
-        let Some(rest) = line.split("KV ").nth(1) else { continue };
-        let Some((k, v)) = rest.split_once('=') else { continue };
+    for (k, v) in kvs(&out.console) {
         if !k.contains("_req_") {
             continue;
         }
@@ -585,11 +589,8 @@ fn main() {
     }
     table.push_str(&format!("\n{req_table}"));
     // An application that could not run on a system says why (the first lines of its error).
-    for line in out.console.lines() {
-        let Some(rest) = line.split("KV ").nth(1) else { continue };
-        if let Some((k, v)) = rest.split_once('=').filter(|(k, _)| k.ends_with("_error")) {
-            table.push_str(&format!("\n{k}: {}", v.trim()));
-        }
+    for (k, v) in kvs(&out.console).filter(|(k, _)| k.ends_with("_error")) {
+        table.push_str(&format!("\n{k}: {}", v.trim()));
     }
     for s in &sys {
         if *s == "local" {

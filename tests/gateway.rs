@@ -1307,6 +1307,13 @@ async fn a_listing_fetches_only_tiny_objects_whole() {
     );
 }
 
+/// (permission bits, uid, gid) of `name` in `dir`.
+async fn owner_and_mode(c: &mut Client, dir: &Fh, name: &str) -> (u32, u32, u32) {
+    let fh = c.lookup(dir, name).await.unwrap();
+    let a = c.getattr(&fh).await.unwrap();
+    (a.mode & 0o7777, a.uid, a.gid)
+}
+
 /// A directory's owner and mode live in its marker object: a gateway that knows nothing but S3
 /// (a new node, a lost state directory) finds them there, as PostgreSQL's check of its data
 /// directory's owner needs. A directory that is only a prefix (written by another tool) has
@@ -1336,10 +1343,8 @@ async fn directory_owner_and_mode_come_back_from_s3_alone() {
     let fresh = InProc::start(s3.store.clone(), Opts::default()).await;
     let mut c = Client::connect(fresh.addr).await;
     let root = c.root.clone();
-    let d = c.lookup(&root, "pgdata").await.unwrap();
-    let a = c.getattr(&d).await.unwrap();
     assert_eq!(
-        (a.mode & 0o7777, a.uid, a.gid),
+        owner_and_mode(&mut c, &root, "pgdata").await,
         (0o700, 101, 104),
         "pgdata from S3 alone"
     );
@@ -1349,20 +1354,17 @@ async fn directory_owner_and_mode_come_back_from_s3_alone() {
     let root2 = c2.root.clone();
     let names = c2.readdirplus_all(&root2, 4096).await.unwrap();
     assert!(names.iter().any(|(n, _)| n == b"pgdata"), "{names:?}");
-    let d2 = c2.lookup(&root2, "pgdata").await.unwrap();
-    let a2 = c2.getattr(&d2).await.unwrap();
     assert_eq!(
-        (a2.mode & 0o7777, a2.uid, a2.gid),
+        owner_and_mode(&mut c2, &root2, "pgdata").await,
         (0o700, 101, 104),
         "pgdata listed first"
     );
-    let bare = c2.lookup(&root2, "bare").await.unwrap();
-    let b = c2.getattr(&bare).await.unwrap();
     assert_eq!(
-        (b.mode & 0o7777, b.uid, b.gid),
+        owner_and_mode(&mut c2, &root2, "bare").await,
         (0o755, 0, 0),
         "a prefix-only directory"
     );
+    let bare = c2.lookup(&root2, "bare").await.unwrap();
     let file = c2.lookup(&bare, "file").await.unwrap();
     assert_eq!(c2.read_all(&file).await.unwrap(), b"x");
 }

@@ -296,17 +296,7 @@ async fn scenario(backend: Backend<'_>, protocol: &str, sink: otlp_sink::Sink) {
     // at exit, comes after the volume has closed). Waited for, not assumed: the work above can
     // take less than one export interval.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !sink
-        .received
-        .metrics
-        .lock()
-        .unwrap()
-        .iter()
-        .flat_map(|r| &r.resource_metrics)
-        .flat_map(|r| &r.scope_metrics)
-        .flat_map(|s| &s.metrics)
-        .any(|m| m.name == "s3nfs.volume.dirty_bytes")
-    {
+    while !sink.received.metric_names().contains("s3nfs.volume.dirty_bytes") {
         assert!(Instant::now() < deadline, "no OTLP export with the volume's series");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -420,16 +410,7 @@ async fn scenario(backend: Backend<'_>, protocol: &str, sink: otlp_sink::Sink) {
     assert!(spans.iter().any(|s| s.name == "sync_inode" && !s.links.is_empty()));
 
     // OTLP metrics arrived too.
-    let names: HashSet<String> = rec
-        .metrics
-        .lock()
-        .unwrap()
-        .iter()
-        .flat_map(|r| &r.resource_metrics)
-        .flat_map(|r| &r.scope_metrics)
-        .flat_map(|s| &s.metrics)
-        .map(|m| m.name.clone())
-        .collect();
+    let names = rec.metric_names();
     for n in [
         "s3nfs.nfs.ops",
         "s3nfs.s3.requests",

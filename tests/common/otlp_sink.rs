@@ -24,6 +24,21 @@ pub struct Received {
     pub keep: bool,
 }
 
+impl Received {
+    /// The names of every metric received so far.
+    pub fn metric_names(&self) -> std::collections::HashSet<String> {
+        self.metrics
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.resource_metrics)
+            .flat_map(|r| &r.scope_metrics)
+            .flat_map(|s| &s.metrics)
+            .map(|m| m.name.clone())
+            .collect()
+    }
+}
+
 #[derive(Clone)]
 struct Svc(Arc<Received>);
 
