@@ -74,7 +74,17 @@ impl Gateway {
 
     fn start_with(g: &garage::Garage, endpoint: &str, bucket: &str, extra: &[&str]) -> Gateway {
         let state = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_s3nfs"));
+        // S3NFS_GATEWAY_WRAPPER runs the gateway under a profiler (e.g. "strace -f -c -o /tmp/st"),
+        // as the tests' gateways do; peak RSS then is the wrapper's.
+        let mut cmd = match std::env::var("S3NFS_GATEWAY_WRAPPER") {
+            Ok(w) if !w.trim().is_empty() => {
+                let mut words = w.split_whitespace();
+                let mut c = Command::new(words.next().unwrap());
+                c.args(words).arg(env!("CARGO_BIN_EXE_s3nfs"));
+                c
+            }
+            _ => Command::new(env!("CARGO_BIN_EXE_s3nfs")),
+        };
         if let Some(otlp) = OTLP.get() {
             cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
                 .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
@@ -504,7 +514,17 @@ async fn commit(c: &mut Conn, fh: &nfs_fh3) {
     .unwrap();
 }
 
-/// What fsync costs in each durability mode, against the local disk and raw S3.
+/// Writes back every dirty page of the machine, so that a timed phase does not pay for the
+/// write-back of the one before (a 256 MiB write leaves hundreds of MB dirty in the page cache,
+/// and every fsync after it waits behind them: small-file COMMITs measured 0.7 ms or 4.7 ms
+/// depending on what ran just before).
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// What fsync costs in each durability mode, against the local disk and raw S3. Each phase
+/// starts with the disk quiet (see [`settle`]).
 async fn durability(
     g: &garage::Garage,
     bucket: &str,
@@ -516,8 +536,19 @@ async fn durability(
 ) {
     use std::io::Write;
     let total_mb = total / MIB;
-    // Local disk: the same bytes, one fsync at the end; and small files each fsync'd.
+    // Local disk: small files each fsync'd; the same bytes as the sequential write, one fsync
+    // at the end.
     let dir = tempfile::tempdir().unwrap();
+    let body = vec![7u8; 4096];
+    settle();
+    let t = Instant::now();
+    for i in 0..files {
+        let mut f = std::fs::File::create(dir.path().join(format!("s{i}"))).unwrap();
+        f.write_all(&body).unwrap();
+        f.sync_all().unwrap();
+    }
+    let disk_small = t.elapsed();
+    settle();
     let t = Instant::now();
     {
         let mut f = std::fs::File::create(dir.path().join("seq")).unwrap();
@@ -527,14 +558,7 @@ async fn durability(
         f.sync_all().unwrap();
     }
     let disk_seq = t.elapsed();
-    let body = vec![7u8; 4096];
-    let t = Instant::now();
-    for i in 0..files {
-        let mut f = std::fs::File::create(dir.path().join(format!("s{i}"))).unwrap();
-        f.write_all(&body).unwrap();
-        f.sync_all().unwrap();
-    }
-    let disk_small = t.elapsed();
+    settle();
     let t = Instant::now();
     for i in 0..files {
         store
@@ -547,6 +571,7 @@ async fn durability(
             .unwrap();
     }
     let s3_small = t.elapsed();
+    settle();
     let t = Instant::now();
     s3_multipart_put(store, "dur-baseline.bin", total, template).await;
     let s3_seq = t.elapsed();
@@ -554,15 +579,14 @@ async fn durability(
     for mode in ["local", "s3"] {
         let gw = Gateway::start_with(g, &g.endpoint, bucket, &["--durability", mode]);
         let mut c = connect(gw.port).await;
-        let fh = create(&mut c, &format!("dur-{mode}.bin")).await;
+        settle();
         let t = Instant::now();
-        // The kernel client's way: UNSTABLE writes, then one COMMIT for the fsync.
-        nfs_write(gw.port, &fh, total, template, stable_how::UNSTABLE).await;
-        commit(&mut c, &fh).await;
-        let seq = t.elapsed();
-        let t = Instant::now();
+        let mut phases = [Duration::ZERO; 3];
         for i in 0..files {
+            let p = Instant::now();
             let fh = create(&mut c, &format!("dur-{mode}-{i}")).await;
+            phases[0] += p.elapsed();
+            let p = Instant::now();
             c.write(&WRITE3args {
                 file: fh.clone(),
                 offset: 0,
@@ -573,9 +597,19 @@ async fn durability(
             .await
             .unwrap()
             .unwrap();
+            phases[1] += p.elapsed();
+            let p = Instant::now();
             commit(&mut c, &fh).await;
+            phases[2] += p.elapsed();
         }
         let small = t.elapsed();
+        let fh = create(&mut c, &format!("dur-{mode}.bin")).await;
+        settle();
+        let t = Instant::now();
+        // The kernel client's way: UNSTABLE writes, then one COMMIT for the fsync.
+        nfs_write(gw.port, &fh, total, template, stable_how::UNSTABLE).await;
+        commit(&mut c, &fh).await;
+        let seq = t.elapsed();
         drop(gw);
         rows.push((
             format!("--durability {mode}: write {total_mb} MiB + fsync"),
@@ -588,9 +622,16 @@ async fn durability(
                 s3_seq.as_secs_f64() / seq.as_secs_f64()
             ),
         ));
+        let per = |d: Duration| d.as_secs_f64() * 1e3 / files as f64;
         rows.push((
             format!("--durability {mode}: {files} x 4 KiB, each fsync'd"),
-            format!("{:.2} s", small.as_secs_f64()),
+            format!(
+                "{:.2} s (per file: CREATE {:.2} ms, WRITE {:.2} ms, COMMIT {:.2} ms)",
+                small.as_secs_f64(),
+                per(phases[0]),
+                per(phases[1]),
+                per(phases[2])
+            ),
             format!(
                 "disk {:.2} s: {:.2}x; S3 PUTs {:.2} s: {:.2}x",
                 disk_small.as_secs_f64(),

@@ -91,6 +91,12 @@ impl Volume {
     /// syncing them all every tick would keep the disk busy doing nothing.
     pub fn sync_local(&self) -> FsResult<()> {
         self.meta.sync()?;
+        self.sync_staged()
+    }
+
+    /// The staged half of [`Volume::sync_local`]: the files written since the last call.
+    /// Independent of the journal's sync, so a COMMIT may run the two side by side.
+    pub(super) fn sync_staged(&self) -> FsResult<()> {
         let unsynced = self.staging.take_unsynced();
         for st in unsynced {
             // Cleared first: a write landing during the fsync queues the file again.

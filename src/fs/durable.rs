@@ -114,26 +114,20 @@ impl Volume {
             return Ok(()); // a sync that started after we arrived has finished
         }
         let n = g.started.fetch_add(1, Ordering::AcqRel) + 1;
-        let vol = self
-            .this
-            .get()
-            .and_then(|w| w.upgrade())
-            .ok_or_else(|| FsError::Io("volume closing".into()))?;
-        let timed = move || {
-            let start = crate::clock::stopwatch();
-            let r = vol.sync_local();
-            (r, Some(start.elapsed()))
-        };
         let (r, took) = if g.inline() {
             if g.inline_syncs.fetch_add(1, Ordering::Relaxed) % TIME_EVERY == 0 {
-                timed()
+                let start = crate::clock::stopwatch();
+                (self.sync_local(), Some(start.elapsed()))
             } else {
                 (self.sync_local(), None)
             }
         } else {
-            tokio::task::spawn_blocking(timed)
-                .await
-                .map_err(|e| FsError::Io(format!("sync task failed: {e}")))?
+            let vol = self
+                .this
+                .get()
+                .and_then(|w| w.upgrade())
+                .ok_or_else(|| FsError::Io("volume closing".into()))?;
+            Self::sync_local_blocking(vol).await?
         };
         if let Some(took) = took {
             g.record(took);
@@ -143,11 +137,43 @@ impl Volume {
         Ok(())
     }
 
+    /// [`Volume::sync_local`] on blocking threads, timed. The journal and the staged files are
+    /// different files on the same disk, and a disk takes their flushes side by side: one after
+    /// the other, a COMMIT of a new small file waited for two syncs (about 0.5 ms here, not 0.25).
+    /// The order between the two never mattered: a crash may come between them either way, and
+    /// COMMIT answers only once both are done.
+    async fn sync_local_blocking(vol: Arc<Volume>) -> FsResult<(FsResult<()>, Option<Duration>)> {
+        fn timed(f: impl FnOnce() -> FsResult<()>) -> (FsResult<()>, Duration) {
+            let start = crate::clock::stopwatch();
+            let r = f();
+            (r, start.elapsed())
+        }
+        let failed = |e: tokio::task::JoinError| FsError::Io(format!("sync task failed: {e}"));
+        let (r, took) = if vol.meta.unsynced() && vol.staging.has_unsynced() {
+            let v = vol.clone();
+            let journal = tokio::task::spawn_blocking(move || timed(|| Ok(v.meta.sync()?)));
+            let staged = tokio::task::spawn_blocking(move || timed(|| vol.sync_staged()));
+            let (j, s) = tokio::join!(journal, staged);
+            let ((jr, jt), (sr, st)) = (j.map_err(failed)?, s.map_err(failed)?);
+            (jr.and(sr), jt.max(st))
+        } else {
+            tokio::task::spawn_blocking(move || timed(|| vol.sync_local()))
+                .await
+                .map_err(failed)?
+        };
+        Ok((r, Some(took)))
+    }
+
     /// COMMIT of a file: durable as the volume's [`Durability`] says; returns its attributes.
+    /// With [`Durability::S3`], the upload and the local sync run side by side: the journal's
+    /// sync keeps the file's name and attributes, the upload its bytes, and neither waits for
+    /// the other (in turn, a small file's COMMIT cost two syncs and a PUT, not one PUT).
     pub async fn commit(self: &Arc<Self>, ino: Ino) -> FsResult<Attr> {
-        self.sync_durable().await?;
         if self.cfg.durability == Durability::S3 {
-            self.flush_inode(ino).await?;
+            let (synced, uploaded) = tokio::join!(self.sync_durable(), self.flush_inode(ino));
+            synced.and(uploaded)?;
+        } else {
+            self.sync_durable().await?;
         }
         Ok(self.attr_of(&self.inode(ino)?))
     }
