@@ -24,25 +24,22 @@
 //! (`always_on`) to a live OTLP/gRPC receiver in this process: compare with a run without it
 //! to get the cost of tracing.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[allow(dead_code)]
 #[path = "../tests/common/delay_proxy.rs"]
 mod delay_proxy;
 #[allow(dead_code)]
-#[path = "../tests/common/garage.rs"]
-mod garage;
-#[allow(dead_code)]
 #[path = "../tests/common/otlp_sink.rs"]
 mod otlp_sink;
-#[allow(dead_code)]
-#[path = "../tests/common/rpc.rs"]
-mod rpc;
-use rpc::root_cred;
+use common::garage;
+use common::rpc::root_cred;
 
 /// The OTLP receiver's endpoint when `S3NFS_BENCH_TRACING=1`.
 static OTLP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,17 +73,7 @@ impl Gateway {
 
     fn start_with(g: &garage::Garage, endpoint: &str, bucket: &str, extra: &[&str]) -> Gateway {
         let state = tempfile::tempdir().unwrap();
-        // S3NFS_GATEWAY_WRAPPER runs the gateway under a profiler (e.g. "strace -f -c -o /tmp/st"),
-        // as the tests' gateways do; peak RSS then is the wrapper's.
-        let mut cmd = match std::env::var("S3NFS_GATEWAY_WRAPPER") {
-            Ok(w) if !w.trim().is_empty() => {
-                let mut words = w.split_whitespace();
-                let mut c = Command::new(words.next().unwrap());
-                c.args(words).arg(env!("CARGO_BIN_EXE_s3nfs"));
-                c
-            }
-            _ => Command::new(env!("CARGO_BIN_EXE_s3nfs")),
-        };
+        let mut cmd = common::gateway::s3nfs_command();
         if let Some(otlp) = OTLP.get() {
             cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
                 .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
@@ -194,20 +181,6 @@ async fn lookup(c: &mut Conn, name: &str) -> nfs_fh3 {
 }
 
 /// A block whose first bytes say where it belongs, so reads can be checked cheaply.
-/// `len` pseudo-random bytes (xorshift64*: fixed seed, the same in every run).
-fn incompressible(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn block(template: &Bytes, index: u64) -> Vec<u8> {
     let mut b = template.to_vec();
     b[..8].copy_from_slice(&index.to_le_bytes());
@@ -364,7 +337,7 @@ async fn main() {
     // Incompressible bytes, as most of what users store is (media, archives, compressed
     // formats). Garage compresses blocks with zstd: a repeating pattern never reached its disk,
     // so the baseline skipped the disk writes that the gateway's staged copy cannot.
-    let template = Bytes::from(incompressible(BLOCK as usize));
+    let template = Bytes::from(common::pattern(1, BLOCK as usize));
     let mut rows: Vec<(String, String, String)> = Vec::new();
     if std::env::var("S3NFS_BENCH_ONLY").as_deref() == Ok("durability") {
         durability(
@@ -490,18 +463,7 @@ async fn main() {
     let mut c = connect(gw.port).await;
     let t = Instant::now();
     for i in 0..synced_files {
-        let fh = create(&mut c, &format!("synced-{i}")).await;
-        c.write(&WRITE3args {
-            file: fh.clone(),
-            offset: 0,
-            count: 4096,
-            stable: stable_how::UNSTABLE,
-            data: Opaque::owned(body.to_vec()),
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        commit(&mut c, &fh).await;
+        synced_file(&mut c, &format!("synced-{i}"), &body).await;
     }
     let nfs_synced = t.elapsed();
     drop(gw);
@@ -574,6 +536,29 @@ async fn commit(c: &mut Conn, fh: &nfs_fh3) {
     .unwrap();
 }
 
+/// A small file as an application fsyncs it: CREATE, an UNSTABLE WRITE of `body`, COMMIT.
+/// Returns how long each of the three took.
+async fn synced_file(c: &mut Conn, name: &str, body: &[u8]) -> [Duration; 3] {
+    let t = Instant::now();
+    let fh = create(c, name).await;
+    let created = t.elapsed();
+    let t = Instant::now();
+    c.write(&WRITE3args {
+        file: fh.clone(),
+        offset: 0,
+        count: body.len() as u32,
+        stable: stable_how::UNSTABLE,
+        data: Opaque::owned(body.to_vec()),
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let written = t.elapsed();
+    let t = Instant::now();
+    commit(c, &fh).await;
+    [created, written, t.elapsed()]
+}
+
 /// Writes back every dirty page of the machine, so that a timed phase does not pay for the
 /// write-back of the one before (a 256 MiB write leaves hundreds of MB dirty in the page cache,
 /// and every fsync after it waits behind them: small-file COMMITs measured 0.7 ms or 4.7 ms
@@ -643,24 +628,10 @@ async fn durability(
         let t = Instant::now();
         let mut phases = [Duration::ZERO; 3];
         for i in 0..files {
-            let p = Instant::now();
-            let fh = create(&mut c, &format!("dur-{mode}-{i}")).await;
-            phases[0] += p.elapsed();
-            let p = Instant::now();
-            c.write(&WRITE3args {
-                file: fh.clone(),
-                offset: 0,
-                count: 4096,
-                stable: stable_how::UNSTABLE,
-                data: Opaque::owned(body.clone()),
-            })
-            .await
-            .unwrap()
-            .unwrap();
-            phases[1] += p.elapsed();
-            let p = Instant::now();
-            commit(&mut c, &fh).await;
-            phases[2] += p.elapsed();
+            let took = synced_file(&mut c, &format!("dur-{mode}-{i}"), &body).await;
+            for (sum, d) in phases.iter_mut().zip(took) {
+                *sum += d;
+            }
         }
         let small = t.elapsed();
         let fh = create(&mut c, &format!("dur-{mode}.bin")).await;

@@ -139,7 +139,7 @@ impl Volume {
 
     /// [`Volume::sync_local`] on blocking threads, timed. The journal and the staged files are
     /// different files on the same disk, and a disk takes their flushes side by side: one after
-    /// the other, a COMMIT of a new small file waited for two syncs (about 0.5 ms here, not 0.25).
+    /// the other, a COMMIT of a new small file would wait for two syncs (about 0.5 ms, not 0.25).
     /// The order between the two never mattered: a crash may come between them either way, and
     /// COMMIT answers only once both are done.
     async fn sync_local_blocking(vol: Arc<Volume>) -> FsResult<(FsResult<()>, Option<Duration>)> {
@@ -167,7 +167,7 @@ impl Volume {
     /// COMMIT of a file: durable as the volume's [`Durability`] says; returns its attributes.
     /// With [`Durability::S3`], the upload and the local sync run side by side: the journal's
     /// sync keeps the file's name and attributes, the upload its bytes, and neither waits for
-    /// the other (in turn, a small file's COMMIT cost two syncs and a PUT, not one PUT).
+    /// the other (in turn, a small file's COMMIT would cost two syncs and a PUT, not one PUT).
     pub async fn commit(self: &Arc<Self>, ino: Ino) -> FsResult<Attr> {
         if self.cfg.durability == Durability::S3 {
             let (synced, uploaded) = tokio::join!(self.sync_durable(), self.flush_inode(ino));

@@ -223,6 +223,21 @@ pub struct Proc {
     child: Option<Child>,
 }
 
+/// The `s3nfs` binary, or, when S3NFS_GATEWAY_WRAPPER is set, that command with the binary
+/// as its last argument: a profiler for benches (e.g. "heaptrack -o /tmp/ht" or
+/// "strace -f -c -o /tmp/st"). The pid and peak RSS then are the wrapper's.
+pub fn s3nfs_command() -> Command {
+    match std::env::var("S3NFS_GATEWAY_WRAPPER") {
+        Ok(w) if !w.trim().is_empty() => {
+            let mut words = w.split_whitespace();
+            let mut c = Command::new(words.next().unwrap());
+            c.args(words).arg(env!("CARGO_BIN_EXE_s3nfs"));
+            c
+        }
+        _ => Command::new(env!("CARGO_BIN_EXE_s3nfs")),
+    }
+}
+
 impl Proc {
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
@@ -260,17 +275,7 @@ impl Proc {
     /// The command line, with the test key in the environment.
     pub fn command(bucket: &str, port: u16, dir: &Path, secret: Option<&str>) -> Command {
         let g = garage::shared();
-        // S3NFS_GATEWAY_WRAPPER runs the gateway under a profiler (e.g. "heaptrack -o /tmp/ht"):
-        // for benches; the pid then is the wrapper's.
-        let mut cmd = match std::env::var("S3NFS_GATEWAY_WRAPPER") {
-            Ok(w) if !w.trim().is_empty() => {
-                let mut words = w.split_whitespace();
-                let mut c = Command::new(words.next().unwrap());
-                c.args(words).arg(env!("CARGO_BIN_EXE_s3nfs"));
-                c
-            }
-            _ => Command::new(env!("CARGO_BIN_EXE_s3nfs")),
-        };
+        let mut cmd = s3nfs_command();
         cmd.arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
