@@ -222,8 +222,9 @@ async fn local_sync(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
         if !vol.needs_local_sync() {
             continue; // idle: no thread, no system call
         }
-        let v = vol.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.sync_local()).await {
+        // In the volume's sync group, as a COMMIT's sync: a COMMIT arriving while this one
+        // runs waits for it rather than answering before the files it took are on disk.
+        if let Err(e) = vol.sync_durable().await {
             tracing::error!(error = %e, "local sync failed");
             vol.tasks().fail(format!("local sync: {e}"));
         }

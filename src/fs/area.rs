@@ -40,7 +40,12 @@ impl StagingArea {
 
     /// Where inode `ino`'s copy lives.
     pub fn path(&self, ino: Ino) -> PathBuf {
-        self.dir.join(ino.to_string())
+        Self::path_in(&self.dir, ino)
+    }
+
+    /// Where inode `ino`'s copy lives in an area in `dir`.
+    pub fn path_in(dir: &Path, ino: Ino) -> PathBuf {
+        dir.join(ino.to_string())
     }
 
     /// Where a download of `ino` is written before it is renamed into place (a name that

@@ -128,6 +128,7 @@ impl Core {
 
     /// Picks up staged files left by the previous run.
     pub(super) fn restore_staged(&self) -> FsResult<()> {
+        self.restore_journalled_bytes()?;
         let mut restored = 0;
         for entry in std::fs::read_dir(self.staging.dir())? {
             let entry = entry?;

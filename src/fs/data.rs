@@ -87,28 +87,13 @@ impl Volume {
     }
 
     /// Makes staged data and the journal durable against a reboot of the node.
-    /// Only files written since the last call are fsync'd: with thousands of staged files,
-    /// syncing them all every tick would keep the disk busy doing nothing.
+    /// Only files written since the last call are synced: with thousands of staged files,
+    /// syncing them all every tick would keep the disk busy doing nothing. Small ones go into
+    /// the journal (see `bytes_in_journal.rs`), the others are fsync'd.
     pub fn sync_local(&self) -> FsResult<()> {
+        let large = self.journal_small_files()?;
         self.meta.sync()?;
-        self.sync_staged()
-    }
-
-    /// The staged half of [`Volume::sync_local`]: the files written since the last call.
-    /// Independent of the journal's sync, so a COMMIT may run the two side by side.
-    pub(super) fn sync_staged(&self) -> FsResult<()> {
-        let unsynced = self.staging.take_unsynced();
-        for st in unsynced {
-            // Cleared first: a write landing during the fsync queues the file again.
-            st.unsynced.store(false, Ordering::Release);
-            if !st.is_retired() {
-                st.sync()?;
-                if super::staging::over_fd_budget() {
-                    st.close_fd();
-                }
-            }
-        }
-        Ok(())
+        self.sync_files(large)
     }
 
     /// A write by someone other than root revokes the set-user-ID and set-group-ID bits.

@@ -127,7 +127,8 @@ impl Volume {
                 .get()
                 .and_then(|w| w.upgrade())
                 .ok_or_else(|| FsError::Io("volume closing".into()))?;
-            Self::sync_local_blocking(vol).await?
+            let (r, took) = Self::sync_local_blocking(vol).await?;
+            (r, Some(took))
         };
         if let Some(took) = took {
             g.record(took);
@@ -137,31 +138,38 @@ impl Volume {
         Ok(())
     }
 
-    /// [`Volume::sync_local`] on blocking threads, timed. The journal and the staged files are
-    /// different files on the same disk, and a disk takes their flushes side by side: one after
-    /// the other, a COMMIT of a new small file would wait for two syncs (about 0.5 ms, not 0.25).
-    /// The order between the two never mattered: a crash may come between them either way, and
-    /// COMMIT answers only once both are done.
-    async fn sync_local_blocking(vol: Arc<Volume>) -> FsResult<(FsResult<()>, Option<Duration>)> {
+    /// [`Volume::sync_local`] with its waits on blocking threads, timed. Small files' bytes
+    /// go into the journal first, where the COMMIT is served (page-cache reads and one append).
+    /// Then the journal and the larger staged files are different files on the same disk, and
+    /// a disk takes their flushes side by side: one after the other, a COMMIT would wait for two
+    /// syncs. The order between those two never mattered: a crash may come between them either
+    /// way, and COMMIT answers only once both are done.
+    async fn sync_local_blocking(vol: Arc<Volume>) -> FsResult<(FsResult<()>, Duration)> {
         fn timed(f: impl FnOnce() -> FsResult<()>) -> (FsResult<()>, Duration) {
             let start = crate::clock::stopwatch();
             let r = f();
             (r, start.elapsed())
         }
         let failed = |e: tokio::task::JoinError| FsError::Io(format!("sync task failed: {e}"));
-        let (r, took) = if vol.meta.unsynced() && vol.staging.has_unsynced() {
+        let large = vol.journal_small_files()?;
+        let (r, took) = if vol.meta.unsynced() && !large.is_empty() {
             let v = vol.clone();
             let journal = tokio::task::spawn_blocking(move || timed(|| Ok(v.meta.sync()?)));
-            let staged = tokio::task::spawn_blocking(move || timed(|| vol.sync_staged()));
+            let staged = tokio::task::spawn_blocking(move || timed(|| vol.sync_files(large)));
             let (j, s) = tokio::join!(journal, staged);
             let ((jr, jt), (sr, st)) = (j.map_err(failed)?, s.map_err(failed)?);
             (jr.and(sr), jt.max(st))
         } else {
-            tokio::task::spawn_blocking(move || timed(|| vol.sync_local()))
-                .await
-                .map_err(failed)?
+            tokio::task::spawn_blocking(move || {
+                timed(|| {
+                    vol.meta.sync()?;
+                    vol.sync_files(large)
+                })
+            })
+            .await
+            .map_err(failed)?
         };
-        Ok((r, Some(took)))
+        Ok((r, took))
     }
 
     /// COMMIT of a file: durable as the volume's [`Durability`] says; returns its attributes.

@@ -24,6 +24,7 @@
 //! reproduces).
 
 mod area;
+mod bytes_in_journal;
 mod change;
 mod core;
 mod data;
@@ -46,7 +47,6 @@ pub mod upload;
 pub mod usage;
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -209,6 +209,17 @@ impl Staged {
         now.saturating_duration_since(*self.last_write.locked())
     }
 
+    /// Whether the staging file exists (a new file's is created by its first write).
+    pub fn on_disk(&self) -> bool {
+        self.on_disk.load(Ordering::Acquire)
+    }
+
+    /// The whole file, for a small one (see `bytes_in_journal.rs`).
+    pub fn contents(&self) -> std::io::Result<Vec<u8>> {
+        let size = u32::try_from(self.size()).map_err(|_| std::io::Error::other("file too large to read whole"))?;
+        Ok(self.read_at(0, size)?.0)
+    }
+
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -244,7 +255,8 @@ impl Staged {
     }
 
     /// Closes the descriptor (the file stays; the next use opens it again). Call it once the
-    /// file is fsync'd: `sync` syncs only through an open descriptor.
+    /// file is fsync'd or its bytes are in the journal: `sync` syncs only through an open
+    /// descriptor (the journal's syncer opens files by name).
     pub fn close_fd(&self) {
         if self.fd.locked().take().is_some() {
             OPEN_FDS.fetch_sub(1, Ordering::Relaxed);

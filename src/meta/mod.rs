@@ -34,12 +34,14 @@
 //!   (its reply was lost): if `ino` ends up elsewhere, `key` is deleted.
 //! - `U` ino → (key, upload id): a multipart upload in flight, aborted on restart.
 //! - `M` name → u64: counters and the volume id.
+//! - `B` ino → bytes: the whole content of a small staged file, in the journal only (never
+//!   applied to sled) until the staged file itself is synced (see [`Batch::put_bytes`]).
 
 mod wal;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crate::sync::LockExt;
 use serde::{Deserialize, Serialize};
@@ -216,6 +218,26 @@ impl Batch {
     fn del(&mut self, key: Vec<u8>) {
         self.ops.push((key, None));
     }
+    /// The whole content of staged file `ino`, made durable by the journal's sync instead of
+    /// the staged file's own (one flush for many small files, and one that overwrites blocks
+    /// already allocated). Journal only: never applied to sled; replay hands back the last one
+    /// of each file ([`MetaDb::take_journalled_bytes`]), and the journal is not emptied before
+    /// the staged files are synced (see [`MetaDb::set_bytes_syncer`]).
+    pub fn put_bytes(&mut self, ino: Ino, bytes: Vec<u8>) {
+        self.put(by_ino(b'B', ino), bytes);
+    }
+    /// The staged file of `ino` is synced by its own fsync: an earlier
+    /// [`Batch::put_bytes`] is stale, and replaying it would bring back older bytes.
+    pub fn drop_bytes(&mut self, ino: Ino) {
+        self.del(by_ino(b'B', ino));
+    }
+    /// The [`Batch::put_bytes`] (bytes) and [`Batch::drop_bytes`] (None) in the batch, in order.
+    fn bytes(&self) -> impl Iterator<Item = (Ino, Option<&Vec<u8>>)> {
+        self.ops.iter().filter_map(|(key, val)| match key.as_slice() {
+            [b'B', ino @ ..] => Some((u64::from_be_bytes(ino.try_into().ok()?), val.as_ref())),
+            _ => None,
+        })
+    }
     pub fn put_inode(&mut self, inode: &Inode) {
         self.put(by_ino(b'I', inode.ino), enc(inode));
     }
@@ -316,7 +338,17 @@ pub struct MetaDb {
     /// directory), kept as they change: a GETATTR's link count is a hash lookup, not a scan.
     /// Only inodes with at least one are present.
     counts: Mutex<HashMap<(u8, Ino), u32>>,
+    /// Files whose bytes the journal carries ([`Batch::put_bytes`]) since it was last emptied;
+    /// changed under the journal's lock.
+    journalled: Mutex<HashSet<Ino>>,
+    /// Syncs those files' staged copies before the journal is emptied.
+    bytes_syncer: OnceLock<BytesSyncer>,
+    /// The bytes replay found, for the volume to put back into its staged files.
+    recovered: Mutex<Vec<(Ino, Vec<u8>)>>,
 }
+
+/// Makes the staged files of the inodes given durable on their own.
+pub type BytesSyncer = Box<dyn Fn(&[Ino]) -> std::io::Result<()> + Send + Sync>;
 
 /// Checkpoint (flush sled, empty the log) once the log grows past this: bounds replay time.
 const CHECKPOINT_BYTES: u64 = 16 << 20;
@@ -337,14 +369,19 @@ impl MetaDb {
             let tree = db.open_tree("ns")?;
             let (wal, batches) = Wal::open(&dir.join("journal.wal"))?;
             let replayed = batches.len();
+            let mut carried = HashMap::new();
             for b in batches {
                 let batch: Batch = dec(&b)?;
+                for (ino, bytes) in batch.bytes() {
+                    carried.insert(ino, bytes.cloned());
+                }
                 Self::apply(&tree, batch)?;
             }
+            let recovered: Vec<(Ino, Vec<u8>)> = carried.into_iter().filter_map(|(i, b)| Some((i, b?))).collect();
             let counts = Self::count_children(&tree)?;
-            Ok((tree, wal, replayed, counts))
+            Ok((tree, wal, replayed, counts, recovered))
         })();
-        let (tree, wal, replayed, counts) = match opened {
+        let (tree, wal, replayed, counts, recovered) = match opened {
             Ok(x) => x,
             Err(e) => {
                 Self::close_sled(&sled_path);
@@ -357,6 +394,9 @@ impl MetaDb {
             commits: 0.into(),
             synced_commits: 0.into(),
             counts: Mutex::new(counts),
+            journalled: Mutex::new(recovered.iter().map(|(ino, _)| *ino).collect()),
+            bytes_syncer: OnceLock::new(),
+            recovered: Mutex::new(recovered),
             _db: db,
             sled_path,
             tree,
@@ -443,6 +483,7 @@ impl MetaDb {
             .map(|(_, op)| op)
             .collect();
         let is_inode = |key: &[u8]| key.first() == Some(&b'I');
+        let ops: Vec<_> = ops.into_iter().filter(|(key, _)| key.first() != Some(&b'B')).collect();
         for (key, val) in &ops {
             if let (Some(v), true) = (val, is_inode(key)) {
                 tree.insert(key, v.as_slice())?;
@@ -474,6 +515,18 @@ impl MetaDb {
         let bytes = enc(&batch);
         let mut wal = self.wal.locked();
         wal.append(&bytes)?;
+        {
+            let mut carried = batch.bytes().peekable();
+            if carried.peek().is_some() {
+                let mut journalled = self.journalled.locked();
+                for (ino, bytes) in carried {
+                    match bytes {
+                        Some(_) => journalled.insert(ino),
+                        None => journalled.remove(&ino),
+                    };
+                }
+            }
+        }
         let (dp, dx, per_inode) = self.count_changes(&batch)?;
         Self::apply(&self.tree, batch)?;
         if !per_inode.is_empty() {
@@ -491,8 +544,7 @@ impl MetaDb {
         self.deletes_n.fetch_add(dx as u64, Relaxed);
         self.commits.fetch_add(1, std::sync::atomic::Ordering::Release);
         if wal.len() > CHECKPOINT_BYTES {
-            self.tree.flush()?;
-            wal.truncate()?;
+            self.checkpoint_locked(&mut wal)?;
         }
         Ok(())
     }
@@ -521,9 +573,40 @@ impl MetaDb {
     /// Flushes sled and empties the log.
     pub fn checkpoint(&self) -> MetaResult<()> {
         let mut wal = self.wal.locked();
+        self.checkpoint_locked(&mut wal)
+    }
+
+    /// [`MetaDb::checkpoint`] with the log's lock held. File bytes the log carries are synced
+    /// in their staged files first; while nobody can (no syncer yet: the volume is opening),
+    /// the log is kept and only sled is flushed.
+    fn checkpoint_locked(&self, wal: &mut Wal) -> MetaResult<()> {
         self.tree.flush()?;
+        let inos: Vec<Ino> = self.journalled.locked().iter().copied().collect();
+        if !inos.is_empty() {
+            match self.bytes_syncer.get() {
+                Some(sync) => sync(&inos)?,
+                None => return Ok(()),
+            }
+        }
         wal.truncate()?;
+        self.journalled.locked().clear();
         Ok(())
+    }
+
+    /// Sets who syncs staged files before the journal drops their bytes (once, at open).
+    pub fn set_bytes_syncer(&self, sync: BytesSyncer) {
+        let _ = self.bytes_syncer.set(sync);
+    }
+
+    /// The file bytes replay found in the journal (the last of each file), once.
+    pub fn take_journalled_bytes(&self) -> Vec<(Ino, Vec<u8>)> {
+        std::mem::take(&mut *self.recovered.locked())
+    }
+
+    /// Whether the journal carries bytes of `ino` (so a sync of its staged file on its own must
+    /// be followed by [`Batch::drop_bytes`]).
+    pub fn carries_bytes(&self, ino: Ino) -> bool {
+        self.journalled.locked().contains(&ino)
     }
 
     pub fn inode(&self, ino: Ino) -> MetaResult<Option<Inode>> {
@@ -822,6 +905,75 @@ mod tests {
 
     fn inode(ino: Ino, parent: Ino, name: &str) -> Inode {
         Inode::new(ino, parent, name.as_bytes(), Kind::File, 0o644, (0, 0), Time::default())
+    }
+
+    /// A database that never saw the commits, and the log as a crash left it.
+    fn crashed_copy(dir: &Path) -> tempfile::TempDir {
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.join("journal.wal"), copy.path().join("journal.wal")).unwrap();
+        copy
+    }
+
+    #[test]
+    fn the_journal_carries_file_bytes_until_their_files_are_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = MetaDb::open(dir.path()).unwrap();
+        let mut b = Batch::new();
+        b.put_inode(&inode(5, 1, "a"));
+        b.put_bytes(5, b"first".to_vec());
+        db.commit(b).unwrap();
+        let mut b = Batch::new();
+        b.put_bytes(5, b"second".to_vec());
+        b.put_bytes(6, b"other".to_vec());
+        db.commit(b).unwrap();
+        assert!(db.carries_bytes(5) && db.carries_bytes(6));
+        assert!(
+            db.tree.get(by_ino(b'B', 5)).unwrap().is_none(),
+            "bytes never go into sled"
+        );
+
+        // Replay hands back the last bytes of each file, and keeps the log while nobody has
+        // synced them.
+        let crashed = crashed_copy(dir.path());
+        let replayed = MetaDb::open(crashed.path()).unwrap();
+        let mut got = replayed.take_journalled_bytes();
+        got.sort();
+        assert_eq!(got, vec![(5, b"second".to_vec()), (6, b"other".to_vec())]);
+        assert!(replayed.take_journalled_bytes().is_empty(), "handed back once");
+        assert_eq!(replayed.inode(5).unwrap().unwrap().name, b"a");
+        replayed.checkpoint().unwrap();
+        assert!(std::fs::metadata(crashed.path().join("journal.wal")).unwrap().len() > 0);
+
+        // A drop record (the file synced on its own since) cancels the bytes before it.
+        let mut b = Batch::new();
+        b.drop_bytes(5);
+        db.commit(b).unwrap();
+        assert!(!db.carries_bytes(5) && db.carries_bytes(6));
+        let crashed = crashed_copy(dir.path());
+        let replayed = MetaDb::open(crashed.path()).unwrap();
+        assert_eq!(replayed.take_journalled_bytes(), vec![(6, b"other".to_vec())]);
+
+        // A checkpoint syncs the files the log still carries, then empties it.
+        let synced = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let s = synced.clone();
+        db.set_bytes_syncer(Box::new(move |inos| {
+            s.locked().extend_from_slice(inos);
+            Ok(())
+        }));
+        db.checkpoint().unwrap();
+        assert_eq!(*synced.locked(), vec![6]);
+        assert!(!db.carries_bytes(6));
+        assert_eq!(std::fs::metadata(dir.path().join("journal.wal")).unwrap().len(), 0);
+        // A syncer that fails keeps the log.
+        let failing = tempfile::tempdir().unwrap();
+        let db2 = MetaDb::open(failing.path()).unwrap();
+        let mut b = Batch::new();
+        b.put_bytes(8, b"x".to_vec());
+        db2.commit(b).unwrap();
+        db2.set_bytes_syncer(Box::new(|_| Err(std::io::Error::other("disk gone"))));
+        assert!(db2.checkpoint().is_err());
+        assert!(db2.carries_bytes(8));
+        assert!(std::fs::metadata(failing.path().join("journal.wal")).unwrap().len() > 0);
     }
 
     #[test]
