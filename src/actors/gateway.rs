@@ -222,9 +222,7 @@ async fn local_sync(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
         if !vol.needs_local_sync() {
             continue; // idle: no thread, no system call
         }
-        // In the volume's sync group, as a COMMIT's sync: a COMMIT arriving while this one
-        // runs waits for it rather than answering before the files it took are on disk.
-        if let Err(e) = vol.sync_durable().await {
+        if let Err(e) = vol.sync_tick().await {
             tracing::error!(error = %e, "local sync failed");
             vol.tasks().fail(format!("local sync: {e}"));
         }

@@ -44,18 +44,24 @@ impl Volume {
     /// journal, and returns the others, to be synced on their own ([`Volume::sync_files`]).
     /// The journal's sync must follow. Reads come from the page cache: no disk wait here.
     pub(super) fn journal_small_files(&self) -> FsResult<Vec<Arc<Staged>>> {
-        let unsynced = self.staging.take_unsynced();
+        let taken = self.staging.take_unsynced();
+        for st in &taken {
+            // Cleared first: a write landing meanwhile queues the file again.
+            st.unsynced.store(false, Ordering::Release);
+        }
+        self.journal_files(&taken).inspect_err(|_| self.requeue(&taken))
+    }
+
+    fn journal_files(&self, taken: &[Arc<Staged>]) -> FsResult<Vec<Arc<Staged>>> {
         let mut large = Vec::new();
         let mut batch = Batch::new();
         let mut in_batch = 0;
-        for st in unsynced {
-            // Cleared first: a write landing meanwhile queues the file again.
-            st.unsynced.store(false, Ordering::Release);
+        for st in taken {
             if st.is_retired() || !st.on_disk() {
                 continue; // removed, or never written: nothing on disk to keep
             }
             if st.size() > JOURNAL_MAX {
-                large.push(st);
+                large.push(st.clone());
                 continue;
             }
             // A write racing this read is not covered by the sync under way (it queued the
@@ -78,6 +84,10 @@ impl Volume {
     /// Syncs `files` on their own; for those whose bytes the journal carries, a drop record
     /// follows, synced before this returns.
     pub(super) fn sync_files(&self, files: Vec<Arc<Staged>>) -> FsResult<()> {
+        self.sync_each(&files).inspect_err(|_| self.requeue(&files))
+    }
+
+    fn sync_each(&self, files: &[Arc<Staged>]) -> FsResult<()> {
         let mut drops = Batch::new();
         for st in files {
             if st.is_retired() {
@@ -96,6 +106,14 @@ impl Volume {
             self.meta.sync()?;
         }
         Ok(())
+    }
+
+    /// After a failed sync: the files it took wait for the next one (which the COMMIT that saw
+    /// the failure, or the tick, will start), rather than being forgotten.
+    fn requeue(&self, files: &[Arc<Staged>]) {
+        for st in files {
+            self.note_unsynced(st);
+        }
     }
 }
 

@@ -107,6 +107,19 @@ impl Volume {
     /// Makes everything written so far durable on the gateway's disk. Concurrent callers share
     /// one sync.
     pub async fn sync_durable(&self) -> FsResult<()> {
+        self.sync_in_group(true).await
+    }
+
+    /// The local sync tick's [`Volume::sync_durable`]: in the group, so a COMMIT arriving
+    /// meanwhile waits for it rather than answering before the files it took are on disk, but
+    /// always on blocking threads and left out of the timing that decides where COMMITs sync.
+    /// What it syncs is whatever was written in the last interval (megabytes, for a copy under
+    /// way): held on an async worker, that would stall the requests queued behind it.
+    pub async fn sync_tick(&self) -> FsResult<()> {
+        self.sync_in_group(false).await
+    }
+
+    async fn sync_in_group(&self, from_commit: bool) -> FsResult<()> {
         let g = &self.sync_group;
         let arrived = g.started.load(Ordering::Acquire);
         let _l = g.lock.lock().await;
@@ -114,7 +127,7 @@ impl Volume {
             return Ok(()); // a sync that started after we arrived has finished
         }
         let n = g.started.fetch_add(1, Ordering::AcqRel) + 1;
-        let (r, took) = if g.inline() {
+        let (r, took) = if from_commit && g.inline() {
             if g.inline_syncs.fetch_add(1, Ordering::Relaxed) % TIME_EVERY == 0 {
                 let start = crate::clock::stopwatch();
                 (self.sync_local(), Some(start.elapsed()))
@@ -128,7 +141,7 @@ impl Volume {
                 .and_then(|w| w.upgrade())
                 .ok_or_else(|| FsError::Io("volume closing".into()))?;
             let (r, took) = Self::sync_local_blocking(vol).await?;
-            (r, Some(took))
+            (r, from_commit.then_some(took))
         };
         if let Some(took) = took {
             g.record(took);

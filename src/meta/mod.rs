@@ -428,7 +428,9 @@ impl MetaDb {
                 .path(&path)
                 // Our own log carries durability and `checkpoint` flushes sled.
                 .flush_every_ms(None)
-                .cache_capacity(64 << 20)
+                // The gateway's memory bound (150 MiB with 100,000 files in one directory)
+                // leaves sled this much; a miss costs a read from the page cache and a decode.
+                .cache_capacity(16 << 20)
                 .open();
             match r {
                 Err(sled::Error::Io(e))
