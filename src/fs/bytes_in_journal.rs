@@ -24,7 +24,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -161,7 +160,7 @@ impl Core {
 fn sync_by_name(dir: &std::path::Path, inos: &[Ino]) -> std::io::Result<()> {
     let mut files = Vec::with_capacity(inos.len());
     for ino in inos {
-        let path: PathBuf = StagingArea::path_in(dir, *ino);
+        let path = StagingArea::path_in(dir, *ino);
         match File::open(&path) {
             Ok(f) => files.push(f),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -481,11 +481,11 @@ impl MetaDb {
             .ops
             .iter()
             .enumerate()
-            .filter(|(i, (key, _))| last.get(key.as_slice()) == Some(i))
+            // File bytes (`B`) live in the journal alone.
+            .filter(|(i, (key, _))| key.first() != Some(&b'B') && last.get(key.as_slice()) == Some(i))
             .map(|(_, op)| op)
             .collect();
         let is_inode = |key: &[u8]| key.first() == Some(&b'I');
-        let ops: Vec<_> = ops.into_iter().filter(|(key, _)| key.first() != Some(&b'B')).collect();
         for (key, val) in &ops {
             if let (Some(v), true) = (val, is_inode(key)) {
                 tree.insert(key, v.as_slice())?;
@@ -517,18 +517,7 @@ impl MetaDb {
         let bytes = enc(&batch);
         let mut wal = self.wal.locked();
         wal.append(&bytes)?;
-        {
-            let mut carried = batch.bytes().peekable();
-            if carried.peek().is_some() {
-                let mut journalled = self.journalled.locked();
-                for (ino, bytes) in carried {
-                    match bytes {
-                        Some(_) => journalled.insert(ino),
-                        None => journalled.remove(&ino),
-                    };
-                }
-            }
-        }
+        self.note_carried(&batch);
         let (dp, dx, per_inode) = self.count_changes(&batch)?;
         Self::apply(&self.tree, batch)?;
         if !per_inode.is_empty() {
@@ -593,6 +582,21 @@ impl MetaDb {
         wal.truncate()?;
         self.journalled.locked().clear();
         Ok(())
+    }
+
+    /// Keeps [`MetaDb::carries_bytes`] in step with a batch just appended to the log.
+    fn note_carried(&self, batch: &Batch) {
+        let mut carried = batch.bytes().peekable();
+        if carried.peek().is_none() {
+            return; // most batches: no lock taken
+        }
+        let mut journalled = self.journalled.locked();
+        for (ino, bytes) in carried {
+            match bytes {
+                Some(_) => journalled.insert(ino),
+                None => journalled.remove(&ino),
+            };
+        }
     }
 
     /// Sets who syncs staged files before the journal drops their bytes (once, at open).
