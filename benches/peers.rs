@@ -12,7 +12,7 @@
 //! files, `rm -r` and untar: the metadata-heavy workloads, in a few minutes),
 //! `S3NFS_PEERS_S3NFS_ARGS` (extra `s3nfs serve` flags, to try settings),
 //! `S3NFS_PEERS_APPS=1` (applications instead: PostgreSQL's pgbench, Redis with its
-//! append-only file, git and cargo, on "local s3nfs s3fs rclone", where local is the guest's own
+//! append-only file, git and cargo, or a list of some of `pg redis git cargo`, on "local s3nfs s3fs rclone", where local is the guest's own
 //! tmpfs; `S3NFS_PEERS_PG_SCALE` (10), `S3NFS_PEERS_PG_TX` (500 per client, 4 clients),
 //! `S3NFS_PEERS_REDIS_N` (100000); `apt-get install postgresql redis-server git`),
 //! `S3NFS_PEERS_GARAGE_DB` (`lmdb`, Garage's default metadata engine; `sqlite`, which the tests
@@ -224,11 +224,26 @@ umount_sys() { # SYSTEM BUCKET
 # run_apps SYSTEM: applications on $M (Debian's postgresql, redis-server, git; rustc from the
 # host's toolchain). Each figure is a time: a fixed amount of work, so that lower is better
 # throughout the table.
+# want APP: whether S3NFS_PEERS_APPS (1, or a list of pg redis git cargo) asks for APP.
+want() { [ "$APPS" = 1 ] || case " $APPS " in *" $1 "*) true ;; *) false ;; esac; }
+# nfs_calls: the NFSv3 client's calls so far, by procedure (RFC 1813 order, from
+# /proc/net/rpc/nfs); nfs_delta BEFORE: the calls since BEFORE that were made, as NAME:COUNT.
+nfs_calls() { awk '$1 == "proc3" { for (i = 3; i <= NF; i++) printf "%s ", $i }' /proc/net/rpc/nfs 2>/dev/null; }
+nfs_delta() {
+  local now; now=$(nfs_calls)
+  python3 -c '
+import sys
+names = "NULL GETATTR SETATTR LOOKUP ACCESS READLINK READ WRITE CREATE MKDIR SYMLINK MKNOD REMOVE RMDIR RENAME LINK READDIR READDIRPLUS FSSTAT FSINFO PATHCONF COMMIT".split()
+a, b = [list(map(int, x.split())) for x in sys.argv[1:3]]
+print(" ".join(f"{n}:{y - x}" for n, x, y in zip(names, a, b) if y > x) or "none")' "$1" "$now"
+}
+# cpu_ticks: the daemon's CPU so far, in ticks of 10 ms (0 for local, which has none).
+cpu_ticks() { awk '{print $14 + $15}' /proc/$(cat /tmp/work/daemon.pid)/stat 2>/dev/null || echo 0; }
 as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups env HOME=/tmp "$@"; }
 run_apps() {
   local s=$1 t0 PGBIN
   PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-  if [ -x "$PGBIN/initdb" ]; then
+  if want pg && [ -x "$PGBIN/initdb" ]; then
     mkdir $M/pg && chown postgres:postgres $M/pg && chmod 700 $M/pg
     touch /run/logs/pg-$s.log && chown postgres /run/logs/pg-$s.log
     t0=$(now_ms)
@@ -238,9 +253,10 @@ run_apps() {
        as_pg $PGBIN/pgbench -h /tmp -i -q -s $PG_SCALE postgres >/run/logs/pgbench-$s.log 2>&1; then
       kv ${s}_pg_init $(( $(now_ms) - t0 ))
       req $s pg_init
-      t0=$(now_ms)
+      t0=$(now_ms); c0=$(nfs_calls); k0=$(cpu_ticks)
       as_pg $PGBIN/pgbench -h /tmp -c 4 -j 4 -t $PG_TX postgres >>/run/logs/pgbench-$s.log 2>&1 &&
         kv ${s}_pgbench $(( $(now_ms) - t0 ))
+      [ $s = s3nfs ] && kv ${s}_nfs_pgbench "$(nfs_delta "$c0"); gateway CPU $(( $(cpu_ticks) - k0 ))0 ms"
       req $s pgbench
       as_pg $PGBIN/pg_ctl -D $M/pg -w -t 3600 -m fast stop >/dev/null
     else
@@ -248,7 +264,7 @@ run_apps() {
       as_pg $PGBIN/pg_ctl -D $M/pg -w -m immediate stop >/dev/null 2>&1
     fi
   fi
-  if command -v redis-server >/dev/null; then
+  if want redis && command -v redis-server >/dev/null; then
     mkdir $M/redis
     bg redis-$s redis-server --port 6379 --bind 127.0.0.1 --dir $M/redis --appendonly yes --appendfsync everysec --save '' --daemonize no
     if wait_port 6379 120; then
@@ -261,7 +277,7 @@ run_apps() {
     fi
     bg_kill redis-$s
   fi
-  if command -v git >/dev/null; then
+  if want git && command -v git >/dev/null; then
     export HOME=/tmp GIT_CONFIG_NOSYSTEM=1
     git config --global --add safe.directory '*'
     t0=$(now_ms); git clone -q --no-hardlinks "$REPO" $M/repo && kv ${s}_git_clone $(( $(now_ms) - t0 ))
@@ -271,7 +287,7 @@ run_apps() {
     t0=$(now_ms); git -C $M/repo gc -q --aggressive && kv ${s}_git_gc $(( $(now_ms) - t0 ))
     req $s git_gc
   fi
-  if [ -x "$CARGO" ]; then
+  if want cargo && [ -x "$CARGO" ]; then
     # A crate of one file, built from nothing: rustc and the linker write into target/ on $M.
     mkdir -p $M/hello/src && printf '[package]\nname = "hello"\nversion = "0.1.0"\nedition = "2021"\n' >$M/hello/Cargo.toml
     printf 'fn main() {\n    let v: Vec<u64> = (1..=10).collect();\n    println!("{}", v.iter().sum::<u64>());\n}\n' >$M/hello/src/main.rs
@@ -591,6 +607,10 @@ fn main() {
     // An application that could not run on a system says why (the first lines of its error).
     for (k, v) in kvs(&out.console).filter(|(k, _)| k.ends_with("_error")) {
         table.push_str(&format!("\n{k}: {}", v.trim()));
+    }
+    // The NFS calls the kernel client made for a workload (from its own counters), per run.
+    for (k, v) in kvs(&out.console).filter(|(k, _)| k.contains("_nfs_")) {
+        table.push_str(&format!("\nNFS calls, {k}: {}", v.trim()));
     }
     for s in &sys {
         if *s == "local" {

@@ -13,7 +13,7 @@ use crate::meta::Ino;
 use crate::sync::LockExt;
 
 pub struct StagingArea {
-    dir: PathBuf,
+    dir: Arc<Path>,
     files: Mutex<HashMap<Ino, Arc<Staged>>>,
     /// Files being brought from S3 into the area now, one job per file (see `staging.rs`).
     jobs: Mutex<HashMap<Ino, StagingJob>>,
@@ -27,7 +27,7 @@ impl StagingArea {
     pub fn open(dir: PathBuf) -> std::io::Result<StagingArea> {
         std::fs::create_dir_all(&dir)?;
         Ok(StagingArea {
-            dir,
+            dir: dir.into(),
             files: Default::default(),
             jobs: Default::default(),
             unsynced: Default::default(),
@@ -36,6 +36,11 @@ impl StagingArea {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The directory, for a [`Staged`] to keep.
+    pub fn shared_dir(&self) -> Arc<Path> {
+        self.dir.clone()
     }
 
     /// Where inode `ino`'s copy lives.
@@ -66,7 +71,7 @@ impl StagingArea {
     pub fn drop_file(&self, ino: Ino) {
         if let Some(st) = self.files.locked().remove(&ino) {
             st.retire();
-            let _ = std::fs::remove_file(&st.path);
+            let _ = std::fs::remove_file(st.path());
         }
     }
 

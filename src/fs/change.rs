@@ -90,7 +90,7 @@ impl Volume {
         if let Some(SetTime::At(t)) = attr.mtime {
             inode.mtime = t;
         }
-        let st = Staged::open(inode.ino, self.staging.path(inode.ino), true, &self.cfg)?;
+        let st = Staged::open(inode.ino, self.staging.shared_dir(), true, &self.cfg)?;
         st.changed();
         *st.mtime.locked() = inode.mtime;
         self.commit_new(batch, &inode)?;

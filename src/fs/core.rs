@@ -133,7 +133,12 @@ impl Core {
         for entry in std::fs::read_dir(self.staging.dir())? {
             let entry = entry?;
             let name = entry.file_name();
-            let Some(ino) = name.to_str().and_then(|n| n.parse::<Ino>().ok()) else {
+            // Only the names `StagingArea::path` gives (a staged file's path is computed from
+            // its inode number, so "012" would not be found again as 12).
+            let Some(ino) = name
+                .to_str()
+                .and_then(|n| n.parse::<Ino>().ok().filter(|i| i.to_string() == n))
+            else {
                 // Leftover temporary download: never acknowledged to anyone.
                 let _ = std::fs::remove_file(entry.path());
                 continue;
@@ -142,7 +147,7 @@ impl Core {
                 let _ = std::fs::remove_file(entry.path());
                 continue;
             };
-            let st = Staged::open(ino, entry.path(), false, &self.cfg)?;
+            let st = Staged::open(ino, self.staging.shared_dir(), false, &self.cfg)?;
             if self.meta.pending(ino)?.is_some() {
                 // Whatever is staged may be newer than S3: upload it again.
                 st.changed();

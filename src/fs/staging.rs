@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -69,7 +69,10 @@ pub fn over_fd_budget() -> bool {
 
 pub struct Staged {
     pub ino: Ino,
-    pub path: PathBuf,
+    /// The staging area's directory, shared by all its files: the file's own path is computed
+    /// when it is opened, not kept (a path per staged file is a heap allocation per file, and a
+    /// volume can have 100,000 of them pending).
+    dir: Arc<Path>,
     /// Opened at the first use, not at creation: a file created and not yet written has no
     /// staging file at all (an empty upload needs none). Closed again when over the budget.
     fd: Mutex<Option<Arc<File>>>,
@@ -89,7 +92,8 @@ pub struct Staged {
     gone: AtomicBool,
     pub mtime: Mutex<Time>,
     pub last_write: Mutex<Instant>,
-    pub multipart: Mutex<Option<Multipart>>,
+    /// Boxed: most files never have one, and the record is kept per staged file.
+    pub multipart: Mutex<Option<Box<Multipart>>>,
     /// Held while the multipart upload is started or restarted, so concurrent passes share one.
     pub multipart_init: tokio::sync::Mutex<()>,
     /// Written since the last fsync (see `Volume::sync_local`).
@@ -103,12 +107,17 @@ pub struct Staged {
 }
 
 impl Staged {
-    pub fn open(ino: Ino, path: PathBuf, create: bool, cfg: &super::VolumeConfig) -> std::io::Result<Staged> {
+    /// Where the staged copy lives.
+    pub fn path(&self) -> PathBuf {
+        super::area::StagingArea::path_in(&self.dir, self.ino)
+    }
+
+    pub fn open(ino: Ino, dir: Arc<Path>, create: bool, cfg: &super::VolumeConfig) -> std::io::Result<Staged> {
         // A new file touches no disk until written: no system call at all per file created.
         let (len, mtime) = if create {
             (0, Time::now())
         } else {
-            let md = std::fs::metadata(&path)?;
+            let md = std::fs::metadata(super::area::StagingArea::path_in(&dir, ino))?;
             let mtime = md
                 .modified()
                 .ok()
@@ -122,7 +131,7 @@ impl Staged {
         };
         Ok(Staged {
             ino,
-            path,
+            dir,
             fd: Mutex::new(None),
             on_disk: AtomicBool::new(!create),
             lock: tokio::sync::RwLock::new(()),
@@ -246,7 +255,7 @@ impl Staged {
                 .write(true)
                 .create(create)
                 .truncate(create)
-                .open(&self.path)?,
+                .open(self.path())?,
         );
         self.on_disk.store(true, Ordering::Release);
         OPEN_FDS.fetch_add(1, Ordering::Relaxed);
@@ -437,7 +446,7 @@ impl Core {
             return Err(FsError::Stale);
         };
         std::fs::rename(&tmp, &path)?;
-        let st = Arc::new(Staged::open(ino, path, false, &self.cfg)?);
+        let st = Arc::new(Staged::open(ino, self.staging.shared_dir(), false, &self.cfg)?);
         *st.mtime.locked() = inode.mtime;
         self.staging.insert(st.clone());
         Ok(st)

@@ -37,6 +37,7 @@
 //! - `B` ino → bytes: the whole content of a small staged file, in the journal only (never
 //!   applied to sled) until the staged file itself is synced (see [`Batch::put_bytes`]).
 
+mod record;
 mod wal;
 
 use std::collections::{HashMap, HashSet};
@@ -166,7 +167,8 @@ impl Inode {
 }
 
 /// A set of changes applied atomically, in the log and in sled.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// In the journal as [`record::encode`] lays it out.
+#[derive(Debug, Default)]
 pub struct Batch {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
@@ -371,7 +373,9 @@ impl MetaDb {
             let replayed = batches.len();
             let mut carried = HashMap::new();
             for b in batches {
-                let batch: Batch = dec(&b)?;
+                let batch = Batch {
+                    ops: record::decode(&b)?,
+                };
                 for (ino, bytes) in batch.bytes() {
                     carried.insert(ino, bytes.cloned());
                 }
@@ -514,7 +518,7 @@ impl MetaDb {
         if batch.is_empty() {
             return Ok(());
         }
-        let bytes = enc(&batch);
+        let bytes = record::encode(&batch.ops);
         let mut wal = self.wal.locked();
         wal.append(&bytes)?;
         self.note_carried(&batch);

@@ -153,11 +153,11 @@ impl super::Uploader {
             let mut b = Batch::new();
             b.set_upload(st.ino, key, &id);
             self.meta.commit(b)?;
-            *st.multipart.locked() = Some(Multipart {
+            *st.multipart.locked() = Some(Box::new(Multipart {
                 key: key.to_string(),
                 upload_id: id,
                 ..Default::default()
-            });
+            }));
         }
         drop(init);
         let size = st.size();
@@ -201,7 +201,7 @@ impl super::Uploader {
                 let offset = (p as u64 - 1) * self.cfg.part_size;
                 let len = self.part_len(size, p);
                 let body = Body::File {
-                    path: st.path.clone(),
+                    path: st.path(),
                     offset,
                     len,
                 };
