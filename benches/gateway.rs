@@ -13,12 +13,15 @@
 //! - 1,000 files of 4 KiB created through NFS, with every S3 request delayed by 20 ms by a proxy,
 //!   against 1,000 sequential PUTs through the same proxy; and 100 of them each fsync'd with
 //!   `--durability s3`, against as many of those PUTs;
-//! - peak RSS of the gateway while writing and then reading a 2 GiB file;
+//! - peak RSS of the gateway, and peak disk use of its state directory, while writing and then
+//!   reading a 2 GiB file;
 //! - both durability modes (`--durability local` and `s3`): a sequential write with one fsync
 //!   (COMMIT) at the end, and small files each written and fsync'd, against the same on the
 //!   local disk (`std::fs` with `sync_all`) and against raw S3 PUTs.
 //!
-//! `S3NFS_BENCH_ONLY=durability` runs the last part alone.
+//! `S3NFS_BENCH_ONLY=durability` runs the last part alone; `S3NFS_BENCH_ONLY=large` runs only the
+//! large file, of `S3NFS_BENCH_LARGE_MB` (default 10240), with the peak disk use of the
+//! gateway's state directory beside its peak memory.
 //! Run: `cargo bench --bench gateway` (set `S3NFS_BENCH_QUICK=1` for a smaller, faster run).
 //! `S3NFS_BENCH_TRACING=1` runs every gateway with OpenTelemetry on, sampling every trace
 //! (`always_on`) to a live OTLP/gRPC receiver in this process: compare with a run without it
@@ -63,7 +66,8 @@ const PARALLEL: usize = 8;
 struct Gateway {
     child: Child,
     port: u16,
-    _state: tempfile::TempDir,
+    /// The gateway's `--state-dir`, removed with it.
+    state: tempfile::TempDir,
 }
 
 impl Gateway {
@@ -110,11 +114,7 @@ impl Gateway {
             }
         }
         assert_ne!(port, 0, "gateway did not print its mount command");
-        Gateway {
-            child,
-            port,
-            _state: state,
-        }
+        Gateway { child, port, state }
     }
 
     fn peak_rss_mib(&self) -> f64 {
@@ -339,6 +339,15 @@ async fn main() {
     // so the baseline skipped the disk writes that the gateway's staged copy cannot.
     let template = Bytes::from(common::pattern(1, BLOCK as usize));
     let mut rows: Vec<(String, String, String)> = Vec::new();
+    if std::env::var("S3NFS_BENCH_ONLY").as_deref() == Ok("large") {
+        let mb: u64 = std::env::var("S3NFS_BENCH_LARGE_MB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10240);
+        large_file(&g, &bucket, &store, &template, mb * MIB, &mut rows).await;
+        print_rows(rows);
+        return;
+    }
     if std::env::var("S3NFS_BENCH_ONLY").as_deref() == Ok("durability") {
         durability(
             &g,
@@ -478,24 +487,7 @@ async fn main() {
         ),
     ));
 
-    // -- memory: write then read a large file ------------------------------------------------
-    let gw = Gateway::start(&g, &g.endpoint, &bucket);
-    let mut c = connect(gw.port).await;
-    let fh = create(&mut c, "big.bin").await;
-    nfs_write(gw.port, &fh, mem_total, &template, stable_how::FILE_SYNC).await;
-    wait_in_s3(&store, "big.bin", mem_total).await;
-    let after_write = gw.peak_rss_mib();
-    drop(gw);
-    let gw = Gateway::start(&g, &g.endpoint, &bucket);
-    let mut c = connect(gw.port).await;
-    let fh = lookup(&mut c, "big.bin").await;
-    nfs_read(gw.port, &fh, mem_total).await;
-    let after_read = gw.peak_rss_mib();
-    rows.push((
-        format!("peak RSS, {} MiB written / read", mem_total / MIB),
-        format!("{after_write:.0} MiB / {after_read:.0} MiB"),
-        "bound: 150 MiB".into(),
-    ));
+    large_file(&g, &bucket, &store, &template, mem_total, &mut rows).await;
 
     match &sink {
         Some(s) => println!(
@@ -504,7 +496,6 @@ async fn main() {
         ),
         None => println!("\ntracing: off (S3NFS_BENCH_TRACING=1 turns it on)"),
     }
-    drop(gw);
     durability(
         &g,
         &bucket,
@@ -516,6 +507,100 @@ async fn main() {
     )
     .await;
     print_rows(rows);
+}
+
+/// Memory and disk for one large file: written through NFS (FILE_SYNC WRITEs, 8 in flight) until
+/// it is in S3, then read back cold by a fresh gateway. Reports the gateway's peak resident
+/// memory after each, and the peak of what its state directory took on disk meanwhile (the
+/// staged copy, the journal, sled), sampled every 50 ms.
+async fn large_file(
+    g: &garage::Garage,
+    bucket: &str,
+    store: &S3Store,
+    template: &Bytes,
+    size: u64,
+    rows: &mut Vec<(String, String, String)>,
+) {
+    let key = format!("large-{}.bin", size / MIB);
+    let gw = Gateway::start(g, &g.endpoint, bucket);
+    let disk = DiskPeak::watch(gw.state.path());
+    let mut c = connect(gw.port).await;
+    let fh = create(&mut c, &key).await;
+    let t = Instant::now();
+    nfs_write(gw.port, &fh, size, template, stable_how::FILE_SYNC).await;
+    wait_in_s3(store, &key, size).await;
+    let write = t.elapsed();
+    let after_write = gw.peak_rss_mib();
+    let disk_write = disk.stop();
+    drop(gw);
+    let gw = Gateway::start(g, &g.endpoint, bucket);
+    let disk = DiskPeak::watch(gw.state.path());
+    let mut c = connect(gw.port).await;
+    let fh = lookup(&mut c, &key).await;
+    let t = Instant::now();
+    nfs_read(gw.port, &fh, size).await;
+    let read = t.elapsed();
+    let after_read = gw.peak_rss_mib();
+    let disk_read = disk.stop();
+    let mib = size as f64 / MIB as f64;
+    rows.push((
+        format!("{} MiB file: peak RSS written / read", size / MIB),
+        format!("{after_write:.0} MiB / {after_read:.0} MiB"),
+        "bound: 150 MiB".into(),
+    ));
+    rows.push((
+        format!("{} MiB file: peak state-dir disk written / read", size / MIB),
+        format!(
+            "{:.0} MiB / {:.0} MiB",
+            disk_write as f64 / MIB as f64,
+            disk_read as f64 / MIB as f64
+        ),
+        format!(
+            "write until in S3 {:.0} MiB/s, cold read {:.0} MiB/s",
+            mib / write.as_secs_f64(),
+            mib / read.as_secs_f64()
+        ),
+    ));
+}
+
+/// The largest disk use (allocated blocks) seen under a directory, sampled by a thread until
+/// [`DiskPeak::stop`].
+struct DiskPeak {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl DiskPeak {
+    fn watch(dir: &std::path::Path) -> DiskPeak {
+        fn used(dir: &std::path::Path) -> u64 {
+            use std::os::unix::fs::MetadataExt;
+            let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => used(&e.path()),
+                    Ok(m) => m.blocks() * 512,
+                    Err(_) => 0, // removed meanwhile
+                })
+                .sum()
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (dir, flag) = (dir.to_path_buf(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(used(&dir));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak.max(used(&dir))
+        });
+        DiskPeak { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
 
 fn print_rows(rows: Vec<(String, String, String)>) {

@@ -14,6 +14,9 @@
 //! `strace -f -c` (system calls are what costs most in a user-mode-linux guest, where each is
 //! a trap into the host).
 //!
+//! The counted process logs as `s3nfs serve` does (`RUST_LOG=info`, to a discarded stderr), so
+//! the per-operation spans count; `S3NFS_OPS_RUST_LOG=off` leaves them out.
+//!
 //! Run: `cargo bench --bench ops` (needs valgrind). The figures recorded in
 //! `benches/ops-instructions.txt` are printed beside the new ones; `S3NFS_OPS_UPDATE=1`
 //! rewrites that file.
@@ -117,7 +120,7 @@ fn syscalls(op: &str, n: u64) -> u64 {
         .arg(std::env::current_exe().unwrap())
         .env("S3NFS_OPS_CHILD", op)
         .env("S3NFS_OPS_N", n.to_string())
-        .env("RUST_LOG", "off")
+        .env("RUST_LOG", log_filter())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -149,7 +152,7 @@ fn instructions(op: &str, n: u64) -> u64 {
         .arg(std::env::current_exe().unwrap())
         .env("S3NFS_OPS_CHILD", op)
         .env("S3NFS_OPS_N", n.to_string())
-        .env("RUST_LOG", "off")
+        .env("RUST_LOG", log_filter())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -162,7 +165,16 @@ fn instructions(op: &str, n: u64) -> u64 {
         .expect("callgrind summary")
 }
 
+/// The log filter the counted process runs with: `S3NFS_OPS_RUST_LOG`, by default `info`, what
+/// `s3nfs serve` runs with unless told otherwise (its per-operation spans are then live and
+/// cost what they cost in a gateway; `off` counts the operations alone).
+fn log_filter() -> String {
+    std::env::var("S3NFS_OPS_RUST_LOG").unwrap_or_else(|_| "info".into())
+}
+
 fn child(op: &str, n: u64) {
+    // The gateway's own logging (stderr, discarded here), as `s3nfs serve` sets it up.
+    let _logging = s3nfs::telemetry::init();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -123,6 +123,25 @@ fn colour() -> bool {
     std::io::stderr().is_terminal()
 }
 
+/// What the log on stderr shows: `RUST_LOG` (default `info`), less the per-operation `nfs`
+/// spans. Those are for traces: a span live for the log costs every NFS call the formatting of
+/// its fields (GETATTR's instructions went up by half, `cargo bench --bench ops`), for a context
+/// only a failure's log line would show, and that line names its operation itself. With no
+/// OpenTelemetry export, no layer wants the span and it is never created.
+fn log_filter<S>() -> impl tracing_subscriber::layer::Filter<S> {
+    without_op_spans(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+}
+
+fn without_op_spans<S>(env: EnvFilter) -> impl tracing_subscriber::layer::Filter<S> {
+    use tracing_subscriber::filter::FilterExt;
+    env.and(tracing_subscriber::filter::filter_fn(|m| !is_op_span(m)))
+}
+
+/// The span of one NFS call (`nfs_span!` in `src/nfs/mod.rs`).
+fn is_op_span(m: &tracing::Metadata<'_>) -> bool {
+    m.is_span() && m.name() == "nfs" && m.target().starts_with("s3nfs::nfs")
+}
+
 /// The stderr layer in the chosen format.
 fn log_layer<S>() -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
 where
@@ -139,12 +158,11 @@ where
 /// OTLP when configured (see the module docs). Must be called inside a tokio runtime when OTLP
 /// is configured: the exporters' connections live on it.
 pub fn init() -> Guard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let mut guard = Guard::default();
     let handle = tokio::runtime::Handle::try_current().ok();
     if !otlp_configured() || handle.is_none() {
         let _ = tracing_subscriber::registry()
-            .with(log_layer().with_filter(filter))
+            .with(log_layer().with_filter(log_filter()))
             .try_init();
         return guard;
     }
@@ -242,7 +260,7 @@ pub fn init() -> Guard {
     });
     ENABLED.store(tracer_provider.is_some(), Ordering::Relaxed);
     let _ = tracing_subscriber::registry()
-        .with(log_layer().with_filter(filter))
+        .with(log_layer().with_filter(log_filter()))
         .with(otel_layer)
         .try_init();
     guard.tracer = tracer_provider;
@@ -417,5 +435,44 @@ pub fn link_causes(span: &tracing::Span, vol: u64, ino: u64, take: bool) {
     };
     for sc in found.into_iter().flatten() {
         span.add_link(sc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// Notes the name of every span created and every event it is shown.
+    struct Seen(Arc<Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Seen {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            self.0.locked().push(attrs.metadata().name().to_string());
+        }
+        fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            self.0.locked().push(format!("event at {}", e.metadata().level()));
+        }
+    }
+
+    #[test]
+    fn the_log_leaves_out_the_per_call_span_and_nothing_else() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let layer = Seen(seen.clone()).with_filter(without_op_spans(EnvFilter::new("info")));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let call = tracing::info_span!(target: "s3nfs::nfs", "nfs", op = "WRITE");
+            let _in_call = call.enter();
+            tracing::warn!(target: "s3nfs::nfs", op = "WRITE", "NFS operation failed");
+            tracing::debug!(target: "s3nfs::nfs", "below the filter");
+            let _upload = tracing::info_span!(target: "s3nfs::fs::upload", "sync_inode").entered();
+            let _other = tracing::info_span!(target: "s3nfs::fs", "nfs").entered();
+        });
+        assert_eq!(*seen.locked(), ["event at WARN", "sync_inode", "nfs"]);
     }
 }

@@ -315,3 +315,52 @@ async fn without_a_spare_cpu_a_stream_waits_for_the_writer_to_pause() {
     clock.advance(std::time::Duration::from_secs(1));
     flush_until_a_part_is_uploaded(&vol, &faults, "the stream did not start when the writer paused").await;
 }
+
+/// Staged copies of files S3 already holds are a cache, bounded in bytes as well as in number:
+/// once a large file is uploaded, the least recently written copies go until the rest fit, and
+/// the files whose copies went read back from S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_copies_are_dropped_past_their_byte_bound_oldest_first() {
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.part_size = PART;
+    cfg.max_staged_clean_bytes = 5 * MIB as u64;
+    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+    let staged = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(state.path().join("staging"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let mut files = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let ino = vol
+            .create(&ROOT, vol.root(), name.as_bytes(), SetAttr::default(), true)
+            .await
+            .unwrap()
+            .ino;
+        let data = pattern(2 * MIB, i as u8);
+        vol.write(&ROOT, ino, 0, &data).await.unwrap();
+        vol.flush_all().await.unwrap();
+        files.push((ino, data));
+    }
+    // 6 MiB of uploaded copies against a bound of 5: the oldest, a's, went.
+    let (a, b, c) = (files[0].0, files[1].0, files[2].0);
+    assert_eq!(
+        staged(),
+        vec![b.to_string(), c.to_string()],
+        "a's copy dropped, b's and c's kept"
+    );
+    for (ino, data) in &files {
+        let (read, _) = vol.read(&ROOT, *ino, 0, data.len() as u32).await.unwrap();
+        assert!(read == *data, "inode {ino} reads back whole");
+    }
+    assert!(
+        !staged().contains(&a.to_string()),
+        "reading does not stage the file again"
+    );
+}

@@ -81,22 +81,33 @@ impl StagingArea {
     }
 
     /// With more than `max` files (and some slack, so that the sort runs once per many
-    /// uploads), the clean ones beyond `max`, least recently written first.
-    pub fn excess_clean(&self, max: usize) -> Vec<Arc<Staged>> {
-        let mut clean: Vec<(Instant, Arc<Staged>)> = {
+    /// uploads), the clean ones beyond `max`, least recently written first. With `by_bytes`,
+    /// also as many more of the least recently written clean ones as take the clean copies'
+    /// total under `max_bytes` (a pass over every file: the caller asks for it only when a
+    /// large file has just become clean).
+    pub fn excess_clean(&self, max: usize, max_bytes: u64, by_bytes: bool) -> Vec<Arc<Staged>> {
+        let (mut clean, len): (Vec<(Instant, Arc<Staged>)>, usize) = {
             let files = self.files.locked();
-            if files.len() <= max + max / 8 {
+            if files.len() <= max + max / 8 && !by_bytes {
                 return Vec::new();
             }
-            files
+            let clean = files
                 .values()
                 .filter(|st| st.is_clean())
                 .map(|st| (*st.last_write.locked(), st.clone()))
-                .collect()
+                .collect();
+            (clean, files.len())
         };
         clean.sort_by_key(|c| c.0);
-        let excess = self.files.locked().len().saturating_sub(max);
-        clean.into_iter().take(excess).map(|c| c.1).collect()
+        let by_count = if len > max + max / 8 { len - max } else { 0 };
+        let mut bytes: u64 = clean.iter().map(|c| c.1.size()).sum();
+        let mut n = 0;
+        while n < clean.len() && (n < by_count || (by_bytes && bytes > max_bytes)) {
+            bytes = bytes.saturating_sub(clean[n].1.size());
+            n += 1;
+        }
+        clean.truncate(n);
+        clean.into_iter().map(|c| c.1).collect()
     }
 
     /// Bytes of the staged files that S3 does not have yet, counted now (for operators: the

@@ -264,6 +264,10 @@ pub struct VolumeConfig {
     pub max_dirty_bytes: u64,
     /// Staged copies kept once S3 has their bytes (each holds a file descriptor and disk space).
     pub max_staged_files: usize,
+    /// The disk those copies may take together: past it, the least recently written go first
+    /// (a file is staged whole while it is written, and a 10 GiB file's copy would otherwise
+    /// stay until 4,096 other files had been written).
+    pub max_staged_clean_bytes: u64,
     /// Owner reported for objects without `x-amz-meta-uid`/`gid`.
     pub default_uid: u32,
     pub default_gid: u32,
@@ -306,6 +310,7 @@ impl VolumeConfig {
             stage_wait: Duration::from_secs(10),
             max_dirty_bytes: 16 << 30,
             max_staged_files: 4096,
+            max_staged_clean_bytes: 1 << 30,
             default_uid: 0,
             default_gid: 0,
             default_file_mode: 0o644,

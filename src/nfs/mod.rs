@@ -83,7 +83,7 @@ impl NfsAdapter {
         let start = cx.arrived;
         let r = crate::clock::in_op(start, async {
             self.vol.note_activity();
-            op(span, f).await
+            op(name, span, f).await
         })
         .await;
         crate::metrics::global().nfs_op(name, start.elapsed(), r.is_ok());
@@ -207,7 +207,11 @@ fn split_dev(dev: u64) -> (u32, u32) {
 }
 
 /// Runs one operation in its span and records the outcome.
-async fn op<T>(span: tracing::Span, f: impl std::future::Future<Output = Result<T, FsError>>) -> Result<T, nfsstat3> {
+async fn op<T>(
+    name: &'static str,
+    span: tracing::Span,
+    f: impl std::future::Future<Output = Result<T, FsError>>,
+) -> Result<T, nfsstat3> {
     async {
         match f.await {
             Ok(v) => {
@@ -219,9 +223,9 @@ async fn op<T>(span: tracing::Span, f: impl std::future::Future<Output = Result<
                 tracing::Span::current().record("status", tracing::field::debug(&s));
                 match &e {
                     FsError::Io(_) | FsError::S3Denied(_) | FsError::NoSpace(_) | FsError::Retry(_) => {
-                        tracing::warn!(error = %e, "NFS operation failed")
+                        tracing::warn!(op = name, error = %e, "NFS operation failed")
                     }
-                    _ => tracing::debug!(error = %e, "NFS operation failed"),
+                    _ => tracing::debug!(op = name, error = %e, "NFS operation failed"),
                 }
                 Err(s)
             }

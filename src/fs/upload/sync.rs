@@ -15,6 +15,9 @@ use crate::fs::{FsError, FsResult};
 use crate::meta::{Batch, Ino, Inode, Kind, Remote, ROOT_INO};
 use crate::store::Body;
 
+/// A staged file this large, once clean, has the staged copies checked against their byte bound.
+const LARGE_STAGED: u64 = 1 << 20;
+
 impl super::Uploader {
     /// The inode whose key is `key` now, if any.
     fn resolve_key(&self, key: &str) -> FsResult<Option<Ino>> {
@@ -247,11 +250,17 @@ impl super::Uploader {
         })
     }
 
-    /// Keeps at most `max_staged_files` staged copies: the least recently written ones that S3
-    /// already holds are dropped (their disk space and file descriptors freed). Recent ones stay,
-    /// so a file written again soon, or while S3 is unreachable, needs no download.
-    fn trim_staged(&self) {
-        for st in self.staging.excess_clean(self.cfg.max_staged_files) {
+    /// Keeps at most `max_staged_files` staged copies, and, after a large file has become clean,
+    /// at most `max_staged_clean_bytes` of copies S3 already holds: the least recently written
+    /// of those are dropped (their disk space and file descriptors freed). Recent ones stay, so
+    /// a file written again soon, or while S3 is unreachable, needs no download.
+    fn trim_staged(&self, large_settled: bool) {
+        let excess = self.staging.excess_clean(
+            self.cfg.max_staged_files,
+            self.cfg.max_staged_clean_bytes,
+            large_settled,
+        );
+        for st in excess {
             // Writers hold the lock shared: one busy right now keeps its copy.
             if let Ok(_w) = st.lock.try_write() {
                 if st.is_clean() {
@@ -314,7 +323,10 @@ impl super::Uploader {
         self.meta.commit(b)?;
         drop(_g);
         drop(_w);
-        self.trim_staged();
+        // Small files count against the byte bound too, but only a large one becoming clean
+        // pays for the pass over every staged file that the bound takes.
+        let large = clean && st.as_ref().is_some_and(|st| st.size() >= LARGE_STAGED);
+        self.trim_staged(large);
         Ok(())
     }
 }
