@@ -187,6 +187,20 @@ fn block(template: &Bytes, index: u64) -> Vec<u8> {
     b
 }
 
+/// One WRITE of `data` at `offset`; panics on any failure.
+async fn write(c: &mut Conn, fh: &nfs_fh3, offset: u64, data: Vec<u8>, stable: stable_how) {
+    c.write(&WRITE3args {
+        file: fh.clone(),
+        offset,
+        count: data.len() as u32,
+        stable,
+        data: Opaque::owned(data),
+    })
+    .await
+    .unwrap()
+    .unwrap();
+}
+
 /// Writes `total` bytes in BLOCK-sized WRITEs, PARALLEL connections taking blocks in order.
 async fn nfs_write(port: u16, fh: &nfs_fh3, total: u64, template: &Bytes, stable: stable_how) {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -200,17 +214,7 @@ async fn nfs_write(port: u16, fh: &nfs_fh3, total: u64, template: &Bytes, stable
                     if i * BLOCK >= total {
                         break;
                     }
-                    let data = block(&template, i);
-                    c.write(&WRITE3args {
-                        file: fh.clone(),
-                        offset: i * BLOCK,
-                        count: BLOCK as u32,
-                        stable,
-                        data: Opaque::owned(data),
-                    })
-                    .await
-                    .unwrap()
-                    .unwrap();
+                    write(&mut c, &fh, i * BLOCK, block(&template, i), stable).await;
                 }
             })
         })
@@ -443,16 +447,7 @@ async fn main() {
     let t = Instant::now();
     for i in 0..small_files {
         let fh = create(&mut c, &format!("small-{i}")).await;
-        c.write(&WRITE3args {
-            file: fh,
-            offset: 0,
-            count: 4096,
-            stable: stable_how::FILE_SYNC,
-            data: Opaque::owned(body.to_vec()),
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        write(&mut c, &fh, 0, body.to_vec(), stable_how::FILE_SYNC).await;
     }
     let nfs_small = t.elapsed();
     drop(gw);
@@ -628,16 +623,7 @@ async fn synced_file(c: &mut Conn, name: &str, body: &[u8]) -> [Duration; 3] {
     let fh = create(c, name).await;
     let created = t.elapsed();
     let t = Instant::now();
-    c.write(&WRITE3args {
-        file: fh.clone(),
-        offset: 0,
-        count: body.len() as u32,
-        stable: stable_how::UNSTABLE,
-        data: Opaque::owned(body.to_vec()),
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    write(c, &fh, 0, body.to_vec(), stable_how::UNSTABLE).await;
     let written = t.elapsed();
     let t = Instant::now();
     commit(c, &fh).await;
