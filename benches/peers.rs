@@ -208,11 +208,13 @@ mount_sys() { # SYSTEM BUCKET FRESH(1: fresh local state)
   mountpoint -q $M
 }
 
+# cpu_ticks: the daemon's CPU so far, in ticks of 10 ms (0 for local, which has none).
+cpu_ticks() { awk '{print $14 + $15}' /proc/$(cat /tmp/work/daemon.pid)/stat 2>/dev/null || echo 0; }
 umount_sys() { # SYSTEM BUCKET
   local p; p=$(cat /tmp/work/daemon.pid 2>/dev/null)
   if [ -n "$p" ] && [ -r /proc/$p/status ]; then
     kv ${1}_rss_kib "$(awk '/VmHWM/ {print $2}' /proc/$p/status)"
-    kv ${1}_cpu_ticks "$(awk '{print $14 + $15}' /proc/$p/stat)"
+    kv ${1}_cpu_ticks "$(cpu_ticks)"
   fi
   umount $M 2>/dev/null || umount -l $M
   case $1 in
@@ -237,8 +239,6 @@ names = "NULL GETATTR SETATTR LOOKUP ACCESS READLINK READ WRITE CREATE MKDIR SYM
 a, b = [list(map(int, x.split())) for x in sys.argv[1:3]]
 print(" ".join(f"{n}:{y - x}" for n, x, y in zip(names, a, b) if y > x) or "none")' "$1" "$now"
 }
-# cpu_ticks: the daemon's CPU so far, in ticks of 10 ms (0 for local, which has none).
-cpu_ticks() { awk '{print $14 + $15}' /proc/$(cat /tmp/work/daemon.pid)/stat 2>/dev/null || echo 0; }
 as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups env HOME=/tmp "$@"; }
 run_apps() {
   local s=$1 t0 PGBIN

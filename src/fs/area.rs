@@ -86,9 +86,14 @@ impl StagingArea {
     /// total under `max_bytes` (a pass over every file: the caller asks for it only when a
     /// large file has just become clean).
     pub fn excess_clean(&self, max: usize, max_bytes: u64, by_bytes: bool) -> Vec<Arc<Staged>> {
-        let (mut clean, len): (Vec<(Instant, Arc<Staged>)>, usize) = {
+        let (mut clean, by_count): (Vec<(Instant, Arc<Staged>)>, usize) = {
             let files = self.files.locked();
-            if files.len() <= max + max / 8 && !by_bytes {
+            let by_count = if files.len() > max + max / 8 {
+                files.len() - max
+            } else {
+                0
+            };
+            if by_count == 0 && !by_bytes {
                 return Vec::new();
             }
             let clean = files
@@ -96,10 +101,9 @@ impl StagingArea {
                 .filter(|st| st.is_clean())
                 .map(|st| (*st.last_write.locked(), st.clone()))
                 .collect();
-            (clean, files.len())
+            (clean, by_count)
         };
         clean.sort_by_key(|c| c.0);
-        let by_count = if len > max + max / 8 { len - max } else { 0 };
         let mut bytes: u64 = clean.iter().map(|c| c.1.size()).sum();
         let mut n = 0;
         while n < clean.len() && (n < by_count || (by_bytes && bytes > max_bytes)) {
