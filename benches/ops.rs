@@ -6,6 +6,9 @@
 //! bench runs itself under callgrind twice per operation, with the same setup and 100 and 300
 //! operations, and reports (instructions(300) - instructions(100)) / 200: the setup cancels out.
 //! "upload" is the background upload of one small (4 KiB) file, store write included;
+//! "upload_s3" the same to a real S3 server (Garage on loopback, started by the bench), through
+//! the S3 client the gateway uses: signing, HTTP and the SDK's own layers, which the embedded
+//! store has none of;
 //! "commit" is a COMMIT after an UNSTABLE 4 KiB WRITE (the WRITE is counted too; the fsyncs
 //! run on a blocking thread, which the instruction count leaves out and the system-call count
 //! below includes).
@@ -17,6 +20,9 @@
 //! The counted process logs as `s3nfs serve` does (`RUST_LOG=info`, to a discarded stderr), so
 //! the per-operation spans count; `S3NFS_OPS_RUST_LOG=off` leaves them out.
 //!
+//! `S3NFS_OPS_PROFILES=DIR` keeps each op's profile as `DIR/callgrind.OP`, for
+//! `callgrind_annotate`.
+//!
 //! Run: `cargo bench --bench ops` (needs valgrind). The figures recorded in
 //! `benches/ops-instructions.txt` are printed beside the new ones; `S3NFS_OPS_UPDATE=1`
 //! rewrites that file.
@@ -25,12 +31,18 @@
 #[path = "../tests/common/rpc.rs"]
 mod rpc;
 
+#[allow(dead_code)]
+#[path = "../tests/common/garage.rs"]
+mod garage;
+
 use std::sync::Arc;
 
 use rpc::{call, with_volume_id, X};
 use s3nfs::fs::{Cred, Volume, VolumeConfig};
 use s3nfs::nfs::NfsAdapter;
 use s3nfs::store::local::LocalStore;
+use s3nfs::store::s3::{S3Config, S3Store, Secret};
+use s3nfs::store::ObjectStore;
 
 const OPS: &[&str] = &[
     "create",
@@ -41,6 +53,8 @@ const OPS: &[&str] = &[
     "setattr",
     "remove",
     "upload",
+    "upload_s3",
+    "syncwrite8k",
     "commit",
 ];
 const SETUP_FILES: u64 = 300;
@@ -121,6 +135,7 @@ fn syscalls(op: &str, n: u64) -> u64 {
         .env("S3NFS_OPS_CHILD", op)
         .env("S3NFS_OPS_N", n.to_string())
         .env("RUST_LOG", log_filter())
+        .envs(s3_env(op))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -153,16 +168,57 @@ fn instructions(op: &str, n: u64) -> u64 {
         .env("S3NFS_OPS_CHILD", op)
         .env("S3NFS_OPS_N", n.to_string())
         .env("RUST_LOG", log_filter())
+        .envs(s3_env(op))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
         .unwrap();
     assert!(status.success(), "callgrind run of {op} failed");
     let text = std::fs::read_to_string(out.path()).unwrap();
+    if let Some(dir) = std::env::var_os("S3NFS_OPS_PROFILES") {
+        // For callgrind_annotate: where the instructions of the larger run went.
+        if n == N2 {
+            std::fs::copy(out.path(), std::path::Path::new(&dir).join(format!("callgrind.{op}"))).unwrap();
+        }
+    }
     text.lines()
         .find_map(|l| l.strip_prefix("summary: ").or_else(|| l.strip_prefix("totals: ")))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("callgrind summary")
+}
+
+/// Where the child of an S3 op finds its server: Garage, started once for the whole bench, and
+/// a bucket per run (the child's setup creates its objects anew).
+fn s3_env(op: &str) -> Vec<(&'static str, String)> {
+    if !op.ends_with("_s3") {
+        return Vec::new();
+    }
+    let g = garage::shared();
+    vec![
+        ("S3NFS_OPS_S3_ENDPOINT", g.endpoint.clone()),
+        ("S3NFS_OPS_S3_REGION", g.region.clone()),
+        ("S3NFS_OPS_S3_BUCKET", g.unique_bucket()),
+        ("S3NFS_OPS_S3_KEY", g.access_key.clone()),
+        ("S3NFS_OPS_S3_SECRET", g.secret_key.clone()),
+    ]
+}
+
+/// The store the child counts against: the embedded one, or the S3 server [`s3_env`] named.
+fn store_for(op: &str, objects: &std::path::Path, rt: &tokio::runtime::Runtime) -> Arc<dyn ObjectStore> {
+    if !op.ends_with("_s3") {
+        return Arc::new(LocalStore::open(objects).unwrap());
+    }
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set by the parent"));
+    let cfg = S3Config {
+        endpoint: Some(env("S3NFS_OPS_S3_ENDPOINT")),
+        bucket: env("S3NFS_OPS_S3_BUCKET"),
+        region: env("S3NFS_OPS_S3_REGION"),
+        path_style: true,
+        access_key: Some(env("S3NFS_OPS_S3_KEY")),
+        secret_key: Some(Secret(env("S3NFS_OPS_S3_SECRET"))),
+        session_token: None,
+    };
+    Arc::new(rt.block_on(S3Store::connect(cfg)).unwrap())
 }
 
 /// The log filter the counted process runs with: `S3NFS_OPS_RUST_LOG`, by default `info`, what
@@ -181,7 +237,7 @@ fn child(op: &str, n: u64) {
         .unwrap();
     let state = tempfile::tempdir().unwrap();
     let objects = tempfile::tempdir().unwrap();
-    let store = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let store = store_for(op, objects.path(), &rt);
     let mut cfg = VolumeConfig::new(state.path().to_path_buf());
     cfg.flush_delay = std::time::Duration::ZERO;
     // No relisting from S3 in the middle of the count (valgrind is slow: the default interval
@@ -220,8 +276,21 @@ fn child(op: &str, n: u64) {
             X::default().fh(ino).u64(0).u32(4096).u32(0).opaque(&data),
         ));
     }
-    if op != "upload" {
+    if !op.starts_with("upload") {
         rt.block_on(vol.flush_all()).unwrap();
+    }
+    if op == "syncwrite8k" {
+        // PostgreSQL's files are being written already: dirty, large, and synced.
+        for &ino in &inos {
+            send(call(
+                2,
+                NFS,
+                3,
+                7,
+                X::default().fh(ino).u64(1 << 20).u32(8192).u32(0).opaque(&[4u8; 8192]),
+            ));
+        }
+        rt.block_on(vol.sync_durable()).unwrap();
     }
     // The requests, built (volume id and all) before the count starts.
     let requests: Vec<Vec<u8>> = (0..n)
@@ -238,12 +307,21 @@ fn child(op: &str, n: u64) {
                     x.fh(1).opaque(format!("n{i}").as_bytes()).u32(0).sattr(0o644),
                 ),
                 "write4k" => call(3, NFS, 3, 7, x.fh(ino).u64(4096).u32(4096).u32(0).opaque(&data)),
+                // PostgreSQL's write: a page (8 KiB), FILE_SYNC, into a file too large for its
+                // bytes to go into the journal (so the file itself is synced).
+                "syncwrite8k" => call(
+                    3,
+                    NFS,
+                    3,
+                    7,
+                    x.fh(ino).u64(1 << 20).u32(8192).u32(2).opaque(&[5u8; 8192]),
+                ),
                 "getattr" => call(3, NFS, 3, 1, x.fh(ino)),
                 "lookup" => call(3, NFS, 3, 3, x.fh(1).opaque(name.as_bytes())),
                 "readdirplus" => call(3, NFS, 3, 17, x.fh(1).u64(0).u64(0).u32(4096).u32(32768)),
                 "setattr" => call(3, NFS, 3, 2, x.fh(ino).sattr(0o600).u32(0)),
                 "remove" => call(3, NFS, 3, 12, x.fh(1).opaque(name.as_bytes())),
-                "upload" => Vec::new(),
+                "upload" | "upload_s3" => Vec::new(),
                 // The WRITE before each COMMIT is built in the measured loop's pairs below.
                 "commit" => call(3, NFS, 3, 21, x.fh(ino).u64(0).u32(0)),
                 other => panic!("unknown op {other}"),
@@ -272,7 +350,7 @@ fn s3nfs_ops_measured_phase(
     };
     let id = vol.volume_id();
     for (i, r) in requests.iter().enumerate() {
-        if op == "upload" {
+        if op.starts_with("upload") {
             rt.block_on(vol.flush_inode(inos[i])).unwrap();
             continue;
         }

@@ -246,11 +246,14 @@ run_apps() {
   if want pg && [ -x "$PGBIN/initdb" ]; then
     mkdir $M/pg && chown postgres:postgres $M/pg && chmod 700 $M/pg
     touch /run/logs/pg-$s.log && chown postgres /run/logs/pg-$s.log
-    t0=$(now_ms)
+    t0=$(now_ms); c0=$(nfs_calls); k0=$(cpu_ticks)
     if as_pg $PGBIN/initdb -D $M/pg --locale=C -E UTF8 -U postgres --no-instructions >/run/logs/initdb-$s.log 2>&1 &&
+       { [ $s != s3nfs ] || kv ${s}_nfs_initdb "$(nfs_delta "$c0"); gateway CPU $(( $(cpu_ticks) - k0 ))0 ms"; } &&
        printf "listen_addresses = ''\nunix_socket_directories = '/tmp'\nshared_buffers = 64MB\n" | as_pg sh -c "cat >>$M/pg/postgresql.conf" &&
        as_pg $PGBIN/pg_ctl -D $M/pg -l /run/logs/pg-$s.log -w -t 3600 start >/dev/null &&
-       as_pg $PGBIN/pgbench -h /tmp -i -q -s $PG_SCALE postgres >/run/logs/pgbench-$s.log 2>&1; then
+       c0=$(nfs_calls) && k0=$(cpu_ticks) &&
+       as_pg $PGBIN/pgbench -h /tmp -i -q -s $PG_SCALE postgres >/run/logs/pgbench-$s.log 2>&1 &&
+       { [ $s != s3nfs ] || kv ${s}_nfs_pgbench_init "$(nfs_delta "$c0"); gateway CPU $(( $(cpu_ticks) - k0 ))0 ms"; }; then
       kv ${s}_pg_init $(( $(now_ms) - t0 ))
       req $s pg_init
       t0=$(now_ms); c0=$(nfs_calls); k0=$(cpu_ticks)

@@ -5,6 +5,12 @@ use super::*;
 
 impl Volume {
     pub async fn write(&self, cred: &Cred, ino: Ino, offset: u64, data: &[u8]) -> FsResult<Attr> {
+        self.write_bytes(cred, ino, offset, data).await?;
+        Ok(self.attr_of(&self.inode(ino)?))
+    }
+
+    /// [`Volume::write`] without the attributes: for a stable WRITE, whose COMMIT reads them.
+    pub async fn write_bytes(&self, cred: &Cred, ino: Ino, offset: u64, data: &[u8]) -> FsResult<()> {
         if self.uploader.dirty_bytes() > self.cfg.max_dirty_bytes {
             return Err(FsError::Retry("too much data waiting for S3".into()));
         }
@@ -42,8 +48,7 @@ impl Volume {
             // uploaded again and again (fio's random writes to a 256 MiB file sent 117 MB).
             let appending = offset.saturating_add(data.len() as u64) >= st.size();
             self.uploader.note_write(&st, self.cfg.part_size, appending);
-            let inode = self.inode(ino)?;
-            return Ok(self.attr_of(&inode));
+            return Ok(());
         }
     }
 

@@ -191,7 +191,9 @@ impl Volume {
     /// the other (in turn, a small file's COMMIT would cost two syncs and a PUT, not one PUT).
     pub async fn commit(self: &Arc<Self>, ino: Ino) -> FsResult<Attr> {
         if self.cfg.durability == Durability::S3 {
-            let (synced, uploaded) = tokio::join!(self.sync_durable(), self.flush_inode(ino));
+            // Boxed: the upload's state is large, and without the box every COMMIT and stable
+            // WRITE (all of them with `local`) would carry it and copy it from layer to layer.
+            let (synced, uploaded) = tokio::join!(self.sync_durable(), Box::pin(self.flush_inode(ino)));
             synced.and(uploaded)?;
         } else {
             self.sync_durable().await?;

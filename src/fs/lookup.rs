@@ -11,12 +11,14 @@ impl Volume {
         // directory (once per refresh interval) so changes made in S3 by others reach it too.
         if ino != ROOT_INO && self.freshness.stale(inode.parent) {
             if let Ok(parent) = self.inode(inode.parent) {
-                self.refresh_dir(&parent, false).await?;
+                // Boxed, as is `load_meta` below: these rare paths to S3 hold large states, which
+                // every GETATTR's future would otherwise carry and copy.
+                Box::pin(self.refresh_dir(&parent, false)).await?;
                 inode = self.inode(ino)?;
             }
         }
         if !inode.meta_loaded {
-            inode = self.load_meta(inode).await?;
+            inode = Box::pin(self.load_meta(inode)).await?;
         } else {
             self.note_open(&inode);
         }
@@ -29,7 +31,7 @@ impl Volume {
     pub async fn reply_attr(&self, ino: Ino) -> FsResult<Attr> {
         let inode = self.inode(ino)?;
         if !inode.meta_loaded {
-            return self.getattr(ino).await;
+            return Box::pin(self.getattr(ino)).await;
         }
         self.note_open(&inode); // LOOKUP's attributes may be all an open asks for
         Ok(self.attr_of(&inode))
@@ -145,7 +147,7 @@ impl Volume {
     pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
         let mut inode = self.inode(ino)?;
         if !inode.meta_loaded {
-            inode = self.load_meta(inode).await?;
+            inode = Box::pin(self.load_meta(inode)).await?;
         }
         if inode.kind != Kind::Symlink {
             return Err(FsError::Invalid("not a symlink".into()));

@@ -361,14 +361,14 @@ impl NFSFileSystem for NfsAdapter {
                 ),
                 async {
                     crate::telemetry::note_cause(self.vol.volume_id(), id);
-                    let a = self.vol.write(&self.cred(cx), id, offset, data).await?;
                     if stable != stable_how::UNSTABLE {
                         // What COMMIT promises, as the volume's durability says: with `s3`, a
                         // stable WRITE (the kernel's choice for a one-WRITE fsync) is in S3
-                        // before it is answered.
+                        // before it is answered. The attributes are COMMIT's.
+                        self.vol.write_bytes(&self.cred(cx), id, offset, data).await?;
                         return self.vol.commit(id).await;
                     }
-                    Ok(a)
+                    self.vol.write(&self.cred(cx), id, offset, data).await
                 },
             )
             .await?;

@@ -123,8 +123,14 @@ impl XDR for Vec<u8> {
         // s3nfs patch: a length longer than any record cannot be true; 0.11.0 allocated it
         // (up to 4 GiB) before finding out.
         check_len(length as usize)?;
-        self.resize(length as usize, 0);
-        src.read_exact(self)?;
+        // s3nfs patch: read into spare capacity, not over zeros written first (a WRITE's data
+        // was written twice).
+        self.clear();
+        self.reserve_exact(length as usize);
+        let got = src.take(length as u64).read_to_end(self)?;
+        if got != length as usize {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
         // read padding
         let pad = ((4 - length % 4) % 4) as usize;
         let mut zeros: [u8; 4] = [0, 0, 0, 0];
