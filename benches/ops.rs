@@ -9,6 +9,7 @@
 //! "upload_s3" the same to a real S3 server (Garage on loopback, started by the bench), through
 //! the S3 client the gateway uses: signing, HTTP and the SDK's own layers, which the embedded
 //! store has none of;
+//! "syncwrite8k" is PostgreSQL's write: 8 KiB, FILE_SYNC, into a file already large and dirty;
 //! "commit" is a COMMIT after an UNSTABLE 4 KiB WRITE (the WRITE is counted too; the fsyncs
 //! run on a blocking thread, which the instruction count leaves out and the system-call count
 //! below includes).

@@ -488,7 +488,8 @@ impl ObjectStore for S3Store {
                     .delete_objects()
                     .bucket(&self.bucket)
                     .delete(delete)
-                    .send().boxed()
+                    .send()
+                    .boxed()
                     .await
                     .map_err(|e| self.classify(e, ""))?;
                 // A key that does not exist is deleted as far as S3 says; anything else failed.
@@ -520,7 +521,8 @@ impl ObjectStore for S3Store {
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .max_keys(1)
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
                 .map_err(|e| self.classify(e, ""))?;
             Ok(())
@@ -531,7 +533,15 @@ impl ObjectStore for S3Store {
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         let span = self.span("HeadObject", key);
         traced(span, async {
-            let out = match self.client.head_object().bucket(&self.bucket).key(key).send().boxed().await {
+            let out = match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .boxed()
+                .await
+            {
                 Ok(out) => out,
                 Err(e) => {
                     return match self.classify(e, key) {
@@ -563,7 +573,8 @@ impl ObjectStore for S3Store {
                 .bucket(&self.bucket)
                 .key(key)
                 .range(format!("bytes=0-{}", max - 1))
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
             {
                 Ok(out) => out,
@@ -612,7 +623,8 @@ impl ObjectStore for S3Store {
                 .bucket(&self.bucket)
                 .key(key)
                 .range(format!("bytes={}-{}", range.start, range.end - 1))
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
             {
                 Ok(out) => out,
@@ -640,7 +652,8 @@ impl ObjectStore for S3Store {
                 .content_length(len as i64)
                 .set_metadata(Some(to_map(meta)))
                 .body(byte_stream(body).await?)
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
                 .map_err(|e| self.classify(e, key))?;
             Ok(strip_etag(out.e_tag()))
@@ -659,7 +672,8 @@ impl ObjectStore for S3Store {
                 .copy_source(self.copy_source(src))
                 .metadata_directive(MetadataDirective::Replace)
                 .set_metadata(Some(to_map(meta)))
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
                 .map_err(|e| self.classify(e, src))?;
             Ok(strip_etag(out.copy_object_result().and_then(|r| r.e_tag())))
@@ -670,7 +684,15 @@ impl ObjectStore for S3Store {
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let span = self.span("DeleteObject", key);
         traced(span, async {
-            match self.client.delete_object().bucket(&self.bucket).key(key).send().boxed().await {
+            match self
+                .client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .boxed()
+                .await
+            {
                 Ok(_) => Ok(()),
                 Err(e) => match self.classify(e, key) {
                     StoreError::NotFound(_) => Ok(()),
@@ -698,7 +720,8 @@ impl ObjectStore for S3Store {
                 .set_delimiter(delimiter.map(str::to_string))
                 .set_continuation_token(continuation)
                 .max_keys(max_keys.clamp(1, 1000) as i32)
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
                 .map_err(|e| self.classify(e, prefix))?;
             let objects = out
@@ -739,7 +762,8 @@ impl ObjectStore for S3Store {
                 .bucket(&self.bucket)
                 .key(key)
                 .set_metadata(Some(to_map(meta)))
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
                 .map_err(|e| self.classify(e, key))?;
             out.upload_id()
@@ -763,7 +787,8 @@ impl ObjectStore for S3Store {
                 .part_number(number)
                 .content_length(len as i64)
                 .body(byte_stream(body).await?)
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
                 .map_err(|e| self.classify(e, key))?;
             Ok(strip_etag(out.e_tag()))
@@ -796,7 +821,8 @@ impl ObjectStore for S3Store {
                 .part_number(number)
                 .copy_source(self.copy_source(src))
                 .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
                 .map_err(|e| self.classify(e, src))?;
             Ok(strip_etag(out.copy_part_result().and_then(|r| r.e_tag())))
@@ -827,7 +853,8 @@ impl ObjectStore for S3Store {
                 .key(key)
                 .upload_id(upload_id)
                 .multipart_upload(completed)
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
                 .map_err(|e| self.classify(e, key))?;
             Ok(strip_etag(out.e_tag()))
@@ -844,7 +871,8 @@ impl ObjectStore for S3Store {
                 .bucket(&self.bucket)
                 .key(key)
                 .upload_id(upload_id)
-                .send().boxed()
+                .send()
+                .boxed()
                 .await
             {
                 Ok(_) => Ok(()),

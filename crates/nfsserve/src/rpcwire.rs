@@ -1,8 +1,8 @@
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Write};
 
 use anyhow::anyhow;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, trace, warn};
 
@@ -19,7 +19,7 @@ const NFS_ID_MAP_PROGRAM: u32 = 100270;
 const NFS_METADATA_PROGRAM: u32 = 200024;
 
 async fn handle_rpc(
-    input: &mut impl Read,
+    input: &mut Cursor<impl AsRef<[u8]>>,
     output: &mut impl Write,
     mut context: RPCContext,
 ) -> Result<bool, anyhow::Error> {
@@ -126,29 +126,106 @@ fn refused(what: &dyn std::fmt::Display) {
     }
 }
 
-async fn read_fragment(socket: &mut DuplexStream, append_to: &mut Vec<u8>) -> Result<bool, anyhow::Error> {
-    let mut header_buf = [0_u8; 4];
-    socket.read_exact(&mut header_buf).await?;
-    let fragment_header = u32::from_be_bytes(header_buf);
-    let is_last = (fragment_header & (1 << 31)) > 0;
-    let length = (fragment_header & ((1 << 31) - 1)) as usize;
-    trace!("Reading fragment length:{}, last:{}", length, is_last);
-    if append_to.len() + length > MAX_RECORD {
-        let e = anyhow!(
-            "record of {} bytes or more announced; at most {MAX_RECORD} accepted",
-            append_to.len() + length
-        );
-        refused(&e);
-        return Err(e);
+/// s3nfs patch: the records of one connection, read from its socket through a buffer.
+///
+/// 0.11.0 had a task copy what the socket gave into an in-process pipe, and the handler copy it
+/// out again into the record: two copies of every byte received, and a task woken per read.
+/// Records are now cut from the reader's own buffer, one copy.
+///
+/// [`RecordReader::next`] is cancel-safe: a record read halfway stays here and the next call
+/// goes on with it, so a caller may stop waiting (a shutdown) without losing its place.
+///
+/// Only what arrived is held: room for a fragment is made as its bytes come, at most twice what
+/// the record holds so far or 16 KiB, whichever is more (an 8 KiB WRITE gets its room at once),
+/// never more than the fragment announced.
+#[derive(Debug)]
+pub struct RecordReader<R> {
+    reader: R,
+    record: Vec<u8>,
+    /// The header of the next fragment, as far as it arrived.
+    header: [u8; 4],
+    header_len: usize,
+    /// Inside a fragment: the bytes of it still to come, and whether it ends the record.
+    fragment: Option<(usize, bool)>,
+}
+
+/// Room made at once for a fragment, however little of it arrived.
+const FIRST_ROOM: usize = 16 << 10;
+
+impl<R: tokio::io::AsyncBufRead + Unpin> RecordReader<R> {
+    pub fn new(reader: R) -> Self {
+        RecordReader {
+            reader,
+            record: Vec::new(),
+            header: [0; 4],
+            header_len: 0,
+            fragment: None,
+        }
     }
-    // Only what actually arrives is held: a client that announces more and sends less holds
-    // nothing it did not send.
-    let got = (&mut *socket).take(length as u64).read_to_end(append_to).await?;
-    if got < length {
-        return Err(anyhow!("connection closed inside a fragment"));
+
+    /// The next whole record; `None` when the client closed the connection between records.
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, anyhow::Error> {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            match self.fragment {
+                Some((0, last)) => {
+                    self.fragment = None;
+                    if last {
+                        return Ok(Some(std::mem::take(&mut self.record)));
+                    }
+                }
+                Some((rest, last)) => {
+                    let buf = self.reader.fill_buf().await?;
+                    if buf.is_empty() {
+                        return Err(anyhow!("connection closed inside a fragment"));
+                    }
+                    let n = buf.len().min(rest);
+                    let len = self.record.len();
+                    if self.record.capacity() - len < n {
+                        let room = (len + rest).min((2 * len).max(FIRST_ROOM)).max(len + n);
+                        self.record.reserve_exact(room - len);
+                    }
+                    self.record.extend_from_slice(&buf[..n]);
+                    self.reader.consume(n);
+                    self.fragment = Some((rest - n, last));
+                }
+                None => {
+                    let buf = self.reader.fill_buf().await?;
+                    if buf.is_empty() {
+                        if self.header_len == 0 && self.record.is_empty() {
+                            return Ok(None);
+                        }
+                        return Err(anyhow!("connection closed inside a record"));
+                    }
+                    let n = buf.len().min(4 - self.header_len);
+                    self.header[self.header_len..self.header_len + n].copy_from_slice(&buf[..n]);
+                    self.reader.consume(n);
+                    self.header_len += n;
+                    if self.header_len == 4 {
+                        self.header_len = 0;
+                        self.fragment = Some(self.fragment_header()?);
+                    }
+                }
+            }
+        }
     }
-    trace!("Finishing Reading fragment length:{}, last:{}", length, is_last);
-    Ok(is_last)
+
+    /// The fragment a complete header announces, if the record may grow by that much.
+    fn fragment_header(&self) -> Result<(usize, bool), anyhow::Error> {
+        let fragment_header = u32::from_be_bytes(self.header);
+        let is_last = (fragment_header & (1 << 31)) > 0;
+        let length = (fragment_header & ((1 << 31) - 1)) as usize;
+        trace!("Reading fragment length:{}, last:{}", length, is_last);
+        if self.record.len() + length > MAX_RECORD {
+            let e = anyhow!(
+                "record of {} bytes or more announced; at most {MAX_RECORD} accepted",
+                self.record.len() + length
+            );
+            refused(&e);
+            return Err(e);
+        }
+        Ok((length, is_last))
+    }
 }
 
 /// s3nfs patch: a reply longer than one fragment allows is sent as several (0.11.0 asserted,
@@ -243,13 +320,11 @@ pub struct Reply {
     pub held: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
-/// The Socket Message Handler reads from a TcpStream and spawns off
-/// subtasks to handle each message. replies are queued into the
-/// reply_send_channel.
+/// The Socket Message Handler reads records from a connection and spawns off a task to handle
+/// each; replies are queued into the reply_send_channel.
 #[derive(Debug)]
-pub struct SocketMessageHandler {
-    cur_fragment: Vec<u8>,
-    socket_receive_channel: DuplexStream,
+pub struct SocketMessageHandler<R> {
+    records: RecordReader<R>,
     reply_send_channel: mpsc::UnboundedSender<Reply>,
     context: RPCContext,
     /// This connection's and the listener's in-flight bounds.
@@ -257,70 +332,69 @@ pub struct SocketMessageHandler {
     global: Arc<Semaphore>,
 }
 
-impl SocketMessageHandler {
-    /// Creates a new SocketMessageHandler with the receiver for queued message replies
-    pub fn new(context: &RPCContext, global: Arc<Semaphore>) -> (Self, DuplexStream, mpsc::UnboundedReceiver<Reply>) {
-        let (socksend, sockrecv) = tokio::io::duplex(256000);
+impl<R: tokio::io::AsyncBufRead + Unpin> SocketMessageHandler<R> {
+    /// Creates a new SocketMessageHandler reading from `reader`, with the receiver for queued
+    /// message replies.
+    pub fn new(context: &RPCContext, global: Arc<Semaphore>, reader: R) -> (Self, mpsc::UnboundedReceiver<Reply>) {
         let (msgsend, msgrecv) = mpsc::unbounded_channel();
         (
             Self {
-                cur_fragment: Vec::new(),
-                socket_receive_channel: sockrecv,
+                records: RecordReader::new(reader),
                 reply_send_channel: msgsend,
                 context: context.clone(),
                 local: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION)),
                 global,
             },
-            socksend,
             msgrecv,
         )
     }
 
-    /// Reads a fragment from the socket. This should be looped.
-    pub async fn read(&mut self) -> Result<(), anyhow::Error> {
-        let is_last = read_fragment(&mut self.socket_receive_channel, &mut self.cur_fragment).await?;
-        if is_last {
-            let fragment = std::mem::take(&mut self.cur_fragment);
-            // The connection's own bound first: a connection at its limit must not sit on the
-            // listener's permits while it waits.
-            let local = self.local.clone().acquire_owned().await?;
-            let global = self.global.clone().acquire_owned().await?;
-            let permits = (local, global);
-            let context = self.context.clone();
-            let send = self.reply_send_channel.clone();
-            tokio::spawn(async move {
-                let mut write_buf: Vec<u8> = Vec::new();
-                let mut write_cursor = Cursor::new(&mut write_buf);
-                let (maybe_reply, tail) = REPLY_TAIL
-                    .scope(std::cell::RefCell::new(None), async {
-                        let r = handle_rpc(&mut Cursor::new(fragment), &mut write_cursor, context).await;
-                        (r, REPLY_TAIL.with(|t| t.borrow_mut().take()))
-                    })
-                    .await;
-                match maybe_reply {
-                    Err(e) => {
-                        refused(&e);
-                        let _ = send.send(Reply {
-                            message: Err(e),
-                            tail: None,
-                            held: permits,
-                        });
-                    }
-                    Ok(true) => {
-                        let _ = std::io::Write::flush(&mut write_cursor);
-                        let _ = send.send(Reply {
-                            message: Ok(write_buf),
-                            tail,
-                            held: permits,
-                        });
-                    }
-                    Ok(false) => {
-                        // do not reply (a retransmission of a request in progress)
-                        drop(permits);
-                    }
+    /// The next whole record (see [`RecordReader::next`]; cancel-safe).
+    pub async fn next_record(&mut self) -> Result<Option<Vec<u8>>, anyhow::Error> {
+        self.records.next().await
+    }
+
+    /// Handles one record in a task of its own, once the in-flight bounds allow.
+    pub async fn handle(&mut self, fragment: Vec<u8>) -> Result<(), anyhow::Error> {
+        // The connection's own bound first: a connection at its limit must not sit on the
+        // listener's permits while it waits.
+        let local = self.local.clone().acquire_owned().await?;
+        let global = self.global.clone().acquire_owned().await?;
+        let permits = (local, global);
+        let context = self.context.clone();
+        let send = self.reply_send_channel.clone();
+        tokio::spawn(async move {
+            let mut write_buf: Vec<u8> = Vec::new();
+            let mut write_cursor = Cursor::new(&mut write_buf);
+            let (maybe_reply, tail) = REPLY_TAIL
+                .scope(std::cell::RefCell::new(None), async {
+                    let r = handle_rpc(&mut Cursor::new(fragment), &mut write_cursor, context).await;
+                    (r, REPLY_TAIL.with(|t| t.borrow_mut().take()))
+                })
+                .await;
+            match maybe_reply {
+                Err(e) => {
+                    refused(&e);
+                    let _ = send.send(Reply {
+                        message: Err(e),
+                        tail: None,
+                        held: permits,
+                    });
                 }
-            });
-        }
+                Ok(true) => {
+                    let _ = std::io::Write::flush(&mut write_cursor);
+                    let _ = send.send(Reply {
+                        message: Ok(write_buf),
+                        tail,
+                        held: permits,
+                    });
+                }
+                Ok(false) => {
+                    // do not reply (a retransmission of a request in progress)
+                    drop(permits);
+                }
+            }
+        });
         Ok(())
     }
 }
@@ -363,9 +437,11 @@ mod tests {
         (len | if last { 1 << 31 } else { 0 }).to_be_bytes()
     }
 
-    /// The reading end of a connection whose client sends `bytes`, then closes it if `close`
-    /// (else keeps it open until the test ends).
-    fn connection(bytes: Vec<u8>, close: bool) -> (DuplexStream, tokio::sync::oneshot::Sender<()>) {
+    type Reader = RecordReader<tokio::io::BufReader<tokio::io::DuplexStream>>;
+
+    /// The records of a connection whose client sends `bytes`, then closes it if `close` (else
+    /// keeps it open until the test ends).
+    fn connection(bytes: Vec<u8>, close: bool) -> (Reader, tokio::sync::oneshot::Sender<()>) {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let (keep, kept) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -374,15 +450,14 @@ mod tests {
                 let _ = kept.await;
             }
         });
-        (server, keep)
+        (RecordReader::new(tokio::io::BufReader::new(server)), keep)
     }
 
     #[tokio::test]
     async fn a_fragment_marked_last_is_a_whole_record() {
-        let (mut s, _keep) = connection([&header(5, true)[..], b"hello"].concat(), true);
-        let mut rec = Vec::new();
-        assert!(read_fragment(&mut s, &mut rec).await.unwrap(), "last-fragment bit");
-        assert_eq!(rec, b"hello");
+        let (mut r, _keep) = connection([&header(5, true)[..], b"hello"].concat(), true);
+        assert_eq!(r.next().await.unwrap().unwrap(), b"hello");
+        assert!(r.next().await.unwrap().is_none(), "closed between records");
     }
 
     #[tokio::test]
@@ -393,19 +468,30 @@ mod tests {
             &header(0, false),
             &header(2, true),
             b"de",
+            &header(1, true),
+            b"f",
         ]
         .concat();
-        let (mut s, _keep) = connection(bytes, true);
-        let mut rec = Vec::new();
-        assert!(!read_fragment(&mut s, &mut rec).await.unwrap());
-        assert_eq!(rec, b"abc");
-        assert!(!read_fragment(&mut s, &mut rec).await.unwrap(), "an empty fragment");
-        assert!(read_fragment(&mut s, &mut rec).await.unwrap());
-        assert_eq!(rec, b"abcde");
+        let (mut r, _keep) = connection(bytes, true);
+        assert_eq!(r.next().await.unwrap().unwrap(), b"abcde", "an empty fragment inside");
+        assert_eq!(r.next().await.unwrap().unwrap(), b"f");
     }
 
     #[tokio::test]
-    async fn a_record_of_max_record_bytes_is_accepted() {
+    async fn a_record_read_halfway_when_its_reader_stopped_waiting_is_finished_by_the_next_call() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut r = RecordReader::new(tokio::io::BufReader::new(server));
+        let rec = [&header(6, true)[..], b"abcdef"].concat();
+        client.write_all(&rec[..2]).await.unwrap(); // half a header
+        assert!(tokio::time::timeout(Duration::from_millis(50), r.next()).await.is_err());
+        client.write_all(&rec[2..7]).await.unwrap(); // the rest of it, and one byte
+        assert!(tokio::time::timeout(Duration::from_millis(50), r.next()).await.is_err());
+        client.write_all(&rec[7..]).await.unwrap();
+        assert_eq!(r.next().await.unwrap().unwrap(), b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_record_of_max_record_bytes_is_accepted_with_no_more_room_than_it_needs() {
         let first = MAX_RECORD - 10;
         let bytes = [
             &header(first as u32, false)[..],
@@ -414,12 +500,17 @@ mod tests {
             &[8u8; 10],
         ]
         .concat();
-        let (mut s, _keep) = connection(bytes, true);
-        let mut rec = Vec::new();
-        assert!(!read_fragment(&mut s, &mut rec).await.unwrap());
-        assert!(read_fragment(&mut s, &mut rec).await.unwrap());
+        let (mut r, _keep) = connection(bytes, true);
+        let rec = r.next().await.unwrap().unwrap();
         assert_eq!(rec.len(), MAX_RECORD);
         assert_eq!(&rec[first..], &[8u8; 10]);
+        assert!(rec.capacity() <= MAX_RECORD + FIRST_ROOM, "capacity {}", rec.capacity());
+        let (mut r, _keep) = connection([&header(8300, true)[..], &[1u8; 8300]].concat(), true);
+        assert_eq!(
+            r.next().await.unwrap().unwrap().capacity(),
+            8300,
+            "a WRITE of 8 KiB: room once"
+        );
     }
 
     #[tokio::test]
@@ -432,13 +523,11 @@ mod tests {
             &[8u8; 11],
         ]
         .concat();
-        let (mut s, _keep) = connection(bytes, true);
+        let (mut r, _keep) = connection(bytes, true);
         let refused_before = REFUSED_RECORDS.load(Ordering::Relaxed);
-        let mut rec = Vec::new();
-        assert!(!read_fragment(&mut s, &mut rec).await.unwrap());
-        let e = read_fragment(&mut s, &mut rec).await.unwrap_err();
+        let e = r.next().await.unwrap_err();
         assert!(e.to_string().contains("at most"), "{e}");
-        assert_eq!(rec.len(), first, "the refused fragment's bytes were not read");
+        assert_eq!(r.record.len(), first, "the refused fragment's bytes were not read");
         assert!(REFUSED_RECORDS.load(Ordering::Relaxed) > refused_before);
     }
 
@@ -446,23 +535,24 @@ mod tests {
     async fn a_header_announcing_2_gib_is_refused_without_allocating_or_waiting() {
         // The client announces (2^31 - 1) bytes and sends none; the connection stays open, so a
         // reader that waited for the data would never return.
-        let (mut s, _keep) = connection(header((1 << 31) - 1, true).to_vec(), false);
-        let mut rec = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(10), read_fragment(&mut s, &mut rec))
+        let (mut r, _keep) = connection(header((1 << 31) - 1, true).to_vec(), false);
+        let res = tokio::time::timeout(Duration::from_secs(10), r.next())
             .await
             .expect("refused at once, not waiting for 2 GiB");
-        assert!(r.is_err());
-        assert_eq!(rec.capacity(), 0, "nothing reserved for the announced length");
+        assert!(res.is_err());
+        assert_eq!(r.record.capacity(), 0, "nothing reserved for the announced length");
     }
 
     #[tokio::test]
     async fn a_fragment_cut_short_is_an_error_holding_only_what_arrived() {
-        let (mut s, _keep) = connection([&header(1000, true)[..], &[1u8; 10]].concat(), true);
-        let mut rec = Vec::new();
-        let e = read_fragment(&mut s, &mut rec).await.unwrap_err();
+        let (mut r, _keep) = connection([&header(100_000, true)[..], &[1u8; 10]].concat(), true);
+        let e = r.next().await.unwrap_err();
         assert!(e.to_string().contains("inside a fragment"), "{e}");
-        assert_eq!(rec.len(), 10);
-        assert!(rec.capacity() < 1000, "capacity {}", rec.capacity());
+        assert_eq!(r.record.len(), 10);
+        assert!(r.record.capacity() <= FIRST_ROOM, "capacity {}", r.record.capacity());
+        let (mut r, _keep) = connection(header(5, true)[..2].to_vec(), true);
+        let e = r.next().await.unwrap_err();
+        assert!(e.to_string().contains("inside a record"), "{e}");
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow;
 use async_trait::async_trait;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info};
@@ -35,8 +35,8 @@ pub fn generate_host_ip(hostnum: u16) -> String {
 /// already received are answered, then the connection is closed. The in-flight requests each hold
 /// a sender of the reply channel, so the channel closes exactly when the last one has answered.
 ///
-/// Reading from the client and writing replies to it are independent: a task pumps what the
-/// client sends into the message handler, and may wait there while the connection has its
+/// Reading from the client and writing replies to it are independent: a task reads the client's
+/// records and hands each to a task of its own, and may wait there while the connection has its
 /// maximum of requests in flight, while this loop keeps writing the replies that free them.
 async fn process_socket(
     socket: tokio::net::TcpStream,
@@ -44,51 +44,59 @@ async fn process_socket(
     shutdown: watch::Receiver<bool>,
     in_flight: Arc<tokio::sync::Semaphore>,
 ) -> Result<(), anyhow::Error> {
-    let (mut message_handler, mut socksend, mut msgrecvchan) = SocketMessageHandler::new(&context, in_flight);
     let _ = socket.set_nodelay(true);
-    let (mut from_client, mut to_client) = socket.into_split();
+    let (from_client, mut to_client) = socket.into_split();
+    let reader = tokio::io::BufReader::with_capacity(READ_BUFFER, from_client);
+    let (mut message_handler, mut msgrecvchan) = SocketMessageHandler::new(&context, in_flight, reader);
 
+    // Ok(()) when the client closed, Err when reading failed; dropped unsent on shutdown.
+    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<io::Result<()>>();
+    let mut stop = shutdown;
     let handler = tokio::spawn(async move {
         loop {
-            if let Err(e) = message_handler.read().await {
-                debug!("Message loop broken due to {:?}", e);
-                break;
+            let next = tokio::select! {
+                // Shutdown: read nothing more from the socket. The records already in the
+                // buffer are answered (reading a record is cancel-safe: one cut short by the
+                // shutdown stays where it was, and is dropped with the connection).
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    loop {
+                        let buffered = tokio::select! {
+                            biased;
+                            r = message_handler.next_record() => r,
+                            _ = std::future::ready(()) => break,
+                        };
+                        let Ok(Some(record)) = buffered else { break };
+                        if message_handler.handle(record).await.is_err() {
+                            break;
+                        }
+                    }
+                    return;
+                }
+                r = message_handler.next_record() => r,
+            };
+            match next {
+                Ok(Some(record)) => {
+                    if let Err(e) = message_handler.handle(record).await {
+                        debug!("Message loop broken due to {:?}", e);
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    let _ = closed_tx.send(Ok(()));
+                    return;
+                }
+                // A refused record (too long) or a failed read: what is in flight is answered,
+                // then the connection is closed, as after a shutdown.
+                Err(e) => {
+                    debug!("Message loop broken due to {:?}", e);
+                    return;
+                }
             }
         }
     });
     // Once the connection is gone, the requests it left buffered are not worth serving
     // (nobody will read the replies): stop reading them.
     let _handler = AbortOnDrop(handler);
-
-    // Ok(()) when the client closed, Err when reading failed; dropped unsent on shutdown.
-    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<io::Result<()>>();
-    let mut stop = shutdown;
-    let pump = tokio::spawn(async move {
-        let mut buf = vec![0u8; 128 * 1024];
-        loop {
-            tokio::select! {
-                // Shutdown: read nothing more. Dropping `socksend` ends the handler once it
-                // has read what is buffered; the replies still come below.
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-                r = from_client.read(&mut buf) => match r {
-                    Ok(0) => {
-                        let _ = closed_tx.send(Ok(()));
-                        return;
-                    }
-                    Ok(n) => {
-                        if socksend.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = closed_tx.send(Err(e));
-                        return;
-                    }
-                },
-            }
-        }
-    });
-    let _pump = AbortOnDrop(pump);
 
     let mut reading = true;
     loop {
@@ -171,6 +179,9 @@ pub trait NFSTcp: Send + Sync {
 /// s3nfs patch: how long a reply may wait for the client to read it before the connection is
 /// closed (the client reconnects and retransmits, as after any lost connection).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// s3nfs patch: what one read from a client's socket may take (records are cut from it).
+const READ_BUFFER: usize = 128 * 1024;
 
 /// s3nfs patch: connections one listener serves at once; more wait in the listen backlog until
 /// one closes (a burst of connections costs queued sockets, not tasks and buffers).

@@ -140,7 +140,7 @@ enum NFSProgram {
 pub async fn handle_nfs(
     xid: u32,
     call: call_body,
-    input: &mut impl Read,
+    input: &mut std::io::Cursor<impl AsRef<[u8]>>,
     output: &mut impl Write,
     context: &RPCContext,
 ) -> Result<(), anyhow::Error> {
@@ -158,7 +158,7 @@ pub async fn handle_nfs(
 async fn dispatch(
     prog: NFSProgram,
     xid: u32,
-    input: &mut impl Read,
+    input: &mut std::io::Cursor<impl AsRef<[u8]>>,
     output: &mut impl Write,
     context: &RPCContext,
     cx: &CallContext,

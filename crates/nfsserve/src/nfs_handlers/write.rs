@@ -1,5 +1,5 @@
 //! WRITE, COMMIT and CREATE.
-use std::io::{Read, Write};
+use std::io::{Cursor, Read, Write};
 
 use byteorder::{ReadBytesExt, WriteBytesExt};
 use num_derive::{FromPrimitive, ToPrimitive};
@@ -16,16 +16,36 @@ use crate::xdr::*;
 // s3nfs patch: stable_how moved to nfs.rs (the VFS trait uses it).
 pub use crate::nfs::stable_how;
 
+/// s3nfs patch: WRITE3args up to its data; the data itself is taken as a slice of the record
+/// (see [`nfsproc3_write`]), not copied out of it.
 #[allow(non_camel_case_types)]
 #[derive(Debug, Default)]
-struct WRITE3args {
+struct WRITE3head {
     file: nfs::nfs_fh3,
     offset: nfs::offset3,
     count: nfs::count3,
     stable: u32,
-    data: Vec<u8>,
 }
-xdr_struct!(WRITE3args, file, offset, count, stable, data);
+xdr_struct!(WRITE3head, file, offset, count, stable);
+
+/// s3nfs patch: the `opaque data<>` that ends WRITE3args, as a slice of the record: a WRITE's
+/// bytes went from the record into a vector of their own before reaching the file system, a
+/// copy of every byte written. An error (the connection is closed) if the record ends before
+/// the data and its padding do, as when the data was read into a vector.
+fn data_in_record(input: &mut Cursor<impl AsRef<[u8]>>) -> std::io::Result<&[u8]> {
+    let mut len: u32 = 0;
+    len.deserialize(input)?;
+    let start = input.position() as usize;
+    let end = start.checked_add(len as usize);
+    let padded = end.and_then(|e| e.checked_add((4 - len as usize % 4) % 4));
+    match (end, padded) {
+        (Some(end), Some(padded)) if padded <= input.get_ref().as_ref().len() => {
+            input.set_position(padded as u64);
+            Ok(&input.get_ref().as_ref()[start..end])
+        }
+        _ => Err(std::io::ErrorKind::UnexpectedEof.into()),
+    }
+}
 
 #[allow(non_camel_case_types)]
 #[derive(Debug, Default)]
@@ -75,7 +95,7 @@ union WRITE3res switch (nfsstat3 status) {
  */
 pub async fn nfsproc3_write(
     xid: u32,
-    input: &mut impl Read,
+    input: &mut Cursor<impl AsRef<[u8]>>,
     output: &mut impl Write,
     context: &RPCContext,
     cx: &CallContext,
@@ -89,11 +109,12 @@ pub async fn nfsproc3_write(
         return Ok(());
     }
 
-    let mut args = WRITE3args::default();
+    let mut args = WRITE3head::default();
     args.deserialize(input)?;
+    let data = data_in_record(input)?;
     debug!("nfsproc3_write({:?},...) ", xid);
     // sanity check the length
-    if args.data.len() != args.count as usize {
+    if data.len() != args.count as usize {
         garbage_args_reply_message(xid).serialize(output)?;
         return Ok(());
     }
@@ -122,7 +143,7 @@ pub async fn nfsproc3_write(
 
     // s3nfs patch: the client's `stable` reaches the filesystem, which says what it achieved.
     let stable = stable_how::from_u32(args.stable).unwrap_or(stable_how::FILE_SYNC);
-    match context.vfs.write_stable(cx, id, args.offset, &args.data, stable).await {
+    match context.vfs.write_stable(cx, id, args.offset, data, stable).await {
         Ok((fattr, committed)) => {
             debug!("write success {:?} --> {:?}", xid, fattr);
             let res = WRITE3resok {
@@ -392,4 +413,37 @@ pub async fn nfsproc3_create(
     }
 
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opaque(len: u32, bytes: &[u8]) -> Vec<u8> {
+        [&len.to_be_bytes()[..], bytes].concat()
+    }
+
+    #[test]
+    fn the_data_is_the_records_own_bytes_and_its_padding_is_skipped() {
+        let mut input = Cursor::new([opaque(5, b"hello\0\0\0"), b"next".to_vec()].concat());
+        assert_eq!(data_in_record(&mut input).unwrap(), b"hello");
+        assert_eq!(input.position(), 12, "past the data and its 3 bytes of padding");
+        let mut aligned = Cursor::new(opaque(4, b"abcd"));
+        assert_eq!(data_in_record(&mut aligned).unwrap(), b"abcd");
+        let mut empty = Cursor::new(opaque(0, b""));
+        assert_eq!(data_in_record(&mut empty).unwrap(), b"");
+    }
+
+    #[test]
+    fn a_record_ending_before_its_data_or_padding_is_an_error() {
+        for bytes in [
+            opaque(5, b"hel"),
+            opaque(5, b"hello\0"),
+            opaque(u32::MAX, b"x"),
+            vec![0, 0],
+        ] {
+            let e = data_in_record(&mut Cursor::new(&bytes[..])).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{bytes:?}");
+        }
+    }
 }

@@ -499,14 +499,17 @@ async fn a_read_over_a_connection_sends_its_data_as_the_reply_tail() {
         arrived: Instant::now(),
     };
     let global = Arc::new(tokio::sync::Semaphore::new(crate::rpcwire::MAX_IN_FLIGHT));
-    let (mut handler, mut socket, mut replies) = crate::rpcwire::SocketMessageHandler::new(&context, global);
+    let (mut socket, server) = tokio::io::duplex(64 * 1024);
+    let (mut handler, mut replies) =
+        crate::rpcwire::SocketMessageHandler::new(&context, global, tokio::io::BufReader::new(server));
     let record = call(60, READ, user(), X::default().fh(&fs, id).u64(4).u32(8));
     socket
         .write_all(&((record.len() as u32) | (1 << 31)).to_be_bytes())
         .await
         .unwrap();
     socket.write_all(&record).await.unwrap();
-    handler.read().await.unwrap();
+    let record = handler.next_record().await.unwrap().expect("a record");
+    handler.handle(record).await.unwrap();
     let reply = replies.recv().await.expect("a reply");
     assert_eq!(reply.tail.as_deref(), Some(&b"456789ab"[..]));
     let (stat, mut r) = accepted(60, reply.message.unwrap());
