@@ -3,7 +3,10 @@
 //! Garage bucket (the same guest set-up as `kernel_mount.rs`, see `tests/common/guest.rs`).
 //!
 //! Every case that passes today is listed in `tests/posix-baseline.txt`; the test fails when
-//! one of them fails (a regression), and lists the cases that newly pass (then rerun with
+//! one of them fails twice (a regression): the cases that fail on the mount are run once more
+//! after the others, and one that passes then counts as passing and is printed
+//! as `FLAKY` (a timing-sensitive case on a slow guest; a feature that is missing fails both
+//! times). It lists the cases that newly pass (then rerun with
 //! `S3NFS_UPDATE_POSIX_BASELINE=1` to rewrite the baseline). It prints pass/fail counts per
 //! syscall group and sorts the failures by cause:
 //! - suite: the case fails on the guest's tmpfs as well (pjdfstest is first run there, which
@@ -130,8 +133,18 @@ for g in $(cut -d: -f1 /tmp/names | sort -u); do
   timed "group_$g" pjd_group $g
 done
 kv pjd_nfs_ms $(( $(now_ms) - t0 ))
+# The cases that failed on the mount, once more, in one process: a case that fails again is a
+# failure; one that passes was timing on a slow guest, and the test says so.
+awk '$NF == "FAILED" || $NF == "STOPPED" || $NF == "expected" {print $1}' /tmp/nfs.out | sort -u >/tmp/retry
+: >/tmp/retry.out
+if [ -s /tmp/retry ]; then
+  timeout -k 10 $GROUP_TIMEOUT $PJD -c $CONF -s /tmp/pjd-second -e -p $M/pjd $(sed "s/^/pjdfstest::tests::/" /tmp/retry) >/tmp/retry.raw 2>&1
+  clean </tmp/retry.raw >/tmp/retry.out
+fi
+kv retried "$(wc -l </tmp/retry)"
 sed 's/^/PJDOUT tmpfs|/' /tmp/ref.out
 sed 's/^/PJDOUT nfs|/' /tmp/nfs.out
+sed 's/^/PJDOUT retry|/' /tmp/retry.out
 step server_alive kill -0 $(bg_pid server)
 step umount umount $M
 "#;
@@ -367,7 +380,28 @@ fn pjdfstest_on_mount() {
     );
     out.step("server_alive").assert_ok();
 
-    let passing = nfs.passing();
+    // A failure that passed when run again (see BODY): counted as passing, and named.
+    let retry = parse_run(&out.console, "retry");
+    let failed: Vec<_> = nfs
+        .results
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Fail | Outcome::Stopped))
+        .collect();
+    let retried: usize = out.expect_value("retried").parse().unwrap();
+    if retried != failed.len() {
+        out.fail(&format!(
+            "{} cases failed on the mount, {retried} run again",
+            failed.len()
+        ));
+    }
+    let mut passing = nfs.passing();
+    for (name, outcome) in failed {
+        if retry.results.get(name) == Some(&Outcome::Pass) {
+            let msg = nfs.messages.get(name).map(String::as_str).unwrap_or("");
+            eprintln!("FLAKY: {name} failed [{outcome:?}: {msg}] and passed when run again");
+            passing.insert(name.clone());
+        }
+    }
     if passing.is_empty() {
         out.fail("no case passed on the mount: the run itself is broken");
     }
