@@ -2,7 +2,7 @@
 //! the file system.
 use std::io::{Read, Write};
 
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
 use crate::context::RPCContext;
 use crate::nfs;
@@ -54,7 +54,7 @@ pub async fn nfsproc3_getattr(
             fh.serialize(output)?;
         }
         Err(stat) => {
-            error!("getattr error {:?} --> {:?}", xid, stat);
+            debug!("getattr error {:?} --> {:?}", xid, stat);
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
         }
@@ -182,7 +182,7 @@ pub async fn nfsproc3_setattr(
             wcc_res.serialize(output)?;
         }
         Err(stat) => {
-            error!("setattr error {:?} --> {:?}", xid, stat);
+            debug!("setattr error {:?} --> {:?}", xid, stat);
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             nfs::wcc_data::default().serialize(output)?;
@@ -446,7 +446,7 @@ pub async fn nfsproc3_fsinfo(
             fsinfo.serialize(output)?;
         }
         Err(stat) => {
-            error!("fsinfo error {:?} --> {:?}", xid, stat);
+            debug!("fsinfo error {:?} --> {:?}", xid, stat);
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
         }

@@ -1,7 +1,7 @@
 //! LOOKUP, READLINK and READ.
 use std::io::{Read, Write};
 
-use tracing::{debug, error};
+use tracing::debug;
 
 use crate::context::RPCContext;
 use crate::nfs;
@@ -252,7 +252,7 @@ pub async fn nfsproc3_read(
             res.serialize(output)?;
         }
         Err(stat) => {
-            error!("read error {:?} --> {:?}", xid, stat);
+            debug!("read error {:?} --> {:?}", xid, stat);
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             obj_attr.serialize(output)?;

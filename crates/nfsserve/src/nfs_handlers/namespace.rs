@@ -1,7 +1,7 @@
 //! MKDIR, SYMLINK, MKNOD and LINK: new names in a directory.
 use std::io::{Read, Write};
 
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
 use super::{post_op, pre_op};
 use crate::context::RPCContext;
@@ -73,7 +73,7 @@ pub async fn nfsproc3_mkdir(
         make_success_reply(xid).serialize(output)?;
         stat.serialize(output)?;
         nfs::wcc_data::default().serialize(output)?;
-        error!("Directory does not exist");
+        debug!("Directory does not exist");
         return Ok(());
     }
     // found the directory, get the attributes
@@ -90,7 +90,7 @@ pub async fn nfsproc3_mkdir(
             nfs::pre_op_attr::attributes(wccattr)
         }
         Err(stat) => {
-            error!("Cannot stat directory");
+            debug!("Cannot stat directory");
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             nfs::wcc_data::default().serialize(output)?;
@@ -203,7 +203,7 @@ pub async fn nfsproc3_symlink(
         make_success_reply(xid).serialize(output)?;
         stat.serialize(output)?;
         nfs::wcc_data::default().serialize(output)?;
-        error!("Directory does not exist");
+        debug!("Directory does not exist");
         return Ok(());
     }
     // found the directory, get the attributes
@@ -220,7 +220,7 @@ pub async fn nfsproc3_symlink(
             nfs::pre_op_attr::attributes(wccattr)
         }
         Err(stat) => {
-            error!("Cannot stat directory");
+            debug!("Cannot stat directory");
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             nfs::wcc_data::default().serialize(output)?;

@@ -1,7 +1,7 @@
 //! READDIR and READDIRPLUS: a directory listing, page by page from a cookie.
 use std::io::{Read, Write};
 
-use tracing::{debug, error, trace};
+use tracing::{debug, trace};
 
 use crate::context::RPCContext;
 use crate::nfs;
@@ -260,7 +260,7 @@ pub async fn nfsproc3_readdirplus(
             );
         }
         Err(stat) => {
-            error!("readdir error {:?} --> {:?} ", xid, stat);
+            debug!("readdir error {:?} --> {:?} ", xid, stat);
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             dir_attr.serialize(output)?;
@@ -382,7 +382,7 @@ pub async fn nfsproc3_readdir(
             );
         }
         Err(stat) => {
-            error!("readdir error {:?} --> {:?} ", xid, stat);
+            debug!("readdir error {:?} --> {:?} ", xid, stat);
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             dir_attr.serialize(output)?;

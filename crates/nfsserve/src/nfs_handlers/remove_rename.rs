@@ -1,7 +1,7 @@
 //! REMOVE, RMDIR and RENAME: names taken out of a directory or moved.
 use std::io::{Read, Write};
 
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
 use crate::context::RPCContext;
 use crate::nfs;
@@ -63,7 +63,7 @@ pub async fn nfsproc3_remove(
         make_success_reply(xid).serialize(output)?;
         stat.serialize(output)?;
         nfs::wcc_data::default().serialize(output)?;
-        error!("Directory does not exist");
+        debug!("Directory does not exist");
         return Ok(());
     }
     let dirid = dirid.unwrap();
@@ -79,7 +79,7 @@ pub async fn nfsproc3_remove(
             nfs::pre_op_attr::attributes(wccattr)
         }
         Err(stat) => {
-            error!("Cannot stat directory");
+            debug!("Cannot stat directory");
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             nfs::wcc_data::default().serialize(output)?;
@@ -112,7 +112,7 @@ pub async fn nfsproc3_remove(
             wcc_res.serialize(output)?;
         }
         Err(e) => {
-            error!("remove error {:?} --> {:?}", xid, e);
+            debug!("remove error {:?} --> {:?}", xid, e);
             // serialize CREATE3resfail
             make_success_reply(xid).serialize(output)?;
             e.serialize(output)?;
@@ -179,7 +179,7 @@ pub async fn nfsproc3_rename(
         make_success_reply(xid).serialize(output)?;
         stat.serialize(output)?;
         nfs::wcc_data::default().serialize(output)?;
-        error!("Directory does not exist");
+        debug!("Directory does not exist");
         return Ok(());
     }
 
@@ -190,7 +190,7 @@ pub async fn nfsproc3_rename(
         make_success_reply(xid).serialize(output)?;
         stat.serialize(output)?;
         nfs::wcc_data::default().serialize(output)?;
-        error!("Directory does not exist");
+        debug!("Directory does not exist");
         return Ok(());
     }
 
@@ -209,7 +209,7 @@ pub async fn nfsproc3_rename(
             nfs::pre_op_attr::attributes(wccattr)
         }
         Err(stat) => {
-            error!("Cannot stat directory");
+            debug!("Cannot stat directory");
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             nfs::wcc_data::default().serialize(output)?;
@@ -228,7 +228,7 @@ pub async fn nfsproc3_rename(
             nfs::pre_op_attr::attributes(wccattr)
         }
         Err(stat) => {
-            error!("Cannot stat directory");
+            debug!("Cannot stat directory");
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             nfs::wcc_data::default().serialize(output)?;
@@ -270,7 +270,7 @@ pub async fn nfsproc3_rename(
             to_wcc_res.serialize(output)?;
         }
         Err(e) => {
-            error!("rename error {:?} --> {:?}", xid, e);
+            debug!("rename error {:?} --> {:?}", xid, e);
             // serialize CREATE3resfail
             make_success_reply(xid).serialize(output)?;
             e.serialize(output)?;

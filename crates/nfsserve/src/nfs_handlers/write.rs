@@ -4,7 +4,7 @@ use std::io::{Cursor, Read, Write};
 use byteorder::{ReadBytesExt, WriteBytesExt};
 use num_derive::{FromPrimitive, ToPrimitive};
 use num_traits::cast::FromPrimitive;
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
 use super::{post_op, pre_op};
 use crate::context::RPCContext;
@@ -305,7 +305,7 @@ pub async fn nfsproc3_create(
         make_success_reply(xid).serialize(output)?;
         stat.serialize(output)?;
         nfs::wcc_data::default().serialize(output)?;
-        error!("Directory does not exist");
+        debug!("Directory does not exist");
         return Ok(());
     }
     // found the directory, get the attributes
@@ -322,7 +322,7 @@ pub async fn nfsproc3_create(
             nfs::pre_op_attr::attributes(wccattr)
         }
         Err(stat) => {
-            error!("Cannot stat directory");
+            debug!("Cannot stat directory");
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             nfs::wcc_data::default().serialize(output)?;
@@ -368,9 +368,17 @@ pub async fn nfsproc3_create(
     // fill in the fid and post op attr here
     if matches!(createhow, createmode3::EXCLUSIVE) {
         // the API for exclusive is very slightly different
-        // We are not returning a post op attribute
         fid = context.vfs.create_exclusive(cx, dirid, &dirops.name).await;
-        postopattr = nfs::post_op_attr::Void;
+        // s3nfs patch: the new file's attributes come with the reply, as in the other modes.
+        // Without them the Linux client sent a GETATTR after every exclusive CREATE (every
+        // O_EXCL open: each relation file PostgreSQL makes).
+        postopattr = match &fid {
+            Ok(id) => match context.vfs.reply_attr(cx, *id).await {
+                Ok(v) => nfs::post_op_attr::attributes(v),
+                Err(_) => nfs::post_op_attr::Void,
+            },
+            Err(_) => nfs::post_op_attr::Void,
+        };
     } else {
         // create!
         let res = context.vfs.create(cx, dirid, &dirops.name, target_attributes).await;
@@ -404,7 +412,9 @@ pub async fn nfsproc3_create(
             wcc_res.serialize(output)?;
         }
         Err(e) => {
-            error!("create error --> {:?}", e);
+            // s3nfs patch: at DEBUG, not ERROR: an O_EXCL open of a name that exists is the
+            // client's everyday business (lock files), and each one was an error in the log.
+            debug!("create error --> {:?}", e);
             // serialize CREATE3resfail
             make_success_reply(xid).serialize(output)?;
             e.serialize(output)?;

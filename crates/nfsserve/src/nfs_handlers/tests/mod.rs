@@ -356,6 +356,26 @@ async fn mount_walks_the_path_with_the_callers_context() {
 }
 
 #[tokio::test]
+async fn an_exclusive_create_answers_with_the_new_files_attributes() {
+    let fs = MemFs::new();
+    // createhow3 EXCLUSIVE (2) and its 8-byte verifier.
+    let args = X::default()
+        .fh(&fs, 1)
+        .opaque(b"excl")
+        .u32(2)
+        .u64(0x0123_4567_89ab_cdef);
+    let (status, mut r) = nfs_call(&fs, 23, call(23, CREATE, user(), args)).await;
+    ok(status);
+    assert!(r.bool(), "a handle follows");
+    let fh = r.opaque();
+    let a = r
+        .attr()
+        .expect("obj_attributes (without them the Linux client sends a GETATTR)");
+    assert_eq!(fs.id_to_fh(a.fileid).data, fh, "the new file's own attributes");
+    assert!(matches!(a.ftype, ftype3::NF3REG));
+}
+
+#[tokio::test]
 async fn create_write_and_read_back() {
     let fs = MemFs::new();
     let args = X::default().fh(&fs, 1).opaque(b"new").u32(0).no_sattr();
