@@ -512,6 +512,49 @@ async fn readdir_plain_pages_exactly_once() {
     assert_listing(&list, &all);
 }
 
+/// An exclusive CREATE sent again (its reply lost to a crash of the gateway) finds the file it
+/// made and succeeds, with the same handle; another exclusive CREATE of the name fails with
+/// EXIST, and so does the same one once the client has set the file's times, as the Linux
+/// client does right after (the verifier is kept in them until then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_create_sent_again_after_a_crash_finds_its_own_file() {
+    let g = common::garage::shared();
+    let bucket = g.unique_bucket();
+    let mut gw = Proc::start(&bucket, "", "200ms");
+    let mut c = Client::connect(gw.addr()).await;
+    let root = c.root.clone();
+    let lock = c.create_exclusive_with(&root, "lock", *b"verifier").await.unwrap();
+    let other = c.create_exclusive_with(&root, "other", *b"verifier").await.unwrap();
+    drop(c);
+
+    gw.kill9();
+    gw.restart();
+    let mut c = Client::connect(gw.addr()).await;
+    assert_eq!(
+        c.create_exclusive_with(&root, "lock", *b"verifier").await,
+        Ok(lock.clone()),
+        "the same CREATE, sent again: the file it made"
+    );
+    assert_eq!(
+        c.create_exclusive_with(&root, "lock", *b"another!").await,
+        Err(Status::NFS3ERR_EXIST),
+        "another client's exclusive CREATE of the name"
+    );
+    let now = Set {
+        mode: Some(0o600),
+        atime_now: true,
+        mtime_now: true,
+        ..Set::default()
+    };
+    c.setattr(&other, now).await.unwrap();
+    assert_eq!(
+        c.create_exclusive_with(&root, "other", *b"verifier").await,
+        Err(Status::NFS3ERR_EXIST),
+        "once its times are set, the file no longer answers to the verifier"
+    );
+    assert_eq!(c.getattr(&other).await.unwrap().mode & 0o7777, 0o600);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_handles_survive_a_restart() {
     let g = common::garage::shared();

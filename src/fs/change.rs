@@ -64,13 +64,40 @@ impl Volume {
     }
 
     pub async fn create(&self, cred: &Cred, dir: Ino, name: &[u8], attr: SetAttr, exclusive: bool) -> FsResult<Attr> {
+        self.create_as(cred, dir, name, attr, exclusive.then_some(None)).await
+    }
+
+    /// NFS's exclusive CREATE: the client's `verifier` is kept in the new file's access and
+    /// modification times (seconds; as knfsd keeps it), until the client sets them, which the
+    /// Linux client does at once. The same CREATE sent again (its reply lost to a restart of the
+    /// gateway or a broken connection) finds the file with its verifier and succeeds, where
+    /// any other exclusive CREATE of the name fails with EXIST.
+    pub async fn create_exclusive(&self, cred: &Cred, dir: Ino, name: &[u8], verifier: u64) -> FsResult<Attr> {
+        self.create_as(cred, dir, name, SetAttr::default(), Some(Some(verifier)))
+            .await
+    }
+
+    /// `exclusive`: `None` creates or opens (UNCHECKED), `Some(None)` fails on a name that
+    /// exists (GUARDED), `Some(Some(verifier))` as [`Volume::create_exclusive`].
+    async fn create_as(
+        &self,
+        cred: &Cred,
+        dir: Ino,
+        name: &[u8],
+        attr: SetAttr,
+        exclusive: Option<Option<u64>>,
+    ) -> FsResult<Attr> {
         let d = self.prepare_new(cred, dir, name).await?;
         let g = self.ns.lock().await;
         if let Some(existing) = self.meta.lookup(dir, name)? {
             let existing = self.file_of(existing)?;
             let inode = self.inode(existing)?;
-            if exclusive {
-                return Err(FsError::Exists);
+            match exclusive {
+                Some(Some(v)) if inode.kind == Kind::File && verifier_times(v) == (inode.atime, inode.mtime) => {
+                    return Ok(self.attr_of(&inode)); // our own CREATE, sent again
+                }
+                Some(_) => return Err(FsError::Exists),
+                None => {}
             }
             if inode.kind == Kind::Dir {
                 return Err(FsError::IsDir);
@@ -89,6 +116,9 @@ impl Volume {
         apply_owner(&mut inode, cred, &attr);
         if let Some(SetTime::At(t)) = attr.mtime {
             inode.mtime = t;
+        }
+        if let Some(Some(v)) = exclusive {
+            (inode.atime, inode.mtime) = verifier_times(v);
         }
         let st = Staged::open(inode.ino, self.staging.shared_dir(), true, &self.cfg)?;
         st.changed();
@@ -433,4 +463,12 @@ impl Volume {
     pub fn permissions(&self, cred: &Cred, ino: Ino) -> FsResult<u32> {
         Ok(perm::granted(cred, &self.inode(ino)?))
     }
+}
+/// An exclusive CREATE's verifier as the access and modification times that keep it.
+fn verifier_times(v: u64) -> (Time, Time) {
+    let secs = |x: u64| Time {
+        secs: x as i64,
+        nanos: 0,
+    };
+    (secs(v >> 32), secs(v & 0xffff_ffff))
 }

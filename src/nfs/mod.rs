@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nfsserve::nfs::{
-    fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime, set_gid3, set_mode3,
-    set_mtime, set_size3, set_uid3, specdata3, stable_how, writeverf3,
+    createverf3, fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime,
+    set_gid3, set_mode3, set_mtime, set_size3, set_uid3, specdata3, stable_how, writeverf3,
 };
 use nfsserve::vfs::{
     CallContext, Caller, DirEntry as NfsDirEntry, FsStat, NFSFileSystem, ReadDirResult, VFSCapabilities,
@@ -483,6 +483,7 @@ impl NFSFileSystem for NfsAdapter {
         cx: &CallContext,
         dirid: fileid3,
         filename: &filename3,
+        verifier: createverf3,
     ) -> Result<fileid3, nfsstat3> {
         let a = self
             .op(
@@ -490,10 +491,8 @@ impl NFSFileSystem for NfsAdapter {
                 "CREATE",
                 nfs_span!("CREATE", ino = dirid, exclusive = true),
                 async {
-                    let a = self
-                        .vol
-                        .create(&self.cred(cx), dirid, filename, SetAttr::default(), true)
-                        .await?;
+                    let v = u64::from_be_bytes(verifier);
+                    let a = self.vol.create_exclusive(&self.cred(cx), dirid, filename, v).await?;
                     crate::telemetry::note_cause(self.vol.volume_id(), a.ino);
                     Ok(a)
                 },

@@ -258,7 +258,12 @@ impl Client {
     }
 
     pub async fn create_exclusive(&mut self, dir: &Fh, name: impl AsRef<[u8]>) -> R<Fh> {
-        self.create_how(dir, name.as_ref(), createhow3::EXCLUSIVE(createverf3(*b"s3nfsvrf")))
+        self.create_exclusive_with(dir, name, *b"s3nfsvrf").await
+    }
+
+    /// An exclusive CREATE with the verifier given.
+    pub async fn create_exclusive_with(&mut self, dir: &Fh, name: impl AsRef<[u8]>, verifier: [u8; 8]) -> R<Fh> {
+        self.create_how(dir, name.as_ref(), createhow3::EXCLUSIVE(createverf3(verifier)))
             .await
     }
 

@@ -247,11 +247,16 @@ pub trait NFSFileSystem: Sync {
 
     /// Creates a file if it does not already exist
     /// this should return Err(nfsstat3::NFS3ERR_ROFS)
+    ///
+    /// s3nfs patch: `verifier` is the client's, to be kept with the new file: an exclusive
+    /// CREATE sent again (its reply lost to a restart or a broken connection) that finds a file
+    /// with its own verifier has created that file, and succeeds (RFC 1813, 3.3.8).
     async fn create_exclusive(
         &self,
         cx: &CallContext,
         dirid: fileid3,
         filename: &filename3,
+        verifier: nfs::createverf3,
     ) -> Result<fileid3, nfsstat3>;
 
     /// Makes a directory with the following attributes.

@@ -330,6 +330,7 @@ pub async fn nfsproc3_create(
         }
     };
     let mut target_attributes = nfs::sattr3::default();
+    let mut verifier: nfs::createverf3 = [0; nfs::NFS3_CREATEVERFSIZE as usize];
 
     match createhow {
         createmode3::UNCHECKED => {
@@ -359,6 +360,8 @@ pub async fn nfsproc3_create(
             }
         }
         createmode3::EXCLUSIVE => {
+            // s3nfs patch: the verifier reaches the file system (it was left unread).
+            verifier.deserialize(input)?;
             debug!("create exclusive");
         }
     }
@@ -368,7 +371,7 @@ pub async fn nfsproc3_create(
     // fill in the fid and post op attr here
     if matches!(createhow, createmode3::EXCLUSIVE) {
         // the API for exclusive is very slightly different
-        fid = context.vfs.create_exclusive(cx, dirid, &dirops.name).await;
+        fid = context.vfs.create_exclusive(cx, dirid, &dirops.name, verifier).await;
         // s3nfs patch: the new file's attributes come with the reply, as in the other modes.
         // Without them the Linux client sent a GETATTR after every exclusive CREATE (every
         // O_EXCL open: each relation file PostgreSQL makes).

@@ -158,6 +158,7 @@ impl NFSFileSystem for MemFs {
         cx: &CallContext,
         dirid: fileid3,
         filename: &filename3,
+        _verifier: createverf3,
     ) -> Result<fileid3, nfsstat3> {
         self.saw("create_exclusive", cx);
         Ok(self.add(dirid, filename, false))
