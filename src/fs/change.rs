@@ -464,6 +464,7 @@ impl Volume {
         Ok(perm::granted(cred, &self.inode(ino)?))
     }
 }
+
 /// An exclusive CREATE's verifier as the access and modification times that keep it.
 fn verifier_times(v: u64) -> (Time, Time) {
     let secs = |x: u64| Time {

@@ -49,8 +49,9 @@ async fn process_socket(
     let reader = tokio::io::BufReader::with_capacity(READ_BUFFER, from_client);
     let (mut message_handler, mut msgrecvchan) = SocketMessageHandler::new(&context, in_flight, reader);
 
-    // Ok(()) when the client closed, Err when reading failed; dropped unsent on shutdown.
-    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<io::Result<()>>();
+    // Sent when the client closed the connection; dropped unsent when reading stops otherwise
+    // (a shutdown, a refused record, a failed read), and the replies in flight are written first.
+    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<()>();
     let mut stop = shutdown;
     let handler = tokio::spawn(async move {
         loop {
@@ -82,7 +83,7 @@ async fn process_socket(
                     }
                 }
                 Ok(None) => {
-                    let _ = closed_tx.send(Ok(()));
+                    let _ = closed_tx.send(());
                     return;
                 }
                 // A refused record (too long) or a failed read: what is in flight is answered,
@@ -102,12 +103,8 @@ async fn process_socket(
     loop {
         tokio::select! {
             closed = &mut closed_rx, if reading => match closed {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => {
-                    debug!("Message handling closed : {:?}", e);
-                    return Err(e.into());
-                }
-                // The pump stopped for a shutdown: answer what was received, then close.
+                Ok(()) => return Ok(()),
+                // Reading stopped otherwise: answer what was received, then close.
                 Err(_) => reading = false,
             },
             reply = msgrecvchan.recv() => {
