@@ -484,7 +484,7 @@ impl NFSFileSystem for NfsAdapter {
         dirid: fileid3,
         filename: &filename3,
         verifier: createverf3,
-    ) -> Result<fileid3, nfsstat3> {
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
             .op(
                 cx,
@@ -498,7 +498,7 @@ impl NFSFileSystem for NfsAdapter {
                 },
             )
             .await?;
-        Ok(a.ino)
+        Ok((a.ino, fattr(&self.vol, &a)))
     }
 
     async fn mkdir(

@@ -250,14 +250,15 @@ pub trait NFSFileSystem: Sync {
     ///
     /// s3nfs patch: `verifier` is the client's, to be kept with the new file: an exclusive
     /// CREATE sent again (its reply lost to a restart or a broken connection) that finds a file
-    /// with its own verifier has created that file, and succeeds (RFC 1813, 3.3.8).
+    /// with its own verifier has created that file, and succeeds (RFC 1813, 3.3.8). Returns the
+    /// file's attributes, as `create` does: the reply carries them.
     async fn create_exclusive(
         &self,
         cx: &CallContext,
         dirid: fileid3,
         filename: &filename3,
         verifier: nfs::createverf3,
-    ) -> Result<fileid3, nfsstat3>;
+    ) -> Result<(fileid3, fattr3), nfsstat3>;
 
     /// Makes a directory with the following attributes.
     /// If not supported dur to readonly file system

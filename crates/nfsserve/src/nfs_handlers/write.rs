@@ -366,32 +366,19 @@ pub async fn nfsproc3_create(
         }
     }
 
-    let fid: Result<nfs::fileid3, nfs::nfsstat3>;
-    let postopattr: nfs::post_op_attr;
-    // fill in the fid and post op attr here
-    if matches!(createhow, createmode3::EXCLUSIVE) {
-        // the API for exclusive is very slightly different
-        fid = context.vfs.create_exclusive(cx, dirid, &dirops.name, verifier).await;
-        // s3nfs patch: the new file's attributes come with the reply, as in the other modes.
-        // Without them the Linux client sent a GETATTR after every exclusive CREATE (every
-        // O_EXCL open: each relation file PostgreSQL makes).
-        postopattr = match &fid {
-            Ok(id) => match context.vfs.reply_attr(cx, *id).await {
-                Ok(v) => nfs::post_op_attr::attributes(v),
-                Err(_) => nfs::post_op_attr::Void,
-            },
-            Err(_) => nfs::post_op_attr::Void,
-        };
+    // s3nfs patch: an exclusive CREATE's reply carries the new file's attributes too, as in
+    // the other modes. Without them the Linux client sent a GETATTR after every exclusive
+    // CREATE (every O_EXCL open: each relation file PostgreSQL makes).
+    let res = if matches!(createhow, createmode3::EXCLUSIVE) {
+        context.vfs.create_exclusive(cx, dirid, &dirops.name, verifier).await
     } else {
-        // create!
-        let res = context.vfs.create(cx, dirid, &dirops.name, target_attributes).await;
-        fid = res.map(|x| x.0);
-        postopattr = if let Ok((_, fattr)) = res {
-            nfs::post_op_attr::attributes(fattr)
-        } else {
-            nfs::post_op_attr::Void
-        };
-    }
+        context.vfs.create(cx, dirid, &dirops.name, target_attributes).await
+    };
+    let fid = res.map(|x| x.0);
+    let postopattr = match res {
+        Ok((_, fattr)) => nfs::post_op_attr::attributes(fattr),
+        Err(_) => nfs::post_op_attr::Void,
+    };
 
     // Re-read dir attributes for post op attr
     let post_dir_attr = match context.vfs.reply_attr(cx, dirid).await {

@@ -159,9 +159,11 @@ impl NFSFileSystem for MemFs {
         dirid: fileid3,
         filename: &filename3,
         _verifier: createverf3,
-    ) -> Result<fileid3, nfsstat3> {
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
         self.saw("create_exclusive", cx);
-        Ok(self.add(dirid, filename, false))
+        let id = self.add(dirid, filename, false);
+        let nodes = self.nodes.lock().unwrap();
+        Ok((id, MemFs::attr(id, &nodes[&id])))
     }
 
     async fn mkdir(
