@@ -64,7 +64,8 @@ impl Volume {
     }
 
     pub async fn create(&self, cred: &Cred, dir: Ino, name: &[u8], attr: SetAttr, exclusive: bool) -> FsResult<Attr> {
-        self.create_as(cred, dir, name, attr, exclusive.then_some(None)).await
+        let how = if exclusive { How::Guarded } else { How::Unchecked };
+        self.create_as(cred, dir, name, attr, how).await
     }
 
     /// NFS's exclusive CREATE: the client's `verifier` is kept in the new file's access and
@@ -73,31 +74,22 @@ impl Volume {
     /// gateway or a broken connection) finds the file with its verifier and succeeds, where
     /// any other exclusive CREATE of the name fails with EXIST.
     pub async fn create_exclusive(&self, cred: &Cred, dir: Ino, name: &[u8], verifier: u64) -> FsResult<Attr> {
-        self.create_as(cred, dir, name, SetAttr::default(), Some(Some(verifier)))
+        self.create_as(cred, dir, name, SetAttr::default(), How::Exclusive(verifier))
             .await
     }
 
-    /// `exclusive`: `None` creates or opens (UNCHECKED), `Some(None)` fails on a name that
-    /// exists (GUARDED), `Some(Some(verifier))` as [`Volume::create_exclusive`].
-    async fn create_as(
-        &self,
-        cred: &Cred,
-        dir: Ino,
-        name: &[u8],
-        attr: SetAttr,
-        exclusive: Option<Option<u64>>,
-    ) -> FsResult<Attr> {
+    async fn create_as(&self, cred: &Cred, dir: Ino, name: &[u8], attr: SetAttr, how: How) -> FsResult<Attr> {
         let d = self.prepare_new(cred, dir, name).await?;
         let g = self.ns.lock().await;
         if let Some(existing) = self.meta.lookup(dir, name)? {
             let existing = self.file_of(existing)?;
             let inode = self.inode(existing)?;
-            match exclusive {
-                Some(Some(v)) if inode.kind == Kind::File && verifier_times(v) == (inode.atime, inode.mtime) => {
+            match how {
+                How::Exclusive(v) if inode.kind == Kind::File && verifier_times(v) == (inode.atime, inode.mtime) => {
                     return Ok(self.attr_of(&inode)); // our own CREATE, sent again
                 }
-                Some(_) => return Err(FsError::Exists),
-                None => {}
+                How::Exclusive(_) | How::Guarded => return Err(FsError::Exists),
+                How::Unchecked => {}
             }
             if inode.kind == Kind::Dir {
                 return Err(FsError::IsDir);
@@ -117,7 +109,7 @@ impl Volume {
         if let Some(SetTime::At(t)) = attr.mtime {
             inode.mtime = t;
         }
-        if let Some(Some(v)) = exclusive {
+        if let How::Exclusive(v) = how {
             (inode.atime, inode.mtime) = verifier_times(v);
         }
         let st = Staged::open(inode.ino, self.staging.shared_dir(), true, &self.cfg)?;
@@ -463,6 +455,17 @@ impl Volume {
     pub fn permissions(&self, cred: &Cred, ino: Ino) -> FsResult<u32> {
         Ok(perm::granted(cred, &self.inode(ino)?))
     }
+}
+
+/// What CREATE does with a name that exists (NFS's createmode3).
+#[derive(Clone, Copy)]
+enum How {
+    /// Opens the file (an `open(O_CREAT)` without `O_EXCL`).
+    Unchecked,
+    /// Fails with EXIST.
+    Guarded,
+    /// Fails with EXIST, unless the file keeps this verifier: see [`Volume::create_exclusive`].
+    Exclusive(u64),
 }
 
 /// An exclusive CREATE's verifier as the access and modification times that keep it.
