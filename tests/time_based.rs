@@ -218,3 +218,50 @@ async fn due_uploads_wait_for_clients_to_pause_but_not_for_ever() {
         "uploaded {quiet:?} into a pause, before it counted as one"
     );
 }
+
+/// A large file the client has committed (closed or fsync'd) since its last write goes to S3 once
+/// the volume is quiet, not a whole flush delay later; one written and not committed, or
+/// written again after its COMMIT, still waits for the flush delay.
+#[tokio::test]
+async fn a_committed_large_file_goes_to_s3_once_the_volume_is_quiet() {
+    use nfs3_client::nfs3_types::nfs3::stable_how::UNSTABLE;
+    use s3nfs::fs::defer::QUIET;
+    let (clock, _gw, s3, mut c, root) = flush_delay_2s().await;
+    // One byte past the default part size: a multipart upload.
+    let big = common::pattern(1, (16 << 20) + 1);
+    // Written as the kernel client writes: UNSTABLE, then a COMMIT at close (a FILE_SYNC WRITE
+    // commits as it writes).
+    let committed = c.create(&root, "committed", 0o644).await.unwrap();
+    c.write_all_how(&committed, 0, &big, UNSTABLE).await.unwrap();
+    let open = c.create(&root, "open", 0o644).await.unwrap();
+    c.write_all_how(&open, 0, &big, UNSTABLE).await.unwrap();
+    c.commit(&committed).await.unwrap();
+
+    clock.advance(QUIET);
+    flusher_sleeps(&clock, FLUSH_TICK).await;
+    assert!(
+        s3.get("committed").await.as_deref() == Some(&big[..]),
+        "the committed file is not in S3 after {QUIET:?} of quiet"
+    );
+    assert_eq!(
+        s3.head("open").await.map(|h| h.size),
+        None,
+        "the file never committed went early"
+    );
+
+    // Written again after its COMMIT: the whole flush delay again.
+    c.write_all_how(&committed, 0, b"again", UNSTABLE).await.unwrap();
+    clock.advance(QUIET);
+    flusher_sleeps(&clock, FLUSH_TICK).await;
+    let in_s3 = s3.get("committed").await.unwrap();
+    assert_eq!(
+        &in_s3[..5],
+        &big[..5],
+        "a write after the COMMIT went up before the flush delay"
+    );
+
+    clock.advance(Duration::from_secs(2) - QUIET);
+    flusher_sleeps(&clock, FLUSH_TICK).await;
+    assert_eq!(&s3.get("committed").await.unwrap()[..5], b"again");
+    assert_eq!(s3.head("open").await.map(|h| h.size), Some(big.len() as u64));
+}

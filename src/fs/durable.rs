@@ -190,6 +190,9 @@ impl Volume {
     /// sync keeps the file's name and attributes, the upload its bytes, and neither waits for
     /// the other (in turn, a small file's COMMIT would cost two syncs and a PUT, not one PUT).
     pub async fn commit(self: &Arc<Self>, ino: Ino) -> FsResult<Attr> {
+        if let Some(st) = self.staged(ino) {
+            st.note_commit();
+        }
         if self.cfg.durability == Durability::S3 {
             // Boxed: the upload's state is large, and without the box every COMMIT and stable
             // WRITE (all of them with `local`) would carry it and copy it from layer to layer.

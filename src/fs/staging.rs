@@ -84,6 +84,9 @@ pub struct Staged {
     size: AtomicU64,
     /// Bumped by every change of the bytes.
     gen: AtomicU64,
+    /// `gen` when the client last sent a COMMIT for the file (an fsync, or a close): equal to
+    /// `gen` while nothing was written since. `u64::MAX`: never.
+    committed_gen: AtomicU64,
     /// The bytes differ from what S3 holds. Changed only through the transitions below.
     content_dirty: AtomicBool,
     /// A `P` record is committed for this inode since its last upload.
@@ -137,6 +140,7 @@ impl Staged {
             lock: tokio::sync::RwLock::new(()),
             size: AtomicU64::new(len),
             gen: AtomicU64::new(0),
+            committed_gen: AtomicU64::new(u64::MAX),
             content_dirty: AtomicBool::new(false),
             pending_marked: AtomicBool::new(false),
             gone: AtomicBool::new(false),
@@ -235,6 +239,16 @@ impl Staged {
 
     pub fn gen(&self) -> u64 {
         self.gen.load(Ordering::Acquire)
+    }
+
+    /// The client sent a COMMIT for the file: it was closed or fsync'd after its last write.
+    pub fn note_commit(&self) {
+        self.committed_gen.store(self.gen(), Ordering::Release);
+    }
+
+    /// Whether nothing was written since the client's last COMMIT of the file.
+    pub fn committed_since_write(&self) -> bool {
+        self.committed_gen.load(Ordering::Acquire) == self.gen()
     }
 
     pub fn mtime(&self) -> Time {

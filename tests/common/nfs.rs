@@ -367,11 +367,16 @@ impl Client {
         }
     }
 
-    /// Writes all of `data` in requests of at most `IO_SIZE`.
-    pub async fn write_all(&mut self, fh: &Fh, mut offset: u64, mut data: &[u8]) -> R<()> {
+    /// Writes all of `data` in requests of at most `IO_SIZE` (FILE_SYNC).
+    pub async fn write_all(&mut self, fh: &Fh, offset: u64, data: &[u8]) -> R<()> {
+        self.write_all_how(fh, offset, data, stable_how::FILE_SYNC).await
+    }
+
+    /// Writes all of `data` in requests of at most `IO_SIZE`, each with the given `stable`.
+    pub async fn write_all_how(&mut self, fh: &Fh, mut offset: u64, mut data: &[u8], stable: stable_how) -> R<()> {
         while !data.is_empty() {
             let n = data.len().min(IO_SIZE);
-            let done = self.write(fh, offset, &data[..n]).await? as usize;
+            let done = self.write_how(fh, offset, &data[..n], stable).await?.0 as usize;
             assert!(done > 0, "WRITE acknowledged 0 bytes");
             offset += done as u64;
             data = &data[done..];

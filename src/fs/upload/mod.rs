@@ -326,6 +326,21 @@ impl Uploader {
         super::defer::QUIET.min(self.cfg.flush_delay / 4)
     }
 
+    /// How long a dirty file goes unwritten before it is uploaded: the flush delay, but only the
+    /// quiet interval for a file of a part or more that the client has committed (closed or
+    /// fsync'd) since its last write. A large file's parts stream to S3 while it is written, so
+    /// what is left then is its last part and the completion: waiting the whole flush delay for
+    /// them, a copied 1 GiB file reached S3 0.74 s after the copy's COMMIT with the bench's
+    /// 500 ms delay (over 2 s with the default), against 0.30 s with the quiet interval. A small file keeps the whole delay:
+    /// programs that close and reopen it to append would otherwise send a PUT per close.
+    fn due_after(&self, st: &Staged) -> std::time::Duration {
+        if st.committed_since_write() && st.size() >= self.cfg.part_size {
+            self.quiet()
+        } else {
+            self.cfg.flush_delay
+        }
+    }
+
     /// Whether due uploads and deletions wait for the clients to pause. Not when the dirty
     /// bytes near their bound: writers would be held up waiting for uploads that wait for them.
     fn defers_background(&self) -> bool {
@@ -415,7 +430,7 @@ impl Uploader {
                     if st.is_dirty() {
                         dirty += st.size();
                         let idle = st.idle_at(now);
-                        if !force && (idle < self.cfg.flush_delay || self.streaming.locked().contains(&ino)) {
+                        if !force && (idle < self.due_after(st) || self.streaming.locked().contains(&ino)) {
                             continue;
                         }
                     }
