@@ -2,6 +2,8 @@
 //! rewritten after they were uploaded, truncation in the middle of an upload, and a restart with
 //! an upload in flight. The object in the store must always end up equal to the file.
 
+mod common;
+
 use std::sync::Arc;
 
 use s3nfs::fs::{SetAttr, Volume, VolumeConfig};
@@ -363,4 +365,83 @@ async fn uploaded_copies_are_dropped_past_their_byte_bound_oldest_first() {
         !staged().contains(&a.to_string()),
         "reading does not stage the file again"
     );
+}
+
+/// A large file changed in place sends S3 only the parts it changed: the others are copied
+/// server-side (UploadPartCopy) from the object that holds them, whether the staged copy was
+/// uploaded by this gateway or fetched from S3, and only from the version the staged copy holds.
+/// On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_changed_in_place_sends_only_the_parts_it_changed() {
+    let (s3, _bucket) = common::gateway::garage_store().await;
+    let s3: Arc<dyn ObjectStore> = s3;
+    let (faulty, faults) = FaultyStore::new(s3.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let sent = |what: &str| {
+        let counts = (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy));
+        faults.reset_counts();
+        eprintln!("{what}: {counts:?} (parts sent, parts copied)");
+        counts
+    };
+
+    // 12 MiB in parts of 5 MiB: 5 + 5 + 2.
+    let state = tempfile::tempdir().unwrap();
+    let vol = open(state.path(), &store).await;
+    let root = vol.root();
+    let ino = vol
+        .create(&ROOT, root, b"big", SetAttr::default(), true)
+        .await
+        .unwrap()
+        .ino;
+    let mut want = pattern(12 * MIB, 1);
+    vol.write(&ROOT, ino, 0, &want).await.unwrap();
+    vol.flush_all().await.unwrap();
+    assert_eq!(sent("first upload"), (3, 0));
+
+    // Ten bytes in the middle part: that part is sent, the two others copied.
+    vol.write(&ROOT, ino, 7 * MIB as u64, b"0123456789").await.unwrap();
+    want[7 * MIB..7 * MIB + 10].copy_from_slice(b"0123456789");
+    vol.flush_all().await.unwrap();
+    assert_eq!(object(&store, "big").await, want, "after a write in the middle part");
+    assert_eq!(sent("one part changed"), (1, 2));
+
+    // Appended to: the parts before the old end are copied; the old last part, which the append
+    // extends, and the new one are sent.
+    let more = pattern(5 * MIB, 2);
+    vol.write(&ROOT, ino, want.len() as u64, &more).await.unwrap();
+    want.extend_from_slice(&more);
+    vol.flush_all().await.unwrap();
+    assert_eq!(object(&store, "big").await, want, "after an append");
+    assert_eq!(sent("appended"), (2, 2));
+
+    // Another gateway (a fresh state directory), whose staged copy is fetched from S3: the same.
+    drop(vol);
+    let state = tempfile::tempdir().unwrap();
+    let vol = open(state.path(), &store).await;
+    let ino = vol.lookup(&ROOT, vol.root(), b"big").await.unwrap();
+    vol.write(&ROOT, ino, 1, b"x").await.unwrap();
+    want[1] = b'x';
+    vol.flush_all().await.unwrap();
+    assert_eq!(
+        object(&store, "big").await,
+        want,
+        "after a write to a file fetched from S3"
+    );
+    assert_eq!(sent("fetched, one part changed"), (1, 3));
+
+    // The object replaced behind the gateway's back (same size, other bytes): no part may come
+    // from that version. The gateway's bytes win, as for any file it uploads.
+    let theirs = pattern(want.len(), 3);
+    s3.put("big", s3nfs::store::Body::Bytes(theirs.into()), &Default::default())
+        .await
+        .unwrap();
+    vol.write(&ROOT, ino, 2, b"y").await.unwrap();
+    want[2] = b'y';
+    vol.flush_all().await.unwrap();
+    assert!(
+        object(&store, "big").await == want,
+        "a part was copied from a version not staged"
+    );
+    let (parts, _) = sent("replaced behind its back");
+    assert_eq!(parts, 4, "every part sent once the copy source was found replaced");
 }

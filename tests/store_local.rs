@@ -343,16 +343,18 @@ async fn multipart_entity_too_small_abort_and_part_copy() {
         .await
         .unwrap();
     let id = s.create_multipart("dst", &none()).await.unwrap();
+    let src = s.head("src").await.unwrap().unwrap().etag;
     let c1 = s
-        .upload_part_copy("dst", &id, 1, "src", 0..MIN_PART_SIZE)
+        .upload_part_copy("dst", &id, 1, "src", &src, 0..MIN_PART_SIZE)
         .await
         .unwrap();
     let c2 = s
-        .upload_part_copy("dst", &id, 2, "src", MIN_PART_SIZE..MIN_PART_SIZE + 10)
+        .upload_part_copy("dst", &id, 2, "src", &src, MIN_PART_SIZE..MIN_PART_SIZE + 10)
         .await
         .unwrap();
     assert!(matches!(
-        s.upload_part_copy("dst", &id, 3, "src", 0..MIN_PART_SIZE + 11).await,
+        s.upload_part_copy("dst", &id, 3, "src", &src, 0..MIN_PART_SIZE + 11)
+            .await,
         Err(StoreError::Invalid(_))
     ));
     s.complete_multipart(

@@ -16,7 +16,7 @@ use futures::FutureExt;
 use tracing::Instrument;
 
 use super::{Core, FsError, FsResult};
-use crate::meta::{Ino, Kind, Time};
+use crate::meta::{Ino, Kind, Remote, Time};
 use crate::sync::LockExt;
 
 /// State of a multipart upload streaming a large staged file to S3 while it is written.
@@ -87,6 +87,8 @@ pub struct Staged {
     /// `gen` when the client last sent a COMMIT for the file (an fsync, or a close): equal to
     /// `gen` while nothing was written since. `u64::MAX`: never.
     committed_gen: AtomicU64,
+    /// `gen` of the bytes the last completed multipart upload holds. `u64::MAX`: none.
+    completed_gen: AtomicU64,
     /// The bytes differ from what S3 holds. Changed only through the transitions below.
     content_dirty: AtomicBool,
     /// A `P` record is committed for this inode since its last upload.
@@ -97,6 +99,9 @@ pub struct Staged {
     pub last_write: Mutex<Instant>,
     /// Boxed: most files never have one, and the record is kept per staged file.
     pub multipart: Mutex<Option<Box<Multipart>>>,
+    /// The object in S3 these bytes came from or went to, for a file of a part or more (boxed,
+    /// as `multipart`).
+    base: Mutex<Option<Box<Base>>>,
     /// Held while the multipart upload is started or restarted, so concurrent passes share one.
     pub multipart_init: tokio::sync::Mutex<()>,
     /// Written since the last fsync (see `Volume::sync_local`).
@@ -107,6 +112,16 @@ pub struct Staged {
     part_size: u64,
     /// The volume's clock, for `last_write` (which the flush delay is measured from).
     clock: crate::clock::Clock,
+}
+
+/// An object in S3 that holds the staged copy's bytes but for the parts written since: a new
+/// upload takes those others from it server-side (UploadPartCopy) instead of sending them again.
+/// An append to a 1 GiB log, or a database rewriting pages of a large file, then sends S3 only
+/// the parts it changed.
+struct Base {
+    remote: Remote,
+    /// Parts written since (numbered as the multipart upload numbers them).
+    written: BTreeSet<i32>,
 }
 
 impl Staged {
@@ -141,6 +156,8 @@ impl Staged {
             size: AtomicU64::new(len),
             gen: AtomicU64::new(0),
             committed_gen: AtomicU64::new(u64::MAX),
+            completed_gen: AtomicU64::new(u64::MAX),
+            base: Mutex::new(None),
             content_dirty: AtomicBool::new(false),
             pending_marked: AtomicBool::new(false),
             gone: AtomicBool::new(false),
@@ -241,6 +258,43 @@ impl Staged {
         self.gen.load(Ordering::Acquire)
     }
 
+    /// The staged bytes are `remote`'s, as fetched from S3 or just uploaded there. The caller
+    /// holds `lock` exclusively, or no writer can have the file yet. Kept only for a file of a
+    /// part or more: a smaller one is sent whole in one PUT.
+    pub fn set_base(&self, remote: &Remote) {
+        *self.base.locked() = (remote.size >= self.part_size).then(|| {
+            Box::new(Base {
+                remote: remote.clone(),
+                written: BTreeSet::new(),
+            })
+        });
+    }
+
+    /// The object and version to copy part `part` (bytes `range` of the file) from, when S3
+    /// already holds those bytes there: the part was not written since and lies wholly within
+    /// that object.
+    pub fn copy_source(&self, part: i32, range: &std::ops::Range<u64>) -> Option<(String, String)> {
+        let base = self.base.locked();
+        let b = base.as_ref()?;
+        (range.end <= b.remote.size && !b.written.contains(&part))
+            .then(|| (b.remote.key.clone(), b.remote.etag.clone()))
+    }
+
+    /// The base object is gone or was replaced: parts are sent from the staged copy.
+    pub fn drop_base(&self) {
+        *self.base.locked() = None;
+    }
+
+    /// A multipart upload of the bytes as of generation `gen` was completed.
+    pub fn note_completed(&self, gen: u64) {
+        self.completed_gen.store(gen, Ordering::Release);
+    }
+
+    /// Whether nothing was written since the last multipart upload was completed.
+    pub fn completed_since_write(&self) -> bool {
+        self.completed_gen.load(Ordering::Acquire) == self.gen()
+    }
+
     /// The client sent a COMMIT for the file: it was closed or fsync'd after its last write.
     pub fn note_commit(&self) {
         self.committed_gen.store(self.gen(), Ordering::Release);
@@ -298,6 +352,7 @@ impl Staged {
     pub fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.file()?.set_len(len)?;
         self.size.store(len, Ordering::Release);
+        self.drop_base();
         // Shrinking invalidates the part layout; growing changes the last part. Start over.
         if let Some(m) = self.multipart.locked().as_mut() {
             m.done.clear();
@@ -314,13 +369,16 @@ impl Staged {
         *self.mtime.locked() = Time::now();
         *self.last_write.locked() = self.clock.op_now();
         if len > 0 {
+            let first = (offset / self.part_size) as i32 + 1;
+            let last = ((offset + len - 1) / self.part_size) as i32 + 1;
             if let Some(m) = self.multipart.locked().as_mut() {
-                let first = (offset / self.part_size) as i32 + 1;
-                let last = ((offset + len - 1) / self.part_size) as i32 + 1;
                 for p in first..=last {
                     m.done.remove(&p);
                     m.dirtied.insert(p);
                 }
+            }
+            if let Some(b) = self.base.locked().as_mut() {
+                b.written.extend(first..=last);
             }
         }
     }
@@ -438,9 +496,10 @@ impl Core {
         }
         let path = self.staging.path(ino);
         let tmp = self.staging.download_path(ino);
+        let fetched = inode.remote.clone().filter(|_| !empty);
         {
             let file = std::fs::File::create(&tmp)?;
-            if let (Some(r), false) = (&inode.remote, empty) {
+            if let Some(r) = &fetched {
                 // Streamed through disk chunk by chunk: memory stays bounded whatever the size.
                 let mut off = 0;
                 while off < r.size {
@@ -462,6 +521,9 @@ impl Core {
         std::fs::rename(&tmp, &path)?;
         let st = Arc::new(Staged::open(ino, self.staging.shared_dir(), false, &self.cfg)?);
         *st.mtime.locked() = inode.mtime;
+        if let Some(r) = &fetched {
+            st.set_base(r);
+        }
         self.staging.insert(st.clone());
         Ok(st)
     }

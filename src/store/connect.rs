@@ -159,9 +159,12 @@ impl ObjectStore for LocalBucket {
         upload_id: &str,
         number: i32,
         src: &str,
+        src_etag: &str,
         range: Range<u64>,
     ) -> StoreResult<String> {
-        self.store()?.upload_part_copy(key, upload_id, number, src, range).await
+        self.store()?
+            .upload_part_copy(key, upload_id, number, src, src_etag, range)
+            .await
     }
     async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[Part]) -> StoreResult<String> {
         self.store()?.complete_multipart(key, upload_id, parts).await

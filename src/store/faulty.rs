@@ -431,10 +431,12 @@ impl ObjectStore for FaultyStore {
         upload_id: &str,
         number: i32,
         src: &str,
+        src_etag: &str,
         range: Range<u64>,
     ) -> StoreResult<String> {
         self.call(Op::UploadPartCopy, key, || {
-            self.inner.upload_part_copy(key, upload_id, number, src, range)
+            self.inner
+                .upload_part_copy(key, upload_id, number, src, src_etag, range)
         })
         .await
     }

@@ -113,10 +113,13 @@ impl ObjectStore for FencedStore {
         upload_id: &str,
         number: i32,
         src: &str,
+        src_etag: &str,
         range: Range<u64>,
     ) -> StoreResult<String> {
         self.writable()?;
-        self.inner.upload_part_copy(key, upload_id, number, src, range).await
+        self.inner
+            .upload_part_copy(key, upload_id, number, src, src_etag, range)
+            .await
     }
     async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[Part]) -> StoreResult<String> {
         self.writable()?;

@@ -982,6 +982,7 @@ impl ObjectStore for LocalStore {
         upload_id: &str,
         number: i32,
         src: &str,
+        src_etag: &str,
         range: Range<u64>,
     ) -> StoreResult<String> {
         let span = tracing::info_span!(
@@ -998,10 +999,18 @@ impl ObjectStore for LocalStore {
                 "EntityTooLarge: a part takes at most {MAX_PUT_SIZE} bytes"
             )));
         }
-        let (key, upload_id, src) = (key.to_string(), upload_id.to_string(), src.to_string());
+        let (key, upload_id, src, src_etag) = (
+            key.to_string(),
+            upload_id.to_string(),
+            src.to_string(),
+            src_etag.to_string(),
+        );
         self.run(span, move |s| {
             s.read_upload(&key, &upload_id)?;
             let (entry, mut f) = s.open_data(&src)?;
+            if entry.meta.etag != src_etag {
+                return Err(StoreError::NotFound(format!("{src} (not version {src_etag})")));
+            }
             if range.start > range.end || range.end > entry.meta.size {
                 return Err(StoreError::Invalid(format!(
                     "InvalidRange: {}-{} of {src}, which has {} bytes",

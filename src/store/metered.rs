@@ -111,11 +111,13 @@ impl ObjectStore for MeteredStore {
         upload_id: &str,
         number: i32,
         src: &str,
+        src_etag: &str,
         range: Range<u64>,
     ) -> StoreResult<String> {
         metered(
             "UploadPartCopy",
-            self.inner.upload_part_copy(key, upload_id, number, src, range),
+            self.inner
+                .upload_part_copy(key, upload_id, number, src, src_etag, range),
         )
         .await
     }

@@ -188,13 +188,16 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Uploads (or replaces) part `number` (1-based); returns its ETag.
     async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Body) -> StoreResult<String>;
 
-    /// Part `number` taken server-side from `range` of `src`; returns its ETag.
+    /// Part `number` taken server-side from `range` of `src`, provided `src` is still the version
+    /// whose ETag is `src_etag` (`x-amz-copy-source-if-match`); returns the part's ETag.
+    /// [`StoreError::NotFound`] when `src` is gone or is another version now.
     async fn upload_part_copy(
         &self,
         key: &str,
         upload_id: &str,
         number: i32,
         src: &str,
+        src_etag: &str,
         range: Range<u64>,
     ) -> StoreResult<String>;
 

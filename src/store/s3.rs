@@ -802,6 +802,7 @@ impl ObjectStore for S3Store {
         upload_id: &str,
         number: i32,
         src: &str,
+        src_etag: &str,
         range: Range<u64>,
     ) -> StoreResult<String> {
         let span = self.span("UploadPartCopy", key);
@@ -820,11 +821,18 @@ impl ObjectStore for S3Store {
                 .upload_id(upload_id)
                 .part_number(number)
                 .copy_source(self.copy_source(src))
+                .copy_source_if_match(format!("\"{src_etag}\""))
                 .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
                 .send()
                 .boxed()
                 .await
-                .map_err(|e| self.classify(e, src))?;
+                .map_err(|e| {
+                    // 412: the source is another version now.
+                    if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) {
+                        return StoreError::NotFound(format!("{src} (not version {src_etag})"));
+                    }
+                    self.classify(e, src)
+                })?;
             Ok(strip_etag(out.copy_part_result().and_then(|r| r.e_tag())))
         })
         .await

@@ -301,13 +301,32 @@ pub async fn contract(store: &dyn ObjectStore) {
     // UploadPartCopy: a new object from ranges of the old one, plus a fresh tail.
     let upload = store.create_multipart("ct/big2", &new_meta).await.unwrap();
     let c1 = store
-        .upload_part_copy("ct/big2", &upload, 1, "ct/big", 0..5 * MIB as u64)
+        .upload_part_copy("ct/big2", &upload, 1, "ct/big", &big_etag, 0..5 * MIB as u64)
         .await
         .expect("part copy 1");
     let c2 = store
-        .upload_part_copy("ct/big2", &upload, 2, "ct/big", 5 * MIB as u64..big.len() as u64)
+        .upload_part_copy(
+            "ct/big2",
+            &upload,
+            2,
+            "ct/big",
+            &big_etag,
+            5 * MIB as u64..big.len() as u64,
+        )
         .await
         .expect("part copy 2");
+    // Only from the version named: another ETag, or a source that is gone, is NotFound.
+    let stale = store
+        .put("ct/elsewhere", Body::Bytes(Bytes::from_static(b"x")), &UserMeta::new())
+        .await
+        .unwrap();
+    for (src, etag) in [("ct/big", stale.as_str()), ("ct/no-such", big_etag.as_str())] {
+        let r = store.upload_part_copy("ct/big2", &upload, 2, src, etag, 0..1).await;
+        assert!(
+            matches!(r, Err(StoreError::NotFound(_))),
+            "part copy from {src} as version {etag}: {r:?}"
+        );
+    }
     let c3 = store
         .upload_part("ct/big2", &upload, 3, Body::Bytes(Bytes::from_static(b"tail")))
         .await

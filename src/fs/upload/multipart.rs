@@ -109,6 +109,9 @@ impl super::Uploader {
                     return Err(e.into());
                 }
             };
+            // Before the upload goes: a streaming pass must not start another one for the bytes
+            // that were just completed.
+            st.note_completed(gen);
             *st.multipart.locked() = None;
             let mut b = Batch::new();
             b.clear_upload(st.ino);
@@ -119,6 +122,35 @@ impl super::Uploader {
             }));
         }
         Ok(None)
+    }
+
+    /// One part of a multipart upload: copied server-side from the object that holds its bytes
+    /// already (see `Staged::copy_source`), else sent from the staged copy. A copy refused
+    /// because that object is gone or was replaced sends the part instead.
+    async fn send_part(
+        &self,
+        st: &Staged,
+        key: &str,
+        upload_id: &str,
+        p: i32,
+        range: std::ops::Range<u64>,
+    ) -> crate::store::StoreResult<String> {
+        if let Some((src, etag)) = st.copy_source(p, &range) {
+            match self
+                .store
+                .upload_part_copy(key, upload_id, p, &src, &etag, range.clone())
+                .await
+            {
+                Err(crate::store::StoreError::NotFound(_)) => st.drop_base(),
+                r => return r,
+            }
+        }
+        let body = Body::File {
+            path: st.path(),
+            offset: range.start,
+            len: range.end - range.start,
+        };
+        self.store.upload_part(key, upload_id, p, body).await
     }
 
     fn part_len(&self, size: u64, p: i32) -> u64 {
@@ -149,6 +181,9 @@ impl super::Uploader {
             }
         }
         if st.multipart.locked().is_none() {
+            if !all && st.completed_since_write() {
+                return Ok(()); // a streaming pass after the upload was completed: nothing new
+            }
             let id = self.store.create_multipart(key, meta).await?;
             let mut b = Batch::new();
             b.set_upload(st.ino, key, &id);
@@ -200,12 +235,7 @@ impl super::Uploader {
                 let _permit = self.uploads.acquire().await.expect("semaphore never closed");
                 let offset = (p as u64 - 1) * self.cfg.part_size;
                 let len = self.part_len(size, p);
-                let body = Body::File {
-                    path: st.path(),
-                    offset,
-                    len,
-                };
-                let r = self.store.upload_part(&mkey, &upload_id, p, body).await;
+                let r = self.send_part(st, &mkey, &upload_id, p, offset..offset + len).await;
                 let _wake = WakeOnDrop(&st.part_done);
                 let mut m = st.multipart.locked();
                 let Some(m) = m.as_mut() else { return Ok(()) };

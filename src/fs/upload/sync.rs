@@ -300,6 +300,7 @@ impl super::Uploader {
                 if st.uploaded(gen) {
                     inode.size = s.remote.size;
                     inode.mtime = st.mtime();
+                    st.set_base(&s.remote);
                 } else {
                     clean = false;
                 }
