@@ -219,49 +219,73 @@ async fn due_uploads_wait_for_clients_to_pause_but_not_for_ever() {
     );
 }
 
-/// A large file the client has committed (closed or fsync'd) since its last write goes to S3 once
-/// the volume is quiet, not a whole flush delay later; one written and not committed, or
-/// written again after its COMMIT, still waits for the flush delay.
-#[tokio::test]
-async fn a_committed_large_file_goes_to_s3_once_the_volume_is_quiet() {
+/// A large file whose upload streamed while it was written, and that the client has committed
+/// (closed or fsync'd) since its last write, goes to S3 once the volume is quiet, not a whole
+/// flush delay later. One written again after its COMMIT, and a committed file too small to
+/// stream (a database's 16 MiB WAL segment, fsync'd after every transaction), still wait for
+/// the flush delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_file_committed_goes_to_s3_once_the_volume_is_quiet() {
     use nfs3_client::nfs3_types::nfs3::stable_how::UNSTABLE;
     use s3nfs::fs::defer::QUIET;
-    let (clock, _gw, s3, mut c, root) = flush_delay_2s().await;
-    // One byte past the default part size: a multipart upload.
-    let big = common::pattern(1, (16 << 20) + 1);
-    // Written as the kernel client writes: UNSTABLE, then a COMMIT at close (a FILE_SYNC WRITE
-    // commits as it writes).
-    let committed = c.create(&root, "committed", 0o644).await.unwrap();
-    c.write_all_how(&committed, 0, &big, UNSTABLE).await.unwrap();
-    let open = c.create(&root, "open", 0o644).await.unwrap();
-    c.write_all_how(&open, 0, &big, UNSTABLE).await.unwrap();
-    c.commit(&committed).await.unwrap();
+    let flush_delay = Duration::from_secs(2);
+    let (clock, gw, s3, mut c, root) = flush_delay_2s().await;
+    // Past two parts of 16 MiB: streamed while written. Written as the kernel client writes:
+    // UNSTABLE, then a COMMIT at close (a FILE_SYNC WRITE commits as it writes).
+    let big = common::pattern(1, (33 << 20) + 5);
+    let wal = common::pattern(2, 16 << 20);
+    let mut fh = Vec::new();
+    for (name, data) in [("closed", &big), ("rewritten", &big), ("wal", &wal)] {
+        let f = c.create(&root, name, 0o644).await.unwrap();
+        c.write_all_how(&f, 0, data, UNSTABLE).await.unwrap();
+        c.commit(&f).await.unwrap();
+        fh.push(f);
+    }
+    c.write_all_how(&fh[1], big.len() as u64, b"more", UNSTABLE)
+        .await
+        .unwrap();
+    // The streams of "closed" and "rewritten" have each sent their first part (S3's pace is
+    // real time, not the test's clock).
+    common::gateway::wait_for(Duration::from_secs(60), "the streams' first parts", || async {
+        (gw.vol.stats().uploaded_bytes >= 2 * (16 << 20)).then_some(())
+    })
+    .await;
 
+    // The streams end once the writers have been idle for a moment, and the flusher then looks
+    // again: tick until "closed" is in S3, which must be well before the flush delay.
+    let mut waited = QUIET;
     clock.advance(QUIET);
-    flusher_sleeps(&clock, FLUSH_TICK).await;
+    loop {
+        flusher_sleeps(&clock, FLUSH_TICK).await;
+        if s3.head("closed").await.is_some() {
+            break;
+        }
+        assert!(
+            waited + FLUSH_TICK < flush_delay,
+            "\"closed\" not in S3 {waited:?} after its COMMIT"
+        );
+        clock.advance(FLUSH_TICK);
+        waited += FLUSH_TICK;
+    }
     assert!(
-        s3.get("committed").await.as_deref() == Some(&big[..]),
-        "the committed file is not in S3 after {QUIET:?} of quiet"
+        s3.get("closed").await.as_deref() == Some(&big[..]),
+        "\"closed\" in S3 whole"
     );
     assert_eq!(
-        s3.head("open").await.map(|h| h.size),
+        s3.head("rewritten").await.map(|h| h.size),
         None,
-        "the file never committed went early"
+        "written after its COMMIT, went early"
     );
-
-    // Written again after its COMMIT: the whole flush delay again.
-    c.write_all_how(&committed, 0, b"again", UNSTABLE).await.unwrap();
-    clock.advance(QUIET);
-    flusher_sleeps(&clock, FLUSH_TICK).await;
-    let in_s3 = s3.get("committed").await.unwrap();
     assert_eq!(
-        &in_s3[..5],
-        &big[..5],
-        "a write after the COMMIT went up before the flush delay"
+        s3.head("wal").await.map(|h| h.size),
+        None,
+        "a file that never streamed went early"
     );
 
-    clock.advance(Duration::from_secs(2) - QUIET);
+    clock.advance(flush_delay - waited);
     flusher_sleeps(&clock, FLUSH_TICK).await;
-    assert_eq!(&s3.get("committed").await.unwrap()[..5], b"again");
-    assert_eq!(s3.head("open").await.map(|h| h.size), Some(big.len() as u64));
+    let mut rewritten = big.clone();
+    rewritten.extend_from_slice(b"more");
+    assert!(s3.get("rewritten").await.as_deref() == Some(&rewritten[..]));
+    assert!(s3.get("wal").await.as_deref() == Some(&wal[..]));
 }

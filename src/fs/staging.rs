@@ -295,6 +295,15 @@ impl Staged {
         self.completed_gen.load(Ordering::Acquire) == self.gen()
     }
 
+    /// Whether a multipart upload of the file has parts in S3 or on their way (it streamed while
+    /// the file was written).
+    pub fn streamed(&self) -> bool {
+        self.multipart
+            .locked()
+            .as_ref()
+            .is_some_and(|m| !m.done.is_empty() || !m.in_flight.is_empty())
+    }
+
     /// The client sent a COMMIT for the file: it was closed or fsync'd after its last write.
     pub fn note_commit(&self) {
         self.committed_gen.store(self.gen(), Ordering::Release);

@@ -327,14 +327,18 @@ impl Uploader {
     }
 
     /// How long a dirty file goes unwritten before it is uploaded: the flush delay, but only the
-    /// quiet interval for a file of a part or more that the client has committed (closed or
-    /// fsync'd) since its last write. A large file's parts stream to S3 while it is written, so
-    /// what is left then is its last part and the completion: waiting the whole flush delay for
-    /// them, a copied 1 GiB file reached S3 0.74 s after the copy's COMMIT with the bench's
-    /// 500 ms delay (over 2 s with the default), against 0.30 s with the quiet interval. A small file keeps the whole delay:
-    /// programs that close and reopen it to append would otherwise send a PUT per close.
+    /// quiet interval for a file whose upload streamed parts while it was written and that the
+    /// client has committed (closed or fsync'd) since its last write. What is left of such an
+    /// upload is its last part and the completion: waiting the whole flush delay for them, a
+    /// copied 1 GiB file reached S3 0.74 s after the copy's COMMIT with the bench's 500 ms
+    /// delay (over 2 s with the default), against 0.30 s with the quiet interval.
+    ///
+    /// Any other file keeps the whole delay, committed or not: a database fsyncs its files after
+    /// each transaction, and with a transaction a second its 16 MiB WAL segment would be sent
+    /// again after every one of them; programs that close a small file and reopen it to append
+    /// would send a PUT per close.
     fn due_after(&self, st: &Staged) -> std::time::Duration {
-        if st.committed_since_write() && st.size() >= self.cfg.part_size {
+        if st.committed_since_write() && st.streamed() {
             self.quiet()
         } else {
             self.cfg.flush_delay
