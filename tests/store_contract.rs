@@ -1,6 +1,8 @@
 //! The store contract and the error mapping of `S3Store`, against a real Garage.
 
 mod common;
+#[path = "common/delay_proxy.rs"]
+mod delay_proxy;
 
 use common::contract::contract;
 use common::garage;
@@ -19,6 +21,49 @@ async fn s3_store_contract() {
     assert!(s3.describe().contains(&bucket));
     assert!(!s3.describe().contains(&g.secret_key));
     contract(&s3).await;
+}
+
+/// The contract again with PUT and UploadPart payloads unsigned, as they go over HTTPS (Garage
+/// here speaks plain HTTP, where they are signed by default).
+#[tokio::test]
+async fn s3_store_contract_with_unsigned_payloads() {
+    let g = garage::shared();
+    let bucket = g.unique_bucket();
+    let s3 = store(g.s3_config(&bucket)).await.signing_payloads(false);
+    contract(&s3).await;
+}
+
+/// What goes on the wire: with payloads unsigned, a PUT says `UNSIGNED-PAYLOAD` where a signed
+/// one carries the body's SHA-256, and the request is still signed (a wrong secret is refused).
+#[tokio::test]
+async fn unsigned_payloads_leave_the_body_out_of_the_signature_only() {
+    let g = garage::shared();
+    let bucket = g.unique_bucket();
+    let addr: std::net::SocketAddr = g.endpoint.trim_start_matches("http://").parse().unwrap();
+    let body = bytes::Bytes::from_static(b"the body");
+    for sign in [true, false] {
+        let (proxy, sent) = delay_proxy::DelayProxy::recording(addr).await.unwrap();
+        let mut cfg = g.s3_config(&bucket);
+        cfg.endpoint = Some(proxy.url());
+        let s3 = store(cfg).await.signing_payloads(sign);
+        s3.put("k", s3nfs::store::Body::Bytes(body.clone()), &Default::default())
+            .await
+            .expect("PUT");
+        let wire = String::from_utf8_lossy(&sent.lock().unwrap()).to_lowercase();
+        let unsigned = wire.contains("x-amz-content-sha256: unsigned-payload");
+        assert_eq!(
+            unsigned, !sign,
+            "signing payloads: {sign}; the request went out as:\n{wire}"
+        );
+    }
+    let mut cfg = g.s3_config(&bucket);
+    cfg.secret_key = Some(Secret("0".repeat(64)));
+    let s3 = store(cfg).await.signing_payloads(false);
+    let r = s3.put("k", s3nfs::store::Body::Bytes(body), &Default::default()).await;
+    assert!(
+        matches!(r, Err(StoreError::AccessDenied(_))),
+        "a PUT with a wrong secret: {r:?}"
+    );
 }
 
 #[tokio::test]

@@ -77,6 +77,11 @@ pub struct S3Store {
     endpoint: String,
     /// Buffers for large GET bodies (see [`super::pool`]).
     bodies: Arc<BufPool>,
+    /// Whether PUT and UploadPart sign their payload (its SHA-256 in the signature). Only over
+    /// plain HTTP: over HTTPS, TLS already protects the bytes in transit, and hashing them cost
+    /// a quarter of a small PUT's CPU (callgrind: 25% of an 8 KiB upload's instructions, in
+    /// the payload's SHA-256). The request itself stays signed either way.
+    sign_payloads: bool,
 }
 
 /// Body buffers kept for reuse per store: the read path's read-ahead window of 4 MiB chunks.
@@ -142,9 +147,17 @@ impl S3Store {
         Ok(S3Store {
             client: Client::from_conf(builder.build()),
             bucket: cfg.bucket,
+            sign_payloads: !endpoint.starts_with("https://"),
             endpoint,
             bodies: BufPool::new(KEPT_BODY_BYTES),
         })
+    }
+
+    /// Overrides whether payloads are signed (see `sign_payloads`): the tests and benchmarks
+    /// reach S3 over plain HTTP only, and check the unsigned requests against it.
+    pub fn signing_payloads(mut self, on: bool) -> S3Store {
+        self.sign_payloads = on;
+        self
     }
 
     /// The bucket this store works in.
@@ -644,18 +657,20 @@ impl ObjectStore for S3Store {
         span.record("bytes", body.len());
         traced(span, async {
             let len = body.len();
-            let out = self
+            let req = self
                 .client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(key)
                 .content_length(len as i64)
                 .set_metadata(Some(to_map(meta)))
-                .body(byte_stream(body).await?)
-                .send()
-                .boxed()
-                .await
-                .map_err(|e| self.classify(e, key))?;
+                .body(byte_stream(body).await?);
+            let sent = if self.sign_payloads {
+                req.send().boxed()
+            } else {
+                req.customize().disable_payload_signing().send().boxed()
+            };
+            let out = sent.await.map_err(|e| self.classify(e, key))?;
             Ok(strip_etag(out.e_tag()))
         })
         .await
@@ -778,7 +793,7 @@ impl ObjectStore for S3Store {
         span.record("bytes", body.len());
         traced(span, async {
             let len = body.len();
-            let out = self
+            let req = self
                 .client
                 .upload_part()
                 .bucket(&self.bucket)
@@ -786,11 +801,13 @@ impl ObjectStore for S3Store {
                 .upload_id(upload_id)
                 .part_number(number)
                 .content_length(len as i64)
-                .body(byte_stream(body).await?)
-                .send()
-                .boxed()
-                .await
-                .map_err(|e| self.classify(e, key))?;
+                .body(byte_stream(body).await?);
+            let sent = if self.sign_payloads {
+                req.send().boxed()
+            } else {
+                req.customize().disable_payload_signing().send().boxed()
+            };
+            let out = sent.await.map_err(|e| self.classify(e, key))?;
             Ok(strip_etag(out.e_tag()))
         })
         .await

@@ -20,6 +20,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,6 +51,29 @@ impl DelayProxy {
     /// [`DelayProxy::start`] on a given address: a proxy dropped (S3 gone) and started again
     /// at its address (S3 back) makes an outage for a client that keeps its endpoint.
     pub async fn start_at(listen: SocketAddr, target: SocketAddr, delay: Duration) -> io::Result<DelayProxy> {
+        Self::spawn(listen, target, delay, None).await
+    }
+
+    /// Without delay, keeping a copy of every byte the clients send (requests as they go on
+    /// the wire), for tests that check what a client puts there.
+    pub async fn recording(target: SocketAddr) -> io::Result<(DelayProxy, Arc<Mutex<Vec<u8>>>)> {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let proxy = Self::spawn(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            target,
+            Duration::ZERO,
+            Some(sent.clone()),
+        )
+        .await?;
+        Ok((proxy, sent))
+    }
+
+    async fn spawn(
+        listen: SocketAddr,
+        target: SocketAddr,
+        delay: Duration,
+        sent: Option<Arc<Mutex<Vec<u8>>>>,
+    ) -> io::Result<DelayProxy> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
@@ -59,8 +83,9 @@ impl DelayProxy {
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok((client, _)) => {
+                            let sent = sent.clone();
                             conns.spawn(async move {
-                                if let Err(e) = proxy_conn(client, target, delay).await {
+                                if let Err(e) = proxy_conn(client, target, delay, sent).await {
                                     tracing::debug!("delay proxy connection ended: {e}");
                                 }
                             });
@@ -108,7 +133,12 @@ impl Drop for DelayProxy {
     }
 }
 
-async fn proxy_conn(client: TcpStream, target: SocketAddr, delay: Duration) -> io::Result<()> {
+async fn proxy_conn(
+    client: TcpStream,
+    target: SocketAddr,
+    delay: Duration,
+    sent: Option<Arc<Mutex<Vec<u8>>>>,
+) -> io::Result<()> {
     let server = TcpStream::connect(target).await?;
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
@@ -123,6 +153,9 @@ async fn proxy_conn(client: TcpStream, target: SocketAddr, delay: Duration) -> i
             let n = client_rd.read(&mut buf).await?;
             if n == 0 {
                 return Ok::<_, io::Error>(()); // dropping tx ends the writer
+            }
+            if let Some(sent) = &sent {
+                sent.lock().unwrap().extend_from_slice(&buf[..n]);
             }
             if tx.send((Instant::now() + delay, buf[..n].to_vec())).await.is_err() {
                 return Ok(());
