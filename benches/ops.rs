@@ -8,7 +8,8 @@
 //! "upload" is the background upload of one small (4 KiB) file, store write included;
 //! "upload_s3" the same to a real S3 server (Garage on loopback, started by the bench), through
 //! the S3 client the gateway uses: signing, HTTP and the SDK's own layers, which the embedded
-//! store has none of;
+//! store has none of; "upload_unsigned_s3" the same with the payload unsigned, as the gateway
+//! sends it over HTTPS;
 //! "syncwrite8k" is PostgreSQL's write: 8 KiB, FILE_SYNC, into a file already large and dirty;
 //! "commit" is a COMMIT after an UNSTABLE 4 KiB WRITE (the WRITE is counted too; the fsyncs
 //! run on a blocking thread, which the instruction count leaves out and the system-call count
@@ -55,6 +56,7 @@ const OPS: &[&str] = &[
     "remove",
     "upload",
     "upload_s3",
+    "upload_unsigned_s3",
     "syncwrite8k",
     "commit",
 ];
@@ -219,7 +221,9 @@ fn store_for(op: &str, objects: &std::path::Path, rt: &tokio::runtime::Runtime) 
         secret_key: Some(Secret(env("S3NFS_OPS_S3_SECRET"))),
         session_token: None,
     };
-    Arc::new(rt.block_on(S3Store::connect(cfg)).unwrap())
+    let store = rt.block_on(S3Store::connect(cfg)).unwrap();
+    // As over HTTPS, where payloads go unsigned (Garage here speaks plain HTTP).
+    Arc::new(store.signing_payloads(!op.contains("unsigned")))
 }
 
 /// The log filter the counted process runs with: `S3NFS_OPS_RUST_LOG`, by default `info`, what
@@ -322,7 +326,7 @@ fn child(op: &str, n: u64) {
                 "readdirplus" => call(3, NFS, 3, 17, x.fh(1).u64(0).u64(0).u32(4096).u32(32768)),
                 "setattr" => call(3, NFS, 3, 2, x.fh(ino).sattr(0o600).u32(0)),
                 "remove" => call(3, NFS, 3, 12, x.fh(1).opaque(name.as_bytes())),
-                "upload" | "upload_s3" => Vec::new(),
+                "upload" | "upload_s3" | "upload_unsigned_s3" => Vec::new(),
                 // The WRITE before each COMMIT is built in the measured loop's pairs below.
                 "commit" => call(3, NFS, 3, 21, x.fh(ino).u64(0).u32(0)),
                 other => panic!("unknown op {other}"),
