@@ -66,6 +66,40 @@ async fn unsigned_payloads_leave_the_body_out_of_the_signature_only() {
     );
 }
 
+/// A copy past CopyObject's limit (5 GiB on S3) goes as parts copied server-side: the bytes and
+/// the new metadata arrive whole, onto another key or onto the source itself.
+#[tokio::test]
+async fn a_copy_in_parts_copies_bytes_and_replaces_metadata() {
+    use s3nfs::store::{Body, UserMeta};
+    let g = garage::shared();
+    let bucket = g.unique_bucket();
+    let s3 = store(g.s3_config(&bucket)).await;
+    let data = common::pattern(7, (12 << 20) + 3);
+    let mut meta = UserMeta::new();
+    meta.insert("mode".into(), "33188".into());
+    s3.put("big", Body::Bytes(data.clone().into()), &meta).await.unwrap();
+    for (dst, mode) in [("big copy", "33152"), ("big", "33261")] {
+        let mut new_meta = UserMeta::new();
+        new_meta.insert("mode".into(), mode.into());
+        let etag = s3
+            .copy_in_parts("big", dst, &new_meta, 5 << 20)
+            .await
+            .expect("copy in parts");
+        assert!(etag.ends_with("-3"), "{dst}: three parts of 5 MiB, ETag {etag}");
+        let h = s3.head(dst).await.unwrap().expect("copied");
+        assert_eq!(
+            (h.size, &h.etag, &h.user),
+            (data.len() as u64, &etag, &new_meta),
+            "{dst}"
+        );
+        assert!(s3.get_range(dst, 0..h.size).await.unwrap() == data, "{dst}: bytes");
+    }
+    assert!(matches!(
+        s3.copy_in_parts("no such key", "x", &UserMeta::new(), 5 << 20).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
 #[tokio::test]
 async fn wrong_secret_is_access_denied() {
     let g = garage::shared();

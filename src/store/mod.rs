@@ -167,7 +167,8 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String>;
 
     /// Server-side copy with the metadata replaced (`x-amz-metadata-directive: REPLACE`).
-    /// `src == dst` is allowed and rewrites the metadata. Returns the new ETag.
+    /// `src == dst` is allowed and rewrites the metadata. Returns the new ETag. Any size: S3
+    /// copies sources past 5 GiB in parts (see `S3Store::copy_in_parts`).
     async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String>;
 
     /// DELETE. Succeeds when the object does not exist.

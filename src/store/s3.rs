@@ -96,6 +96,12 @@ impl fmt::Debug for S3Store {
     }
 }
 
+/// The largest source one CopyObject copies (S3's limit, 5 GiB).
+const MAX_COPY_OBJECT: u64 = 5 << 30;
+/// Part size of a copy past [`MAX_COPY_OBJECT`]: 1 GiB, so a copy of S3's largest object (5 TiB)
+/// takes 5,120 of the 10,000 parts allowed.
+const COPY_PART: u64 = 1 << 30;
+
 /// Connect timeout of every connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Timeout of one attempt of one request (the body included).
@@ -158,6 +164,56 @@ impl S3Store {
     pub fn signing_payloads(mut self, on: bool) -> S3Store {
         self.sign_payloads = on;
         self
+    }
+
+    async fn copy_object(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
+        let span = self.span("CopyObject", dst);
+        traced(span, async {
+            let out = self
+                .client
+                .copy_object()
+                .bucket(&self.bucket)
+                .key(dst)
+                .copy_source(self.copy_source(src))
+                .metadata_directive(MetadataDirective::Replace)
+                .set_metadata(Some(to_map(meta)))
+                .send()
+                .boxed()
+                .await
+                .map_err(|e| self.classify(e, src))?;
+            Ok(strip_etag(out.copy_object_result().and_then(|r| r.e_tag())))
+        })
+        .await
+    }
+
+    /// `src` copied to `dst` as a multipart upload whose parts (`part` bytes each) S3 copies
+    /// from `src`, each on the condition that `src` is still the version read at the start: what
+    /// [`ObjectStore::copy`] does for a source larger than one CopyObject takes. Public for the
+    /// tests, which cannot make a server refuse a CopyObject.
+    pub async fn copy_in_parts(&self, src: &str, dst: &str, meta: &UserMeta, part: u64) -> StoreResult<String> {
+        let h = self
+            .head(src)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(src.to_string()))?;
+        if h.size == 0 {
+            return self.copy_object(src, dst, meta).await; // no range to copy
+        }
+        let id = self.create_multipart(dst, meta).await?;
+        let copied = async {
+            let mut parts = Vec::new();
+            for (i, start) in (0..h.size).step_by(part as usize).enumerate() {
+                let number = i as i32 + 1;
+                let range = start..(start + part).min(h.size);
+                let etag = self.upload_part_copy(dst, &id, number, src, &h.etag, range).await?;
+                parts.push(Part { number, etag });
+            }
+            self.complete_multipart(dst, &id, &parts).await
+        }
+        .await;
+        if copied.is_err() {
+            let _ = self.abort_multipart(dst, &id).await;
+        }
+        copied
     }
 
     /// The bucket this store works in.
@@ -677,23 +733,15 @@ impl ObjectStore for S3Store {
     }
 
     async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
-        let span = self.span("CopyObject", dst);
-        traced(span, async {
-            let out = self
-                .client
-                .copy_object()
-                .bucket(&self.bucket)
-                .key(dst)
-                .copy_source(self.copy_source(src))
-                .metadata_directive(MetadataDirective::Replace)
-                .set_metadata(Some(to_map(meta)))
-                .send()
-                .boxed()
-                .await
-                .map_err(|e| self.classify(e, src))?;
-            Ok(strip_etag(out.copy_object_result().and_then(|r| r.e_tag())))
-        })
-        .await
+        match self.copy_object(src, dst, meta).await {
+            // S3 copies at most 5 GiB in one CopyObject (and refuses larger sources as an
+            // invalid request): those go as a multipart upload of parts copied server-side.
+            Err(StoreError::Invalid(e)) => match self.head(src).await? {
+                Some(h) if h.size > MAX_COPY_OBJECT => self.copy_in_parts(src, dst, meta, COPY_PART).await,
+                _ => Err(StoreError::Invalid(e)),
+            },
+            r => r,
+        }
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
