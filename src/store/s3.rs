@@ -195,6 +195,18 @@ impl S3Store {
             .head(src)
             .await?
             .ok_or_else(|| StoreError::NotFound(src.to_string()))?;
+        self.copy_version_in_parts(src, &h, dst, meta, part).await
+    }
+
+    /// [`S3Store::copy_in_parts`] of the version of `src` that `h` (its HEAD) describes.
+    async fn copy_version_in_parts(
+        &self,
+        src: &str,
+        h: &ObjectMeta,
+        dst: &str,
+        meta: &UserMeta,
+        part: u64,
+    ) -> StoreResult<String> {
         if h.size == 0 {
             return self.copy_object(src, dst, meta).await; // no range to copy
         }
@@ -737,7 +749,7 @@ impl ObjectStore for S3Store {
             // S3 copies at most 5 GiB in one CopyObject (and refuses larger sources as an
             // invalid request): those go as a multipart upload of parts copied server-side.
             Err(StoreError::Invalid(e)) => match self.head(src).await? {
-                Some(h) if h.size > MAX_COPY_OBJECT => self.copy_in_parts(src, dst, meta, COPY_PART).await,
+                Some(h) if h.size > MAX_COPY_OBJECT => self.copy_version_in_parts(src, &h, dst, meta, COPY_PART).await,
                 _ => Err(StoreError::Invalid(e)),
             },
             r => r,
