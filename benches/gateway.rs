@@ -57,7 +57,7 @@ use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::tokio::{TokioConnector, TokioIo};
 use nfs3_client::{Nfs3Connection, Nfs3ConnectionBuilder};
 use s3nfs::store::s3::S3Store;
-use s3nfs::store::{Body, ObjectStore, Part, UserMeta};
+use s3nfs::store::{Body, ObjectMeta, ObjectStore, Part, UserMeta};
 
 type Conn = Nfs3Connection<TokioIo<tokio::net::TcpStream>>;
 
@@ -259,28 +259,25 @@ async fn nfs_read(port: u16, fh: &nfs_fh3, total: u64) {
 }
 
 async fn wait_in_s3(store: &S3Store, key: &str, size: u64) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if let Ok(Some(h)) = store.head(key).await {
-            if h.size == size {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{key} never reached S3 with {size} bytes");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_object(store, key, &format!("{size} bytes"), |h| h.size == size).await
 }
 
 /// Waits until `key` in S3 is no longer the version `etag`.
 async fn wait_changed_in_s3(store: &S3Store, key: &str, etag: &str) {
+    wait_for_object(store, key, &format!("a version other than {etag}"), |h| h.etag != etag).await
+}
+
+/// Polls `key`'s HEAD every 20 ms until `done` holds of it, for at most 600 s; panics naming
+/// `what` after that.
+async fn wait_for_object(store: &S3Store, key: &str, what: &str, done: impl Fn(&ObjectMeta) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         if let Ok(Some(h)) = store.head(key).await {
-            if h.etag != etag {
+            if done(&h) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "{key} never changed in S3");
+        assert!(Instant::now() < deadline, "{key} never reached S3 with {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

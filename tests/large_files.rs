@@ -17,6 +17,14 @@ static ROOT: std::sync::LazyLock<s3nfs::fs::Cred> = std::sync::LazyLock::new(s3n
 const MIB: usize = 1 << 20;
 const PART: u64 = 5 << 20;
 
+/// A new empty file in the root, as root; its inode number.
+async fn create_file(vol: &Volume, name: &[u8]) -> u64 {
+    vol.create(&ROOT, vol.root(), name, SetAttr::default(), true)
+        .await
+        .unwrap()
+        .ino
+}
+
 async fn open(state: &std::path::Path, store: &Arc<dyn ObjectStore>) -> Arc<Volume> {
     let mut cfg = VolumeConfig::new(state.to_path_buf());
     cfg.part_size = PART;
@@ -40,12 +48,7 @@ async fn streamed_multipart_upload_matches_the_file_after_rewrites_and_truncatio
     let state = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
     let vol = open(state.path(), &store).await;
-    let root = vol.root();
-    let ino = vol
-        .create(&ROOT, root, b"big", SetAttr::default(), true)
-        .await
-        .unwrap()
-        .ino;
+    let ino = create_file(&vol, b"big").await;
 
     // 40 MiB written sequentially, flusher rounds in between: parts stream out as they settle.
     let mut want = pattern(40 * MIB, 1);
@@ -125,11 +128,7 @@ async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
         .await
         .unwrap();
     let cold = vol.lookup(&ROOT, root, b"cold").await.unwrap();
-    let hot = vol
-        .create(&ROOT, root, b"hot", SetAttr::default(), true)
-        .await
-        .unwrap()
-        .ino;
+    let hot = create_file(&vol, b"hot").await;
     vol.write(&ROOT, hot, 0, b"x").await.unwrap();
 
     faults.set_delay(Duration::from_secs(2));
@@ -156,11 +155,7 @@ async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
 
     // A large file's CompleteMultipartUpload held up by S3: writes to that file go on.
     faults.set_delay(Duration::ZERO);
-    let big = vol
-        .create(&ROOT, root, b"big", SetAttr::default(), true)
-        .await
-        .unwrap()
-        .ino;
+    let big = create_file(&vol, b"big").await;
     for i in 0..12 {
         vol.write(&ROOT, big, (i * MIB) as u64, &pattern(MIB, i as u8))
             .await
@@ -206,19 +201,11 @@ async fn a_new_file_under_a_renamed_files_old_name_never_takes_its_bytes() {
         .await
         .unwrap();
     let root = vol.root();
-    let a = vol
-        .create(&ROOT, root, b"a", SetAttr::default(), true)
-        .await
-        .unwrap()
-        .ino;
+    let a = create_file(&vol, b"a").await;
     vol.write(&ROOT, a, 0, b"old bytes").await.unwrap();
     vol.flush_all().await.unwrap();
     vol.rename(&ROOT, root, b"a", root, b"b").await.unwrap();
-    let new = vol
-        .create(&ROOT, root, b"a", SetAttr::default(), true)
-        .await
-        .unwrap()
-        .ino;
+    let new = create_file(&vol, b"a").await;
     vol.write(&ROOT, new, 0, b"new bytes").await.unwrap();
     faults.fail_next(Op::Copy, 1, StoreError::Unavailable("injected".into()));
     let _ = vol.flush_round(true).await; // the move fails; the new file's upload does not
@@ -239,11 +226,7 @@ async fn streams_only(tweak: impl FnOnce(&mut VolumeConfig)) -> ([tempfile::Temp
     cfg.flush_delay = std::time::Duration::from_secs(3600);
     tweak(&mut cfg);
     let vol = Volume::open(cfg, Arc::new(faulty)).await.unwrap();
-    let ino = vol
-        .create(&ROOT, vol.root(), b"big", SetAttr::default(), true)
-        .await
-        .unwrap()
-        .ino;
+    let ino = create_file(&vol, b"big").await;
     ([objects, state], vol, faults, ino)
 }
 
@@ -340,11 +323,7 @@ async fn uploaded_copies_are_dropped_past_their_byte_bound_oldest_first() {
     };
     let mut files = Vec::new();
     for (i, name) in ["a", "b", "c"].iter().enumerate() {
-        let ino = vol
-            .create(&ROOT, vol.root(), name.as_bytes(), SetAttr::default(), true)
-            .await
-            .unwrap()
-            .ino;
+        let ino = create_file(&vol, name.as_bytes()).await;
         let data = pattern(2 * MIB, i as u8);
         vol.write(&ROOT, ino, 0, &data).await.unwrap();
         vol.flush_all().await.unwrap();
@@ -387,12 +366,7 @@ async fn a_large_file_changed_in_place_sends_only_the_parts_it_changed() {
     // 12 MiB in parts of 5 MiB: 5 + 5 + 2.
     let state = tempfile::tempdir().unwrap();
     let vol = open(state.path(), &store).await;
-    let root = vol.root();
-    let ino = vol
-        .create(&ROOT, root, b"big", SetAttr::default(), true)
-        .await
-        .unwrap()
-        .ino;
+    let ino = create_file(&vol, b"big").await;
     let mut want = pattern(12 * MIB, 1);
     vol.write(&ROOT, ino, 0, &want).await.unwrap();
     vol.flush_all().await.unwrap();
