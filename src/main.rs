@@ -332,15 +332,19 @@ async fn cat(a: StoreArgs, key: String) -> anyhow::Result<()> {
     let e = a.export()?;
     let store = actors::open_store(&e, true).await?;
     let key = format!("{}{key}", e.prefix);
-    let size = store
+    let head = store
         .head(&key)
         .await?
-        .ok_or_else(|| anyhow::anyhow!("no object {key:?}"))?
-        .size;
+        .ok_or_else(|| anyhow::anyhow!("no object {key:?}"))?;
+    let size = head.size;
     let mut out = tokio::io::stdout();
     let mut off = 0;
     while off < size {
-        let chunk = store.get_range(&key, off..(off + (8 << 20)).min(size)).await?;
+        // Every chunk of the version the HEAD saw: a replaced object is an error, not a mix.
+        let chunk = store
+            .get_version_range(&key, &head.etag, off..(off + (8 << 20)).min(size))
+            .await
+            .map_err(|e| anyhow::anyhow!("{key:?} changed while being read ({e})"))?;
         if chunk.is_empty() {
             anyhow::bail!("{key:?} shrank while being read");
         }

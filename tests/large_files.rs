@@ -419,3 +419,155 @@ async fn a_large_file_changed_in_place_sends_only_the_parts_it_changed() {
     let (parts, _) = sent("replaced behind its back");
     assert_eq!(parts, 4, "every part sent once the copy source was found replaced");
 }
+
+/// Replaces `key` in `bucket` with `bytes` from a thread of its own, with its own runtime and
+/// client, and returns once it is done: a FaultyStore callback (synchronous) can call it, so
+/// the replacement lands between two requests of the gateway, exactly.
+fn replace_now(bucket: &str, key: &str, bytes: Vec<u8>) {
+    let cfg = common::garage::shared().s3_config(bucket);
+    let key = key.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let s3 = s3nfs::store::s3::S3Store::connect(cfg).await.unwrap();
+            s3.put(&key, s3nfs::store::Body::Bytes(bytes.into()), &Default::default())
+                .await
+                .unwrap();
+        })
+    })
+    .join()
+    .unwrap();
+}
+
+/// A volume on `store` whose listings stay fresh for an hour (so only reads can notice another
+/// client's change), reading S3 in chunks of 1 MiB.
+async fn open_reading_in_mib(state: &std::path::Path, store: &Arc<dyn ObjectStore>) -> Arc<Volume> {
+    let mut cfg = VolumeConfig::new(state.to_path_buf());
+    cfg.part_size = PART;
+    cfg.read_chunk = MIB as u64;
+    cfg.refresh = std::time::Duration::from_secs(3600);
+    Volume::open(cfg, store.clone()).await.unwrap()
+}
+
+/// Another S3 client replaces a file's object between two READs: the second takes up the new
+/// version, and nothing cached from the old one is served with it. Before every GET of a
+/// file's bytes was conditional on the known ETag, the first chunk stayed cached as the old
+/// version and the file read back as a mix of both. On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_replaced_by_another_client_between_reads_is_never_read_as_a_mix() {
+    let (s3, bucket) = common::gateway::garage_store().await;
+    let store: Arc<dyn ObjectStore> = s3.clone();
+    let old = pattern(8 * MIB, 1);
+    s3.put("f", s3nfs::store::Body::Bytes(old.clone().into()), &Default::default())
+        .await
+        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let vol = open_reading_in_mib(state.path(), &store).await;
+    let ino = vol.lookup(&ROOT, vol.root(), b"f").await.unwrap();
+    let (first, _) = vol.read(&ROOT, ino, 0, MIB as u32).await.unwrap();
+    assert!(first[..] == old[..MIB], "first chunk, before the change");
+
+    // A new version of another length.
+    let new = pattern(9 * MIB, 2);
+    replace_now(&bucket, "f", new.clone());
+    let (later, _) = vol.read(&ROOT, ino, 6 * MIB as u64, MIB as u32).await.unwrap();
+    assert!(
+        later[..] == new[6 * MIB..7 * MIB],
+        "a READ after the change reads the new version"
+    );
+    let (again, _) = vol.read(&ROOT, ino, 0, MIB as u32).await.unwrap();
+    assert!(
+        again[..] == new[..MIB],
+        "the first chunk was served from the old version after the new one was read"
+    );
+    assert_eq!(
+        vol.getattr(ino).await.unwrap().size,
+        new.len() as u64,
+        "the new version's size"
+    );
+}
+
+/// Another S3 client replaces a cold file's object while the gateway fetches it into staging
+/// for a write: the fetch starts over on the new version, and the write lands on it. Before,
+/// the staged copy took its first chunks from the old version and the rest from the new, and
+/// the gateway uploaded that mix as the file. On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_replaced_while_it_is_fetched_for_a_write_is_staged_whole_from_one_version() {
+    let (s3, bucket) = common::gateway::garage_store().await;
+    let old = pattern(6 * MIB, 1);
+    s3.put("f", s3nfs::store::Body::Bytes(old.into()), &Default::default())
+        .await
+        .unwrap();
+    let (faulty, faults) = FaultyStore::new(s3.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let state = tempfile::tempdir().unwrap();
+    let vol = open_reading_in_mib(state.path(), &store).await;
+    let ino = vol.lookup(&ROOT, vol.root(), b"f").await.unwrap();
+
+    // Replaced just before the fetch's third GET (of six, one per MiB).
+    let mut new = pattern(6 * MIB, 2);
+    let gets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (seen, replacement) = (gets.clone(), std::sync::Mutex::new(Some(new.clone())));
+    faults.set_callback(move |call| {
+        if call.op == Op::Get && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
+            let bytes = replacement.lock().unwrap().take().unwrap();
+            replace_now(&bucket, "f", bytes);
+        }
+        None
+    });
+    vol.write(&ROOT, ino, 10, b"0123456789").await.unwrap();
+    faults.clear_callback();
+    assert!(
+        gets.load(std::sync::atomic::Ordering::SeqCst) > 3,
+        "the fetch was not under way when the object was replaced"
+    );
+    new[10..20].copy_from_slice(b"0123456789");
+    vol.flush_all().await.unwrap();
+    assert!(
+        object(&store, "f").await == new,
+        "the file in S3 is not the new version with the write on it"
+    );
+}
+
+/// A file renamed through the gateway whose object another S3 client replaces before the move
+/// reaches S3: the move carries the version S3 holds, and the file takes up that version's size
+/// with it. Before the copy was conditional on the known ETag, the new name held their bytes
+/// under the old version's size, and READs of the file stopped at the old length. On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_replaced_by_another_client_before_its_move_reaches_s3_moves_whole() {
+    let (s3, _bucket) = common::gateway::garage_store().await;
+    let store: Arc<dyn ObjectStore> = s3.clone();
+    s3.put(
+        "a",
+        s3nfs::store::Body::Bytes(pattern(MIB, 1).into()),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let vol = open_reading_in_mib(state.path(), &store).await;
+    let ino = vol.lookup(&ROOT, vol.root(), b"a").await.unwrap();
+    vol.rename(&ROOT, vol.root(), b"a", vol.root(), b"b").await.unwrap();
+
+    let theirs = pattern(MIB + 12_345, 2);
+    s3.put(
+        "a",
+        s3nfs::store::Body::Bytes(theirs.clone().into()),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    vol.flush_all().await.unwrap();
+    assert!(
+        object(&store, "b").await == theirs,
+        "the moved object is not the version S3 held"
+    );
+    assert_eq!(store.head("a").await.unwrap(), None, "the old name stays in S3");
+    let size = vol.getattr(ino).await.unwrap().size;
+    assert_eq!(size, theirs.len() as u64, "the file's size is not its object's");
+    let (read, eof) = vol.read(&ROOT, ino, 0, 2 * MIB as u32).await.unwrap();
+    assert!(read[..] == theirs[..] && eof, "the file reads back as its object");
+}

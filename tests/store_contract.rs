@@ -1,4 +1,5 @@
-//! The store contract and the error mapping of `S3Store`, against a real Garage.
+//! The store contract, kept by `S3Store` against a real Garage and by the embedded store, and
+//! the error mapping of `S3Store`.
 
 mod common;
 #[path = "common/delay_proxy.rs"]
@@ -21,6 +22,14 @@ async fn s3_store_contract() {
     assert!(s3.describe().contains(&bucket));
     assert!(!s3.describe().contains(&g.secret_key));
     contract(&s3).await;
+}
+
+/// The embedded store (`s3nfs serve` without an endpoint) keeps the same contract.
+#[tokio::test]
+async fn local_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = s3nfs::store::local::LocalStore::open(dir.path()).unwrap();
+    contract(&local).await;
 }
 
 /// The contract again with PUT and UploadPart payloads unsigned, as they go over HTTPS (Garage

@@ -208,7 +208,7 @@ async fn metadata_round_trip_and_copy() {
 
     // Copy elsewhere with new metadata.
     let m2 = meta(&[("mode", "33261")]);
-    let e2 = s.copy("f", "g", &m2).await.unwrap();
+    let e2 = s.copy("f", None, "g", &m2).await.unwrap();
     assert_eq!(e2, etag);
     assert_eq!(s.head("g").await.unwrap().unwrap().user, m2);
     assert_eq!(s.head("f").await.unwrap().unwrap().user, m1);
@@ -216,7 +216,7 @@ async fn metadata_round_trip_and_copy() {
 
     // Copy onto itself replaces the metadata and keeps the content.
     let m3 = meta(&[("mode", "16877"), ("mtime", "1")]);
-    s.copy("f", "f", &m3).await.unwrap();
+    s.copy("f", None, "f", &m3).await.unwrap();
     let h = s.head("f").await.unwrap().unwrap();
     assert_eq!(h.user, m3);
     assert_eq!(s.get_range("f", 0..100).await.unwrap(), "payload");
@@ -227,7 +227,7 @@ async fn metadata_round_trip_and_copy() {
     assert_eq!(s.get_range("f", 0..100).await.unwrap(), "payload");
 
     assert!(matches!(
-        s.copy("missing", "x", &none()).await,
+        s.copy("missing", None, "x", &none()).await,
         Err(StoreError::NotFound(_))
     ));
 }
@@ -567,7 +567,7 @@ async fn concurrent_overwrites_and_reads() {
                 } else {
                     let v = s.get_range("hot", 0..100).await.unwrap();
                     assert!(!v.is_empty());
-                    s.copy("hot", &format!("c{i}"), &none()).await.unwrap();
+                    s.copy("hot", None, &format!("c{i}"), &none()).await.unwrap();
                 }
             }
         }));

@@ -57,27 +57,39 @@ impl Volume {
         if !cred.is_root() {
             perm::check_io(cred, &self.inode(ino)?, perm::R)?;
         }
-        if let Some(st) = self.staged(ino) {
-            if !st.is_retired() {
-                let (data, eof) = st.read_at(offset, count)?;
-                return Ok((data.into(), eof));
+        // Another S3 client may replace the object between two reads: each read is of one
+        // version, and the next takes up the new one (bounded, should it keep changing).
+        let mut replaced = 0;
+        loop {
+            if let Some(st) = self.staged(ino) {
+                if !st.is_retired() {
+                    let (data, eof) = st.read_at(offset, count)?;
+                    return Ok((data.into(), eof));
+                }
+            }
+            let inode = self.inode(ino)?;
+            match inode.kind {
+                Kind::Dir => return Err(FsError::IsDir),
+                Kind::File => {}
+                _ => return Err(FsError::Invalid("read of a symlink or special file".into())),
+            }
+            let Some(remote) = inode.remote.clone() else {
+                return Ok((Bytes::new(), true));
+            };
+            if offset == 0 && remote.size <= SMALL_OBJECT && !self.cache.has_small(ino, &remote.etag) {
+                self.note_cold_open(&inode); // a reader going through a directory, perhaps
+            }
+            match self
+                .cache
+                .read(&self.store, ino, &remote, offset, count, self.tasks())
+                .await
+            {
+                Err(FsError::NotFound) if replaced < 3 && self.take_up_current_version(ino, &remote).await? => {
+                    replaced += 1
+                }
+                r => return r,
             }
         }
-        let inode = self.inode(ino)?;
-        match inode.kind {
-            Kind::Dir => return Err(FsError::IsDir),
-            Kind::File => {}
-            _ => return Err(FsError::Invalid("read of a symlink or special file".into())),
-        }
-        let Some(remote) = inode.remote.clone() else {
-            return Ok((Bytes::new(), true));
-        };
-        if offset == 0 && remote.size <= SMALL_OBJECT && !self.cache.has_small(ino, &remote.etag) {
-            self.note_cold_open(&inode); // a reader going through a directory, perhaps
-        }
-        self.cache
-            .read(&self.store, ino, &remote, offset, count, self.tasks())
-            .await
     }
 
     /// Whether [`Volume::sync_local`] has anything to do (the sync tick skips an idle volume

@@ -222,7 +222,7 @@ impl Volume {
                 let same_kind = inode.kind == want_kind || (want_kind == Kind::File && inode.kind != Kind::Dir);
                 if same_kind {
                     if let Some(o) = obj {
-                        self.update_from_listing(&mut batch, inode, &o);
+                        self.take_up_version(&mut batch, inode, &o);
                     }
                     continue;
                 }
@@ -294,33 +294,6 @@ impl Volume {
         }
         self.meta.commit(batch)?;
         Ok(true)
-    }
-
-    /// A listed object whose ETag changed replaces what the inode knew of its content (unless
-    /// local writes not yet uploaded are newer).
-    fn update_from_listing(&self, batch: &mut Batch, mut inode: Inode, o: &crate::store::ObjectSummary) {
-        let changed = inode.remote.as_ref().map(|r| r.etag != o.etag).unwrap_or(true);
-        let dirty = self.staged(inode.ino).is_some_and(|s| s.is_dirty());
-        if !changed || dirty {
-            return;
-        }
-        if let Kind::Link(file) = inode.kind {
-            // Another tool replaced this name's object: it is a file of its own now, no longer
-            // a name of `file`.
-            batch.del_link(file, inode.ino);
-            inode.kind = Kind::File;
-        }
-        inode.size = o.size;
-        inode.mtime = Time::from_secs(o.last_modified);
-        inode.remote = Some(Remote {
-            key: o.key.clone(),
-            etag: o.etag.clone(),
-            size: o.size,
-        });
-        inode.meta_loaded = false;
-        inode.target.clear();
-        self.drop_staged(inode.ino);
-        batch.put_inode(&inode);
     }
 
     /// Calls `f` with each child of `dir` whose name, in key form (a directory's with a trailing

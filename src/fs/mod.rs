@@ -45,6 +45,7 @@ pub mod read;
 pub mod staging;
 pub mod upload;
 pub mod usage;
+mod versions;
 
 use std::path::PathBuf;
 use std::sync::Arc;

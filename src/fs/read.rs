@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tracing::Instrument;
 
+use super::versions::read_version;
 use super::{FsError, FsResult};
 use crate::meta::{Ino, Remote};
 use crate::store::ObjectStore;
@@ -206,7 +207,7 @@ impl ReadCache {
         let from = offset / RANDOM_GRAIN * RANDOM_GRAIN;
         let to = end.div_ceil(RANDOM_GRAIN).saturating_mul(RANDOM_GRAIN).min(remote.size);
         let span = tracing::info_span!("random_read", key = %remote.key, offset = from, len = to - from);
-        let bytes = store.get_range(&remote.key, from..to).instrument(span).await?;
+        let bytes = read_version(store, remote, from..to).instrument(span).await?;
         let lo = ((offset - from) as usize).min(bytes.len());
         let hi = ((end - from) as usize).min(bytes.len());
         let out = bytes.slice(lo..hi);
@@ -219,7 +220,7 @@ impl ReadCache {
         let end = (start + chunk).min(remote.size);
         let span = tracing::info_span!("cache_fill", key = %remote.key, chunk = idx);
         cell.get_or_try_init(|| async {
-            let b = store.get_range(&remote.key, start..end).await?;
+            let b = read_version(store, remote, start..end).await?;
             Ok::<_, FsError>(b)
         })
         .instrument(span)

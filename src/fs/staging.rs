@@ -496,44 +496,68 @@ impl Core {
     }
 
     async fn fetch_to_staging(&self, ino: Ino, empty: bool) -> FsResult<Arc<Staged>> {
-        if let Some(st) = self.staged(ino) {
-            return Ok(st);
-        }
-        let inode = self.inode(ino)?;
-        if inode.kind != Kind::File {
-            return Err(FsError::Invalid("not a regular file".into()));
-        }
-        let path = self.staging.path(ino);
-        let tmp = self.staging.download_path(ino);
-        let fetched = inode.remote.clone().filter(|_| !empty);
-        {
-            let file = std::fs::File::create(&tmp)?;
-            if let Some(r) = &fetched {
-                // Streamed through disk chunk by chunk: memory stays bounded whatever the size.
-                let mut off = 0;
-                while off < r.size {
-                    let end = (off + self.cfg.read_chunk).min(r.size);
-                    let bytes = self.store.get_range(&r.key, off..end).await?;
-                    if bytes.is_empty() {
-                        break;
+        // Another S3 client may replace the object while it is fetched: the fetch then starts
+        // over on the new version (bounded, should it keep changing).
+        let mut replaced = 0;
+        loop {
+            if let Some(st) = self.staged(ino) {
+                return Ok(st);
+            }
+            let inode = self.inode(ino)?;
+            if inode.kind != Kind::File {
+                return Err(FsError::Invalid("not a regular file".into()));
+            }
+            let fetched = inode.remote.clone().filter(|_| !empty);
+            let tmp = self.staging.download_path(ino);
+            match self.download(&tmp, fetched.as_ref()).await {
+                Ok(()) => {}
+                Err(FsError::NotFound) if replaced < 3 => {
+                    let _ = std::fs::remove_file(&tmp);
+                    let seen = fetched.as_ref().expect("only a fetch finds its object gone");
+                    if !self.take_up_current_version(ino, seen).await? {
+                        return Err(FsError::NotFound);
                     }
-                    file.write_all_at(&bytes, off)?;
-                    off += bytes.len() as u64;
+                    replaced += 1;
+                    continue;
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
                 }
             }
+            // Removed while it was fetched: nothing to stage.
+            let Some(inode) = self.meta.inode(ino)? else {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(FsError::Stale);
+            };
+            std::fs::rename(&tmp, self.staging.path(ino))?;
+            let st = Arc::new(Staged::open(ino, self.staging.shared_dir(), false, &self.cfg)?);
+            *st.mtime.locked() = inode.mtime;
+            if let Some(r) = &fetched {
+                st.set_base(r);
+            }
+            self.staging.insert(st.clone());
+            return Ok(st);
         }
-        // Removed while it was fetched: nothing to stage.
-        let Some(inode) = self.meta.inode(ino)? else {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(FsError::Stale);
+    }
+
+    /// Writes `remote`'s bytes (none if `None`) into a new file at `tmp`, streamed through disk
+    /// chunk by chunk: memory stays bounded whatever the size. Every chunk is of that version.
+    async fn download(&self, tmp: &Path, remote: Option<&Remote>) -> FsResult<()> {
+        let file = std::fs::File::create(tmp)?;
+        let Some(r) = remote else {
+            return Ok(());
         };
-        std::fs::rename(&tmp, &path)?;
-        let st = Arc::new(Staged::open(ino, self.staging.shared_dir(), false, &self.cfg)?);
-        *st.mtime.locked() = inode.mtime;
-        if let Some(r) = &fetched {
-            st.set_base(r);
+        let mut off = 0;
+        while off < r.size {
+            let end = (off + self.cfg.read_chunk).min(r.size);
+            let bytes = super::versions::read_version(&*self.store, r, off..end).await?;
+            if bytes.is_empty() {
+                break;
+            }
+            file.write_all_at(&bytes, off)?;
+            off += bytes.len() as u64;
         }
-        self.staging.insert(st.clone());
-        Ok(st)
+        Ok(())
     }
 }

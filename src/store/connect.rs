@@ -129,11 +129,14 @@ impl ObjectStore for LocalBucket {
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.store()?.get_range(key, range).await
     }
+    async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        self.store()?.get_version_range(key, etag, range).await
+    }
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
         self.store()?.put(key, body, meta).await
     }
-    async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
-        self.store()?.copy(src, dst, meta).await
+    async fn copy(&self, src: &str, src_etag: Option<&str>, dst: &str, meta: &UserMeta) -> StoreResult<String> {
+        self.store()?.copy(src, src_etag, dst, meta).await
     }
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.store()?.delete(key).await

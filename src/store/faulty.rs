@@ -382,6 +382,11 @@ impl ObjectStore for FaultyStore {
         self.call(Op::Get, key, || self.inner.get_range(key, range)).await
     }
 
+    async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        self.call(Op::Get, key, || self.inner.get_version_range(key, etag, range))
+            .await
+    }
+
     async fn head_and_get(&self, key: &str, max: u64) -> StoreResult<Option<(ObjectMeta, Option<Bytes>)>> {
         // One request to the inner store: a GET when bytes are asked for, a HEAD when not.
         let op = if max == 0 { Op::Head } else { Op::Get };
@@ -392,8 +397,9 @@ impl ObjectStore for FaultyStore {
         self.call(Op::Put, key, || self.inner.put(key, body, meta)).await
     }
 
-    async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
-        self.call(Op::Copy, dst, || self.inner.copy(src, dst, meta)).await
+    async fn copy(&self, src: &str, src_etag: Option<&str>, dst: &str, meta: &UserMeta) -> StoreResult<String> {
+        self.call(Op::Copy, dst, || self.inner.copy(src, src_etag, dst, meta))
+            .await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

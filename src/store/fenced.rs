@@ -66,13 +66,16 @@ impl ObjectStore for FencedStore {
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.inner.get_range(key, range).await
     }
+    async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        self.inner.get_version_range(key, etag, range).await
+    }
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
         self.writable()?;
         self.inner.put(key, body, meta).await
     }
-    async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
+    async fn copy(&self, src: &str, src_etag: Option<&str>, dst: &str, meta: &UserMeta) -> StoreResult<String> {
         self.writable()?;
-        self.inner.copy(src, dst, meta).await
+        self.inner.copy(src, src_etag, dst, meta).await
     }
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.writable()?;

@@ -540,8 +540,12 @@ impl Inner {
         Ok(etag)
     }
 
-    fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+    fn get_range(&self, key: &str, range: Range<u64>, if_match: Option<&str>) -> StoreResult<Bytes> {
         let (entry, mut f) = self.open_data(key)?;
+        // Data files are immutable: the file opened holds the version checked, whatever comes.
+        if let Some(e) = if_match.filter(|e| *e != entry.meta.etag) {
+            return Err(StoreError::NotFound(format!("{key} (not version {e})")));
+        }
         let size = entry.meta.size;
         let start = range.start.min(size);
         let end = range.end.min(size).max(start);
@@ -552,7 +556,7 @@ impl Inner {
         Ok(Bytes::from(buf))
     }
 
-    fn copy(&self, src: &str, dst: &str, user: &UserMeta) -> StoreResult<String> {
+    fn copy(&self, src: &str, src_etag: Option<&str>, dst: &str, user: &UserMeta) -> StoreResult<String> {
         let id = self.new_id();
         let dst_data = data_path(&self.objects, id);
         // Data files are immutable, so a copy is a hard link; retry if a concurrent overwrite
@@ -562,6 +566,9 @@ impl Inner {
             let Some(entry) = self.lookup(src) else {
                 return Err(StoreError::NotFound(src.to_string()));
             };
+            if let Some(e) = src_etag.filter(|e| *e != entry.meta.etag) {
+                return Err(StoreError::NotFound(format!("{src} (not version {e})")));
+            }
             let from = data_path(&self.objects, entry.id);
             let res = fs::hard_link(&from, &dst_data).or_else(|e| match e.kind() {
                 io::ErrorKind::NotFound if from.exists() => {
@@ -579,6 +586,9 @@ impl Inner {
                 Err(_) => {
                     // No hard links here (or too many): copy the bytes.
                     let (entry, mut f) = self.open_data(src)?;
+                    if let Some(e) = src_etag.filter(|e| *e != entry.meta.etag) {
+                        return Err(StoreError::NotFound(format!("{src} (not version {e})")));
+                    }
                     self.write_data(id, |w| w.copy_from(&mut f, 0, entry.meta.size, &mut Vec::new()))?;
                     linked = Some(entry);
                     break;
@@ -901,7 +911,18 @@ impl ObjectStore for LocalStore {
             range = %format_args!("{}-{}", range.start, range.end),
         );
         let key = key.to_string();
-        self.run(span, move |s| s.get_range(&key, range)).await
+        self.run(span, move |s| s.get_range(&key, range, None)).await
+    }
+
+    async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        let span = tracing::info_span!(
+            "s3.request",
+            op = "GetObject",
+            key = %key,
+            range = %format_args!("{}-{}", range.start, range.end),
+        );
+        let (key, etag) = (key.to_string(), etag.to_string());
+        self.run(span, move |s| s.get_range(&key, range, Some(&etag))).await
     }
 
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
@@ -916,11 +937,17 @@ impl ObjectStore for LocalStore {
         self.run(span, move |s| s.put(&key, &body, &meta)).await
     }
 
-    async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
+    async fn copy(&self, src: &str, src_etag: Option<&str>, dst: &str, meta: &UserMeta) -> StoreResult<String> {
         let span = tracing::info_span!("s3.request", op = "CopyObject", key = %dst, src = %src);
         check_key(dst)?;
-        let (src, dst, meta) = (src.to_string(), dst.to_string(), meta.clone());
-        self.run(span, move |s| s.copy(&src, &dst, &meta)).await
+        let (src, etag, dst, meta) = (
+            src.to_string(),
+            src_etag.map(str::to_string),
+            dst.to_string(),
+            meta.clone(),
+        );
+        self.run(span, move |s| s.copy(&src, etag.as_deref(), &dst, &meta))
+            .await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

@@ -58,6 +58,13 @@ impl ObjectStore for MeteredStore {
         }
         r
     }
+    async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        let r = metered("GetObject", self.inner.get_version_range(key, etag, range)).await;
+        if let Ok(b) = &r {
+            global().s3_received_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
         let n = body.len();
         let r = metered("PutObject", self.inner.put(key, body, meta)).await;
@@ -66,8 +73,8 @@ impl ObjectStore for MeteredStore {
         }
         r
     }
-    async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
-        metered("CopyObject", self.inner.copy(src, dst, meta)).await
+    async fn copy(&self, src: &str, src_etag: Option<&str>, dst: &str, meta: &UserMeta) -> StoreResult<String> {
+        metered("CopyObject", self.inner.copy(src, src_etag, dst, meta)).await
     }
     async fn delete(&self, key: &str) -> StoreResult<()> {
         metered("DeleteObject", self.inner.delete(key)).await

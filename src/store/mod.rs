@@ -163,13 +163,20 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// (possibly none). `NotFound` when the object does not exist.
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes>;
 
+    /// [`ObjectStore::get_range`] of the version whose ETag is `etag` only (S3: `If-Match`):
+    /// [`StoreError::NotFound`] when the object is gone or is another version now. A file read
+    /// in several requests is then all of one version, never a mix of two.
+    async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes>;
+
     /// PUT with user metadata; returns the new ETag.
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String>;
 
     /// Server-side copy with the metadata replaced (`x-amz-metadata-directive: REPLACE`).
     /// `src == dst` is allowed and rewrites the metadata. Returns the new ETag. Any size: S3
-    /// copies sources past 5 GiB in parts (see `S3Store::copy_in_parts`).
-    async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String>;
+    /// copies sources past 5 GiB in parts (see `S3Store::copy_in_parts`). With `src_etag`, only
+    /// that version of `src` is copied (`x-amz-copy-source-if-match`): [`StoreError::NotFound`]
+    /// when `src` is gone or is another version now.
+    async fn copy(&self, src: &str, src_etag: Option<&str>, dst: &str, meta: &UserMeta) -> StoreResult<String>;
 
     /// DELETE. Succeeds when the object does not exist.
     async fn delete(&self, key: &str) -> StoreResult<()>;

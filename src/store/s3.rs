@@ -166,7 +166,7 @@ impl S3Store {
         self
     }
 
-    async fn copy_object(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
+    async fn copy_object(&self, src: &str, src_etag: Option<&str>, dst: &str, meta: &UserMeta) -> StoreResult<String> {
         let span = self.span("CopyObject", dst);
         traced(span, async {
             let out = self
@@ -175,12 +175,18 @@ impl S3Store {
                 .bucket(&self.bucket)
                 .key(dst)
                 .copy_source(self.copy_source(src))
+                .set_copy_source_if_match(src_etag.map(|e| format!("\"{e}\"")))
                 .metadata_directive(MetadataDirective::Replace)
                 .set_metadata(Some(to_map(meta)))
                 .send()
                 .boxed()
                 .await
-                .map_err(|e| self.classify(e, src))?;
+                .map_err(|e| {
+                    if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) {
+                        return not_version(src, src_etag);
+                    }
+                    self.classify(e, src)
+                })?;
             Ok(strip_etag(out.copy_object_result().and_then(|r| r.e_tag())))
         })
         .await
@@ -208,7 +214,7 @@ impl S3Store {
         part: u64,
     ) -> StoreResult<String> {
         if h.size == 0 {
-            return self.copy_object(src, dst, meta).await; // no range to copy
+            return self.copy_object(src, Some(&h.etag), dst, meta).await; // no range to copy
         }
         let id = self.create_multipart(dst, meta).await?;
         let copied = async {
@@ -244,6 +250,43 @@ impl S3Store {
             attempts = tracing::field::Empty,
             error = tracing::field::Empty,
         )
+    }
+
+    /// A ranged GET, of version `if_match` only when given (412 from S3 is then `NotFound`).
+    async fn get_object_range(&self, key: &str, range: Range<u64>, if_match: Option<&str>) -> StoreResult<Bytes> {
+        let span = self.span("GetObject", key);
+        traced(span.clone(), async {
+            if range.start >= range.end {
+                // No bytes asked for; S3 has no empty range, so only check the object exists.
+                return match self.head(key).await? {
+                    Some(h) if if_match.is_none_or(|e| e == h.etag) => Ok(Bytes::new()),
+                    _ => Err(not_version(key, if_match)),
+                };
+            }
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .range(format!("bytes={}-{}", range.start, range.end - 1))
+                .set_if_match(if_match.map(|e| format!("\"{e}\"")))
+                .send()
+                .boxed()
+                .await
+            {
+                Ok(out) => out,
+                // The range starts at or past the end: the object exists, no bytes there.
+                Err(e) if is_invalid_range(&e) => return Ok(Bytes::new()),
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => {
+                    return Err(not_version(key, if_match));
+                }
+                Err(e) => return Err(self.classify(e, key)),
+            };
+            let len = out.content_length();
+            let data = read_body(out.body, len, &self.bodies, key, &span).await?;
+            Ok(data)
+        })
+        .await
     }
 
     fn classify<E>(&self, err: SdkError<E, HttpResponse>, key: &str) -> StoreError
@@ -394,6 +437,14 @@ async fn byte_stream(body: Body) -> StoreResult<ByteStream> {
             .build()
             .await
             .map_err(|e| StoreError::Io(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// The answer when `key` is gone, or (with `etag`) is not that version now.
+fn not_version(key: &str, etag: Option<&str>) -> StoreError {
+    match etag {
+        Some(e) => StoreError::NotFound(format!("{key} (not version {e})")),
+        None => StoreError::NotFound(key.to_string()),
     }
 }
 
@@ -689,35 +740,11 @@ impl ObjectStore for S3Store {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        let span = self.span("GetObject", key);
-        traced(span.clone(), async {
-            if range.start >= range.end {
-                // No bytes asked for; S3 has no empty range, so only check the object exists.
-                return match self.head(key).await? {
-                    Some(_) => Ok(Bytes::new()),
-                    None => Err(StoreError::NotFound(key.to_string())),
-                };
-            }
-            let out = match self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .range(format!("bytes={}-{}", range.start, range.end - 1))
-                .send()
-                .boxed()
-                .await
-            {
-                Ok(out) => out,
-                // The range starts at or past the end: the object exists, no bytes there.
-                Err(e) if is_invalid_range(&e) => return Ok(Bytes::new()),
-                Err(e) => return Err(self.classify(e, key)),
-            };
-            let len = out.content_length();
-            let data = read_body(out.body, len, &self.bodies, key, &span).await?;
-            Ok(data)
-        })
-        .await
+        self.get_object_range(key, range, None).await
+    }
+
+    async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        self.get_object_range(key, range, Some(etag)).await
     }
 
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
@@ -744,11 +771,12 @@ impl ObjectStore for S3Store {
         .await
     }
 
-    async fn copy(&self, src: &str, dst: &str, meta: &UserMeta) -> StoreResult<String> {
-        match self.copy_object(src, dst, meta).await {
+    async fn copy(&self, src: &str, src_etag: Option<&str>, dst: &str, meta: &UserMeta) -> StoreResult<String> {
+        match self.copy_object(src, src_etag, dst, meta).await {
             // S3 copies at most 5 GiB in one CopyObject (and refuses larger sources as an
             // invalid request): those go as a multipart upload of parts copied server-side.
             Err(StoreError::Invalid(e)) => match self.head(src).await? {
+                Some(h) if src_etag.is_some_and(|e| e != h.etag) => Err(not_version(src, src_etag)),
                 Some(h) if h.size > MAX_COPY_OBJECT => self.copy_version_in_parts(src, &h, dst, meta, COPY_PART).await,
                 _ => Err(StoreError::Invalid(e)),
             },
@@ -906,7 +934,7 @@ impl ObjectStore for S3Store {
                 .map_err(|e| {
                     // 412: the source is another version now.
                     if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) {
-                        return StoreError::NotFound(format!("{src} (not version {src_etag})"));
+                        return not_version(src, Some(src_etag));
                     }
                     self.classify(e, src)
                 })?;

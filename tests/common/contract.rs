@@ -126,6 +126,29 @@ pub async fn contract(store: &dyn ObjectStore) {
     assert!(ab.user.is_empty(), "{:?}", ab.user);
     assert_eq!(get(store, "ct/a/b", 0..100).await, &b"inner"[..]);
 
+    // A ranged GET of one version only: the bytes while it is that version (a range past the
+    // end and an empty one as without the condition), NotFound once it is another or gone.
+    let of = |e: &str, r: Range<u64>| {
+        let e = e.to_string();
+        async move { store.get_version_range("ct/a", &e, r).await }
+    };
+    assert_eq!(of(&etag, 6..100).await.unwrap(), &b"world"[..]);
+    assert_eq!(of(&etag, 20..30).await.unwrap(), &b""[..]);
+    assert_eq!(of(&etag, 3..3).await.unwrap(), &b""[..]);
+    for (e, r) in [
+        ("0123456789abcdef0123456789abcdef", 0..5),
+        ("0123456789abcdef0123456789abcdef", 5..5),
+    ] {
+        match of(e, r.clone()).await {
+            Err(StoreError::NotFound(_)) => {}
+            other => panic!("a GET of {r:?} of a version the object is not: {other:?}"),
+        }
+    }
+    match store.get_version_range("ct/missing", &etag, 0..5).await {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("a GET of a version of a missing key: {other:?}"),
+    }
+
     // Metadata and bytes in one request: the first `max` bytes (if the store can), of the
     // same version as the metadata; a missing object is None.
     for (max, want) in [(11, &b"hello world"[..]), (64 << 10, b"hello world"), (4, b"hell")] {
@@ -202,20 +225,47 @@ pub async fn contract(store: &dyn ObjectStore) {
         ("gid", "100"),
         ("mtime", "1800000000"),
     ]);
-    store.copy("ct/a", "ct/a", &new_meta).await.expect("copy onto itself");
+    store
+        .copy("ct/a", None, "ct/a", &new_meta)
+        .await
+        .expect("copy onto itself");
     let a = store.head("ct/a").await.unwrap().unwrap();
     assert_eq!(a.user, new_meta);
     assert_eq!(get(store, "ct/a", 0..11).await, &b"hello world"[..]);
     let copy_meta = meta(&[("mode", "33152")]);
-    let copy_etag = store.copy("ct/a", "ct/copy of a+b", &copy_meta).await.expect("copy");
+    let copy_etag = store
+        .copy("ct/a", None, "ct/copy of a+b", &copy_meta)
+        .await
+        .expect("copy");
     let c = store.head("ct/copy of a+b").await.unwrap().expect("head of the copy");
     assert_eq!((c.size, c.etag.as_str()), (11, copy_etag.as_str()));
     assert_eq!(c.user, copy_meta);
     assert_eq!(get(store, "ct/copy of a+b", 0..11).await, &b"hello world"[..]);
-    match store.copy("ct/missing", "ct/x", &UserMeta::new()).await {
+    match store.copy("ct/missing", None, "ct/x", &UserMeta::new()).await {
         Err(StoreError::NotFound(_)) => {}
         other => panic!("copy of a missing key: {other:?}"),
     }
+    // A copy of one version only: done while the source is that version, NotFound (and nothing
+    // written) once it is another.
+    let stale = "0123456789abcdef0123456789abcdef";
+    match store
+        .copy("ct/copy of a+b", Some(stale), "ct/x", &UserMeta::new())
+        .await
+    {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("copy of a version the source is not: {other:?}"),
+    }
+    assert_eq!(
+        store.head("ct/x").await.unwrap(),
+        None,
+        "a refused copy wrote its destination"
+    );
+    store
+        .copy("ct/copy of a+b", Some(&copy_etag), "ct/x", &UserMeta::new())
+        .await
+        .expect("copy of the version the source is");
+    assert_eq!(get(store, "ct/x", 0..11).await, &b"hello world"[..]);
+    store.delete("ct/x").await.unwrap();
 
     // Ranged GETs, past the end included.
     assert_eq!(get(store, "ct/a", 0..5).await, &b"hello"[..]);

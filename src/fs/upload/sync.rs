@@ -13,7 +13,7 @@ use crate::fs::names::user_meta;
 use crate::fs::staging::Staged;
 use crate::fs::{FsError, FsResult};
 use crate::meta::{Batch, Ino, Inode, Kind, Remote, ROOT_INO};
-use crate::store::Body;
+use crate::store::{Body, StoreError};
 
 /// A staged file this large, once clean, has the staged copies checked against their byte bound.
 const LARGE_STAGED: u64 = 1 << 20;
@@ -111,15 +111,7 @@ impl super::Uploader {
                     _ => match &inode.remote {
                         Some(r) => {
                             let _k = self.key_lock(&key).await;
-                            let etag = self.store.copy(&r.key, &key, &meta).await?;
-                            Ok(Some(Synced {
-                                remote: Remote {
-                                    key: key.clone(),
-                                    etag,
-                                    size: r.size,
-                                },
-                                gen: None,
-                            }))
+                            self.copy_known_version(ino, r.clone(), &key, &meta).await.map(Some)
                         }
                         None => self.put_small(&key, Bytes::new(), &meta).await.map(Some),
                     },
@@ -170,25 +162,55 @@ impl super::Uploader {
         };
         let key = self.key_of(&entry)?;
         let _writing = self.ledger.writing_guard(&key);
-        let etag = {
+        let synced = {
             let _permit = self.uploads.acquire().await.expect("semaphore never closed");
             let _k = self.key_lock(&key).await;
-            self.store.copy(&src.key, &key, &user_meta(&f)).await?
+            self.copy_known_version(file, src, &key, &user_meta(&f)).await?
         };
         if let Some(old) = &entry.remote {
             if old.key != key {
                 self.delete_key(&old.key, Some(entry.ino)).await?;
             }
         }
-        let synced = Synced {
-            remote: Remote {
-                key,
-                etag,
-                size: src.size,
-            },
-            gen: None,
-        };
         self.record(entry.ino, seq, Some(synced), None).await
+    }
+
+    /// `ino`'s object `r` copied server-side to `key` (a file moved, or a hard link's name),
+    /// as the version the inode knows: another client's version found at `r.key` instead is
+    /// taken up first, as a listing would (see `versions.rs`), and then copied with the size it
+    /// has. Before, such a copy carried their bytes under the old version's size. The caller
+    /// holds `key`'s lock.
+    async fn copy_known_version(
+        &self,
+        ino: Ino,
+        mut r: Remote,
+        key: &str,
+        meta: &crate::store::UserMeta,
+    ) -> FsResult<Synced> {
+        let mut replaced = 0;
+        loop {
+            let etag = Some(r.etag.as_str()).filter(|e| !e.is_empty());
+            match self.store.copy(&r.key, etag, key, meta).await {
+                Ok(etag) => {
+                    return Ok(Synced {
+                        remote: Remote {
+                            key: key.to_string(),
+                            etag,
+                            size: r.size,
+                        },
+                        gen: None,
+                    })
+                }
+                Err(StoreError::NotFound(_)) if replaced < 3 && self.take_up_current_version(ino, &r).await? => {
+                    replaced += 1;
+                    match self.meta.inode(ino)?.and_then(|i| i.remote) {
+                        Some(now) if now.key == r.key => r = now,
+                        _ => return Err(FsError::Retry("the file was changed while it was being copied".into())),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Before `writer` writes `key`: a file still to be moved away from `key` (renamed, or a

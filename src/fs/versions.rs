@@ -1,0 +1,89 @@
+//! Versions of a file's object written by another S3 client: how the gateway takes them up.
+//!
+//! The gateway knows each file's object by its ETag (`Remote`). A listing that shows another
+//! ETag, or a read of the known version that S3 refuses because the object was replaced, makes
+//! the new version the file's content, unless local writes not yet uploaded are newer (then the
+//! gateway's version wins at its upload). Every read from S3 of a file's bytes is conditional on
+//! the known ETag (`ObjectStore::get_version_range`), so a file is never read, cached or staged
+//! as a mix of two versions.
+
+use super::{Core, FsResult};
+use crate::meta::{Batch, Ino, Inode, Kind, Remote, Time};
+use crate::store::{ObjectStore, ObjectSummary, StoreResult};
+
+impl Core {
+    /// `o`, another version of `inode`'s object than it knew, replaces what the inode knew of
+    /// its content (unless local writes not yet uploaded are newer).
+    pub(super) fn take_up_version(&self, batch: &mut Batch, mut inode: Inode, o: &ObjectSummary) {
+        let changed = inode.remote.as_ref().map(|r| r.etag != o.etag).unwrap_or(true);
+        let dirty = self.staged(inode.ino).is_some_and(|s| s.is_dirty());
+        if !changed || dirty {
+            return;
+        }
+        if let Kind::Link(file) = inode.kind {
+            // Another tool replaced this name's object: it is a file of its own now, no longer
+            // a name of `file`.
+            batch.del_link(file, inode.ino);
+            inode.kind = Kind::File;
+        }
+        inode.size = o.size;
+        inode.mtime = Time::from_secs(o.last_modified);
+        inode.remote = Some(Remote {
+            key: o.key.clone(),
+            etag: o.etag.clone(),
+            size: o.size,
+        });
+        inode.meta_loaded = false;
+        inode.target.clear();
+        self.drop_staged(inode.ino);
+        batch.put_inode(&inode);
+    }
+
+    /// A read of `seen`, the version of `ino`'s object the gateway knew, found it gone or
+    /// replaced. Takes up the version S3 holds now, as a listing would have. `Ok(true)`: read
+    /// again, the inode knows another version now. `Ok(false)`: the object is gone (or S3 still
+    /// names the same version), and the read's error stands.
+    pub(super) async fn take_up_current_version(&self, ino: Ino, seen: &Remote) -> FsResult<bool> {
+        let head = self.store.head(&seen.key).await?;
+        let _g = self.ns.lock().await;
+        let inode = self.inode(ino)?;
+        if inode
+            .remote
+            .as_ref()
+            .is_none_or(|r| r.key != seen.key || r.etag != seen.etag)
+        {
+            return Ok(true); // taken up, renamed or rewritten meanwhile: look again
+        }
+        let Some(h) = head.filter(|h| h.etag != seen.etag) else {
+            return Ok(false);
+        };
+        if self.staged(ino).is_some_and(|s| s.is_dirty()) {
+            return Ok(true); // local writes are newer, and reads go to them
+        }
+        let mut batch = Batch::new();
+        let o = ObjectSummary {
+            key: seen.key.clone(),
+            size: h.size,
+            etag: h.etag,
+            last_modified: h.last_modified,
+        };
+        self.take_up_version(&mut batch, inode, &o);
+        self.meta.commit(batch)?;
+        tracing::info!(ino, key = %seen.key, "the object was replaced in S3; its new version is the file's content now");
+        Ok(true)
+    }
+}
+
+/// Bytes `range` of `remote`'s version of its object: `NotFound` once the object is another
+/// version (or gone). An object listed without an ETag, which some stores do, is read as it is.
+pub(crate) async fn read_version(
+    store: &dyn ObjectStore,
+    remote: &Remote,
+    range: std::ops::Range<u64>,
+) -> StoreResult<bytes::Bytes> {
+    if remote.etag.is_empty() {
+        store.get_range(&remote.key, range).await
+    } else {
+        store.get_version_range(&remote.key, &remote.etag, range).await
+    }
+}
