@@ -348,7 +348,8 @@ async fn uploaded_copies_are_dropped_past_their_byte_bound_oldest_first() {
 
 /// A large file changed in place sends S3 only the parts it changed: the others are copied
 /// server-side (UploadPartCopy) from the object that holds them, whether the staged copy was
-/// uploaded by this gateway or fetched from S3, and only from the version the staged copy holds.
+/// uploaded by this gateway or fetched from S3, after the file moved to another key too, and
+/// only from the version the staged copy holds.
 /// On Garage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_file_changed_in_place_sends_only_the_parts_it_changed() {
@@ -403,17 +404,31 @@ async fn a_large_file_changed_in_place_sends_only_the_parts_it_changed() {
     );
     assert_eq!(sent("fetched, one part changed"), (1, 3));
 
+    // Renamed: S3 copies the object to the new key and the old one is deleted; the parts a
+    // later change leaves alone come from the new key.
+    vol.rename(&ROOT, vol.root(), b"big", vol.root(), b"big2")
+        .await
+        .unwrap();
+    vol.flush_all().await.unwrap();
+    assert_eq!(store.head("big").await.unwrap(), None, "the old key stays");
+    faults.reset_counts();
+    vol.write(&ROOT, ino, 3, b"z").await.unwrap();
+    want[3] = b'z';
+    vol.flush_all().await.unwrap();
+    assert_eq!(object(&store, "big2").await, want, "after a write to the renamed file");
+    assert_eq!(sent("renamed, one part changed"), (1, 3));
+
     // The object replaced behind the gateway's back (same size, other bytes): no part may come
     // from that version. The gateway's bytes win, as for any file it uploads.
     let theirs = pattern(want.len(), 3);
-    s3.put("big", s3nfs::store::Body::Bytes(theirs.into()), &Default::default())
+    s3.put("big2", s3nfs::store::Body::Bytes(theirs.into()), &Default::default())
         .await
         .unwrap();
     vol.write(&ROOT, ino, 2, b"y").await.unwrap();
     want[2] = b'y';
     vol.flush_all().await.unwrap();
     assert!(
-        object(&store, "big").await == want,
+        object(&store, "big2").await == want,
         "a part was copied from a version not staged"
     );
     let (parts, _) = sent("replaced behind its back");

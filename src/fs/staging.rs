@@ -280,6 +280,14 @@ impl Staged {
             .then(|| (b.remote.key.clone(), b.remote.etag.clone()))
     }
 
+    /// The base object `from` was copied server-side to `to` (the file moved): the parts not
+    /// written since come from there now, since the old key is deleted once the move is done.
+    pub fn move_base(&self, from: &Remote, to: &Remote) {
+        if let Some(b) = self.base.locked().as_mut().filter(|b| b.remote == *from) {
+            b.remote = to.clone();
+        }
+    }
+
     /// The base object is gone or was replaced: parts are sent from the staged copy.
     pub fn drop_base(&self) {
         *self.base.locked() = None;

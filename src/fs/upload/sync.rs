@@ -111,7 +111,12 @@ impl super::Uploader {
                     _ => match &inode.remote {
                         Some(r) => {
                             let _k = self.key_lock(&key).await;
-                            self.copy_known_version(ino, r.clone(), &key, &meta).await.map(Some)
+                            let moved = self.copy_known_version(ino, r.clone(), &key, &meta).await?;
+                            // A clean staged copy's unchanged parts come from the new key now.
+                            if let Some(st) = self.staged(ino) {
+                                st.move_base(r, &moved.remote);
+                            }
+                            Ok(Some(moved))
                         }
                         None => self.put_small(&key, Bytes::new(), &meta).await.map(Some),
                     },
