@@ -468,9 +468,9 @@ async fn open_reading_in_mib(state: &std::path::Path, store: &Arc<dyn ObjectStor
 }
 
 /// Another S3 client replaces a file's object between two READs: the second takes up the new
-/// version, and nothing cached from the old one is served with it. Before every GET of a
-/// file's bytes was conditional on the known ETag, the first chunk stayed cached as the old
-/// version and the file read back as a mix of both. On Garage.
+/// version, and nothing cached from the old one is served with it. Without the ETag
+/// condition on every GET of a file's bytes, the first chunk stays cached as the old version
+/// and the file reads back as a mix of both. On Garage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_replaced_by_another_client_between_reads_is_never_read_as_a_mix() {
     let (s3, bucket) = common::gateway::garage_store().await;
@@ -506,9 +506,9 @@ async fn a_file_replaced_by_another_client_between_reads_is_never_read_as_a_mix(
 }
 
 /// Another S3 client replaces a cold file's object while the gateway fetches it into staging
-/// for a write: the fetch starts over on the new version, and the write lands on it. Before,
-/// the staged copy took its first chunks from the old version and the rest from the new, and
-/// the gateway uploaded that mix as the file. On Garage.
+/// for a write: the fetch starts over on the new version, and the write lands on it. Without the
+/// ETag condition, the staged copy takes its first chunks from the old version and the rest
+/// from the new, and the gateway uploads that mix as the file. On Garage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_replaced_while_it_is_fetched_for_a_write_is_staged_whole_from_one_version() {
     let (s3, bucket) = common::gateway::garage_store().await;
@@ -549,8 +549,8 @@ async fn a_file_replaced_while_it_is_fetched_for_a_write_is_staged_whole_from_on
 
 /// A file renamed through the gateway whose object another S3 client replaces before the move
 /// reaches S3: the move carries the version S3 holds, and the file takes up that version's size
-/// with it. Before the copy was conditional on the known ETag, the new name held their bytes
-/// under the old version's size, and READs of the file stopped at the old length. On Garage.
+/// with it. Without the ETag condition on the copy, the new name holds their bytes under the
+/// old version's size, and READs of the file stop at the old length. On Garage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_replaced_by_another_client_before_its_move_reaches_s3_moves_whole() {
     let (s3, _bucket) = common::gateway::garage_store().await;
@@ -585,4 +585,52 @@ async fn a_file_replaced_by_another_client_before_its_move_reaches_s3_moves_whol
     assert_eq!(size, theirs.len() as u64, "the file's size is not its object's");
     let (read, eof) = vol.read(&ROOT, ino, 0, 2 * MIB as u32).await.unwrap();
     assert!(read[..] == theirs[..] && eof, "the file reads back as its object");
+}
+
+/// Another S3 client deletes a file's object before the gateway's rename of it reaches S3. If
+/// the gateway holds the file's bytes (a staged copy), they go up under the new name; if not,
+/// the deletion wins and the file goes, as when a listing finds an object gone. Either way the
+/// work is done: retried for ever, it would keep `s3nfs flush` (and a Kubernetes unstage)
+/// waiting. On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_deleted_by_another_client_before_its_move_reaches_s3_does_not_stall_uploads() {
+    let (s3, _bucket) = common::gateway::garage_store().await;
+    let store: Arc<dyn ObjectStore> = s3.clone();
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.refresh = std::time::Duration::ZERO;
+    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+
+    // Written through the gateway, uploaded: its staged copy stays.
+    let ours = pattern(MIB, 1);
+    let ino = create_file(&vol, b"staged").await;
+    vol.write(&ROOT, ino, 0, &ours).await.unwrap();
+    vol.flush_all().await.unwrap();
+    // Only named: the gateway never read its bytes.
+    s3.put(
+        "named",
+        s3nfs::store::Body::Bytes(pattern(MIB, 2).into()),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    vol.lookup(&ROOT, vol.root(), b"named").await.unwrap();
+
+    for (from, to) in [(&b"staged"[..], &b"staged2"[..]), (b"named", b"named2")] {
+        vol.rename(&ROOT, vol.root(), from, vol.root(), to).await.unwrap();
+        s3.delete(std::str::from_utf8(from).unwrap()).await.unwrap();
+    }
+    vol.flush_all().await.expect("uploads stall on the deleted objects");
+    assert!(
+        object(&store, "staged2").await == ours,
+        "the staged bytes are not under the new name"
+    );
+    assert_eq!(store.head("named2").await.unwrap(), None);
+    let gone = vol.lookup(&ROOT, vol.root(), b"named2").await;
+    assert!(
+        matches!(gone, Err(s3nfs::fs::FsError::NotFound)),
+        "the file whose object was deleted is still listed: {gone:?}"
+    );
+    let kept = vol.lookup(&ROOT, vol.root(), b"staged2").await.unwrap();
+    assert_eq!(vol.getattr(kept).await.unwrap().size, MIB as u64);
 }

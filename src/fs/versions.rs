@@ -7,7 +7,7 @@
 //! the known ETag (`ObjectStore::get_version_range`), so a file is never read, cached or staged
 //! as a mix of two versions.
 
-use super::{Core, FsResult};
+use super::{Core, FsError, FsResult};
 use crate::meta::{Batch, Ino, Inode, Kind, Remote, Time};
 use crate::store::{ObjectStore, ObjectSummary, StoreResult};
 
@@ -41,8 +41,9 @@ impl Core {
 
     /// A read of `seen`, the version of `ino`'s object the gateway knew, found it gone or
     /// replaced. Takes up the version S3 holds now, as a listing would have. `Ok(true)`: read
-    /// again, the inode knows another version now. `Ok(false)`: the object is gone (or S3 still
-    /// names the same version), and the read's error stands.
+    /// again, the inode knows another version now. `Ok(false)`: the object is gone, and the
+    /// read's error stands. [`FsError::Retry`] when S3's HEAD still names `seen`: a store whose
+    /// replicas disagree for a moment, which a later try gets past.
     pub(super) async fn take_up_current_version(&self, ino: Ino, seen: &Remote) -> FsResult<bool> {
         let head = self.store.head(&seen.key).await?;
         let _g = self.ns.lock().await;
@@ -54,9 +55,15 @@ impl Core {
         {
             return Ok(true); // taken up, renamed or rewritten meanwhile: look again
         }
-        let Some(h) = head.filter(|h| h.etag != seen.etag) else {
+        let Some(h) = head else {
             return Ok(false);
         };
+        if h.etag == seen.etag {
+            return Err(FsError::Retry(format!(
+                "S3 refused a read of {} as of another version, and then named that version",
+                seen.key
+            )));
+        }
         if self.staged(ino).is_some_and(|s| s.is_dirty()) {
             return Ok(true); // local writes are newer, and reads go to them
         }
@@ -71,6 +78,37 @@ impl Core {
         self.meta.commit(batch)?;
         tracing::info!(ino, key = %seen.key, "the object was replaced in S3; its new version is the file's content now");
         Ok(true)
+    }
+
+    /// `seen`, `ino`'s object, is gone from S3 (another client deleted it) while the gateway
+    /// had a change of its name or attributes to bring there, and no bytes of it: copying it is
+    /// impossible, and retrying would keep the work pending for ever (and `s3nfs flush`, and a
+    /// Kubernetes unstage, waiting). The deletion wins, as it does when a listing finds an
+    /// object gone: the file is emptied and its work done here, and the next listing of its
+    /// directory, finding no object, forgets it. Nothing changes if the inode moved on
+    /// meanwhile (the next round decides).
+    pub(super) async fn object_deleted_elsewhere(&self, ino: Ino, seq: u64, seen: &Remote) -> FsResult<()> {
+        let _g = self.ns.lock().await;
+        let Some(mut inode) = self.meta.inode(ino)? else {
+            return Ok(());
+        };
+        if inode.remote.as_ref() != Some(seen) || self.staged(ino).is_some() || self.meta.pending(ino)? != Some(seq) {
+            return Ok(());
+        }
+        tracing::error!(
+            ino,
+            key = %seen.key,
+            "another S3 client deleted the file's object before the gateway's rename or attribute change of it reached S3; the file is gone"
+        );
+        inode.remote = None;
+        inode.size = 0;
+        inode.mtime = Time::now();
+        inode.ctime = inode.mtime;
+        let mut batch = Batch::new();
+        batch.put_inode(&inode);
+        batch.clear_pending(ino);
+        self.meta.commit(batch)?;
+        Ok(())
     }
 }
 

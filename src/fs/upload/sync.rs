@@ -111,12 +111,31 @@ impl super::Uploader {
                     _ => match &inode.remote {
                         Some(r) => {
                             let _k = self.key_lock(&key).await;
-                            let moved = self.copy_known_version(ino, r.clone(), &key, &meta).await?;
-                            // A clean staged copy's unchanged parts come from the new key now.
-                            if let Some(st) = self.staged(ino) {
-                                st.move_base(r, &moved.remote);
+                            match (
+                                self.copy_known_version(ino, r.clone(), &key, &meta).await?,
+                                self.staged(ino),
+                            ) {
+                                (Some(moved), st) => {
+                                    // A clean staged copy's unchanged parts come from the new
+                                    // key now.
+                                    if let Some(st) = st {
+                                        st.move_base(r, &moved.remote);
+                                    }
+                                    Ok(Some(moved))
+                                }
+                                // Another client deleted the object; the gateway still holds
+                                // its bytes, and they go up from there.
+                                (None, Some(st)) => {
+                                    drop(_k);
+                                    st.drop_base();
+                                    st.changed();
+                                    self.upload_staged(&st, &inode, &key, &meta).await
+                                }
+                                (None, None) => {
+                                    self.object_deleted_elsewhere(ino, seq, r).await?;
+                                    Ok(None)
+                                }
                             }
-                            Ok(Some(moved))
                         }
                         None => self.put_small(&key, Bytes::new(), &meta).await.map(Some),
                     },
@@ -170,7 +189,9 @@ impl super::Uploader {
         let synced = {
             let _permit = self.uploads.acquire().await.expect("semaphore never closed");
             let _k = self.key_lock(&key).await;
-            self.copy_known_version(file, src, &key, &user_meta(&f)).await?
+            self.copy_known_version(file, src, &key, &user_meta(&f))
+                .await?
+                .ok_or_else(|| FsError::Retry("the file's object is gone from S3".into()))?
         };
         if let Some(old) = &entry.remote {
             if old.key != key {
@@ -183,39 +204,43 @@ impl super::Uploader {
     /// `ino`'s object `r` copied server-side to `key` (a file moved, or a hard link's name),
     /// as the version the inode knows: another client's version found at `r.key` instead is
     /// taken up first, as a listing would (see `versions.rs`), and then copied with the size it
-    /// has. Before, such a copy carried their bytes under the old version's size. The caller
-    /// holds `key`'s lock.
+    /// has; an unconditional copy would carry their bytes under the old version's size.
+    /// `Ok(None)`: the object is gone from S3. The caller holds `key`'s lock.
     async fn copy_known_version(
         &self,
         ino: Ino,
         mut r: Remote,
         key: &str,
         meta: &crate::store::UserMeta,
-    ) -> FsResult<Synced> {
-        let mut replaced = 0;
-        loop {
+    ) -> FsResult<Option<Synced>> {
+        for _ in 0..4 {
             let etag = Some(r.etag.as_str()).filter(|e| !e.is_empty());
             match self.store.copy(&r.key, etag, key, meta).await {
                 Ok(etag) => {
-                    return Ok(Synced {
+                    return Ok(Some(Synced {
                         remote: Remote {
                             key: key.to_string(),
                             etag,
                             size: r.size,
                         },
                         gen: None,
-                    })
+                    }))
                 }
-                Err(StoreError::NotFound(_)) if replaced < 3 && self.take_up_current_version(ino, &r).await? => {
-                    replaced += 1;
+                Err(StoreError::NotFound(_)) => {
+                    if !self.take_up_current_version(ino, &r).await? {
+                        return Ok(None);
+                    }
                     match self.meta.inode(ino)?.and_then(|i| i.remote) {
                         Some(now) if now.key == r.key => r = now,
-                        _ => return Err(FsError::Retry("the file was changed while it was being copied".into())),
+                        _ => break,
                     }
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+        Err(FsError::Retry(
+            "the file kept changing while it was being copied".into(),
+        ))
     }
 
     /// Before `writer` writes `key`: a file still to be moved away from `key` (renamed, or a
