@@ -521,7 +521,9 @@ impl Core {
                 Ok(()) => {}
                 Err(FsError::NotFound) if replaced < 3 => {
                     let _ = std::fs::remove_file(&tmp);
-                    let seen = fetched.as_ref().expect("only a fetch finds its object gone");
+                    let Some(seen) = fetched.as_ref() else {
+                        return Err(FsError::NotFound);
+                    };
                     if !self.take_up_current_version(ino, seen).await? {
                         return Err(FsError::NotFound);
                     }
