@@ -37,6 +37,13 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// `bytes` put at `key` directly, as another S3 client would.
+async fn put_object(s3: &dyn ObjectStore, key: &str, bytes: Vec<u8>) {
+    s3.put(key, s3nfs::store::Body::Bytes(bytes.into()), &Default::default())
+        .await
+        .unwrap();
+}
+
 async fn object(store: &Arc<dyn ObjectStore>, key: &str) -> Vec<u8> {
     let size = store.head(key).await.unwrap().expect("object exists").size;
     store.get_range(key, 0..size).await.unwrap().to_vec()
@@ -421,9 +428,7 @@ async fn a_large_file_changed_in_place_sends_only_the_parts_it_changed() {
     // The object replaced behind the gateway's back (same size, other bytes): no part may come
     // from that version. The gateway's bytes win, as for any file it uploads.
     let theirs = pattern(want.len(), 3);
-    s3.put("big2", s3nfs::store::Body::Bytes(theirs.into()), &Default::default())
-        .await
-        .unwrap();
+    put_object(&*s3, "big2", theirs).await;
     vol.write(&ROOT, ino, 2, b"y").await.unwrap();
     want[2] = b'y';
     vol.flush_all().await.unwrap();
@@ -448,9 +453,7 @@ fn replace_now(bucket: &str, key: &str, bytes: Vec<u8>) {
             .unwrap();
         rt.block_on(async {
             let s3 = s3nfs::store::s3::S3Store::connect(cfg).await.unwrap();
-            s3.put(&key, s3nfs::store::Body::Bytes(bytes.into()), &Default::default())
-                .await
-                .unwrap();
+            put_object(&s3, &key, bytes).await;
         })
     })
     .join()
@@ -476,9 +479,7 @@ async fn a_file_replaced_by_another_client_between_reads_is_never_read_as_a_mix(
     let (s3, bucket) = common::gateway::garage_store().await;
     let store: Arc<dyn ObjectStore> = s3.clone();
     let old = pattern(8 * MIB, 1);
-    s3.put("f", s3nfs::store::Body::Bytes(old.clone().into()), &Default::default())
-        .await
-        .unwrap();
+    put_object(&*s3, "f", old.clone()).await;
     let state = tempfile::tempdir().unwrap();
     let vol = open_reading_in_mib(state.path(), &store).await;
     let ino = vol.lookup(&ROOT, vol.root(), b"f").await.unwrap();
@@ -513,9 +514,7 @@ async fn a_file_replaced_by_another_client_between_reads_is_never_read_as_a_mix(
 async fn a_file_replaced_while_it_is_fetched_for_a_write_is_staged_whole_from_one_version() {
     let (s3, bucket) = common::gateway::garage_store().await;
     let old = pattern(6 * MIB, 1);
-    s3.put("f", s3nfs::store::Body::Bytes(old.into()), &Default::default())
-        .await
-        .unwrap();
+    put_object(&*s3, "f", old).await;
     let (faulty, faults) = FaultyStore::new(s3.clone());
     let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let state = tempfile::tempdir().unwrap();
@@ -555,26 +554,14 @@ async fn a_file_replaced_while_it_is_fetched_for_a_write_is_staged_whole_from_on
 async fn a_file_replaced_by_another_client_before_its_move_reaches_s3_moves_whole() {
     let (s3, _bucket) = common::gateway::garage_store().await;
     let store: Arc<dyn ObjectStore> = s3.clone();
-    s3.put(
-        "a",
-        s3nfs::store::Body::Bytes(pattern(MIB, 1).into()),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    put_object(&*s3, "a", pattern(MIB, 1)).await;
     let state = tempfile::tempdir().unwrap();
     let vol = open_reading_in_mib(state.path(), &store).await;
     let ino = vol.lookup(&ROOT, vol.root(), b"a").await.unwrap();
     vol.rename(&ROOT, vol.root(), b"a", vol.root(), b"b").await.unwrap();
 
     let theirs = pattern(MIB + 12_345, 2);
-    s3.put(
-        "a",
-        s3nfs::store::Body::Bytes(theirs.clone().into()),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    put_object(&*s3, "a", theirs.clone()).await;
     vol.flush_all().await.unwrap();
     assert!(
         object(&store, "b").await == theirs,
@@ -607,13 +594,7 @@ async fn a_file_deleted_by_another_client_before_its_move_reaches_s3_does_not_st
     vol.write(&ROOT, ino, 0, &ours).await.unwrap();
     vol.flush_all().await.unwrap();
     // Only named: the gateway never read its bytes.
-    s3.put(
-        "named",
-        s3nfs::store::Body::Bytes(pattern(MIB, 2).into()),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    put_object(&*s3, "named", pattern(MIB, 2)).await;
     vol.lookup(&ROOT, vol.root(), b"named").await.unwrap();
 
     for (from, to) in [(&b"staged"[..], &b"staged2"[..]), (b"named", b"named2")] {

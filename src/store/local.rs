@@ -244,6 +244,19 @@ impl LocalStore {
         &self.inner.root
     }
 
+    /// A ranged GET, of version `if_match` only when given.
+    async fn get_object(&self, key: &str, range: Range<u64>, if_match: Option<&str>) -> StoreResult<Bytes> {
+        let span = tracing::info_span!(
+            "s3.request",
+            op = "GetObject",
+            key = %key,
+            range = %format_args!("{}-{}", range.start, range.end),
+        );
+        let (key, if_match) = (key.to_string(), if_match.map(str::to_string));
+        self.run(span, move |s| s.get_range(&key, range, if_match.as_deref()))
+            .await
+    }
+
     async fn run<T, F>(&self, span: tracing::Span, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -312,6 +325,15 @@ fn check_key(key: &str) -> StoreResult<()> {
         )));
     }
     Ok(())
+}
+
+/// S3's answer to a request conditional on version `etag` of `key` (`If-Match`, or
+/// `x-amz-copy-source-if-match`) when `meta` is another version: `NotFound`.
+fn check_version(key: &str, meta: &ObjectMeta, etag: Option<&str>) -> StoreResult<()> {
+    match etag {
+        Some(e) if e != meta.etag => Err(StoreError::NotFound(format!("{key} (not version {e})"))),
+        _ => Ok(()),
+    }
 }
 
 fn check_upload_id(upload_id: &str) -> StoreResult<()> {
@@ -543,9 +565,7 @@ impl Inner {
     fn get_range(&self, key: &str, range: Range<u64>, if_match: Option<&str>) -> StoreResult<Bytes> {
         let (entry, mut f) = self.open_data(key)?;
         // Data files are immutable: the file opened holds the version checked, whatever comes.
-        if let Some(e) = if_match.filter(|e| *e != entry.meta.etag) {
-            return Err(StoreError::NotFound(format!("{key} (not version {e})")));
-        }
+        check_version(key, &entry.meta, if_match)?;
         let size = entry.meta.size;
         let start = range.start.min(size);
         let end = range.end.min(size).max(start);
@@ -566,9 +586,7 @@ impl Inner {
             let Some(entry) = self.lookup(src) else {
                 return Err(StoreError::NotFound(src.to_string()));
             };
-            if let Some(e) = src_etag.filter(|e| *e != entry.meta.etag) {
-                return Err(StoreError::NotFound(format!("{src} (not version {e})")));
-            }
+            check_version(src, &entry.meta, src_etag)?;
             let from = data_path(&self.objects, entry.id);
             let res = fs::hard_link(&from, &dst_data).or_else(|e| match e.kind() {
                 io::ErrorKind::NotFound if from.exists() => {
@@ -586,9 +604,7 @@ impl Inner {
                 Err(_) => {
                     // No hard links here (or too many): copy the bytes.
                     let (entry, mut f) = self.open_data(src)?;
-                    if let Some(e) = src_etag.filter(|e| *e != entry.meta.etag) {
-                        return Err(StoreError::NotFound(format!("{src} (not version {e})")));
-                    }
+                    check_version(src, &entry.meta, src_etag)?;
                     self.write_data(id, |w| w.copy_from(&mut f, 0, entry.meta.size, &mut Vec::new()))?;
                     linked = Some(entry);
                     break;
@@ -904,25 +920,11 @@ impl ObjectStore for LocalStore {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        let span = tracing::info_span!(
-            "s3.request",
-            op = "GetObject",
-            key = %key,
-            range = %format_args!("{}-{}", range.start, range.end),
-        );
-        let key = key.to_string();
-        self.run(span, move |s| s.get_range(&key, range, None)).await
+        self.get_object(key, range, None).await
     }
 
     async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        let span = tracing::info_span!(
-            "s3.request",
-            op = "GetObject",
-            key = %key,
-            range = %format_args!("{}-{}", range.start, range.end),
-        );
-        let (key, etag) = (key.to_string(), etag.to_string());
-        self.run(span, move |s| s.get_range(&key, range, Some(&etag))).await
+        self.get_object(key, range, Some(etag)).await
     }
 
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
@@ -1035,9 +1037,7 @@ impl ObjectStore for LocalStore {
         self.run(span, move |s| {
             s.read_upload(&key, &upload_id)?;
             let (entry, mut f) = s.open_data(&src)?;
-            if entry.meta.etag != src_etag {
-                return Err(StoreError::NotFound(format!("{src} (not version {src_etag})")));
-            }
+            check_version(&src, &entry.meta, Some(&src_etag))?;
             if range.start > range.end || range.end > entry.meta.size {
                 return Err(StoreError::Invalid(format!(
                     "InvalidRange: {}-{} of {src}, which has {} bytes",

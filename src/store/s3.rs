@@ -182,7 +182,7 @@ impl S3Store {
                 .boxed()
                 .await
                 .map_err(|e| {
-                    if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) {
+                    if is_precondition_failed(&e) {
                         return not_version(src, src_etag);
                     }
                     self.classify(e, src)
@@ -277,7 +277,7 @@ impl S3Store {
                 Ok(out) => out,
                 // The range starts at or past the end: the object exists, no bytes there.
                 Err(e) if is_invalid_range(&e) => return Ok(Bytes::new()),
-                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => {
+                Err(e) if is_precondition_failed(&e) => {
                     return Err(not_version(key, if_match));
                 }
                 Err(e) => return Err(self.classify(e, key)),
@@ -543,6 +543,11 @@ fn is_invalid_range<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) ->
         SdkError::ServiceError(s) => s.raw().status().as_u16() == 416 || s.err().code() == Some("InvalidRange"),
         _ => false,
     }
+}
+
+/// 412: the object named in an `If-Match` (or `x-amz-copy-source-if-match`) is another version.
+fn is_precondition_failed<E>(err: &SdkError<E, HttpResponse>) -> bool {
+    err.raw_response().is_some_and(|r| r.status().as_u16() == 412)
 }
 
 #[async_trait]
@@ -933,7 +938,7 @@ impl ObjectStore for S3Store {
                 .await
                 .map_err(|e| {
                     // 412: the source is another version now.
-                    if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) {
+                    if is_precondition_failed(&e) {
                         return not_version(src, Some(src_etag));
                     }
                     self.classify(e, src)
