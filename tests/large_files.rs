@@ -615,3 +615,196 @@ async fn a_file_deleted_by_another_client_before_its_move_reaches_s3_does_not_st
     let kept = vol.lookup(&ROOT, vol.root(), b"staged2").await.unwrap();
     assert_eq!(vol.getattr(kept).await.unwrap().size, MIB as u64);
 }
+
+/// A volume on `store` that stages every file of a part or more with holes (see
+/// `src/fs/holes.rs`), reading S3 in chunks of 1 MiB.
+async fn open_with_holes(state: &std::path::Path, store: &Arc<dyn ObjectStore>) -> Arc<Volume> {
+    let mut cfg = VolumeConfig::new(state.to_path_buf());
+    cfg.part_size = PART;
+    cfg.sparse_from = PART;
+    cfg.read_chunk = MIB as u64;
+    Volume::open(cfg, store.clone()).await.unwrap()
+}
+
+/// Reads the whole file through the volume, a MiB at a time.
+async fn read_all(vol: &Volume, ino: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let (b, eof) = vol.read(&ROOT, ino, out.len() as u64, MIB as u32).await.unwrap();
+        out.extend_from_slice(&b);
+        if eof {
+            break;
+        }
+    }
+    out
+}
+
+/// 28 MiB in parts of 5 MiB (5 x 5 + 3), put by another client, and a volume with holes.
+async fn cold_file_with_holes(
+    s3: &Arc<dyn ObjectStore>,
+    state: &std::path::Path,
+) -> (Arc<Volume>, Faults, u64, Vec<u8>) {
+    let want = pattern(28 * MIB, 1);
+    put_object(&**s3, "cold", want.clone()).await;
+    let (faulty, faults) = FaultyStore::new(s3.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let vol = open_with_holes(state, &store).await;
+    let ino = vol.lookup(&ROOT, vol.root(), b"cold").await.unwrap();
+    faults.reset_counts();
+    (vol, faults, ino, want)
+}
+
+/// A write into a cold large file fetches the one part it touches, not the file; the upload
+/// sends that part and copies the others server-side; a read of the holes fetches them. On
+/// Garage. Without holes the write fetched all 28 MiB (28 GETs of 1 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_cold_large_file_fetches_only_the_part_it_touches() {
+    let (s3, _bucket) = common::gateway::garage_store().await;
+    let s3: Arc<dyn ObjectStore> = s3;
+    let state = tempfile::tempdir().unwrap();
+    let (vol, faults, ino, mut want) = cold_file_with_holes(&s3, state.path()).await;
+
+    vol.write(&ROOT, ino, 12 * MIB as u64, b"0123456789").await.unwrap();
+    want[12 * MIB..12 * MIB + 10].copy_from_slice(b"0123456789");
+    assert_eq!(faults.calls(Op::Get), 5, "GETs of 1 MiB for a write into part 3");
+    vol.flush_all().await.unwrap();
+    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want, "the object after the upload");
+    assert_eq!(
+        (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy)),
+        (1, 5),
+        "parts sent and parts copied"
+    );
+
+    // Written again: the copy with holes went once uploaded, and a new one of the new object
+    // fetches the last part (3 MiB). A read of the whole file fills the holes as it goes.
+    faults.reset_counts();
+    vol.write(&ROOT, ino, want.len() as u64 - 3, b"end").await.unwrap();
+    want.truncate(want.len() - 3);
+    want.extend_from_slice(b"end");
+    assert_eq!(faults.calls(Op::Get), 3, "only the last part fetched");
+    assert!(read_all(&vol, ino, want.len()).await == want, "read back while it has holes");
+    assert_eq!(faults.calls(Op::Get), 28, "each MiB fetched once");
+    vol.flush_all().await.unwrap();
+    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want);
+    assert_eq!(
+        (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy)),
+        (1, 5),
+        "parts filled by reads are copied, not sent"
+    );
+}
+
+/// A gateway restarted while a copy has holes and a change not yet in S3: the sidecar brings
+/// the holes back, reads fill them, and the upload sends the part present at the restart (it may
+/// have been written) and copies the others. Taking the copy as whole would upload zeros;
+/// taking its parts as unwritten would lose the write. On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_with_holes_survives_a_restart_with_its_write() {
+    let (s3, _bucket) = common::gateway::garage_store().await;
+    let s3: Arc<dyn ObjectStore> = s3;
+    let state = tempfile::tempdir().unwrap();
+    let (vol, _faults, ino, mut want) = cold_file_with_holes(&s3, state.path()).await;
+    vol.write(&ROOT, ino, 7 * MIB as u64, b"abc").await.unwrap();
+    want[7 * MIB..7 * MIB + 3].copy_from_slice(b"abc");
+    vol.sync_durable().await.unwrap();
+    drop(vol);
+
+    let (faulty, faults) = FaultyStore::new(s3.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let vol = open_with_holes(state.path(), &store).await;
+    assert!(read_all(&vol, ino, want.len()).await == want, "read back after the restart");
+    assert_eq!(faults.calls(Op::Get), 23, "the holes fetched, the part present not");
+    vol.flush_all().await.unwrap();
+    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want, "the object after the restart");
+    assert_eq!(
+        (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy)),
+        (1, 5),
+        "the part present at the restart sent, the others copied"
+    );
+}
+
+/// Truncation and a write past the end of a copy with holes: the parts that stay are filled
+/// first, so no hole's zeros reach S3. On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_with_holes_truncated_or_extended_keeps_its_bytes() {
+    let (s3, _bucket) = common::gateway::garage_store().await;
+    let s3: Arc<dyn ObjectStore> = s3;
+    let state = tempfile::tempdir().unwrap();
+    let (vol, _faults, ino, mut want) = cold_file_with_holes(&s3, state.path()).await;
+
+    // Cut to 12 MiB, in the middle of part 3.
+    let attr = SetAttr {
+        size: Some(12 * MIB as u64),
+        ..Default::default()
+    };
+    vol.setattr(&ROOT, ino, attr).await.unwrap();
+    want.truncate(12 * MIB);
+    vol.flush_all().await.unwrap();
+    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want, "after the truncation");
+
+    // Another gateway (its copy cold) writes past the end of a new copy with holes, beyond the
+    // old last part (10-15 MiB), which then reaches past the object and cannot be copied: it
+    // keeps its bytes.
+    drop(vol);
+    let state = tempfile::tempdir().unwrap();
+    let vol = open_with_holes(state.path(), &s3).await;
+    let ino = vol.lookup(&ROOT, vol.root(), b"cold").await.unwrap();
+    vol.write(&ROOT, ino, 17 * MIB as u64, b"tail").await.unwrap();
+    want.resize(17 * MIB, 0);
+    want.extend_from_slice(b"tail");
+    vol.flush_all().await.unwrap();
+    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want, "after the write past the end");
+}
+
+/// Another S3 client replaces the object while the gateway's copy of it has holes: the copy
+/// can never be completed, so the other client's version stands, whole (no zeros from the
+/// holes, no mix), and the gateway's uploads go on. On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_with_holes_whose_object_is_replaced_gives_way_whole() {
+    let (s3, bucket) = common::gateway::garage_store().await;
+    let s3: Arc<dyn ObjectStore> = s3;
+    let state = tempfile::tempdir().unwrap();
+    let (vol, _faults, ino, _want) = cold_file_with_holes(&s3, state.path()).await;
+    vol.write(&ROOT, ino, 7 * MIB as u64, b"abc").await.unwrap();
+
+    let theirs = pattern(11 * MIB, 9);
+    replace_now(&bucket, "cold", theirs.clone());
+    vol.flush_all().await.unwrap();
+    assert!(
+        s3.get_range("cold", 0..theirs.len() as u64).await.unwrap() == theirs
+            && s3.head("cold").await.unwrap().unwrap().size == theirs.len() as u64,
+        "the other client's version is not what S3 holds"
+    );
+    assert!(read_all(&vol, ino, theirs.len() + 1).await == theirs, "the file reads as their version");
+
+    // Later writes land on their version.
+    let mut want = theirs;
+    vol.write(&ROOT, ino, 1, b"x").await.unwrap();
+    want[1] = b'x';
+    vol.flush_all().await.unwrap();
+    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want);
+}
+
+/// Two large cold files swap names: each one's bytes must be brought in whole before the other
+/// is written over its key, holes included (a hole would be copied from a key that holds the
+/// other file by then). On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_cold_files_that_swap_names_keep_their_bytes() {
+    let (s3, _bucket) = common::gateway::garage_store().await;
+    let s3: Arc<dyn ObjectStore> = s3;
+    let (a, b) = (pattern(12 * MIB, 1), pattern(11 * MIB, 2));
+    put_object(&*s3, "a", a.clone()).await;
+    put_object(&*s3, "b", b.clone()).await;
+    let state = tempfile::tempdir().unwrap();
+    let vol = open_with_holes(state.path(), &s3).await;
+    let root = vol.root();
+    vol.lookup(&ROOT, root, b"a").await.unwrap();
+    vol.lookup(&ROOT, root, b"b").await.unwrap();
+    vol.rename(&ROOT, root, b"a", root, b"t").await.unwrap();
+    vol.rename(&ROOT, root, b"b", root, b"a").await.unwrap();
+    vol.rename(&ROOT, root, b"t", root, b"b").await.unwrap();
+    vol.flush_all().await.unwrap();
+    assert!(s3.get_range("a", 0..b.len() as u64).await.unwrap() == b, "a holds b's bytes");
+    assert!(s3.get_range("b", 0..a.len() as u64).await.unwrap() == a, "b holds a's bytes");
+    assert_eq!(s3.head("a").await.unwrap().unwrap().size, b.len() as u64);
+    assert_eq!(s3.head("b").await.unwrap().unwrap().size, a.len() as u64);
+}

@@ -71,6 +71,7 @@ impl StagingArea {
     pub fn drop_file(&self, ino: Ino) {
         if let Some(st) = self.files.locked().remove(&ino) {
             st.retire();
+            st.discard_holes();
             let _ = std::fs::remove_file(st.path());
         }
     }

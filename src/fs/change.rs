@@ -386,7 +386,15 @@ impl Volume {
                 return Err(FsError::Invalid("size of a symlink or special file".into()));
             }
             perm::check_io(cred, &inode, perm::W)?;
-            let st = self.stage(ino, size == 0).await?;
+            let st = loop {
+                let st = self.stage(ino, size == 0).await?;
+                // A truncated copy keeps no holes: every part is sent at its upload.
+                match self.fill(&st, 0..size.min(st.size())).await {
+                    Err(_) if st.is_retired() => continue, // dropped under us: look again
+                    r => r?,
+                }
+                break st;
+            };
             let _w = st.lock.write().await;
             if st.size() != size {
                 let growth = size.saturating_sub(st.size());

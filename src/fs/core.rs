@@ -130,9 +130,15 @@ impl Core {
     pub(super) fn restore_staged(&self) -> FsResult<()> {
         self.restore_journalled_bytes()?;
         let mut restored = 0;
-        for entry in std::fs::read_dir(self.staging.dir())? {
+        let dir = self.staging.shared_dir();
+        let mut sidecars = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             let name = entry.file_name();
+            if let Some(ino) = name.to_str().and_then(super::holes::sidecar_ino) {
+                sidecars.push(ino); // read with its copy
+                continue;
+            }
             // Only the names `StagingArea::path` gives (a staged file's path is computed from
             // its inode number, so "012" would not be found again as 12).
             let Some(ino) = name
@@ -147,8 +153,20 @@ impl Core {
                 let _ = std::fs::remove_file(entry.path());
                 continue;
             };
-            let st = Staged::open(ino, self.staging.shared_dir(), false, &self.cfg)?;
-            if self.meta.pending(ino)?.is_some() {
+            let pending = self.meta.pending(ino)?.is_some();
+            let holes = super::holes::read_sidecar(&dir, ino, self.cfg.part_size)?;
+            if holes.is_some() && !pending {
+                // Nothing of it to upload: S3 has every byte, and the next write fetches its
+                // parts again.
+                let _ = std::fs::remove_file(entry.path());
+                super::holes::remove_sidecar(&dir, ino);
+                continue;
+            }
+            let st = Staged::open(ino, dir.clone(), false, &self.cfg)?;
+            if let Some((base, missing)) = holes {
+                st.set_holes(&base, missing);
+            }
+            if pending {
                 // Whatever is staged may be newer than S3: upload it again.
                 st.changed();
                 if st.mtime() < inode.mtime {
@@ -159,6 +177,12 @@ impl Core {
             }
             self.staging.insert(Arc::new(st));
             restored += 1;
+        }
+        // A sidecar outlives its copy only by a crash between their removals.
+        for ino in sidecars {
+            if self.staged(ino).is_none() {
+                super::holes::remove_sidecar(&dir, ino);
+            }
         }
         if restored > 0 {
             tracing::info!(restored, "restored staged files");

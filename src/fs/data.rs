@@ -23,6 +23,14 @@ impl Volume {
         }
         loop {
             let st = self.stage(ino, false).await?;
+            // Holes the write touches are filled first; a write past the end also fills the
+            // old last part, which the file's growth takes out of the base's range.
+            let end = offset.saturating_add(data.len() as u64);
+            let from = if end > st.size() { offset.min(st.size().saturating_sub(1)) } else { offset };
+            match self.fill(&st, from..end).await {
+                Err(_) if st.is_retired() => continue, // dropped under us: look again
+                r => r?,
+            }
             {
                 let _r = st.lock.read().await;
                 if st.is_retired() {
@@ -62,6 +70,11 @@ impl Volume {
         let mut replaced = 0;
         loop {
             if let Some(st) = self.staged(ino) {
+                let end = offset.saturating_add(count as u64);
+                match self.fill(&st, offset..end).await {
+                    Err(_) if st.is_retired() => continue, // dropped under us: look again
+                    r => r?,
+                }
                 if !st.is_retired() {
                     let (data, eof) = st.read_at(offset, count)?;
                     return Ok((data.into(), eof));

@@ -32,6 +32,7 @@ pub mod defer;
 pub mod durable;
 mod freshness;
 mod handles;
+mod holes;
 mod ledger;
 pub mod links;
 mod listing;
@@ -261,6 +262,9 @@ pub struct VolumeConfig {
     /// request slots (32), so a client that sends many to a cold file stalls its other requests
     /// on that connection until the wait ends.
     pub stage_wait: Duration,
+    /// Files from this size on are staged with holes for a write: only the parts read or
+    /// written are fetched (see `holes.rs`). Smaller ones are fetched whole.
+    pub sparse_from: u64,
     /// Staged bytes not yet in S3 past which writes are told to retry later.
     pub max_dirty_bytes: u64,
     /// Staged copies kept once S3 has their bytes (each holds a file descriptor and disk space).
@@ -309,6 +313,7 @@ impl VolumeConfig {
             read_ahead: if one_cpu { 2 } else { 8 },
             cache_bytes: 48 << 20,
             stage_wait: Duration::from_secs(10),
+            sparse_from: 64 << 20,
             max_dirty_bytes: 16 << 30,
             max_staged_files: 4096,
             max_staged_clean_bytes: 1 << 30,

@@ -2,7 +2,9 @@
 //! files, and files recently uploaded, until evicted). A WRITE is a `pwrite` into it, so once the
 //! reply is sent the bytes are in the kernel and survive a crash of the gateway.
 //!
-//! A staged file is always a complete copy of the file: its length is the file's size.
+//! A staged copy's length is the file's size. It holds every byte of the file, except for a
+//! large file brought in for a write: that copy may have holes, parts not fetched yet whose
+//! bytes only its base object holds (see `holes.rs`).
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -102,6 +104,8 @@ pub struct Staged {
     /// The object in S3 these bytes came from or went to, for a file of a part or more (boxed,
     /// as `multipart`).
     base: Mutex<Option<Box<Base>>>,
+    /// Held while holes are filled, so that two fills of one part do not both fetch it.
+    pub fill_lock: tokio::sync::Mutex<()>,
     /// Held while the multipart upload is started or restarted, so concurrent passes share one.
     pub multipart_init: tokio::sync::Mutex<()>,
     /// Written since the last fsync (see `Volume::sync_local`).
@@ -122,6 +126,9 @@ struct Base {
     remote: Remote,
     /// Parts written since (numbered as the multipart upload numbers them).
     written: BTreeSet<i32>,
+    /// Parts not in the staged copy at all: holes, whose bytes only `remote` holds. Never
+    /// written (a write fills its parts first); the copy's sidecar file lists them.
+    missing: BTreeSet<i32>,
 }
 
 impl Staged {
@@ -158,6 +165,7 @@ impl Staged {
             committed_gen: AtomicU64::new(u64::MAX),
             completed_gen: AtomicU64::new(u64::MAX),
             base: Mutex::new(None),
+            fill_lock: tokio::sync::Mutex::new(()),
             content_dirty: AtomicBool::new(false),
             pending_marked: AtomicBool::new(false),
             gone: AtomicBool::new(false),
@@ -266,8 +274,78 @@ impl Staged {
             Box::new(Base {
                 remote: remote.clone(),
                 written: BTreeSet::new(),
+                missing: BTreeSet::new(),
             })
         });
+    }
+
+    /// The copy is `remote`'s bytes but for the parts in `missing`, holes that its sidecar file
+    /// lists already. Every part present counts as written: after a restart the gateway cannot
+    /// tell which of them a client changed, so they are all sent, and only holes are copied.
+    pub fn set_holes(&self, remote: &Remote, missing: BTreeSet<i32>) {
+        let parts = remote.size.div_ceil(self.part_size) as i32;
+        let written = (1..=parts).filter(|p| !missing.contains(p)).collect();
+        *self.base.locked() = Some(Box::new(Base {
+            remote: remote.clone(),
+            written,
+            missing,
+        }));
+    }
+
+    /// The holes among the parts that bytes `range` touch, and the object that holds them.
+    pub fn holes_in(&self, range: std::ops::Range<u64>) -> Option<(Remote, Vec<i32>)> {
+        let base = self.base.locked();
+        let b = base.as_ref().filter(|b| !b.missing.is_empty())?;
+        if range.is_empty() {
+            return None;
+        }
+        let first = (range.start / self.part_size) as i32 + 1;
+        let last = ((range.end - 1) / self.part_size) as i32 + 1;
+        let holes: Vec<i32> = b.missing.range(first..=last).copied().collect();
+        (!holes.is_empty()).then(|| (b.remote.clone(), holes))
+    }
+
+    pub fn has_holes(&self) -> bool {
+        self.base.locked().as_ref().is_some_and(|b| !b.missing.is_empty())
+    }
+
+    pub fn is_hole(&self, part: i32) -> bool {
+        self.base.locked().as_ref().is_some_and(|b| b.missing.contains(&part))
+    }
+
+    pub fn part_size(&self) -> u64 {
+        self.part_size
+    }
+
+    /// Writes bytes of a hole being filled: they are the base's, so nothing changes for the
+    /// file (no new generation, nothing dirty). The caller holds `lock` shared.
+    pub fn fill_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file()?.write_all_at(data, offset)
+    }
+
+    /// Part `part` was filled: once its bytes are on disk, the sidecar stops listing it (a
+    /// crash in between fetches it again, which is harmless, since nothing was written into it:
+    /// writers wait for the fill). The caller holds `lock` shared and `fill_lock`.
+    pub fn filled(&self, part: i32) -> std::io::Result<()> {
+        self.file()?.sync_data()?;
+        let mut base = self.base.locked();
+        let Some(b) = base.as_mut() else { return Ok(()) };
+        if !b.missing.remove(&part) {
+            return Ok(()); // the holes were discarded meanwhile (copy dropped or truncated)
+        }
+        super::holes::write_sidecar(&self.dir, self.ino, &b.remote, &b.missing, self.part_size)
+    }
+
+    /// Forgets the holes (the copy is dropped, or truncated after the holes it keeps were
+    /// filled) and removes the sidecar, under the same lock as [`Staged::filled`] writes it: a
+    /// fill ending late cannot bring the sidecar back.
+    pub fn discard_holes(&self) {
+        let mut base = self.base.locked();
+        // The sidecar exists exactly while holes do.
+        if let Some(b) = base.as_mut().filter(|b| !b.missing.is_empty()) {
+            b.missing.clear();
+            super::holes::remove_sidecar(&self.dir, self.ino);
+        }
     }
 
     /// The object and version to copy part `part` (bytes `range` of the file) from, when S3
@@ -288,9 +366,16 @@ impl Staged {
         }
     }
 
-    /// The base object is gone or was replaced: parts are sent from the staged copy.
-    pub fn drop_base(&self) {
-        *self.base.locked() = None;
+    /// The base object is gone or was replaced: parts are sent from the staged copy. Refused
+    /// (false) while the copy has holes: their bytes are nowhere else, and sending the holes
+    /// would upload zeros (see `Core::holes_lost`).
+    pub fn drop_base(&self) -> bool {
+        let mut base = self.base.locked();
+        if base.as_ref().is_some_and(|b| !b.missing.is_empty()) {
+            return false;
+        }
+        *base = None;
+        true
     }
 
     /// A multipart upload of the bytes as of generation `gen` was completed.
@@ -365,8 +450,11 @@ impl Staged {
         Ok(())
     }
 
-    /// Sets the length. The caller holds `lock` exclusively.
+    /// Sets the length. The caller holds `lock` exclusively, and filled the holes below `len`
+    /// (those beyond are cut off).
     pub fn set_len(&self, len: u64) -> std::io::Result<()> {
+        debug_assert!(self.holes_in(0..len).is_none(), "truncating a copy with holes below its new end");
+        self.discard_holes();
         self.file()?.set_len(len)?;
         self.size.store(len, Ordering::Release);
         self.drop_base();
@@ -516,6 +604,13 @@ impl Core {
                 return Err(FsError::Invalid("not a regular file".into()));
             }
             let fetched = inode.remote.clone().filter(|_| !empty);
+            if let Some(r) = fetched.as_ref().filter(|r| r.size >= self.cfg.sparse_from) {
+                // Large: its parts come when something reads or writes them (see `holes.rs`).
+                let st = self.stage_with_holes(ino, r)?;
+                *st.mtime.locked() = inode.mtime;
+                self.staging.insert(st.clone());
+                return Ok(st);
+            }
             let tmp = self.staging.download_path(ino);
             match self.download(&tmp, fetched.as_ref()).await {
                 Ok(()) => {}
@@ -540,6 +635,8 @@ impl Core {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(FsError::Stale);
             };
+            // A whole copy: no sidecar may say otherwise at a restart.
+            super::holes::remove_sidecar(self.staging.dir(), ino);
             std::fs::rename(&tmp, self.staging.path(ino))?;
             let st = Arc::new(Staged::open(ino, self.staging.shared_dir(), false, &self.cfg)?);
             *st.mtime.locked() = inode.mtime;

@@ -126,10 +126,11 @@ impl super::Uploader {
 
     /// One part of a multipart upload: copied server-side from the object that holds its bytes
     /// already (see `Staged::copy_source`), else sent from the staged copy. A copy refused
-    /// because that object is gone or was replaced sends the part instead.
+    /// because that object is gone or was replaced sends the part instead, unless the part is a
+    /// hole in the copy (see `holes.rs`): then the copy is lost.
     async fn send_part(
         &self,
-        st: &Staged,
+        st: &Arc<Staged>,
         key: &str,
         upload_id: &str,
         p: i32,
@@ -141,9 +142,23 @@ impl super::Uploader {
                 .upload_part_copy(key, upload_id, p, &src, &etag, range.clone())
                 .await
             {
-                Err(crate::store::StoreError::NotFound(_)) => st.drop_base(),
+                Err(crate::store::StoreError::NotFound(m)) => {
+                    if !st.drop_base() {
+                        if let Some((base, _)) = st.holes_in(range.clone()) {
+                            self.holes_lost(st, &base).await;
+                        }
+                        return Err(crate::store::StoreError::NotFound(m));
+                    }
+                }
                 r => return r,
             }
+        }
+        if st.is_hole(p) {
+            // Its bytes are not in the copy, and no copy from the base fits (never the case: a
+            // write past the end fills the old last part). Never send the hole's zeros.
+            return Err(crate::store::StoreError::Io(format!(
+                "part {p} of {key} is a hole in the staged copy, and cannot be copied from its base"
+            )));
         }
         let body = Body::File {
             path: st.path(),

@@ -107,7 +107,12 @@ impl super::Uploader {
                     .await
                     .map(Some),
                 Kind::File => match self.staged(ino) {
-                    Some(st) if st.is_dirty() => self.upload_staged(&st, &inode, &key, &meta).await,
+                    Some(st) if st.is_dirty() => match self.upload_staged(&st, &inode, &key, &meta).await {
+                        // Dropped meanwhile (its holes lost, see `holes.rs`): the next round
+                        // looks again.
+                        Err(_) if st.is_retired() => Ok(None),
+                        r => r,
+                    },
                     _ => match &inode.remote {
                         Some(r) => {
                             let _k = self.key_lock(&key).await;
@@ -117,9 +122,14 @@ impl super::Uploader {
                             ) {
                                 (Some(moved), st) => {
                                     // A clean staged copy's unchanged parts come from the new
-                                    // key now.
+                                    // key now. One with holes is never re-pointed (its sidecar
+                                    // names the old key): it goes, and S3 has every byte.
                                     if let Some(st) = st {
-                                        st.move_base(r, &moved.remote);
+                                        if st.has_holes() {
+                                            self.drop_staged(ino);
+                                        } else {
+                                            st.move_base(r, &moved.remote);
+                                        }
                                     }
                                     Ok(Some(moved))
                                 }
@@ -127,7 +137,10 @@ impl super::Uploader {
                                 // its bytes, and they go up from there.
                                 (None, Some(st)) => {
                                     drop(_k);
-                                    st.drop_base();
+                                    if !st.drop_base() {
+                                        // Only the deleted object held the holes' bytes.
+                                        return Err(self.holes_lost(&st, r).await);
+                                    }
                                     st.changed();
                                     self.upload_staged(&st, &inode, &key, &meta).await
                                 }
@@ -253,14 +266,24 @@ impl super::Uploader {
             if m == writer {
                 continue;
             }
-            let needs_bytes = match self.meta.inode(m)? {
-                Some(i) => i.kind == Kind::File && i.remote.as_ref().is_some_and(|r| r.key == key),
-                None => false,
-            };
-            if needs_bytes {
+            let needs_bytes = loop {
+                let needs = match self.meta.inode(m)? {
+                    Some(i) => i.kind == Kind::File && i.remote.as_ref().is_some_and(|r| r.key == key),
+                    None => false,
+                };
+                if !needs {
+                    break false;
+                }
                 let st = self.stage(m, false).await?;
+                // Whole: holes would be copied from `key`, which is about to hold other bytes.
+                match self.fill(&st, 0..st.size()).await {
+                    // Dropped meanwhile (the mover's own sync moved its object): look again.
+                    Err(_) if st.is_retired() => continue,
+                    r => r?,
+                }
                 st.changed();
-            }
+                break true;
+            };
             let mut b = Batch::new();
             b.moved_from(key, m);
             if needs_bytes {
@@ -340,6 +363,7 @@ impl super::Uploader {
             return Ok(self.meta.commit(b)?);
         };
         let mut clean = self.meta.pending(ino)? == Some(seq);
+        let mut drop_holed = false;
         if let Some(s) = synced {
             if let Some(old) = &inode.remote {
                 if old.key != s.remote.key {
@@ -352,7 +376,13 @@ impl super::Uploader {
                 if st.uploaded(gen) {
                     inode.size = s.remote.size;
                     inode.mtime = st.mtime();
-                    st.set_base(&s.remote);
+                    if st.has_holes() {
+                        // Never re-pointed (see `holes.rs`): S3 has every byte now, and the
+                        // copy goes once this is recorded.
+                        drop_holed = true;
+                    } else {
+                        st.set_base(&s.remote);
+                    }
                 } else {
                     clean = false;
                 }
@@ -374,6 +404,9 @@ impl super::Uploader {
             }
         }
         self.meta.commit(b)?;
+        if drop_holed {
+            self.drop_staged(ino);
+        }
         drop(_g);
         drop(_w);
         // Small files count against the byte bound too, but only a large one becoming clean
