@@ -668,7 +668,10 @@ async fn a_write_to_a_cold_large_file_fetches_only_the_part_it_touches() {
     want[12 * MIB..12 * MIB + 10].copy_from_slice(b"0123456789");
     assert_eq!(faults.calls(Op::Get), 5, "GETs of 1 MiB for a write into part 3");
     vol.flush_all().await.unwrap();
-    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want, "the object after the upload");
+    assert!(
+        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
+        "the object after the upload"
+    );
     assert_eq!(
         (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy)),
         (1, 5),
@@ -682,7 +685,10 @@ async fn a_write_to_a_cold_large_file_fetches_only_the_part_it_touches() {
     want.truncate(want.len() - 3);
     want.extend_from_slice(b"end");
     assert_eq!(faults.calls(Op::Get), 3, "only the last part fetched");
-    assert!(read_all(&vol, ino, want.len()).await == want, "read back while it has holes");
+    assert!(
+        read_all(&vol, ino, want.len()).await == want,
+        "read back while it has holes"
+    );
     assert_eq!(faults.calls(Op::Get), 28, "each MiB fetched once");
     vol.flush_all().await.unwrap();
     assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want);
@@ -711,10 +717,16 @@ async fn a_copy_with_holes_survives_a_restart_with_its_write() {
     let (faulty, faults) = FaultyStore::new(s3.clone());
     let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let vol = open_with_holes(state.path(), &store).await;
-    assert!(read_all(&vol, ino, want.len()).await == want, "read back after the restart");
+    assert!(
+        read_all(&vol, ino, want.len()).await == want,
+        "read back after the restart"
+    );
     assert_eq!(faults.calls(Op::Get), 23, "the holes fetched, the part present not");
     vol.flush_all().await.unwrap();
-    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want, "the object after the restart");
+    assert!(
+        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
+        "the object after the restart"
+    );
     assert_eq!(
         (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy)),
         (1, 5),
@@ -739,7 +751,10 @@ async fn a_copy_with_holes_truncated_or_extended_keeps_its_bytes() {
     vol.setattr(&ROOT, ino, attr).await.unwrap();
     want.truncate(12 * MIB);
     vol.flush_all().await.unwrap();
-    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want, "after the truncation");
+    assert!(
+        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
+        "after the truncation"
+    );
 
     // Another gateway (its copy cold) writes past the end of a new copy with holes, beyond the
     // old last part (10-15 MiB), which then reaches past the object and cannot be copied: it
@@ -752,7 +767,10 @@ async fn a_copy_with_holes_truncated_or_extended_keeps_its_bytes() {
     want.resize(17 * MIB, 0);
     want.extend_from_slice(b"tail");
     vol.flush_all().await.unwrap();
-    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want, "after the write past the end");
+    assert!(
+        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
+        "after the write past the end"
+    );
 }
 
 /// Another S3 client replaces the object while the gateway's copy of it has holes: the copy
@@ -774,7 +792,10 @@ async fn a_copy_with_holes_whose_object_is_replaced_gives_way_whole() {
             && s3.head("cold").await.unwrap().unwrap().size == theirs.len() as u64,
         "the other client's version is not what S3 holds"
     );
-    assert!(read_all(&vol, ino, theirs.len() + 1).await == theirs, "the file reads as their version");
+    assert!(
+        read_all(&vol, ino, theirs.len() + 1).await == theirs,
+        "the file reads as their version"
+    );
 
     // Later writes land on their version.
     let mut want = theirs;
@@ -803,8 +824,14 @@ async fn large_cold_files_that_swap_names_keep_their_bytes() {
     vol.rename(&ROOT, root, b"b", root, b"a").await.unwrap();
     vol.rename(&ROOT, root, b"t", root, b"b").await.unwrap();
     vol.flush_all().await.unwrap();
-    assert!(s3.get_range("a", 0..b.len() as u64).await.unwrap() == b, "a holds b's bytes");
-    assert!(s3.get_range("b", 0..a.len() as u64).await.unwrap() == a, "b holds a's bytes");
+    assert!(
+        s3.get_range("a", 0..b.len() as u64).await.unwrap() == b,
+        "a holds b's bytes"
+    );
+    assert!(
+        s3.get_range("b", 0..a.len() as u64).await.unwrap() == a,
+        "b holds a's bytes"
+    );
     assert_eq!(s3.head("a").await.unwrap().unwrap().size, b.len() as u64);
     assert_eq!(s3.head("b").await.unwrap().unwrap().size, a.len() as u64);
 }

@@ -26,7 +26,11 @@ impl Volume {
             // Holes the write touches are filled first; a write past the end also fills the
             // old last part, which the file's growth takes out of the base's range.
             let end = offset.saturating_add(data.len() as u64);
-            let from = if end > st.size() { offset.min(st.size().saturating_sub(1)) } else { offset };
+            let from = if end > st.size() {
+                offset.min(st.size().saturating_sub(1))
+            } else {
+                offset
+            };
             match self.fill(&st, from..end).await {
                 Err(_) if st.is_retired() => continue, // dropped under us: look again
                 r => r?,

@@ -68,6 +68,11 @@ pub(crate) fn write_sidecar(
     f.write_all(text.as_bytes())?;
     f.sync_data()?;
     std::fs::rename(&tmp, sidecar_path(dir, ino))?;
+    sync_dir(dir)
+}
+
+/// Makes renames in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -95,9 +100,7 @@ pub(crate) fn read_sidecar(dir: &Path, ino: Ino, part_size: u64) -> std::io::Res
     let size = next("no size")?.parse::<u64>().map_err(|_| bad("bad size"))?;
     let ps = next("no part size")?.parse::<u64>().map_err(|_| bad("bad part size"))?;
     if ps != part_size {
-        return Err(bad(&format!(
-            "parts of {ps} bytes, and this gateway's are {part_size}"
-        )));
+        return Err(bad(&format!("parts of {ps} bytes, and this gateway's are {part_size}")));
     }
     let missing = next("no parts")?
         .split(' ')
@@ -115,10 +118,15 @@ impl Core {
         let parts = base.size.div_ceil(self.cfg.part_size) as i32;
         let missing: BTreeSet<i32> = (1..=parts).collect();
         let tmp = self.staging.download_path(ino);
-        std::fs::File::create(&tmp)?.set_len(base.size)?;
+        // Its length durable before it is in place: a copy restored shorter would be uploaded
+        // shorter, its holes past the end forgotten.
+        let f = std::fs::File::create(&tmp)?;
+        f.set_len(base.size)?;
+        f.sync_all()?;
         let dir = self.staging.shared_dir();
         write_sidecar(&dir, ino, base, &missing, self.cfg.part_size)?;
         std::fs::rename(&tmp, self.staging.path(ino))?;
+        sync_dir(&dir)?;
         let st = Staged::open(ino, dir, false, &self.cfg)?;
         st.set_holes(base, missing);
         Ok(Arc::new(st))

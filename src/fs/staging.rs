@@ -453,7 +453,10 @@ impl Staged {
     /// Sets the length. The caller holds `lock` exclusively, and filled the holes below `len`
     /// (those beyond are cut off).
     pub fn set_len(&self, len: u64) -> std::io::Result<()> {
-        debug_assert!(self.holes_in(0..len).is_none(), "truncating a copy with holes below its new end");
+        debug_assert!(
+            self.holes_in(0..len).is_none(),
+            "truncating a copy with holes below its new end"
+        );
         self.discard_holes();
         self.file()?.set_len(len)?;
         self.size.store(len, Ordering::Release);

@@ -184,6 +184,11 @@ impl super::Uploader {
     ) -> FsResult<()> {
         // Start (or restart, if the file moved) the multipart upload.
         let init = st.multipart_init.lock().await;
+        if st.is_retired() {
+            // Dropped (removed, or its holes lost, see `holes.rs`): an upload started now would
+            // never be completed. A streaming pass just stops; an upload looks again.
+            return if all { Err(FsError::Stale) } else { Ok(()) };
+        }
         let existing = st
             .multipart
             .locked()
