@@ -71,8 +71,10 @@ impl StagingArea {
     pub fn drop_file(&self, ino: Ino) {
         if let Some(st) = self.files.locked().remove(&ino) {
             st.retire();
-            st.discard_holes();
+            // The copy before its list of holes: a crash in between leaves the list alone,
+            // which a restart removes, never the copy without it (taken for whole).
             let _ = std::fs::remove_file(st.path());
+            st.discard_holes();
         }
     }
 

@@ -386,25 +386,28 @@ impl Volume {
                 return Err(FsError::Invalid("size of a symlink or special file".into()));
             }
             perm::check_io(cred, &inode, perm::W)?;
-            let st = loop {
+            loop {
                 let st = self.stage(ino, size == 0).await?;
                 // A truncated copy keeps no holes: every part is sent at its upload.
                 match self.fill(&st, 0..size.min(st.size())).await {
                     Err(_) if st.is_retired() => continue, // dropped under us: look again
                     r => r?,
                 }
-                break st;
-            };
-            let _w = st.lock.write().await;
-            if st.size() != size {
-                let growth = size.saturating_sub(st.size());
-                self.usage.check_growth(growth).map_err(FsError::NoSpace)?;
-                st.set_len(size)?;
-                self.usage.grew(growth);
-                if growth == 0 {
-                    self.usage.changed();
+                let _w = st.lock.write().await;
+                if st.is_retired() {
+                    continue; // dropped (uploaded and evicted, say) while we waited: look again
                 }
-                self.note_unsynced(&st);
+                if st.size() != size {
+                    let growth = size.saturating_sub(st.size());
+                    self.usage.check_growth(growth).map_err(FsError::NoSpace)?;
+                    st.set_len(size)?;
+                    self.usage.grew(growth);
+                    if growth == 0 {
+                        self.usage.changed();
+                    }
+                    self.note_unsynced(&st);
+                }
+                break;
             }
         }
         let _g = self.ns.lock().await;

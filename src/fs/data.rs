@@ -42,7 +42,13 @@ impl Volume {
                 }
                 let growth = offset.saturating_add(data.len() as u64).saturating_sub(st.size());
                 self.usage.check_growth(growth).map_err(FsError::NoSpace)?;
-                st.write_at(offset, data)?;
+                match st.write_at(offset, data) {
+                    Err(_) if st.is_retired() => continue, // dropped under us: look again
+                    r => r?,
+                }
+                if st.is_retired() {
+                    continue; // dropped while written: the bytes went with it; again on the new copy
+                }
                 self.usage.grew(growth);
             }
             self.note_unsynced(&st);
@@ -80,8 +86,13 @@ impl Volume {
                     r => r?,
                 }
                 if !st.is_retired() {
-                    let (data, eof) = st.read_at(offset, count)?;
-                    return Ok((data.into(), eof));
+                    match st.read_at(offset, count) {
+                        Err(_) if st.is_retired() => continue, // dropped under us: look again
+                        r => {
+                            let (data, eof) = r?;
+                            return Ok((data.into(), eof));
+                        }
+                    }
                 }
             }
             let inode = self.inode(ino)?;

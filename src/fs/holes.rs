@@ -12,11 +12,13 @@
 //! so a part is never written while it is still listed: a crash at any point leaves holes that
 //! are the base's bytes and parts that are the copy's.
 //!
-//! A copy with holes is never re-pointed at another object: once its changes are in S3 (or
-//! its base moves), it is dropped, and the next write fetches its parts from the new object.
-//! Should another S3 client replace or delete the base while the copy has holes, the copy can
-//! never be completed: the other client's version stands, and the gateway's changes to the
-//! file since its copy was made are lost (see [`Core::holes_lost`]).
+//! When the gateway itself replaces or moves the base (an upload of the copy completes, a
+//! rename or an attribute change is copied server-side), the new object holds the holes' bytes
+//! at the same offsets: the sidecar names it, durably, before the old object can go, and no
+//! fill reads meanwhile (`Staged::move_base`, under `fill_lock`). Should another S3 client
+//! replace or delete the base while the copy has holes, the copy can never be completed: the
+//! other client's version stands, and the gateway's changes to the file since its copy was
+//! made are lost (see [`Core::holes_lost`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -140,42 +142,63 @@ impl Core {
             return Ok(());
         }
         let _f = st.fill_lock.lock().await;
-        let Some((base, holes)) = st.holes_in(range) else {
+        let Some((_, holes)) = st.holes_in(range) else {
             return Ok(()); // filled while we waited
         };
         let part = st.part_size();
         for p in holes {
-            let _r = st.lock.read().await;
-            if st.is_retired() {
-                return Err(FsError::Stale);
-            }
-            if !st.is_hole(p) {
-                continue;
-            }
             let start = (p as u64 - 1) * part;
-            let end = (start + part).min(base.size);
-            let mut off = start;
-            while off < end {
-                let to = (off + self.cfg.read_chunk).min(end);
-                match super::versions::read_version(&*self.store, &base, off..to).await {
-                    Ok(bytes) if bytes.len() as u64 == to - off => st.fill_at(off, &bytes)?,
-                    Ok(bytes) => {
-                        return Err(FsError::Io(format!(
-                            "{} answered {} bytes for bytes {off}..{to} of its version {}",
-                            base.key,
-                            bytes.len(),
-                            base.etag
-                        )))
-                    }
+            // Once more should the base be re-pointed meanwhile (a move or an upload of the
+            // copy's own), bounded.
+            let mut moved = 0;
+            loop {
+                let _r = st.lock.read().await;
+                if st.is_retired() {
+                    return Err(FsError::Stale);
+                }
+                let Some((base, _)) = st.holes_in(start..start + 1) else {
+                    break; // not a hole any more
+                };
+                match self.fill_part(st, &base, start..(start + part).min(base.size)).await {
                     Err(StoreError::NotFound(_)) => {
+                        let now = st.holes_in(start..start + 1).map(|(b, _)| b);
+                        if now.as_ref().is_some_and(|b| *b != base) && moved < 3 {
+                            moved += 1;
+                            continue;
+                        }
                         drop(_r);
                         return Err(self.holes_lost(st, &base).await);
                     }
-                    Err(e) => return Err(e.into()),
+                    r => r.map_err(FsError::from)?,
                 }
-                off = to;
+                st.filled(p)?;
+                break;
             }
-            st.filled(p)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes `range` of `base` written into `st`, a chunk at a time.
+    async fn fill_part(
+        &self,
+        st: &Staged,
+        base: &Remote,
+        range: std::ops::Range<u64>,
+    ) -> crate::store::StoreResult<()> {
+        let mut off = range.start;
+        while off < range.end {
+            let to = (off + self.cfg.read_chunk).min(range.end);
+            let bytes = super::versions::read_version(&*self.store, base, off..to).await?;
+            if bytes.len() as u64 != to - off {
+                return Err(StoreError::Io(format!(
+                    "{} answered {} bytes for bytes {off}..{to} of its version {}",
+                    base.key,
+                    bytes.len(),
+                    base.etag
+                )));
+            }
+            st.fill_at(off, &bytes).map_err(|e| StoreError::Io(e.to_string()))?;
+            off = to;
         }
         Ok(())
     }

@@ -270,7 +270,17 @@ impl Staged {
     /// holds `lock` exclusively, or no writer can have the file yet. Kept only for a file of a
     /// part or more: a smaller one is sent whole in one PUT.
     pub fn set_base(&self, remote: &Remote) {
-        *self.base.locked() = (remote.size >= self.part_size).then(|| {
+        let mut base = self.base.locked();
+        if let Some(b) = base.as_mut().filter(|b| !b.missing.is_empty()) {
+            // A copy with holes keeps them, and the base its sidecar names (`move_base`
+            // re-pointed it at `remote` when the upload completed): the parts written before
+            // are in `remote` too.
+            if b.remote == *remote {
+                b.written.clear();
+            }
+            return;
+        }
+        *base = (remote.size >= self.part_size).then(|| {
             Box::new(Base {
                 remote: remote.clone(),
                 written: BTreeSet::new(),
@@ -282,7 +292,10 @@ impl Staged {
     /// The copy is `remote`'s bytes but for the parts in `missing`, holes that its sidecar file
     /// lists already. Every part present counts as written: after a restart the gateway cannot
     /// tell which of them a client changed, so they are all sent, and only holes are copied.
-    pub fn set_holes(&self, remote: &Remote, missing: BTreeSet<i32>) {
+    pub fn set_holes(&self, remote: &Remote, mut missing: BTreeSet<i32>) {
+        // A copy cut short keeps no holes past its end (a crash may have left them listed).
+        let len = self.size();
+        missing.retain(|p| (*p as u64 - 1) * self.part_size < len);
         let parts = remote.size.div_ceil(self.part_size) as i32;
         let written = (1..=parts).filter(|p| !missing.contains(p)).collect();
         *self.base.locked() = Some(Box::new(Base {
@@ -329,11 +342,16 @@ impl Staged {
     pub fn filled(&self, part: i32) -> std::io::Result<()> {
         self.file()?.sync_data()?;
         let mut base = self.base.locked();
-        let Some(b) = base.as_mut() else { return Ok(()) };
-        if !b.missing.remove(&part) {
+        let Some(b) = base.as_mut().filter(|b| b.missing.contains(&part)) else {
             return Ok(()); // the holes were discarded meanwhile (copy dropped or truncated)
-        }
-        super::holes::write_sidecar(&self.dir, self.ino, &b.remote, &b.missing, self.part_size)
+        };
+        // The sidecar first: should it fail (a full disk), the part stays a hole everywhere,
+        // and no writer is let into it.
+        let mut missing = b.missing.clone();
+        missing.remove(&part);
+        super::holes::write_sidecar(&self.dir, self.ino, &b.remote, &missing, self.part_size)?;
+        b.missing = missing;
+        Ok(())
     }
 
     /// Forgets the holes (the copy is dropped, or truncated after the holes it keeps were
@@ -358,12 +376,22 @@ impl Staged {
             .then(|| (b.remote.key.clone(), b.remote.etag.clone()))
     }
 
-    /// The base object `from` was copied server-side to `to` (the file moved): the parts not
-    /// written since come from there now, since the old key is deleted once the move is done.
-    pub fn move_base(&self, from: &Remote, to: &Remote) {
-        if let Some(b) = self.base.locked().as_mut().filter(|b| b.remote == *from) {
-            b.remote = to.clone();
+    /// `to` holds the base's bytes at the same offsets, for every part not written since: an
+    /// object the gateway made from it (a server-side move of the base, or a completed upload
+    /// whose unwritten parts were copied from it). Those parts, holes included, come from `to`
+    /// now, since the old object is deleted or replaced. A copy with holes says so in its
+    /// sidecar first, durably. Only when the base is `from` (`None`: whatever it is); the
+    /// caller holds `fill_lock`, so that no fill reads the old object meanwhile.
+    pub fn move_base(&self, from: Option<&Remote>, to: &Remote) -> std::io::Result<()> {
+        let mut base = self.base.locked();
+        let Some(b) = base.as_mut().filter(|b| from.is_none_or(|f| b.remote == *f)) else {
+            return Ok(());
+        };
+        if !b.missing.is_empty() {
+            super::holes::write_sidecar(&self.dir, self.ino, to, &b.missing, self.part_size)?;
         }
+        b.remote = to.clone();
+        Ok(())
     }
 
     /// The base object is gone or was replaced: parts are sent from the staged copy. Refused
@@ -418,6 +446,10 @@ impl Staged {
         if let Some(f) = &*fd {
             return Ok(f.clone());
         }
+        if self.is_retired() {
+            // Its path may be another copy's by now.
+            return Err(std::io::Error::other("the staged copy was dropped"));
+        }
         let create = !self.on_disk.load(Ordering::Acquire);
         let f = Arc::new(
             std::fs::OpenOptions::new()
@@ -457,8 +489,14 @@ impl Staged {
             self.holes_in(0..len).is_none(),
             "truncating a copy with holes below its new end"
         );
-        self.discard_holes();
-        self.file()?.set_len(len)?;
+        let f = self.file()?;
+        f.set_len(len)?;
+        if self.has_holes() {
+            // Cut before the list of holes goes: a crash in between leaves holes listed past
+            // the end (cut off at the restart), never a copy at its old length without them.
+            f.sync_data()?;
+            self.discard_holes();
+        }
         self.size.store(len, Ordering::Release);
         self.drop_base();
         // Shrinking invalidates the part layout; growing changes the last part. Start over.
@@ -607,7 +645,10 @@ impl Core {
                 return Err(FsError::Invalid("not a regular file".into()));
             }
             let fetched = inode.remote.clone().filter(|_| !empty);
-            if let Some(r) = fetched.as_ref().filter(|r| r.size >= self.cfg.sparse_from) {
+            // Holes need a version to fill them from and copy them from (an object listed
+            // without an ETag is fetched whole), and parts: a file under one is sent whole.
+            let sparse_from = self.cfg.sparse_from.max(self.cfg.part_size);
+            if let Some(r) = fetched.as_ref().filter(|r| r.size >= sparse_from && !r.etag.is_empty()) {
                 // Large: its parts come when something reads or writes them (see `holes.rs`).
                 let st = self.stage_with_holes(ino, r)?;
                 *st.mtime.locked() = inode.mtime;

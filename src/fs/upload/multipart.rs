@@ -77,6 +77,8 @@ impl super::Uploader {
                 m.completing = true;
             }
             drop(w);
+            // No fill reads the base between its replacement by this upload and `move_base`.
+            let _f = st.fill_lock.lock().await;
             let completed = {
                 let _k = self.key_lock(&mkey).await;
                 self.store.complete_multipart(&mkey, &upload_id, &parts).await
@@ -116,10 +118,11 @@ impl super::Uploader {
             let mut b = Batch::new();
             b.clear_upload(st.ino);
             self.meta.commit(b)?;
-            return Ok(Some(Synced {
-                remote: Remote { key: mkey, etag, size },
-                gen: Some(gen),
-            }));
+            let remote = Remote { key: mkey, etag, size };
+            // The new object replaced the base (or is about to, after a move): what was copied
+            // from the base comes from it now, written to meanwhile or not.
+            st.move_base(None, &remote)?;
+            return Ok(Some(Synced { remote, gen: Some(gen) }));
         }
         Ok(None)
     }
@@ -143,11 +146,12 @@ impl super::Uploader {
                 .await
             {
                 Err(crate::store::StoreError::NotFound(m)) => {
+                    // Kept while the copy has holes; a part that is not one is sent from here.
                     if !st.drop_base() {
-                        if let Some((base, _)) = st.holes_in(range.clone()) {
+                        if let Some((base, _)) = st.holes_in(range.clone()).filter(|_| st.is_hole(p)) {
                             self.holes_lost(st, &base).await;
+                            return Err(crate::store::StoreError::NotFound(m));
                         }
-                        return Err(crate::store::StoreError::NotFound(m));
                     }
                 }
                 r => return r,

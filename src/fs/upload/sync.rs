@@ -96,6 +96,9 @@ impl super::Uploader {
         let _writing = self.ledger.writing_guard(&key);
         let span = tracing::info_span!("sync_inode", ino, key = %key);
         crate::telemetry::link_causes(&span, self.volume_id(), ino, true);
+        // The staged copy an upload was made from: `record` judges that one, not a copy made
+        // since.
+        let mut sent_from: Option<Arc<Staged>> = None;
         let synced = async {
             match inode.kind {
                 Kind::Dir | Kind::Fifo | Kind::Socket | Kind::CharDev(_) | Kind::BlockDev(_) => {
@@ -107,28 +110,36 @@ impl super::Uploader {
                     .await
                     .map(Some),
                 Kind::File => match self.staged(ino) {
-                    Some(st) if st.is_dirty() => match self.upload_staged(&st, &inode, &key, &meta).await {
-                        // Dropped meanwhile (its holes lost, see `holes.rs`): the next round
-                        // looks again.
-                        Err(_) if st.is_retired() => Ok(None),
-                        r => r,
-                    },
-                    _ => match &inode.remote {
+                    Some(st) if st.is_dirty() => {
+                        sent_from = Some(st.clone());
+                        match self.upload_staged(&st, &inode, &key, &meta).await {
+                            // Dropped meanwhile (its holes lost, see `holes.rs`): the next round
+                            // looks again.
+                            Err(_) if st.is_retired() => Ok(None),
+                            r => r,
+                        }
+                    }
+                    before => match &inode.remote {
                         Some(r) => {
                             let _k = self.key_lock(&key).await;
+                            // No fill of the staged copy reads the object while the copy
+                            // replaces it (onto itself) or until `move_base`.
+                            let _f = match &before {
+                                Some(st) => Some(st.fill_lock.lock().await),
+                                None => None,
+                            };
                             match (
                                 self.copy_known_version(ino, r.clone(), &key, &meta).await?,
                                 self.staged(ino),
                             ) {
                                 (Some(moved), st) => {
-                                    // A clean staged copy's unchanged parts come from the new
-                                    // key now. One with holes is never re-pointed (its sidecar
-                                    // names the old key): it goes, and S3 has every byte.
+                                    // A staged copy's unchanged parts (holes included) come
+                                    // from the new object now, if they came from the version
+                                    // copied (the inode's until `record`).
                                     if let Some(st) = st {
-                                        if st.has_holes() {
-                                            self.drop_staged(ino);
-                                        } else {
-                                            st.move_base(r, &moved.remote);
+                                        let copied = self.meta.inode(ino)?.and_then(|i| i.remote);
+                                        if let Some(src) = copied {
+                                            st.move_base(Some(&src), &moved.remote)?;
                                         }
                                     }
                                     Ok(Some(moved))
@@ -176,7 +187,9 @@ impl super::Uploader {
                 self.delete_key(&old.key, Some(ino)).await?;
             }
         }
-        let st = self.staged(ino);
+        let st = self
+            .staged(ino)
+            .filter(|cur| sent_from.as_ref().is_none_or(|s| Arc::ptr_eq(s, cur)));
         self.record(ino, seq, Some(synced), st).await
     }
 
@@ -363,7 +376,6 @@ impl super::Uploader {
             return Ok(self.meta.commit(b)?);
         };
         let mut clean = self.meta.pending(ino)? == Some(seq);
-        let mut drop_holed = false;
         if let Some(s) = synced {
             if let Some(old) = &inode.remote {
                 if old.key != s.remote.key {
@@ -376,13 +388,7 @@ impl super::Uploader {
                 if st.uploaded(gen) {
                     inode.size = s.remote.size;
                     inode.mtime = st.mtime();
-                    if st.has_holes() {
-                        // Never re-pointed (see `holes.rs`): S3 has every byte now, and the
-                        // copy goes once this is recorded.
-                        drop_holed = true;
-                    } else {
-                        st.set_base(&s.remote);
-                    }
+                    st.set_base(&s.remote);
                 } else {
                     clean = false;
                 }
@@ -404,9 +410,6 @@ impl super::Uploader {
             }
         }
         self.meta.commit(b)?;
-        if drop_holed {
-            self.drop_staged(ino);
-        }
         drop(_g);
         drop(_w);
         // Small files count against the byte bound too, but only a large one becoming clean
