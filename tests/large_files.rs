@@ -742,28 +742,43 @@ async fn a_copy_with_holes_truncated_or_extended_keeps_its_bytes() {
     let (s3, _bucket) = common::gateway::garage_store().await;
     let s3: Arc<dyn ObjectStore> = s3;
     let state = tempfile::tempdir().unwrap();
-    let (vol, _faults, ino, mut want) = cold_file_with_holes(&s3, state.path()).await;
+    let (vol, faults, ino, mut want) = cold_file_with_holes(&s3, state.path()).await;
+    let counts = |what: &str| {
+        let c = (
+            faults.calls(Op::Get),
+            faults.calls(Op::UploadPart),
+            faults.calls(Op::UploadPartCopy),
+        );
+        faults.reset_counts();
+        eprintln!("{what}: {c:?} (MiB fetched, parts sent, parts copied)");
+        c
+    };
 
-    // Cut to 12 MiB, in the middle of part 3.
-    let attr = SetAttr {
+    // Cut to 12 MiB, in the middle of part 3: that part is fetched and sent, the two below it
+    // copied.
+    let cut = SetAttr {
         size: Some(12 * MIB as u64),
         ..Default::default()
     };
-    vol.setattr(&ROOT, ino, attr).await.unwrap();
+    vol.setattr(&ROOT, ino, cut).await.unwrap();
     want.truncate(12 * MIB);
     vol.flush_all().await.unwrap();
     assert!(
         s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
         "after the truncation"
     );
+    assert_eq!(counts("cut"), (5, 1, 2));
 
     // Another gateway (its copy cold) writes past the end of a new copy with holes, beyond the
-    // old last part (10-15 MiB), which then reaches past the object and cannot be copied: it
+    // old last part (10-12 MiB), which then reaches past the object and cannot be copied: it
     // keeps its bytes.
     drop(vol);
+    let (faulty, faults) = FaultyStore::new(s3.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let state = tempfile::tempdir().unwrap();
-    let vol = open_with_holes(state.path(), &s3).await;
+    let vol = open_with_holes(state.path(), &store).await;
     let ino = vol.lookup(&ROOT, vol.root(), b"cold").await.unwrap();
+    faults.reset_counts();
     vol.write(&ROOT, ino, 17 * MIB as u64, b"tail").await.unwrap();
     want.resize(17 * MIB, 0);
     want.extend_from_slice(b"tail");
@@ -771,6 +786,41 @@ async fn a_copy_with_holes_truncated_or_extended_keeps_its_bytes() {
     assert!(
         s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
         "after the write past the end"
+    );
+    let (fetched, sent, copied) = (
+        faults.calls(Op::Get),
+        faults.calls(Op::UploadPart),
+        faults.calls(Op::UploadPartCopy),
+    );
+    faults.reset_counts();
+    assert_eq!((fetched, sent, copied), (2, 2, 2), "written past the end");
+
+    // And a third, with a copy of its own, grows it by SETATTR: the old last part is fetched
+    // and sent, and so are the new ones (zeros); the parts below are copied.
+    drop(vol);
+    let state = tempfile::tempdir().unwrap();
+    let vol = open_with_holes(state.path(), &store).await;
+    let ino = vol.lookup(&ROOT, vol.root(), b"cold").await.unwrap();
+    faults.reset_counts();
+    let grow = SetAttr {
+        size: Some(30 * MIB as u64),
+        ..Default::default()
+    };
+    vol.setattr(&ROOT, ino, grow).await.unwrap();
+    want.resize(30 * MIB, 0);
+    vol.flush_all().await.unwrap();
+    assert!(
+        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
+        "after growing"
+    );
+    assert_eq!(
+        (
+            faults.calls(Op::Get),
+            faults.calls(Op::UploadPart),
+            faults.calls(Op::UploadPartCopy)
+        ),
+        (3, 3, 3),
+        "grown"
     );
 }
 

@@ -388,14 +388,18 @@ impl Volume {
             perm::check_io(cred, &inode, perm::W)?;
             loop {
                 let st = self.stage(ino, size == 0).await?;
-                // A truncated copy keeps no holes: every part is sent at its upload.
-                match self.fill(&st, 0..size.min(st.size())).await {
+                // The part cut or extended changes, and must be whole first; the others stay
+                // holes or copies of the base.
+                match self.fill(&st, st.boundary(size).unwrap_or(0..0)).await {
                     Err(_) if st.is_retired() => continue, // dropped under us: look again
                     r => r?,
                 }
                 let _w = st.lock.write().await;
                 if st.is_retired() {
                     continue; // dropped (uploaded and evicted, say) while we waited: look again
+                }
+                if st.boundary(size).is_some_and(|r| st.holes_in(r).is_some()) {
+                    continue; // written past the end meanwhile: another part to fill
                 }
                 if st.size() != size {
                     let growth = size.saturating_sub(st.size());

@@ -305,6 +305,16 @@ impl Staged {
         }));
     }
 
+    /// The bytes of the part that a change of the length to `len` cuts or extends: the one
+    /// holding the last byte kept. `None` when nothing is kept.
+    pub fn boundary(&self, len: u64) -> Option<std::ops::Range<u64>> {
+        let kept = len.min(self.size());
+        (kept > 0).then(|| {
+            let start = (kept - 1) / self.part_size * self.part_size;
+            start..start + self.part_size
+        })
+    }
+
     /// The holes among the parts that bytes `range` touch, and the object that holds them.
     pub fn holes_in(&self, range: std::ops::Range<u64>) -> Option<(Remote, Vec<i32>)> {
         let base = self.base.locked();
@@ -482,23 +492,39 @@ impl Staged {
         Ok(())
     }
 
-    /// Sets the length. The caller holds `lock` exclusively, and filled the holes below `len`
-    /// (those beyond are cut off).
+    /// Sets the length. The caller holds `lock` exclusively, and filled the boundary part (the
+    /// one holding the last byte the file keeps, see [`Staged::boundary`]): that part changes
+    /// and is sent at the next upload; the parts below it do not, and stay copies of the base
+    /// (holes included); those past the new end are cut off.
     pub fn set_len(&self, len: u64) -> std::io::Result<()> {
-        debug_assert!(
-            self.holes_in(0..len).is_none(),
-            "truncating a copy with holes below its new end"
-        );
+        let boundary = self.boundary(len);
+        if boundary.clone().is_some_and(|r| self.holes_in(r).is_some()) {
+            // Marked written, the hole's zeros would be sent.
+            return Err(std::io::Error::other("the part a truncation cuts is not filled"));
+        }
         let f = self.file()?;
         f.set_len(len)?;
-        if self.has_holes() {
-            // Cut before the list of holes goes: a crash in between leaves holes listed past
-            // the end (cut off at the restart), never a copy at its old length without them.
-            f.sync_data()?;
-            self.discard_holes();
+        {
+            let mut base = self.base.locked();
+            if let Some(b) = base.as_mut() {
+                let keep = boundary.map_or(0, |r| (r.start / self.part_size) as i32 + 1);
+                if b.missing.range(keep..).next().is_some() {
+                    // Cut before the list of holes changes: a crash in between leaves holes
+                    // listed past the end (cut off at the restart), never a copy at its old
+                    // length without them.
+                    f.sync_data()?;
+                    let missing: BTreeSet<i32> = b.missing.range(..keep).copied().collect();
+                    super::holes::write_sidecar(&self.dir, self.ino, &b.remote, &missing, self.part_size)?;
+                    b.missing = missing;
+                }
+                if keep == 0 {
+                    *base = None;
+                } else {
+                    b.written.insert(keep);
+                }
+            }
         }
         self.size.store(len, Ordering::Release);
-        self.drop_base();
         // Shrinking invalidates the part layout; growing changes the last part. Start over.
         if let Some(m) = self.multipart.locked().as_mut() {
             m.done.clear();
