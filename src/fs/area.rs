@@ -107,10 +107,10 @@ impl StagingArea {
             (clean, by_count)
         };
         clean.sort_by_key(|c| c.0);
-        let mut bytes: u64 = clean.iter().map(|c| c.1.size()).sum();
+        let mut bytes: u64 = clean.iter().map(|c| c.1.present_bytes()).sum();
         let mut n = 0;
         while n < clean.len() && (n < by_count || (by_bytes && bytes > max_bytes)) {
-            bytes = bytes.saturating_sub(clean[n].1.size());
+            bytes = bytes.saturating_sub(clean[n].1.present_bytes());
             n += 1;
         }
         clean.truncate(n);
@@ -124,7 +124,7 @@ impl StagingArea {
             .locked()
             .values()
             .filter(|st| st.is_dirty())
-            .map(|st| st.size())
+            .map(|st| st.present_bytes())
             .sum()
     }
 

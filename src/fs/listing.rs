@@ -282,6 +282,13 @@ impl Volume {
             if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
                 return Ok(());
             }
+            // A hard link's name waits for its file's upload, which marks it pending again
+            // when done (see `sync_link`): until then S3 has no object for it.
+            if let Kind::Link(file) = inode.kind {
+                if self.meta.pending(file)?.is_some() {
+                    return Ok(());
+                }
+            }
             if inode.kind == Kind::Dir && self.subtree_has_pending(ino)? {
                 return Ok(());
             }
@@ -355,8 +362,11 @@ impl Volume {
                 if self.meta.pending(ino)?.is_some() {
                     return Ok(true);
                 }
-                if self.meta.inode(ino)?.is_some_and(|i| i.kind == Kind::Dir) {
-                    stack.push(ino);
+                match self.meta.inode(ino)?.map(|i| i.kind) {
+                    Some(Kind::Dir) => stack.push(ino),
+                    // A hard link's name waits for its file (see `apply_page`).
+                    Some(Kind::Link(file)) if self.meta.pending(file)?.is_some() => return Ok(true),
+                    _ => {}
                 }
             }
         }

@@ -26,6 +26,8 @@ use crate::sync::LockExt;
 pub struct Multipart {
     pub key: String,
     pub upload_id: String,
+    /// The metadata the upload was created with, which the object gets at its completion.
+    pub meta: crate::store::UserMeta,
     /// Uploaded parts: number → (ETag, length). A part is only here while its bytes are
     /// unchanged since they were read for upload (writes remove the parts they touch); the length
     /// tells whether a part uploaded short, as the last one, still fits the file's size.
@@ -129,6 +131,9 @@ struct Base {
     /// Parts not in the staged copy at all: holes, whose bytes only `remote` holds. Never
     /// written (a write fills its parts first); the copy's sidecar file lists them.
     missing: BTreeSet<i32>,
+    /// How many of `remote`'s first bytes are still the file's: a truncation cuts the rest,
+    /// and what the file grows into there afterwards is not `remote`'s.
+    kept: u64,
 }
 
 impl Staged {
@@ -285,6 +290,7 @@ impl Staged {
                 remote: remote.clone(),
                 written: BTreeSet::new(),
                 missing: BTreeSet::new(),
+                kept: remote.size,
             })
         });
     }
@@ -302,6 +308,9 @@ impl Staged {
             remote: remote.clone(),
             written,
             missing,
+            // Only holes are copied (every part present counts as written), and the list of
+            // holes was cut with the file.
+            kept: remote.size,
         }));
     }
 
@@ -326,6 +335,22 @@ impl Staged {
         let last = ((range.end - 1) / self.part_size) as i32 + 1;
         let holes: Vec<i32> = b.missing.range(first..=last).copied().collect();
         (!holes.is_empty()).then(|| (b.remote.clone(), holes))
+    }
+
+    /// Bytes of the copy on the staging disk: its length less its holes. What the bounds on
+    /// dirty and kept copies count (a 4 KiB write into a cold 10 GiB file is one part there).
+    pub fn present_bytes(&self) -> u64 {
+        let size = self.size();
+        let holes: u64 = self.base.locked().as_ref().map_or(0, |b| {
+            b.missing
+                .iter()
+                .map(|p| {
+                    let start = (*p as u64 - 1) * self.part_size;
+                    (start + self.part_size).min(size).saturating_sub(start)
+                })
+                .sum()
+        });
+        size.saturating_sub(holes)
     }
 
     pub fn has_holes(&self) -> bool {
@@ -382,8 +407,7 @@ impl Staged {
     pub fn copy_source(&self, part: i32, range: &std::ops::Range<u64>) -> Option<(String, String)> {
         let base = self.base.locked();
         let b = base.as_ref()?;
-        (range.end <= b.remote.size && !b.written.contains(&part))
-            .then(|| (b.remote.key.clone(), b.remote.etag.clone()))
+        (range.end <= b.kept && !b.written.contains(&part)).then(|| (b.remote.key.clone(), b.remote.etag.clone()))
     }
 
     /// `to` holds the base's bytes at the same offsets, for every part not written since: an
@@ -401,6 +425,7 @@ impl Staged {
             super::holes::write_sidecar(&self.dir, self.ino, to, &b.missing, self.part_size)?;
         }
         b.remote = to.clone();
+        b.kept = b.kept.min(to.size);
         Ok(())
     }
 
@@ -521,6 +546,7 @@ impl Staged {
                     *base = None;
                 } else {
                     b.written.insert(keep);
+                    b.kept = b.kept.min(len);
                 }
             }
         }

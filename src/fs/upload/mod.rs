@@ -432,7 +432,7 @@ impl Uploader {
                 let st = self.staged(ino);
                 if let Some(st) = &st {
                     if st.is_dirty() {
-                        dirty += st.size();
+                        dirty += st.present_bytes();
                         let idle = st.idle_at(now);
                         if !force && (idle < self.due_after(st) || self.streaming.locked().contains(&ino)) {
                             continue;

@@ -197,9 +197,11 @@ impl super::Uploader {
             .multipart
             .locked()
             .as_ref()
-            .map(|m| (m.key.clone(), m.upload_id.clone()));
-        if let Some((k, id)) = &existing {
-            if k != key && all {
+            .map(|m| (m.key.clone(), m.upload_id.clone(), m.meta == *meta));
+        if let Some((k, id, same_meta)) = &existing {
+            // Moved, or its attributes changed (a chmod while it streamed): the object must
+            // get the new ones, which only a new upload can give it.
+            if (k != key || !same_meta) && all {
                 let _ = self.store.abort_multipart(k, id).await;
                 *st.multipart.locked() = None;
             }
@@ -215,6 +217,7 @@ impl super::Uploader {
             *st.multipart.locked() = Some(Box::new(Multipart {
                 key: key.to_string(),
                 upload_id: id,
+                meta: meta.clone(),
                 ..Default::default()
             }));
         }
