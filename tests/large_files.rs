@@ -44,6 +44,17 @@ async fn put_object(s3: &dyn ObjectStore, key: &str, bytes: Vec<u8>) {
         .unwrap();
 }
 
+/// Multipart parts sent (UploadPart) and copied server-side (UploadPartCopy) so far.
+fn sent_and_copied(faults: &Faults) -> (u64, u64) {
+    (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy))
+}
+
+/// GETs so far, then [`sent_and_copied`].
+fn fetched_sent_copied(faults: &Faults) -> (u64, u64, u64) {
+    let (sent, copied) = sent_and_copied(faults);
+    (faults.calls(Op::Get), sent, copied)
+}
+
 async fn object(store: &Arc<dyn ObjectStore>, key: &str) -> Vec<u8> {
     let size = store.head(key).await.unwrap().expect("object exists").size;
     store.get_range(key, 0..size).await.unwrap().to_vec()
@@ -365,7 +376,7 @@ async fn a_large_file_changed_in_place_sends_only_the_parts_it_changed() {
     let (faulty, faults) = FaultyStore::new(s3.clone());
     let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let sent = |what: &str| {
-        let counts = (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy));
+        let counts = sent_and_copied(&faults);
         faults.reset_counts();
         eprintln!("{what}: {counts:?} (parts sent, parts copied)");
         counts
@@ -668,15 +679,8 @@ async fn a_write_to_a_cold_large_file_fetches_only_the_part_it_touches() {
     want[12 * MIB..12 * MIB + 10].copy_from_slice(b"0123456789");
     assert_eq!(faults.calls(Op::Get), 5, "GETs of 1 MiB for a write into part 3");
     vol.flush_all().await.unwrap();
-    assert!(
-        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
-        "the object after the upload"
-    );
-    assert_eq!(
-        (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy)),
-        (1, 5),
-        "parts sent and parts copied"
-    );
+    assert!(object(&s3, "cold").await == want, "the object after the upload");
+    assert_eq!(sent_and_copied(&faults), (1, 5), "parts sent and parts copied");
 
     // Written again: the copy keeps its holes, which the upload re-pointed at the new object
     // (the old version is gone); the last part (3 MiB) comes from there. A read of the whole
@@ -692,9 +696,9 @@ async fn a_write_to_a_cold_large_file_fetches_only_the_part_it_touches() {
     );
     assert_eq!(faults.calls(Op::Get), 23, "each MiB of the holes fetched once");
     vol.flush_all().await.unwrap();
-    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want);
+    assert!(object(&s3, "cold").await == want);
     assert_eq!(
-        (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy)),
+        sent_and_copied(&faults),
         (1, 5),
         "parts filled by reads are copied, not sent"
     );
@@ -724,12 +728,9 @@ async fn a_copy_with_holes_survives_a_restart_with_its_write() {
     );
     assert_eq!(faults.calls(Op::Get), 23, "the holes fetched, the part present not");
     vol.flush_all().await.unwrap();
-    assert!(
-        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
-        "the object after the restart"
-    );
+    assert!(object(&s3, "cold").await == want, "the object after the restart");
     assert_eq!(
-        (faults.calls(Op::UploadPart), faults.calls(Op::UploadPartCopy)),
+        sent_and_copied(&faults),
         (1, 5),
         "the part present at the restart sent, the others copied"
     );
@@ -744,11 +745,7 @@ async fn a_copy_with_holes_truncated_or_extended_keeps_its_bytes() {
     let state = tempfile::tempdir().unwrap();
     let (vol, faults, ino, mut want) = cold_file_with_holes(&s3, state.path()).await;
     let counts = |what: &str| {
-        let c = (
-            faults.calls(Op::Get),
-            faults.calls(Op::UploadPart),
-            faults.calls(Op::UploadPartCopy),
-        );
+        let c = fetched_sent_copied(&faults);
         faults.reset_counts();
         eprintln!("{what}: {c:?} (MiB fetched, parts sent, parts copied)");
         c
@@ -763,10 +760,7 @@ async fn a_copy_with_holes_truncated_or_extended_keeps_its_bytes() {
     vol.setattr(&ROOT, ino, cut).await.unwrap();
     want.truncate(12 * MIB);
     vol.flush_all().await.unwrap();
-    assert!(
-        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
-        "after the truncation"
-    );
+    assert!(object(&s3, "cold").await == want, "after the truncation");
     assert_eq!(counts("cut"), (5, 1, 2));
 
     // Another gateway (its copy cold) writes past the end of a new copy with holes, beyond the
@@ -783,15 +777,8 @@ async fn a_copy_with_holes_truncated_or_extended_keeps_its_bytes() {
     want.resize(17 * MIB, 0);
     want.extend_from_slice(b"tail");
     vol.flush_all().await.unwrap();
-    assert!(
-        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
-        "after the write past the end"
-    );
-    let (fetched, sent, copied) = (
-        faults.calls(Op::Get),
-        faults.calls(Op::UploadPart),
-        faults.calls(Op::UploadPartCopy),
-    );
+    assert!(object(&s3, "cold").await == want, "after the write past the end");
+    let (fetched, sent, copied) = fetched_sent_copied(&faults);
     faults.reset_counts();
     assert_eq!((fetched, sent, copied), (2, 2, 2), "written past the end");
 
@@ -809,19 +796,8 @@ async fn a_copy_with_holes_truncated_or_extended_keeps_its_bytes() {
     vol.setattr(&ROOT, ino, grow).await.unwrap();
     want.resize(30 * MIB, 0);
     vol.flush_all().await.unwrap();
-    assert!(
-        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
-        "after growing"
-    );
-    assert_eq!(
-        (
-            faults.calls(Op::Get),
-            faults.calls(Op::UploadPart),
-            faults.calls(Op::UploadPartCopy)
-        ),
-        (3, 3, 3),
-        "grown"
-    );
+    assert!(object(&s3, "cold").await == want, "after growing");
+    assert_eq!(fetched_sent_copied(&faults), (3, 3, 3), "grown");
 }
 
 /// Another S3 client replaces the object while the gateway's copy of it has holes: the copy
@@ -839,8 +815,7 @@ async fn a_copy_with_holes_whose_object_is_replaced_gives_way_whole() {
     replace_now(&bucket, "cold", theirs.clone());
     vol.flush_all().await.unwrap();
     assert!(
-        s3.get_range("cold", 0..theirs.len() as u64).await.unwrap() == theirs
-            && s3.head("cold").await.unwrap().unwrap().size == theirs.len() as u64,
+        object(&s3, "cold").await == theirs,
         "the other client's version is not what S3 holds"
     );
     assert!(
@@ -853,7 +828,7 @@ async fn a_copy_with_holes_whose_object_is_replaced_gives_way_whole() {
     vol.write(&ROOT, ino, 1, b"x").await.unwrap();
     want[1] = b'x';
     vol.flush_all().await.unwrap();
-    assert!(s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want);
+    assert!(object(&s3, "cold").await == want);
 }
 
 /// Two large cold files swap names: each one's bytes must be brought in whole before the other
@@ -875,14 +850,8 @@ async fn large_cold_files_that_swap_names_keep_their_bytes() {
     vol.rename(&ROOT, root, b"b", root, b"a").await.unwrap();
     vol.rename(&ROOT, root, b"t", root, b"b").await.unwrap();
     vol.flush_all().await.unwrap();
-    assert!(
-        s3.get_range("a", 0..b.len() as u64).await.unwrap() == b,
-        "a holds b's bytes"
-    );
-    assert!(
-        s3.get_range("b", 0..a.len() as u64).await.unwrap() == a,
-        "b holds a's bytes"
-    );
+    assert!(object(&s3, "a").await == b, "a holds b's bytes");
+    assert!(object(&s3, "b").await == a, "b holds a's bytes");
     assert_eq!(s3.head("a").await.unwrap().unwrap().size, b.len() as u64);
     assert_eq!(s3.head("b").await.unwrap().unwrap().size, a.len() as u64);
 }
@@ -921,9 +890,6 @@ async fn a_write_during_the_upload_of_a_copy_with_holes_is_kept() {
     vol.flush_all().await.unwrap();
     faults.clear_callback();
     want[13 * MIB..13 * MIB + 6].copy_from_slice(b"second");
-    assert!(
-        s3.get_range("cold", 0..want.len() as u64).await.unwrap() == want,
-        "the object lacks a write"
-    );
+    assert!(object(&s3, "cold").await == want, "the object lacks a write");
     assert!(read_all(&vol, ino, want.len()).await == want);
 }

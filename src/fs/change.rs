@@ -390,9 +390,8 @@ impl Volume {
                 let st = self.stage(ino, size == 0).await?;
                 // The part cut or extended changes, and must be whole first; the others stay
                 // holes or copies of the base.
-                match self.fill(&st, st.boundary(size).unwrap_or(0..0)).await {
-                    Err(_) if st.is_retired() => continue, // dropped under us: look again
-                    r => r?,
+                if !self.fill_unless_dropped(&st, st.boundary(size).unwrap_or(0..0)).await? {
+                    continue; // dropped under us: look again
                 }
                 let _w = st.lock.write().await;
                 if st.is_retired() {

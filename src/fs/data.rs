@@ -31,9 +31,8 @@ impl Volume {
             } else {
                 offset
             };
-            match self.fill(&st, from..end).await {
-                Err(_) if st.is_retired() => continue, // dropped under us: look again
-                r => r?,
+            if !self.fill_unless_dropped(&st, from..end).await? {
+                continue; // dropped under us: look again
             }
             {
                 let _r = st.lock.read().await;
@@ -81,9 +80,8 @@ impl Volume {
         loop {
             if let Some(st) = self.staged(ino) {
                 let end = offset.saturating_add(count as u64);
-                match self.fill(&st, offset..end).await {
-                    Err(_) if st.is_retired() => continue, // dropped under us: look again
-                    r => r?,
+                if !self.fill_unless_dropped(&st, offset..end).await? {
+                    continue; // dropped under us: look again
                 }
                 if !st.is_retired() {
                     match st.read_at(offset, count) {

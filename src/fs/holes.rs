@@ -178,6 +178,15 @@ impl Core {
         Ok(())
     }
 
+    /// [`Core::fill`] for a caller that looks again when the copy is dropped meanwhile: false
+    /// then.
+    pub(crate) async fn fill_unless_dropped(&self, st: &Arc<Staged>, range: std::ops::Range<u64>) -> FsResult<bool> {
+        match self.fill(st, range).await {
+            Err(_) if st.is_retired() => Ok(false),
+            r => r.map(|()| true),
+        }
+    }
+
     /// Bytes `range` of `base` written into `st`, a chunk at a time.
     async fn fill_part(
         &self,

@@ -279,15 +279,8 @@ impl Volume {
             let Some(inode) = self.meta.inode(ino)? else {
                 return Ok(());
             };
-            if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
+            if self.waits_for_upload(&inode)? || inode.synced_epoch > epoch_before {
                 return Ok(());
-            }
-            // A hard link's name waits for its file's upload, which marks it pending again
-            // when done (see `sync_link`): until then S3 has no object for it.
-            if let Kind::Link(file) = inode.kind {
-                if self.meta.pending(file)?.is_some() {
-                    return Ok(());
-                }
             }
             if inode.kind == Kind::Dir && self.subtree_has_pending(ino)? {
                 return Ok(());
@@ -354,19 +347,35 @@ impl Volume {
         Ok(())
     }
 
+    /// Whether S3 may lack `inode`'s object because work on it is pending: its own, or for a
+    /// hard link's name its file's (the name's own work is done until the file's upload marks
+    /// it pending again, see `sync_link`).
+    fn waits_for_upload(&self, inode: &Inode) -> FsResult<bool> {
+        if self.meta.pending(inode.ino)?.is_some() {
+            return Ok(true);
+        }
+        Ok(match inode.kind {
+            Kind::Link(file) => self.meta.pending(file)?.is_some(),
+            _ => false,
+        })
+    }
+
     fn subtree_has_pending(&self, dir: Ino) -> FsResult<bool> {
         let mut stack = vec![dir];
         while let Some(d) = stack.pop() {
             for ino in self.meta.child_inos(d) {
                 let ino = ino?;
-                if self.meta.pending(ino)?.is_some() {
+                let Some(inode) = self.meta.inode(ino)? else {
+                    if self.meta.pending(ino)?.is_some() {
+                        return Ok(true);
+                    }
+                    continue;
+                };
+                if self.waits_for_upload(&inode)? {
                     return Ok(true);
                 }
-                match self.meta.inode(ino)?.map(|i| i.kind) {
-                    Some(Kind::Dir) => stack.push(ino),
-                    // A hard link's name waits for its file (see `apply_page`).
-                    Some(Kind::Link(file)) if self.meta.pending(file)?.is_some() => return Ok(true),
-                    _ => {}
+                if inode.kind == Kind::Dir {
+                    stack.push(ino);
                 }
             }
         }

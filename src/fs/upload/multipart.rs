@@ -148,7 +148,8 @@ impl super::Uploader {
                 Err(crate::store::StoreError::NotFound(m)) => {
                     // Kept while the copy has holes; a part that is not one is sent from here.
                     if !st.drop_base() {
-                        if let Some((base, _)) = st.holes_in(range.clone()).filter(|_| st.is_hole(p)) {
+                        // (The range is part `p`'s alone.)
+                        if let Some((base, _)) = st.holes_in(range.clone()) {
                             self.holes_lost(st, &base).await;
                             return Err(crate::store::StoreError::NotFound(m));
                         }

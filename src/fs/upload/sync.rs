@@ -289,10 +289,8 @@ impl super::Uploader {
                 }
                 let st = self.stage(m, false).await?;
                 // Whole: holes would be copied from `key`, which is about to hold other bytes.
-                match self.fill(&st, 0..st.size()).await {
-                    // Dropped meanwhile (the mover's own sync moved its object): look again.
-                    Err(_) if st.is_retired() => continue,
-                    r => r?,
+                if !self.fill_unless_dropped(&st, 0..st.size()).await? {
+                    continue; // dropped meanwhile (the mover's own sync moved its object)
                 }
                 st.changed();
                 break true;
