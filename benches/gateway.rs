@@ -23,7 +23,8 @@
 //!   (COMMIT) at the end, and small files each written and fsync'd, against the same on the
 //!   local disk (`std::fs` with `sync_all`) and against raw S3 PUTs.
 //!
-//! `S3NFS_BENCH_ONLY=durability` runs the last part alone; `S3NFS_BENCH_ONLY=large` runs only the
+//! `S3NFS_BENCH_ONLY=durability` runs the last part alone; `S3NFS_BENCH_ONLY=read` the cold read
+//! (three times, each beside its baseline); `S3NFS_BENCH_ONLY=large` runs only the
 //! large file, of `S3NFS_BENCH_LARGE_MB` (default 10240), with the peak disk use of the
 //! gateway's state directory beside its peak memory.
 //! Run: `cargo bench --bench gateway` (set `S3NFS_BENCH_QUICK=1` for a smaller, faster run).
@@ -327,6 +328,30 @@ async fn s3_ranged_get(store: &S3Store, key: &str, total: u64) {
         .await;
 }
 
+/// The time to read `key` through a gateway with a fresh state directory: nothing staged,
+/// nothing cached, every byte from S3.
+async fn cold_read(g: &garage::Garage, bucket: &str, key: &str, total: u64) -> Duration {
+    let gw = Gateway::start(g, &g.endpoint, bucket);
+    let mut c = connect(gw.port).await;
+    let fh = lookup(&mut c, key).await;
+    settle();
+    let t = Instant::now();
+    nfs_read(gw.port, &fh, total).await;
+    t.elapsed()
+}
+
+fn read_row(total: u64, nfs_get: Duration, base_get: Duration) -> (String, String, String) {
+    (
+        format!("cold sequential read {} MiB", total / MIB),
+        format!("{:.0} MiB/s", mbps(total, nfs_get)),
+        format!(
+            "{:.0} MiB/s ranged GETs: {:.2}x",
+            mbps(total, base_get),
+            base_get.as_secs_f64() / nfs_get.as_secs_f64()
+        ),
+    )
+}
+
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
 }
@@ -364,6 +389,21 @@ async fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(10240);
         large_file(&g, &bucket, &store, &template, mb * MIB, &mut rows).await;
+        print_rows(rows);
+        return;
+    }
+    if std::env::var("S3NFS_BENCH_ONLY").as_deref() == Ok("read") {
+        // The cold read alone, three times, each beside its own baseline: to compare read paths
+        // in minutes. The object is put directly, so the gateway has never held it.
+        s3_multipart_put(&store, "baseline.bin", total, &template).await;
+        for _ in 0..3 {
+            settle();
+            let t = Instant::now();
+            s3_ranged_get(&store, "baseline.bin", total).await;
+            let base_get = t.elapsed();
+            let nfs_get = cold_read(&g, &bucket, "baseline.bin", total).await;
+            rows.push(read_row(total, nfs_get, base_get));
+        }
         print_rows(rows);
         return;
     }
@@ -423,15 +463,7 @@ async fn main() {
     s3_multipart_put(&store, "baseline.bin", total, &template).await;
     let base_patch = t.elapsed();
 
-    // A fresh state directory: nothing staged, nothing cached; every byte comes from S3.
-    let gw = Gateway::start(&g, &g.endpoint, &bucket);
-    let mut c = connect(gw.port).await;
-    let fh = lookup(&mut c, "seq.bin").await;
-    settle();
-    let t = Instant::now();
-    nfs_read(gw.port, &fh, total).await;
-    let nfs_get = t.elapsed();
-    drop(gw);
+    let nfs_get = cold_read(&g, &bucket, "seq.bin", total).await;
 
     // 4 KiB written into the file by a gateway that never held it: only the part written comes
     // from S3. Against what a client that stores whole objects does: the whole file fetched
@@ -484,15 +516,7 @@ async fn main() {
             (base_get + base_patch).as_secs_f64() / cold_patch.as_secs_f64()
         ),
     ));
-    rows.push((
-        format!("cold sequential read {total_mb} MiB"),
-        format!("{:.0} MiB/s", mbps(total, nfs_get)),
-        format!(
-            "{:.0} MiB/s ranged GETs: {:.2}x",
-            mbps(total, base_get),
-            base_get.as_secs_f64() / nfs_get.as_secs_f64()
-        ),
-    ));
+    rows.push(read_row(total, nfs_get, base_get));
 
     // -- small files with a 20 ms S3 round trip --------------------------------------------
     let addr: std::net::SocketAddr = g.endpoint.trim_start_matches("http://").parse().unwrap();
