@@ -26,7 +26,6 @@
 mod area;
 mod bytes_in_journal;
 mod change;
-mod chunk;
 mod core;
 mod data;
 pub mod defer;
@@ -247,12 +246,11 @@ pub struct VolumeConfig {
     pub upload_concurrency: usize,
     /// Bytes per ranged GET of the read path.
     pub read_chunk: u64,
-    /// Chunks fetched ahead of a sequential reader, in GETs of up to two chunks (see
-    /// `read.rs`). 8 by default, 4 with one CPU (two GETs of 8 MiB): there each GET in flight
-    /// costs the S3 server more CPU when it runs on the node too (Garage in the benchmark guest
-    /// spent 1.9 s of CPU on a cold read of 256 MiB with 8 GETs of 4 MiB in flight, 1.45 s with
-    /// 2, and the read took 3.4-3.6 s against 2.9 s), and 16 MiB in flight still carry 320
-    /// MiB/s over 50 ms of round trip, more than one CPU serves over NFS.
+    /// Chunks fetched ahead of a sequential reader (in parallel GETs). 8 by default, 2 with one
+    /// CPU: there each GET in flight costs the S3 server more CPU when it runs on the node too
+    /// (Garage in the benchmark guest spent 1.9 s of CPU on a cold read of 256 MiB with 8 in
+    /// flight, 1.45 s with 2, and the read took 3.4-3.6 s against 2.9 s), and 8 MiB in flight
+    /// still carry 160 MiB/s over 50 ms of round trip, more than one CPU serves over NFS.
     pub read_ahead: usize,
     /// Memory for cached read chunks.
     pub cache_bytes: u64,
@@ -312,7 +310,7 @@ impl VolumeConfig {
             stream_while_busy: !one_cpu,
             upload_concurrency: 8,
             read_chunk: 4 << 20,
-            read_ahead: if one_cpu { 4 } else { 8 },
+            read_ahead: if one_cpu { 2 } else { 8 },
             cache_bytes: 48 << 20,
             stage_wait: Duration::from_secs(10),
             sparse_from: 64 << 20,

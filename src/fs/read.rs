@@ -12,14 +12,13 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tracing::Instrument;
 
-use super::chunk::{Chunk, Claim};
 use super::versions::read_version;
-use super::FsResult;
+use super::{FsError, FsResult};
 use crate::meta::{Ino, Remote};
 use crate::store::ObjectStore;
 use crate::sync::LockExt;
 
-type Cell = Arc<Chunk>;
+type Cell = Arc<tokio::sync::OnceCell<Bytes>>;
 
 /// Files whose sequential readers are tracked at once. Past it, the least recently read half is
 /// forgotten (those readers start again with a small read-ahead): the map stays bounded however
@@ -39,12 +38,6 @@ const SMALL_CACHE_OBJECTS: usize = 4096;
 /// same few buffers (see `store::pool`). One chunk of trail still serves READs the client sends
 /// out of order across a chunk boundary.
 const SEQUENTIAL_TRAIL: u64 = 1;
-
-/// Chunks a read-ahead GET covers at most: 8 MiB GETs, half as many requests as a GET per 4 MiB
-/// chunk. Not more: a GET's body stays in memory until the last of its chunks leaves the
-/// cache, and with 16 MiB GETs a cold read of 2 GiB peaked at 165 MiB of resident memory
-/// (`cargo bench --bench gateway`), against 84-90 MiB with 4 MiB ones.
-const CHUNKS_PER_GET: usize = 2;
 
 /// What a random reader's READ fetches at least (see [`ReadCache::read_exact_range`]).
 const RANDOM_GRAIN: u64 = 64 << 10;
@@ -226,48 +219,13 @@ impl ReadCache {
         let start = idx * chunk;
         let end = (start + chunk).min(remote.size);
         let span = tracing::info_span!("cache_fill", key = %remote.key, chunk = idx);
-        Ok(cell
-            .get_or_fetch(|| read_version(store, remote, start..end))
-            .instrument(span)
-            .await?)
-    }
-
-    /// One read-ahead GET for the consecutive chunks `claims` holds, from chunk `first`, each
-    /// filled with its slice of the body (no copy). If it fails, the claims go with it and the
-    /// READs that reach those chunks fetch them themselves.
-    fn fetch_ahead(
-        &self,
-        store: &Arc<dyn ObjectStore>,
-        remote: &Remote,
-        first: u64,
-        claims: Vec<Claim>,
-        tasks: &crate::tasks::Tasks,
-    ) {
-        if claims.is_empty() {
-            return;
-        }
-        let chunk = self.chunk;
-        let (store, remote) = (store.clone(), remote.clone());
-        tasks.spawn("read-ahead", async move {
-            let start = first * chunk;
-            let end = (start + claims.len() as u64 * chunk).min(remote.size);
-            let span = tracing::info_span!("cache_fill", key = %remote.key, chunk = first, chunks = claims.len());
-            // A body of another length is left to the READs (a chunk filled short would read as
-            // the end of the file).
-            let Ok(body) = read_version(&*store, &remote, start..end)
-                .instrument(span)
-                .await
-                .map_err(drop)
-                .and_then(|b| if b.len() as u64 == end - start { Ok(b) } else { Err(()) })
-            else {
-                return;
-            };
-            for (i, claim) in claims.into_iter().enumerate() {
-                let from = (i as u64 * chunk) as usize;
-                let to = ((i as u64 + 1) * chunk).min(body.len() as u64) as usize;
-                claim.fill(body.slice(from..to));
-            }
-        });
+        cell.get_or_try_init(|| async {
+            let b = read_version(store, remote, start..end).await?;
+            Ok::<_, FsError>(b)
+        })
+        .instrument(span)
+        .await
+        .cloned()
     }
 
     pub async fn read(
@@ -332,32 +290,21 @@ impl ReadCache {
         if jumping && first == last && !self.cached(ino, &remote.etag, first) {
             return Self::read_exact_range(&**store, remote, offset, end).await;
         }
-        // Read-ahead: the chunks of the window nobody holds yet, in GETs of up to
-        // [`CHUNKS_PER_GET`] (never more than half the window, so that at least two are in
-        // flight): fewer requests than a GET per chunk (S3 bills per request). The chunks at the
-        // window's far edge wait until they make a whole GET, unless they end the file.
-        let per_get = (window / 2).clamp(1, CHUNKS_PER_GET);
-        let final_chunk = (remote.size - 1) / self.chunk;
-        let edge = (last + window as u64).min(final_chunk);
-        let mut run: Vec<Claim> = Vec::new();
-        for idx in last + 1..=edge {
-            match self.cell(ino, &remote.etag, idx, false).claim() {
-                Some(claim) => run.push(claim),
-                // A run cut short by a chunk already here or on its way goes as it is.
-                None => self.fetch_ahead(store, remote, idx - run.len() as u64, std::mem::take(&mut run), tasks),
+        for idx in last + 1..=last + window as u64 {
+            if idx * self.chunk >= remote.size {
+                break;
             }
-            if run.len() == per_get || (idx == final_chunk && !run.is_empty()) {
-                self.fetch_ahead(
-                    store,
-                    remote,
-                    idx + 1 - run.len() as u64,
-                    std::mem::take(&mut run),
-                    tasks,
-                );
+            let cell = self.cell(ino, &remote.etag, idx, false);
+            if cell.initialized() {
+                continue;
             }
+            let store = store.clone();
+            let remote = remote.clone();
+            let chunk = self.chunk;
+            tasks.spawn("read-ahead", async move {
+                let _ = Self::fetch(&*store, &cell, &remote, idx, chunk).await;
+            });
         }
-        // What is left at the edge is released (dropped) to grow into a whole GET.
-        drop(run);
         let cells: Vec<_> = (first..=last)
             .map(|i| (i, self.cell(ino, &remote.etag, i, true)))
             .collect();
@@ -475,36 +422,6 @@ mod tests {
                 assert_eq!(kept, 1 + SEQUENTIAL_TRAIL, "the trail is not short");
             }
         }
-    }
-
-    /// A sequential reader's read-ahead goes in GETs of several chunks, not one per chunk, and
-    /// no chunk is fetched twice.
-    #[tokio::test]
-    async fn a_sequential_reader_fetches_ahead_in_gets_of_several_chunks() {
-        use crate::store::faulty::{FaultyStore, Op};
-        let chunk = 64u64 << 10;
-        let size = 64 * chunk;
-        let data: Vec<u8> = (0..size as u32).map(|i| (i % 251) as u8).collect();
-        let (_dir, inner, remote) = one_object(&data).await;
-        let (faulty, faults) = FaultyStore::new(inner);
-        let store: Arc<dyn ObjectStore> = Arc::new(faulty);
-        let cache = ReadCache::new(chunk, 2 * size, 8);
-        let tasks = crate::tasks::Tasks::new();
-        for off in (0..size).step_by(16 << 10) {
-            let (b, _) = cache.read(&store, 1, &remote, off, 16 << 10, &tasks).await.unwrap();
-            assert_eq!(&b[..], &data[off as usize..off as usize + (16 << 10)]);
-        }
-        // A GET per chunk is 64. With GETs of up to 2 chunks: chunks 0, 1 and 2 alone while
-        // the window grows, then 31 of 2 chunks at most.
-        let gets = faults.calls(Op::Get);
-        assert!(gets <= 34, "{gets} GETs for 64 chunks");
-        // Every chunk was fetched once: a second reader finds them all here.
-        faults.reset_counts();
-        for off in (0..size).step_by(chunk as usize) {
-            let (b, _) = cache.read(&store, 1, &remote, off, chunk as u32, &tasks).await.unwrap();
-            assert_eq!(&b[..], &data[off as usize..(off + chunk) as usize]);
-        }
-        assert_eq!(faults.calls(Op::Get), 0);
     }
 
     /// Every file ever read used to keep its reader's state for the volume's life.

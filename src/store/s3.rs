@@ -84,7 +84,7 @@ pub struct S3Store {
     sign_payloads: bool,
 }
 
-/// Body buffers kept for reuse per store: the read path's read-ahead window (four GETs of 8 MiB).
+/// Body buffers kept for reuse per store: the read path's read-ahead window of 4 MiB chunks.
 const KEPT_BODY_BYTES: usize = 32 << 20;
 
 impl fmt::Debug for S3Store {
