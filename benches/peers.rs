@@ -13,7 +13,7 @@
 //! `S3NFS_PEERS_S3NFS_ARGS` (extra `s3nfs serve` flags, to try settings),
 //! `S3NFS_PEERS_APPS=1` (applications instead: PostgreSQL's pgbench, Redis with its
 //! append-only file, git and cargo, or a list of some of `pg redis git cargo`, on "local s3nfs s3fs rclone", where local is the guest's own
-//! tmpfs; `S3NFS_PEERS_PG_SCALE` (10), `S3NFS_PEERS_PG_TX` (500 per client, 4 clients),
+//! tmpfs; `S3NFS_PEERS_PG_SCALE` (10), `S3NFS_PEERS_PG_SECONDS` (60: `pgbench -c 4 -T 60`),
 //! `S3NFS_PEERS_REDIS_N` (100000); `apt-get install postgresql redis-server git`),
 //! `S3NFS_PEERS_GARAGE_DB` (`lmdb`, Garage's default metadata engine; `sqlite`, which the tests
 //! use, costs Garage about 2.5x the CPU per small PUT in this guest). Prints a table and writes
@@ -257,8 +257,13 @@ run_apps() {
       kv ${s}_pg_init $(( $(now_ms) - t0 ))
       req $s pg_init
       t0=$(now_ms); c0=$(nfs_calls); k0=$(cpu_ticks)
-      as_pg $PGBIN/pgbench -h /tmp -c 4 -j 4 -t $PG_TX postgres >>/run/logs/pgbench-$s.log 2>&1 &&
-        kv ${s}_pgbench $(( $(now_ms) - t0 ))
+      # A fixed time, as users run it; the figure is its TPS as milliseconds per 1,000
+      # transactions, so that it compares like the other figures (lower is better).
+      as_pg $PGBIN/pgbench -h /tmp -c 4 -j 4 -T $PG_SECONDS postgres >/run/logs/pgbench-run-$s.log 2>&1 &&
+        tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' /run/logs/pgbench-run-$s.log | head -1) && [ -n "$tps" ] &&
+        kv ${s}_pgbench_tps "$tps" &&
+        kv ${s}_pgbench "$(python3 -c "print(round(1e6 / $tps, 1))")"
+      cat /run/logs/pgbench-run-$s.log >>/run/logs/pgbench-$s.log
       [ $s = s3nfs ] && kv ${s}_nfs_pgbench "$(nfs_delta "$c0"); gateway CPU $(( $(cpu_ticks) - k0 ))0 ms"
       req $s pgbench
       as_pg $PGBIN/pg_ctl -D $M/pg -w -t 3600 -m fast stop >/dev/null
@@ -399,7 +404,10 @@ const FIGURES: &[(&str, &str)] = &[
     ("fsync_small", "FSYNC files of 4 KiB, each fsync'd"),
     ("rand_4k", "random 4 KiB reads and writes, 4 MiB in BIG"),
     ("pg_init", "PostgreSQL: initdb, start, `pgbench -i -s PG_SCALE`"),
-    ("pgbench", "`pgbench -c 4 -t PG_TX` (TPC-B, PG_TOTAL transactions)"),
+    (
+        "pgbench",
+        "`pgbench -c 4 -T PG_SECONDS` (TPC-B): time per 1,000 transactions (1,000 / TPS)",
+    ),
     (
         "redis_set",
         "Redis, AOF fsync'd every second: `redis-benchmark -t set -n REDIS_N`",
@@ -443,7 +451,7 @@ fn main() {
         env("S3NFS_PEERS_SYSTEMS", "local s3nfs s3fs rclone")
     };
     let pg_scale: u64 = env("S3NFS_PEERS_PG_SCALE", "10").parse().unwrap();
-    let pg_tx: u64 = env("S3NFS_PEERS_PG_TX", "500").parse().unwrap();
+    let pg_seconds: u64 = env("S3NFS_PEERS_PG_SECONDS", "60").parse().unwrap();
     let redis_n: u64 = env("S3NFS_PEERS_REDIS_N", "100000").parse().unwrap();
     // The crate under test's repository, and the real cargo behind rustup's proxy (the guest
     // cannot write rustup's home).
@@ -457,7 +465,7 @@ fn main() {
     let script = format!(
         "RUNS={runs}\nBIG_MB={big_mb}\nSMALL={small}\nFSYNC={fsync}\nSYSTEMS='{systems}'\n\
          ONLY_SMALL='{only_small}'\nS3NFS_ARGS='{s3nfs_args}'\nGARAGE_DB='{garage_db}'\n\
-         APPS='{apps}'\nPG_SCALE={pg_scale}\nPG_TX={pg_tx}\nREDIS_N={redis_n}\nREPO={}\nCARGO={}\n{}{BODY}",
+         APPS='{apps}'\nPG_SCALE={pg_scale}\nPG_SECONDS={pg_seconds}\nREDIS_N={redis_n}\nREPO={}\nCARGO={}\n{}{BODY}",
         bed::sh_quote(&repo),
         bed::sh_quote(&bed::guest_path(&cargo)),
         prelude()
@@ -502,8 +510,7 @@ fn main() {
             .replace("FSYNC", &fsync.to_string())
             .replace("TREE", &tree.to_string())
             .replace("PG_SCALE", &pg_scale.to_string())
-            .replace("PG_TX", &pg_tx.to_string())
-            .replace("PG_TOTAL", &(4 * pg_tx).to_string())
+            .replace("PG_SECONDS", &pg_seconds.to_string())
             .replace("REDIS_N", &redis_n.to_string())
     };
     for (key, what) in FIGURES {
@@ -607,6 +614,12 @@ fn main() {
         }
     }
     table.push_str(&format!("\n{req_table}"));
+    // pgbench's own figure, beside the time per 1,000 transactions derived from it.
+    for s in &sys {
+        if let Some(tps) = med(&format!("{s}_pgbench_tps")) {
+            table.push_str(&format!("\npgbench TPS, {s}: {tps:.1}"));
+        }
+    }
     // An application that could not run on a system says why (the first lines of its error).
     for (k, v) in kvs(&out.console).filter(|(k, _)| k.ends_with("_error")) {
         table.push_str(&format!("\n{k}: {}", v.trim()));

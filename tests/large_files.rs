@@ -118,6 +118,85 @@ async fn streamed_multipart_upload_matches_the_file_after_rewrites_and_truncatio
     assert_eq!(object(&store, "big").await, want, "object after a restart mid-upload");
 }
 
+/// A staged copy that S3 already holds whole (written, uploaded, kept) is not taken up again at
+/// a restart: its bytes were never synced (a download is renamed into place unsynced, and an
+/// uploaded file needs no sync), so after a power cut they may be zeros, and reads would
+/// serve them. Here the copy's bytes are overwritten while the gateway is down, as a lost page
+/// cache would leave them; the file must still read as its object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_what_s3_holds_is_not_trusted_after_a_restart() {
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let vol = open(state.path(), &store).await;
+    let ino = create_file(&vol, b"f").await;
+    let want = pattern(3 * MIB, 5);
+    vol.write(&ROOT, ino, 0, &want).await.unwrap();
+    vol.flush_all().await.unwrap();
+    drop(vol);
+    let copy = state.path().join("staging").join(ino.to_string());
+    assert!(copy.exists(), "the uploaded file's copy is not kept: nothing to check");
+    std::fs::write(&copy, vec![0u8; want.len()]).unwrap();
+
+    let vol = open(state.path(), &store).await;
+    let (got, _) = vol.read(&ROOT, ino, 0, want.len() as u32).await.unwrap();
+    assert!(got == want, "the file reads as the stale copy, not its object");
+    vol.write(&ROOT, ino, 0, b"x").await.unwrap();
+    vol.flush_all().await.unwrap();
+    let mut want = want;
+    want[0] = b'x';
+    assert!(
+        object(&store, "f").await == want,
+        "a write after the restart uploaded the stale copy"
+    );
+}
+
+/// A write to a file while the gateway copies its object server-side (an attribute change
+/// going up, on a file whose uploaded copy is kept) is uploaded after the copy: the copy
+/// finishing must not take the file for clean. It did (the write found the file's journal
+/// record standing and added none, and the copy's end cleared it), and the write never reached
+/// S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_a_server_side_copy_of_the_file_is_uploaded() {
+    use std::time::Duration;
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let (faulty, faults) = FaultyStore::new(local.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let vol = open(state.path(), &store).await;
+    let ino = create_file(&vol, b"f").await;
+    let mut want = pattern(MIB, 4);
+    vol.write(&ROOT, ino, 0, &want).await.unwrap();
+    vol.flush_all().await.unwrap();
+    let mode = SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    vol.setattr(&ROOT, ino, mode).await.unwrap();
+
+    faults.set_delay(Duration::from_secs(1));
+    let flusher = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.flush_all().await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while faults.calls(Op::Copy) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no server-side copy");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(faults.reached(Op::Copy), 0, "the copy was not held: nothing checked");
+    vol.write(&ROOT, ino, 10, b"during the copy").await.unwrap();
+    want[10..25].copy_from_slice(b"during the copy");
+    faults.set_delay(Duration::ZERO);
+    flusher.await.unwrap().unwrap();
+    vol.flush_all().await.unwrap();
+    assert!(
+        object(&store, "f").await == want,
+        "the write during the copy is not in S3"
+    );
+}
+
 /// A slow S3 holds up only the file waiting for it, and that for a bounded time: a write that
 /// needs a cold file fetched answers "retry later" (JUKEBOX over NFS) after `stage_wait`, while
 /// writes to other files go on; and no write waits for a CompleteMultipartUpload.
@@ -170,6 +249,50 @@ async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
     let mut want = cold_bytes;
     want[0] = b'y';
     assert_eq!(vol.read(&ROOT, cold, 0, want.len() as u32).await.unwrap().0, want);
+
+    // The same for a part of a large file staged with holes: its fill, not the staging, is
+    // what waits for S3.
+    let large_bytes = pattern(2 * PART as usize, 8);
+    put_object(&*local, "large", large_bytes.clone()).await;
+    let large_state = tempfile::tempdir().unwrap();
+    let mut cfg = VolumeConfig::new(large_state.path().to_path_buf());
+    cfg.part_size = PART;
+    cfg.sparse_from = PART;
+    cfg.stage_wait = Duration::from_millis(200);
+    let holes = Volume::open(cfg, store.clone()).await.unwrap();
+    let large = holes.lookup(&ROOT, holes.root(), b"large").await.unwrap();
+    faults.set_delay(Duration::from_secs(2));
+    let r = holes.write(&ROOT, large, PART + 7, b"y").await;
+    assert!(
+        matches!(r, Err(FsError::Retry(_))),
+        "a hole's fill held the write: {r:?}"
+    );
+    let r = holes.read(&ROOT, large, 5, 10).await;
+    assert!(
+        matches!(r, Err(FsError::Retry(_))),
+        "a hole's fill held the read: {r:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match holes.write(&ROOT, large, PART + 7, b"y").await {
+            Ok(_) => break,
+            Err(FsError::Retry(_)) if std::time::Instant::now() < deadline => continue,
+            Err(e) => panic!("write to the large file: {e:?}"),
+        }
+    }
+    faults.set_delay(Duration::ZERO);
+    let mut want = large_bytes;
+    want[PART as usize + 7] = b'y';
+    // The first part's fill, which the READ above started, may still be in a delayed GET.
+    let got = loop {
+        match holes.read(&ROOT, large, 0, want.len() as u32).await {
+            Ok((got, _)) => break got,
+            Err(FsError::Retry(_)) if std::time::Instant::now() < deadline => continue,
+            Err(e) => panic!("read of the large file: {e:?}"),
+        }
+    };
+    assert!(got == want, "the large file does not read back with the write");
+    drop(holes);
 
     // A large file's CompleteMultipartUpload held up by S3: writes to that file go on.
     faults.set_delay(Duration::ZERO);
@@ -625,6 +748,38 @@ async fn a_file_deleted_by_another_client_before_its_move_reaches_s3_does_not_st
     );
     let kept = vol.lookup(&ROOT, vol.root(), b"staged2").await.unwrap();
     assert_eq!(vol.getattr(kept).await.unwrap().size, MIB as u64);
+
+    // Hard links made through the gateway to a file it never read, whose object is deleted
+    // before the links' copies of it reach S3: the deletion wins for every name. Without it,
+    // a link's copy was retried every round and the flush stalled; or, once the file was
+    // emptied, the next link put it back as an empty object under every name.
+    put_object(&*s3, "linked", pattern(MIB, 3)).await;
+    let file = vol.lookup(&ROOT, vol.root(), b"linked").await.unwrap();
+    vol.link(&ROOT, file, vol.root(), b"linked2").await.unwrap();
+    vol.link(&ROOT, file, vol.root(), b"linked3").await.unwrap();
+    s3.delete("linked").await.unwrap();
+    vol.flush_all()
+        .await
+        .expect("uploads stall on the hard links of a deleted object");
+    for key in ["linked", "linked2", "linked3"] {
+        assert_eq!(
+            store.head(key).await.unwrap(),
+            None,
+            "{key}: the deleted object came back"
+        );
+    }
+    for name in [&b"linked"[..], b"linked2", b"linked3"] {
+        match vol.lookup(&ROOT, vol.root(), name).await {
+            Err(s3nfs::fs::FsError::NotFound) => {}
+            Ok(ino) => assert_eq!(
+                vol.getattr(ino).await.unwrap().size,
+                0,
+                "{} still has the deleted object's size",
+                String::from_utf8_lossy(name)
+            ),
+            Err(e) => panic!("lookup: {e:?}"),
+        }
+    }
 }
 
 /// A volume on `store` that stages every file of a part or more with holes (see

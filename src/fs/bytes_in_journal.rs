@@ -88,17 +88,25 @@ impl Volume {
 
     fn sync_each(&self, files: &[Arc<Staged>]) -> FsResult<()> {
         let mut drops = Batch::new();
+        let mut synced = false;
         for st in files {
             if st.is_retired() {
                 continue;
             }
             st.sync()?;
+            synced = true;
             if self.meta.carries_bytes(st.ino) {
                 drops.drop_bytes(st.ino);
             }
             if over_fd_budget() {
                 st.close_fd();
             }
+        }
+        if synced {
+            // The files' names too: a file created since the last sync, or a download renamed
+            // into place, is otherwise not found again after a power cut, and its bytes with
+            // it. One directory sync for the whole group.
+            super::holes::sync_dir(self.staging.dir())?;
         }
         if !drops.is_empty() {
             self.meta.commit(drops)?;
@@ -173,6 +181,11 @@ fn sync_by_name(dir: &std::path::Path, inos: &[Ino]) -> std::io::Result<()> {
     }
     for f in &files {
         f.sync_data()?;
+    }
+    if !files.is_empty() {
+        // Their names too (see `sync_each`): the journal that carried their bytes is emptied
+        // next.
+        File::open(dir)?.sync_all()?;
     }
     Ok(())
 }

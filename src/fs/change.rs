@@ -175,19 +175,6 @@ impl Volume {
         Ok(self.attr_of(&inode))
     }
 
-    /// Queues deletion of whatever S3 holds for an inode that leaves the namespace.
-    pub(super) fn queue_remote_delete(&self, batch: &mut Batch, inode: &Inode) {
-        if let Some(r) = &inode.remote {
-            batch.queue_delete(self.next_seq(), &r.key);
-            batch.moved_from(&r.key, inode.ino);
-        }
-        // And whatever failed uploads of it may have written.
-        let keep = inode.remote.as_ref().map(|r| r.key.as_str());
-        if let Err(e) = self.release_maybe_written(batch, inode.ino, keep) {
-            tracing::warn!(ino = inode.ino, error = %e, "could not read the keys it may have written");
-        }
-    }
-
     /// Removes an entry of any kind (an empty directory included).
     pub async fn remove(&self, cred: &Cred, dir: Ino, name: &[u8]) -> FsResult<()> {
         self.remove_entry(cred, dir, name, None).await
@@ -390,7 +377,7 @@ impl Volume {
                 let st = self.stage(ino, size == 0).await?;
                 // The part cut or extended changes, and must be whole first; the others stay
                 // holes or copies of the base.
-                if !self.fill_unless_dropped(&st, st.boundary(size).unwrap_or(0..0)).await? {
+                if !self.fill_for_client(&st, st.boundary(size).unwrap_or(0..0)).await? {
                     continue; // dropped under us: look again
                 }
                 let _w = st.lock.write().await;

@@ -122,6 +122,19 @@ impl Core {
         Ok(())
     }
 
+    /// Queues deletion of whatever S3 holds for an inode that leaves the namespace.
+    pub(crate) fn queue_remote_delete(&self, batch: &mut Batch, inode: &Inode) {
+        if let Some(r) = &inode.remote {
+            batch.queue_delete(self.next_seq(), &r.key);
+            batch.moved_from(&r.key, inode.ino);
+        }
+        // And whatever failed uploads of it may have written.
+        let keep = inode.remote.as_ref().map(|r| r.key.as_str());
+        if let Err(e) = self.release_maybe_written(batch, inode.ino, keep) {
+            tracing::warn!(ino = inode.ino, error = %e, "could not read the keys it may have written");
+        }
+    }
+
     pub(crate) fn drop_staged(&self, ino: Ino) {
         self.staging.drop_file(ino);
     }
@@ -154,25 +167,25 @@ impl Core {
                 continue;
             };
             let pending = self.meta.pending(ino)?.is_some();
-            let holes = super::holes::read_sidecar(&dir, ino, self.cfg.part_size)?;
-            if holes.is_some() && !pending {
-                // Nothing of it to upload: S3 has every byte, and the next write fetches its
-                // parts again.
+            if !pending {
+                // Nothing of it to upload: S3 has every byte, and the next write fetches them
+                // again. Nor is it to be trusted as a copy of S3's: the clearing of its `P`
+                // record and its own last writes reach the disk in separate syncs, so after a
+                // power cut its bytes may be older than S3's, or zeros. A copy whose bytes
+                // differ from S3 is always pending: `P` is journalled before a write is
+                // answered, and stays until those bytes are uploaded.
                 let _ = std::fs::remove_file(entry.path());
                 super::holes::remove_sidecar(&dir, ino);
                 continue;
             }
+            let holes = super::holes::read_sidecar(&dir, ino, self.cfg.part_size)?;
             let st = Staged::open(ino, dir.clone(), false, &self.cfg)?;
             if let Some((base, missing)) = holes {
                 st.set_holes(&base, missing);
             }
-            if pending {
-                // Whatever is staged may be newer than S3: upload it again.
-                st.changed();
-                if st.mtime() < inode.mtime {
-                    *st.mtime.locked() = inode.mtime;
-                }
-            } else {
+            // Whatever is staged may be newer than S3: upload it again.
+            st.changed();
+            if st.mtime() < inode.mtime {
                 *st.mtime.locked() = inode.mtime;
             }
             self.staging.insert(Arc::new(st));

@@ -31,7 +31,7 @@ impl Volume {
             } else {
                 offset
             };
-            if !self.fill_unless_dropped(&st, from..end).await? {
+            if !self.fill_for_client(&st, from..end).await? {
                 continue; // dropped under us: look again
             }
             {
@@ -80,7 +80,7 @@ impl Volume {
         loop {
             if let Some(st) = self.staged(ino) {
                 let end = offset.saturating_add(count as u64);
-                if !self.fill_unless_dropped(&st, offset..end).await? {
+                if !self.fill_for_client(&st, offset..end).await? {
                     continue; // dropped under us: look again
                 }
                 if !st.is_retired() {

@@ -24,6 +24,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures::FutureExt;
+
 use super::staging::Staged;
 use super::{Core, FsError, FsResult};
 use crate::meta::{Ino, Remote};
@@ -31,6 +33,9 @@ use crate::store::StoreError;
 use crate::sync::LockExt;
 
 const MAGIC: &str = "s3nfs-holes 1";
+
+/// A fill started for a client's request, shared by those that wait for it.
+pub(crate) type FillJob = futures::future::Shared<futures::future::BoxFuture<'static, FsResult<bool>>>;
 
 pub(crate) fn sidecar_path(dir: &Path, ino: Ino) -> PathBuf {
     dir.join(format!("{ino}.holes"))
@@ -184,6 +189,62 @@ impl Core {
         match self.fill(st, range).await {
             Err(_) if st.is_retired() => Ok(false),
             r => r.map(|()| true),
+        }
+    }
+
+    /// [`Core::fill_unless_dropped`] for a client's READ, WRITE or SETATTR, bounded by
+    /// `stage_wait` as a download into staging is: past it the fill goes on in the background
+    /// and the client is told to retry later (JUKEBOX), instead of its request (and its
+    /// retransmissions) being held for as long as S3 takes. One fill runs per copy at a time:
+    /// the retry, and any other request meanwhile, waits on the one under way.
+    pub(crate) async fn fill_for_client(&self, st: &Arc<Staged>, range: std::ops::Range<u64>) -> FsResult<bool> {
+        // On the volume's clock, as `stage`'s wait is.
+        let deadline = self.cfg.clock.sleep(self.cfg.stage_wait);
+        tokio::pin!(deadline);
+        loop {
+            if st.is_retired() {
+                return Ok(false);
+            }
+            if st.holes_in(range.clone()).is_none() {
+                return Ok(true);
+            }
+            let (job, ours) = {
+                let mut slot = st.fill_job.locked();
+                match slot.as_ref().filter(|j| j.peek().is_none()) {
+                    Some(j) => (j.clone(), false),
+                    None => {
+                        let vol = self
+                            .this
+                            .get()
+                            .and_then(|w| w.upgrade())
+                            .ok_or_else(|| FsError::Io("volume closing".into()))?;
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let (v, s, r) = (vol.clone(), st.clone(), range.clone());
+                        vol.spawn_background("hole fill", async move {
+                            let _ = tx.send(v.fill_unless_dropped(&s, r).await);
+                        });
+                        let job: FillJob = async move {
+                            rx.await
+                                .unwrap_or_else(|_| Err(FsError::Io("hole fill ended without an answer".into())))
+                        }
+                        .boxed()
+                        .shared();
+                        *slot = Some(job.clone());
+                        (job, true)
+                    }
+                }
+            };
+            tokio::select! {
+                r = job => match r {
+                    Ok(true) => {} // look again: it may have filled another range
+                    Ok(false) => return Ok(false),
+                    Err(e) if ours => return Err(e),
+                    Err(_) => {} // another request's fill failed: try ours
+                },
+                _ = &mut deadline => {
+                    return Err(FsError::Retry("the file's part is still coming from S3".into()));
+                }
+            }
         }
     }
 

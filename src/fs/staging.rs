@@ -108,6 +108,9 @@ pub struct Staged {
     base: Mutex<Option<Box<Base>>>,
     /// Held while holes are filled, so that two fills of one part do not both fetch it.
     pub fill_lock: tokio::sync::Mutex<()>,
+    /// The fill a client's READ or WRITE started in the background, which later ones wait on
+    /// rather than start their own (see `Core::fill_for_client`).
+    pub(crate) fill_job: Mutex<Option<super::holes::FillJob>>,
     /// Held while the multipart upload is started or restarted, so concurrent passes share one.
     pub multipart_init: tokio::sync::Mutex<()>,
     /// Written since the last fsync (see `Volume::sync_local`).
@@ -171,6 +174,7 @@ impl Staged {
             completed_gen: AtomicU64::new(u64::MAX),
             base: Mutex::new(None),
             fill_lock: tokio::sync::Mutex::new(()),
+            fill_job: Mutex::new(None),
             content_dirty: AtomicBool::new(false),
             pending_marked: AtomicBool::new(false),
             gone: AtomicBool::new(false),
@@ -761,6 +765,10 @@ impl Core {
             file.write_all_at(&bytes, off)?;
             off += bytes.len() as u64;
         }
+        // On disk before it is renamed into place: once the file is written and its `P`
+        // journalled, a restart uploads the copy, and a power cut must not leave zeros there
+        // (a copy with holes is synced part by part, see `holes.rs`).
+        file.sync_data()?;
         Ok(())
     }
 }

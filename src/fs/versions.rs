@@ -85,20 +85,26 @@ impl Core {
     /// impossible, and retrying would keep the work pending for ever (and `s3nfs flush`, and a
     /// Kubernetes unstage, waiting). The deletion wins, as it does when a listing finds an
     /// object gone: the file is emptied and its work done here, and the next listing of its
-    /// directory, finding no object, forgets it. Nothing changes if the inode moved on
-    /// meanwhile (the next round decides).
-    pub(super) async fn object_deleted_elsewhere(&self, ino: Ino, seq: u64, seen: &Remote) -> FsResult<()> {
+    /// directory, finding no object, forgets it. `pending`: the inode's pending work as the
+    /// caller saw it (`None` for a file whose other name, a hard link, was being copied).
+    /// Nothing changes if the inode moved on meanwhile (the next round decides): false then.
+    pub(super) async fn object_deleted_elsewhere(
+        &self,
+        ino: Ino,
+        pending: Option<u64>,
+        seen: &Remote,
+    ) -> FsResult<bool> {
         let _g = self.ns.lock().await;
         let Some(mut inode) = self.meta.inode(ino)? else {
-            return Ok(());
+            return Ok(false);
         };
-        if inode.remote.as_ref() != Some(seen) || self.staged(ino).is_some() || self.meta.pending(ino)? != Some(seq) {
-            return Ok(());
+        if inode.remote.as_ref() != Some(seen) || self.staged(ino).is_some() || self.meta.pending(ino)? != pending {
+            return Ok(false);
         }
         tracing::error!(
             ino,
             key = %seen.key,
-            "another S3 client deleted the file's object before the gateway's rename or attribute change of it reached S3; the file is gone"
+            "another S3 client deleted the file's object before the gateway's rename, attribute change or hard link of it reached S3; the file is gone"
         );
         inode.remote = None;
         inode.size = 0;
@@ -106,9 +112,11 @@ impl Core {
         inode.ctime = inode.mtime;
         let mut batch = Batch::new();
         batch.put_inode(&inode);
-        batch.clear_pending(ino);
+        if pending.is_some() {
+            batch.clear_pending(ino);
+        }
         self.meta.commit(batch)?;
-        Ok(())
+        Ok(true)
     }
 }
 

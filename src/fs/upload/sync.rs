@@ -132,7 +132,7 @@ impl super::Uploader {
                                 self.copy_known_version(ino, r.clone(), &key, &meta).await?,
                                 self.staged(ino),
                             ) {
-                                (Some(moved), st) => {
+                                (Ok(moved), st) => {
                                     // A staged copy's unchanged parts (holes included) come
                                     // from the new object now, if they came from the version
                                     // copied (the inode's until `record`).
@@ -146,7 +146,7 @@ impl super::Uploader {
                                 }
                                 // Another client deleted the object; the gateway still holds
                                 // its bytes, and they go up from there.
-                                (None, Some(st)) => {
+                                (Err(_), Some(st)) => {
                                     drop(_k);
                                     if !st.drop_base() {
                                         // Only the deleted object held the holes' bytes.
@@ -155,8 +155,8 @@ impl super::Uploader {
                                     st.changed();
                                     self.upload_staged(&st, &inode, &key, &meta).await
                                 }
-                                (None, None) => {
-                                    self.object_deleted_elsewhere(ino, seq, r).await?;
+                                (Err(gone), None) => {
+                                    self.object_deleted_elsewhere(ino, Some(seq), &gone).await?;
                                     Ok(None)
                                 }
                             }
@@ -201,6 +201,9 @@ impl super::Uploader {
         };
         let src = match &f.remote {
             Some(r) if self.meta.pending(file)?.is_none() => r.clone(),
+            // Emptied when another client deleted its object (see `object_deleted_elsewhere`):
+            // marked pending, it would be put back as an empty object, under every name.
+            None if self.emptied(file)? => return self.link_without_object(entry.ino, seq).await,
             _ => {
                 if self.meta.pending(file)?.is_none() {
                     let mut b = Batch::new();
@@ -212,12 +215,37 @@ impl super::Uploader {
         };
         let key = self.key_of(&entry)?;
         let _writing = self.ledger.writing_guard(&key);
-        let synced = {
+        let copied = {
             let _permit = self.uploads.acquire().await.expect("semaphore never closed");
             let _k = self.key_lock(&key).await;
-            self.copy_known_version(file, src, &key, &user_meta(&f))
-                .await?
-                .ok_or_else(|| FsError::Retry("the file's object is gone from S3".into()))?
+            self.copy_known_version(file, src, &key, &user_meta(&f)).await?
+        };
+        let synced = match copied {
+            Ok(synced) => synced,
+            // Another client deleted the file's object. Retrying the copy would keep this name
+            // pending for ever.
+            Err(gone) => {
+                if let Some(st) = self.staged(file) {
+                    // The gateway holds the file's bytes: they go up again under the file's
+                    // own name, and its upload marks this name pending to copy them.
+                    let _f = st.fill_lock.lock().await;
+                    if !st.drop_base() {
+                        return Err(self.holes_lost(&st, &gone).await);
+                    }
+                    st.changed();
+                    let mut b = Batch::new();
+                    b.mark_pending(file, self.next_seq());
+                    self.meta.commit(b)?;
+                    return self.record(entry.ino, seq, None, None).await;
+                }
+                // It holds none: the deletion wins, for every name of the file. The file is
+                // emptied; the next listings, finding no object under its names, forget them.
+                // (Or another of its names found so first.)
+                if self.object_deleted_elsewhere(file, None, &gone).await? || self.emptied(file)? {
+                    return self.link_without_object(entry.ino, seq).await;
+                }
+                return Err(FsError::Retry("the file's object is gone from S3".into()));
+            }
         };
         if let Some(old) = &entry.remote {
             if old.key != key {
@@ -227,23 +255,53 @@ impl super::Uploader {
         self.record(entry.ino, seq, Some(synced), None).await
     }
 
+    /// Whether `file` was emptied when another client deleted its object (see
+    /// `object_deleted_elsewhere`): no object, nothing to upload, no bytes of its own.
+    fn emptied(&self, file: Ino) -> FsResult<bool> {
+        Ok(self.meta.inode(file)?.is_some_and(|f| f.remote.is_none())
+            && self.meta.pending(file)?.is_none()
+            && !self.staged(file).is_some_and(|st| st.is_dirty()))
+    }
+
+    /// A hard link's name whose file has no object any more (another client deleted it): the
+    /// name has none either. An object it had (a copy of the deleted one) goes too, under
+    /// whichever key it was copied to. Nothing changes if the name has new work meanwhile.
+    async fn link_without_object(&self, link: Ino, seq: u64) -> FsResult<()> {
+        let _g = self.ns.lock().await;
+        let Some(mut inode) = self.meta.inode(link)? else {
+            return Ok(());
+        };
+        if self.meta.pending(link)? != Some(seq) {
+            return Ok(());
+        }
+        let mut b = Batch::new();
+        self.queue_remote_delete(&mut b, &inode);
+        if inode.remote.take().is_some() {
+            b.put_inode(&inode);
+        }
+        b.clear_pending(link);
+        self.meta.commit(b)?;
+        Ok(())
+    }
+
     /// `ino`'s object `r` copied server-side to `key` (a file moved, or a hard link's name),
     /// as the version the inode knows: another client's version found at `r.key` instead is
     /// taken up first, as a listing would (see `versions.rs`), and then copied with the size it
     /// has; an unconditional copy would carry their bytes under the old version's size.
-    /// `Ok(None)`: the object is gone from S3. The caller holds `key`'s lock.
+    /// `Ok(Err(seen))`: the object, last known as `seen`, is gone from S3. The caller holds
+    /// `key`'s lock.
     async fn copy_known_version(
         &self,
         ino: Ino,
         mut r: Remote,
         key: &str,
         meta: &crate::store::UserMeta,
-    ) -> FsResult<Option<Synced>> {
+    ) -> FsResult<Result<Synced, Remote>> {
         for _ in 0..4 {
             let etag = Some(r.etag.as_str()).filter(|e| !e.is_empty());
             match self.store.copy(&r.key, etag, key, meta).await {
                 Ok(etag) => {
-                    return Ok(Some(Synced {
+                    return Ok(Ok(Synced {
                         remote: Remote {
                             key: key.to_string(),
                             etag,
@@ -254,10 +312,12 @@ impl super::Uploader {
                 }
                 Err(StoreError::NotFound(_)) => {
                     if !self.take_up_current_version(ino, &r).await? {
-                        return Ok(None);
+                        return Ok(Err(r));
                     }
                     match self.meta.inode(ino)?.and_then(|i| i.remote) {
                         Some(now) if now.key == r.key => r = now,
+                        // Emptied meanwhile: found gone by another of its names.
+                        None => return Ok(Err(r)),
                         _ => break,
                     }
                 }
@@ -382,14 +442,20 @@ impl super::Uploader {
             }
             // Keys that failed uploads may have written: only the one just written is ours.
             self.release_maybe_written(&mut b, ino, Some(&s.remote.key))?;
-            if let (Some(st), Some(gen)) = (&st, s.gen) {
-                if st.uploaded(gen) {
-                    inode.size = s.remote.size;
-                    inode.mtime = st.mtime();
-                    st.set_base(&s.remote);
-                } else {
-                    clean = false;
+            match (&st, s.gen) {
+                (Some(st), Some(gen)) => {
+                    if st.uploaded(gen) {
+                        inode.size = s.remote.size;
+                        inode.mtime = st.mtime();
+                        st.set_base(&s.remote);
+                    } else {
+                        clean = false;
+                    }
                 }
+                // A server-side copy (a move, an attribute change) of a file written while it
+                // ran: the write added no `P` (one stood), and its bytes are still to go up.
+                (Some(st), None) if st.is_dirty() => clean = false,
+                _ => {}
             }
             inode.remote = Some(s.remote);
             inode.synced_epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
