@@ -88,13 +88,13 @@ impl Volume {
 
     fn sync_each(&self, files: &[Arc<Staged>]) -> FsResult<()> {
         let mut drops = Batch::new();
-        let mut synced = false;
+        let mut new_names = false;
         for st in files {
             if st.is_retired() {
                 continue;
             }
             st.sync()?;
-            synced = true;
+            new_names |= st.take_new_name();
             if self.meta.carries_bytes(st.ino) {
                 drops.drop_bytes(st.ino);
             }
@@ -102,11 +102,15 @@ impl Volume {
                 st.close_fd();
             }
         }
-        if synced {
+        if new_names {
             // The files' names too: a file created since the last sync, or a download renamed
             // into place, is otherwise not found again after a power cut, and its bytes with
-            // it. One directory sync for the whole group.
-            super::holes::sync_dir(self.staging.dir())?;
+            // it. One directory sync for the whole group, and none when no name is new (a
+            // database's COMMITs of the same files).
+            if let Err(e) = super::holes::sync_dir(self.staging.dir()) {
+                files.iter().for_each(|st| st.new_name());
+                return Err(e.into());
+            }
         }
         if !drops.is_empty() {
             self.meta.commit(drops)?;

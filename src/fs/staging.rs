@@ -111,6 +111,9 @@ pub struct Staged {
     /// The fill a client's READ or WRITE started in the background, which later ones wait on
     /// rather than start their own (see `Core::fill_for_client`).
     pub(crate) fill_job: Mutex<Option<super::holes::FillJob>>,
+    /// Its name in the staging directory is new (created, or a download renamed in) and not
+    /// yet synced with the directory.
+    name_unsynced: AtomicBool,
     /// Held while the multipart upload is started or restarted, so concurrent passes share one.
     pub multipart_init: tokio::sync::Mutex<()>,
     /// Written since the last fsync (see `Volume::sync_local`).
@@ -175,6 +178,7 @@ impl Staged {
             base: Mutex::new(None),
             fill_lock: tokio::sync::Mutex::new(()),
             fill_job: Mutex::new(None),
+            name_unsynced: AtomicBool::new(false),
             content_dirty: AtomicBool::new(false),
             pending_marked: AtomicBool::new(false),
             gone: AtomicBool::new(false),
@@ -499,6 +503,9 @@ impl Staged {
                 .open(self.path())?,
         );
         self.on_disk.store(true, Ordering::Release);
+        if create {
+            self.new_name();
+        }
         OPEN_FDS.fetch_add(1, Ordering::Relaxed);
         *fd = Some(f.clone());
         Ok(f)
@@ -603,6 +610,17 @@ impl Staged {
         }
         buf.truncate(read);
         Ok((buf, offset + read as u64 >= size))
+    }
+
+    /// Its name in the staging directory was just made (see [`Staged::take_new_name`]).
+    pub fn new_name(&self) {
+        self.name_unsynced.store(true, Ordering::Release);
+    }
+
+    /// Whether its name was made since the last call: the directory needs a sync for the file
+    /// to be found after a power cut.
+    pub fn take_new_name(&self) -> bool {
+        self.name_unsynced.swap(false, Ordering::AcqRel)
     }
 
     /// Makes what was written durable. Writes go through the open descriptor, and a closed
@@ -739,6 +757,7 @@ impl Core {
             super::holes::remove_sidecar(self.staging.dir(), ino);
             std::fs::rename(&tmp, self.staging.path(ino))?;
             let st = Arc::new(Staged::open(ino, self.staging.shared_dir(), false, &self.cfg)?);
+            st.new_name();
             *st.mtime.locked() = inode.mtime;
             if let Some(r) = &fetched {
                 st.set_base(r);
