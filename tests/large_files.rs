@@ -55,6 +55,21 @@ fn fetched_sent_copied(faults: &Faults) -> (u64, u64, u64) {
     (faults.calls(Op::Get), sent, copied)
 }
 
+/// `op`'s answer, once it stops answering "retry later" (JUKEBOX over NFS), which it may
+/// until `deadline`; any other error fails the test.
+async fn until_not_retry<T, F>(deadline: std::time::Instant, what: &str, mut op: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Result<T, s3nfs::fs::FsError>>,
+{
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(s3nfs::fs::FsError::Retry(_)) if std::time::Instant::now() < deadline => continue,
+            Err(e) => panic!("{what}: {e:?}"),
+        }
+    }
+}
+
 async fn object(store: &Arc<dyn ObjectStore>, key: &str) -> Vec<u8> {
     let size = store.head(key).await.unwrap().expect("object exists").size;
     store.get_range(key, 0..size).await.unwrap().to_vec()
@@ -239,13 +254,7 @@ async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
     );
     // The fetch went on meanwhile: the retried write lands.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match vol.write(&ROOT, cold, 0, b"y").await {
-            Ok(_) => break,
-            Err(FsError::Retry(_)) if std::time::Instant::now() < deadline => continue,
-            Err(e) => panic!("write to the cold file: {e:?}"),
-        }
-    }
+    until_not_retry(deadline, "write to the cold file", || vol.write(&ROOT, cold, 0, b"y")).await;
     let mut want = cold_bytes;
     want[0] = b'y';
     assert_eq!(vol.read(&ROOT, cold, 0, want.len() as u32).await.unwrap().0, want);
@@ -273,24 +282,18 @@ async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
         "a hole's fill held the read: {r:?}"
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match holes.write(&ROOT, large, PART + 7, b"y").await {
-            Ok(_) => break,
-            Err(FsError::Retry(_)) if std::time::Instant::now() < deadline => continue,
-            Err(e) => panic!("write to the large file: {e:?}"),
-        }
-    }
+    until_not_retry(deadline, "write to the large file", || {
+        holes.write(&ROOT, large, PART + 7, b"y")
+    })
+    .await;
     faults.set_delay(Duration::ZERO);
     let mut want = large_bytes;
     want[PART as usize + 7] = b'y';
     // The first part's fill, which the READ above started, may still be in a delayed GET.
-    let got = loop {
-        match holes.read(&ROOT, large, 0, want.len() as u32).await {
-            Ok((got, _)) => break got,
-            Err(FsError::Retry(_)) if std::time::Instant::now() < deadline => continue,
-            Err(e) => panic!("read of the large file: {e:?}"),
-        }
-    };
+    let (got, _) = until_not_retry(deadline, "read of the large file", || {
+        holes.read(&ROOT, large, 0, want.len() as u32)
+    })
+    .await;
     assert!(got == want, "the large file does not read back with the write");
     drop(holes);
 

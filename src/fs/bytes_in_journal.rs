@@ -156,7 +156,7 @@ impl Core {
                 }
             }
         }
-        File::open(self.staging.dir())?.sync_all()?; // the names of the files created
+        super::holes::sync_dir(self.staging.dir())?; // the names of the files created
         self.meta.checkpoint()?;
         tracing::info!(
             restored,
@@ -189,7 +189,7 @@ fn sync_by_name(dir: &std::path::Path, inos: &[Ino]) -> std::io::Result<()> {
     if !files.is_empty() {
         // Their names too (see `sync_each`): the journal that carried their bytes is emptied
         // next.
-        File::open(dir)?.sync_all()?;
+        super::holes::sync_dir(dir)?;
     }
     Ok(())
 }

@@ -13,6 +13,9 @@ use crate::meta::{Batch, Ino, Inode, Kind, MetaDb, ROOT_INO};
 use crate::store::ObjectStore;
 use crate::sync::LockExt;
 
+/// A background job's answer, shared by those who wait for it (see [`Core::shared_job`]).
+pub(crate) type SharedJob<T> = futures::future::Shared<futures::future::BoxFuture<'static, FsResult<T>>>;
+
 pub struct Core {
     pub cfg: VolumeConfig,
     pub(crate) store: Arc<dyn ObjectStore>,
@@ -65,6 +68,37 @@ impl Core {
         f: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         self.tasks.spawn(what, f);
+    }
+
+    /// Runs `work` (given the volume) as a background job of its own, and returns its answer
+    /// as a future any number of waiters share: a waiter that stops waiting (a client told to
+    /// retry later) does not stop the job. `what` names it in the volume's tasks and errors.
+    pub(crate) fn shared_job<T, F>(
+        &self,
+        what: &'static str,
+        work: impl FnOnce(Arc<Core>) -> F,
+    ) -> FsResult<SharedJob<T>>
+    where
+        T: Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = FsResult<T>> + Send + 'static,
+    {
+        use futures::FutureExt;
+        let vol = self
+            .this
+            .get()
+            .and_then(|w| w.upgrade())
+            .ok_or_else(|| FsError::Io("volume closing".into()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let work = work(vol.clone());
+        vol.spawn_background(what, async move {
+            let _ = tx.send(work.await);
+        });
+        Ok(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(FsError::Io(format!("{what} ended without an answer"))))
+        }
+        .boxed()
+        .shared())
     }
 
     /// The owner of the volume's background work: the gateway starts its loops there and stops

@@ -24,8 +24,6 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::FutureExt;
-
 use super::staging::Staged;
 use super::{Core, FsError, FsResult};
 use crate::meta::{Ino, Remote};
@@ -35,7 +33,7 @@ use crate::sync::LockExt;
 const MAGIC: &str = "s3nfs-holes 1";
 
 /// A fill started for a client's request, shared by those that wait for it.
-pub(crate) type FillJob = futures::future::Shared<futures::future::BoxFuture<'static, FsResult<bool>>>;
+pub(crate) type FillJob = super::core::SharedJob<bool>;
 
 pub(crate) fn sidecar_path(dir: &Path, ino: Ino) -> PathBuf {
     dir.join(format!("{ino}.holes"))
@@ -213,22 +211,9 @@ impl Core {
                 match slot.as_ref().filter(|j| j.peek().is_none()) {
                     Some(j) => (j.clone(), false),
                     None => {
-                        let vol = self
-                            .this
-                            .get()
-                            .and_then(|w| w.upgrade())
-                            .ok_or_else(|| FsError::Io("volume closing".into()))?;
-                        let (tx, rx) = tokio::sync::oneshot::channel();
-                        let (v, s, r) = (vol.clone(), st.clone(), range.clone());
-                        vol.spawn_background("hole fill", async move {
-                            let _ = tx.send(v.fill_unless_dropped(&s, r).await);
-                        });
-                        let job: FillJob = async move {
-                            rx.await
-                                .unwrap_or_else(|_| Err(FsError::Io("hole fill ended without an answer".into())))
-                        }
-                        .boxed()
-                        .shared();
+                        let (s, r) = (st.clone(), range.clone());
+                        let job: FillJob =
+                            self.shared_job("hole fill", |v| async move { v.fill_unless_dropped(&s, r).await })?;
                         *slot = Some(job.clone());
                         (job, true)
                     }

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use futures::FutureExt;
 use tracing::Instrument;
 
 use super::{Core, FsError, FsResult};
@@ -641,7 +640,7 @@ impl Drop for Staged {
 }
 
 /// A fetch of one file from S3 into staging, shared by everyone who needs that file meanwhile.
-pub(crate) type StagingJob = futures::future::Shared<futures::future::BoxFuture<'static, FsResult<Arc<Staged>>>>;
+pub(crate) type StagingJob = super::core::SharedJob<Arc<Staged>>;
 
 impl Core {
     /// The staged copy of a file, bringing it from S3 first unless `empty` (about to be emptied).
@@ -663,30 +662,16 @@ impl Core {
                 match jobs.get(&ino) {
                     Some(j) => j.clone(),
                     None => {
-                        let vol = self
-                            .this
-                            .get()
-                            .and_then(|w| w.upgrade())
-                            .ok_or_else(|| FsError::Io("volume closing".into()))?;
-                        let (tx, rx) = tokio::sync::oneshot::channel();
-                        let v = vol.clone();
                         // The job leaves the map under the map's lock, which we hold until it
                         // is in: it cannot leave before it arrived.
-                        vol.spawn_background(
-                            "staging download",
+                        let job: StagingJob = self.shared_job("staging download", |v| {
                             async move {
                                 let r = v.fetch_to_staging(ino, empty).await;
                                 v.staging.jobs().remove(&ino);
-                                let _ = tx.send(r);
+                                r
                             }
-                            .instrument(tracing::info_span!("stage", ino)),
-                        );
-                        let job: StagingJob = async move {
-                            rx.await
-                                .unwrap_or_else(|_| Err(FsError::Io("staging job ended without an answer".into())))
-                        }
-                        .boxed()
-                        .shared();
+                            .instrument(tracing::info_span!("stage", ino))
+                        })?;
                         jobs.insert(ino, job.clone());
                         job
                     }
