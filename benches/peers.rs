@@ -14,6 +14,7 @@
 //! `S3NFS_PEERS_APPS=1` (applications instead: PostgreSQL's pgbench, Redis with its
 //! append-only file, git and cargo, or a list of some of `pg redis git cargo`, on "local s3nfs s3fs rclone", where local is the guest's own
 //! tmpfs; `S3NFS_PEERS_PG_SCALE` (10), `S3NFS_PEERS_PG_SECONDS` (60: `pgbench -c 4 -T 60`),
+//! `S3NFS_PEERS_PG_STRACE=1` (the gateway's system calls during pgbench, by kind, under `strace -f -c`),
 //! `S3NFS_PEERS_REDIS_N` (100000); `apt-get install postgresql redis-server git`),
 //! `S3NFS_PEERS_GARAGE_DB` (`lmdb`, Garage's default metadata engine; `sqlite`, which the tests
 //! use, costs Garage about 2.5x the CPU per small PUT in this guest). Prints a table and writes
@@ -259,12 +260,19 @@ run_apps() {
       t0=$(now_ms); c0=$(nfs_calls); k0=$(cpu_ticks)
       # A fixed time, as users run it; the figure is its TPS as milliseconds per 1,000
       # transactions, so that it compares like the other figures (lower is better).
+      # S3NFS_PEERS_PG_STRACE=1: the gateway's system calls during the run, by kind.
+      [ -n "$PG_STRACE" ] && [ $s = s3nfs ] &&
+        { strace -f -c -p $(cat /tmp/work/daemon.pid) -o /run/logs/strace-$s.txt & echo $! >/tmp/work/strace.pid; sleep 1; }
       as_pg $PGBIN/pgbench -h /tmp -c 4 -j 4 -T $PG_SECONDS postgres >/run/logs/pgbench-run-$s.log 2>&1 &&
         tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' /run/logs/pgbench-run-$s.log | head -1) && [ -n "$tps" ] &&
         kv ${s}_pgbench_tps "$tps" &&
         kv ${s}_pgbench "$(python3 -c "print(round(1e6 / $tps, 1))")"
       cat /run/logs/pgbench-run-$s.log >>/run/logs/pgbench-$s.log
       [ $s = s3nfs ] && kv ${s}_nfs_pgbench "$(nfs_delta "$c0"); gateway CPU $(( $(cpu_ticks) - k0 ))0 ms"
+      if [ -n "$PG_STRACE" ] && [ $s = s3nfs ]; then
+        kill -INT $(cat /tmp/work/strace.pid); wait $(cat /tmp/work/strace.pid)
+        kv ${s}_nfs_pgbench_syscalls "$(awk '$1 ~ /^[0-9.]+$/ && $NF != "total" {print $4, $NF}' /run/logs/strace-$s.txt | sort -rn | head -20 | awk '{printf "%s:%s ", $2, $1}')"
+      fi
       req $s pgbench
       as_pg $PGBIN/pg_ctl -D $M/pg -w -t 3600 -m fast stop >/dev/null
     else
@@ -452,6 +460,7 @@ fn main() {
     };
     let pg_scale: u64 = env("S3NFS_PEERS_PG_SCALE", "10").parse().unwrap();
     let pg_seconds: u64 = env("S3NFS_PEERS_PG_SECONDS", "60").parse().unwrap();
+    let pg_strace = env("S3NFS_PEERS_PG_STRACE", "");
     let redis_n: u64 = env("S3NFS_PEERS_REDIS_N", "100000").parse().unwrap();
     // The crate under test's repository, and the real cargo behind rustup's proxy (the guest
     // cannot write rustup's home).
@@ -465,7 +474,7 @@ fn main() {
     let script = format!(
         "RUNS={runs}\nBIG_MB={big_mb}\nSMALL={small}\nFSYNC={fsync}\nSYSTEMS='{systems}'\n\
          ONLY_SMALL='{only_small}'\nS3NFS_ARGS='{s3nfs_args}'\nGARAGE_DB='{garage_db}'\n\
-         APPS='{apps}'\nPG_SCALE={pg_scale}\nPG_SECONDS={pg_seconds}\nREDIS_N={redis_n}\nREPO={}\nCARGO={}\n{}{BODY}",
+         APPS='{apps}'\nPG_SCALE={pg_scale}\nPG_SECONDS={pg_seconds}\nPG_STRACE='{pg_strace}'\nREDIS_N={redis_n}\nREPO={}\nCARGO={}\n{}{BODY}",
         bed::sh_quote(&repo),
         bed::sh_quote(&bed::guest_path(&cargo)),
         prelude()

@@ -92,6 +92,10 @@ pub struct Registry {
     /// Connections relayed from this node to another node's owner gateway.
     pub peer_relayed: AtomicU64,
     volumes: Mutex<Vec<VolumeEntry>>,
+    /// Whether anything reads the NFS operations' figures (the Prometheus endpoint, the OTLP
+    /// exporter): until then they are not kept, and an operation does not read the clock to
+    /// time itself (a system call where there is no vDSO, as in a user-mode-linux guest).
+    nfs_observed: std::sync::atomic::AtomicBool,
 }
 
 /// What one volume reports, read when scraped.
@@ -122,6 +126,16 @@ pub fn global() -> &'static Registry {
 }
 
 impl Registry {
+    /// Whether [`Registry::nfs_op`] is worth calling (see `nfs_observed`).
+    pub fn nfs_observed(&self) -> bool {
+        self.nfs_observed.load(Ordering::Relaxed)
+    }
+
+    /// Something reads the NFS operations' figures from now on.
+    pub fn observe_nfs(&self) {
+        self.nfs_observed.store(true, Ordering::Relaxed);
+    }
+
     pub fn nfs_op(&self, op: &'static str, d: Duration, ok: bool) {
         self.nfs.locked().entry(op).or_default().record(d, ok);
     }
@@ -397,6 +411,7 @@ fn escape(s: &str) -> String {
 pub async fn serve(addr: SocketAddr) -> std::io::Result<(SocketAddr, crate::tasks::Owned<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    global().observe_nfs();
     let server = crate::tasks::owned(async move {
         // Connections end with the server.
         let mut conns = tokio::task::JoinSet::new();
@@ -454,6 +469,7 @@ pub fn register_otel(provider: &opentelemetry_sdk::metrics::SdkMeterProvider) {
     use opentelemetry::metrics::MeterProvider as _;
     use opentelemetry::KeyValue;
     let meter = provider.meter("s3nfs");
+    global().observe_nfs();
     type StatsFn = fn() -> BTreeMap<&'static str, OpStats>;
     let sources: [(&str, &str, StatsFn); 2] = [
         ("s3nfs.nfs.ops", "s3nfs.nfs.errors", || global().nfs_stats()),

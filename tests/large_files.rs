@@ -1049,3 +1049,87 @@ async fn a_write_during_the_upload_of_a_copy_with_holes_is_kept() {
     assert!(object(&s3, "cold").await == want, "the object lacks a write");
     assert!(read_all(&vol, ino, want.len()).await == want);
 }
+
+/// A stable WRITE (FILE_SYNC: a database's log write and its fsync in one) into a large file
+/// goes to disk on its own when nothing else needs syncing for it, and through the sync group
+/// when something does. Here the journal still carries the file's older bytes from when it was
+/// small (it grew since, unstably): the stable WRITE must not leave them there, to be replayed
+/// over the file at the restart after a crash (its name, synced before, is no reason to sync). And stable WRITEs into a file already durable,
+/// in its middle and past its end, are there after one.
+#[tokio::test]
+async fn stable_writes_survive_a_crash_and_never_bring_back_older_journalled_bytes() {
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.flush_delay = std::time::Duration::from_secs(3600);
+    let vol = Volume::open(cfg.clone(), store.clone()).await.unwrap();
+
+    // Large and durable already: each stable WRITE needs only its own bytes on disk.
+    let durable = create_file(&vol, b"durable").await;
+    let mut want_durable = pattern(256 << 10, 4);
+    vol.write(&ROOT, durable, 0, &want_durable).await.unwrap();
+    vol.sync_durable().await.unwrap();
+    for i in 0..4u8 {
+        let log = pattern(8 << 10, 10 + i);
+        let at = (200 << 10) + i as usize * (24 << 10); // in the middle, then past the end
+        vol.write_stable(&ROOT, durable, at as u64, &log).await.unwrap();
+        want_durable.resize(want_durable.len().max(at + log.len()), 0);
+        want_durable[at..at + log.len()].copy_from_slice(&log);
+    }
+    assert!(!vol.needs_local_sync(), "stable WRITEs left something to sync");
+
+    // Synced on its own when large (its name with it), journalled when cut small, then grown
+    // past the journal's limit again and not synced since.
+    let carried = create_file(&vol, b"carried").await;
+    vol.write(&ROOT, carried, 0, &pattern(100 << 10, 5)).await.unwrap();
+    vol.sync_durable().await.unwrap();
+    let cut = SetAttr {
+        size: Some(0),
+        ..Default::default()
+    };
+    vol.setattr(&ROOT, carried, cut).await.unwrap();
+    let mut want_carried = pattern(10 << 10, 1);
+    vol.write(&ROOT, carried, 0, &want_carried).await.unwrap();
+    vol.sync_durable().await.unwrap();
+    let rest = pattern(100 << 10, 2);
+    vol.write(&ROOT, carried, want_carried.len() as u64, &rest)
+        .await
+        .unwrap();
+    want_carried.extend_from_slice(&rest);
+    let log = pattern(8 << 10, 3);
+    vol.write_stable(&ROOT, carried, 4096, &log).await.unwrap();
+    want_carried[4096..4096 + log.len()].copy_from_slice(&log);
+
+    // A crash: the state as the disk holds it now (the core alone runs no background task, and
+    // the journal's database writes only at a checkpoint), with no flush and no checkpoint.
+    let crashed = tempfile::tempdir().unwrap();
+    copy_dir(state.path(), crashed.path());
+    let mut cfg = cfg.clone();
+    cfg.state_dir = crashed.path().to_path_buf();
+    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+    assert!(
+        read_all(&vol, carried, want_carried.len()).await == want_carried,
+        "the older journalled bytes came back over a stable WRITE"
+    );
+    assert!(
+        read_all(&vol, durable, want_durable.len()).await == want_durable,
+        "stable WRITEs lost in a crash"
+    );
+    vol.flush_all().await.unwrap();
+    assert!(object(&store, "carried").await == want_carried, "in S3");
+    assert!(object(&store, "durable").await == want_durable, "in S3");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir(&dest).unwrap();
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}

@@ -11,6 +11,19 @@ impl Volume {
 
     /// [`Volume::write`] without the attributes: for a stable WRITE, whose COMMIT reads them.
     pub async fn write_bytes(&self, cred: &Cred, ino: Ino, offset: u64, data: &[u8]) -> FsResult<()> {
+        self.write_staged(cred, ino, offset, data, false).await.map(drop)
+    }
+
+    /// Writes into the staged copy. With `durably`, a write that needs nothing else made
+    /// durable goes to disk on its own (see [`Volume::write_stable`]); returns whether it did.
+    pub(super) async fn write_staged(
+        &self,
+        cred: &Cred,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        durably: bool,
+    ) -> FsResult<bool> {
         if self.uploader.dirty_bytes() > self.cfg.max_dirty_bytes {
             return Err(FsError::Retry("too much data waiting for S3".into()));
         }
@@ -34,6 +47,7 @@ impl Volume {
             if !self.fill_for_client(&st, from..end).await? {
                 continue; // dropped under us: look again
             }
+            let direct;
             {
                 let _r = st.lock.read().await;
                 if st.is_retired() {
@@ -41,7 +55,13 @@ impl Volume {
                 }
                 let growth = offset.saturating_add(data.len() as u64).saturating_sub(st.size());
                 self.usage.check_growth(growth).map_err(FsError::NoSpace)?;
-                match st.write_at(offset, data) {
+                direct = durably && self.alone_durable(&st);
+                let written = if direct {
+                    st.write_at_durably(offset, data)
+                } else {
+                    st.write_at(offset, data)
+                };
+                match written {
                     Err(_) if st.is_retired() => continue, // dropped under us: look again
                     r => r?,
                 }
@@ -50,7 +70,9 @@ impl Volume {
                 }
                 self.usage.grew(growth);
             }
-            self.note_unsynced(&st);
+            if !direct {
+                self.note_unsynced(&st);
+            }
             if !st.is_journalled() {
                 let _g = self.ns.lock().await;
                 if !st.is_journalled() {
@@ -65,7 +87,7 @@ impl Volume {
             // uploaded again and again (fio's random writes to a 256 MiB file sent 117 MB).
             let appending = offset.saturating_add(data.len() as u64) >= st.size();
             self.uploader.note_write(&st, self.cfg.part_size, appending);
-            return Ok(());
+            return Ok(direct && !self.meta.unsynced());
         }
     }
 

@@ -527,6 +527,15 @@ impl Staged {
         Ok(())
     }
 
+    /// [`Staged::write_at`], on disk when it returns: the bytes and the size that reaches them
+    /// (`O_DSYNC`'s promise), nothing else of the file.
+    pub fn write_at_durably(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        write_all_dsync(&*self.file()?, data, offset)?;
+        self.size.fetch_max(offset + data.len() as u64, Ordering::AcqRel);
+        self.touched(offset, data.len() as u64);
+        Ok(())
+    }
+
     /// Sets the length. The caller holds `lock` exclusively, and filled the boundary part (the
     /// one holding the last byte the file keeps, see [`Staged::boundary`]): that part changes
     /// and is sent at the next upload; the parts below it do not, and stay copies of the base
@@ -616,6 +625,11 @@ impl Staged {
         self.name_unsynced.store(true, Ordering::Release);
     }
 
+    /// Whether its name was made since the directory's last sync.
+    pub fn name_pending(&self) -> bool {
+        self.name_unsynced.load(Ordering::Acquire)
+    }
+
     /// Whether its name was made since the last call: the directory needs a sync for the file
     /// to be found after a power cut.
     pub fn take_new_name(&self) -> bool {
@@ -637,6 +651,42 @@ impl Drop for Staged {
     fn drop(&mut self) {
         self.close_fd();
     }
+}
+
+/// Writes all of `data` at `offset`, each piece with `RWF_DSYNC`: one system call where a
+/// write and an `fdatasync` would be two. Where the kernel or the file system refuses the flag,
+/// a write and an `fdatasync`.
+fn write_all_dsync(f: &File, mut data: &[u8], mut offset: u64) -> std::io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::fd::AsRawFd;
+        while !data.is_empty() {
+            let iov = libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            };
+            // SAFETY: one iovec over `data`, which outlives the call; the kernel only reads it.
+            let n = unsafe { libc::pwritev2(f.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_DSYNC) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => break, // the fallback below
+                    _ => return Err(e),
+                }
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            data = &data[n as usize..];
+            offset += n as u64;
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+    }
+    f.write_all_at(data, offset)?;
+    f.sync_data()
 }
 
 /// A fetch of one file from S3 into staging, shared by everyone who needs that file meanwhile.

@@ -86,7 +86,10 @@ impl NfsAdapter {
             op(name, span, f).await
         })
         .await;
-        crate::metrics::global().nfs_op(name, start.elapsed(), r.is_ok());
+        let metrics = crate::metrics::global();
+        if metrics.nfs_observed() {
+            metrics.nfs_op(name, start.elapsed(), r.is_ok());
+        }
         r
     }
 }
@@ -365,8 +368,7 @@ impl NFSFileSystem for NfsAdapter {
                         // What COMMIT promises, as the volume's durability says: with `s3`, a
                         // stable WRITE (the kernel's choice for a one-WRITE fsync) is in S3
                         // before it is answered. The attributes are COMMIT's.
-                        self.vol.write_bytes(&self.cred(cx), id, offset, data).await?;
-                        return self.vol.commit(id).await;
+                        return self.vol.write_stable(&self.cred(cx), id, offset, data).await;
                     }
                     self.vol.write(&self.cred(cx), id, offset, data).await
                 },
