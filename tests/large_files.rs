@@ -1104,7 +1104,7 @@ async fn stable_writes_survive_a_crash_and_never_bring_back_older_journalled_byt
     // A crash: the state as the disk holds it now (the core alone runs no background task, and
     // the journal's database writes only at a checkpoint), with no flush and no checkpoint.
     let crashed = tempfile::tempdir().unwrap();
-    copy_dir(state.path(), crashed.path());
+    common::copy_tree(state.path(), crashed.path());
     let mut cfg = cfg.clone();
     cfg.state_dir = crashed.path().to_path_buf();
     let vol = Volume::open(cfg, store.clone()).await.unwrap();
@@ -1119,17 +1119,4 @@ async fn stable_writes_survive_a_crash_and_never_bring_back_older_journalled_byt
     vol.flush_all().await.unwrap();
     assert!(object(&store, "carried").await == want_carried, "in S3");
     assert!(object(&store, "durable").await == want_durable, "in S3");
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            std::fs::create_dir(&dest).unwrap();
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
 }

@@ -52,20 +52,6 @@ struct Model {
     next_group: u32,
 }
 
-/// Copies a directory tree: the state directory as a crash would leave it on disk.
-fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
-
 fn join(dir: &str, name: &str) -> String {
     if dir.is_empty() {
         name.to_string()
@@ -476,7 +462,7 @@ impl Harness {
             }
             Op::Crash => {
                 let crashed = tempfile::tempdir().unwrap();
-                copy_tree(self.state.path(), crashed.path());
+                common::copy_tree(self.state.path(), crashed.path());
                 let vol = self.vol.take().unwrap();
                 drop(vol);
                 self.state = crashed;

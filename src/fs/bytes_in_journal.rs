@@ -82,6 +82,18 @@ impl Volume {
 
     /// Syncs `files` on their own; for those whose bytes the journal carries, a drop record
     /// follows, synced before this returns.
+    /// Whether a write into `st` made durable on its own (a stable WRITE, see
+    /// [`Volume::write_stable`]) is all a COMMIT would need for it: by the rules above, the rest
+    /// of what makes it found again after a power cut is already on disk. The caller
+    /// holds `st.lock` shared (no truncation moves the file under the journal's size limit).
+    pub(super) fn alone_durable(&self, st: &Staged) -> bool {
+        st.size() > JOURNAL_MAX
+            && st.on_disk()
+            && !st.name_pending()
+            && st.is_journalled()
+            && !self.meta.carries_bytes(st.ino)
+    }
+
     pub(super) fn sync_files(&self, files: Vec<Arc<Staged>>) -> FsResult<()> {
         self.sync_each(&files).inspect_err(|_| self.requeue(&files))
     }

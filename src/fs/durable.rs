@@ -23,8 +23,6 @@ use std::time::Duration;
 
 use crate::meta::Ino;
 
-use super::bytes_in_journal::JOURNAL_MAX;
-use super::staging::Staged;
 use super::{Attr, Cred, FsError, FsResult, Volume};
 
 /// What COMMIT waits for.
@@ -205,17 +203,6 @@ impl Volume {
             return Ok(self.attr_of(&self.inode(ino)?));
         }
         self.commit(ino).await
-    }
-
-    /// Whether a write into `st` made durable on its own is all a COMMIT would need for it: the
-    /// rest of what makes it found again after a power cut is already on disk. The caller
-    /// holds `st.lock` shared (no truncation moves the file under the journal's size limit).
-    pub(super) fn alone_durable(&self, st: &Staged) -> bool {
-        st.size() > JOURNAL_MAX
-            && st.on_disk()
-            && !st.name_pending()
-            && st.is_journalled()
-            && !self.meta.carries_bytes(st.ino)
     }
 
     /// COMMIT of a file: durable as the volume's [`Durability`] says; returns its attributes.
