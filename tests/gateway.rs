@@ -909,6 +909,29 @@ async fn names_s3_cannot_hold_are_refused() {
     assert_eq!(s3.keys("").await, vec!["ok"]);
 }
 
+/// `flush_all` (`s3nfs flush`, a clean shutdown, a Kubernetes unstage) rides out a moment of
+/// S3 refusing, as the background uploads do: two PUTs answered 503 and the flush still ends
+/// with everything in S3. It failed on the first.
+#[tokio::test]
+async fn a_flush_rides_out_s3_refusing_for_a_moment() {
+    use s3nfs::store::faulty::Op as FaultOp;
+    use s3nfs::store::StoreError;
+    // Only the flush uploads (the background's would meet the faults first).
+    let (gw, s3, faults) = gateway::on_faulty_garage(Opts {
+        flush_delay: Duration::from_secs(3600),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let f = c.create(&root, "f", 0o644).await.unwrap();
+    c.write_all(&f, 0, b"bytes").await.unwrap();
+    faults.fail_next(FaultOp::Put, 2, StoreError::Unavailable("503 injected".into()));
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(faults.pending_failures(FaultOp::Put), 0, "the faults were not met");
+    assert_eq!(s3.get("f").await.as_deref(), Some(&b"bytes"[..]));
+}
+
 #[tokio::test]
 async fn s3_outage_writes_stage_reads_retry() {
     let (gw, s3, faults) = gateway::on_faulty_garage(Opts::default()).await;

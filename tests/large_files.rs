@@ -862,6 +862,64 @@ async fn a_write_to_a_cold_large_file_fetches_only_the_part_it_touches() {
     );
 }
 
+/// 4 KiB READs of a cold file at offsets all over it, each checked: the GETs they took, and
+/// whether an upload followed.
+async fn random_reads(vol: &Volume, faults: &Faults, ino: u64, want: &[u8], reads: usize) -> u64 {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..reads {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let off = (x >> 33) % (want.len() as u64 - 4096);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let (b, _) = until_not_retry(deadline, "a random read", || vol.read(&ROOT, ino, off, 4096)).await;
+        assert!(b[..] == want[off as usize..off as usize + 4096], "the bytes at {off}");
+    }
+    faults.calls(Op::Get)
+}
+
+/// A random reader of a cold file gets ranged GETs of its own until they are as many as
+/// fetching the file whole takes (28 GETs of 1 MiB here), then the file is staged with holes
+/// and each part comes once: never much more than twice the GETs of either way alone (ranged
+/// GETs alone took one per READ, 200). The copy is never uploaded. A file over half the bound
+/// on clean copies is never staged for a reader. On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_reader_of_a_cold_file_has_it_staged_once_ranged_gets_cost_more() {
+    let (s3, _bucket) = common::gateway::garage_store().await;
+    let s3: Arc<dyn ObjectStore> = s3;
+    let state = tempfile::tempdir().unwrap();
+    let (vol, faults, ino, want) = cold_file_with_holes(&s3, state.path()).await;
+    let gets = random_reads(&vol, &faults, ino, &want, 200).await;
+    // The first READ takes a chunk (it may be a sequential reader's), 28 ranged GETs, at most
+    // 28 to fill the parts.
+    assert!(gets <= 1 + 28 + 28, "{gets} GETs for 200 random READs");
+    assert!(gets > 28, "{gets} GETs: staged before the ranged GETs cost as much");
+    eprintln!("{gets} GETs for 200 random READs");
+    faults.reset_counts();
+    vol.flush_all().await.unwrap();
+    assert_eq!(
+        faults.calls(Op::Put) + faults.calls(Op::CreateMultipart),
+        0,
+        "a copy staged for a reader was uploaded"
+    );
+    drop(vol);
+
+    // Bound clean copies to 40 MiB: the 28 MiB file is more than half of it.
+    let (faulty, faults) = FaultyStore::new(s3.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.part_size = PART;
+    cfg.sparse_from = PART;
+    cfg.read_chunk = MIB as u64;
+    cfg.max_staged_clean_bytes = 40 << 20;
+    let vol = Volume::open(cfg, store).await.unwrap();
+    let ino = vol.lookup(&ROOT, vol.root(), b"cold").await.unwrap();
+    faults.reset_counts();
+    let gets = random_reads(&vol, &faults, ino, &want, 200).await;
+    // Ranged GETs all along (a READ that lands next to the one before may take a chunk), far
+    // more than staged: past the bound, the file was not.
+    assert!(gets > 100, "{gets} GETs for 200 random READs: staged past the bound");
+}
+
 /// A gateway restarted while a copy has holes and a change not yet in S3: the sidecar brings
 /// the holes back, reads fill them, and the upload sends the part present at the restart (it may
 /// have been written) and copies the others. Taking the copy as whole would upload zeros;

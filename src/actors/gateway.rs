@@ -215,12 +215,16 @@ async fn upload_rounds(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
 async fn local_sync(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
     let clock = vol.cfg.clock.clone();
     loop {
+        // Idle, the loop sleeps until something is written (no timer: an idle gateway makes no
+        // system call at all); then it waits out the interval, so that the writes of that
+        // interval share one sync.
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = vol.until_local_sync_needed() => {}
+        }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = clock.sleep(LOCAL_SYNC_INTERVAL) => {}
-        }
-        if !vol.needs_local_sync() {
-            continue; // idle: no thread, no system call
         }
         if let Err(e) = vol.sync_tick().await {
             tracing::error!(error = %e, "local sync failed");

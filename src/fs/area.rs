@@ -19,6 +19,8 @@ pub struct StagingArea {
     jobs: Mutex<HashMap<Ino, StagingJob>>,
     /// Staged files written since the last local fsync.
     unsynced: Mutex<Vec<Arc<Staged>>>,
+    /// Rung when that queue gets its first file, for the local syncer waiting for one.
+    queued: tokio::sync::Notify,
 }
 
 impl StagingArea {
@@ -31,11 +33,25 @@ impl StagingArea {
             files: Default::default(),
             jobs: Default::default(),
             unsynced: Default::default(),
+            queued: tokio::sync::Notify::new(),
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Bytes an unprivileged writer may still put on the directory's file system, if known.
+    pub fn disk_free(&self) -> Option<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: `statvfs` only writes into the struct, all of whose fields may be zero.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a struct of the right type, both outliving the call.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
     }
 
     /// The directory, for a [`Staged`] to keep.
@@ -136,7 +152,24 @@ impl StagingArea {
     /// Queues `st` for the next local fsync.
     pub fn note_unsynced(&self, st: &Arc<Staged>) {
         if !st.unsynced.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            self.unsynced.locked().push(st.clone());
+            let mut q = self.unsynced.locked();
+            q.push(st.clone());
+            if q.len() == 1 {
+                self.queued.notify_one();
+            }
+        }
+    }
+
+    /// Returns once a staged file waits for a local fsync (at once if one does). For one
+    /// waiter: the local syncer.
+    pub async fn until_unsynced(&self) {
+        loop {
+            // Armed before the check: a file queued between the two leaves its permit.
+            let rung = self.queued.notified();
+            if self.has_unsynced() {
+                return;
+            }
+            rung.await;
         }
     }
 

@@ -173,6 +173,25 @@ impl Core {
         self.staging.drop_file(ino);
     }
 
+    /// Keeps at most `max_staged_files` staged copies, and, with `by_bytes` (a large file has
+    /// become clean, or a copy is made for a random reader), at most `max_staged_clean_bytes` of
+    /// copies S3 already holds: the least recently written of those are dropped (their disk
+    /// space and file descriptors freed). Recent ones stay, so a file written again soon, or
+    /// while S3 is unreachable, needs no download.
+    pub(crate) fn trim_staged(&self, by_bytes: bool) {
+        let excess = self
+            .staging
+            .excess_clean(self.cfg.max_staged_files, self.cfg.max_staged_clean_bytes, by_bytes);
+        for st in excess {
+            // Writers hold the lock shared: one busy right now keeps its copy.
+            if let Ok(_w) = st.lock.try_write() {
+                if st.is_clean() {
+                    self.drop_staged(st.ino);
+                }
+            }
+        }
+    }
+
     /// Picks up staged files left by the previous run.
     pub(super) fn restore_staged(&self) -> FsResult<()> {
         self.restore_journalled_bytes()?;

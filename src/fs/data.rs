@@ -1,4 +1,5 @@
-//! The data path: WRITE and READ of file bytes, through the staged copy or the read cache.
+//! The data path: WRITE and READ of file bytes, through the staged copy or the read cache (or
+//! a copy staged for a random reader, see `random_reads.rs`).
 //! File data never waits for the namespace lock.
 
 use super::*;
@@ -124,6 +125,9 @@ impl Volume {
             let Some(remote) = inode.remote.clone() else {
                 return Ok((Bytes::new(), true));
             };
+            if self.stage_for_random_reader(ino, &remote).await? {
+                continue; // served from the copy from now on
+            }
             if offset == 0 && remote.size <= SMALL_OBJECT && !self.cache.has_small(ino, &remote.etag) {
                 self.note_cold_open(&inode); // a reader going through a directory, perhaps
             }
@@ -144,6 +148,15 @@ impl Volume {
     /// without waking a blocking thread).
     pub fn needs_local_sync(&self) -> bool {
         self.meta.unsynced() || self.staging.has_unsynced()
+    }
+
+    /// Returns once [`Volume::needs_local_sync`] may say yes: the local syncer sleeps here while
+    /// the volume is idle, instead of waking every tick to find nothing to do.
+    pub async fn until_local_sync_needed(&self) {
+        tokio::select! {
+            _ = self.meta.until_unsynced() => {}
+            _ = self.staging.until_unsynced() => {}
+        }
     }
 
     /// Whether the usage count is due (see [`Volume::recount_usage_if_due`]).

@@ -244,4 +244,44 @@ mod tests {
         }
         assert!((10..40).contains(&fast), "back inline after {fast} fast syncs");
     }
+
+    /// The local syncer's wait (`until_local_sync_needed`) returns only once there is something
+    /// to sync, a journal record or a write's bytes: an idle volume's syncer sleeps on no timer,
+    /// and a write while it sleeps wakes it.
+    #[tokio::test]
+    async fn the_local_syncer_sleeps_until_a_namespace_change_or_a_write() {
+        use crate::fs::{SetAttr, VolumeConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::ObjectStore> =
+            Arc::new(crate::store::local::LocalStore::open(&dir.path().join("s3")).unwrap());
+        let vol = Volume::open(VolumeConfig::new(dir.path().join("state")), store)
+            .await
+            .unwrap();
+        let root = Cred::root();
+        vol.sync_local().unwrap();
+
+        let mut wait = Box::pin(vol.until_local_sync_needed());
+        assert!(
+            futures::poll!(&mut wait).is_pending(),
+            "nothing to sync, and the wait returned"
+        );
+        let ino = vol
+            .create(&root, vol.root(), b"f", SetAttr::default(), true)
+            .await
+            .unwrap()
+            .ino;
+        assert!(
+            futures::poll!(&mut wait).is_ready(),
+            "a create (a journal record) did not wake it"
+        );
+        // A large file's write: its bytes go to the staged copy, not the journal.
+        let big = vec![7u8; 1 << 20];
+        vol.write(&root, ino, 0, &big).await.unwrap();
+        vol.sync_local().unwrap();
+
+        let mut wait = Box::pin(vol.until_local_sync_needed());
+        assert!(futures::poll!(&mut wait).is_pending(), "synced, and the wait returned");
+        vol.write(&root, ino, 4096, b"bytes").await.unwrap();
+        assert!(futures::poll!(&mut wait).is_ready(), "a write did not wake it");
+    }
 }

@@ -42,6 +42,7 @@ mod numbers;
 pub mod perm;
 mod prefetch;
 pub mod progress;
+mod random_reads;
 pub mod read;
 pub mod staging;
 pub mod upload;

@@ -61,6 +61,9 @@ struct Stream {
     used: u64,
     /// Reads in a row that followed on from the one before.
     run: u32,
+    /// READs answered by a ranged GET of their own (a random reader's), since the reader was
+    /// first seen: what a staged copy of the file would have saved (see `random_reads.rs`).
+    ranges: u32,
 }
 
 #[derive(Default)]
@@ -191,8 +194,25 @@ impl ReadCache {
     }
 
     /// Whether chunk `idx` of this version is in the cache (or being fetched).
+    #[cfg(test)]
     fn cached(&self, ino: Ino, etag: &str, idx: u64) -> bool {
-        self.inner.locked().map.get(&(ino, idx)).is_some_and(|(e, _)| e == etag)
+        Self::has_chunk(&self.inner.locked(), ino, etag, idx)
+    }
+
+    fn has_chunk(inner: &Inner, ino: Ino, etag: &str, idx: u64) -> bool {
+        inner.map.get(&(ino, idx)).is_some_and(|(e, _)| e == etag)
+    }
+
+    /// READs of `ino` answered by a ranged GET of their own since its reader was first seen.
+    pub fn ranged_reads(&self, ino: Ino) -> u32 {
+        self.inner.locked().stream.get(&ino).map_or(0, |s| s.ranges)
+    }
+
+    /// Starts [`ReadCache::ranged_reads`] of `ino` over from zero.
+    pub fn reset_ranged_reads(&self, ino: Ino) {
+        if let Some(s) = self.inner.locked().stream.get_mut(&ino) {
+            s.ranges = 0;
+        }
     }
 
     /// A random reader's READ: only the range asked for, rounded out to [`RANDOM_GRAIN`], and
@@ -247,7 +267,7 @@ impl ReadCache {
         }
         let first = offset / self.chunk;
         let last = (end - 1) / self.chunk;
-        let (window, jumping) = {
+        let (window, ranged) = {
             let mut inner = self.inner.locked();
             let known = inner.stream.get(&ino).copied();
             let prev = known.unwrap_or_default();
@@ -271,6 +291,7 @@ impl ReadCache {
             inner.reads += 1;
             let now = inner.reads;
             let run = if sequential { prev.run.saturating_add(1) } else { 0 };
+            let ranged = jumping && first == last && !Self::has_chunk(&inner, ino, &remote.etag, first);
             inner.stream.insert(
                 ino,
                 Stream {
@@ -278,6 +299,7 @@ impl ReadCache {
                     window: w,
                     used: now,
                     run,
+                    ranges: prev.ranges.saturating_add(u32::from(ranged)),
                 },
             );
             if inner.stream.len() > MAX_STREAMS {
@@ -285,9 +307,9 @@ impl ReadCache {
                 let keep_after = now - (MAX_STREAMS / 2) as u64;
                 inner.stream.retain(|_, s| s.used > keep_after);
             }
-            (if jumping { 0 } else { w }, jumping)
+            (if jumping { 0 } else { w }, ranged)
         };
-        if jumping && first == last && !self.cached(ino, &remote.etag, first) {
+        if ranged {
             return Self::read_exact_range(&**store, remote, offset, end).await;
         }
         for idx in last + 1..=last + window as u64 {

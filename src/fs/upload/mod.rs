@@ -288,12 +288,28 @@ impl Uploader {
     /// or an S3 error stops progress (the error is returned; the work stays journalled).
     pub async fn flush_all(self: &Arc<Self>) -> FsResult<()> {
         // A round can end with work still pending for good reasons (a write raced an upload, an
-        // upload's result was recorded as a delete of what it wrote): only several rounds in a
-        // row without progress mean S3 keeps refusing.
+        // upload's result was recorded as a delete of what it wrote), or with an error the next
+        // round clears (S3 unavailable for a moment, a sync that raced a client's change): only
+        // several rounds in a row without progress mean S3 keeps refusing.
         const MAX_STALLS: u32 = 5;
         let (mut last, mut stalls) = (usize::MAX, 0);
         loop {
-            let left = self.flush_round(true).await.inspect_err(|e| self.health.failed(e))?;
+            let left = match self.flush_round(true).await {
+                Ok(left) => left,
+                Err(e) => {
+                    self.health.failed(&e);
+                    stalls += 1;
+                    if !matches!(e, FsError::Retry(_) | FsError::Io(_)) || stalls >= MAX_STALLS {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "a flush round failed; trying again");
+                    self.cfg
+                        .clock
+                        .sleep(std::time::Duration::from_millis(20 << stalls))
+                        .await;
+                    continue;
+                }
+            };
             if left == 0 {
                 // Nothing pending is nothing dirty: the figure need not wait for the next sweep.
                 self.dirty_bytes.store(0, Ordering::Release);

@@ -396,26 +396,6 @@ impl super::Uploader {
         })
     }
 
-    /// Keeps at most `max_staged_files` staged copies, and, after a large file has become clean,
-    /// at most `max_staged_clean_bytes` of copies S3 already holds: the least recently written
-    /// of those are dropped (their disk space and file descriptors freed). Recent ones stay, so
-    /// a file written again soon, or while S3 is unreachable, needs no download.
-    fn trim_staged(&self, large_settled: bool) {
-        let excess = self.staging.excess_clean(
-            self.cfg.max_staged_files,
-            self.cfg.max_staged_clean_bytes,
-            large_settled,
-        );
-        for st in excess {
-            // Writers hold the lock shared: one busy right now keeps its copy.
-            if let Ok(_w) = st.lock.try_write() {
-                if st.is_clean() {
-                    self.drop_staged(st.ino);
-                }
-            }
-        }
-    }
-
     /// Records a finished sync: the remote location, and clears `P` if nothing changed meanwhile.
     /// Takes the staged file's lock before `ns` (the lock order).
     async fn record(&self, ino: Ino, seq: u64, synced: Option<Synced>, st: Option<Arc<Staged>>) -> FsResult<()> {
