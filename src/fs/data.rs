@@ -125,9 +125,7 @@ impl Volume {
             let Some(remote) = inode.remote.clone() else {
                 return Ok((Bytes::new(), true));
             };
-            if self.stage_for_random_reader(ino, &remote).await? {
-                continue; // served from the copy from now on
-            }
+            self.stage_for_random_reader(ino, &remote);
             if offset == 0 && remote.size <= SMALL_OBJECT && !self.cache.has_small(ino, &remote.etag) {
                 self.note_cold_open(&inode); // a reader going through a directory, perhaps
             }

@@ -233,27 +233,39 @@ impl Core {
         }
     }
 
-    /// Bytes `range` of `base` written into `st`, a chunk at a time.
+    /// Bytes `range` of `base` written into `st`, in GETs of a chunk, as many at once as a
+    /// sequential reader keeps ahead (at most 4): a READ or WRITE that lands in a hole waits for
+    /// the part's slowest GET, not for four round trips in a row.
     async fn fill_part(
         &self,
         st: &Staged,
         base: &Remote,
         range: std::ops::Range<u64>,
     ) -> crate::store::StoreResult<()> {
-        let mut off = range.start;
-        while off < range.end {
-            let to = (off + self.cfg.read_chunk).min(range.end);
-            let bytes = super::versions::read_version(&*self.store, base, off..to).await?;
-            if bytes.len() as u64 != to - off {
+        use futures::StreamExt;
+        let chunk = self.cfg.read_chunk.max(1);
+        let chunks = (range.start..range.end)
+            .step_by(chunk as usize)
+            .map(|off| off..(off + chunk).min(range.end));
+        let mut fetched = futures::stream::iter(chunks.map(|r| async move {
+            let bytes = super::versions::read_version(&*self.store, base, r.clone()).await;
+            (r, bytes)
+        }))
+        .buffered(self.cfg.read_ahead.clamp(1, 4));
+        // In order, as they come: each chunk is on disk before the part is marked filled.
+        while let Some((r, bytes)) = fetched.next().await {
+            let bytes = bytes?;
+            if bytes.len() as u64 != r.end - r.start {
                 return Err(StoreError::Io(format!(
-                    "{} answered {} bytes for bytes {off}..{to} of its version {}",
+                    "{} answered {} bytes for bytes {}..{} of its version {}",
                     base.key,
                     bytes.len(),
+                    r.start,
+                    r.end,
                     base.etag
                 )));
             }
-            st.fill_at(off, &bytes).map_err(|e| StoreError::Io(e.to_string()))?;
-            off = to;
+            st.fill_at(r.start, &bytes).map_err(|e| StoreError::Io(e.to_string()))?;
         }
         Ok(())
     }

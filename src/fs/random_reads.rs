@@ -18,71 +18,79 @@
 use super::*;
 use crate::meta::Remote;
 
-/// Whether a file of `size` bytes, whose READs made `ranged` GETs of their own so far, is better
-/// staged: those GETs are as many as fetching it whole in chunks of `chunk` takes, and it fits
-/// the bound on clean copies (`max_clean`) and the disk (`free`).
-pub(super) fn worth_staging(size: u64, ranged: u32, chunk: u64, max_clean: u64, free: Option<u64>) -> bool {
+/// Whether a file of `size` bytes, whose READs made `ranged` GETs of their own so far, is due
+/// to be staged: those GETs are as many as fetching it whole in chunks of `chunk` takes, and it
+/// fits the bound on clean copies (`max_clean`).
+pub(super) fn due(size: u64, ranged: u32, chunk: u64, max_clean: u64) -> bool {
     let whole = size.div_ceil(chunk.max(1)).max(2);
-    u64::from(ranged) >= whole && size <= max_clean / 2 && free.is_some_and(|f| f / 2 >= size)
+    u64::from(ranged) >= whole && size <= max_clean / 2
+}
+
+/// Whether the staging disk, with `free` bytes (if known), has room for a copy of `size`.
+pub(super) fn room(size: u64, free: Option<u64>) -> bool {
+    free.is_some_and(|f| f / 2 >= size)
 }
 
 impl Volume {
-    /// Stages `ino` (version `remote`) for its random reader if [`worth_staging`] says so;
-    /// whether reads should look for the copy now. A download not done within `stage_wait` is
-    /// [`FsError::Retry`], as for a write. Should staging fail otherwise (a full disk, an S3
-    /// error), the reader goes on with ranged GETs and the count starts over.
-    pub(super) async fn stage_for_random_reader(&self, ino: Ino, remote: &Remote) -> FsResult<bool> {
+    /// Starts staging `ino` (version `remote`) for its random reader if it is [`due`] and there
+    /// is [`room`]. Not waited for: the READ that found it due is answered by its own ranged GET,
+    /// and those after it read the copy once it is there (a large file's copy with holes at
+    /// once; a smaller one once it is fetched whole). Should staging fail (a full disk, S3), the
+    /// reader goes on with ranged GETs, and the count starts over.
+    pub(super) fn stage_for_random_reader(&self, ino: Ino, remote: &Remote) {
         let ranged = self.cache.ranged_reads(ino);
-        if ranged == 0 {
-            return Ok(false);
-        }
-        let free = self.staging.disk_free();
-        if !worth_staging(
+        if !due(
             remote.size,
             ranged,
             self.cfg.read_chunk,
             self.cfg.max_staged_clean_bytes,
-            free,
         ) {
-            return Ok(false);
+            return;
+        }
+        // From here the count starts over, whatever happens: the disk is asked (a system call)
+        // once per count, not at every READ while it has no room.
+        self.cache.reset_ranged_reads(ino);
+        if !room(remote.size, self.staging.disk_free()) {
+            return;
         }
         // Room first, among the copies S3 already holds.
         self.trim_staged(true);
-        self.cache.reset_ranged_reads(ino);
-        match self.stage(ino, false).await {
-            Ok(_) => {
-                tracing::debug!(ino, ranged, size = remote.size, "staged for a random reader");
-                Ok(true)
+        let core = self.core.clone();
+        let size = remote.size;
+        self.spawn_background("staging for a random reader", async move {
+            // The fetch is a job of its own (`Core::stage`): a wait that ends first (a slow
+            // fetch, told to retry) leaves it running.
+            match core.stage(ino, false).await {
+                Ok(_) => tracing::debug!(ino, ranged, size, "staged for a random reader"),
+                // Still coming, or the file went meanwhile.
+                Err(FsError::Retry(_) | FsError::NotFound | FsError::Stale) => {}
+                Err(e) => {
+                    tracing::warn!(ino, error = %e, "could not stage a file for its random reader; reading ranges from S3")
+                }
             }
-            Err(e @ FsError::Retry(_)) => Err(e),
-            Err(e) => {
-                tracing::warn!(ino, error = %e, "could not stage a file for its random reader; reading ranges from S3");
-                Ok(false)
-            }
-        }
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::worth_staging;
+    use super::{due, room};
 
     const MIB: u64 = 1 << 20;
 
     #[test]
     fn a_file_is_staged_once_its_ranged_gets_match_a_whole_fetch_and_it_fits() {
-        let free = Some(100 << 30);
         // 128 MiB in 4 MiB chunks: 32 GETs whole.
-        assert!(!worth_staging(128 * MIB, 31, 4 * MIB, 1 << 30, free));
-        assert!(worth_staging(128 * MIB, 32, 4 * MIB, 1 << 30, free));
+        assert!(!due(128 * MIB, 31, 4 * MIB, 1 << 30));
+        assert!(due(128 * MIB, 32, 4 * MIB, 1 << 30));
         // A file of one chunk still waits for two reads: one may be all there is.
-        assert!(!worth_staging(MIB, 1, 4 * MIB, 1 << 30, free));
-        assert!(worth_staging(MIB, 2, 4 * MIB, 1 << 30, free));
+        assert!(!due(MIB, 1, 4 * MIB, 1 << 30));
+        assert!(due(MIB, 2, 4 * MIB, 1 << 30));
         // Over half the bound on clean copies: never.
-        assert!(!worth_staging(600 * MIB, u32::MAX, 4 * MIB, 1 << 30, free));
-        // Without twice its size free on the disk, or when that is unknown: never.
-        assert!(!worth_staging(128 * MIB, 32, 4 * MIB, 1 << 30, Some(255 * MIB)));
-        assert!(worth_staging(128 * MIB, 32, 4 * MIB, 1 << 30, Some(256 * MIB)));
-        assert!(!worth_staging(128 * MIB, 32, 4 * MIB, 1 << 30, None));
+        assert!(!due(600 * MIB, u32::MAX, 4 * MIB, 1 << 30));
+        // Twice its size free on the disk, known.
+        assert!(!room(128 * MIB, Some(255 * MIB)));
+        assert!(room(128 * MIB, Some(256 * MIB)));
+        assert!(!room(128 * MIB, None));
     }
 }
