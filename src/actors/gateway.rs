@@ -215,9 +215,9 @@ async fn upload_rounds(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
 async fn local_sync(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
     let clock = vol.cfg.clock.clone();
     loop {
-        // Idle, the loop sleeps until something is written (no timer: an idle gateway makes no
-        // system call at all); then it waits out the interval, so that the writes of that
-        // interval share one sync.
+        // Idle, the loop sleeps until something is written (on no timer: it makes no system
+        // call while the volume is idle); then it waits out the interval, so that the writes of
+        // that interval share one sync.
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = vol.until_local_sync_needed() => {}
