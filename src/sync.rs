@@ -1,8 +1,34 @@
 //! Locking without poison. A panic in one NFS request (a bug) must not turn every later request
 //! that takes the same lock into a panic as well: the state behind these locks (maps, sets,
 //! counters) stays consistent between statements, so the next holder carries on with it.
+//!
+//! And [`Bell`]: how one waiter sleeps until a condition that others make true may hold.
 
 use std::sync::{Mutex, MutexGuard};
+
+/// Rung by whoever may have made a condition true, for one waiter that sleeps until it holds
+/// (the local syncer, until something is unsynced): no timer, no polling.
+#[derive(Default)]
+pub struct Bell(tokio::sync::Notify);
+
+impl Bell {
+    /// Wakes the waiter, or leaves it a permit if it is not waiting yet.
+    pub fn ring(&self) {
+        self.0.notify_one();
+    }
+
+    /// Returns once `holds` does (at once if it does now).
+    pub async fn until(&self, holds: impl Fn() -> bool) {
+        loop {
+            // Armed before the check: a ring between the two leaves its permit for the wait.
+            let rung = self.0.notified();
+            if holds() {
+                return;
+            }
+            rung.await;
+        }
+    }
+}
 
 pub trait LockExt<T> {
     /// `lock()`, taking over a lock whose last holder panicked.

@@ -788,10 +788,20 @@ async fn a_file_deleted_by_another_client_before_its_move_reaches_s3_does_not_st
 /// A volume on `store` that stages every file of a part or more with holes (see
 /// `src/fs/holes.rs`), reading S3 in chunks of 1 MiB.
 async fn open_with_holes(state: &std::path::Path, store: &Arc<dyn ObjectStore>) -> Arc<Volume> {
+    open_with_holes_and(state, store, |_| {}).await
+}
+
+/// [`open_with_holes`], with the configuration changed further by `tweak`.
+async fn open_with_holes_and(
+    state: &std::path::Path,
+    store: &Arc<dyn ObjectStore>,
+    tweak: impl FnOnce(&mut VolumeConfig),
+) -> Arc<Volume> {
     let mut cfg = VolumeConfig::new(state.to_path_buf());
     cfg.part_size = PART;
     cfg.sparse_from = PART;
     cfg.read_chunk = MIB as u64;
+    tweak(&mut cfg);
     Volume::open(cfg, store.clone()).await.unwrap()
 }
 
@@ -813,11 +823,20 @@ async fn cold_file_with_holes(
     s3: &Arc<dyn ObjectStore>,
     state: &std::path::Path,
 ) -> (Arc<Volume>, Faults, u64, Vec<u8>) {
+    cold_file_with_holes_and(s3, state, |_| {}).await
+}
+
+/// [`cold_file_with_holes`], the volume's configuration changed further by `tweak`.
+async fn cold_file_with_holes_and(
+    s3: &Arc<dyn ObjectStore>,
+    state: &std::path::Path,
+    tweak: impl FnOnce(&mut VolumeConfig),
+) -> (Arc<Volume>, Faults, u64, Vec<u8>) {
     let want = pattern(28 * MIB, 1);
     put_object(&**s3, "cold", want.clone()).await;
     let (faulty, faults) = FaultyStore::new(s3.clone());
     let store: Arc<dyn ObjectStore> = Arc::new(faulty);
-    let vol = open_with_holes(state, &store).await;
+    let vol = open_with_holes_and(state, &store, tweak).await;
     let ino = vol.lookup(&ROOT, vol.root(), b"cold").await.unwrap();
     faults.reset_counts();
     (vol, faults, ino, want)
@@ -904,17 +923,9 @@ async fn a_random_reader_of_a_cold_file_has_it_staged_once_ranged_gets_cost_more
     drop(vol);
 
     // Bound clean copies to 40 MiB: the 28 MiB file is more than half of it.
-    let (faulty, faults) = FaultyStore::new(s3.clone());
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let state = tempfile::tempdir().unwrap();
-    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
-    cfg.part_size = PART;
-    cfg.sparse_from = PART;
-    cfg.read_chunk = MIB as u64;
-    cfg.max_staged_clean_bytes = 40 << 20;
-    let vol = Volume::open(cfg, store).await.unwrap();
-    let ino = vol.lookup(&ROOT, vol.root(), b"cold").await.unwrap();
-    faults.reset_counts();
+    let (vol, faults, ino, want) =
+        cold_file_with_holes_and(&s3, state.path(), |cfg| cfg.max_staged_clean_bytes = 40 << 20).await;
     let gets = random_reads(&vol, &faults, ino, &want, 200).await;
     // Ranged GETs all along (a READ that lands next to the one before may take a chunk), far
     // more than staged: past the bound, the file was not.
@@ -929,19 +940,8 @@ async fn a_random_reader_of_a_cold_file_has_it_staged_once_ranged_gets_cost_more
 async fn a_holes_part_comes_in_gets_in_flight_together() {
     let (s3, _bucket) = common::gateway::garage_store().await;
     let s3: Arc<dyn ObjectStore> = s3;
-    let want = pattern(28 * MIB, 1);
-    put_object(&*s3, "cold", want.clone()).await;
-    let (faulty, faults) = FaultyStore::new(s3.clone());
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let state = tempfile::tempdir().unwrap();
-    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
-    cfg.part_size = PART;
-    cfg.sparse_from = PART;
-    cfg.read_chunk = MIB as u64;
-    cfg.read_ahead = 4;
-    let vol = Volume::open(cfg, store).await.unwrap();
-    let ino = vol.lookup(&ROOT, vol.root(), b"cold").await.unwrap();
-    faults.reset_counts();
+    let (vol, faults, ino, mut want) = cold_file_with_holes_and(&s3, state.path(), |cfg| cfg.read_ahead = 4).await;
     faults.set_delay(std::time::Duration::from_secs(2));
     // A write into part 2 (bytes 5..10 MiB): its 5 chunks are fetched first.
     let writer = {
@@ -960,7 +960,6 @@ async fn a_holes_part_comes_in_gets_in_flight_together() {
     writer.await.unwrap().unwrap();
     faults.set_delay(std::time::Duration::ZERO);
     assert_eq!(faults.calls(Op::Get), 5, "one GET per chunk of the part");
-    let mut want = want;
     want[6 * MIB] = b'x';
     assert!(read_all(&vol, ino, want.len()).await == want, "the file after the fill");
 }

@@ -20,7 +20,7 @@ pub struct StagingArea {
     /// Staged files written since the last local fsync.
     unsynced: Mutex<Vec<Arc<Staged>>>,
     /// Rung when that queue gets its first file, for the local syncer waiting for one.
-    queued: tokio::sync::Notify,
+    queued: crate::sync::Bell,
 }
 
 impl StagingArea {
@@ -33,7 +33,7 @@ impl StagingArea {
             files: Default::default(),
             jobs: Default::default(),
             unsynced: Default::default(),
-            queued: tokio::sync::Notify::new(),
+            queued: Default::default(),
         })
     }
 
@@ -155,7 +155,7 @@ impl StagingArea {
             let mut q = self.unsynced.locked();
             q.push(st.clone());
             if q.len() == 1 {
-                self.queued.notify_one();
+                self.queued.ring();
             }
         }
     }
@@ -163,14 +163,7 @@ impl StagingArea {
     /// Returns once a staged file waits for a local fsync (at once if one does). For one
     /// waiter: the local syncer.
     pub async fn until_unsynced(&self) {
-        loop {
-            // Armed before the check: a file queued between the two leaves its permit.
-            let rung = self.queued.notified();
-            if self.has_unsynced() {
-                return;
-            }
-            rung.await;
-        }
+        self.queued.until(|| self.has_unsynced()).await
     }
 
     pub fn has_unsynced(&self) -> bool {

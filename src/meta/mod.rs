@@ -337,7 +337,7 @@ pub struct MetaDb {
     commits: std::sync::atomic::AtomicU64,
     synced_commits: std::sync::atomic::AtomicU64,
     /// Rung at each commit, for the local syncer waiting for one (see [`MetaDb::until_unsynced`]).
-    committed: tokio::sync::Notify,
+    committed: crate::sync::Bell,
     /// Per inode: its `H` records (other names of a file) and `C` records (subdirectories of a
     /// directory), kept as they change: a GETATTR's link count is a hash lookup, not a scan.
     /// Only inodes with at least one are present.
@@ -399,7 +399,7 @@ impl MetaDb {
             deletes_n: (tree.scan_prefix([b'X']).count() as u64).into(),
             commits: 0.into(),
             synced_commits: 0.into(),
-            committed: tokio::sync::Notify::new(),
+            committed: Default::default(),
             counts: Mutex::new(counts),
             journalled: Mutex::new(recovered.iter().map(|(ino, _)| *ino).collect()),
             bytes_syncer: OnceLock::new(),
@@ -541,7 +541,7 @@ impl MetaDb {
         self.pending_n.fetch_add(dp as u64, Relaxed);
         self.deletes_n.fetch_add(dx as u64, Relaxed);
         self.commits.fetch_add(1, std::sync::atomic::Ordering::Release);
-        self.committed.notify_one();
+        self.committed.ring();
         if wal.len() > CHECKPOINT_BYTES {
             self.checkpoint_locked(&mut wal)?;
         }
@@ -572,14 +572,7 @@ impl MetaDb {
     /// Returns once something is committed that no [`MetaDb::sync`] has covered yet (at once
     /// if something is). For one waiter: the local syncer.
     pub async fn until_unsynced(&self) {
-        loop {
-            // Armed before the check: a commit between the two leaves its permit for the wait.
-            let rung = self.committed.notified();
-            if self.unsynced() {
-                return;
-            }
-            rung.await;
-        }
+        self.committed.until(|| self.unsynced()).await
     }
 
     /// Flushes sled and empties the log.
