@@ -791,3 +791,34 @@ fn regression_link_to_a_file_not_yet_uploaded_then_restart() {
         true,
     );
 }
+
+/// A flushed name removed and taken at once by a hard link to a large file that then streams
+/// (its upload not done by the round), then a restart: the link must keep both names, and the
+/// removed file's object must not come back at the name.
+#[test]
+fn regression_removed_name_taken_by_a_link_to_a_streaming_file_then_restart() {
+    run_scaled(
+        vec![
+            Op::Create { dir: 0, name: "b" },
+            Op::Flush,
+            Op::Remove { any: 0 },
+            Op::Create { dir: 0, name: "c" },
+            Op::Link {
+                file: 0,
+                to_dir: 0,
+                name: "b",
+            },
+            Op::Write {
+                file: 0,
+                offset: 3575,
+                len: 171,
+                byte: 253,
+            },
+            Op::Tick,
+            Op::Restart,
+        ],
+        local_store,
+        4096,
+        false,
+    );
+}

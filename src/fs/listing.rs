@@ -215,8 +215,12 @@ impl Volume {
                 let Some(inode) = self.meta.inode(ino)? else {
                     continue;
                 };
-                if self.meta.pending(ino)?.is_some() || inode.synced_epoch > epoch_before {
-                    continue; // local changes not yet in S3, or newer than this listing
+                // Local changes not yet in S3, or newer than this listing. A hard link's name
+                // waits for its file's upload as well: until that copies the file onto the name,
+                // S3 may still hold whatever was at the name before (a removed file's object whose
+                // deletion was spared for the link), which is no other tool's new version.
+                if self.waits_for_upload(&inode)? || inode.synced_epoch > epoch_before {
+                    continue;
                 }
                 // Symlinks, special files and hard links are all plain objects in a listing.
                 let same_kind = inode.kind == want_kind || (want_kind == Kind::File && inode.kind != Kind::Dir);
