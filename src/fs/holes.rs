@@ -233,39 +233,23 @@ impl Core {
         }
     }
 
-    /// Bytes `range` of `base` written into `st`, in GETs of a chunk, as many at once as a
-    /// sequential reader keeps ahead (at most 4): a READ or WRITE that lands in a hole waits for
-    /// the part's slowest GET, not for four round trips in a row.
+    /// Bytes `range` of `base` (a part) written into `st` in one GET, streamed to disk: a part
+    /// costs one request, as an upload's part does, and memory holds a MiB of it at a time.
     async fn fill_part(
         &self,
         st: &Staged,
         base: &Remote,
         range: std::ops::Range<u64>,
     ) -> crate::store::StoreResult<()> {
-        use futures::StreamExt;
-        let chunk = self.cfg.read_chunk.max(1);
-        let chunks = (range.start..range.end)
-            .step_by(chunk as usize)
-            .map(|off| off..(off + chunk).min(range.end));
-        let mut fetched = futures::stream::iter(chunks.map(|r| async move {
-            let bytes = super::versions::read_version(&*self.store, base, r.clone()).await;
-            (r, bytes)
-        }))
-        .buffered(self.cfg.read_ahead.clamp(1, 4));
-        // In order, as they come: each chunk is on disk before the part is marked filled.
-        while let Some((r, bytes)) = fetched.next().await {
-            let bytes = bytes?;
-            if bytes.len() as u64 != r.end - r.start {
-                return Err(StoreError::Io(format!(
-                    "{} answered {} bytes for bytes {}..{} of its version {}",
-                    base.key,
-                    bytes.len(),
-                    r.start,
-                    r.end,
-                    base.etag
-                )));
-            }
-            st.fill_at(r.start, &bytes).map_err(|e| StoreError::Io(e.to_string()))?;
+        let want = range.end - range.start;
+        let got =
+            super::versions::stream_version(&*self.store, base, range.clone(), &|at, bytes| st.fill_at(at, bytes))
+                .await?;
+        if got != want {
+            return Err(StoreError::Io(format!(
+                "{} answered {got} bytes for bytes {}..{} of its version {}",
+                base.key, range.start, range.end, base.etag
+            )));
         }
         Ok(())
     }

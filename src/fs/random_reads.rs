@@ -5,10 +5,11 @@
 //! Ranged GETs are right for a few reads of a big file, and wrong for a database or an index
 //! read all over: fio's random 4 KiB reads of a cold 128 MiB file made 491 GETs, where the FUSE
 //! peers, which fetch whole files, made 13 to 50. The rule is the ski-rental one: once a file's
-//! own GETs are as many as fetching it whole takes (its size in read chunks), it is staged, so a
-//! reader never makes more than about twice the GETs of either way alone. A file from
-//! `sparse_from` on is staged with holes (`holes.rs`): each part comes when a READ first touches
-//! it, and parts never read are never fetched.
+//! own GETs are as many as fetching it takes (one GET per part, each streamed to disk), it is
+//! staged, so a reader never makes more than about twice the GETs of either way alone. A file
+//! from `sparse_from` on is staged with holes (`holes.rs`): each part comes in one GET when a
+//! READ first touches it, and parts never read are never fetched, so from then on a READ costs
+//! at most the one GET it would have cost anyway. A smaller file comes whole, in one GET.
 //!
 //! The copy holds nothing S3 lacks, so it is never uploaded, and it counts against
 //! `max_staged_clean_bytes` with the copies S3 already holds: only a file up to half of that
@@ -19,10 +20,10 @@ use super::*;
 use crate::meta::Remote;
 
 /// Whether a file of `size` bytes, whose READs made `ranged` GETs of their own so far, is due
-/// to be staged: those GETs are as many as fetching it whole in chunks of `chunk` takes, and it
-/// fits the bound on clean copies (`max_clean`).
-pub(super) fn due(size: u64, ranged: u32, chunk: u64, max_clean: u64) -> bool {
-    let whole = size.div_ceil(chunk.max(1)).max(2);
+/// to be staged: those GETs are as many as it has parts of `part` bytes (at least two: one read
+/// may be all there is), and it fits the bound on clean copies (`max_clean`).
+pub(super) fn due(size: u64, ranged: u32, part: u64, max_clean: u64) -> bool {
+    let whole = size.div_ceil(part.max(1)).max(2);
     u64::from(ranged) >= whole && size <= max_clean / 2
 }
 
@@ -39,12 +40,7 @@ impl Volume {
     /// reader goes on with ranged GETs, and the count starts over.
     pub(super) fn stage_for_random_reader(&self, ino: Ino, remote: &Remote) {
         let ranged = self.cache.ranged_reads(ino);
-        if !due(
-            remote.size,
-            ranged,
-            self.cfg.read_chunk,
-            self.cfg.max_staged_clean_bytes,
-        ) {
+        if !due(remote.size, ranged, self.cfg.part_size, self.cfg.max_staged_clean_bytes) {
             return;
         }
         // From here the count starts over, whatever happens: the disk is asked (a system call)
@@ -80,14 +76,14 @@ mod tests {
 
     #[test]
     fn a_file_is_staged_once_its_ranged_gets_match_a_whole_fetch_and_it_fits() {
-        // 128 MiB in 4 MiB chunks: 32 GETs whole.
-        assert!(!due(128 * MIB, 31, 4 * MIB, 1 << 30));
-        assert!(due(128 * MIB, 32, 4 * MIB, 1 << 30));
-        // A file of one chunk still waits for two reads: one may be all there is.
-        assert!(!due(MIB, 1, 4 * MIB, 1 << 30));
-        assert!(due(MIB, 2, 4 * MIB, 1 << 30));
+        // 128 MiB in 16 MiB parts: 8 GETs whole.
+        assert!(!due(128 * MIB, 7, 16 * MIB, 1 << 30));
+        assert!(due(128 * MIB, 8, 16 * MIB, 1 << 30));
+        // A file of one part still waits for two reads: one may be all there is.
+        assert!(!due(MIB, 1, 16 * MIB, 1 << 30));
+        assert!(due(MIB, 2, 16 * MIB, 1 << 30));
         // Over half the bound on clean copies: never.
-        assert!(!due(600 * MIB, u32::MAX, 4 * MIB, 1 << 30));
+        assert!(!due(600 * MIB, u32::MAX, 16 * MIB, 1 << 30));
         // Twice its size free on the disk, known.
         assert!(!room(128 * MIB, Some(255 * MIB)));
         assert!(room(128 * MIB, Some(256 * MIB)));

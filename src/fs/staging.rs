@@ -802,22 +802,23 @@ impl Core {
         }
     }
 
-    /// Writes `remote`'s bytes (none if `None`) into a new file at `tmp`, streamed through disk
-    /// chunk by chunk: memory stays bounded whatever the size. Every chunk is of that version.
+    /// Writes `remote`'s bytes (none if `None`) into a new file at `tmp`: one GET of that
+    /// version, streamed to disk, so memory stays bounded whatever the size.
     async fn download(&self, tmp: &Path, remote: Option<&Remote>) -> FsResult<()> {
         let file = std::fs::File::create(tmp)?;
         let Some(r) = remote else {
             return Ok(());
         };
-        let mut off = 0;
-        while off < r.size {
-            let end = (off + self.cfg.read_chunk).min(r.size);
-            let bytes = super::versions::read_version(&*self.store, r, off..end).await?;
-            if bytes.is_empty() {
-                break;
-            }
-            file.write_all_at(&bytes, off)?;
-            off += bytes.len() as u64;
+        let got =
+            super::versions::stream_version(&*self.store, r, 0..r.size, &|at, bytes| file.write_all_at(bytes, at))
+                .await?;
+        // A version named by its ETag has its listed size; an object listed without one may
+        // have changed since, and is taken as S3 sends it.
+        if got != r.size && !r.etag.is_empty() {
+            return Err(FsError::Io(format!(
+                "{} answered {got} bytes of its version {}, which has {}",
+                r.key, r.etag, r.size
+            )));
         }
         // On disk before it is renamed into place: once the file is written and its `P`
         // journalled, a restart uploads the copy, and a power cut must not leave zeros there

@@ -133,3 +133,34 @@ pub(crate) async fn read_version(
         store.get_version_range(&remote.key, &remote.etag, range).await
     }
 }
+
+/// Bytes `range` of `remote`'s version of its object (as [`read_version`]) written through
+/// `write(offset, bytes)` in one GET, a MiB at a time: memory holds a MiB, not the range, and
+/// each frame the connection delivers (often 16 KiB) is not a write of its own. Returns how many
+/// bytes were written. An error part-way leaves some of the range written.
+pub(crate) async fn stream_version(
+    store: &dyn ObjectStore,
+    remote: &Remote,
+    range: std::ops::Range<u64>,
+    write: &(dyn Fn(u64, &[u8]) -> std::io::Result<()> + Sync),
+) -> StoreResult<u64> {
+    const BATCH: usize = 1 << 20;
+    let etag = (!remote.etag.is_empty()).then_some(remote.etag.as_str());
+    let mut at = range.start;
+    let mut buf: Vec<u8> = Vec::with_capacity(BATCH.min((range.end - range.start) as usize));
+    let n = store
+        .stream_range(&remote.key, etag, range, &mut |frame: &[u8]| {
+            buf.extend_from_slice(frame);
+            if buf.len() >= BATCH {
+                write(at, &buf)?;
+                at += buf.len() as u64;
+                buf.clear();
+            }
+            Ok(())
+        })
+        .await?;
+    if !buf.is_empty() {
+        write(at, &buf)?;
+    }
+    Ok(n)
+}

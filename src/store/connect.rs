@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 use super::local::LocalStore;
 use super::s3::{S3Config, S3Store};
-use super::{Body, ListPage, ObjectMeta, ObjectStore, Part, StoreError, StoreResult, UserMeta};
+use super::{Body, ByteSink, ListPage, ObjectMeta, ObjectStore, Part, StoreError, StoreResult, UserMeta};
 use crate::sync::LockExt;
 
 /// Makes the store of one bucket from the settings a CSI Secret and volume id give.
@@ -131,6 +131,15 @@ impl ObjectStore for LocalBucket {
     }
     async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.store()?.get_version_range(key, etag, range).await
+    }
+    async fn stream_range(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        range: Range<u64>,
+        sink: &mut ByteSink<'_>,
+    ) -> StoreResult<u64> {
+        self.store()?.stream_range(key, etag, range, sink).await
     }
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
         self.store()?.put(key, body, meta).await

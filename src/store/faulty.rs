@@ -28,7 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Body, ListPage, ObjectMeta, ObjectStore, Part, StoreError, StoreResult, UserMeta};
+use super::{Body, ByteSink, ListPage, ObjectMeta, ObjectStore, Part, StoreError, StoreResult, UserMeta};
 
 /// One kind of store request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -384,6 +384,17 @@ impl ObjectStore for FaultyStore {
 
     async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.call(Op::Get, key, || self.inner.get_version_range(key, etag, range))
+            .await
+    }
+
+    async fn stream_range(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        range: Range<u64>,
+        sink: &mut ByteSink<'_>,
+    ) -> StoreResult<u64> {
+        self.call(Op::Get, key, || self.inner.stream_range(key, etag, range, sink))
             .await
     }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Body, ListPage, ObjectMeta, ObjectStore, Part, StoreError, StoreResult, UserMeta};
+use super::{Body, ByteSink, ListPage, ObjectMeta, ObjectStore, Part, StoreError, StoreResult, UserMeta};
 
 /// Raised once, never lowered: a fenced gateway is thrown away.
 #[derive(Debug, Clone, Default)]
@@ -68,6 +68,15 @@ impl ObjectStore for FencedStore {
     }
     async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.inner.get_version_range(key, etag, range).await
+    }
+    async fn stream_range(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        range: Range<u64>,
+        sink: &mut ByteSink<'_>,
+    ) -> StoreResult<u64> {
+        self.inner.stream_range(key, etag, range, sink).await
     }
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {
         self.writable()?;

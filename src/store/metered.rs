@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Body, ListPage, ObjectMeta, ObjectStore, Part, StoreError, StoreResult, UserMeta};
+use super::{Body, ByteSink, ListPage, ObjectMeta, ObjectStore, Part, StoreError, StoreResult, UserMeta};
 use crate::metrics::global;
 
 /// Counts and times every request of the store it wraps (`s3nfs_s3_*`).
@@ -62,6 +62,19 @@ impl ObjectStore for MeteredStore {
         let r = metered("GetObject", self.inner.get_version_range(key, etag, range)).await;
         if let Ok(b) = &r {
             global().s3_received_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    async fn stream_range(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        range: Range<u64>,
+        sink: &mut ByteSink<'_>,
+    ) -> StoreResult<u64> {
+        let r = metered("GetObject", self.inner.stream_range(key, etag, range, sink)).await;
+        if let Ok(n) = &r {
+            global().s3_received_bytes.fetch_add(*n, Ordering::Relaxed);
         }
         r
     }

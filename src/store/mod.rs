@@ -136,6 +136,9 @@ impl From<std::io::Error> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Where [`ObjectStore::stream_range`] hands the bytes it receives, in order.
+pub type ByteSink<'a> = dyn for<'b> FnMut(&'b [u8]) -> std::io::Result<()> + Send + 'a;
+
 /// The operations the filesystem needs from S3, and nothing more.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
@@ -167,6 +170,27 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// [`StoreError::NotFound`] when the object is gone or is another version now. A file read
     /// in several requests is then all of one version, never a mix of two.
     async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes>;
+
+    /// Bytes `range` of `key` (of the version `etag` only, when given, as
+    /// [`ObjectStore::get_version_range`]) handed to `sink` in order as they arrive: one request
+    /// however large the range, with memory holding what the connection delivers at a time, not
+    /// the range. Returns how many bytes `sink` took (fewer than asked past the end). A failure
+    /// part-way leaves `sink` with some of the bytes: the caller takes the range as not read.
+    /// Stores without a streamed body hand over the whole range at once.
+    async fn stream_range(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        range: Range<u64>,
+        sink: &mut ByteSink<'_>,
+    ) -> StoreResult<u64> {
+        let bytes = match etag {
+            Some(e) => self.get_version_range(key, e, range).await?,
+            None => self.get_range(key, range).await?,
+        };
+        sink(&bytes)?;
+        Ok(bytes.len() as u64)
+    }
 
     /// PUT with user metadata; returns the new ETag.
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String>;

@@ -29,7 +29,9 @@ use futures::FutureExt;
 use tracing::{Instrument, Span};
 
 use super::pool::BufPool;
-use super::{Body, ListPage, ObjectMeta, ObjectStore, ObjectSummary, Part, StoreError, StoreResult, UserMeta};
+use super::{
+    Body, ByteSink, ListPage, ObjectMeta, ObjectStore, ObjectSummary, Part, StoreError, StoreResult, UserMeta,
+};
 
 /// A secret string: never printed, never logged.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -256,37 +258,48 @@ impl S3Store {
     async fn get_object_range(&self, key: &str, range: Range<u64>, if_match: Option<&str>) -> StoreResult<Bytes> {
         let span = self.span("GetObject", key);
         traced(span.clone(), async {
-            if range.start >= range.end {
-                // No bytes asked for; S3 has no empty range, so only check the object exists.
-                return match self.head(key).await? {
-                    Some(h) if if_match.is_none_or(|e| e == h.etag) => Ok(Bytes::new()),
-                    _ => Err(not_version(key, if_match)),
-                };
-            }
-            let out = match self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .range(format!("bytes={}-{}", range.start, range.end - 1))
-                .set_if_match(if_match.map(|e| format!("\"{e}\"")))
-                .send()
-                .boxed()
-                .await
-            {
-                Ok(out) => out,
-                // The range starts at or past the end: the object exists, no bytes there.
-                Err(e) if is_invalid_range(&e) => return Ok(Bytes::new()),
-                Err(e) if is_precondition_failed(&e) => {
-                    return Err(not_version(key, if_match));
-                }
-                Err(e) => return Err(self.classify(e, key)),
+            let Some(out) = self.send_range_get(key, range, if_match).await? else {
+                return Ok(Bytes::new());
             };
             let len = out.content_length();
-            let data = read_body(out.body, len, &self.bodies, key, &span).await?;
-            Ok(data)
+            read_body(out.body, len, &self.bodies, key, &span).await
         })
         .await
+    }
+
+    /// Sends a ranged GET (of the version `if_match` only, when given). `None` when there are no
+    /// bytes to read: an empty range of an object that exists (and is that version), or a range
+    /// starting at or past its end.
+    async fn send_range_get(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> StoreResult<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>> {
+        if range.start >= range.end {
+            // No bytes asked for; S3 has no empty range, so only check the object exists.
+            return match self.head(key).await? {
+                Some(h) if if_match.is_none_or(|e| e == h.etag) => Ok(None),
+                _ => Err(not_version(key, if_match)),
+            };
+        }
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_if_match(if_match.map(|e| format!("\"{e}\"")))
+            .send()
+            .boxed()
+            .await
+        {
+            Ok(out) => Ok(Some(out)),
+            // The range starts at or past the end: the object exists, no bytes there.
+            Err(e) if is_invalid_range(&e) => Ok(None),
+            Err(e) if is_precondition_failed(&e) => Err(not_version(key, if_match)),
+            Err(e) => Err(self.classify(e, key)),
+        }
     }
 
     fn classify<E>(&self, err: SdkError<E, HttpResponse>, key: &str) -> StoreError
@@ -750,6 +763,30 @@ impl ObjectStore for S3Store {
 
     async fn get_version_range(&self, key: &str, etag: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.get_object_range(key, range, Some(etag)).await
+    }
+
+    async fn stream_range(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        range: Range<u64>,
+        sink: &mut ByteSink<'_>,
+    ) -> StoreResult<u64> {
+        let span = self.span("GetObject", key);
+        traced(span.clone(), async {
+            let Some(mut out) = self.send_range_get(key, range, etag).await? else {
+                return Ok(0);
+            };
+            let mut n = 0u64;
+            while let Some(frame) = out.body.next().await {
+                let frame = frame.map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?;
+                sink(&frame)?;
+                n += frame.len() as u64;
+            }
+            span.record("bytes", n);
+            Ok(n)
+        })
+        .await
     }
 
     async fn put(&self, key: &str, body: Body, meta: &UserMeta) -> StoreResult<String> {

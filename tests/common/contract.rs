@@ -149,6 +149,45 @@ pub async fn contract(store: &dyn ObjectStore) {
         other => panic!("a GET of a version of a missing key: {other:?}"),
     }
 
+    // The same GETs streamed: the bytes in order, how many, and the same errors.
+    let streamed = |e: Option<&str>, key: &'static str, r: Range<u64>| {
+        let e = e.map(str::to_string);
+        async move {
+            let mut got = Vec::new();
+            let n = store
+                .stream_range(key, e.as_deref(), r, &mut |b: &[u8]| {
+                    got.extend_from_slice(b);
+                    Ok(())
+                })
+                .await?;
+            assert_eq!(n, got.len() as u64, "the count streamed_range returns");
+            Ok::<_, StoreError>(got)
+        }
+    };
+    assert_eq!(streamed(Some(&etag), "ct/a", 6..100).await.unwrap(), b"world");
+    assert_eq!(streamed(None, "ct/a", 0..5).await.unwrap(), b"hello");
+    assert_eq!(streamed(Some(&etag), "ct/a", 20..30).await.unwrap(), b"");
+    for (e, key) in [
+        (Some("0123456789abcdef0123456789abcdef"), "ct/a"),
+        (Some(etag.as_str()), "ct/missing"),
+        (None, "ct/missing"),
+    ] {
+        match streamed(e, key, 0..5).await {
+            Err(StoreError::NotFound(_)) => {}
+            other => panic!("a streamed GET of {key} as version {e:?}: {other:?}"),
+        }
+    }
+    // A sink's error ends the GET with it.
+    let refused = store
+        .stream_range("ct/a", None, 0..5, &mut |_: &[u8]| {
+            Err(std::io::Error::other("disk full"))
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Io(ref m)) if m.contains("disk full")),
+        "{refused:?}"
+    );
+
     // Metadata and bytes in one request: the first `max` bytes (if the store can), of the
     // same version as the metadata; a missing object is None.
     for (max, want) in [(11, &b"hello world"[..]), (64 << 10, b"hello world"), (4, b"hell")] {
