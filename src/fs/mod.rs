@@ -247,11 +247,11 @@ pub struct VolumeConfig {
     pub upload_concurrency: usize,
     /// Bytes per ranged GET of the read path.
     pub read_chunk: u64,
-    /// Chunks kept coming ahead of a sequential reader: 8 (32 MiB), in streamed GETs of up to 4
-    /// chunks (see `read.rs`), so at most two GETs are in flight per reader. Each GET in flight
-    /// costs an S3 server on the same node CPU: Garage in the benchmark guest, with one CPU,
-    /// spent 1.9 s of CPU on a cold read of 256 MiB with 8 GETs of a chunk in flight, and
-    /// 1.45 s with 2.
+    /// Chunks fetched ahead of a sequential reader (in parallel GETs). 8 by default, 2 with one
+    /// CPU: there each GET in flight costs the S3 server more CPU when it runs on the node too
+    /// (Garage in the benchmark guest spent 1.9 s of CPU on a cold read of 256 MiB with 8 in
+    /// flight, 1.45 s with 2, and the read took 3.4-3.6 s against 2.9 s), and 8 MiB in flight
+    /// still carry 160 MiB/s over 50 ms of round trip, more than one CPU serves over NFS.
     pub read_ahead: usize,
     /// Memory for cached read chunks.
     pub cache_bytes: u64,
@@ -311,7 +311,7 @@ impl VolumeConfig {
             stream_while_busy: !one_cpu,
             upload_concurrency: 8,
             read_chunk: 4 << 20,
-            read_ahead: 8,
+            read_ahead: if one_cpu { 2 } else { 8 },
             cache_bytes: 48 << 20,
             stage_wait: Duration::from_secs(10),
             sparse_from: 64 << 20,

@@ -1,14 +1,10 @@
-//! The read path for bytes only S3 has: a bounded in-memory cache of fixed-size chunks, filled
-//! by ranged GETs, and read-ahead that grows while a reader stays sequential.
+//! The read path for bytes only S3 has: ranged GETs of fixed-size chunks, a bounded in-memory
+//! chunk cache, and read-ahead that grows while a reader stays sequential.
 //!
 //! A chunk is fetched once however many READs want it (they wait on the same cell), and the
 //! cache holds at most `cache_bytes / chunk` chunks, so memory is bounded whatever the file size.
 //! Chunks are keyed by ETag as well as inode, so an object rewritten by another tool is never
 //! served from the old version's chunks.
-//!
-//! Read-ahead brings up to [`RUN_CHUNKS`] chunks in one GET, streamed: each chunk is cached as
-//! its bytes complete, and a READ waiting for it goes on then, not at the end of the GET. A READ
-//! that finds its chunk neither cached nor coming fetches that chunk alone.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -19,7 +15,6 @@ use tracing::Instrument;
 use super::versions::read_version;
 use super::{FsError, FsResult};
 use crate::meta::{Ino, Remote};
-use crate::store::pool::BufPool;
 use crate::store::ObjectStore;
 use crate::sync::LockExt;
 
@@ -47,19 +42,8 @@ const SEQUENTIAL_TRAIL: u64 = 1;
 /// What a random reader's READ fetches at least (see [`ReadCache::read_exact_range`]).
 const RANDOM_GRAIN: u64 = 64 << 10;
 
-/// Chunks one read-ahead GET brings at most: 16 MiB in 4 MiB chunks, so a cold read of 128 MiB
-/// takes 8 GETs, not 32, with no more memory (the bytes land in chunk-sized buffers as they
-/// arrive). A sequential reader's read-ahead waits until that many chunks of its window are to
-/// be fetched (or the next one is), so its GETs are that large.
-const RUN_CHUNKS: u64 = 4;
-
-/// Buffers of streamed chunks kept for reuse (see `store::pool`): a read-ahead window's worth.
-const KEPT_CHUNK_BYTES: usize = 32 << 20;
-
 pub struct ReadCache {
     chunk: u64,
-    /// Buffers for chunks that read-ahead streams in.
-    buffers: Arc<BufPool>,
     /// Chunks fetched ahead of a sequential reader, at most.
     read_ahead: usize,
     max_chunks: usize,
@@ -80,8 +64,6 @@ struct Stream {
     /// READs answered by a ranged GET of their own (a random reader's), since the reader was
     /// first seen: what a staged copy of the file would have saved (see `random_reads.rs`).
     ranges: u32,
-    /// The first chunk its read-ahead has not asked for yet.
-    ahead: u64,
 }
 
 #[derive(Default)]
@@ -105,7 +87,6 @@ impl ReadCache {
     pub fn new(chunk: u64, cache_bytes: u64, read_ahead: usize) -> ReadCache {
         ReadCache {
             chunk,
-            buffers: BufPool::new(KEPT_CHUNK_BYTES),
             read_ahead,
             max_chunks: (cache_bytes / chunk).max(2) as usize,
             inner: Mutex::new(Inner::default()),
@@ -267,97 +248,6 @@ impl ReadCache {
         .cloned()
     }
 
-    /// Starts fetching chunks `run` of `remote` ahead of a reader: one streamed GET for each
-    /// stretch of them not cached yet. A chunk a READ is fetching itself meanwhile stays in the
-    /// stretch: its bytes come twice, in the same request, where splitting would cost another.
-    fn read_ahead(
-        &self,
-        store: &Arc<dyn ObjectStore>,
-        ino: Ino,
-        remote: &Remote,
-        run: std::ops::Range<u64>,
-        tasks: &crate::tasks::Tasks,
-    ) {
-        let mut stretch: Vec<(u64, Cell)> = Vec::new();
-        let start = |stretch: Vec<(u64, Cell)>| {
-            let Some(&(first, _)) = stretch.first() else { return };
-            let cells: Vec<Cell> = stretch.into_iter().map(|(_, c)| c).collect();
-            let (store, remote, chunk, buffers) = (store.clone(), remote.clone(), self.chunk, self.buffers.clone());
-            tasks.spawn("read-ahead", async move {
-                Self::fetch_run(&*store, &buffers, &remote, first, &cells, chunk).await;
-            });
-        };
-        for idx in run {
-            let cell = self.cell(ino, &remote.etag, idx, false);
-            if cell.initialized() {
-                start(std::mem::take(&mut stretch));
-            } else {
-                stretch.push((idx, cell));
-            }
-        }
-        start(stretch);
-    }
-
-    /// Fills `cells`, chunks `first..` of `remote`, from one GET streamed into chunk-sized
-    /// buffers: each cell is set as its chunk completes. A cell whose fill another READ started
-    /// first is left to it. Should the GET fail, the cells it did not fill stay empty, and the
-    /// READs that want them fetch them one by one.
-    async fn fetch_run(
-        store: &dyn ObjectStore,
-        buffers: &Arc<BufPool>,
-        remote: &Remote,
-        first: u64,
-        cells: &[Cell],
-        chunk: u64,
-    ) {
-        let start = first * chunk;
-        let end = (start + cells.len() as u64 * chunk).min(remote.size);
-        let len_of = |k: usize| ((start + (k as u64 + 1) * chunk).min(end) - (start + k as u64 * chunk)) as usize;
-        let span = tracing::info_span!("cache_fill", key = %remote.key, chunk = first, chunks = cells.len());
-        let mut senders = Vec::with_capacity(cells.len());
-        let fills = futures::future::join_all(cells.iter().map(|cell| {
-            let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
-            senders.push(tx);
-            cell.get_or_try_init(|| async move {
-                rx.await
-                    .map_err(|_| FsError::Retry("the read-ahead GET stopped before this chunk".into()))
-            })
-        }));
-        let stream = async {
-            let mut senders = senders.into_iter();
-            let mut k = 0;
-            let mut buf = buffers.take(len_of(0));
-            let etag = (!remote.etag.is_empty()).then_some(remote.etag.as_str());
-            let r = store
-                .stream_range(&remote.key, etag, start..end, &mut |mut frame: &[u8]| {
-                    while !frame.is_empty() && k < cells.len() {
-                        let n = (len_of(k) - buf.len()).min(frame.len());
-                        buf.extend_from_slice(&frame[..n]);
-                        frame = &frame[n..];
-                        if buf.len() == len_of(k) {
-                            let full = std::mem::replace(&mut buf, Vec::new());
-                            if let Some(tx) = senders.next() {
-                                // No one waits any more: the cell was filled by a READ's own GET.
-                                let _ = tx.send(buffers.wrap(full));
-                            }
-                            k += 1;
-                            if k < cells.len() {
-                                buf = buffers.take(len_of(k));
-                            }
-                        }
-                    }
-                    Ok(())
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(key = %remote.key, error = %e, "read-ahead GET failed; READs fetch their chunks themselves");
-            }
-            // Whatever did not come: its cells' fills end with an error.
-            drop(senders);
-        };
-        let _ = futures::future::join(fills, stream).instrument(span).await;
-    }
-
     pub async fn read(
         &self,
         store: &Arc<dyn ObjectStore>,
@@ -377,8 +267,7 @@ impl ReadCache {
         }
         let first = offset / self.chunk;
         let last = (end - 1) / self.chunk;
-        let chunks_in_file = remote.size.div_ceil(self.chunk);
-        let (runs, ranged) = {
+        let (window, ranged) = {
             let mut inner = self.inner.locked();
             let known = inner.stream.get(&ino).copied();
             let prev = known.unwrap_or_default();
@@ -403,24 +292,6 @@ impl ReadCache {
             let now = inner.reads;
             let run = if sequential { prev.run.saturating_add(1) } else { 0 };
             let ranged = jumping && first == last && !Self::has_chunk(&inner, ino, &remote.etag, first);
-            let window = if jumping { 0 } else { w as u64 };
-            // Read-ahead asks for the chunks past this READ up to its window, in runs of up to
-            // RUN_CHUNKS, as soon as a whole run (or the window, when smaller) is to be asked
-            // for, or the next chunk is: a reader never waits on a chunk held back for a run.
-            // `ahead` out of range (a jump, backwards or past it) starts over after this READ.
-            let target = (last + 1 + window).min(chunks_in_file);
-            let mut ahead = if prev.ahead <= last || prev.ahead > target {
-                last + 1
-            } else {
-                prev.ahead
-            };
-            let mut runs = Vec::new();
-            let batch = RUN_CHUNKS.min(window.max(1));
-            while ahead < target && (target - ahead >= batch || ahead == last + 1) {
-                let to = (ahead + RUN_CHUNKS).min(target);
-                runs.push(ahead..to);
-                ahead = to;
-            }
             inner.stream.insert(
                 ino,
                 Stream {
@@ -429,7 +300,6 @@ impl ReadCache {
                     used: now,
                     run,
                     ranges: prev.ranges.saturating_add(u32::from(ranged)),
-                    ahead,
                 },
             );
             if inner.stream.len() > MAX_STREAMS {
@@ -437,13 +307,25 @@ impl ReadCache {
                 let keep_after = now - (MAX_STREAMS / 2) as u64;
                 inner.stream.retain(|_, s| s.used > keep_after);
             }
-            (runs, ranged)
+            (if jumping { 0 } else { w }, ranged)
         };
         if ranged {
             return Self::read_exact_range(&**store, remote, offset, end).await;
         }
-        for run in runs {
-            self.read_ahead(store, ino, remote, run, tasks);
+        for idx in last + 1..=last + window as u64 {
+            if idx * self.chunk >= remote.size {
+                break;
+            }
+            let cell = self.cell(ino, &remote.etag, idx, false);
+            if cell.initialized() {
+                continue;
+            }
+            let store = store.clone();
+            let remote = remote.clone();
+            let chunk = self.chunk;
+            tasks.spawn("read-ahead", async move {
+                let _ = Self::fetch(&*store, &cell, &remote, idx, chunk).await;
+            });
         }
         let cells: Vec<_> = (first..=last)
             .map(|i| (i, self.cell(ino, &remote.etag, i, true)))
@@ -560,46 +442,6 @@ mod tests {
                 assert_eq!(kept, last + 1, "a file that fits the cache was not kept whole");
             } else {
                 assert_eq!(kept, 1 + SEQUENTIAL_TRAIL, "the trail is not short");
-            }
-        }
-    }
-
-    /// A sequential reader's read-ahead comes in GETs of RUN_CHUNKS chunks, each streamed into
-    /// the chunks' cells; should one fail, the READs fetch their chunks themselves. Read-ahead is
-    /// waited for after each READ, so the count is exact: fetched a chunk per GET, the 40 chunks
-    /// took 40.
-    #[tokio::test]
-    async fn read_ahead_comes_in_gets_of_several_chunks() {
-        use crate::store::faulty::{Fault, FaultyStore, Op};
-        let chunk = 64 << 10;
-        let data: Vec<u8> = (0..40 * chunk as u32).map(|i| (i % 251) as u8).collect();
-        for fail_one in [false, true] {
-            let (_dir, local, remote) = one_object(&data).await;
-            let (faulty, faults) = FaultyStore::new(local);
-            let store: Arc<dyn ObjectStore> = Arc::new(faulty);
-            if fail_one {
-                // The fourth GET: the first of a full run (see below).
-                let n = std::sync::atomic::AtomicU64::new(0);
-                faults.set_callback(move |c| {
-                    (c.op == Op::Get && n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 3)
-                        .then(|| Fault::Fail(crate::store::StoreError::Unavailable("injected".into())))
-                });
-            }
-            let cache = ReadCache::new(chunk, 64 * chunk, 8);
-            let tasks = crate::tasks::Tasks::new();
-            for off in (0..data.len() as u64).step_by(chunk as usize) {
-                let (b, _) = cache.read(&store, 1, &remote, off, chunk as u32, &tasks).await.unwrap();
-                assert!(b[..] == data[off as usize..(off + chunk) as usize], "bytes at {off}");
-                tasks.idle().await;
-            }
-            // The first READ's chunk; read-ahead as its window grows (1, 2, then 4 and 4 more
-            // chunks); then a run of 4 each time 4 chunks of the window of 8 are free: 7 runs.
-            let gets = faults.calls(Op::Get);
-            if fail_one {
-                // The failed run's 4 chunks fetched by their READs, one GET each.
-                assert_eq!(gets, 12 + 4, "GETs with one read-ahead GET failed");
-            } else {
-                assert_eq!(gets, 12, "GETs for 40 chunks read in order");
             }
         }
     }
