@@ -128,7 +128,10 @@ impl Volume {
         }
         let n = g.started.fetch_add(1, Ordering::AcqRel) + 1;
         let (r, took) = if from_commit && g.inline() {
-            if g.inline_syncs.fetch_add(1, Ordering::Relaxed) % TIME_EVERY == 0 {
+            if g.inline_syncs
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(TIME_EVERY)
+            {
                 let start = crate::clock::stopwatch();
                 (self.sync_local(), Some(start.elapsed()))
             } else {

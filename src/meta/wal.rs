@@ -32,7 +32,12 @@ impl Wal {
     /// Opens the log and returns the payloads of every intact record, in order. A torn or corrupt
     /// tail is cut off: its commit never returned, so nobody was told it happened.
     pub fn open(path: &Path) -> io::Result<(Wal, Vec<Vec<u8>>)> {
-        let mut file = OpenOptions::new().create(true).read(true).write(true).open(path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)?;
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)?;
         let mut records = Vec::new();
