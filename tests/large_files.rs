@@ -909,9 +909,10 @@ async fn a_random_reader_of_a_cold_file_has_it_staged_once_ranged_gets_cost_more
     let (vol, faults, ino, want) = cold_file_with_holes(&s3, state.path()).await;
     let gets = random_reads(&vol, &faults, ino, &want, 200).await;
     // The first READ takes a chunk (it may be a sequential reader's), 6 ranged GETs, at most 6
-    // to fill the parts, and a few ranged GETs for the READs that come while the copy is being
-    // made (it is not waited for).
-    assert!(gets <= 1 + 6 + 6 + 4, "{gets} GETs for 200 random READs");
+    // to fill the parts, and ranged GETs for the READs that come while the copy is being made
+    // (it is not waited for): a few, more while other tests share the CPU. Due after as many
+    // ranged GETs as 1 MiB chunks, with a part in five GETs, the count was 57.
+    assert!(gets <= 1 + 6 + 6 + 12, "{gets} GETs for 200 random READs");
     assert!(gets > 6, "{gets} GETs: staged before the ranged GETs cost as much");
     eprintln!("{gets} GETs for 200 random READs");
     faults.reset_counts();

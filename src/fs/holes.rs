@@ -27,7 +27,6 @@ use std::sync::Arc;
 use super::staging::Staged;
 use super::{Core, FsError, FsResult};
 use crate::meta::{Ino, Remote};
-use crate::store::StoreError;
 use crate::sync::LockExt;
 
 const MAGIC: &str = "s3nfs-holes 1";
@@ -163,7 +162,7 @@ impl Core {
                     break; // not a hole any more
                 };
                 match self.fill_part(st, &base, start..(start + part).min(base.size)).await {
-                    Err(StoreError::NotFound(_)) => {
+                    Err(FsError::NotFound) => {
                         let now = st.holes_in(start..start + 1).map(|(b, _)| b);
                         if now.as_ref().is_some_and(|b| *b != base) && moved < 3 {
                             moved += 1;
@@ -172,7 +171,7 @@ impl Core {
                         drop(_r);
                         return Err(self.holes_lost(st, &base).await);
                     }
-                    r => r.map_err(FsError::from)?,
+                    r => r?,
                 }
                 st.filled(p)?;
                 break;
@@ -235,18 +234,14 @@ impl Core {
 
     /// Bytes `range` of `base` (a part) written into `st` in one GET, streamed to disk: a part
     /// costs one request, as an upload's part does, and memory holds a MiB of it at a time.
-    async fn fill_part(
-        &self,
-        st: &Staged,
-        base: &Remote,
-        range: std::ops::Range<u64>,
-    ) -> crate::store::StoreResult<()> {
+    /// [`FsError::NotFound`] when `base` is gone or another version now.
+    async fn fill_part(&self, st: &Staged, base: &Remote, range: std::ops::Range<u64>) -> FsResult<()> {
         let want = range.end - range.start;
         let got =
             super::versions::stream_version(&*self.store, base, range.clone(), &|at, bytes| st.fill_at(at, bytes))
                 .await?;
         if got != want {
-            return Err(StoreError::Io(format!(
+            return Err(FsError::Io(format!(
                 "{} answered {got} bytes for bytes {}..{} of its version {}",
                 base.key, range.start, range.end, base.etag
             )));

@@ -137,30 +137,79 @@ pub(crate) async fn read_version(
 /// Bytes `range` of `remote`'s version of its object (as [`read_version`]) written through
 /// `write(offset, bytes)` in one GET, a MiB at a time: memory holds a MiB, not the range, and
 /// each frame the connection delivers (often 16 KiB) is not a write of its own. Returns how many
-/// bytes were written. An error part-way leaves some of the range written.
+/// bytes were written. An error part-way leaves some of the range written. A failed write is
+/// the error, as the disk gave it: a full disk is [`FsError::NoSpace`], not a failed GET.
 pub(crate) async fn stream_version(
     store: &dyn ObjectStore,
     remote: &Remote,
     range: std::ops::Range<u64>,
     write: &(dyn Fn(u64, &[u8]) -> std::io::Result<()> + Sync),
-) -> StoreResult<u64> {
+) -> FsResult<u64> {
     const BATCH: usize = 1 << 20;
     let etag = (!remote.etag.is_empty()).then_some(remote.etag.as_str());
     let mut at = range.start;
     let mut buf: Vec<u8> = Vec::with_capacity(BATCH.min((range.end - range.start) as usize));
-    let n = store
+    let mut write_failed: Option<std::io::Error> = None;
+    let streamed = store
         .stream_range(&remote.key, etag, range, &mut |frame: &[u8]| {
             buf.extend_from_slice(frame);
             if buf.len() >= BATCH {
-                write(at, &buf)?;
+                if let Err(e) = write(at, &buf) {
+                    let told = std::io::Error::other(e.to_string());
+                    write_failed = Some(e);
+                    return Err(told);
+                }
                 at += buf.len() as u64;
                 buf.clear();
             }
             Ok(())
         })
-        .await?;
+        .await;
+    let n = match (streamed, write_failed) {
+        (_, Some(e)) => return Err(e.into()),
+        (r, None) => r?,
+    };
     if !buf.is_empty() {
         write(at, &buf)?;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk under a fetch is ENOSPC for the client (NFS3ERR_NOSPC), as a WRITE's is, not
+    /// an I/O error of S3's; in whichever batch it happens.
+    #[tokio::test]
+    async fn a_full_disk_under_a_streamed_fetch_is_no_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::local::LocalStore::open(dir.path()).unwrap();
+        let data = vec![7u8; 3 << 20];
+        let body = crate::store::Body::Bytes(bytes::Bytes::from(data.clone()));
+        let etag = store.put("k", body, &Default::default()).await.unwrap();
+        let remote = Remote {
+            key: "k".into(),
+            etag,
+            size: data.len() as u64,
+        };
+        let full = |_: u64, _: &[u8]| Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let r = stream_version(&store, &remote, 0..remote.size, &full).await;
+        assert!(matches!(r, Err(FsError::NoSpace(_))), "{r:?}");
+        // The last, short batch too.
+        let r = stream_version(&store, &remote, 0..4096, &full).await;
+        assert!(matches!(r, Err(FsError::NoSpace(_))), "{r:?}");
+        // And a fetch that fits goes through.
+        let got = std::sync::Mutex::new(Vec::new());
+        let n = stream_version(&store, &remote, 0..remote.size, &|at, b| {
+            let mut g = got.lock().unwrap();
+            assert_eq!(at as usize, g.len());
+            g.extend_from_slice(b);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert!(*got.lock().unwrap() == data);
+    }
 }
