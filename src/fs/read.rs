@@ -361,11 +361,11 @@ impl ReadCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A local store holding `data` as the object `k`.
-    async fn one_object(data: &[u8]) -> (tempfile::TempDir, Arc<dyn ObjectStore>, Remote) {
+    pub(crate) async fn one_object(data: &[u8]) -> (tempfile::TempDir, Arc<dyn ObjectStore>, Remote) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ObjectStore> = Arc::new(crate::store::local::LocalStore::open(dir.path()).unwrap());
         let body = crate::store::Body::Bytes(Bytes::copy_from_slice(data));

@@ -183,25 +183,18 @@ mod tests {
     /// an I/O error of S3's; in whichever batch it happens.
     #[tokio::test]
     async fn a_full_disk_under_a_streamed_fetch_is_no_space() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::local::LocalStore::open(dir.path()).unwrap();
         let data = vec![7u8; 3 << 20];
-        let body = crate::store::Body::Bytes(bytes::Bytes::from(data.clone()));
-        let etag = store.put("k", body, &Default::default()).await.unwrap();
-        let remote = Remote {
-            key: "k".into(),
-            etag,
-            size: data.len() as u64,
-        };
+        let (_dir, store, remote) = super::super::read::tests::one_object(&data).await;
+        let store = &*store;
         let full = |_: u64, _: &[u8]| Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
-        let r = stream_version(&store, &remote, 0..remote.size, &full).await;
+        let r = stream_version(store, &remote, 0..remote.size, &full).await;
         assert!(matches!(r, Err(FsError::NoSpace(_))), "{r:?}");
         // The last, short batch too.
-        let r = stream_version(&store, &remote, 0..4096, &full).await;
+        let r = stream_version(store, &remote, 0..4096, &full).await;
         assert!(matches!(r, Err(FsError::NoSpace(_))), "{r:?}");
         // And a fetch that fits goes through.
         let got = std::sync::Mutex::new(Vec::new());
-        let n = stream_version(&store, &remote, 0..remote.size, &|at, b| {
+        let n = stream_version(store, &remote, 0..remote.size, &|at, b| {
             let mut g = got.lock().unwrap();
             assert_eq!(at as usize, g.len());
             g.extend_from_slice(b);

@@ -536,19 +536,36 @@ fn causes(err: &(dyn std::error::Error + 'static)) -> String {
 /// Reads a GET's body into one buffer (from `pool`, sized by the body's announced length) as
 /// its frames arrive.
 async fn read_body(
-    mut body: aws_sdk_s3::primitives::ByteStream,
+    body: aws_sdk_s3::primitives::ByteStream,
     len: Option<i64>,
     pool: &Arc<BufPool>,
     key: &str,
     span: &Span,
 ) -> StoreResult<Bytes> {
     let mut buf = pool.take(len.unwrap_or(0).clamp(0, 64 << 20) as usize);
+    drain_body(body, key, span, &mut |frame: &[u8]| {
+        buf.extend_from_slice(frame);
+        Ok(())
+    })
+    .await?;
+    Ok(pool.wrap(buf))
+}
+
+/// Hands a GET body's frames to `sink` as they arrive; returns how many bytes it took.
+async fn drain_body(
+    mut body: aws_sdk_s3::primitives::ByteStream,
+    key: &str,
+    span: &Span,
+    sink: &mut ByteSink<'_>,
+) -> StoreResult<u64> {
+    let mut n = 0u64;
     while let Some(frame) = body.next().await {
         let frame = frame.map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?;
-        buf.extend_from_slice(&frame);
+        sink(&frame)?;
+        n += frame.len() as u64;
     }
-    span.record("bytes", buf.len() as u64);
-    Ok(pool.wrap(buf))
+    span.record("bytes", n);
+    Ok(n)
 }
 
 fn is_invalid_range<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
@@ -774,17 +791,10 @@ impl ObjectStore for S3Store {
     ) -> StoreResult<u64> {
         let span = self.span("GetObject", key);
         traced(span.clone(), async {
-            let Some(mut out) = self.send_range_get(key, range, etag).await? else {
+            let Some(out) = self.send_range_get(key, range, etag).await? else {
                 return Ok(0);
             };
-            let mut n = 0u64;
-            while let Some(frame) = out.body.next().await {
-                let frame = frame.map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?;
-                sink(&frame)?;
-                n += frame.len() as u64;
-            }
-            span.record("bytes", n);
-            Ok(n)
+            drain_body(out.body, key, &span, sink).await
         })
         .await
     }
