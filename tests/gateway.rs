@@ -1235,6 +1235,43 @@ async fn failed_and_dropped_s3_requests_lose_nothing() {
     assert_eq!(keys, vec!["big", "moved", "small"]);
 }
 
+/// A round's deletions go to S3 as one DeleteObjects request, not a DeleteObject per key (`rm`
+/// of 40 files was 40 requests). A name created again before the round keeps its new object,
+/// and a request that fails leaves every deletion to the next round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rounds_deletions_go_in_one_request() {
+    use s3nfs::store::faulty::Op;
+    use s3nfs::store::StoreError;
+    let (gw, s3, faults) = gateway::on_faulty_garage(Opts {
+        flush_delay: Duration::from_secs(3600),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let names: Vec<String> = (0..40).map(|i| format!("f{i:02}")).collect();
+    for n in &names {
+        let f = c.create(&root, n, 0o644).await.unwrap();
+        c.write_all(&f, 0, n.as_bytes()).await.unwrap();
+    }
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(s3.keys("").await.len(), 40);
+    for n in &names {
+        c.remove(&root, n).await.unwrap();
+    }
+    // One name comes back before its deletion reaches S3, with other bytes.
+    let again = c.create(&root, "f07", 0o644).await.unwrap();
+    c.write_all(&again, 0, b"new bytes").await.unwrap();
+    faults.fail_next(Op::DeleteMany, 1, StoreError::Unavailable("injected".into()));
+    assert!(gw.vol.flush_round(true).await.is_err(), "the failed request is not reported");
+    assert_eq!(s3.keys("").await.len(), 40, "nothing was deleted, as the request failed");
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(faults.calls(Op::DeleteMany), 2, "one request, and its retry");
+    assert_eq!(faults.calls(Op::Delete), 0, "a key deleted on its own");
+    assert_eq!(s3.keys("").await, vec!["f07"]);
+    assert_eq!(s3.get("f07").await.as_deref(), Some(&b"new bytes"[..]));
+}
+
 /// A directory of several listing pages, changed in S3 around the page boundaries (a file and
 /// a directory of the same stem sort apart: "n0001.a" < "n0001/"), is relisted one page at a
 /// time, and what the client sees afterwards is exactly what S3 has plus what is still only

@@ -2,7 +2,7 @@
 //!
 //! - `X` records (objects to delete) go first, each under the lock of its key and only when no
 //!   live inode maps to that key any more (a file created again under the same name, or moved onto
-//!   it, must not lose its new object to the old one's deletion).
+//!   it, must not lose its new object to the old one's deletion), a thousand keys a request.
 //! - `P` records: directories and symlinks are PUT at once; a file's staged bytes are uploaded
 //!   once the file has been idle for the flush delay (or at once when forced: shutdown, unpublish,
 //!   an operator's flush). Files past two parts stream as a multipart upload while they are still
@@ -18,7 +18,7 @@
 //!
 //! Here: the uploader's state ([`Uploader`]), its pace ([`Pace`]: tick, kick, back-off) and a
 //! round over the journal. One inode's way to S3 is in `sync.rs`, large files in
-//! `multipart.rs`; what listings must not take at S3's word is in `fs/ledger.rs`, and when due
+//! `multipart.rs`, deletions in `deletes.rs`; what listings must not take at S3's word is in `fs/ledger.rs`, and when due
 //! work waits for busy clients in `fs/defer.rs`.
 
 use std::collections::{HashMap, HashSet};
@@ -32,9 +32,10 @@ use super::defer::BusyClients;
 use super::ledger::KeyLedger;
 use super::staging::Staged;
 use super::{Core, FsError, FsResult};
-use crate::meta::{Batch, Ino, Remote};
+use crate::meta::{Ino, Remote};
 use crate::sync::LockExt;
 
+mod deletes;
 mod health;
 mod multipart;
 mod sync;
@@ -180,6 +181,21 @@ impl Uploader {
     /// Same map as the key locks; the NUL that no key holds keeps the names apart.
     async fn sync_lock(&self, ino: Ino) -> KeyGuard<'_> {
         self.key_lock(&format!("\0sync {ino}")).await
+    }
+
+    /// The lock of `key` if no one holds it, without waiting.
+    fn try_key_lock(&self, key: &str) -> Option<KeyGuard<'_>> {
+        let m = self.key_locks.locked().entry(key.to_string()).or_default().clone();
+        let guard = m.clone().try_lock_owned().ok();
+        // Without the lock, dropping the guard still takes the map's entry away if no one
+        // else wants it.
+        let g = KeyGuard {
+            state: self,
+            key: key.to_string(),
+            _guard: guard,
+            m,
+        };
+        g._guard.is_some().then_some(g)
     }
 
     async fn key_lock(&self, key: &str) -> KeyGuard<'_> {
@@ -409,21 +425,7 @@ impl Uploader {
             };
             // Each item looks again: clients that start while a round runs come first too.
             let yields = move || !force && self.defers_background();
-            let results: Vec<_> = futures::stream::iter(deletes.into_iter().map(|(seq, key)| async move {
-                if yields() {
-                    return Ok(()); // still in the journal: a later round deletes it
-                }
-                let r = self.delete_key(&key, None).await;
-                if r.is_ok() {
-                    let mut b = Batch::new();
-                    b.done_delete(seq, &key);
-                    self.meta.commit(b)?;
-                }
-                r
-            }))
-            .buffer_unordered(self.cfg.upload_concurrency)
-            .collect()
-            .await;
+            let results = self.delete_keys(deletes, yields).await;
             self.note_failures("delete", results, &mut first_err);
 
             let (pending, sweep_start, sweep_end) = if force {

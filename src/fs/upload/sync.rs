@@ -1,4 +1,4 @@
-//! Bringing one inode's pending work to S3: deletions under the key lock, a file's or a link's
+//! Bringing one inode's pending work to S3: a file's or a link's
 //! upload, a server-side move by CopyObject, and recording the result in the journal only if
 //! nothing changed while the request was in flight.
 
@@ -19,60 +19,6 @@ use crate::store::{Body, StoreError};
 const LARGE_STAGED: u64 = 1 << 20;
 
 impl super::Uploader {
-    /// The inode whose key is `key` now, if any.
-    fn resolve_key(&self, key: &str) -> FsResult<Option<Ino>> {
-        let Some(rest) = key.strip_prefix(self.cfg.prefix.as_str()) else {
-            return Ok(None);
-        };
-        let is_dir = rest.ends_with('/');
-        let mut cur = ROOT_INO;
-        for comp in rest.trim_end_matches('/').split('/') {
-            match self.meta.lookup(cur, comp.as_bytes())? {
-                Some(i) => cur = i,
-                None => return Ok(None),
-            }
-        }
-        let inode = self.meta.inode(cur)?;
-        Ok(inode.filter(|i| (i.kind == Kind::Dir) == is_dir).map(|i| i.ino))
-    }
-
-    /// Deletes `key` unless a live inode maps to it, or an inode other than `moved` (the one
-    /// whose move away from `key` just finished) still has to copy its object from there: that
-    /// one deletes the key once it has moved (see `sync_inode`). A hard link's name dropped after
-    /// its file took over its old key queues that key's deletion, and the file may be leaving
-    /// the key at the same time.
-    pub(super) async fn delete_key(&self, key: &str, moved: Option<Ino>) -> FsResult<()> {
-        let _k = self.key_lock(key).await;
-        if let Some(owner) = self.resolve_key(key)? {
-            // A live inode holds the key now and will write it. Until it has, the old
-            // object is its to deal with: if it goes (or moves) before writing, the key is
-            // deleted then (see `maybe_written`).
-            let owns_object = self
-                .meta
-                .inode(owner)?
-                .is_some_and(|i| i.remote.as_ref().is_some_and(|r| r.key == key));
-            if !owns_object {
-                let mut b = Batch::new();
-                b.maybe_written(owner, key);
-                self.meta.commit(b)?;
-            }
-            return Ok(());
-        }
-        for m in self.meta.movers(key)? {
-            if Some(m) != moved
-                && self
-                    .meta
-                    .inode(m)?
-                    .is_some_and(|i| i.remote.is_some_and(|r| r.key == key))
-            {
-                return Ok(());
-            }
-        }
-        self.store.delete(key).await?;
-        self.ledger.note_deleted(key);
-        Ok(())
-    }
-
     pub(super) async fn sync_inode(self: &Arc<Self>, ino: Ino) -> FsResult<()> {
         let _one_at_a_time = self.sync_lock(ino).await;
         // Read under the lock: another sync may have run while this one waited.

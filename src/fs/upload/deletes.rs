@@ -1,0 +1,182 @@
+//! Deleting the objects of names that are gone: each key under its lock, and only when no live
+//! inode maps to it any more. A round's deletions go in DeleteObjects requests of up to
+//! [`DELETE_BATCH`] keys: `rm -r` of 200 files was 200 DeleteObject requests, and `git gc`'s
+//! removals a request each, where S3 takes a thousand keys a request.
+
+use futures::StreamExt;
+
+use super::KeyGuard;
+use crate::fs::FsResult;
+use crate::meta::{Batch, Ino, Kind, ROOT_INO};
+use crate::store::DELETE_BATCH;
+
+impl super::Uploader {
+    /// The inode whose key is `key` now, if any.
+    fn resolve_key(&self, key: &str) -> FsResult<Option<Ino>> {
+        let Some(rest) = key.strip_prefix(self.cfg.prefix.as_str()) else {
+            return Ok(None);
+        };
+        let is_dir = rest.ends_with('/');
+        let mut cur = ROOT_INO;
+        for comp in rest.trim_end_matches('/').split('/') {
+            match self.meta.lookup(cur, comp.as_bytes())? {
+                Some(i) => cur = i,
+                None => return Ok(None),
+            }
+        }
+        let inode = self.meta.inode(cur)?;
+        Ok(inode.filter(|i| (i.kind == Kind::Dir) == is_dir).map(|i| i.ino))
+    }
+
+    /// Whether `key`'s object may go, asked with the key's lock held. Not when a live inode maps
+    /// to it, or an inode other than `moved` (the one whose move away from `key` just finished)
+    /// still has to copy its object from there: that one deletes the key once it has moved (see
+    /// `sync_inode`). A hard link's name dropped after its file took over its old key queues
+    /// that key's deletion, and the file may be leaving the key at the same time.
+    fn may_delete(&self, key: &str, moved: Option<Ino>) -> FsResult<bool> {
+        if let Some(owner) = self.resolve_key(key)? {
+            // A live inode holds the key now and will write it. Until it has, the old
+            // object is its to deal with: if it goes (or moves) before writing, the key is
+            // deleted then (see `maybe_written`).
+            let owns_object = self
+                .meta
+                .inode(owner)?
+                .is_some_and(|i| i.remote.as_ref().is_some_and(|r| r.key == key));
+            if !owns_object {
+                let mut b = Batch::new();
+                b.maybe_written(owner, key);
+                self.meta.commit(b)?;
+            }
+            return Ok(false);
+        }
+        for m in self.meta.movers(key)? {
+            if Some(m) != moved
+                && self
+                    .meta
+                    .inode(m)?
+                    .is_some_and(|i| i.remote.is_some_and(|r| r.key == key))
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Deletes `key` if it may go (see [`Self::may_delete`]).
+    pub(super) async fn delete_key(&self, key: &str, moved: Option<Ino>) -> FsResult<()> {
+        let _k = self.key_lock(key).await;
+        if self.may_delete(key, moved)? {
+            self.store.delete(key).await?;
+            self.ledger.note_deleted(key);
+        }
+        Ok(())
+    }
+
+    /// Carries out the journal's deletions `deletes` (sequence, key), and clears each one done.
+    /// Deletions not begun when `yields` says so stay in the journal for a later round.
+    ///
+    /// Each batch of up to [`DELETE_BATCH`] keys is one DeleteObjects request, sent with the
+    /// locks of all its keys held. A key whose lock is busy (an upload or another deletion of
+    /// it under way) is not waited for while others are held: it is deleted on its own
+    /// afterwards, as is a batch's only key.
+    pub(super) async fn delete_keys(
+        &self,
+        deletes: Vec<(u64, String)>,
+        yields: impl Fn() -> bool,
+    ) -> Vec<FsResult<()>> {
+        let yields = &yields;
+        let batches: Vec<_> = deletes.chunks(DELETE_BATCH).map(<[_]>::to_vec).collect();
+        let batched = futures::stream::iter(batches.into_iter().map(|batch| async move {
+            if yields() {
+                return (Ok(()), Vec::new());
+            }
+            self.delete_batch(batch).await
+        }))
+        .buffer_unordered(self.cfg.upload_concurrency)
+        .collect::<Vec<_>>()
+        .await;
+        let mut results = Vec::new();
+        let mut alone = Vec::new();
+        for (r, rest) in batched {
+            results.push(r);
+            alone.extend(rest);
+        }
+        let single = futures::stream::iter(alone.into_iter().map(|(seq, key)| async move {
+            if yields() {
+                return Ok(());
+            }
+            self.delete_key(&key, None).await?;
+            let mut b = Batch::new();
+            b.done_delete(seq, &key);
+            Ok(self.meta.commit(b)?)
+        }))
+        .buffer_unordered(self.cfg.upload_concurrency)
+        .collect::<Vec<_>>()
+        .await;
+        results.extend(single);
+        results
+    }
+
+    /// One DeleteObjects request for the keys of `batch` that may go and whose locks are free.
+    /// Returns its result and the deletions left to be done one at a time.
+    async fn delete_batch(&self, batch: Vec<(u64, String)>) -> (FsResult<()>, Vec<(u64, String)>) {
+        let mut locked: Vec<(u64, String, KeyGuard<'_>)> = Vec::with_capacity(batch.len());
+        // A key queued twice: its other records are cleared with it.
+        let mut twice: Vec<(u64, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut alone = Vec::new();
+        for (seq, key) in batch {
+            if seen.contains(&key) {
+                twice.push((seq, key));
+                continue;
+            }
+            match self.try_key_lock(&key) {
+                Some(g) => {
+                    seen.insert(key.clone());
+                    locked.push((seq, key, g));
+                }
+                None => alone.push((seq, key)),
+            }
+        }
+        if locked.len() < 2 {
+            // No request to share: the keys go the usual way.
+            alone.extend(locked.into_iter().map(|(seq, key, _)| (seq, key)));
+            alone.extend(twice);
+            return (Ok(()), alone);
+        }
+        let r = async {
+            let mut kept = Batch::new();
+            let mut doomed = Vec::with_capacity(locked.len());
+            for (seq, key, _) in &locked {
+                if self.may_delete(key, None)? {
+                    doomed.push((*seq, key.clone()));
+                } else {
+                    kept.done_delete(*seq, key);
+                }
+            }
+            // The keys that stay are settled whatever becomes of the request.
+            self.meta.commit(kept)?;
+            let mut done = Batch::new();
+            if !doomed.is_empty() {
+                let keys: Vec<String> = doomed.iter().map(|(_, k)| k.clone()).collect();
+                let sent = self.store.delete_many(&keys).await;
+                // Noted even if the request failed: it may have deleted some of the keys, and a
+                // listing must not bring those back. Their names are gone either way, and
+                // their deletions stay in the journal until a request confirms them.
+                for key in &keys {
+                    self.ledger.note_deleted(key);
+                }
+                sent?;
+                for (seq, key) in &doomed {
+                    done.done_delete(*seq, key);
+                }
+            }
+            for (seq, key) in &twice {
+                done.done_delete(*seq, key);
+            }
+            Ok(self.meta.commit(done)?)
+        }
+        .await;
+        (r, alone)
+    }
+}
