@@ -1263,8 +1263,15 @@ async fn a_rounds_deletions_go_in_one_request() {
     let again = c.create(&root, "f07", 0o644).await.unwrap();
     c.write_all(&again, 0, b"new bytes").await.unwrap();
     faults.fail_next(Op::DeleteMany, 1, StoreError::Unavailable("injected".into()));
-    assert!(gw.vol.flush_round(true).await.is_err(), "the failed request is not reported");
-    assert_eq!(s3.keys("").await.len(), 40, "nothing was deleted, as the request failed");
+    assert!(
+        gw.vol.flush_round(true).await.is_err(),
+        "the failed request is not reported"
+    );
+    assert_eq!(
+        s3.keys("").await.len(),
+        40,
+        "nothing was deleted, as the request failed"
+    );
     gw.vol.flush_all().await.unwrap();
     assert_eq!(faults.calls(Op::DeleteMany), 2, "one request, and its retry");
     assert_eq!(faults.calls(Op::Delete), 0, "a key deleted on its own");

@@ -247,12 +247,18 @@ pub struct VolumeConfig {
     pub upload_concurrency: usize,
     /// Bytes per ranged GET of the read path.
     pub read_chunk: u64,
-    /// Chunks fetched ahead of a sequential reader (in parallel GETs). 8 by default, 2 with one
-    /// CPU: there each GET in flight costs the S3 server more CPU when it runs on the node too
-    /// (Garage in the benchmark guest spent 1.9 s of CPU on a cold read of 256 MiB with 8 in
-    /// flight, 1.45 s with 2, and the read took 3.4-3.6 s against 2.9 s), and 8 MiB in flight
-    /// still carry 160 MiB/s over 50 ms of round trip, more than one CPU serves over NFS.
+    /// Chunks fetched ahead of a sequential reader. 8 by default, 2 with one CPU: there each
+    /// GET in flight costs the S3 server more CPU when it runs on the node too (Garage in the
+    /// benchmark guest spent 1.9 s of CPU on a cold read of 256 MiB with 8 in flight, 1.45 s
+    /// with 2, and the read took 3.4-3.6 s against 2.9 s), and 8 MiB in flight still carry 160
+    /// MiB/s over 50 ms of round trip, more than one CPU serves over NFS.
     pub read_ahead: usize,
+    /// Chunks one read-ahead GET brings at most, streamed into their cells as the bytes come
+    /// (see `read.rs`): 4 (16 MiB), so a cold read of 1 GiB takes 64 GETs, not 256, at the
+    /// same speed on two CPUs. 1 with one CPU: there runs of 4 chunks read 256 MiB cold at
+    /// 0.91-0.99x raw S3's speed against 1.17-1.20x, with 22-26 MiB more peak memory (the 8
+    /// chunks kept ahead that runs need, where one CPU keeps 2).
+    pub read_run: u64,
     /// Memory for cached read chunks.
     pub cache_bytes: u64,
     /// How long an NFS operation waits for a file to come from S3 into staging before it is
@@ -312,6 +318,7 @@ impl VolumeConfig {
             upload_concurrency: 8,
             read_chunk: 4 << 20,
             read_ahead: if one_cpu { 2 } else { 8 },
+            read_run: if one_cpu { 1 } else { 4 },
             cache_bytes: 48 << 20,
             stage_wait: Duration::from_secs(10),
             sparse_from: 64 << 20,
@@ -402,7 +409,7 @@ impl Volume {
         meta.commit(batch)?;
         meta.sync()?;
 
-        let cache = read::ReadCache::new(cfg.read_chunk, cfg.cache_bytes, cfg.read_ahead);
+        let cache = read::ReadCache::new(cfg.read_chunk, cfg.cache_bytes, cfg.read_ahead, cfg.read_run);
         let usage = usage::Usage::new(cfg.capacity, cfg.clock.clone());
         let freshness = freshness::Freshness::new(cfg.clock.clone(), cfg.refresh);
         let core = Core::new(cfg, store, meta, staging, numbers, volume_id);

@@ -1,10 +1,14 @@
-//! The read path for bytes only S3 has: ranged GETs of fixed-size chunks, a bounded in-memory
-//! chunk cache, and read-ahead that grows while a reader stays sequential.
+//! The read path for bytes only S3 has: a bounded in-memory cache of fixed-size chunks, filled
+//! by ranged GETs, and read-ahead that grows while a reader stays sequential.
 //!
 //! A chunk is fetched once however many READs want it (they wait on the same cell), and the
 //! cache holds at most `cache_bytes / chunk` chunks, so memory is bounded whatever the file size.
 //! Chunks are keyed by ETag as well as inode, so an object rewritten by another tool is never
 //! served from the old version's chunks.
+//!
+//! Read-ahead brings up to `run` chunks in one GET, streamed: each chunk is cached as
+//! its bytes complete, and a READ waiting for it goes on then, not at the end of the GET. A READ
+//! that finds its chunk neither cached nor coming fetches that chunk alone.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -15,6 +19,7 @@ use tracing::Instrument;
 use super::versions::read_version;
 use super::{FsError, FsResult};
 use crate::meta::{Ino, Remote};
+use crate::store::pool::BufPool;
 use crate::store::ObjectStore;
 use crate::sync::LockExt;
 
@@ -42,10 +47,19 @@ const SEQUENTIAL_TRAIL: u64 = 1;
 /// What a random reader's READ fetches at least (see [`ReadCache::read_exact_range`]).
 const RANDOM_GRAIN: u64 = 64 << 10;
 
+/// Buffers of streamed chunks kept for reuse (see `store::pool`): a read-ahead window's worth.
+const KEPT_CHUNK_BYTES: usize = 32 << 20;
+
 pub struct ReadCache {
     chunk: u64,
+    /// Buffers for chunks that read-ahead streams in.
+    buffers: Arc<BufPool>,
     /// Chunks fetched ahead of a sequential reader, at most.
     read_ahead: usize,
+    /// Chunks one read-ahead GET brings at most (see `VolumeConfig::read_run`). A sequential
+    /// reader's read-ahead waits until that many chunks of its window are to be fetched (or
+    /// the next one is), so its GETs are that large.
+    run: u64,
     max_chunks: usize,
     inner: Mutex<Inner>,
 }
@@ -64,6 +78,8 @@ struct Stream {
     /// READs answered by a ranged GET of their own (a random reader's), since the reader was
     /// first seen: what a staged copy of the file would have saved (see `random_reads.rs`).
     ranges: u32,
+    /// The first chunk its read-ahead has not asked for yet.
+    ahead: u64,
 }
 
 #[derive(Default)]
@@ -84,10 +100,12 @@ struct Inner {
 }
 
 impl ReadCache {
-    pub fn new(chunk: u64, cache_bytes: u64, read_ahead: usize) -> ReadCache {
+    pub fn new(chunk: u64, cache_bytes: u64, read_ahead: usize, run: u64) -> ReadCache {
         ReadCache {
             chunk,
+            buffers: BufPool::new(KEPT_CHUNK_BYTES),
             read_ahead,
+            run: run.max(1),
             max_chunks: (cache_bytes / chunk).max(2) as usize,
             inner: Mutex::new(Inner::default()),
         }
@@ -156,6 +174,12 @@ impl ReadCache {
     }
 
     fn cell(&self, ino: Ino, etag: &str, idx: u64, count: bool) -> Cell {
+        self.cell_and_whether_new(ino, etag, idx, count).0
+    }
+
+    /// Chunk `idx`'s cell, and whether it was made now: a cell found is being filled already, or
+    /// was (or a READ fills it, should its fill have failed).
+    fn cell_and_whether_new(&self, ino: Ino, etag: &str, idx: u64, count: bool) -> (Cell, bool) {
         let mut inner = self.inner.locked();
         if let Some((e, cell)) = inner.map.get(&(ino, idx)) {
             if e == etag {
@@ -164,7 +188,7 @@ impl ReadCache {
                     inner.hits += 1;
                     tracing::Span::current().record("cache", "hit");
                 }
-                return cell;
+                return (cell, false);
             }
         }
         if count {
@@ -190,7 +214,7 @@ impl ReadCache {
                 .collect();
             inner.order = live.into();
         }
-        cell
+        (cell, true)
     }
 
     /// Whether chunk `idx` of this version is in the cache (or being fetched).
@@ -248,6 +272,110 @@ impl ReadCache {
         .cloned()
     }
 
+    /// Starts fetching chunks `run` of `remote` ahead of a reader: one streamed GET for each
+    /// stretch of them with no cell yet. A chunk with one is cached, or on its way.
+    fn read_ahead(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        ino: Ino,
+        remote: &Remote,
+        run: std::ops::Range<u64>,
+        tasks: &crate::tasks::Tasks,
+    ) {
+        let mut stretch: Vec<(u64, Cell)> = Vec::new();
+        let start = |mut stretch: Vec<(u64, Cell)>| {
+            let (store, remote, chunk) = (store.clone(), remote.clone(), self.chunk);
+            match stretch.len() {
+                0 => {}
+                // One chunk: a GET into its cell, the READs' own way.
+                1 => {
+                    let (idx, cell) = stretch.pop().expect("one");
+                    tasks.spawn("read-ahead", async move {
+                        let _ = Self::fetch(&*store, &cell, &remote, idx, chunk).await;
+                    });
+                }
+                _ => {
+                    let first = stretch[0].0;
+                    let cells: Vec<Cell> = stretch.into_iter().map(|(_, c)| c).collect();
+                    let buffers = self.buffers.clone();
+                    tasks.spawn("read-ahead", async move {
+                        Self::fetch_run(&*store, &buffers, &remote, first, &cells, chunk).await;
+                    });
+                }
+            }
+        };
+        for idx in run {
+            // Only cells made now: one found is filled, or being filled, by a GET of its own.
+            // Taking those into a stretch fetched their bytes twice whenever the client's READs
+            // came out of order and the run started over.
+            match self.cell_and_whether_new(ino, &remote.etag, idx, false) {
+                (cell, true) => stretch.push((idx, cell)),
+                _ => start(std::mem::take(&mut stretch)),
+            }
+        }
+        start(stretch);
+    }
+
+    /// Fills `cells`, chunks `first..` of `remote`, from one GET streamed into chunk-sized
+    /// buffers: each cell is set as its chunk completes. A cell whose fill another READ started
+    /// first is left to it. Should the GET fail, the cells it did not fill stay empty, and the
+    /// READs that want them fetch them one by one.
+    async fn fetch_run(
+        store: &dyn ObjectStore,
+        buffers: &Arc<BufPool>,
+        remote: &Remote,
+        first: u64,
+        cells: &[Cell],
+        chunk: u64,
+    ) {
+        let start = first * chunk;
+        let end = (start + cells.len() as u64 * chunk).min(remote.size);
+        let len_of = |k: usize| ((start + (k as u64 + 1) * chunk).min(end) - (start + k as u64 * chunk)) as usize;
+        let span = tracing::info_span!("cache_fill", key = %remote.key, chunk = first, chunks = cells.len());
+        let mut senders = Vec::with_capacity(cells.len());
+        let fills = futures::future::join_all(cells.iter().map(|cell| {
+            let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
+            senders.push(tx);
+            cell.get_or_try_init(|| async move {
+                rx.await
+                    .map_err(|_| FsError::Retry("the read-ahead GET stopped before this chunk".into()))
+            })
+        }));
+        let stream = async {
+            let mut senders = senders.into_iter();
+            let mut k = 0;
+            let mut buf = buffers.take(len_of(0));
+            let etag = (!remote.etag.is_empty()).then_some(remote.etag.as_str());
+            let r = store
+                .stream_range(&remote.key, etag, start..end, &mut |mut frame: &[u8]| {
+                    while !frame.is_empty() && k < cells.len() {
+                        let n = (len_of(k) - buf.len()).min(frame.len());
+                        buf.extend_from_slice(&frame[..n]);
+                        frame = &frame[n..];
+                        if buf.len() == len_of(k) {
+                            let full = std::mem::replace(&mut buf, Vec::new());
+                            if let Some(tx) = senders.next() {
+                                // No one waits any more: the cell was filled by a READ's own GET.
+                                let _ = tx.send(buffers.wrap(full));
+                            }
+                            k += 1;
+                            if k < cells.len() {
+                                buf = buffers.take(len_of(k));
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(key = %remote.key, error = %e, "read-ahead GET failed; READs fetch their chunks themselves");
+            }
+            // Whatever did not come: its cells' fills end with an error.
+            drop(senders);
+        };
+        let _ = futures::future::join(fills, stream).instrument(span).await;
+    }
+
     pub async fn read(
         &self,
         store: &Arc<dyn ObjectStore>,
@@ -267,7 +395,8 @@ impl ReadCache {
         }
         let first = offset / self.chunk;
         let last = (end - 1) / self.chunk;
-        let (window, ranged) = {
+        let chunks_in_file = remote.size.div_ceil(self.chunk);
+        let (runs, ranged) = {
             let mut inner = self.inner.locked();
             let known = inner.stream.get(&ino).copied();
             let prev = known.unwrap_or_default();
@@ -292,6 +421,24 @@ impl ReadCache {
             let now = inner.reads;
             let run = if sequential { prev.run.saturating_add(1) } else { 0 };
             let ranged = jumping && first == last && !Self::has_chunk(&inner, ino, &remote.etag, first);
+            let window = if jumping { 0 } else { w as u64 };
+            // Read-ahead asks for the chunks past this READ up to its window, in runs of up to
+            // `self.run` chunks, as soon as a whole run (or the window, when smaller) is to be asked
+            // for, or the next chunk is: a reader never waits on a chunk held back for a run.
+            // `ahead` out of range (a jump, backwards or past it) starts over after this READ.
+            let target = (last + 1 + window).min(chunks_in_file);
+            let mut ahead = if prev.ahead <= last || prev.ahead > target {
+                last + 1
+            } else {
+                prev.ahead
+            };
+            let mut runs = Vec::new();
+            let batch = self.run.min(window.max(1));
+            while ahead < target && (target - ahead >= batch || ahead == last + 1) {
+                let to = (ahead + self.run).min(target);
+                runs.push(ahead..to);
+                ahead = to;
+            }
             inner.stream.insert(
                 ino,
                 Stream {
@@ -300,6 +447,7 @@ impl ReadCache {
                     used: now,
                     run,
                     ranges: prev.ranges.saturating_add(u32::from(ranged)),
+                    ahead,
                 },
             );
             if inner.stream.len() > MAX_STREAMS {
@@ -307,25 +455,13 @@ impl ReadCache {
                 let keep_after = now - (MAX_STREAMS / 2) as u64;
                 inner.stream.retain(|_, s| s.used > keep_after);
             }
-            (if jumping { 0 } else { w }, ranged)
+            (runs, ranged)
         };
         if ranged {
             return Self::read_exact_range(&**store, remote, offset, end).await;
         }
-        for idx in last + 1..=last + window as u64 {
-            if idx * self.chunk >= remote.size {
-                break;
-            }
-            let cell = self.cell(ino, &remote.etag, idx, false);
-            if cell.initialized() {
-                continue;
-            }
-            let store = store.clone();
-            let remote = remote.clone();
-            let chunk = self.chunk;
-            tasks.spawn("read-ahead", async move {
-                let _ = Self::fetch(&*store, &cell, &remote, idx, chunk).await;
-            });
+        for run in runs {
+            self.read_ahead(store, ino, remote, run, tasks);
         }
         let cells: Vec<_> = (first..=last)
             .map(|i| (i, self.cell(ino, &remote.etag, i, true)))
@@ -385,7 +521,7 @@ pub(crate) mod tests {
         let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
         let (_dir, store, remote) = one_object(&data).await;
         let chunk = 256 << 10;
-        let cache = ReadCache::new(chunk, 4 << 20, 2);
+        let cache = ReadCache::new(chunk, 4 << 20, 2, 1);
         let tasks = crate::tasks::Tasks::new();
         let read = |off: u64| {
             let (cache, store, remote, tasks) = (&cache, &store, &remote, &tasks);
@@ -430,7 +566,7 @@ pub(crate) mod tests {
             let data: Vec<u8> = (0..size as u32).map(|i| (i % 251) as u8).collect();
             let (_dir, store, remote) = one_object(&data).await;
             // Room for 8 chunks: 512 KiB.
-            let cache = ReadCache::new(chunk, 8 * chunk, 2);
+            let cache = ReadCache::new(chunk, 8 * chunk, 2, 1);
             for off in (0..size).step_by(16 << 10) {
                 let (b, _) = cache.read(&store, 1, &remote, off, 16 << 10, &tasks).await.unwrap();
                 assert_eq!(&b[..], &data[off as usize..off as usize + (16 << 10)]);
@@ -446,11 +582,80 @@ pub(crate) mod tests {
         }
     }
 
+    /// A sequential reader's read-ahead comes in GETs of `run` chunks (4), each streamed into
+    /// the chunks' cells; should one fail, the READs fetch their chunks themselves. Read-ahead is
+    /// waited for after each READ, so the count is exact: fetched a chunk per GET, the 40 chunks
+    /// took 40.
+    #[tokio::test]
+    async fn read_ahead_comes_in_gets_of_several_chunks() {
+        use crate::store::faulty::{Fault, FaultyStore, Op};
+        let chunk = 64 << 10;
+        let data: Vec<u8> = (0..40 * chunk as u32).map(|i| (i % 251) as u8).collect();
+        for fail_one in [false, true] {
+            let (_dir, local, remote) = one_object(&data).await;
+            let (faulty, faults) = FaultyStore::new(local);
+            let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+            if fail_one {
+                // The fourth GET: the first of a full run (see below).
+                let n = std::sync::atomic::AtomicU64::new(0);
+                faults.set_callback(move |c| {
+                    (c.op == Op::Get && n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 3)
+                        .then(|| Fault::Fail(crate::store::StoreError::Unavailable("injected".into())))
+                });
+            }
+            let cache = ReadCache::new(chunk, 64 * chunk, 8, 4);
+            let tasks = crate::tasks::Tasks::new();
+            for off in (0..data.len() as u64).step_by(chunk as usize) {
+                let (b, _) = cache.read(&store, 1, &remote, off, chunk as u32, &tasks).await.unwrap();
+                assert!(b[..] == data[off as usize..(off + chunk) as usize], "bytes at {off}");
+                tasks.idle().await;
+            }
+            // The first READ's chunk; read-ahead as its window grows (1, 2, then 4 and 4 more
+            // chunks); then a run of 4 each time 4 chunks of the window of 8 are free: 7 runs.
+            let gets = faults.calls(Op::Get);
+            if fail_one {
+                // The failed run's 4 chunks fetched by their READs, one GET each.
+                assert_eq!(gets, 12 + 4, "GETs with one read-ahead GET failed");
+            } else {
+                assert_eq!(gets, 12, "GETs for 40 chunks read in order");
+            }
+        }
+    }
+
+    /// Read-ahead asked again for chunks already on their way (the client's READs came out of
+    /// order, and the run started over) does not fetch them again: that was a second GET of
+    /// the same bytes for every chunk in flight.
+    #[tokio::test]
+    async fn chunks_on_their_way_are_not_fetched_again() {
+        use crate::store::faulty::{FaultyStore, Op};
+        let chunk = 64 << 10;
+        let data: Vec<u8> = (0..8 * chunk as u32).map(|i| (i % 251) as u8).collect();
+        let (_dir, local, remote) = one_object(&data).await;
+        let (faulty, faults) = FaultyStore::new(local);
+        let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+        let cache = ReadCache::new(chunk, 64 * chunk, 8, 4);
+        let tasks = crate::tasks::Tasks::new();
+        // The first GET has not even started (this test's runtime runs one task at a time).
+        cache.read_ahead(&store, 1, &remote, 1..5, &tasks);
+        cache.read_ahead(&store, 1, &remote, 1..5, &tasks);
+        cache.read_ahead(&store, 1, &remote, 3..7, &tasks);
+        tasks.idle().await;
+        assert_eq!(faults.calls(Op::Get), 2, "GETs for chunks 1 to 6");
+        for idx in 1..7 {
+            assert!(cache.cached(1, &remote.etag, idx), "chunk {idx}");
+        }
+        let (b, _) = cache
+            .read(&store, 1, &remote, 5 * chunk, chunk as u32, &tasks)
+            .await
+            .unwrap();
+        assert!(b[..] == data[5 * chunk as usize..6 * chunk as usize]);
+    }
+
     /// Every file ever read used to keep its reader's state for the volume's life.
     #[tokio::test]
     async fn the_readers_tracked_stay_bounded_however_many_files_are_read() {
         let (_dir, store, remote) = one_object(b"0123456789").await;
-        let cache = ReadCache::new(4, 1 << 20, 2);
+        let cache = ReadCache::new(4, 1 << 20, 2, 1);
         let tasks = crate::tasks::Tasks::new();
         for ino in 0..3 * MAX_STREAMS as u64 {
             let (b, _) = cache.read(&store, ino, &remote, 2, 3, &tasks).await.unwrap();
