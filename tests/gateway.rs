@@ -1237,7 +1237,8 @@ async fn failed_and_dropped_s3_requests_lose_nothing() {
 
 /// A round's deletions go to S3 as one DeleteObjects request, not a DeleteObject per key (`rm`
 /// of 40 files was 40 requests). A name created again before the round keeps its new object,
-/// and a request that fails leaves every deletion to the next round.
+/// and a request that fails leaves every deletion to the next round. The keys a directory's
+/// move leaves behind go the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rounds_deletions_go_in_one_request() {
     use s3nfs::store::faulty::Op;
@@ -1277,6 +1278,27 @@ async fn a_rounds_deletions_go_in_one_request() {
     assert_eq!(faults.calls(Op::Delete), 0, "a key deleted on its own");
     assert_eq!(s3.keys("").await, vec!["f07"]);
     assert_eq!(s3.get("f07").await.as_deref(), Some(&b"new bytes"[..]));
+
+    // A directory moved: a copy per object, and the old keys go in one request too.
+    let d = c.mkdir(&root, "d").await.unwrap();
+    for n in &names {
+        let f = c.create(&d, n, 0o644).await.unwrap();
+        c.write_all(&f, 0, n.as_bytes()).await.unwrap();
+    }
+    gw.vol.flush_all().await.unwrap();
+    c.rename(&root, "d", &root, "e").await.unwrap();
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(faults.calls(Op::DeleteMany), 3, "one request for the old keys");
+    assert_eq!(faults.calls(Op::Delete), 0, "an old key deleted on its own");
+    let mut want: Vec<String> = names.iter().map(|n| format!("e/{n}")).collect();
+    want.extend(["e/".to_string(), "f07".to_string()]);
+    want.sort();
+    let mut keys = s3.keys("").await;
+    keys.sort();
+    assert_eq!(keys, want);
+    for n in &names {
+        assert_eq!(s3.get(&format!("e/{n}")).await.as_deref(), Some(n.as_bytes()));
+    }
 }
 
 /// A directory of several listing pages, changed in S3 around the page boundaries (a file and

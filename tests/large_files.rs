@@ -607,6 +607,32 @@ async fn open_reading_in_mib(state: &std::path::Path, store: &Arc<dyn ObjectStor
     Volume::open(cfg, store.clone()).await.unwrap()
 }
 
+/// A sequential reader of a cold file gets its read-ahead in streamed GETs of several chunks:
+/// 24 chunks in at most 12 GETs (a GET per chunk made 24), every byte as S3 has it, though the
+/// next READs arrive while the GETs are still streaming. On Garage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_reader_gets_several_chunks_a_get() {
+    let (s3, _bucket) = common::gateway::garage_store().await;
+    let data = pattern(24 * MIB, 5);
+    put_object(&*s3, "seq", data.clone()).await;
+    let (faulty, faults) = FaultyStore::new(s3.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.read_chunk = MIB as u64;
+    cfg.read_ahead = 8;
+    cfg.read_run = 4;
+    let vol = Volume::open(cfg, store).await.unwrap();
+    let ino = vol.lookup(&ROOT, vol.root(), b"seq").await.unwrap();
+    let step = 256 << 10;
+    for off in (0..data.len()).step_by(step) {
+        let (got, _) = vol.read(&ROOT, ino, off as u64, step as u32).await.unwrap();
+        assert!(got[..] == data[off..off + step], "bytes at {off}");
+    }
+    let gets = faults.calls(Op::Get);
+    assert!((2..=12).contains(&gets), "{gets} GETs for 24 chunks read in order");
+}
+
 /// Another S3 client replaces a file's object between two READs: the second takes up the new
 /// version, and nothing cached from the old one is served with it. Without the ETag
 /// condition on every GET of a file's bytes, the first chunk stays cached as the old version

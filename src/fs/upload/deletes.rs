@@ -1,7 +1,7 @@
-//! Deleting the objects of names that are gone: each key under its lock, and only when no live
-//! inode maps to it any more. A round's deletions go in DeleteObjects requests of up to
-//! [`DELETE_BATCH`] keys: `rm -r` of 200 files was 200 DeleteObject requests, and `git gc`'s
-//! removals a request each, where S3 takes a thousand keys a request.
+//! Deleting the objects of names that are gone, removed or moved away from: each key under its
+//! lock, and only when no live inode maps to it any more. A round's deletions go in
+//! DeleteObjects requests of up to [`DELETE_BATCH`] keys: a DeleteObject per key made `rm -r`
+//! or `mv` of 1,000 files 1,000 requests more, where S3 takes a thousand keys a request.
 
 use futures::StreamExt;
 
@@ -29,11 +29,11 @@ impl super::Uploader {
     }
 
     /// Whether `key`'s object may go, asked with the key's lock held. Not when a live inode maps
-    /// to it, or an inode other than `moved` (the one whose move away from `key` just finished)
-    /// still has to copy its object from there: that one deletes the key once it has moved (see
-    /// `sync_inode`). A hard link's name dropped after its file took over its old key queues
-    /// that key's deletion, and the file may be leaving the key at the same time.
-    fn may_delete(&self, key: &str, moved: Option<Ino>) -> FsResult<bool> {
+    /// to it, or an inode still has to copy its object from there: that one queues the key's
+    /// deletion once it has moved (see `record`). A hard link's name dropped after its file
+    /// took over its old key queues that key's deletion, and the file may be leaving the key at
+    /// the same time.
+    fn may_delete(&self, key: &str) -> FsResult<bool> {
         if let Some(owner) = self.resolve_key(key)? {
             // A live inode holds the key now and will write it. Until it has, the old
             // object is its to deal with: if it goes (or moves) before writing, the key is
@@ -50,11 +50,10 @@ impl super::Uploader {
             return Ok(false);
         }
         for m in self.meta.movers(key)? {
-            if Some(m) != moved
-                && self
-                    .meta
-                    .inode(m)?
-                    .is_some_and(|i| i.remote.is_some_and(|r| r.key == key))
+            if self
+                .meta
+                .inode(m)?
+                .is_some_and(|i| i.remote.is_some_and(|r| r.key == key))
             {
                 return Ok(false);
             }
@@ -63,9 +62,9 @@ impl super::Uploader {
     }
 
     /// Deletes `key` if it may go (see [`Self::may_delete`]).
-    pub(super) async fn delete_key(&self, key: &str, moved: Option<Ino>) -> FsResult<()> {
+    async fn delete_key(&self, key: &str) -> FsResult<()> {
         let _k = self.key_lock(key).await;
-        if self.may_delete(key, moved)? {
+        if self.may_delete(key)? {
             self.store.delete(key).await?;
             self.ledger.note_deleted(key);
         }
@@ -105,7 +104,7 @@ impl super::Uploader {
             if yields() {
                 return Ok(());
             }
-            self.delete_key(&key, None).await?;
+            self.delete_key(&key).await?;
             let mut b = Batch::new();
             b.done_delete(seq, &key);
             Ok(self.meta.commit(b)?)
@@ -148,7 +147,7 @@ impl super::Uploader {
             let mut kept = Batch::new();
             let mut doomed = Vec::with_capacity(locked.len());
             for (seq, key, _) in &locked {
-                if self.may_delete(key, None)? {
+                if self.may_delete(key)? {
                     doomed.push((*seq, key.clone()));
                 } else {
                     kept.done_delete(*seq, key);

@@ -128,11 +128,6 @@ impl super::Uploader {
             }
         };
         let Some(synced) = synced else { return Ok(()) };
-        if let Some(old) = &inode.remote {
-            if old.key != synced.remote.key {
-                self.delete_key(&old.key, Some(ino)).await?;
-            }
-        }
         let st = self
             .staged(ino)
             .filter(|cur| sent_from.as_ref().is_none_or(|s| Arc::ptr_eq(s, cur)));
@@ -193,11 +188,6 @@ impl super::Uploader {
                 return Err(FsError::Retry("the file's object is gone from S3".into()));
             }
         };
-        if let Some(old) = &entry.remote {
-            if old.key != key {
-                self.delete_key(&old.key, Some(entry.ino)).await?;
-            }
-        }
         self.record(entry.ino, seq, Some(synced), None).await
     }
 
@@ -363,7 +353,11 @@ impl super::Uploader {
         if let Some(s) = synced {
             if let Some(old) = &inode.remote {
                 if old.key != s.remote.key {
+                    // The object left behind goes with the round's other deletions, in one
+                    // request (`deletes.rs`), and with this record: a crash cannot keep one
+                    // and lose the other.
                     b.moved_from(&old.key, ino);
+                    b.queue_delete(self.next_seq(), &old.key);
                 }
             }
             // Keys that failed uploads may have written: only the one just written is ours.
