@@ -75,7 +75,7 @@ impl super::Uploader {
     /// Deletions not begun when `yields` says so stay in the journal for a later round.
     ///
     /// Each batch of up to [`DELETE_BATCH`] keys is one DeleteObjects request, sent with the
-    /// locks of all its keys held. A key whose lock is busy (an upload or another deletion of
+    /// locks of all its keys held (a DeleteObject per key when that request fails). A key whose lock is busy (an upload or another deletion of
     /// it under way) is not waited for while others are held: it is deleted on its own
     /// afterwards, as is a batch's only key.
     pub(super) async fn delete_keys(
@@ -155,27 +155,59 @@ impl super::Uploader {
             }
             // The keys that stay are settled whatever becomes of the request.
             self.meta.commit(kept)?;
+            let (gone, failed) = self.send_deletes(doomed).await;
             let mut done = Batch::new();
-            if !doomed.is_empty() {
-                let keys: Vec<String> = doomed.iter().map(|(_, k)| k.clone()).collect();
-                let sent = self.store.delete_many(&keys).await;
-                // Noted even if the request failed: it may have deleted some of the keys, and a
-                // listing must not bring those back. Their names are gone either way, and
-                // their deletions stay in the journal until a request confirms them.
-                for key in &keys {
-                    self.ledger.note_deleted(key);
-                }
-                sent?;
-                for (seq, key) in &doomed {
+            for (seq, key) in &gone {
+                done.done_delete(*seq, key);
+            }
+            if failed.is_none() {
+                for (seq, key) in &twice {
                     done.done_delete(*seq, key);
                 }
             }
-            for (seq, key) in &twice {
-                done.done_delete(*seq, key);
-            }
-            Ok(self.meta.commit(done)?)
+            self.meta.commit(done)?;
+            failed.map_or(Ok(()), |e| Err(e.into()))
         }
         .await;
         (r, alone)
+    }
+
+    /// Deletes `doomed` (their locks held): one DeleteObjects request, or a DeleteObject per key
+    /// should it fail. Returns the deletions S3 confirmed, and the first failure.
+    async fn send_deletes(&self, doomed: Vec<(u64, String)>) -> (Vec<(u64, String)>, Option<crate::store::StoreError>) {
+        if doomed.is_empty() {
+            return (Vec::new(), None);
+        }
+        let keys: Vec<String> = doomed.iter().map(|(_, k)| k.clone()).collect();
+        let sent = self.store.delete_many(&keys).await;
+        // Noted even if the request failed: it may have deleted some of the keys, and a listing
+        // must not bring those back. Their names are gone either way, and their deletions stay
+        // in the journal until S3 confirms them.
+        for key in &keys {
+            self.ledger.note_deleted(key);
+        }
+        let Err(e) = sent else {
+            return (doomed, None);
+        };
+        // Not every S3-compatible store has DeleteObjects, and one refused key fails the whole
+        // request: each key on its own then. Should those fail too, S3 is out, and a later
+        // round tries the batch again.
+        tracing::debug!(error = %e, keys = keys.len(), "DeleteObjects failed; deleting the keys one at a time");
+        let each: Vec<_> = futures::stream::iter(doomed.into_iter().map(|(seq, key)| async move {
+            let r = self.store.delete(&key).await;
+            ((seq, key), r)
+        }))
+        .buffer_unordered(self.cfg.upload_concurrency)
+        .collect()
+        .await;
+        let mut gone = Vec::with_capacity(each.len());
+        let mut failed = None;
+        for (d, r) in each {
+            match r {
+                Ok(()) => gone.push(d),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        (gone, failed)
     }
 }
