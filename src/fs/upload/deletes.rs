@@ -6,7 +6,7 @@
 use futures::StreamExt;
 
 use super::KeyGuard;
-use crate::fs::FsResult;
+use crate::fs::{FsError, FsResult};
 use crate::meta::{Batch, Ino, Kind, ROOT_INO};
 use crate::store::DELETE_BATCH;
 
@@ -83,6 +83,18 @@ impl super::Uploader {
         deletes: Vec<(u64, String)>,
         yields: impl Fn() -> bool,
     ) -> Vec<FsResult<()>> {
+        if deletes.is_empty() {
+            return Vec::new();
+        }
+        // The records that queued these deletions reach the disk first. A deletion sent for a
+        // record that a crash then loses takes an object the replayed journal still points to:
+        // a move's old key, which the replayed inode would copy from again and find gone.
+        let core = self.core.clone();
+        match tokio::task::spawn_blocking(move || core.meta.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return vec![Err(e.into())],
+            Err(e) => return vec![Err(FsError::Io(format!("journal sync failed: {e}")))],
+        }
         let yields = &yields;
         let batches: Vec<_> = deletes.chunks(DELETE_BATCH).map(<[_]>::to_vec).collect();
         let batched = futures::stream::iter(batches.into_iter().map(|batch| async move {
@@ -209,5 +221,61 @@ impl super::Uploader {
             }
         }
         (gone, failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use crate::fs::{Cred, SetAttr, Volume, VolumeConfig};
+    use crate::store::faulty::{FaultyStore, Op};
+    use crate::store::ObjectStore;
+
+    /// A deletion reaches S3 only once the journal records that queued it are on disk: the
+    /// removals' and a move's. Sent before, a crash that lost the records would leave the
+    /// replayed journal pointing at objects that are gone.
+    #[tokio::test]
+    async fn deletions_go_only_once_their_records_are_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn ObjectStore> =
+            Arc::new(crate::store::local::LocalStore::open(&dir.path().join("s3")).unwrap());
+        let (faulty, faults) = FaultyStore::new(local);
+        let vol = Volume::open(VolumeConfig::new(dir.path().join("state")), Arc::new(faulty))
+            .await
+            .unwrap();
+        let root = Cred::root();
+        for name in [&b"a"[..], b"b", b"c"] {
+            let ino = vol
+                .create(&root, vol.root(), name, SetAttr::default(), true)
+                .await
+                .unwrap()
+                .ino;
+            vol.write(&root, ino, 0, name).await.unwrap();
+        }
+        vol.flush_all().await.unwrap();
+        // Whether the journal had records not yet on disk, at each deletion sent.
+        let unsynced_at_delete = Arc::new(Mutex::new(Vec::new()));
+        let (seen, weak) = (unsynced_at_delete.clone(), Arc::downgrade(&vol));
+        faults.set_callback(move |c| {
+            if matches!(c.op, Op::Delete | Op::DeleteMany) {
+                let vol = weak.upgrade().expect("the volume");
+                seen.lock().unwrap().push(vol.meta.unsynced());
+            }
+            None
+        });
+        vol.remove(&root, vol.root(), b"a").await.unwrap();
+        vol.remove(&root, vol.root(), b"b").await.unwrap();
+        vol.rename(&root, vol.root(), b"c", vol.root(), b"d").await.unwrap();
+        vol.flush_all().await.unwrap();
+        let seen = unsynced_at_delete.lock().unwrap().clone();
+        assert!(seen.len() >= 2, "deletions sent: {seen:?}");
+        assert!(
+            seen.iter().all(|u| !u),
+            "a deletion went before its record was on disk: {seen:?}"
+        );
+        let page = vol.store.list("", None, None, 1000).await.unwrap();
+        let keys: Vec<String> = page.objects.into_iter().map(|o| o.key).collect();
+        assert_eq!(keys, vec!["d".to_string()]);
     }
 }
