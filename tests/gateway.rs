@@ -909,6 +909,19 @@ async fn names_s3_cannot_hold_are_refused() {
     assert_eq!(s3.keys("").await, vec!["ok"]);
 }
 
+/// A gateway on Garage behind a FaultyStore whose uploads wait for the test's own flushes (the
+/// background's would meet the faults first), with a client and its root.
+async fn faulty_garage_flushed_by_hand() -> (InProc, S3Side, s3nfs::store::faulty::Faults, Client, Fh) {
+    let (gw, s3, faults) = gateway::on_faulty_garage(Opts {
+        flush_delay: Duration::from_secs(3600),
+        ..Opts::default()
+    })
+    .await;
+    let c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    (gw, s3, faults, c, root)
+}
+
 /// `flush_all` (`s3nfs flush`, a clean shutdown, a Kubernetes unstage) rides out a moment of
 /// S3 refusing, as the background uploads do: two PUTs answered 503 and the flush still ends
 /// with everything in S3. It failed on the first.
@@ -916,14 +929,7 @@ async fn names_s3_cannot_hold_are_refused() {
 async fn a_flush_rides_out_s3_refusing_for_a_moment() {
     use s3nfs::store::faulty::Op as FaultOp;
     use s3nfs::store::StoreError;
-    // Only the flush uploads (the background's would meet the faults first).
-    let (gw, s3, faults) = gateway::on_faulty_garage(Opts {
-        flush_delay: Duration::from_secs(3600),
-        ..Opts::default()
-    })
-    .await;
-    let mut c = Client::connect(gw.addr).await;
-    let root = c.root.clone();
+    let (gw, s3, faults, mut c, root) = faulty_garage_flushed_by_hand().await;
     let f = c.create(&root, "f", 0o644).await.unwrap();
     c.write_all(&f, 0, b"bytes").await.unwrap();
     faults.fail_next(FaultOp::Put, 2, StoreError::Unavailable("503 injected".into()));
@@ -1198,13 +1204,7 @@ async fn malformed_rpc_does_not_stop_the_server() {
 async fn failed_and_dropped_s3_requests_lose_nothing() {
     use s3nfs::store::faulty::Op;
     use s3nfs::store::StoreError;
-    let (gw, s3, faults) = gateway::on_faulty_garage(Opts {
-        flush_delay: Duration::from_secs(3600),
-        ..Opts::default()
-    })
-    .await;
-    let mut c = Client::connect(gw.addr).await;
-    let root = c.root.clone();
+    let (gw, s3, faults, mut c, root) = faulty_garage_flushed_by_hand().await;
     // A multipart upload whose CompleteMultipartUpload succeeds in S3 but whose reply is lost.
     let big = pattern(1, 40 << 20);
     let f = c.create(&root, "big", 0o644).await.unwrap();
@@ -1243,13 +1243,7 @@ async fn failed_and_dropped_s3_requests_lose_nothing() {
 async fn a_rounds_deletions_go_in_one_request() {
     use s3nfs::store::faulty::Op;
     use s3nfs::store::StoreError;
-    let (gw, s3, faults) = gateway::on_faulty_garage(Opts {
-        flush_delay: Duration::from_secs(3600),
-        ..Opts::default()
-    })
-    .await;
-    let mut c = Client::connect(gw.addr).await;
-    let root = c.root.clone();
+    let (gw, s3, faults, mut c, root) = faulty_garage_flushed_by_hand().await;
     let names: Vec<String> = (0..40).map(|i| format!("f{i:02}")).collect();
     for n in &names {
         let f = c.create(&root, n, 0o644).await.unwrap();

@@ -75,9 +75,9 @@ impl super::Uploader {
     /// Deletions not begun when `yields` says so stay in the journal for a later round.
     ///
     /// Each batch of up to [`DELETE_BATCH`] keys is one DeleteObjects request, sent with the
-    /// locks of all its keys held (a DeleteObject per key when that request fails). A key whose lock is busy (an upload or another deletion of
-    /// it under way) is not waited for while others are held: it is deleted on its own
-    /// afterwards, as is a batch's only key.
+    /// locks of all its keys held (a DeleteObject per key when that request fails). A key whose
+    /// lock is busy (an upload or another deletion of it under way) is not waited for while
+    /// others are held: it is deleted on its own afterwards, as is a batch's only key.
     pub(super) async fn delete_keys(
         &self,
         deletes: Vec<(u64, String)>,

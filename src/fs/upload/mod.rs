@@ -185,26 +185,25 @@ impl Uploader {
 
     /// The lock of `key` if no one holds it, without waiting.
     fn try_key_lock(&self, key: &str) -> Option<KeyGuard<'_>> {
-        let m = self.key_locks.locked().entry(key.to_string()).or_default().clone();
-        let guard = m.clone().try_lock_owned().ok();
-        // Without the lock, dropping the guard still takes the map's entry away if no one
-        // else wants it.
-        let g = KeyGuard {
-            state: self,
-            key: key.to_string(),
-            _guard: guard,
-            m,
-        };
-        g._guard.is_some().then_some(g)
+        let mut g = self.unlocked_guard(key);
+        // Without the lock, `g` dropped still takes the map's entry away if no one else wants it.
+        g._guard = Some(g.m.clone().try_lock_owned().ok()?);
+        Some(g)
     }
 
     async fn key_lock(&self, key: &str) -> KeyGuard<'_> {
+        let mut g = self.unlocked_guard(key);
+        g._guard = Some(g.m.clone().lock_owned().await);
+        g
+    }
+
+    /// A guard of `key`'s entry in the lock map (made if missing), not holding the lock yet.
+    fn unlocked_guard(&self, key: &str) -> KeyGuard<'_> {
         let m = self.key_locks.locked().entry(key.to_string()).or_default().clone();
-        let guard = m.clone().lock_owned().await;
         KeyGuard {
             state: self,
             key: key.to_string(),
-            _guard: Some(guard),
+            _guard: None,
             m,
         }
     }
