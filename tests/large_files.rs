@@ -358,6 +358,70 @@ async fn a_new_file_under_a_renamed_files_old_name_never_takes_its_bytes() {
     assert_eq!(object(&store, "a").await, b"new bytes");
 }
 
+/// A file renamed again while its first move is copied in S3 (a to b in flight, then b to c):
+/// the object the copy left at b is the file's until it moves on to c, and a listing meanwhile
+/// must not take it for a new file b. It did (the move's record dropped the mark on a and set
+/// none on b), and that stray file then kept b from being deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_renamed_again_while_its_move_is_copied_is_listed_once() {
+    use std::time::Duration;
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let (faulty, faults) = FaultyStore::new(local.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let clock = s3nfs::clock::Clock::manual();
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    // Listings ask S3 only when the test moves the clock; nothing goes up but what it flushes.
+    cfg.refresh = Duration::from_secs(60);
+    cfg.flush_delay = Duration::from_secs(3600);
+    cfg.clock = clock.clone();
+    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+    let root = vol.root();
+    let ino = create_file(&vol, b"a").await;
+    vol.write(&ROOT, ino, 0, b"the bytes").await.unwrap();
+    vol.flush_all().await.unwrap();
+    vol.rename(&ROOT, root, b"a", root, b"b").await.unwrap();
+
+    faults.set_delay(Duration::from_secs(1));
+    let mover = {
+        let vol = vol.clone();
+        // One round: one sync of the file.
+        tokio::spawn(async move { vol.flush_round(true).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while faults.calls(Op::Copy) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no server-side copy");
+        tokio::task::yield_now().await;
+    }
+    vol.rename(&ROOT, root, b"b", root, b"c").await.unwrap();
+    assert_eq!(faults.reached(Op::Copy), 0, "the copy was not held: nothing checked");
+    faults.set_delay(Duration::ZERO);
+    mover.await.unwrap().unwrap();
+    assert!(
+        store.head("b").await.unwrap().is_some() && store.head("c").await.unwrap().is_none(),
+        "not between the two moves in S3: nothing checked"
+    );
+
+    let names = |vol: Arc<Volume>, clock: s3nfs::clock::Clock, faults: Faults| async move {
+        clock.advance(Duration::from_secs(60));
+        let lists = faults.calls(Op::List);
+        let (entries, _) = vol.readdir(&ROOT, vol.root(), 0, 100).await.unwrap();
+        assert!(faults.calls(Op::List) > lists, "no listing: nothing checked");
+        entries.into_iter().map(|e| e.name).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(vol.clone(), clock.clone(), faults.clone()).await,
+        [b"c".to_vec()],
+        "the object on its way to c listed as a file"
+    );
+    vol.flush_all().await.unwrap();
+    assert_eq!(object(&store, "c").await, b"the bytes");
+    assert_eq!(store.head("b").await.unwrap(), None, "the middle name stays in S3");
+    assert_eq!(store.head("a").await.unwrap(), None, "the first name stays in S3");
+    assert_eq!(names(vol.clone(), clock.clone(), faults.clone()).await, [b"c".to_vec()]);
+}
+
 /// A volume whose store counts requests, with parts of [`PART`] and a flush delay of an hour
 /// (nothing is due: only streams upload), and an empty file "big" in it; `tweak` sets the rest.
 async fn streams_only(tweak: impl FnOnce(&mut VolumeConfig)) -> ([tempfile::TempDir; 2], Arc<Volume>, Faults, u64) {

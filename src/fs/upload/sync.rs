@@ -377,6 +377,12 @@ impl super::Uploader {
                 (Some(st), None) if st.is_dirty() => clean = false,
                 _ => {}
             }
+            // Renamed again while the request ran (a to b in flight, then b to c): the object
+            // just written is the file's until it moves on, and no listing may take it for a
+            // new file meanwhile.
+            if self.key_of(&inode).is_ok_and(|now| now != s.remote.key) {
+                b.moving_from(&s.remote.key, ino);
+            }
             inode.remote = Some(s.remote);
             inode.synced_epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
             b.put_inode(&inode);
