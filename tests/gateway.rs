@@ -1303,6 +1303,90 @@ async fn a_rounds_deletions_go_in_one_request() {
     assert_eq!(keys, vec!["e/", "f07"]);
 }
 
+/// A tree that fits in one page of S3's listing is listed in one request at its first access,
+/// and every directory in it counts as listed: walking it (`git status`, `find`) costs one
+/// LIST, not one per directory. What another client changes below shows once the refresh
+/// interval has passed, as with a listing per directory. A tree larger than a page is listed
+/// by directory after one try, and not tried again.
+#[tokio::test]
+async fn a_small_tree_is_listed_in_one_request() {
+    use futures::StreamExt;
+    use s3nfs::store::{faulty::Op, Body};
+    let clock = s3nfs::clock::Clock::manual();
+    let (gw, s3, faults) = gateway::on_faulty_garage(Opts {
+        flush_delay: Duration::from_secs(3600),
+        refresh: Duration::from_secs(60),
+        clock: clock.clone(),
+        ..Opts::default()
+    })
+    .await;
+    let put = |key: String| {
+        let store = s3.store.clone();
+        async move {
+            store
+                .put(&key, Body::Bytes(bytes::Bytes::from_static(b"x")), &Default::default())
+                .await
+                .unwrap();
+        }
+    };
+    let tree = ["t/top", "t/a/0", "t/a/1", "t/b/c/0", "t/b/c/1", "t/b/one", "t/d/"];
+    for k in tree {
+        put(k.to_string()).await;
+    }
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let before = faults.calls(Op::List);
+    let t = c.lookup(&root, "t").await.unwrap();
+    let (a, b, d) = (
+        c.lookup(&t, "a").await.unwrap(),
+        c.lookup(&t, "b").await.unwrap(),
+        c.lookup(&t, "d").await.unwrap(),
+    );
+    let bc = c.lookup(&b, "c").await.unwrap();
+    assert_eq!(c.names(&t).await.unwrap(), ["a", "b", "d", "top"]);
+    assert_eq!(c.names(&a).await.unwrap(), ["0", "1"]);
+    assert_eq!(c.names(&b).await.unwrap(), ["c", "one"]);
+    assert_eq!(c.names(&bc).await.unwrap(), ["0", "1"]);
+    assert!(c.names(&d).await.unwrap().is_empty());
+    assert_eq!(faults.calls(Op::List) - before, 1, "the tree took more than one LIST");
+
+    // Another client's changes deep in the tree, past the refresh interval: each directory
+    // asked for is listed again (with what is under it), and shows them.
+    put("t/b/c/new".into()).await;
+    s3.store.delete("t/a/0").await.unwrap();
+    clock.advance(Duration::from_secs(60));
+    let before = faults.calls(Op::List);
+    assert_eq!(c.names(&bc).await.unwrap(), ["0", "1", "new"]);
+    assert_eq!(c.names(&a).await.unwrap(), ["1"]);
+    assert_eq!(faults.calls(Op::List) - before, 2);
+
+    // A tree of more than a page: one try, then the listing by directory (two pages).
+    futures::stream::iter((0..1001).map(|i| put(format!("big/{i:04}"))))
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    clock.advance(Duration::from_secs(60));
+    let before = faults.calls(Op::List);
+    let big = c.lookup(&root, "big").await.unwrap();
+    assert_eq!(c.names(&big).await.unwrap().len(), 1001);
+    let first = faults.calls(Op::List) - before;
+    clock.advance(Duration::from_secs(60));
+    let before = faults.calls(Op::List);
+    c.names(&big).await.unwrap();
+    // A directory this large is relisted in the background.
+    gw.vol.tasks().idle().await;
+    assert_eq!(c.names(&big).await.unwrap().len(), 1001);
+    assert_eq!(
+        faults.calls(Op::List) - before,
+        2,
+        "a tree found larger than a page was tried again"
+    );
+    assert!(
+        first > 2,
+        "the first listing of the large tree made no try ({first} LISTs)"
+    );
+}
+
 /// A directory of several listing pages, changed in S3 around the page boundaries (a file and
 /// a directory of the same stem sort apart: "n0001.a" < "n0001/"), is relisted one page at a
 /// time, and what the client sees afterwards is exactly what S3 has plus what is still only

@@ -16,6 +16,9 @@ pub const MAX_LISTED: usize = 65_536;
 pub struct Freshness {
     listed: Mutex<HashMap<Ino, Instant>>,
     relisting: Mutex<HashSet<Ino>>,
+    /// Directories whose subtree a listing found larger than one page (see
+    /// `Volume::list_subtree`): listed by directory from then on.
+    too_large: Mutex<HashSet<Ino>>,
     clock: Clock,
     refresh: Duration,
 }
@@ -25,6 +28,7 @@ impl Freshness {
         Freshness {
             listed: Default::default(),
             relisting: Default::default(),
+            too_large: Default::default(),
             clock,
             refresh,
         }
@@ -64,6 +68,21 @@ impl Freshness {
     /// Forgets `dir` (removed): its number is not reused, the entry would only take room.
     pub fn forget(&self, dir: Ino) {
         self.listed.locked().remove(&dir);
+        self.too_large.locked().remove(&dir);
+    }
+
+    pub fn subtree_too_large(&self, dir: Ino) -> bool {
+        self.too_large.locked().contains(&dir)
+    }
+
+    /// Notes that `dir`'s subtree is larger than a listing's page. At most [`MAX_LISTED`] are
+    /// kept; past it they are all forgotten, and each costs one more try.
+    pub fn note_subtree_too_large(&self, dir: Ino) {
+        let mut too_large = self.too_large.locked();
+        if too_large.len() >= MAX_LISTED {
+            too_large.clear();
+        }
+        too_large.insert(dir);
     }
 
     /// Claims the relisting of `dir`; false when one is under way already.

@@ -51,6 +51,35 @@ impl Page {
     }
 }
 
+/// Keys a listing of a whole subtree may hold (see [`Volume::list_subtree`]): one page.
+const SUBTREE_KEYS: usize = 1000;
+
+/// A listing of every key under `prefix` (no delimiter), cut into what a listing with the
+/// delimiter '/' would give for each directory under it: the keys directly in it, and the
+/// prefixes of its subdirectories. Keyed by each directory's prefix.
+fn by_directory(prefix: &str, objects: Vec<ObjectSummary>) -> HashMap<String, ListPage> {
+    let mut out: HashMap<String, ListPage> = HashMap::new();
+    for o in objects {
+        if !o.key.starts_with(prefix) {
+            continue;
+        }
+        // Each '/' past `prefix` ends a directory the key is in; the key is an object of the
+        // deepest (a directory's marker, ending in '/', is an object of its own directory).
+        let mut dir_end = prefix.len();
+        for (i, _) in o.key[prefix.len()..].match_indices('/') {
+            let sub_end = prefix.len() + i + 1;
+            let page = out.entry(o.key[..dir_end].to_string()).or_default();
+            // Keys come in order, and those under one prefix are contiguous.
+            if page.prefixes.last().map(String::as_str) != Some(&o.key[..sub_end]) {
+                page.prefixes.push(o.key[..sub_end].to_string());
+            }
+            dir_end = sub_end;
+        }
+        out.entry(o.key[..dir_end].to_string()).or_default().objects.push(o);
+    }
+    out
+}
+
 impl Volume {
     /// Brings a directory's children in line with S3 when its listing is stale (or `force`).
     ///
@@ -106,6 +135,9 @@ impl Volume {
     /// applied under the namespace lock, on its own: a listing that fails half-way leaves the
     /// pages it got applied, each of them consistent.
     pub(crate) async fn list_dir(&self, dir: &Inode) -> FsResult<()> {
+        if self.list_subtree(dir).await? {
+            return Ok(());
+        }
         let prefix = self.dir_prefix(dir)?;
         let epoch_before = self.uploader.epoch();
         let listing = self.uploader.ledger().begin_listing();
@@ -116,19 +148,7 @@ impl Volume {
         loop {
             let page = match self.store.list(&prefix, Some("/"), token, 1000).await {
                 Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(%prefix, error = %e, "listing failed; serving the local view");
-                    return match e {
-                        StoreError::Unavailable(_) => {
-                            // Not again before the refresh interval: while S3 is unreachable,
-                            // every access would otherwise wait for the client's retries
-                            // (seconds each), for a listing that fails the same way.
-                            self.freshness.note_listed(dir.ino, self.cfg.clock.now());
-                            Ok(())
-                        }
-                        other => Err(other.into()),
-                    };
-                }
+                Err(e) => return self.listing_failed(dir.ino, &prefix, e),
             };
             token = page.next.clone();
             let upto = match &token {
@@ -162,6 +182,107 @@ impl Volume {
         self.usage.changed();
         self.freshness.note_listed(dir.ino, started);
         Ok(())
+    }
+
+    /// Lists `dir` and every directory under it in one request, when the whole subtree fits in
+    /// one page of S3's listing: each directory then gets exactly the page a listing of its own
+    /// would have got, from one snapshot, and counts as listed. A tool that walks a tree
+    /// (`git status`, `find`, `du`) then costs a LIST for the tree, not one per directory.
+    ///
+    /// Tried only where it can pay: not for a subtree known locally to hold more than a page,
+    /// nor for one a try found larger since the volume was opened (that try cost one request,
+    /// and the listing by directory follows it). False when the caller is to list `dir` by
+    /// directory.
+    async fn list_subtree(&self, dir: &Inode) -> FsResult<bool> {
+        if self.freshness.subtree_too_large(dir.ino) || !self.known_subtree_within(dir.ino, SUBTREE_KEYS)? {
+            return Ok(false);
+        }
+        let prefix = self.dir_prefix(dir)?;
+        let epoch_before = self.uploader.epoch();
+        let listing = self.uploader.ledger().begin_listing();
+        let started = listing.started;
+        let page = match self.store.list(&prefix, None, None, SUBTREE_KEYS).await {
+            Ok(page) => page,
+            Err(e) => return self.listing_failed(dir.ino, &prefix, e).map(|()| true),
+        };
+        if page.next.is_some() {
+            self.freshness.note_subtree_too_large(dir.ino);
+            return Ok(false);
+        }
+        let mut pages = by_directory(&prefix, page.objects);
+        let mut todo = vec![(dir.ino, prefix)];
+        while let Some((ino, prefix)) = todo.pop() {
+            let page = pages.remove(&prefix).unwrap_or_default();
+            let subdirs = page.prefixes.clone();
+            let whole = Range {
+                after: None,
+                upto: None,
+            };
+            if !self
+                .apply_page(ino, &prefix, Page::of(&prefix, page), whole, epoch_before, started)
+                .await?
+            {
+                continue; // the directory is gone
+            }
+            self.freshness.note_listed(ino, started);
+            for sub in subdirs {
+                let name = sub[prefix.len()..].trim_end_matches('/');
+                if !names::listable(name) {
+                    continue;
+                }
+                // The directory the page made or kept under that name. Not one whose key is
+                // another (a pending move's), nor a file that keeps its name (pending work).
+                let Some(child) = self.meta.lookup(ino, name.as_bytes())? else {
+                    continue;
+                };
+                if let Some(c) = self.meta.inode(child)?.filter(|c| c.kind == Kind::Dir) {
+                    if self.dir_prefix(&c)? == sub {
+                        todo.push((child, sub));
+                    }
+                }
+            }
+        }
+        drop(listing);
+        self.usage.changed();
+        Ok(true)
+    }
+
+    /// A listing of `dir` failed: the local view is served.
+    fn listing_failed(&self, dir: Ino, prefix: &str, e: StoreError) -> FsResult<()> {
+        tracing::warn!(%prefix, error = %e, "listing failed; serving the local view");
+        match e {
+            StoreError::Unavailable(_) => {
+                // Not again before the refresh interval: while S3 is unreachable, every access
+                // would otherwise wait for the client's retries (seconds each), for a listing
+                // that fails the same way.
+                self.freshness.note_listed(dir, self.cfg.clock.now());
+                Ok(())
+            }
+            other => Err(other.into()),
+        }
+    }
+
+    /// Whether the keys S3 would list under `dir`, judged by the entries known at every depth,
+    /// are at most `limit`: a directory counts twice, for its marker. Reads an inode only to
+    /// find the subdirectories of a directory that has some.
+    fn known_subtree_within(&self, dir: Ino, limit: usize) -> FsResult<bool> {
+        let mut stack = vec![dir];
+        let mut keys = 1;
+        while let Some(d) = stack.pop() {
+            let has_subdirs = self.meta.subdirs(d) > 0;
+            for ino in self.meta.child_inos(d) {
+                let ino = ino?;
+                keys += 1;
+                if has_subdirs && self.meta.inode(ino)?.is_some_and(|i| i.kind == Kind::Dir) {
+                    keys += 1;
+                    stack.push(ino);
+                }
+                if keys > limit {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Applies one page of a listing: adds and updates what it has, forgets the entries of its
@@ -384,5 +505,43 @@ impl Volume {
             }
         }
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(key: &str) -> ObjectSummary {
+        ObjectSummary {
+            key: key.to_string(),
+            size: 1,
+            etag: String::new(),
+            last_modified: 0,
+        }
+    }
+
+    fn keys(page: &ListPage) -> (Vec<&str>, Vec<&str>) {
+        (
+            page.objects.iter().map(|o| o.key.as_str()).collect(),
+            page.prefixes.iter().map(String::as_str).collect(),
+        )
+    }
+
+    /// Each directory gets what a listing of it with the delimiter '/' would: its own objects
+    /// (its marker among them), and each subdirectory's prefix once, however deep the keys.
+    #[test]
+    fn a_listing_of_a_tree_is_cut_into_the_listings_of_its_directories() {
+        let mut listing = ["p/", "p/a-b", "p/a/", "p/a/x", "p/a/y/z", "p/a/y/zz", "p/a0", "p//odd"];
+        listing.sort(); // as S3 lists
+        let mut pages = by_directory("p/", listing.into_iter().map(obj).collect());
+        assert_eq!(keys(&pages["p/"]), (vec!["p/", "p/a-b", "p/a0"], vec!["p//", "p/a/"]));
+        assert_eq!(keys(&pages["p/a/"]), (vec!["p/a/", "p/a/x"], vec!["p/a/y/"]));
+        assert_eq!(keys(&pages["p/a/y/"]), (vec!["p/a/y/z", "p/a/y/zz"], vec![]));
+        assert_eq!(keys(&pages["p//"]), (vec!["p//odd"], vec![]));
+        for p in ["p/", "p/a/", "p/a/y/", "p//"] {
+            pages.remove(p);
+        }
+        assert!(pages.is_empty(), "directories no listing has: {:?}", pages.keys());
     }
 }
