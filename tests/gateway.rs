@@ -1303,11 +1303,11 @@ async fn a_rounds_deletions_go_in_one_request() {
     assert_eq!(keys, vec!["e/", "f07"]);
 }
 
-/// A tree that fits in one page of S3's listing is listed in one request at its first access,
-/// and every directory in it counts as listed: walking it (`git status`, `find`) costs one
-/// LIST, not one per directory. What another client changes below shows once the refresh
-/// interval has passed, as with a listing per directory. A tree larger than a page is listed
-/// by directory after one try, and not tried again.
+/// A small tree is listed in one request at its first access, and every directory in it counts
+/// as listed: walking it (`git status`, `find`) costs one LIST, not one per directory. What
+/// another client changes below shows once the refresh interval has passed, as with a listing
+/// per directory. A tree larger than three pages of S3's listing is listed by directory after
+/// one try, and not tried again.
 #[tokio::test]
 async fn a_small_tree_is_listed_in_one_request() {
     use futures::StreamExt;
@@ -1360,25 +1360,40 @@ async fn a_small_tree_is_listed_in_one_request() {
     assert_eq!(c.names(&a).await.unwrap(), ["1"]);
     assert_eq!(faults.calls(Op::List) - before, 2);
 
-    // A tree of more than a page: one try, then the listing by directory (two pages).
-    futures::stream::iter((0..1001).map(|i| put(format!("big/{i:04}"))))
-        .buffer_unordered(16)
+    // A tree of two pages: the root's, with all of it, and nothing more for what is below.
+    futures::stream::iter((0..1002).map(|i| put(format!("mid/{}/{i:04}", ["x", "y"][i % 2]))))
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    clock.advance(Duration::from_secs(60));
+    let before = faults.calls(Op::List);
+    let mid = c.lookup(&root, "mid").await.unwrap();
+    for sub in ["x", "y"] {
+        let sub = c.lookup(&mid, sub).await.unwrap();
+        assert_eq!(c.names(&sub).await.unwrap().len(), 501);
+    }
+    assert_eq!(c.names(&t).await.unwrap(), ["a", "b", "d", "top"]);
+    assert_eq!(faults.calls(Op::List) - before, 2, "a tree of two pages");
+
+    // A tree of more than three pages: one try, then the listing by directory (four pages).
+    futures::stream::iter((0..3001).map(|i| put(format!("big/{i:04}"))))
+        .buffer_unordered(32)
         .collect::<Vec<()>>()
         .await;
     clock.advance(Duration::from_secs(60));
     let before = faults.calls(Op::List);
     let big = c.lookup(&root, "big").await.unwrap();
-    assert_eq!(c.names(&big).await.unwrap().len(), 1001);
+    assert_eq!(c.names(&big).await.unwrap().len(), 3001);
     let first = faults.calls(Op::List) - before;
     clock.advance(Duration::from_secs(60));
     let before = faults.calls(Op::List);
     c.names(&big).await.unwrap();
     // A directory this large is relisted in the background.
     gw.vol.tasks().idle().await;
-    assert_eq!(c.names(&big).await.unwrap().len(), 1001);
+    assert_eq!(c.names(&big).await.unwrap().len(), 3001);
     assert_eq!(
         faults.calls(Op::List) - before,
-        2,
+        4,
         "a tree found larger than a page was tried again"
     );
     assert!(

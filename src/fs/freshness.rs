@@ -16,7 +16,7 @@ pub const MAX_LISTED: usize = 65_536;
 pub struct Freshness {
     listed: Mutex<HashMap<Ino, Instant>>,
     relisting: Mutex<HashSet<Ino>>,
-    /// Directories whose subtree a listing found larger than one page (see
+    /// Directories whose subtree a listing found too large to list at once (see
     /// `Volume::list_subtree`): listed by directory from then on.
     too_large: Mutex<HashSet<Ino>>,
     clock: Clock,
@@ -75,7 +75,7 @@ impl Freshness {
         self.too_large.locked().contains(&dir)
     }
 
-    /// Notes that `dir`'s subtree is larger than a listing's page. At most [`MAX_LISTED`] are
+    /// Notes that `dir`'s subtree is too large to list at once. At most [`MAX_LISTED`] are
     /// kept; past it they are all forgotten, and each costs one more try.
     pub fn note_subtree_too_large(&self, dir: Ino) {
         let mut too_large = self.too_large.locked();
