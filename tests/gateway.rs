@@ -1303,15 +1303,9 @@ async fn a_rounds_deletions_go_in_one_request() {
     assert_eq!(keys, vec!["e/", "f07"]);
 }
 
-/// A small tree is listed in one request at its first access, and every directory in it counts
-/// as listed: walking it (`git status`, `find`) costs one LIST, not one per directory. What
-/// another client changes below shows once the refresh interval has passed, as with a listing
-/// per directory. A tree larger than three pages of S3's listing is listed by directory after
-/// one try, and not tried again.
-#[tokio::test]
-async fn a_small_tree_is_listed_in_one_request() {
-    use futures::StreamExt;
-    use s3nfs::store::{faulty::Op, Body};
+/// A gateway on a faulty Garage whose listings are refreshed only when the test moves the clock
+/// past the refresh interval (60 s), and whose uploads wait for the test's flushes.
+async fn faulty_garage_listed_by_hand() -> (InProc, S3Side, s3nfs::store::faulty::Faults, s3nfs::clock::Clock) {
     let clock = s3nfs::clock::Clock::manual();
     let (gw, s3, faults) = gateway::on_faulty_garage(Opts {
         flush_delay: Duration::from_secs(3600),
@@ -1320,14 +1314,22 @@ async fn a_small_tree_is_listed_in_one_request() {
         ..Opts::default()
     })
     .await;
+    (gw, s3, faults, clock)
+}
+
+/// A small tree is listed in one request at its first access, and every directory in it counts
+/// as listed: walking it (`git status`, `find`) costs one LIST, not one per directory. What
+/// another client changes below shows once the refresh interval has passed, as with a listing
+/// per directory. A tree larger than three pages of S3's listing is listed by directory after
+/// one try, and not tried again.
+#[tokio::test]
+async fn a_small_tree_is_listed_in_one_request() {
+    use futures::StreamExt;
+    use s3nfs::store::faulty::Op;
+    let (gw, s3, faults, clock) = faulty_garage_listed_by_hand().await;
     let put = |key: String| {
-        let store = s3.store.clone();
-        async move {
-            store
-                .put(&key, Body::Bytes(bytes::Bytes::from_static(b"x")), &Default::default())
-                .await
-                .unwrap();
-        }
+        let s3 = &s3;
+        async move { s3.put(&key, b"x").await }
     };
     let tree = ["t/top", "t/a/0", "t/a/1", "t/b/c/0", "t/b/c/1", "t/b/one", "t/d/"];
     for k in tree {
@@ -1396,10 +1398,39 @@ async fn a_small_tree_is_listed_in_one_request() {
         4,
         "a tree found larger than a page was tried again"
     );
-    assert!(
-        first > 2,
-        "the first listing of the large tree made no try ({first} LISTs)"
+    // The root's whole tree tried (three pages), then the root by directory (one); "big", of
+    // which nothing was known, tried with one page, then by directory (four).
+    assert_eq!(first, 3 + 1 + 1 + 4, "the first listing of the large tree");
+}
+
+/// A store that refuses listings without a delimiter (a bucket policy may allow listings by
+/// directory only) still has every directory listed, one by one, and is not asked again.
+#[tokio::test]
+async fn a_store_refusing_whole_tree_listings_is_listed_by_directory() {
+    use s3nfs::store::{faulty::Op, StoreError};
+    let (gw, s3, faults, clock) = faulty_garage_listed_by_hand().await;
+    for k in ["t/a/0", "t/b/0"] {
+        s3.put(k, b"x").await;
+    }
+    // The first listing, the root's whole tree, is refused.
+    faults.fail_next(Op::List, 1, StoreError::AccessDenied("delimiter must be /".into()));
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let t = c.lookup(&root, "t").await.unwrap();
+    let a = c.lookup(&t, "a").await.unwrap();
+    assert_eq!(
+        faults.pending_failures(Op::List),
+        0,
+        "no listing was refused: nothing checked"
     );
+    assert_eq!(c.names(&t).await.unwrap(), ["a", "b"]);
+    assert_eq!(c.names(&a).await.unwrap(), ["0"]);
+
+    clock.advance(Duration::from_secs(60));
+    let before = faults.calls(Op::List);
+    assert_eq!(c.names(&t).await.unwrap(), ["a", "b"]);
+    assert_eq!(c.names(&a).await.unwrap(), ["0"]);
+    assert_eq!(faults.calls(Op::List) - before, 2, "not listed by directory");
 }
 
 /// A directory of several listing pages, changed in S3 around the page boundaries (a file and

@@ -358,68 +358,112 @@ async fn a_new_file_under_a_renamed_files_old_name_never_takes_its_bytes() {
     assert_eq!(object(&store, "a").await, b"new bytes");
 }
 
+/// A file renamed while its move is copied in S3: a volume on the embedded store that lists
+/// only when the test moves the clock (see [`Between::names`]) and uploads only what the test
+/// flushes, with a file "a" in S3, renamed to b, and renamed to c while the copy to b was held.
+/// The copy has landed at b; the file is at c.
+struct Between {
+    _dirs: [tempfile::TempDir; 2],
+    local: Arc<dyn ObjectStore>,
+    store: Arc<dyn ObjectStore>,
+    faults: Faults,
+    clock: s3nfs::clock::Clock,
+    vol: Arc<Volume>,
+}
+
+impl Between {
+    async fn moves() -> Between {
+        use std::time::Duration;
+        let objects = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+        let (faulty, faults) = FaultyStore::new(local.clone());
+        let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+        let clock = s3nfs::clock::Clock::manual();
+        let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+        cfg.refresh = Duration::from_secs(60);
+        cfg.flush_delay = Duration::from_secs(3600);
+        cfg.clock = clock.clone();
+        let vol = Volume::open(cfg, store.clone()).await.unwrap();
+        let root = vol.root();
+        let ino = create_file(&vol, b"a").await;
+        vol.write(&ROOT, ino, 0, b"the bytes").await.unwrap();
+        vol.flush_all().await.unwrap();
+        vol.rename(&ROOT, root, b"a", root, b"b").await.unwrap();
+
+        faults.set_delay(Duration::from_secs(1));
+        let mover = {
+            let vol = vol.clone();
+            // One round: one sync of the file.
+            tokio::spawn(async move { vol.flush_round(true).await })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while faults.calls(Op::Copy) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no server-side copy");
+            tokio::task::yield_now().await;
+        }
+        vol.rename(&ROOT, root, b"b", root, b"c").await.unwrap();
+        assert_eq!(faults.reached(Op::Copy), 0, "the copy was not held: nothing checked");
+        faults.set_delay(Duration::ZERO);
+        mover.await.unwrap().unwrap();
+        assert!(
+            store.head("b").await.unwrap().is_some() && store.head("c").await.unwrap().is_none(),
+            "not between the two moves in S3: nothing checked"
+        );
+        Between {
+            _dirs: [objects, state],
+            local,
+            store,
+            faults,
+            clock,
+            vol,
+        }
+    }
+
+    /// The root's names, as listed from S3 past the refresh interval.
+    async fn names(&self) -> Vec<Vec<u8>> {
+        self.clock.advance(std::time::Duration::from_secs(60));
+        let lists = self.faults.calls(Op::List);
+        let (entries, _) = self.vol.readdir(&ROOT, self.vol.root(), 0, 100).await.unwrap();
+        assert!(self.faults.calls(Op::List) > lists, "no listing: nothing checked");
+        entries.into_iter().map(|e| e.name).collect()
+    }
+}
+
 /// A file renamed again while its first move is copied in S3 (a to b in flight, then b to c):
 /// the object the copy left at b is the file's until it moves on to c, and a listing meanwhile
 /// must not take it for a new file b. It did (the move's record dropped the mark on a and set
 /// none on b), and that stray file then kept b from being deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_renamed_again_while_its_move_is_copied_is_listed_once() {
-    use std::time::Duration;
-    let objects = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
-    let (faulty, faults) = FaultyStore::new(local.clone());
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
-    let clock = s3nfs::clock::Clock::manual();
-    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
-    // Listings ask S3 only when the test moves the clock; nothing goes up but what it flushes.
-    cfg.refresh = Duration::from_secs(60);
-    cfg.flush_delay = Duration::from_secs(3600);
-    cfg.clock = clock.clone();
-    let vol = Volume::open(cfg, store.clone()).await.unwrap();
-    let root = vol.root();
-    let ino = create_file(&vol, b"a").await;
-    vol.write(&ROOT, ino, 0, b"the bytes").await.unwrap();
-    vol.flush_all().await.unwrap();
-    vol.rename(&ROOT, root, b"a", root, b"b").await.unwrap();
-
-    faults.set_delay(Duration::from_secs(1));
-    let mover = {
-        let vol = vol.clone();
-        // One round: one sync of the file.
-        tokio::spawn(async move { vol.flush_round(true).await })
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while faults.calls(Op::Copy) == 0 {
-        assert!(std::time::Instant::now() < deadline, "no server-side copy");
-        tokio::task::yield_now().await;
-    }
-    vol.rename(&ROOT, root, b"b", root, b"c").await.unwrap();
-    assert_eq!(faults.reached(Op::Copy), 0, "the copy was not held: nothing checked");
-    faults.set_delay(Duration::ZERO);
-    mover.await.unwrap().unwrap();
-    assert!(
-        store.head("b").await.unwrap().is_some() && store.head("c").await.unwrap().is_none(),
-        "not between the two moves in S3: nothing checked"
-    );
-
-    let names = |vol: Arc<Volume>, clock: s3nfs::clock::Clock, faults: Faults| async move {
-        clock.advance(Duration::from_secs(60));
-        let lists = faults.calls(Op::List);
-        let (entries, _) = vol.readdir(&ROOT, vol.root(), 0, 100).await.unwrap();
-        assert!(faults.calls(Op::List) > lists, "no listing: nothing checked");
-        entries.into_iter().map(|e| e.name).collect::<Vec<_>>()
-    };
+    let t = Between::moves().await;
     assert_eq!(
-        names(vol.clone(), clock.clone(), faults.clone()).await,
+        t.names().await,
         [b"c".to_vec()],
         "the object on its way to c listed as a file"
     );
-    vol.flush_all().await.unwrap();
-    assert_eq!(object(&store, "c").await, b"the bytes");
-    assert_eq!(store.head("b").await.unwrap(), None, "the middle name stays in S3");
-    assert_eq!(store.head("a").await.unwrap(), None, "the first name stays in S3");
-    assert_eq!(names(vol.clone(), clock.clone(), faults.clone()).await, [b"c".to_vec()]);
+    t.vol.flush_all().await.unwrap();
+    assert_eq!(object(&t.store, "c").await, b"the bytes");
+    assert_eq!(t.store.head("b").await.unwrap(), None, "the middle name stays in S3");
+    assert_eq!(t.store.head("a").await.unwrap(), None, "the first name stays in S3");
+    assert_eq!(t.names().await, [b"c".to_vec()]);
+}
+
+/// A file moved back to the key its move's copy left it at (a to b in flight, b to c, then c
+/// to b) leaves no mark on that key: once the file is gone, what another client puts there is
+/// listed. The mark stayed, and hid the key from every listing for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_moved_back_during_its_move_leaves_no_mark_on_its_key() {
+    let t = Between::moves().await;
+    let root = t.vol.root();
+    t.vol.rename(&ROOT, root, b"c", root, b"b").await.unwrap();
+    t.vol.flush_all().await.unwrap();
+    assert_eq!(object(&t.store, "b").await, b"the bytes");
+    // Another client deletes the file, then puts a new one under its name.
+    t.local.delete("b").await.unwrap();
+    assert!(t.names().await.is_empty(), "the deleted file is still listed");
+    put_object(&*t.local, "b", b"theirs".to_vec()).await;
+    assert_eq!(t.names().await, [b"b".to_vec()], "their new file is hidden");
 }
 
 /// A volume whose store counts requests, with parts of [`PART`] and a flush delay of an hour

@@ -3,6 +3,7 @@
 //! every directory is listed again at its next access.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,8 @@ pub struct Freshness {
     /// Directories whose subtree a listing found too large to list at once (see
     /// `Volume::list_subtree`): listed by directory from then on.
     too_large: Mutex<HashSet<Ino>>,
+    /// S3 refused a listing without a delimiter: every directory is listed on its own.
+    subtrees_refused: AtomicBool,
     clock: Clock,
     refresh: Duration,
 }
@@ -29,6 +32,7 @@ impl Freshness {
             listed: Default::default(),
             relisting: Default::default(),
             too_large: Default::default(),
+            subtrees_refused: AtomicBool::new(false),
             clock,
             refresh,
         }
@@ -61,6 +65,11 @@ impl Freshness {
         }
     }
 
+    /// Whether `dir` was listed after `at` (a listing that started later).
+    pub fn listed_since(&self, dir: Ino, at: Instant) -> bool {
+        self.listed.locked().get(&dir).is_some_and(|t| *t > at)
+    }
+
     pub fn ever_listed(&self, dir: Ino) -> bool {
         self.listed.locked().contains_key(&dir)
     }
@@ -69,6 +78,15 @@ impl Freshness {
     pub fn forget(&self, dir: Ino) {
         self.listed.locked().remove(&dir);
         self.too_large.locked().remove(&dir);
+    }
+
+    /// Notes that S3 refused a listing without a delimiter; true the first time.
+    pub fn refuse_subtrees(&self) -> bool {
+        !self.subtrees_refused.swap(true, Ordering::Relaxed)
+    }
+
+    pub fn subtrees_refused(&self) -> bool {
+        self.subtrees_refused.load(Ordering::Relaxed)
     }
 
     pub fn subtree_too_large(&self, dir: Ino) -> bool {

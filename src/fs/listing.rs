@@ -197,11 +197,22 @@ impl Volume {
     ///
     /// Tried only where it can pay: not for a subtree known locally to be larger, nor for one a
     /// try found larger since the volume was opened (that try cost its requests, and the
-    /// listing by directory follows it). False when the caller is to list `dir` by directory.
+    /// listing by directory follows it), and with one page only on a directory nothing is known
+    /// of. False when the caller is to list `dir` by directory.
     async fn list_subtree(&self, dir: &Inode) -> FsResult<bool> {
-        if self.freshness.subtree_too_large(dir.ino) || !self.known_subtree_within(dir.ino, SUBTREE_KEYS)? {
+        if self.freshness.subtrees_refused()
+            || self.freshness.subtree_too_large(dir.ino)
+            || !self.known_subtree_within(dir.ino, SUBTREE_KEYS)?
+        {
             return Ok(false);
         }
+        // Nothing known of it (never listed since the volume opened, no entries in the
+        // journal): it may be any size, so one page is risked on it, not three.
+        let limit = if self.freshness.ever_listed(dir.ino) || self.meta.has_children(dir.ino)? {
+            SUBTREE_KEYS
+        } else {
+            PAGE_KEYS
+        };
         let prefix = self.dir_prefix(dir)?;
         let epoch_before = self.uploader.epoch();
         let listing = self.uploader.ledger().begin_listing();
@@ -209,13 +220,24 @@ impl Volume {
         let mut objects = Vec::new();
         let mut token = None;
         loop {
-            let want = (SUBTREE_KEYS - objects.len()).min(PAGE_KEYS);
+            let want = (limit - objects.len()).min(PAGE_KEYS);
             if want == 0 {
                 self.freshness.note_subtree_too_large(dir.ino);
                 return Ok(false);
             }
             let page = match self.store.list(&prefix, None, token, want).await {
                 Ok(page) => page,
+                Err(e @ StoreError::Unavailable(_)) => {
+                    return self.listing_failed(dir.ino, &prefix, e).map(|()| true);
+                }
+                // Refused: a bucket policy may allow listings by directory only (a condition
+                // on the delimiter). Those, from now on.
+                Err(e @ (StoreError::AccessDenied(_) | StoreError::Invalid(_))) => {
+                    if self.freshness.refuse_subtrees() {
+                        tracing::warn!(%prefix, error = %e, "S3 refused a listing without a delimiter; directories are listed one by one from now on");
+                    }
+                    return Ok(false);
+                }
                 Err(e) => return self.listing_failed(dir.ino, &prefix, e).map(|()| true),
             };
             objects.extend(page.objects);
@@ -229,30 +251,33 @@ impl Volume {
         while let Some((ino, prefix)) = todo.pop() {
             let page = pages.remove(&prefix).unwrap_or_default();
             let subdirs = page.prefixes.clone();
-            let whole = Range {
-                after: None,
-                upto: None,
-            };
-            if !self
-                .apply_page(ino, &prefix, Page::of(&prefix, page), whole, epoch_before, started)
-                .await?
-            {
-                continue; // the directory is gone
-            }
-            self.freshness.note_listed(ino, started);
-            for sub in subdirs {
-                let name = sub[prefix.len()..].trim_end_matches('/');
-                if !names::listable(name) {
-                    continue;
-                }
-                // The directory the page made or kept under that name. Not one whose key is
-                // another (a pending move's), nor a file that keeps its name (pending work).
-                let Some(child) = self.meta.lookup(ino, name.as_bytes())? else {
-                    continue;
+            // A listing of its own that started after this one's is newer: it stands. What is
+            // under it may still be older, and is looked at on the way down.
+            if !self.freshness.listed_since(ino, started) {
+                let whole = Range {
+                    after: None,
+                    upto: None,
                 };
-                if let Some(c) = self.meta.inode(child)?.filter(|c| c.kind == Kind::Dir) {
-                    if self.dir_prefix(&c)? == sub {
-                        todo.push((child, sub));
+                match self
+                    .apply_page(ino, &prefix, Page::of(&prefix, page), whole, epoch_before, started)
+                    .await
+                {
+                    Ok(true) => self.freshness.note_listed(ino, started),
+                    Ok(false) => continue, // the directory is gone
+                    Err(e) if ino == dir.ino => return Err(e),
+                    // A directory below: it is listed at its own next access.
+                    Err(e) => {
+                        tracing::warn!(%prefix, error = %e, "applying a subtree listing to a directory in it failed");
+                        continue;
+                    }
+                }
+            }
+            for sub in subdirs {
+                match self.subdir_listed_as(ino, &prefix, &sub) {
+                    Ok(Some(child)) => todo.push((child, sub)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(prefix = %sub, error = %e, "a directory of a subtree listing left to its own listing")
                     }
                 }
             }
@@ -260,6 +285,23 @@ impl Volume {
         drop(listing);
         self.usage.changed();
         Ok(true)
+    }
+
+    /// The directory under `dir` (listed as `prefix`) that the listed prefix `sub` is, once
+    /// the page of `dir` is applied. Not one whose key is another (a pending move's), nor a
+    /// file that keeps its name (pending work), nor one removed meanwhile.
+    fn subdir_listed_as(&self, dir: Ino, prefix: &str, sub: &str) -> FsResult<Option<Ino>> {
+        let name = sub[prefix.len()..].trim_end_matches('/');
+        if !names::listable(name) {
+            return Ok(None);
+        }
+        let Some(child) = self.meta.lookup(dir, name.as_bytes())? else {
+            return Ok(None);
+        };
+        match self.meta.inode(child)? {
+            Some(c) if c.kind == Kind::Dir && self.dir_prefix(&c)? == sub => Ok(Some(child)),
+            _ => Ok(None),
+        }
     }
 
     /// A listing of `dir` failed: the local view is served.
@@ -547,14 +589,35 @@ mod tests {
     /// (its marker among them), and each subdirectory's prefix once, however deep the keys.
     #[test]
     fn a_listing_of_a_tree_is_cut_into_the_listings_of_its_directories() {
-        let mut listing = ["p/", "p/a-b", "p/a/", "p/a/x", "p/a/y/z", "p/a/y/zz", "p/a0", "p//odd"];
+        let mut listing = [
+            "p/",
+            "p/a-b",
+            "p/a/",
+            "p/a/x",
+            "p/a/y/z",
+            "p/a/y/zz",
+            "p/a0",
+            "p//odd",
+            "p/f",
+            "p/f/g",
+            "p/.s3nfs-volume.toml",
+        ];
         listing.sort(); // as S3 lists
         let mut pages = by_directory("p/", listing.into_iter().map(obj).collect());
-        assert_eq!(keys(&pages["p/"]), (vec!["p/", "p/a-b", "p/a0"], vec!["p//", "p/a/"]));
+        // A name both a file and a prefix is both, as S3 lists it (`Page::of` makes it a
+        // directory); the volume record is listed (`Page::of` leaves it out).
+        assert_eq!(
+            keys(&pages["p/"]),
+            (
+                vec!["p/", "p/.s3nfs-volume.toml", "p/a-b", "p/a0", "p/f"],
+                vec!["p//", "p/a/", "p/f/"]
+            )
+        );
+        assert_eq!(keys(&pages["p/f/"]), (vec!["p/f/g"], vec![]));
         assert_eq!(keys(&pages["p/a/"]), (vec!["p/a/", "p/a/x"], vec!["p/a/y/"]));
         assert_eq!(keys(&pages["p/a/y/"]), (vec!["p/a/y/z", "p/a/y/zz"], vec![]));
         assert_eq!(keys(&pages["p//"]), (vec!["p//odd"], vec![]));
-        for p in ["p/", "p/a/", "p/a/y/", "p//"] {
+        for p in ["p/", "p/a/", "p/a/y/", "p//", "p/f/"] {
             pages.remove(p);
         }
         assert!(pages.is_empty(), "directories no listing has: {:?}", pages.keys());

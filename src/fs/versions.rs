@@ -112,6 +112,8 @@ impl Core {
         inode.ctime = inode.mtime;
         let mut batch = Batch::new();
         batch.put_inode(&inode);
+        // It has no object to move away from the key any more.
+        batch.moved_from(&seen.key, ino);
         if pending.is_some() {
             batch.clear_pending(ino);
         }

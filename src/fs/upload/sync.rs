@@ -379,9 +379,12 @@ impl super::Uploader {
             }
             // Renamed again while the request ran (a to b in flight, then b to c): the object
             // just written is the file's until it moves on, and no listing may take it for a
-            // new file meanwhile.
-            if self.key_of(&inode).is_ok_and(|now| now != s.remote.key) {
-                b.moving_from(&s.remote.key, ino);
+            // new file meanwhile. Back at that key (c to b), the file has nowhere to move: a
+            // mark left there would hide whatever S3 holds at the key from listings for good.
+            match self.key_of(&inode) {
+                Ok(now) if now != s.remote.key => b.moving_from(&s.remote.key, ino),
+                Ok(_) => b.moved_from(&s.remote.key, ino),
+                Err(_) => {}
             }
             inode.remote = Some(s.remote);
             inode.synced_epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
