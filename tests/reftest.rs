@@ -560,18 +560,22 @@ impl Harness {
     }
 }
 
-fn run(ops: Vec<Op>, store: impl FnOnce() -> (Arc<dyn ObjectStore>, String)) {
+/// A store for one case, its volume prefix, and the directory it lives in, if any (removed
+/// when the case ends: a proptest run makes hundreds of them).
+type CaseStore = (Arc<dyn ObjectStore>, String, Option<tempfile::TempDir>);
+
+fn run(ops: Vec<Op>, store: impl FnOnce() -> CaseStore) {
     run_scaled(ops, store, 1, false)
 }
 
-fn run_scaled(ops: Vec<Op>, store: impl FnOnce() -> (Arc<dyn ObjectStore>, String), scale: u64, holes: bool) {
+fn run_scaled(ops: Vec<Op>, store: impl FnOnce() -> CaseStore, scale: u64, holes: bool) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async move {
-        let (store, prefix) = store();
+        let (store, prefix, _dir) = store();
         let mut h = Harness::new(store, &prefix, scale, holes).await;
         for op in &ops {
             h.step(op).await;
@@ -581,9 +585,13 @@ fn run_scaled(ops: Vec<Op>, store: impl FnOnce() -> (Arc<dyn ObjectStore>, Strin
     });
 }
 
-fn local_store() -> (Arc<dyn ObjectStore>, String) {
-    let dir = tempfile::tempdir().unwrap().keep();
-    (Arc::new(LocalStore::open(&dir).unwrap()), "vol/".into())
+fn local_store() -> CaseStore {
+    let dir = tempfile::tempdir().unwrap();
+    (
+        Arc::new(LocalStore::open(dir.path()).unwrap()),
+        "vol/".into(),
+        Some(dir),
+    )
 }
 
 proptest! {
@@ -622,7 +630,7 @@ proptest! {
             let bucket = g.unique_bucket();
             let cfg = g.s3_config(&bucket);
             let store = futures::executor::block_on(s3nfs::store::s3::S3Store::connect(cfg)).unwrap();
-            (Arc::new(store) as Arc<dyn ObjectStore>, "ref/".into())
+            (Arc::new(store) as Arc<dyn ObjectStore>, "ref/".into(), None)
         });
     }
 }
