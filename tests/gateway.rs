@@ -1327,14 +1327,15 @@ async fn a_small_tree_is_listed_in_one_request() {
     use futures::StreamExt;
     use s3nfs::store::faulty::Op;
     let (gw, s3, faults, clock) = faulty_garage_listed_by_hand().await;
-    let put = |key: String| {
+    // Another client's objects, put 32 at a time.
+    let put_all = |keys: Vec<String>| {
         let s3 = &s3;
-        async move { s3.put(&key, b"x").await }
+        futures::stream::iter(keys.into_iter().map(move |k| async move { s3.put(&k, b"x").await }))
+            .buffer_unordered(32)
+            .collect::<Vec<()>>()
     };
     let tree = ["t/top", "t/a/0", "t/a/1", "t/b/c/0", "t/b/c/1", "t/b/one", "t/d/"];
-    for k in tree {
-        put(k.to_string()).await;
-    }
+    put_all(tree.map(String::from).to_vec()).await;
     let mut c = Client::connect(gw.addr).await;
     let root = c.root.clone();
     let before = faults.calls(Op::List);
@@ -1354,7 +1355,7 @@ async fn a_small_tree_is_listed_in_one_request() {
 
     // Another client's changes deep in the tree, past the refresh interval: each directory
     // asked for is listed again (with what is under it), and shows them.
-    put("t/b/c/new".into()).await;
+    put_all(vec!["t/b/c/new".into()]).await;
     s3.store.delete("t/a/0").await.unwrap();
     clock.advance(Duration::from_secs(60));
     let before = faults.calls(Op::List);
@@ -1363,10 +1364,7 @@ async fn a_small_tree_is_listed_in_one_request() {
     assert_eq!(faults.calls(Op::List) - before, 2);
 
     // A tree of two pages: the root's, with all of it, and nothing more for what is below.
-    futures::stream::iter((0..1002).map(|i| put(format!("mid/{}/{i:04}", ["x", "y"][i % 2]))))
-        .buffer_unordered(32)
-        .collect::<Vec<()>>()
-        .await;
+    put_all((0..1002).map(|i| format!("mid/{}/{i:04}", ["x", "y"][i % 2])).collect()).await;
     clock.advance(Duration::from_secs(60));
     let before = faults.calls(Op::List);
     let mid = c.lookup(&root, "mid").await.unwrap();
@@ -1378,10 +1376,7 @@ async fn a_small_tree_is_listed_in_one_request() {
     assert_eq!(faults.calls(Op::List) - before, 2, "a tree of two pages");
 
     // A tree of more than three pages: one try, then the listing by directory (four pages).
-    futures::stream::iter((0..3001).map(|i| put(format!("big/{i:04}"))))
-        .buffer_unordered(32)
-        .collect::<Vec<()>>()
-        .await;
+    put_all((0..3001).map(|i| format!("big/{i:04}")).collect()).await;
     clock.advance(Duration::from_secs(60));
     let before = faults.calls(Op::List);
     let big = c.lookup(&root, "big").await.unwrap();

@@ -140,13 +140,14 @@ impl Volume {
     /// applied under the namespace lock, on its own: a listing that fails half-way leaves the
     /// pages it got applied, each of them consistent.
     pub(crate) async fn list_dir(&self, dir: &Inode) -> FsResult<()> {
-        if self.list_subtree(dir).await? {
-            return Ok(());
-        }
         let prefix = self.dir_prefix(dir)?;
         let epoch_before = self.uploader.epoch();
         let listing = self.uploader.ledger().begin_listing();
         let started = listing.started;
+        if self.list_subtree(dir, &prefix, epoch_before, started).await? {
+            self.usage.changed();
+            return Ok(());
+        }
         let mut token = None;
         // Every name up to and including this key form has been reconciled.
         let mut done: Option<String> = None;
@@ -199,7 +200,17 @@ impl Volume {
     /// try found larger since the volume was opened (that try cost its requests, and the
     /// listing by directory follows it), and with one page only on a directory nothing is known
     /// of. False when the caller is to list `dir` by directory.
-    async fn list_subtree(&self, dir: &Inode) -> FsResult<bool> {
+    ///
+    /// `prefix` is `dir`'s; `epoch_before` and `started` are the listing's, as in
+    /// [`Volume::apply_page`] (taken before the try, they hold for the listing by directory
+    /// after it too).
+    async fn list_subtree(
+        &self,
+        dir: &Inode,
+        prefix: &str,
+        epoch_before: u64,
+        started: std::time::Instant,
+    ) -> FsResult<bool> {
         if self.freshness.subtrees_refused()
             || self.freshness.subtree_too_large(dir.ino)
             || !self.known_subtree_within(dir.ino, SUBTREE_KEYS)?
@@ -213,10 +224,6 @@ impl Volume {
         } else {
             PAGE_KEYS
         };
-        let prefix = self.dir_prefix(dir)?;
-        let epoch_before = self.uploader.epoch();
-        let listing = self.uploader.ledger().begin_listing();
-        let started = listing.started;
         let mut objects = Vec::new();
         let mut token = None;
         loop {
@@ -225,11 +232,8 @@ impl Volume {
                 self.freshness.note_subtree_too_large(dir.ino);
                 return Ok(false);
             }
-            let page = match self.store.list(&prefix, None, token, want).await {
+            let page = match self.store.list(prefix, None, token, want).await {
                 Ok(page) => page,
-                Err(e @ StoreError::Unavailable(_)) => {
-                    return self.listing_failed(dir.ino, &prefix, e).map(|()| true);
-                }
                 // Refused: a bucket policy may allow listings by directory only (a condition
                 // on the delimiter). Those, from now on.
                 Err(e @ (StoreError::AccessDenied(_) | StoreError::Invalid(_))) => {
@@ -238,7 +242,7 @@ impl Volume {
                     }
                     return Ok(false);
                 }
-                Err(e) => return self.listing_failed(dir.ino, &prefix, e).map(|()| true),
+                Err(e) => return self.listing_failed(dir.ino, prefix, e).map(|()| true),
             };
             objects.extend(page.objects);
             token = page.next;
@@ -246,8 +250,8 @@ impl Volume {
                 break;
             }
         }
-        let mut pages = by_directory(&prefix, objects);
-        let mut todo = vec![(dir.ino, prefix)];
+        let mut pages = by_directory(prefix, objects);
+        let mut todo = vec![(dir.ino, prefix.to_string())];
         while let Some((ino, prefix)) = todo.pop() {
             let page = pages.remove(&prefix).unwrap_or_default();
             let subdirs = page.prefixes.clone();
@@ -282,8 +286,6 @@ impl Volume {
                 }
             }
         }
-        drop(listing);
-        self.usage.changed();
         Ok(true)
     }
 
