@@ -373,6 +373,19 @@ struct Between {
 
 impl Between {
     async fn moves() -> Between {
+        let (t, mover) = Between::held().await;
+        t.faults.set_delay(std::time::Duration::ZERO);
+        mover.await.unwrap().unwrap();
+        assert!(
+            t.store.head("b").await.unwrap().is_some() && t.store.head("c").await.unwrap().is_none(),
+            "not between the two moves in S3: nothing checked"
+        );
+        t
+    }
+
+    /// As far as the rename to c, with the copy to b still held: every request waits a second
+    /// until the test clears the delay. Also the round that copies, to be awaited.
+    async fn held() -> (Between, tokio::task::JoinHandle<Result<usize, s3nfs::fs::FsError>>) {
         use std::time::Duration;
         let objects = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
@@ -383,6 +396,8 @@ impl Between {
         let mut cfg = VolumeConfig::new(state.path().to_path_buf());
         cfg.refresh = Duration::from_secs(60);
         cfg.flush_delay = Duration::from_secs(3600);
+        // A COMMIT uploads the file: the way to sync one file while a round runs.
+        cfg.durability = s3nfs::fs::durable::Durability::S3;
         cfg.clock = clock.clone();
         let vol = Volume::open(cfg, store.clone()).await.unwrap();
         let root = vol.root();
@@ -404,20 +419,15 @@ impl Between {
         }
         vol.rename(&ROOT, root, b"b", root, b"c").await.unwrap();
         assert_eq!(faults.reached(Op::Copy), 0, "the copy was not held: nothing checked");
-        faults.set_delay(Duration::ZERO);
-        mover.await.unwrap().unwrap();
-        assert!(
-            store.head("b").await.unwrap().is_some() && store.head("c").await.unwrap().is_none(),
-            "not between the two moves in S3: nothing checked"
-        );
-        Between {
+        let t = Between {
             _dirs: [objects, state],
             local,
             store,
             faults,
             clock,
             vol,
-        }
+        };
+        (t, mover)
     }
 
     /// The root's names, as listed from S3 past the refresh interval.
@@ -464,6 +474,36 @@ async fn a_file_moved_back_during_its_move_leaves_no_mark_on_its_key() {
     assert!(t.names().await.is_empty(), "the deleted file is still listed");
     put_object(&*t.local, "b", b"theirs".to_vec()).await;
     assert_eq!(t.names().await, [b"b".to_vec()], "their new file is hidden");
+}
+
+/// A new file written where a file's move is landing (a to b in flight, b to c, then a new b):
+/// both files keep their bytes. The new file's upload checked for files still to move away
+/// from b before the copy's record said the old file was one, and its PUT, made once the copy
+/// let go of the key, replaced the bytes the old file was to copy on to c: both names ended up
+/// with the new bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_file_where_a_move_is_landing_keeps_both_files() {
+    let (t, mover) = Between::held().await;
+    let theirs = create_file(&t.vol, b"b").await;
+    t.vol.write(&ROOT, theirs, 0, b"the new file").await.unwrap();
+    let committed = {
+        let vol = t.vol.clone();
+        tokio::spawn(async move { vol.commit(theirs).await.map(|_| ()) })
+    };
+    t.faults.set_delay(std::time::Duration::ZERO);
+    mover.await.unwrap().unwrap();
+    committed.await.unwrap().unwrap();
+    t.vol.flush_all().await.unwrap();
+    assert_eq!(object(&t.store, "b").await, b"the new file");
+    assert_eq!(
+        object(&t.store, "c").await,
+        b"the bytes",
+        "the moved file lost its bytes"
+    );
+    assert_eq!(t.store.head("a").await.unwrap(), None, "the first name stays in S3");
+    let mut names = t.names().await;
+    names.sort();
+    assert_eq!(names, [b"b".to_vec(), b"c".to_vec()]);
 }
 
 /// A volume whose store counts requests, with parts of [`PART`] and a flush delay of an hour

@@ -237,10 +237,13 @@ impl Drop for WakeOnDrop<'_> {
 }
 
 /// What an upload produced, to be recorded if nothing changed meanwhile.
-struct Synced {
+struct Synced<'a> {
     remote: Remote,
     /// Staged file generation the upload was taken from.
     gen: Option<u64>,
+    /// The lock of the key written, released by `record` once the journal says whose object
+    /// the key holds (see `lock_to_write`).
+    written: KeyGuard<'a>,
 }
 
 /// How often the uploader looks for files that went idle.

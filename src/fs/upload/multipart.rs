@@ -24,17 +24,15 @@ impl super::Uploader {
         inode: &Inode,
         key: &str,
         meta: &crate::store::UserMeta,
-    ) -> FsResult<Option<Synced>> {
-        let _ = inode;
+    ) -> FsResult<Option<Synced<'_>>> {
         if st.size() < self.cfg.part_size && st.multipart.locked().is_none() {
             let (bytes, gen) = {
                 let _w = st.lock.write().await;
                 let (bytes, _) = st.read_at(0, st.size() as u32)?;
                 (Bytes::from(bytes), st.gen())
             };
-            let mut s = self.put_small(key, bytes, meta).await?;
-            s.gen = Some(gen);
-            return Ok(Some(s));
+            let s = self.put_small(inode.ino, key, bytes, meta).await?;
+            return Ok(s.map(|s| Synced { gen: Some(gen), ..s }));
         }
         // Large: bring every part up to date, then complete with writers held off.
         for _round in 0..3 {
@@ -76,13 +74,16 @@ impl super::Uploader {
             if let Some(m) = st.multipart.locked().as_mut() {
                 m.completing = true;
             }
+            // However this ends (an error, a cancelled flush), streaming passes send parts
+            // again afterwards; once completed, the upload is gone and this does nothing.
+            let _completing = Completing(st);
             drop(w);
+            let Some(written) = self.lock_to_write(st.ino, &mkey).await? else {
+                return Ok(None); // moved: the next upload starts over at the new key
+            };
             // No fill reads the base between its replacement by this upload and `move_base`.
             let _f = st.fill_lock.lock().await;
-            let completed = {
-                let _k = self.key_lock(&mkey).await;
-                self.store.complete_multipart(&mkey, &upload_id, &parts).await
-            };
+            let completed = self.store.complete_multipart(&mkey, &upload_id, &parts).await;
             let etag = match completed {
                 Ok(etag) => etag,
                 // The upload is gone: maybe our own earlier CompleteMultipartUpload succeeded and
@@ -104,12 +105,7 @@ impl super::Uploader {
                         }
                     }
                 }
-                Err(e) => {
-                    if let Some(m) = st.multipart.locked().as_mut() {
-                        m.completing = false;
-                    }
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             };
             // Before the upload goes: a streaming pass must not start another one for the bytes
             // that were just completed.
@@ -122,7 +118,11 @@ impl super::Uploader {
             // The new object replaced the base (or is about to, after a move): what was copied
             // from the base comes from it now, written to meanwhile or not.
             st.move_base(None, &remote)?;
-            return Ok(Some(Synced { remote, gen: Some(gen) }));
+            return Ok(Some(Synced {
+                remote,
+                gen: Some(gen),
+                written,
+            }));
         }
         Ok(None)
     }
@@ -358,5 +358,17 @@ fn pass_failure(done: Result<FsResult<()>, tokio::task::JoinError>) -> Option<Fs
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e),
         Err(e) => Some(FsError::Io(format!("upload task failed: {e}"))),
+    }
+}
+
+/// Held while a multipart upload is being completed (`Multipart::completing`); its drop ends
+/// that state.
+struct Completing<'a>(&'a Staged);
+
+impl Drop for Completing<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = self.0.multipart.locked().as_mut() {
+            m.completing = false;
+        }
     }
 }

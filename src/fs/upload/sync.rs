@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::Instrument;
 
-use super::Synced;
+use super::{KeyGuard, Synced};
 use crate::fs::names::user_meta;
 use crate::fs::staging::Staged;
 use crate::fs::{FsError, FsResult};
@@ -37,6 +37,8 @@ impl super::Uploader {
             return self.sync_link(inode, file, seq).await;
         }
         let key = self.key_of(&inode)?;
+        // Outside the key's lock first: a mover's bytes may take long to fetch, and the key
+        // (whose deletions wait for it) is not held meanwhile. `lock_to_write` checks again.
         self.protect_movers(&key, ino).await?;
         let meta = user_meta(&inode);
         let _writing = self.ledger.writing_guard(&key);
@@ -48,13 +50,13 @@ impl super::Uploader {
         let synced = async {
             match inode.kind {
                 Kind::Dir | Kind::Fifo | Kind::Socket | Kind::CharDev(_) | Kind::BlockDev(_) => {
-                    self.put_small(&key, Bytes::new(), &meta).await.map(Some)
+                    self.put_small(ino, &key, Bytes::new(), &meta).await
                 }
                 Kind::Link(_) => unreachable!("handled by sync_link"),
-                Kind::Symlink => self
-                    .put_small(&key, Bytes::from(inode.target.clone()), &meta)
-                    .await
-                    .map(Some),
+                Kind::Symlink => {
+                    self.put_small(ino, &key, Bytes::from(inode.target.clone()), &meta)
+                        .await
+                }
                 Kind::File => match self.staged(ino) {
                     Some(st) if st.is_dirty() => {
                         sent_from = Some(st.clone());
@@ -67,7 +69,9 @@ impl super::Uploader {
                     }
                     before => match &inode.remote {
                         Some(r) => {
-                            let _k = self.key_lock(&key).await;
+                            let Some(k) = self.lock_to_write(ino, &key).await? else {
+                                return Ok(None);
+                            };
                             // No fill of the staged copy reads the object while the copy
                             // replaces it (onto itself) or until `move_base`.
                             let _f = match &before {
@@ -75,7 +79,7 @@ impl super::Uploader {
                                 None => None,
                             };
                             match (
-                                self.copy_known_version(ino, r.clone(), &key, &meta).await?,
+                                self.copy_known_version(ino, r.clone(), k, &meta).await?,
                                 self.staged(ino),
                             ) {
                                 (Ok(moved), st) => {
@@ -93,12 +97,13 @@ impl super::Uploader {
                                 // Another client deleted the object; the gateway still holds
                                 // its bytes, and they go up from there.
                                 (Err(_), Some(st)) => {
-                                    drop(_k);
                                     if !st.drop_base() {
                                         // Only the deleted object held the holes' bytes.
                                         return Err(self.holes_lost(&st, r).await);
                                     }
                                     st.changed();
+                                    // The upload takes the fill lock to complete a large one.
+                                    drop(_f);
                                     self.upload_staged(&st, &inode, &key, &meta).await
                                 }
                                 (Err(gone), None) => {
@@ -107,7 +112,7 @@ impl super::Uploader {
                                 }
                             }
                         }
-                        None => self.put_small(&key, Bytes::new(), &meta).await.map(Some),
+                        None => self.put_small(ino, &key, Bytes::new(), &meta).await,
                     },
                 },
             }
@@ -157,9 +162,11 @@ impl super::Uploader {
         let key = self.key_of(&entry)?;
         let _writing = self.ledger.writing_guard(&key);
         let copied = {
+            let Some(k) = self.lock_to_write(entry.ino, &key).await? else {
+                return Ok(()); // renamed meanwhile: the next round copies to the new key
+            };
             let _permit = self.uploads.acquire().await.expect("semaphore never closed");
-            let _k = self.key_lock(&key).await;
-            self.copy_known_version(file, src, &key, &user_meta(&f)).await?
+            self.copy_known_version(file, src, k, &user_meta(&f)).await?
         };
         let synced = match copied {
             Ok(synced) => synced,
@@ -224,26 +231,27 @@ impl super::Uploader {
     /// as the version the inode knows: another client's version found at `r.key` instead is
     /// taken up first, as a listing would (see `versions.rs`), and then copied with the size it
     /// has; an unconditional copy would carry their bytes under the old version's size.
-    /// `Ok(Err(seen))`: the object, last known as `seen`, is gone from S3. The caller holds
-    /// `key`'s lock.
-    async fn copy_known_version(
+    /// `Ok(Err(seen))`: the object, last known as `seen`, is gone from S3. `written` is the
+    /// lock of the key copied to (see `lock_to_write`).
+    async fn copy_known_version<'a>(
         &self,
         ino: Ino,
         mut r: Remote,
-        key: &str,
+        written: KeyGuard<'a>,
         meta: &crate::store::UserMeta,
-    ) -> FsResult<Result<Synced, Remote>> {
+    ) -> FsResult<Result<Synced<'a>, Remote>> {
         for _ in 0..4 {
             let etag = Some(r.etag.as_str()).filter(|e| !e.is_empty());
-            match self.store.copy(&r.key, etag, key, meta).await {
+            match self.store.copy(&r.key, etag, &written.key, meta).await {
                 Ok(etag) => {
                     return Ok(Ok(Synced {
                         remote: Remote {
-                            key: key.to_string(),
+                            key: written.key.clone(),
                             etag,
                             size: r.size,
                         },
                         gen: None,
+                        written,
                     }))
                 }
                 Err(StoreError::NotFound(_)) => {
@@ -263,6 +271,31 @@ impl super::Uploader {
         Err(FsError::Retry(
             "the file kept changing while it was being copied".into(),
         ))
+    }
+
+    /// The lock of `key` for `writer` to write it, held until the result is recorded (it goes
+    /// in [`Synced`]). Every writer of a key checks under its lock, and `record` marks under it
+    /// what the key holds (the writer's object, or a moved file's still to be copied on): a
+    /// check made before a write that just landed is recorded would see none of it, and the
+    /// write would replace bytes another file has still to copy.
+    ///
+    /// `None` when `key` is not the writer's any more (renamed since its sync looked): another
+    /// name may hold it now, and the next sync writes the new key instead.
+    pub(super) async fn lock_to_write(&self, writer: Ino, key: &str) -> FsResult<Option<KeyGuard<'_>>> {
+        let k = self.key_lock(key).await;
+        let still = {
+            // Under the namespace lock: a rename is all done or not begun.
+            let _g = self.ns.lock().await;
+            match self.meta.inode(writer)? {
+                Some(i) => self.key_of(&i).is_ok_and(|now| now == key),
+                None => false,
+            }
+        };
+        if !still {
+            return Ok(None);
+        }
+        self.protect_movers(key, writer).await?;
+        Ok(Some(k))
     }
 
     /// Before `writer` writes `key`: a file still to be moved away from `key` (renamed, or a
@@ -316,25 +349,36 @@ impl super::Uploader {
         ))
     }
 
-    pub(super) async fn put_small(&self, key: &str, body: Bytes, meta: &crate::store::UserMeta) -> FsResult<Synced> {
+    /// One PUT of `writer`'s object at `key`; `None` when `key` is not the writer's any more
+    /// (see `lock_to_write`).
+    pub(super) async fn put_small(
+        &self,
+        writer: Ino,
+        key: &str,
+        body: Bytes,
+        meta: &crate::store::UserMeta,
+    ) -> FsResult<Option<Synced<'_>>> {
+        let Some(written) = self.lock_to_write(writer, key).await? else {
+            return Ok(None);
+        };
         let _permit = self.uploads.acquire().await.expect("semaphore never closed");
-        let _k = self.key_lock(key).await;
         let size = body.len() as u64;
         let etag = self.store.put(key, Body::Bytes(body), meta).await?;
         self.note_uploaded(size);
-        Ok(Synced {
+        Ok(Some(Synced {
             remote: Remote {
                 key: key.to_string(),
                 etag,
                 size,
             },
             gen: None,
-        })
+            written,
+        }))
     }
 
     /// Records a finished sync: the remote location, and clears `P` if nothing changed meanwhile.
     /// Takes the staged file's lock before `ns` (the lock order).
-    async fn record(&self, ino: Ino, seq: u64, synced: Option<Synced>, st: Option<Arc<Staged>>) -> FsResult<()> {
+    async fn record(&self, ino: Ino, seq: u64, synced: Option<Synced<'_>>, st: Option<Arc<Staged>>) -> FsResult<()> {
         let _w = match &st {
             Some(st) => Some(st.lock.write().await),
             None => None,
@@ -350,7 +394,10 @@ impl super::Uploader {
             return Ok(self.meta.commit(b)?);
         };
         let mut clean = self.meta.pending(ino)? == Some(seq);
+        // The written key's lock, let go once this record is in the journal.
+        let mut written = None;
         if let Some(s) = synced {
+            written = Some(s.written);
             if let Some(old) = &inode.remote {
                 if old.key != s.remote.key {
                     // The object left behind goes with the round's other deletions, in one
@@ -403,6 +450,7 @@ impl super::Uploader {
             }
         }
         self.meta.commit(b)?;
+        drop(written);
         drop(_g);
         drop(_w);
         // Small files count against the byte bound too, but only a large one becoming clean
