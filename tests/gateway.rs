@@ -1321,7 +1321,7 @@ async fn faulty_garage_listed_by_hand() -> (InProc, S3Side, s3nfs::store::faulty
 /// as listed: walking it (`git status`, `find`) costs one LIST, not one per directory. What
 /// another client changes below shows once the refresh interval has passed, as with a listing
 /// per directory. A tree larger than three pages of S3's listing is listed by directory after
-/// one try, and not tried again.
+/// one try, and not tried again; what the try listed of it counts.
 #[tokio::test]
 async fn a_small_tree_is_listed_in_one_request() {
     use futures::StreamExt;
@@ -1393,9 +1393,28 @@ async fn a_small_tree_is_listed_in_one_request() {
         4,
         "a tree found larger than a page was tried again"
     );
-    // The root's whole tree tried (three pages), then the root by directory (one); "big", of
-    // which nothing was known, tried with one page, then by directory (four).
-    assert_eq!(first, 3 + 1 + 1 + 4, "the first listing of the large tree");
+    // The root's whole tree tried (three pages, all in "big"), then the root by directory
+    // (one); "big", of which the try made 3,000 files known, by directory (four).
+    assert_eq!(first, 3 + 1 + 4, "the first listing of the large tree");
+
+    // A tree cut by its try: what the try listed whole is listed, and its walk costs nothing.
+    put_all((0..400).map(|i| format!("w/p/{i:04}")).collect()).await;
+    put_all((0..1600).map(|i| format!("w/q/{i:04}")).collect()).await;
+    clock.advance(Duration::from_secs(60));
+    let before = faults.calls(Op::List);
+    let w = c.lookup(&root, "w").await.unwrap();
+    let (p, q) = (c.lookup(&w, "p").await.unwrap(), c.lookup(&w, "q").await.unwrap());
+    let walked = faults.calls(Op::List);
+    assert_eq!(c.names(&p).await.unwrap().len(), 400);
+    assert_eq!(
+        faults.calls(Op::List),
+        walked,
+        "a directory the try listed whole was listed again"
+    );
+    assert_eq!(c.names(&q).await.unwrap().len(), 1600);
+    // The root by directory (one); "w", of which nothing was known, tried with one page (all of
+    // p and part of q), then by directory (one); q, 600 of its files known, tried whole (two).
+    assert_eq!(faults.calls(Op::List) - before, 1 + 1 + 1 + 2, "the walk of a cut tree");
 }
 
 /// A store that refuses listings without a delimiter (a bucket policy may allow listings by

@@ -14,12 +14,17 @@ use crate::sync::LockExt;
 /// Directories whose listing time is kept (see [`Freshness::note_listed`]).
 pub const MAX_LISTED: usize = 65_536;
 
+/// How long a subtree found too large to list at once is listed by directory before it is
+/// tried again: a tree shrinks (`rm -r`, another client's deletions), and the listing by
+/// directory cannot tell. A try that fails costs three LISTs per this long at most.
+pub const TOO_LARGE_FOR: Duration = Duration::from_secs(15 * 60);
+
 pub struct Freshness {
     listed: Mutex<HashMap<Ino, Instant>>,
     relisting: Mutex<HashSet<Ino>>,
     /// Directories whose subtree a listing found too large to list at once (see
-    /// `Volume::list_subtree`): listed by directory from then on.
-    too_large: Mutex<HashSet<Ino>>,
+    /// `Volume::list_subtree`), and when: listed by directory for [`TOO_LARGE_FOR`] from then.
+    too_large: Mutex<HashMap<Ino, Instant>>,
     /// S3 refused a listing without a delimiter: every directory is listed on its own.
     subtrees_refused: AtomicBool,
     clock: Clock,
@@ -90,7 +95,16 @@ impl Freshness {
     }
 
     pub fn subtree_too_large(&self, dir: Ino) -> bool {
-        self.too_large.locked().contains(&dir)
+        let now = self.clock.now();
+        let mut too_large = self.too_large.locked();
+        match too_large.get(&dir) {
+            Some(at) if now.saturating_duration_since(*at) < TOO_LARGE_FOR => true,
+            Some(_) => {
+                too_large.remove(&dir);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Notes that `dir`'s subtree is too large to list at once. At most [`MAX_LISTED`] are
@@ -100,7 +114,7 @@ impl Freshness {
         if too_large.len() >= MAX_LISTED {
             too_large.clear();
         }
-        too_large.insert(dir);
+        too_large.insert(dir, self.clock.now());
     }
 
     /// Claims the relisting of `dir`; false when one is under way already.

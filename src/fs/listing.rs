@@ -197,9 +197,10 @@ impl Volume {
     /// per directory.
     ///
     /// Tried only where it can pay: not for a subtree known locally to be larger, nor for one a
-    /// try found larger since the volume was opened (that try cost its requests, and the
-    /// listing by directory follows it), and with one page only on a directory nothing is known
-    /// of. False when the caller is to list `dir` by directory.
+    /// try found larger lately ([`super::freshness::TOO_LARGE_FOR`]: that try cost its requests, and the listing
+    /// by directory follows it), and with one page only on a directory nothing is known of. A
+    /// try cut short still applies what it listed (see [`Volume::apply_subtree`]). False when
+    /// the caller is to list `dir` by directory.
     ///
     /// `prefix` is `dir`'s; `epoch_before` and `started` are the listing's, as in
     /// [`Volume::apply_page`] (taken before the try, they hold for the listing by directory
@@ -230,6 +231,18 @@ impl Volume {
             let want = (limit - objects.len()).min(PAGE_KEYS);
             if want == 0 {
                 self.freshness.note_subtree_too_large(dir.ino);
+                // The keys listed still say all there is of each directory that ends before
+                // the last of them, and part of those it is in: applied, they spare a walk of
+                // the tree (and the listing by directory that follows) a LIST each.
+                if let Some(cut) = objects.last().map(|o: &ObjectSummary| o.key.clone()) {
+                    let pages = by_directory(prefix, objects);
+                    if let Err(e) = self
+                        .apply_subtree(dir.ino, prefix, pages, Some(&cut), epoch_before, started)
+                        .await
+                    {
+                        tracing::debug!(%prefix, error = %e, "a cut subtree listing left to the listing by directory");
+                    }
+                }
                 return Ok(false);
             }
             let page = match self.store.list(prefix, None, token, want).await {
@@ -250,25 +263,52 @@ impl Volume {
                 break;
             }
         }
-        let mut pages = by_directory(prefix, objects);
-        let mut todo = vec![(dir.ino, prefix.to_string())];
+        let pages = by_directory(prefix, objects);
+        self.apply_subtree(dir.ino, prefix, pages, None, epoch_before, started)
+            .await?;
+        Ok(true)
+    }
+
+    /// Applies the pages of a subtree listing (see [`by_directory`]) from `top` (listed as
+    /// `prefix`) down, each directory's as a listing of its own would have been applied, and
+    /// notes each as listed.
+    ///
+    /// `cut`: the listing stopped at this key. A directory it is in has had only its names up
+    /// to the one holding the key listed: those are applied (the range a page of its own
+    /// listing would cover), and it is not noted as listed. Every other directory was listed
+    /// whole.
+    async fn apply_subtree(
+        &self,
+        top: Ino,
+        prefix: &str,
+        mut pages: HashMap<String, ListPage>,
+        cut: Option<&str>,
+        epoch_before: u64,
+        started: std::time::Instant,
+    ) -> FsResult<()> {
+        let mut todo = vec![(top, prefix.to_string())];
         while let Some((ino, prefix)) = todo.pop() {
             let page = pages.remove(&prefix).unwrap_or_default();
             let subdirs = page.prefixes.clone();
+            // The name (in key form) under `prefix` holding the cut, when it is in there.
+            let upto = cut
+                .and_then(|c| c.strip_prefix(prefix.as_str()))
+                .map(|rest| match rest.find('/') {
+                    Some(i) => &rest[..=i],
+                    None => rest,
+                });
             // A listing of its own that started after this one's is newer: it stands. What is
             // under it may still be older, and is looked at on the way down.
             if !self.freshness.listed_since(ino, started) {
-                let whole = Range {
-                    after: None,
-                    upto: None,
-                };
+                let range = Range { after: None, upto };
                 match self
-                    .apply_page(ino, &prefix, Page::of(&prefix, page), whole, epoch_before, started)
+                    .apply_page(ino, &prefix, Page::of(&prefix, page), range, epoch_before, started)
                     .await
                 {
-                    Ok(true) => self.freshness.note_listed(ino, started),
+                    Ok(true) if upto.is_none() => self.freshness.note_listed(ino, started),
+                    Ok(true) => {}
                     Ok(false) => continue, // the directory is gone
-                    Err(e) if ino == dir.ino => return Err(e),
+                    Err(e) if ino == top => return Err(e),
                     // A directory below: it is listed at its own next access.
                     Err(e) => {
                         tracing::warn!(%prefix, error = %e, "applying a subtree listing to a directory in it failed");
@@ -286,7 +326,7 @@ impl Volume {
                 }
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// The directory under `dir` (listed as `prefix`) that the listed prefix `sub` is, once
