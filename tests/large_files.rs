@@ -567,6 +567,9 @@ async fn a_file_rewritten_in_the_middle_is_not_streamed_while_written() {
         vol.flush_round(false).await.unwrap();
     }
     flush_until_a_part_is_uploaded(&vol, &faults, "an appended file was not streamed").await;
+    // The stream's parts still on their way would write into the store's directory while it is
+    // removed, and leave their files behind.
+    vol.tasks().stop().await;
 }
 
 /// With one CPU (`stream_while_busy` off), a file written in one go does not stream to S3 while
@@ -591,6 +594,7 @@ async fn without_a_spare_cpu_a_stream_waits_for_the_writer_to_pause() {
     // The writer pauses: the next rounds start the stream.
     clock.advance(std::time::Duration::from_secs(1));
     flush_until_a_part_is_uploaded(&vol, &faults, "the stream did not start when the writer paused").await;
+    vol.tasks().stop().await; // as above
 }
 
 /// Staged copies of files S3 already holds are a cache, bounded in bytes as well as in number:
