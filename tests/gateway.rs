@@ -1417,6 +1417,54 @@ async fn a_small_tree_is_listed_in_one_request() {
     assert_eq!(faults.calls(Op::List) - before, 1 + 1 + 1 + 2, "the walk of a cut tree");
 }
 
+/// A name that is both a file and a directory ("x" and "x/inner" in S3), where a page of the
+/// listing ends between the two: S3 lists "x" at the end of one page and the prefix "x/" at the
+/// start of the next. The directory stays the same directory, and what is written under it and
+/// not yet uploaded stays. The first page took "x" for a file: the directory was forgotten (and
+/// the file written in it with it), and came back from the next page under a new handle.
+#[tokio::test]
+async fn a_directory_whose_file_of_the_same_name_ends_a_page_stays_whole() {
+    let (_dir, store, gw, clock) = embedded_listed_by_hand().await;
+    let put = |key: String| put_x(&store, key);
+    // 999 files, then "x": the first page of the root's listing (1,000 entries) ends at "x".
+    // Past them, a tree too large for a listing of the whole volume at once.
+    for i in 0..999 {
+        put(format!("f{i:04}")).await;
+    }
+    put("x".into()).await;
+    put("x/inner".into()).await;
+    for i in 0..3000 {
+        put(format!("y/{i:04}")).await;
+    }
+    let page = store.list("", Some("/"), None, 1000).await.unwrap();
+    assert_eq!(
+        page.objects.last().map(|o| o.key.as_str()),
+        Some("x"),
+        "the first page does not end at the file: nothing checked"
+    );
+
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let x = c.lookup(&root, "x").await.unwrap();
+    assert_eq!(c.names(&x).await.unwrap(), ["inner"]);
+    let mine = c.create(&x, "mine", 0o644).await.unwrap();
+    c.write_all(&mine, 0, b"not uploaded yet").await.unwrap();
+
+    // Listed again with the file still to upload, then once it is uploaded: the same directory
+    // (no new handle for it) with both files each time.
+    for uploaded in [false, true] {
+        if uploaded {
+            gw.vol.flush_all().await.unwrap();
+        }
+        clock.advance(Duration::from_secs(60));
+        // A directory this large is relisted in the background, started by the first access.
+        c.names(&root).await.unwrap();
+        gw.vol.tasks().idle().await;
+        assert_eq!(c.names(&x).await.unwrap(), ["inner", "mine"], "uploaded: {uploaded}");
+        assert_eq!(c.read_all(&mine).await.unwrap(), b"not uploaded yet");
+    }
+}
+
 /// A store that refuses listings without a delimiter (a bucket policy may allow listings by
 /// directory only) still has every directory listed, one by one, and is not asked again.
 #[tokio::test]
@@ -1447,16 +1495,17 @@ async fn a_store_refusing_whole_tree_listings_is_listed_by_directory() {
     assert_eq!(faults.calls(Op::List) - before, 2, "not listed by directory");
 }
 
-/// A directory of several listing pages, changed in S3 around the page boundaries (a file and
-/// a directory of the same stem sort apart: "n0001.a" < "n0001/"), is relisted one page at a
-/// time, and what the client sees afterwards is exactly what S3 has plus what is still only
-/// local.
-#[tokio::test]
-async fn a_listing_of_several_pages_follows_s3_across_page_boundaries() {
-    use s3nfs::store::{local::LocalStore, Body};
+/// A gateway on the embedded store that lists only when the test moves the clock (a refresh
+/// interval of a minute on a manual clock) and uploads only what the test flushes.
+async fn embedded_listed_by_hand() -> (
+    tempfile::TempDir,
+    Arc<s3nfs::store::local::LocalStore>,
+    InProc,
+    s3nfs::clock::Clock,
+) {
     let clock = s3nfs::clock::Clock::manual();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+    let store = Arc::new(s3nfs::store::local::LocalStore::open(dir.path()).unwrap());
     let gw = InProc::start(
         store.clone(),
         Opts {
@@ -1467,15 +1516,26 @@ async fn a_listing_of_several_pages_follows_s3_across_page_boundaries() {
         },
     )
     .await;
-    let put = |key: String| {
-        let store = store.clone();
-        async move {
-            store
-                .put(&key, Body::Bytes(bytes::Bytes::from_static(b"x")), &Default::default())
-                .await
-                .unwrap();
-        }
-    };
+    (dir, store, gw, clock)
+}
+
+/// An object "x" at `key`, put as another S3 client would.
+async fn put_x(store: &s3nfs::store::local::LocalStore, key: String) {
+    use s3nfs::store::Body;
+    store
+        .put(&key, Body::Bytes(bytes::Bytes::from_static(b"x")), &Default::default())
+        .await
+        .unwrap();
+}
+
+/// A directory of several listing pages, changed in S3 around the page boundaries (a file and
+/// a directory of the same stem sort apart: "n0001.a" < "n0001/"), is relisted one page at a
+/// time, and what the client sees afterwards is exactly what S3 has plus what is still only
+/// local.
+#[tokio::test]
+async fn a_listing_of_several_pages_follows_s3_across_page_boundaries() {
+    let (_dir, store, gw, clock) = embedded_listed_by_hand().await;
+    let put = |key: String| put_x(&store, key);
     let mut want = std::collections::BTreeSet::new();
     for i in 0..1500 {
         put(format!("n{i:04}.a")).await;

@@ -22,6 +22,8 @@ struct Range<'a> {
 struct Page {
     files: HashMap<String, ObjectSummary>,
     dirs: HashSet<String>,
+    /// Names left as they are (see [`Page::hold_undecided`]).
+    held: HashSet<String>,
 }
 
 impl Page {
@@ -47,8 +49,49 @@ impl Page {
                 tracing::warn!(prefix = %p, "prefix cannot be shown over NFS; skipped");
             }
         }
-        Page { files, dirs }
+        Page {
+            files,
+            dirs,
+            held: HashSet::new(),
+        }
     }
+
+    /// Files of a page that ends at `upto` (in key form) which may be directories as well: S3
+    /// lists "x", then names such as "x.txt" or "x-1", and only then the prefix "x/", which a
+    /// later page (or a listing cut short, none) may bring. Such a name is left as it is here
+    /// (neither taken up nor forgotten), and its object returned for the next page to decide:
+    /// taken as a file, a directory with pending work under it was forgotten, and its handles
+    /// went stale.
+    fn hold_undecided(&mut self, upto: Option<&str>) -> Vec<ObjectSummary> {
+        let Some(upto) = upto else { return Vec::new() };
+        let undecided: Vec<String> = self
+            .files
+            .keys()
+            .filter(|n| !self.dirs.contains(*n) && format!("{n}/").as_str() > upto)
+            .cloned()
+            .collect();
+        let mut out = Vec::with_capacity(undecided.len());
+        for n in undecided {
+            out.extend(self.files.remove(&n));
+            self.held.insert(n);
+        }
+        out
+    }
+
+    /// Files an earlier page held back (see [`Page::hold_undecided`]).
+    fn take_held(&mut self, prefix: &str, objects: Vec<ObjectSummary>) {
+        for o in objects {
+            self.files.insert(o.key[prefix.len()..].to_string(), o);
+        }
+    }
+}
+
+/// Where a subtree listing stopped short (see [`Volume::apply_subtree`]): its last key, and
+/// the prefixes of the directories below the top that the key is in and that had as many keys
+/// listed as a try may bring.
+struct Cut {
+    key: String,
+    full: Vec<String>,
 }
 
 /// Keys a listing of a whole subtree may bring (see [`Volume::list_subtree`]): three pages.
@@ -151,6 +194,8 @@ impl Volume {
         let mut token = None;
         // Every name up to and including this key form has been reconciled.
         let mut done: Option<String> = None;
+        // Files of the last page that may be directories too (see `Page::hold_undecided`).
+        let mut undecided = Vec::new();
         loop {
             let page = match self.store.list(&prefix, Some("/"), token, 1000).await {
                 Ok(p) => p,
@@ -173,7 +218,9 @@ impl Volume {
                 after: done.as_deref(),
                 upto: upto.as_deref(),
             };
-            let page = Page::of(&prefix, page);
+            let mut page = Page::of(&prefix, page);
+            page.take_held(&prefix, std::mem::take(&mut undecided));
+            undecided = page.hold_undecided(range.upto);
             if !self
                 .apply_page(dir.ino, &prefix, page, range, epoch_before, started)
                 .await?
@@ -234,13 +281,21 @@ impl Volume {
                 // The keys listed still say all there is of each directory that ends before
                 // the last of them, and part of those it is in: applied, they spare a walk of
                 // the tree (and the listing by directory that follows) a LIST each.
-                if let Some(cut) = objects.last().map(|o: &ObjectSummary| o.key.clone()) {
+                if let Some(key) = objects.last().map(|o: &ObjectSummary| o.key.clone()) {
+                    // The directories below it the cut falls in with as many keys listed
+                    // already: no try of theirs can fit either.
+                    let full = key[prefix.len()..]
+                        .match_indices('/')
+                        .map(|(i, _)| key[..prefix.len() + i + 1].to_string())
+                        .filter(|p| objects.len() - objects.partition_point(|o| o.key < *p) >= SUBTREE_KEYS)
+                        .collect();
                     let pages = by_directory(prefix, objects);
+                    let cut = Cut { key, full };
                     if let Err(e) = self
                         .apply_subtree(dir.ino, prefix, pages, Some(&cut), epoch_before, started)
                         .await
                     {
-                        tracing::debug!(%prefix, error = %e, "a cut subtree listing left to the listing by directory");
+                        tracing::warn!(%prefix, error = %e, "applying a subtree listing cut short failed");
                     }
                 }
                 return Ok(false);
@@ -273,7 +328,7 @@ impl Volume {
     /// `prefix`) down, each directory's as a listing of its own would have been applied, and
     /// notes each as listed.
     ///
-    /// `cut`: the listing stopped at this key. A directory it is in has had only its names up
+    /// `cut`: where the listing stopped. A directory its key is in has had only its names up
     /// to the one holding the key listed: those are applied (the range a page of its own
     /// listing would cover), and it is not noted as listed. Every other directory was listed
     /// whole.
@@ -282,7 +337,7 @@ impl Volume {
         top: Ino,
         prefix: &str,
         mut pages: HashMap<String, ListPage>,
-        cut: Option<&str>,
+        cut: Option<&Cut>,
         epoch_before: u64,
         started: std::time::Instant,
     ) -> FsResult<()> {
@@ -292,19 +347,22 @@ impl Volume {
             let subdirs = page.prefixes.clone();
             // The name (in key form) under `prefix` holding the cut, when it is in there.
             let upto = cut
-                .and_then(|c| c.strip_prefix(prefix.as_str()))
+                .and_then(|c| c.key.strip_prefix(prefix.as_str()))
                 .map(|rest| match rest.find('/') {
                     Some(i) => &rest[..=i],
                     None => rest,
                 });
             // A listing of its own that started after this one's is newer: it stands. What is
             // under it may still be older, and is looked at on the way down.
+            if cut.is_some_and(|c| c.full.contains(&prefix)) {
+                self.freshness.note_subtree_too_large(ino);
+            }
             if !self.freshness.listed_since(ino, started) {
                 let range = Range { after: None, upto };
-                match self
-                    .apply_page(ino, &prefix, Page::of(&prefix, page), range, epoch_before, started)
-                    .await
-                {
+                let mut page = Page::of(&prefix, page);
+                // No later page decides them: the directory's own listing will.
+                page.hold_undecided(upto);
+                match self.apply_page(ino, &prefix, page, range, epoch_before, started).await {
                     Ok(true) if upto.is_none() => self.freshness.note_listed(ino, started),
                     Ok(true) => {}
                     Ok(false) => continue, // the directory is gone
@@ -412,7 +470,8 @@ impl Volume {
         let mut batch = Batch::new();
         let mut seen = HashSet::new();
         let now = Time::now();
-        let Page { files, dirs } = page;
+        let Page { files, dirs, held } = page;
+        seen.extend(held);
         // What S3 has: add or update. A name that is both an object and a prefix is a directory.
         let remote_entries = dirs.iter().map(|n| (n.clone(), None)).chain(
             files
@@ -448,6 +507,10 @@ impl Volume {
                     if let Some(o) = obj {
                         self.take_up_version(&mut batch, inode, &o);
                     }
+                    continue;
+                }
+                // A directory that became a file in S3 keeps what is still to go up under it.
+                if inode.kind == Kind::Dir && self.subtree_has_pending(ino)? {
                     continue;
                 }
                 self.forget_subtree(&mut batch, &inode)?;
