@@ -259,7 +259,9 @@ pub async fn run(
         };
         tokio::select! {
             _ = clock.sleep_until(wake) => {}
-            _ = stop.wait_for(|s| *s) => break,
+            // Only a stop sent: a stop handle dropped with its member, as in a crash, must not
+            // release a lease that the gateway may still be serving under.
+            Ok(_) = stop.wait_for(|s| *s) => break,
         }
     }
     if let Some((record, version)) = campaign.release() {
@@ -493,14 +495,15 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_owner_whose_lease_store_hangs_steps_down_at_its_deadline() {
-        let clock = Clock::manual();
-        let api = Arc::new(Mem::default());
+    /// A campaign of node "a" for lease "l" in `api`, once it owns the lease: the task, its
+    /// role and its stop handle.
+    async fn owner(
+        clock: &Clock,
+        api: &Arc<Mem>,
+    ) -> (crate::tasks::Owned<()>, watch::Receiver<Role>, watch::Sender<bool>) {
         let (tx, mut role) = watch::channel(Role::Unknown);
-        let (_stop, stop_rx) = watch::channel(false);
-        let t0 = clock.now();
-        let _campaign = crate::tasks::owned(run(
+        let (stop, stop_rx) = watch::channel(false);
+        let campaign = crate::tasks::owned(run(
             api.clone(),
             "l".into(),
             Campaign::new(holder("a", 1), Timing::default()),
@@ -509,6 +512,14 @@ mod tests {
             stop_rx,
         ));
         role.wait_for(|r| matches!(r, Role::Owner { .. })).await.unwrap();
+        (campaign, role, stop)
+    }
+
+    #[tokio::test]
+    async fn an_owner_whose_lease_store_hangs_steps_down_at_its_deadline() {
+        let (clock, api) = (Clock::manual(), Arc::new(Mem::default()));
+        let t0 = clock.now();
+        let (_campaign, mut role, _stop) = owner(&clock, &api).await;
         // The store stops answering; requests hang rather than fail.
         api.hang.store(true, std::sync::atomic::Ordering::Release);
         let mut owned_until = t0;
@@ -532,6 +543,34 @@ mod tests {
             owned_until.saturating_duration_since(t0) <= Duration::from_secs(10),
             "served until {:?} after the last renewal",
             owned_until - t0
+        );
+    }
+
+    /// The member's stop handle dropped without a stop sent (the member dropped, its tasks
+    /// about to be aborted): the campaign goes on until it is aborted, and never releases the
+    /// lease. It took the closed channel for a stop, and released the lease while the gateway
+    /// could still be serving: another node could take over at once.
+    #[tokio::test]
+    async fn a_campaign_whose_stop_handle_is_dropped_keeps_the_lease() {
+        let (clock, api) = (Clock::manual(), Arc::new(Mem::default()));
+        let (_campaign, role, stop) = owner(&clock, &api).await;
+        let renewals = || api.version.load(std::sync::atomic::Ordering::Acquire);
+        let before = renewals();
+        drop(stop);
+        // Two renewals more, each once the campaign sleeps and its retry period has passed.
+        while renewals() < before + 2 {
+            tokio::time::timeout(Duration::from_secs(10), clock.until_sleeping(|s| !s.is_empty()))
+                .await
+                .expect("the campaign ended when its stop handle was dropped");
+            clock.advance(Timing::default().retry);
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(*role.borrow(), Role::Owner { .. }));
+        let held = api.lease.lock().unwrap().as_ref().unwrap().record.holder.clone();
+        assert_eq!(
+            held.as_deref(),
+            Some(holder("a", 1).identity().as_str()),
+            "the lease was released"
         );
     }
 
