@@ -64,18 +64,17 @@ impl Page {
     /// went stale.
     fn hold_undecided(&mut self, upto: Option<&str>) -> Vec<ObjectSummary> {
         let Some(upto) = upto else { return Vec::new() };
-        let undecided: Vec<String> = self
-            .files
-            .keys()
-            .filter(|n| !self.dirs.contains(*n) && format!("{n}/").as_str() > upto)
-            .cloned()
-            .collect();
-        let mut out = Vec::with_capacity(undecided.len());
-        for n in undecided {
-            out.extend(self.files.remove(&n));
-            self.held.insert(n);
-        }
-        out
+        // "n/" sorts past `upto` exactly when `upto` is n followed by nothing or by bytes
+        // below '/': every name of the page sorts at or before `upto`.
+        let dirs = &self.dirs;
+        let undecided = |n: &String| !dirs.contains(n) && upto.strip_prefix(n.as_str()).is_some_and(|rest| rest < "/");
+        let out: Vec<(String, ObjectSummary)> = self.files.extract_if(|n, _| undecided(n)).collect();
+        out.into_iter()
+            .map(|(n, o)| {
+                self.held.insert(n);
+                o
+            })
+            .collect()
     }
 
     /// Files an earlier page held back (see [`Page::hold_undecided`]).
@@ -352,11 +351,11 @@ impl Volume {
                     Some(i) => &rest[..=i],
                     None => rest,
                 });
-            // A listing of its own that started after this one's is newer: it stands. What is
-            // under it may still be older, and is looked at on the way down.
             if cut.is_some_and(|c| c.full.contains(&prefix)) {
                 self.freshness.note_subtree_too_large(ino);
             }
+            // A listing of its own that started after this one's is newer: it stands. What is
+            // under it may still be older, and is looked at on the way down.
             if !self.freshness.listed_since(ino, started) {
                 let range = Range { after: None, upto };
                 let mut page = Page::of(&prefix, page);

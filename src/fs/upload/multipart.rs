@@ -71,12 +71,9 @@ impl super::Uploader {
                 continue; // written to meanwhile
             }
             let gen = st.gen();
-            if let Some(m) = st.multipart.locked().as_mut() {
-                m.completing = true;
-            }
             // However this ends (an error, a cancelled flush), streaming passes send parts
             // again afterwards; once completed, the upload is gone and this does nothing.
-            let _completing = Completing(st);
+            let _completing = Completing::start(st);
             drop(w);
             let Some(written) = self.lock_to_write(st.ino, &mkey).await? else {
                 return Ok(None); // moved: the next upload starts over at the new key
@@ -364,6 +361,15 @@ fn pass_failure(done: Result<FsResult<()>, tokio::task::JoinError>) -> Option<Fs
 /// Held while a multipart upload is being completed (`Multipart::completing`); its drop ends
 /// that state.
 struct Completing<'a>(&'a Staged);
+
+impl<'a> Completing<'a> {
+    fn start(st: &'a Staged) -> Completing<'a> {
+        if let Some(m) = st.multipart.locked().as_mut() {
+            m.completing = true;
+        }
+        Completing(st)
+    }
+}
 
 impl Drop for Completing<'_> {
     fn drop(&mut self) {
