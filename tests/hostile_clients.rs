@@ -203,4 +203,7 @@ async fn pipelined_writes_past_the_in_flight_bound_are_all_answered() {
         .unwrap_or_else(|_| panic!("only {replies} of {N} WRITEs answered"));
     sender.await.unwrap();
     assert_eq!(c.getattr(&f).await.unwrap().size, N as u64 * MIB as u64);
+    // The file streams to the store in parts; those still on their way would write into the
+    // store's directory while it is removed, and leave their files in /tmp.
+    gw.vol.tasks().stop().await;
 }
