@@ -1465,6 +1465,48 @@ async fn a_directory_whose_file_of_the_same_name_ends_a_page_stays_whole() {
     }
 }
 
+/// A directory listed on its own while a listing of the tree above it is on its way keeps what
+/// its own listing found: that listing started later, so it is newer, and the tree's page for
+/// the directory (S3 as it was when the tree was listed) is not applied over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directorys_own_listing_stands_against_an_older_listing_of_its_tree() {
+    use s3nfs::store::faulty::Op;
+    let (gw, s3, faults, clock) = faulty_garage_listed_by_hand().await;
+    for k in ["t/a/old", "t/b/0"] {
+        s3.put(k, b"x").await;
+    }
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let t = c.lookup(&root, "t").await.unwrap();
+    let a = c.lookup(&t, "a").await.unwrap();
+    assert_eq!(c.names(&a).await.unwrap(), ["old"]);
+
+    // t is listed again, its whole tree in one LIST whose reply is held.
+    clock.advance(Duration::from_secs(60));
+    let mut hold = faults.hold_reply(Op::List, "t/");
+    let lister = {
+        let (addr, t) = (gw.addr, t.clone());
+        tokio::spawn(async move { Client::connect(addr).await.names(&t).await })
+    };
+    assert!(
+        hold.reached(Duration::from_secs(30)).await,
+        "no listing of t's tree: nothing checked"
+    );
+    // Meanwhile another client replaces a's file, and a is listed on its own, later.
+    s3.delete("t/a/old").await;
+    s3.put("t/a/new", b"x").await;
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(c.names(&a).await.unwrap(), ["new"]);
+
+    hold.release();
+    assert_eq!(lister.await.unwrap().unwrap(), ["a", "b"]);
+    assert_eq!(
+        c.names(&a).await.unwrap(),
+        ["new"],
+        "an older listing undid a newer one"
+    );
+}
+
 /// A store that refuses listings without a delimiter (a bucket policy may allow listings by
 /// directory only) still has every directory listed, one by one, and is not asked again.
 #[tokio::test]

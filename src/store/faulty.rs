@@ -12,11 +12,14 @@
 //!   how tests check that callers retry idempotently;
 //! - [`Faults::set_callback`]: a callback that sees every call (op and key) and may fail it or
 //!   drop its reply, as Mountpoint's failure client does, for anything the switches don't cover;
+//! - [`Faults::hold_reply`]: the next call of one op on one key runs on the inner store, and
+//!   its reply waits until the test lets it go: a request's answer made at one moment and used
+//!   at a later one, with the test acting in between;
 //! - counters: [`Faults::calls`] (calls made, as the caller sees S3 requests) and
 //!   [`Faults::reached`] (calls that reached the inner store).
 //!
 //! Per call, in order: count it, sleep the delay, then outage, callback, `fail_next`, then run
-//! it on the inner store, then `drop_next`.
+//! it on the inner store, then `hold_reply`, then `drop_next`.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -129,6 +132,51 @@ struct Rules {
     /// Per op: how many more replies to drop.
     drop: HashMap<Op, u64>,
     callback: Option<Callback>,
+    /// Replies to hold: (op, key, the held side of the hold).
+    holds: Vec<(Op, String, Held)>,
+}
+
+/// The store's side of a [`Hold`].
+struct Held {
+    reached: tokio::sync::watch::Sender<bool>,
+    release: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Held {
+    /// Says the reply is here and waits until it may go (or the test's handle is gone).
+    async fn wait(mut self) {
+        self.reached.send_replace(true);
+        let _ = self.release.wait_for(|go| *go).await;
+    }
+}
+
+/// The test's side of a held reply (see [`Faults::hold_reply`]). Dropping it lets the reply
+/// go, so a test that fails leaves no call waiting.
+pub struct Hold {
+    reached: tokio::sync::watch::Receiver<bool>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+impl Hold {
+    /// Waits until the call has reached the inner store and got its reply, at most `within`:
+    /// false if it has not.
+    pub async fn reached(&mut self, within: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(within, self.reached.wait_for(|r| *r)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Lets the reply go.
+    pub fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 struct State {
@@ -165,6 +213,10 @@ impl fmt::Debug for Faults {
             .field("fail", &r.fail)
             .field("drop", &r.drop)
             .field("callback", &r.callback.is_some())
+            .field(
+                "holds",
+                &r.holds.iter().map(|(op, key, _)| (op, key)).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -218,7 +270,25 @@ impl Faults {
         self.rules().callback = None;
     }
 
-    /// Removes every fault (outage, delay, queued failures and drops, callback); counters stay.
+    /// The next call of `op` on `key` (exactly: a listing's prefix, a copy's destination) runs
+    /// on the inner store, and its reply is held until the returned [`Hold`] releases it or is
+    /// dropped. Repeated holds of one op and key hold the calls one after another.
+    pub fn hold_reply(&self, op: Op, key: &str) -> Hold {
+        let (reached_tx, reached_rx) = tokio::sync::watch::channel(false);
+        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+        let held = Held {
+            reached: reached_tx,
+            release: release_rx,
+        };
+        self.rules().holds.push((op, key.to_string(), held));
+        Hold {
+            reached: reached_rx,
+            release: release_tx,
+        }
+    }
+
+    /// Removes every fault (outage, delay, queued failures and drops, callback, holds not yet
+    /// taken up); counters stay.
     pub fn clear(&self) {
         *self.rules() = Rules::default();
     }
@@ -257,7 +327,7 @@ impl Faults {
 
 /// What the rules decided before the call reaches the inner store.
 enum Plan {
-    Run { drop: bool },
+    Run { drop: bool, hold: Option<Held> },
     Fail(StoreError),
 }
 
@@ -324,7 +394,12 @@ impl FaultyStore {
                 drop = true;
             }
         }
-        Plan::Run { drop }
+        let hold = r
+            .holds
+            .iter()
+            .position(|(o, k, _)| *o == op && k == key)
+            .map(|i| r.holds.remove(i).2);
+        Plan::Run { drop, hold }
     }
 
     async fn call<T, Fut>(&self, op: Op, key: &str, f: impl FnOnce() -> Fut) -> StoreResult<T>
@@ -336,9 +411,12 @@ impl FaultyStore {
                 tracing::debug!(%op, key, error = %e, "injected failure");
                 Err(e)
             }
-            Plan::Run { drop } => {
+            Plan::Run { drop, hold } => {
                 self.faults.state.reached[op.index()].fetch_add(1, Ordering::SeqCst);
                 let res = f().await;
+                if let Some(held) = hold {
+                    held.wait().await;
+                }
                 if drop {
                     tracing::debug!(%op, key, "injected dropped reply");
                     Err(StoreError::Unavailable("connection reset".into()))
@@ -615,6 +693,35 @@ mod tests {
         assert!(s.put("bad", body("1"), &m).await.is_ok());
         f.reset_counts();
         assert_eq!(f.total_calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_held_reply_is_the_stores_answer_when_it_ran() {
+        let (_d, s, f) = store();
+        let s = Arc::new(s);
+        let m = UserMeta::new();
+        s.put("d/a", body("1"), &m).await.unwrap();
+        let mut hold = f.hold_reply(Op::List, "d/");
+        // Another key's call passes.
+        assert!(s.list("e/", None, None, 10).await.unwrap().objects.is_empty());
+        let lister = {
+            let s = s.clone();
+            tokio::spawn(async move { s.list("d/", None, None, 10).await })
+        };
+        assert!(hold.reached(Duration::from_secs(10)).await);
+        s.put("d/b", body("2"), &m).await.unwrap();
+        assert!(!lister.is_finished());
+        hold.release();
+        let page = lister.await.unwrap().unwrap();
+        let keys: Vec<_> = page.objects.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["d/a"], "the reply is what the store had when the call ran");
+        // Taken up: the next call is not held.
+        assert_eq!(s.list("d/", None, None, 10).await.unwrap().objects.len(), 2);
+        // A hold never taken up is not reached; one dropped lets its call go.
+        let mut unused = f.hold_reply(Op::Head, "x");
+        assert!(!unused.reached(Duration::from_millis(10)).await);
+        drop(unused);
+        assert_eq!(s.head("x").await, Ok(None));
     }
 
     #[tokio::test]
