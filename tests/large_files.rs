@@ -506,6 +506,60 @@ async fn a_new_file_where_a_move_is_landing_keeps_both_files() {
     assert_eq!(names, [b"b".to_vec(), b"c".to_vec()]);
 }
 
+/// A large file renamed from b to c while its upload to b is under way (a part sent, the
+/// upload not completed), and a new file written at b and uploaded meanwhile: the old upload
+/// must not complete at b, over the new file's object. Its completion checks, under the key's
+/// lock, that b is still its file's key; the file goes up at c instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_overtaken_by_a_rename_does_not_land_on_the_new_file_at_its_old_name() {
+    use std::time::Duration;
+    let within = |what: &'static str| (Duration::from_secs(30), what);
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let (faulty, faults) = FaultyStore::new(local);
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.part_size = PART;
+    cfg.flush_delay = Duration::from_secs(3600);
+    // A COMMIT uploads the file: the new file goes up while the old one's upload waits.
+    cfg.durability = s3nfs::fs::durable::Durability::S3;
+    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+    let root = vol.root();
+
+    let big = pattern(2 * PART as usize + 7, 9);
+    let old = create_file(&vol, b"b").await;
+    for (i, chunk) in big.chunks(MIB).enumerate() {
+        vol.write(&ROOT, old, (i * MIB) as u64, chunk).await.unwrap();
+    }
+    // The first part's reply is held: the upload stops there, its key read and parts under way.
+    let mut hold = faults.hold_reply(Op::UploadPart, "b");
+    let uploading = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.flush_round(true).await })
+    };
+    let (t, what) = within("no part of b was sent: nothing checked");
+    assert!(hold.reached(t).await, "{what}");
+    vol.rename(&ROOT, root, b"b", root, b"c").await.unwrap();
+    let new = create_file(&vol, b"b").await;
+    vol.write(&ROOT, new, 0, b"the new file").await.unwrap();
+    let (t, what) = within("the new file's COMMIT waited for the old upload");
+    tokio::time::timeout(t, vol.commit(new)).await.expect(what).unwrap();
+    assert_eq!(object(&store, "b").await, b"the new file");
+
+    hold.release();
+    let (t, what) = within("the held upload never ended");
+    let _ = tokio::time::timeout(t, uploading).await.expect(what).unwrap();
+    vol.flush_all().await.unwrap();
+    assert!(
+        object(&store, "b").await == b"the new file",
+        "the old file's upload completed over the new file"
+    );
+    assert!(object(&store, "c").await == big, "the renamed file is not whole at c");
+    assert_eq!(faults.calls(Op::Abort), 1, "the upload begun at b is not aborted");
+    vol.tasks().stop().await; // nothing left to write into the store's directory
+}
+
 /// A volume whose store counts requests, with parts of [`PART`] and a flush delay of an hour
 /// (nothing is due: only streams upload), and an empty file "big" in it; `tweak` sets the rest.
 async fn streams_only(tweak: impl FnOnce(&mut VolumeConfig)) -> ([tempfile::TempDir; 2], Arc<Volume>, Faults, u64) {
