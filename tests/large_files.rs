@@ -506,6 +506,45 @@ async fn a_new_file_where_a_move_is_landing_keeps_both_files() {
     assert_eq!(names, [b"b".to_vec(), b"c".to_vec()]);
 }
 
+/// Files the gateway holds no copy of (only S3 has their bytes), truncated to nothing: the
+/// empty file goes up. Staged empty for the truncation, the copy was taken for the object's
+/// own (nothing had changed its size), and the object was copied onto itself, old bytes and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_only_in_s3_truncated_to_nothing_is_empty_in_s3() {
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    // A small file and one large enough to be staged with holes.
+    put_object(&*store, "small", b"old bytes".to_vec()).await;
+    put_object(&*store, "large", pattern(2 * PART as usize + 3, 4)).await;
+    let vol = open(state.path(), &store).await;
+    for name in ["small", "large"] {
+        let ino = vol.lookup(&ROOT, vol.root(), name.as_bytes()).await.unwrap();
+        let empty = SetAttr {
+            size: Some(0),
+            ..Default::default()
+        };
+        vol.setattr(&ROOT, ino, empty).await.unwrap();
+        vol.flush_all().await.unwrap();
+        assert_eq!(store.head(name).await.unwrap().map(|h| h.size), Some(0), "{name}");
+        assert!(
+            vol.read(&ROOT, ino, 0, 100).await.unwrap().0.is_empty(),
+            "{name} reads bytes"
+        );
+    }
+    // Read by another gateway: empty too.
+    drop(vol);
+    let state = tempfile::tempdir().unwrap();
+    let vol = open(state.path(), &store).await;
+    for name in ["small", "large"] {
+        let ino = vol.lookup(&ROOT, vol.root(), name.as_bytes()).await.unwrap();
+        assert!(
+            vol.read(&ROOT, ino, 0, 100).await.unwrap().0.is_empty(),
+            "{name} reads bytes"
+        );
+    }
+}
+
 /// A large file renamed from b to c while its upload to b is under way (a part sent, the
 /// upload not completed), and a new file written at b and uploaded meanwhile: the old upload
 /// must not complete at b, over the new file's object. Its completion checks, under the key's

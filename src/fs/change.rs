@@ -387,7 +387,11 @@ impl Volume {
                 if st.boundary(size).is_some_and(|r| st.holes_in(r).is_some()) {
                     continue; // written past the end meanwhile: another part to fill
                 }
-                if st.size() != size {
+                // Staged empty for this truncation, the copy of a file whose object has bytes
+                // is already the size asked for, and no longer the object: it changes all the
+                // same (else the object would be copied onto itself, bytes and all).
+                let emptied = size == 0 && !st.is_dirty() && inode.remote.as_ref().is_some_and(|r| r.size > 0);
+                if st.size() != size || emptied {
                     let growth = size.saturating_sub(st.size());
                     self.usage.check_growth(growth).map_err(FsError::NoSpace)?;
                     st.set_len(size)?;
