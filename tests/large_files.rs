@@ -545,6 +545,94 @@ async fn a_file_only_in_s3_truncated_to_nothing_is_empty_in_s3() {
     }
 }
 
+/// A small file's bytes the journal carries never come back, after a crash, over a change
+/// that reached the file other than by WRITE: a truncation (acknowledged durable, as NFSv3's
+/// SETATTR is), or another S3 client's version taken up from a listing. Replay wrote the old
+/// bytes into the staged copy, and the upload sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journalled_bytes_never_come_back_over_a_truncation_or_another_clients_version() {
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let clock = s3nfs::clock::Clock::manual();
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.flush_delay = std::time::Duration::from_secs(3600);
+    cfg.refresh = std::time::Duration::from_secs(60);
+    cfg.clock = clock.clone();
+    let vol = Volume::open(cfg.clone(), store.clone()).await.unwrap();
+    let size = |n: u64| SetAttr {
+        size: Some(n),
+        ..Default::default()
+    };
+
+    // Replaced: journalled and uploaded, then replaced by another client, the new version
+    // taken up by a listing, and its mode changed (so that it waits for an upload).
+    let theirs = create_file(&vol, b"theirs").await;
+    vol.write(&ROOT, theirs, 0, b"the gateway's bytes").await.unwrap();
+    vol.sync_durable().await.unwrap();
+    vol.flush_all().await.unwrap();
+    put_object(&*store, "theirs", b"another client's bytes".to_vec()).await;
+    clock.advance(std::time::Duration::from_secs(60));
+    vol.readdir(&ROOT, vol.root(), 0, 100).await.unwrap();
+    assert_eq!(
+        vol.getattr(theirs).await.unwrap().size,
+        22,
+        "the other client's version was not taken up: nothing checked"
+    );
+    let mode = SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    vol.setattr(&ROOT, theirs, mode).await.unwrap();
+
+    // Cut: journalled at 10 KiB, then truncated to 3 bytes, to nothing, and to nothing and
+    // back to 10 KiB (of zeros), with no sync since.
+    let mut cut = Vec::new();
+    let names = [&b"cut"[..], b"emptied", b"regrown"];
+    for name in names {
+        let ino = create_file(&vol, name).await;
+        vol.write(&ROOT, ino, 0, &pattern(10 << 10, 6)).await.unwrap();
+        cut.push(ino);
+    }
+    vol.sync_durable().await.unwrap();
+    let mut cut: Vec<(u64, Vec<u8>)> = cut
+        .into_iter()
+        .zip([3, 0, 0])
+        .map(|(ino, to)| (ino, pattern(to, 6)))
+        .collect();
+    for (ino, want) in &cut {
+        vol.setattr(&ROOT, *ino, size(want.len() as u64)).await.unwrap();
+    }
+    vol.setattr(&ROOT, cut[2].0, size(10 << 10)).await.unwrap();
+    cut[2].1 = vec![0; 10 << 10];
+
+    // A crash: the state as the disk holds it now.
+    let crashed = tempfile::tempdir().unwrap();
+    common::copy_tree(state.path(), crashed.path());
+    let mut cfg = cfg.clone();
+    cfg.state_dir = crashed.path().to_path_buf();
+    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+    let mut lost = Vec::new();
+    for (ino, want) in &cut {
+        if read_all(&vol, *ino, 64 << 10).await != *want {
+            lost.push(format!("read after a truncation to {}", want.len()));
+        }
+    }
+    if read_all(&vol, theirs, 100).await != b"another client's bytes" {
+        lost.push("read of the other client's version".into());
+    }
+    vol.flush_all().await.unwrap();
+    for (key, ino) in [("cut", 0), ("emptied", 1), ("regrown", 2)] {
+        if object(&store, key).await != cut[ino].1 {
+            lost.push(format!("{key} in S3"));
+        }
+    }
+    if object(&store, "theirs").await != b"another client's bytes" {
+        lost.push("the other client's version in S3".into());
+    }
+    assert!(lost.is_empty(), "the old journalled bytes came back: {lost:?}");
+}
+
 /// A large file renamed from b to c while its upload to b is under way (a part sent, the
 /// upload not completed), and a new file written at b and uploaded meanwhile: the old upload
 /// must not complete at b, over the new file's object. Its completion checks, under the key's

@@ -36,6 +36,11 @@ impl Core {
         inode.meta_loaded = false;
         inode.target.clear();
         self.drop_staged(inode.ino);
+        if self.meta.carries_bytes(inode.ino) {
+            // Replayed after a crash, the bytes the gateway wrote would come back over the new
+            // version, and go up over it at the next upload.
+            batch.drop_bytes(inode.ino);
+        }
         batch.put_inode(&inode);
     }
 
