@@ -7,8 +7,9 @@
 //!   saw that record appear. The holder's `renewTime` is never compared with a local clock, so
 //!   clocks need not agree on the time of day.
 //! - **Stepping down.** The owner counts from the moment it *sent* its last successful renewal.
-//!   If `renew_deadline` passes without another, it stops serving ([`Role::Unknown`]) at once.
-//!   A contender cannot have seen that renewal before it was sent, so it waits at least
+//!   If `renew_deadline` passes without another, it stops serving ([`Role::Unknown`]) at once,
+//!   also while a round of requests is still under way. A contender counts from the moment
+//!   the record *reached* it, which cannot be before the owner sent it, so it waits at least
 //!   `duration` from then: the owner stops `duration - renew_deadline` (5 s by default) before
 //!   anyone may start.
 //! - **Clock assumption.** Only the *rate* of the nodes' monotonic clocks matters: the margin
@@ -219,18 +220,33 @@ pub async fn run(
 ) {
     let retry = campaign.timing.retry;
     let mut logged_error = false;
+    let publish = |new: Role| {
+        role.send_if_modified(|r| {
+            if *r != new {
+                tracing::info!(lease = %lease, from = ?r, to = ?new, "lease: role changed");
+                *r = new;
+                true
+            } else {
+                false
+            }
+        });
+    };
     loop {
         let sent = clock.now();
+        // Before the round, not only after it: a round begun at the deadline (the owner wakes
+        // for it) may take as long as its requests' timeouts, and the owner must not serve
+        // meanwhile.
+        publish(campaign.role(sent));
         // A request that hangs must not keep the owner serving past its deadline: the round
         // is given up when the deadline comes (the role below is then Unknown).
         let outcome = match campaign.deadline() {
             Some(deadline) if deadline > sent => {
                 tokio::select! {
-                    r = round(&*api, &lease, &mut campaign, sent) => r,
+                    r = round(&*api, &lease, &mut campaign, &clock, sent) => r,
                     _ = clock.sleep_until(deadline) => Err(LeaseError::Unavailable("no answer before the renew deadline".into())),
                 }
             }
-            _ => round(&*api, &lease, &mut campaign, sent).await,
+            _ => round(&*api, &lease, &mut campaign, &clock, sent).await,
         };
         match outcome {
             Ok(()) => logged_error = false,
@@ -241,16 +257,7 @@ pub async fn run(
             Err(_) => {}
         }
         let now = clock.now();
-        let new = campaign.role(now);
-        role.send_if_modified(|r| {
-            if *r != new {
-                tracing::info!(lease = %lease, from = ?r, to = ?new, "lease: role changed");
-                *r = new.clone();
-                true
-            } else {
-                false
-            }
-        });
+        publish(campaign.role(now));
         // The owner wakes for its deadline too: it must step down on time even while a
         // request hangs or the store is away.
         let wake = match campaign.deadline() {
@@ -277,9 +284,20 @@ pub async fn run(
 }
 
 /// One read and at most one write, bounded so that the owner's deadline is kept.
-async fn round(api: &dyn LeaseApi, lease: &str, campaign: &mut Campaign, sent: Instant) -> Result<(), LeaseError> {
+///
+/// The record read counts as seen when its answer came, not when the request went: it may
+/// have been written while the request was on its way, and a contender that counted from
+/// before then would wait less than a lease's duration from the owner's renewal. A write
+/// counts from when it was sent (`sent`): the owner's deadline runs from the earlier instant.
+async fn round(
+    api: &dyn LeaseApi,
+    lease: &str,
+    campaign: &mut Campaign,
+    clock: &Clock,
+    sent: Instant,
+) -> Result<(), LeaseError> {
     let read = api.get(lease).await?;
-    let step = campaign.next(read.as_ref(), sent, crate::clock::wall_now());
+    let step = campaign.next(read.as_ref(), clock.now(), crate::clock::wall_now());
     let written = match step {
         Step::Wait => return Ok(()),
         Step::Create(r) => api.create(lease, &r).await,
@@ -451,19 +469,26 @@ mod tests {
     }
 
     /// A lease store in memory with the API server's compare-and-swap, which can be made to
-    /// stop answering.
+    /// stop answering, to refuse, or to answer a read late.
     #[derive(Default)]
     struct Mem {
         lease: std::sync::Mutex<Option<Versioned>>,
         version: std::sync::atomic::AtomicU64,
         hang: std::sync::atomic::AtomicBool,
+        fail: std::sync::atomic::AtomicBool,
+        /// The next read reaches the store this long after it was sent, on this clock.
+        late_read: std::sync::Mutex<Option<(Clock, Duration)>>,
     }
 
     impl Mem {
-        async fn answer(&self) {
+        async fn answer(&self) -> Result<(), LeaseError> {
+            if self.fail.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(LeaseError::Unavailable("refused".into()));
+            }
             if self.hang.load(std::sync::atomic::Ordering::Acquire) {
                 std::future::pending::<()>().await;
             }
+            Ok(())
         }
         fn stored(&self, r: &LeaseRecord) -> Versioned {
             let v = self.version.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
@@ -476,18 +501,22 @@ mod tests {
     #[async_trait::async_trait]
     impl LeaseApi for Mem {
         async fn get(&self, _: &str) -> Result<Option<Versioned>, LeaseError> {
-            self.answer().await;
+            self.answer().await?;
+            let late = self.late_read.lock().unwrap().take();
+            if let Some((clock, by)) = late {
+                clock.sleep(by).await;
+            }
             Ok(self.lease.lock().unwrap().clone())
         }
         async fn create(&self, _: &str, r: &LeaseRecord) -> Result<Versioned, LeaseError> {
-            self.answer().await;
+            self.answer().await?;
             if self.lease.lock().unwrap().is_some() {
                 return Err(LeaseError::Conflict);
             }
             Ok(self.stored(r))
         }
         async fn update(&self, _: &str, r: &LeaseRecord, version: &str) -> Result<Versioned, LeaseError> {
-            self.answer().await;
+            self.answer().await?;
             if self.lease.lock().unwrap().as_ref().map(|v| v.version.as_str()) != Some(version) {
                 return Err(LeaseError::Conflict);
             }
@@ -571,6 +600,92 @@ mod tests {
             held.as_deref(),
             Some(holder("a", 1).identity().as_str()),
             "the lease was released"
+        );
+    }
+
+    /// Requests refused at once until the deadline, then a round begun at the deadline (the
+    /// owner wakes for it) that hangs: the owner is none from its deadline on, not only once
+    /// that round ends, which may take its requests' timeouts (10 s against the API server).
+    #[tokio::test]
+    async fn an_owner_stops_at_its_deadline_while_a_round_begun_there_hangs() {
+        use std::sync::atomic::Ordering::Release;
+        let (clock, api) = (Clock::manual(), Arc::new(Mem::default()));
+        let t0 = clock.now();
+        let (_campaign, mut role, _stop) = owner(&clock, &api).await;
+        let timing = Timing::default();
+        let deadline = t0 + timing.renew_deadline;
+        api.fail.store(true, Release);
+        while clock.now() < deadline {
+            tokio::time::timeout(Duration::from_secs(10), clock.until_sleeping(|s| !s.is_empty()))
+                .await
+                .expect("the campaign is stuck in a request");
+            assert!(
+                matches!(*role.borrow(), Role::Owner { .. }),
+                "stepped down before its deadline"
+            );
+            if clock.now() + timing.retry >= deadline {
+                // The next round, at the deadline, hangs.
+                api.fail.store(false, Release);
+                api.hang.store(true, Release);
+            }
+            clock.advance(timing.retry);
+            tokio::task::yield_now().await;
+        }
+        tokio::time::timeout(Duration::from_secs(10), role.wait_for(|r| *r == Role::Unknown))
+            .await
+            .expect("still owner past its deadline, while the round begun there hangs")
+            .unwrap();
+    }
+
+    /// A read that reaches the lease store late (5 s on its way) answers with a renewal made
+    /// just before: a contender counts the lease's duration from that answer, not from when its
+    /// request went, since the renewal may be that recent. Counted from the request, it took
+    /// over as the owner's renew deadline ran out, the 5 s margin gone.
+    #[tokio::test]
+    async fn a_contender_counts_from_when_the_record_reached_it() {
+        let clock = Clock::manual();
+        let api = Arc::new(Mem::default());
+        let held = LeaseRecord {
+            holder: Some(holder("a", 1).identity()),
+            duration_secs: 15,
+            acquire_time: None,
+            renew_time: None,
+            transitions: 3,
+        };
+        api.stored(&held);
+        let t0 = clock.now();
+        *api.late_read.lock().unwrap() = Some((clock.clone(), Duration::from_secs(5)));
+        let (tx, _role) = watch::channel(Role::Unknown);
+        let (_stop, stop_rx) = watch::channel(false);
+        let _campaign = crate::tasks::owned(run(
+            api.clone(),
+            "l".into(),
+            Campaign::new(holder("b", 2), Timing::default()),
+            clock.clone(),
+            tx,
+            stop_rx,
+        ));
+        let step = Duration::from_millis(100);
+        let renewed = t0 + Duration::from_millis(4900);
+        let taken = loop {
+            tokio::time::timeout(Duration::from_secs(10), clock.until_sleeping(|s| !s.is_empty()))
+                .await
+                .expect("the campaign is stuck");
+            let holder_now = api.lease.lock().unwrap().as_ref().unwrap().record.holder.clone();
+            if holder_now.as_deref() == Some(holder("b", 2).identity().as_str()) {
+                break clock.now();
+            }
+            if clock.now() == renewed {
+                api.stored(&held); // a's renewal, while b's read is on its way
+            }
+            assert!(clock.elapsed(t0) < Duration::from_secs(60), "never taken over");
+            clock.advance(step);
+            tokio::task::yield_now().await;
+        };
+        assert!(
+            taken - renewed >= Duration::from_secs(15),
+            "taken over {:?} after the renewal it read, within the lease's duration",
+            taken - renewed
         );
     }
 
