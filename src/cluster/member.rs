@@ -124,8 +124,21 @@ impl Member {
     pub async fn leave(mut self) {
         self.follower.abort();
         let _ = (&mut self.follower).await;
-        // The campaign still runs, so the lease stays held while the close uploads.
-        if let Err(e) = self.gateway.close().await {
+        // The campaign still runs, so the lease stays held while the close uploads; should
+        // it be lost all the same (the renew deadline passes while the API server is away),
+        // the close is given up and the gateway fenced, as `follow` would have.
+        let mut role = self.role.clone();
+        let lost = async {
+            let _ = role.wait_for(|r| !matches!(r, Role::Owner { .. })).await;
+        };
+        let closed = tokio::select! {
+            // A follower (or a node that never knew its role) has nothing to close: its close
+            // returns at once, before the role is looked at.
+            biased;
+            closed = self.gateway.close() => closed,
+            () = lost => Err(anyhow::anyhow!("the lease was lost during the final upload")),
+        };
+        if let Err(e) = closed {
             tracing::error!(error = %format!("{e:#}"), "leaving a ReadWriteMany volume: final upload failed; fencing");
             self.gateway.fence().await;
         }
