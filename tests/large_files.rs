@@ -1241,6 +1241,30 @@ async fn a_write_to_a_cold_large_file_fetches_only_the_part_it_touches() {
     );
 }
 
+/// A file with holes whose CompleteMultipartUpload succeeded in S3 but whose reply was lost:
+/// the holes' bytes are in the new object now, and the old version is gone. A read of a hole
+/// before the upload is tried again, and a write after it, keep the file whole. The holes
+/// still named the old version: the read found it gone and the copy was dropped as lost,
+/// with the write made after the upload's snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_completion_reply_keeps_a_file_with_holes_whole() {
+    let objects = tempfile::tempdir().unwrap();
+    let s3: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let state = tempfile::tempdir().unwrap();
+    let (vol, faults, ino, mut want) = cold_file_with_holes(&s3, state.path()).await;
+    vol.write(&ROOT, ino, 12 * MIB as u64, b"0123456789").await.unwrap();
+    want[12 * MIB..12 * MIB + 10].copy_from_slice(b"0123456789");
+    faults.drop_next(Op::Complete, 1);
+    let _ = vol.flush_round(true).await; // one try
+    assert_eq!(faults.reached(Op::Complete), 1, "no completion: nothing checked");
+    vol.write(&ROOT, ino, 20 * MIB as u64, b"after").await.unwrap();
+    want[20 * MIB..20 * MIB + 5].copy_from_slice(b"after");
+    assert!(read_all(&vol, ino, want.len()).await == want, "read back");
+    assert_eq!(faults.calls(Op::Complete), 1, "the upload was tried again before the read");
+    vol.flush_all().await.unwrap();
+    assert!(object(&s3, "cold").await == want, "in S3");
+}
+
 /// 4 KiB READs of a cold file at offsets all over it, each checked: the GETs they took, and
 /// whether an upload followed.
 async fn random_reads(vol: &Volume, faults: &Faults, ino: u64, want: &[u8], reads: usize) -> u64 {
