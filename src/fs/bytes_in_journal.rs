@@ -55,28 +55,40 @@ impl Volume {
         let mut large = Vec::new();
         let mut batch = Batch::new();
         let mut in_batch = 0;
+        // Each file's lock, held from the read of its bytes until the batch carrying them is in
+        // the journal: a stable WRITE made durable on its own in between (see `alone_durable`:
+        // the journal did not carry the file's bytes yet) would be undone by the older bytes
+        // at a replay. A file a writer holds right now is synced on its own instead.
+        let mut held = Vec::new();
         for st in taken {
             if st.is_retired() || !st.on_disk() {
                 continue; // removed, or never written: nothing on disk to keep
             }
+            let Ok(guard) = st.lock.try_write() else {
+                large.push(st.clone());
+                continue;
+            };
             if st.size() > JOURNAL_MAX {
                 large.push(st.clone());
                 continue;
             }
-            // A write racing this read is not covered by the sync under way (it queued the
-            // file again): whichever of its bytes are read here, the next sync has them all.
+            // A write before this read is in it; one after it queued the file again, and the
+            // next sync has it.
             let bytes = st.contents()?;
             in_batch += bytes.len() as u64;
             batch.put_bytes(st.ino, bytes);
+            held.push(guard);
             if over_fd_budget() {
                 st.close_fd(); // the syncer opens it by name
             }
             if in_batch >= RECORD_BYTES {
                 self.meta.commit(std::mem::take(&mut batch))?;
+                held.clear();
                 in_batch = 0;
             }
         }
         self.meta.commit(batch)?;
+        drop(held);
         Ok(large)
     }
 
