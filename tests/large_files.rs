@@ -1260,7 +1260,11 @@ async fn a_lost_completion_reply_keeps_a_file_with_holes_whole() {
     vol.write(&ROOT, ino, 20 * MIB as u64, b"after").await.unwrap();
     want[20 * MIB..20 * MIB + 5].copy_from_slice(b"after");
     assert!(read_all(&vol, ino, want.len()).await == want, "read back");
-    assert_eq!(faults.calls(Op::Complete), 1, "the upload was tried again before the read");
+    assert_eq!(
+        faults.calls(Op::Complete),
+        1,
+        "the upload was tried again before the read"
+    );
     vol.flush_all().await.unwrap();
     assert!(object(&s3, "cold").await == want, "in S3");
 }

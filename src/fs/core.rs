@@ -182,6 +182,15 @@ impl Core {
         let excess = self
             .staging
             .excess_clean(self.cfg.max_staged_files, self.cfg.max_staged_clean_bytes, by_bytes);
+        // The records that made them clean (their uploads) on disk first: after a power cut
+        // that kept a removal and lost those records, a file would come back waiting for an
+        // upload with no copy to upload from, and its object be replaced by an empty one.
+        if !excess.is_empty() {
+            if let Err(e) = self.meta.sync() {
+                tracing::warn!(error = %e, "cannot sync the journal; staged copies kept");
+                return;
+            }
+        }
         for st in excess {
             // Writers hold the lock shared: one busy right now keeps its copy.
             if let Ok(_w) = st.lock.try_write() {

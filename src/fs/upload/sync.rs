@@ -330,6 +330,20 @@ impl super::Uploader {
                 b.mark_pending(m, self.next_seq());
             }
             self.meta.commit(b)?;
+            if needs_bytes {
+                // On disk before the key is overwritten: after a power cut, the mover's bytes
+                // and its pending mark must still be here, since S3 will no longer have them.
+                if let Some(st) = self.staged(m) {
+                    st.sync()?;
+                    if st.take_new_name() {
+                        if let Err(e) = crate::fs::holes::sync_dir(self.staging.dir()) {
+                            st.new_name();
+                            return Err(e.into());
+                        }
+                    }
+                }
+                self.meta.sync()?;
+            }
         }
         Ok(())
     }
