@@ -116,14 +116,28 @@ impl Campaign {
     pub fn next(&mut self, read: Option<&Versioned>, now: Instant, wall: SystemTime) -> Step {
         let duration_secs = self.timing.duration.as_secs().max(1) as u32;
         let Some(v) = read else {
-            self.observed = None;
-            self.record = None;
+            // No lease (never made, or deleted by hand). Another holder seen lately may still
+            // be serving: it is waited out as its lease would have been, from when it was last
+            // seen, and the epoch goes on from its.
+            let mut transitions = 0;
+            if let (Some(r), Some((_, seen))) = (&self.record, &self.observed) {
+                let other = !self.holds(r) && !r.holder.as_deref().unwrap_or("").is_empty();
+                let live = now.saturating_duration_since(*seen) < Duration::from_secs(r.duration_secs.into());
+                if other && live {
+                    return Step::Wait;
+                }
+                transitions = if self.holds(r) {
+                    r.transitions
+                } else {
+                    r.transitions.wrapping_add(1)
+                };
+            }
             return Step::Create(LeaseRecord {
                 holder: Some(self.me.identity()),
                 duration_secs,
                 acquire_time: Some(wall),
                 renew_time: Some(wall),
-                transitions: 0,
+                transitions,
             });
         };
         if self.observed.as_ref().map(|(ver, _)| ver) != Some(&v.version) {
@@ -443,6 +457,35 @@ mod tests {
         );
         assert_eq!(a.role(t0 + S), Role::Follower { owner: holder("b", 2) });
         assert_eq!(a.release(), None);
+    }
+
+    /// A lease deleted (by hand) while another node held it: that node may still be serving,
+    /// so a contender waits out its duration from when it last saw it, and the epoch goes on.
+    #[test]
+    fn a_deleted_lease_is_taken_only_once_its_last_holder_is_waited_out() {
+        let t0 = Instant::now();
+        let held = LeaseRecord {
+            holder: Some(holder("a", 1).identity()),
+            duration_secs: 15,
+            acquire_time: None,
+            renew_time: None,
+            transitions: 6,
+        };
+        let mut b = Campaign::new(holder("b", 2), Timing::default());
+        assert_eq!(b.next(Some(&versioned(&held, "7")), t0, SystemTime::now()), Step::Wait);
+        assert_eq!(b.next(None, t0 + S, SystemTime::now()), Step::Wait);
+        assert_eq!(b.role(t0 + S), Role::Follower { owner: holder("a", 1) });
+        assert_eq!(b.next(None, t0 + 14 * S, SystemTime::now()), Step::Wait);
+        match b.next(None, t0 + 15 * S, SystemTime::now()) {
+            Step::Create(r) => {
+                assert_eq!(r.transitions, 7, "the epoch goes on from the last holder's");
+                assert_eq!(r.holder.as_deref(), Some("b@10.0.0.1:2"));
+            }
+            s => panic!("expected the lease made again, got {s:?}"),
+        }
+        // A node that never saw a holder makes it at once.
+        let mut c = Campaign::new(holder("c", 3), Timing::default());
+        assert!(matches!(c.next(None, t0, SystemTime::now()), Step::Create(r) if r.transitions == 0));
     }
 
     #[test]
