@@ -72,14 +72,22 @@ impl Handler<StartVolume> for Supervisor {
                     None => super::open_store(&export, check).await?,
                 };
                 let keyed = term.as_ref().map(|t| t.volume_id);
-                if let Some(t) = term {
-                    store = crate::store::fenced::FencedStore::wrap(store, t.fence);
+                let fence = term.map(|t| t.fence);
+                if let Some(f) = &fence {
+                    store = crate::store::fenced::FencedStore::wrap(store, f.clone());
                 }
-                Gateway::start_with(&export, store, crate::clock::Clock::system(), keyed).await
+                let gw = Gateway::start_with(&export, store, crate::clock::Clock::system(), keyed).await;
+                gw.map(|gw| (gw, fence))
             }
             .into_actor(self)
             .map(move |r, act, _| {
-                let gw = r?;
+                let (gw, fence) = r?;
+                // A term that ended while its gateway started (the volume left, or the lease
+                // lost): the gateway is not one to serve, nor to hand to a later term.
+                if fence.is_some_and(|f| f.is_raised()) {
+                    gw.abandon();
+                    anyhow::bail!("the term of volume {name} ended while its gateway started");
+                }
                 let addr = gw.addr;
                 if act.volumes.contains_key(&name) {
                     anyhow::bail!("volume {name} was started twice at once");

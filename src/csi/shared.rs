@@ -129,7 +129,11 @@ impl OwnerGateway for SupervisedOwner {
             .await
             .map_err(|e| anyhow::anyhow!("supervisor: {e}"))?
             .map_err(anyhow::Error::msg)?;
-        self.fence.locked().take();
+        // The term is over: a gateway of it still starting (the stop found none running) is
+        // thrown away when it is up (see the supervisor's StartVolume).
+        if let Some(f) = self.fence.locked().take() {
+            f.raise();
+        }
         self.wipe().await;
         Ok(())
     }
