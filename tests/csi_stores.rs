@@ -180,6 +180,66 @@ fn an_outage_is_unavailable_and_leaves_nothing_behind() {
     });
 }
 
+/// A staged volume whose gateway is not running (it could not be brought back after a restart;
+/// here it is ended without an upload, as a node that lost it would) holds what is not in S3
+/// yet: NodeUnstage runs its gateway once more to upload it before the state goes, and, while
+/// S3 is down, answers UNAVAILABLE and keeps the state. The state was removed, and the file
+/// with it.
+#[test]
+fn unstaging_a_volume_whose_gateway_is_not_running_uploads_what_it_holds() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (stores, faults) = faulty_buckets(&dir.path().join("buckets"));
+        let plugin = InProcPlugin::start_on(&dir.path().join("plugin"), 21340..21360, stores.clone()).await;
+        let Clients {
+            mut controller,
+            mut node,
+            ..
+        } = connect(&plugin.socket).await;
+        let vol = controller
+            .create_volume(create_req("pvc-not-running", &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let staging = dir.path().join("staging");
+        let req = stage_req(&vol.volume_id, &staging, rwo(), secret(), &[("flushDelay", "1h")]);
+        node.node_stage_volume(req).await.unwrap();
+        let port = plugin.mounter.mounted(&staging).unwrap().unwrap().port.unwrap();
+        let mut c = Client::connect(([127, 0, 0, 1], port).into()).await;
+        let root = c.root.clone();
+        let fh = c.create(&root, "kept.txt", 0o644).await.unwrap();
+        c.write(&fh, 0, b"acknowledged, not in S3").await.unwrap();
+        c.commit(&fh).await.unwrap();
+        drop(c);
+        let b = bucket(&*stores, &vol.volume_id).await;
+        assert!(
+            b.head("kept.txt").await.unwrap().is_none(),
+            "uploaded already: nothing checked"
+        );
+        plugin
+            .supervisor
+            .send(s3nfs::actors::AbandonVolume(vol.volume_id.clone()))
+            .await
+            .unwrap();
+
+        faults.set_outage(true);
+        let e = node
+            .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        faults.set_outage(false);
+        node.node_unstage_volume(unstage_req(&vol.volume_id, &staging))
+            .await
+            .unwrap();
+        let got = b.get_range("kept.txt", 0..100).await.unwrap();
+        assert_eq!(&got[..], b"acknowledged, not in S3");
+        plugin.stop().await;
+    });
+}
+
 /// DeleteVolume of a volume with thousands of objects deletes them in batches (one request per
 /// thousand keys, not one per object); a batch that fails leaves the record, so the CO's retry
 /// finishes the job.

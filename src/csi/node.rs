@@ -23,7 +23,7 @@ use super::record;
 use super::shared::{lease_name, Cluster, SupervisedOwner};
 use super::state::{NodeState, StagedVolume};
 use super::{anyhow_status, store_status};
-use crate::actors::{ResizeVolume, StartVolume, StopVolume, Supervisor, VolumeStatusOf};
+use crate::actors::{ResizeVolume, StartVolume, StopVolume, Supervisor, VolumeOf, VolumeStatusOf};
 use crate::cluster::elect::Role;
 use crate::cluster::lease::Holder;
 use crate::cluster::member::{Member, MemberConfig};
@@ -359,13 +359,20 @@ impl NodeService {
             multi_node: d.multi_node,
         };
         let export = export_of(&self.state, &v, secret)?;
+        // A gateway's state from before (a node rebooted with the volume staged) may hold
+        // what is not in S3 yet: a stage that fails keeps it for the next try.
+        let had_state = self.state.gateway_dir(vol).exists();
         // Recorded before the mount exists: a plugin that dies between the two brings the
         // gateway back for the mount.
         self.save(&v, Some(secret))?;
         drop(alloc);
-        let undo = |this: &Self| {
+        // `stopped`: no gateway of this call runs on (one that would not stop still has its
+        // state in use).
+        let undo = |this: &Self, stopped: bool| {
             this.staged.locked().remove(&id);
-            let _ = this.state.remove(vol);
+            if stopped && !had_state {
+                let _ = this.state.remove(vol);
+            }
         };
         let started = if v.multi_node {
             self.start_member(&v, export, store, true)
@@ -385,18 +392,18 @@ impl NodeService {
         let started = match started {
             Ok(s) => s,
             Err(status) => {
-                undo(self);
+                undo(self, true);
                 return Err(status);
             }
         };
         match started {
             Ok(Ok(addr)) => tracing::info!(volume = %id, %addr, "gateway started"),
             Ok(Err(e)) => {
-                undo(self);
+                undo(self, true);
                 return Err(anyhow_status(&e, &format!("starting the gateway of volume {id}")));
             }
             Err(e) => {
-                undo(self);
+                undo(self, true);
                 return Err(internal("supervisor", e));
             }
         }
@@ -410,17 +417,59 @@ impl NodeService {
             .map_err(|e| internal(&format!("NFS mount of the gateway on {}", staging.display()), e));
         if let Err(s) = mounted {
             let member = self.members.locked().remove(&id);
-            match member {
-                Some(m) => m.leave().await,
-                None => {
-                    let _ = self.supervisor.send(StopVolume(id.clone())).await;
+            let stopped = match member {
+                Some(m) => {
+                    m.leave().await;
+                    true
                 }
-            }
-            undo(self);
+                None => matches!(self.supervisor.send(StopVolume(id.clone())).await, Ok(Ok(()))),
+            };
+            undo(self, stopped);
             return Err(s);
         }
         self.deferred.locked().remove(&id);
         tracing::info!(volume = %id, staging = %staging.display(), port, "volume staged");
+        Ok(())
+    }
+
+    /// Starts the gateway of a recorded volume that is not running, for its close to upload
+    /// what its state holds; nothing to do for one running or without state. Unavailable (kubelet
+    /// retries, the state stays) when it cannot start.
+    async fn start_to_unstage(&self, vol: &VolumeId) -> Result<(), Status> {
+        let id = vol.to_id();
+        if !self.state.gateway_dir(vol).exists()
+            || self
+                .supervisor
+                .send(VolumeOf(id.clone()))
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        {
+            return Ok(());
+        }
+        let cannot = |e: String| {
+            Status::unavailable(format!(
+                "volume {id}: its gateway is not running and cannot start to upload what it holds ({e}); its state is kept; will retry"
+            ))
+        };
+        let (v, secret) = self.state.load(vol).map_err(cannot)?;
+        let export = export_of(&self.state, &v, &secret).map_err(|s| cannot(s.message().to_string()))?;
+        let store = connect(&*self.stores, &secret, &vol.bucket)
+            .await
+            .map_err(|s| cannot(s.message().to_string()))?;
+        let started = self
+            .supervisor
+            .send(StartVolume {
+                export,
+                check: false,
+                term: None,
+                store: Some(store),
+            })
+            .await
+            .map_err(|e| cannot(e.to_string()))?;
+        started.map_err(|e| cannot(format!("{e:#}")))?;
+        tracing::info!(volume = %id, "gateway started to upload what it holds before unstaging");
         Ok(())
     }
 
@@ -535,6 +584,10 @@ impl Node for NodeService {
             // Hands the volume over if this node owns it (see `Member::leave`).
             m.leave().await;
         } else {
+            // A recorded volume whose gateway is not running (it could not be brought back
+            // after a restart) may hold what is not in S3 yet: its gateway runs once more, to
+            // upload it, before its state goes.
+            self.start_to_unstage(&vol).await?;
             // Returns once every byte is in S3; if S3 refuses, the gateway and its record stay
             // (still uploading in the background) and kubelet retries.
             match self.supervisor.send(StopVolume(id.clone())).await {
