@@ -1507,6 +1507,42 @@ async fn a_directorys_own_listing_stands_against_an_older_listing_of_its_tree() 
     );
 }
 
+/// A directory whose only file went up while a listing of its parent was on its way (S3 held
+/// nothing under it when the page was made: another client had deleted what was there) is
+/// kept: the page predates the upload. It was forgotten, because only work still pending under
+/// it counted, and the file's handle went stale (a WRITE to it could be lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_whose_file_went_up_during_a_listing_of_its_parent_is_kept() {
+    use s3nfs::store::faulty::Op;
+    let (gw, s3, faults, clock) = faulty_garage_listed_by_hand().await;
+    s3.put("d/old", b"x").await;
+    let mut c = Client::connect(gw.addr).await;
+    let root = c.root.clone();
+    let d = c.lookup(&root, "d").await.unwrap();
+    assert_eq!(c.names(&d).await.unwrap(), ["old"]);
+    let new = c.create(&d, "new", 0o644).await.unwrap();
+    c.write_all(&new, 0, b"written here").await.unwrap();
+    // Another client removes the old file: S3 holds nothing under d/ until the new one is up.
+    s3.delete("d/old").await;
+
+    clock.advance(Duration::from_secs(60));
+    let mut hold = faults.hold_reply(Op::List, "");
+    let lister = {
+        let (addr, root) = (gw.addr, root.clone());
+        tokio::spawn(async move { Client::connect(addr).await.names(&root).await })
+    };
+    assert!(
+        hold.reached(Duration::from_secs(30)).await,
+        "no listing of the root: nothing checked"
+    );
+    gw.vol.flush_all().await.unwrap();
+    assert_eq!(s3.get("d/new").await.as_deref(), Some(&b"written here"[..]));
+    hold.release();
+    assert_eq!(lister.await.unwrap().unwrap(), ["d"]);
+    assert_eq!(c.names(&d).await.unwrap(), ["new"], "the directory's handle");
+    assert_eq!(c.read_all(&new).await.unwrap(), b"written here");
+}
+
 /// A store that refuses listings without a delimiter (a bucket policy may allow listings by
 /// directory only) still has every directory listed, one by one, and is not asked again.
 #[tokio::test]

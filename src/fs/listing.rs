@@ -509,7 +509,7 @@ impl Volume {
                     continue;
                 }
                 // A directory that became a file in S3 keeps what is still to go up under it.
-                if inode.kind == Kind::Dir && self.subtree_has_pending(ino)? {
+                if inode.kind == Kind::Dir && self.subtree_changed_since(ino, epoch_before)? {
                     continue;
                 }
                 self.forget_subtree(&mut batch, &inode)?;
@@ -568,7 +568,7 @@ impl Volume {
             if self.waits_for_upload(&inode)? || inode.synced_epoch > epoch_before {
                 return Ok(());
             }
-            if inode.kind == Kind::Dir && self.subtree_has_pending(ino)? {
+            if inode.kind == Kind::Dir && self.subtree_changed_since(ino, epoch_before)? {
                 return Ok(());
             }
             self.forget_subtree(&mut batch, &inode)
@@ -646,7 +646,10 @@ impl Volume {
         })
     }
 
-    fn subtree_has_pending(&self, dir: Ino) -> FsResult<bool> {
+    /// Whether anything under `dir` is still to go up to S3, or went up after `epoch_before`
+    /// (a listing that began before then may not show it: a directory with no marker object
+    /// exists in S3 only through what is under it).
+    fn subtree_changed_since(&self, dir: Ino, epoch_before: u64) -> FsResult<bool> {
         let mut stack = vec![dir];
         while let Some(d) = stack.pop() {
             for ino in self.meta.child_inos(d) {
@@ -657,7 +660,7 @@ impl Volume {
                     }
                     continue;
                 };
-                if self.waits_for_upload(&inode)? {
+                if self.waits_for_upload(&inode)? || inode.synced_epoch > epoch_before {
                     return Ok(true);
                 }
                 if inode.kind == Kind::Dir {
