@@ -633,6 +633,90 @@ async fn journalled_bytes_never_come_back_over_a_truncation_or_another_clients_v
     assert!(lost.is_empty(), "the old journalled bytes came back: {lost:?}");
 }
 
+/// A file removed while its upload is on its way, the PUT reaching S3 but its reply lost: the
+/// object it may have left is deleted, and no listing brings the file back. Nothing remembered
+/// the key (the inode was gone), so the object stayed, and the next listing showed the file
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_while_its_upload_is_on_its_way_stays_removed() {
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let (faulty, faults) = FaultyStore::new(local.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let clock = s3nfs::clock::Clock::manual();
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.flush_delay = std::time::Duration::from_secs(3600);
+    cfg.refresh = std::time::Duration::from_secs(60);
+    cfg.clock = clock.clone();
+    let vol = Volume::open(cfg, store.clone()).await.unwrap();
+    let root = vol.root();
+    let ino = create_file(&vol, b"gone").await;
+    vol.write(&ROOT, ino, 0, b"short-lived").await.unwrap();
+
+    faults.drop_next(Op::Put, 1);
+    let mut hold = faults.hold_reply(Op::Put, "gone");
+    let uploading = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.flush_round(true).await })
+    };
+    assert!(
+        hold.reached(std::time::Duration::from_secs(30)).await,
+        "no upload: nothing checked"
+    );
+    vol.remove(&ROOT, root, b"gone").await.unwrap();
+    hold.release();
+    let _ = uploading.await.unwrap();
+    vol.flush_all().await.unwrap();
+    assert_eq!(local.head("gone").await.unwrap(), None, "the object is left in S3");
+    clock.advance(std::time::Duration::from_secs(60));
+    let (names, _) = vol.readdir(&ROOT, root, 0, 100).await.unwrap();
+    assert!(names.is_empty(), "the removed file came back");
+}
+
+/// A file moved over another (a to b) whose object another client deletes before the move
+/// reaches S3: the deletion wins, and the file is gone, without the replaced file's bytes
+/// coming back under its name. The replaced file's object at b was spared for the move, which
+/// then never came, and a listing took it up as the moved file's content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_over_a_file_whose_source_another_client_deleted_leaves_neither() {
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let clock = s3nfs::clock::Clock::manual();
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.flush_delay = std::time::Duration::from_secs(3600);
+    cfg.refresh = std::time::Duration::from_secs(60);
+    cfg.clock = clock.clone();
+    let vol = Volume::open(cfg, local.clone()).await.unwrap();
+    let root = vol.root();
+    for (name, bytes) in [(&b"a"[..], &b"moved"[..]), (b"b", b"replaced")] {
+        let ino = create_file(&vol, name).await;
+        vol.write(&ROOT, ino, 0, bytes).await.unwrap();
+    }
+    vol.flush_all().await.unwrap();
+    // Another gateway, which holds no copy of either file.
+    drop(vol);
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.flush_delay = std::time::Duration::from_secs(3600);
+    cfg.refresh = std::time::Duration::from_secs(60);
+    cfg.clock = clock.clone();
+    let vol = Volume::open(cfg, local.clone()).await.unwrap();
+    let root = vol.root();
+    vol.rename(&ROOT, root, b"a", root, b"b").await.unwrap();
+    local.delete("a").await.unwrap();
+    vol.flush_all().await.unwrap();
+    clock.advance(std::time::Duration::from_secs(60));
+    vol.readdir(&ROOT, root, 0, 100).await.unwrap();
+    vol.flush_all().await.unwrap();
+    clock.advance(std::time::Duration::from_secs(60));
+    let (names, _) = vol.readdir(&ROOT, root, 0, 100).await.unwrap();
+    let names: Vec<_> = names.into_iter().map(|e| String::from_utf8(e.name).unwrap()).collect();
+    let b = local.head("b").await.unwrap();
+    assert!(names.is_empty() && b.is_none(), "left: names {names:?}, b in S3: {b:?}");
+}
+
 /// A large file renamed from b to c while its upload to b is under way (a part sent, the
 /// upload not completed), and a new file written at b and uploaded meanwhile: the old upload
 /// must not complete at b, over the new file's object. Its completion checks, under the key's

@@ -117,8 +117,10 @@ impl Core {
         inode.ctime = inode.mtime;
         let mut batch = Batch::new();
         batch.put_inode(&inode);
-        // It has no object to move away from the key any more.
+        // It has no object to move away from the key any more, and will write none: what
+        // its name's key holds (a replaced file's object spared for it) goes.
         batch.moved_from(&seen.key, ino);
+        self.release_maybe_written(&mut batch, ino, None)?;
         if pending.is_some() {
             batch.clear_pending(ino);
         }

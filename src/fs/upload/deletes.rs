@@ -33,21 +33,32 @@ impl super::Uploader {
     /// deletion once it has moved (see `record`). A hard link's name dropped after its file
     /// took over its old key queues that key's deletion, and the file may be leaving the key at
     /// the same time.
+    ///
+    /// The caller holds the namespace lock (after the key's: the lock order), so that the
+    /// name it resolves cannot be removed before what it records for it is in the journal.
     fn may_delete(&self, key: &str) -> FsResult<bool> {
         if let Some(owner) = self.resolve_key(key)? {
-            // A live inode holds the key now and will write it. Until it has, the old
-            // object is its to deal with: if it goes (or moves) before writing, the key is
-            // deleted then (see `maybe_written`).
-            let owns_object = self
-                .meta
-                .inode(owner)?
-                .is_some_and(|i| i.remote.as_ref().is_some_and(|r| r.key == key));
-            if !owns_object {
+            let Some(inode) = self.meta.inode(owner)? else {
+                return Ok(true);
+            };
+            if inode.remote.as_ref().is_some_and(|r| r.key == key) {
+                return Ok(false); // its own object
+            }
+            // A live inode holds the key now and will write it. Until it has, the old object
+            // is its to deal with: if it goes (or moves) before writing, the key is deleted
+            // then (see `maybe_written`).
+            let file = match inode.kind {
+                Kind::Link(file) => file,
+                _ => owner,
+            };
+            if self.meta.pending(owner)?.is_some() || self.meta.pending(file)?.is_some() {
                 let mut b = Batch::new();
                 b.maybe_written(owner, key);
                 self.meta.commit(b)?;
+                return Ok(false);
             }
-            return Ok(false);
+            // A name with nothing to write (its file's object was deleted by another client,
+            // see `object_deleted_elsewhere`): what the key holds is no longer any file's.
         }
         for m in self.meta.movers(key)? {
             if self
@@ -64,7 +75,11 @@ impl super::Uploader {
     /// Deletes `key` if it may go (see [`Self::may_delete`]).
     async fn delete_key(&self, key: &str) -> FsResult<()> {
         let _k = self.key_lock(key).await;
-        if self.may_delete(key)? {
+        let may = {
+            let _g = self.ns.lock().await;
+            self.may_delete(key)?
+        };
+        if may {
             self.store.delete(key).await?;
             self.ledger.note_deleted(key);
         }
@@ -158,11 +173,14 @@ impl super::Uploader {
         let r = async {
             let mut kept = Batch::new();
             let mut doomed = Vec::with_capacity(locked.len());
-            for (seq, key, _) in &locked {
-                if self.may_delete(key)? {
-                    doomed.push((*seq, key.clone()));
-                } else {
-                    kept.done_delete(*seq, key);
+            {
+                let _g = self.ns.lock().await;
+                for (seq, key, _) in &locked {
+                    if self.may_delete(key)? {
+                        doomed.push((*seq, key.clone()));
+                    } else {
+                        kept.done_delete(*seq, key);
+                    }
                 }
             }
             // The keys that stay are settled whatever becomes of the request.

@@ -61,9 +61,12 @@ impl super::Uploader {
                     Some(st) if st.is_dirty() => {
                         sent_from = Some(st.clone());
                         match self.upload_staged(&st, &inode, &key, &meta).await {
-                            // Dropped meanwhile (its holes lost, see `holes.rs`): the next round
-                            // looks again.
-                            Err(_) if st.is_retired() => Ok(None),
+                            // Dropped meanwhile (removed, or its holes lost, see `holes.rs`):
+                            // the next round looks again.
+                            Err(_) if st.is_retired() => {
+                                self.failed_write(ino, &inode, &key).await?;
+                                Ok(None)
+                            }
                             r => r,
                         }
                     }
@@ -122,13 +125,7 @@ impl super::Uploader {
         let synced = match synced {
             Ok(s) => s,
             Err(e) => {
-                // The request may have reached S3 and only its reply been lost: remember the
-                // key, so that it is cleaned up if the inode settles elsewhere.
-                if inode.remote.as_ref().is_none_or(|r| r.key != key) {
-                    let mut b = Batch::new();
-                    b.maybe_written(ino, &key);
-                    self.meta.commit(b)?;
-                }
+                self.failed_write(ino, &inode, &key).await?;
                 return Err(e);
             }
         };
@@ -271,6 +268,26 @@ impl super::Uploader {
         Err(FsError::Retry(
             "the file kept changing while it was being copied".into(),
         ))
+    }
+
+    /// A write of `key` for `ino` (as `inode` was when its sync began) failed, and may have
+    /// reached S3 all the same, only its reply lost. Unless the key is the inode's own object,
+    /// it is remembered as maybe written, to be deleted should the inode settle elsewhere; for
+    /// an inode removed meanwhile, whose records nothing reads any more, its deletion is queued
+    /// now (spared, as every deletion is, if a live file holds the key by then).
+    async fn failed_write(&self, ino: Ino, inode: &Inode, key: &str) -> FsResult<()> {
+        if inode.remote.as_ref().is_some_and(|r| r.key == key) {
+            return Ok(());
+        }
+        let _g = self.ns.lock().await;
+        let mut b = Batch::new();
+        if self.meta.inode(ino)?.is_some() {
+            b.maybe_written(ino, key);
+        } else {
+            b.queue_delete(self.next_seq(), key);
+        }
+        self.meta.commit(b)?;
+        Ok(())
     }
 
     /// The lock of `key` for `writer` to write it, held until the result is recorded (it goes
