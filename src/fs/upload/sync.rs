@@ -343,6 +343,10 @@ impl super::Uploader {
             };
             let mut b = Batch::new();
             b.moved_from(key, m);
+            // The mark on the key goes with the mover: the writer's takes its place, so that a
+            // writer that gives the key up (removed or renamed before it writes) still has the
+            // key's old object deleted, and no listing takes it for a new file meanwhile.
+            b.maybe_written(writer, key);
             if needs_bytes {
                 b.mark_pending(m, self.next_seq());
             }
