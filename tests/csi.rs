@@ -245,6 +245,79 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             assert!(yes.confirmed.is_some(), "{mode:?}: {}", yes.message);
         }
 
+        // ControllerPublishVolume attaches nothing: it lets Kubernetes keep a ReadWriteOnce
+        // volume on one node. Checked as the spec says; idempotent (every call is made twice).
+        let publish = |id: &str, node: &str, cap: Option<pb::VolumeCapability>| pb::ControllerPublishVolumeRequest {
+            volume_id: id.into(),
+            node_id: node.into(),
+            volume_capability: cap,
+            secrets: secret(),
+            ..Default::default()
+        };
+        expect!(
+            "publish without an id",
+            controller
+                .controller_publish_volume(publish("", "n", Some(rwo())))
+                .await,
+            Code::InvalidArgument
+        );
+        expect!(
+            "publish without a node",
+            controller
+                .controller_publish_volume(publish(&id, "", Some(rwo())))
+                .await,
+            Code::InvalidArgument
+        );
+        expect!(
+            "publish without a capability",
+            controller.controller_publish_volume(publish(&id, "n", None)).await,
+            Code::InvalidArgument
+        );
+        expect!(
+            "publish an unknown volume",
+            controller
+                .controller_publish_volume(publish("no-such-bucket-s3nfs", "n", Some(rwo())))
+                .await,
+            Code::NotFound
+        );
+        let published = expect!(
+            "publish",
+            controller
+                .controller_publish_volume(publish(&id, "n", Some(rwo())))
+                .await,
+            Code::Ok
+        )
+        .unwrap();
+        assert!(published.publish_context.is_empty());
+        let unpublish = |id: &str| pb::ControllerUnpublishVolumeRequest {
+            volume_id: id.into(),
+            node_id: "n".into(),
+            secrets: secret(),
+        };
+        expect!(
+            "unpublish without an id",
+            controller.controller_unpublish_volume(unpublish("")).await,
+            Code::InvalidArgument
+        );
+        expect!(
+            "unpublish",
+            controller.controller_unpublish_volume(unpublish(&id)).await,
+            Code::Ok
+        );
+        let caps = controller
+            .controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let publish_rpc = pb::controller_service_capability::rpc::Type::PublishUnpublishVolume as i32;
+        assert!(
+            caps.capabilities.iter().any(|c| matches!(
+                &c.r#type,
+                Some(pb::controller_service_capability::Type::Rpc(r)) if r.r#type == publish_rpc
+            )),
+            "PUBLISH_UNPUBLISH_VOLUME is not advertised: Kubernetes would not attach, nor keep a ReadWriteOnce volume on one node"
+        );
+
         // ControllerExpandVolume
         let expand = |id: &str, bytes: Option<i64>| pb::ControllerExpandVolumeRequest {
             volume_id: id.into(),

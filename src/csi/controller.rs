@@ -205,6 +205,46 @@ impl Controller for ControllerService {
         }))
     }
 
+    /// Attaches nothing (the node plugin reaches S3 itself): it is what lets Kubernetes keep a
+    /// ReadWriteOnce volume on one node at a time, as its attach/detach controller refuses a
+    /// second node for a volume attached elsewhere ("Multi-Attach error"); ReadWriteMany and
+    /// ReadOnlyMany volumes attach to many. Checks what it can: the request, and, given the
+    /// secrets, that the volume exists.
+    async fn controller_publish_volume(
+        &self,
+        req: Request<pb::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<pb::ControllerPublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let vol = VolumeId::parse(&r.volume_id)?;
+        if r.node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id is missing"));
+        }
+        let Some(cap) = r.volume_capability.as_ref() else {
+            return Err(Status::invalid_argument("volume_capability is missing"));
+        };
+        check_capabilities(std::slice::from_ref(cap))?;
+        if !r.secrets.is_empty() {
+            let secret = S3Secret::parse(&r.secrets, "controller-publish")?;
+            let store = connect(&*self.stores, &secret, &vol.bucket).await?;
+            if find(&*store, &vol).await?.is_none() {
+                return Err(Status::not_found(format!("volume {} does not exist", vol.to_id())));
+            }
+        }
+        Ok(Response::new(pb::ControllerPublishVolumeResponse {
+            publish_context: Default::default(),
+        }))
+    }
+
+    /// Nothing was attached: done, whatever the volume or node (the spec's answer for a volume
+    /// that can be taken as unpublished).
+    async fn controller_unpublish_volume(
+        &self,
+        req: Request<pb::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<pb::ControllerUnpublishVolumeResponse>, Status> {
+        VolumeId::parse(&req.into_inner().volume_id)?;
+        Ok(Response::new(pb::ControllerUnpublishVolumeResponse {}))
+    }
+
     async fn controller_get_capabilities(
         &self,
         _: Request<pb::ControllerGetCapabilitiesRequest>,
@@ -215,6 +255,7 @@ impl Controller for ControllerService {
         Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
             capabilities: vec![
                 rpc(csc::rpc::Type::CreateDeleteVolume),
+                rpc(csc::rpc::Type::PublishUnpublishVolume),
                 rpc(csc::rpc::Type::ExpandVolume),
                 rpc(csc::rpc::Type::SingleNodeMultiWriter),
             ],

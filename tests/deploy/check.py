@@ -330,14 +330,16 @@ def check_defaults(docs: list[dict]) -> None:
     """The default render (release and namespace s3nfs)."""
     ns = "s3nfs"
     kinds = sorted(d["kind"] for d in docs)
-    check(kinds == sorted(["CSIDriver", "ServiceAccount", "ServiceAccount", "ClusterRole", "ClusterRole",
-                           "ClusterRoleBinding", "ClusterRoleBinding", "Role", "RoleBinding", "Role", "RoleBinding",
+    check(kinds == sorted(["CSIDriver", "ServiceAccount", "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole",
+                           "ClusterRoleBinding", "ClusterRoleBinding", "ClusterRoleBinding",
+                           "Role", "RoleBinding", "Role", "RoleBinding",
                            "Deployment", "DaemonSet", "StorageClass", "Secret", "Secret", "Service", "Service"]),
           f"default render: unexpected set of objects {kinds}")
 
     # CSIDriver
     drv = one(docs, "CSIDriver", DRIVER)["spec"]
-    check(drv.get("attachRequired") is False, "CSIDriver: attachRequired must be false")
+    # Attachment is how Kubernetes keeps a ReadWriteOnce volume on one node at a time.
+    check(drv.get("attachRequired") is True, "CSIDriver: attachRequired must be true (no Multi-Attach check without it)")
     check(drv.get("podInfoOnMount") is True, "CSIDriver: podInfoOnMount must be true")
     check(drv.get("fsGroupPolicy") == "File", "CSIDriver: fsGroupPolicy must default to File")
     check(drv.get("volumeLifecycleModes") == ["Persistent"], "CSIDriver: volumeLifecycleModes must be [Persistent]")
@@ -417,7 +419,11 @@ def check_defaults(docs: list[dict]) -> None:
     check(re.fullmatch(r"registry\.k8s\.io/sig-storage/csi-resizer:v1\.\d+\.\d+", res.get("image", "")), f"controller: resizer image {res.get('image')} is not a v1.x")
     for a in ("--csi-address=/csi/csi.sock", "--timeout=120s"):
         check(a in res.get("args", []), f"controller: resizer argument {a} missing")
-    for c in (prov, res):
+    att = container(pod, "csi-attacher")
+    check(re.fullmatch(r"registry\.k8s\.io/sig-storage/csi-attacher:v4\.\d+\.\d+", att.get("image", "")), f"controller: attacher image {att.get('image')} is not a v4.x")
+    for a in ("--csi-address=/csi/csi.sock", "--timeout=120s"):
+        check(a in att.get("args", []), f"controller: attacher argument {a} missing")
+    for c in (prov, res, att):
         check(mount_of(c, "/csi").get("name") == socket.get("name"), f"controller: {c.get('name')} must share the socket dir")
 
     # RBAC
@@ -446,11 +452,22 @@ def check_defaults(docs: list[dict]) -> None:
         check(verbs <= got, f"resizer ClusterRole: {resource} needs {sorted(verbs - got)}")
     for role in (prov_role, res_role):
         check(rule_verbs(role, "", "secrets") == {"get"}, f"{role['metadata']['name']}: secrets must be get only")
+    att_role = one(docs, "ClusterRole", "s3nfs-attacher")
+    for group, resource, verbs in [
+        ("", "persistentvolumes", {"get", "list", "watch", "patch"}),
+        ("storage.k8s.io", "csinodes", {"get", "list", "watch"}),
+        ("storage.k8s.io", "volumeattachments", {"get", "list", "watch", "patch"}),
+        ("storage.k8s.io", "volumeattachments/status", {"patch"}),
+    ]:
+        got = rule_verbs(att_role, group, resource)
+        check(verbs <= got, f"attacher ClusterRole: {resource} needs {sorted(verbs - got)}")
+    # ControllerPublishVolume takes no secret: the StorageClass names no controller-publish Secret.
+    check(not rule_verbs(att_role, "", "secrets"), "attacher ClusterRole: must not read secrets")
     lease = one(docs, "Role", "s3nfs-leader-election")
     check({"get", "watch", "list", "delete", "update", "create"} <= rule_verbs(lease, "coordination.k8s.io", "leases"),
           "leader election Role: leases need get/watch/list/delete/update/create")
     bound = {(d["roleRef"]["name"], s["name"]) for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding") for s in d["subjects"]}
-    for role in ("s3nfs-provisioner", "s3nfs-resizer", "s3nfs-leader-election"):
+    for role in ("s3nfs-provisioner", "s3nfs-resizer", "s3nfs-attacher", "s3nfs-leader-election"):
         check((role, "s3nfs-controller") in bound, f"{role} is not bound to the controller's ServiceAccount")
     check({r for r, s in bound if s == "s3nfs-node"} == {"s3nfs-node-leases"},
           "the node ServiceAccount must have the Lease Role of ReadWriteMany and no other role")
@@ -870,7 +887,7 @@ def check_all_values(docs: list[dict], full: list[dict], values: dict, text: str
     dep = one(docs, "Deployment", f"{prefix}-controller")
     check(dep["spec"].get("replicas") == 2, "all-values: controller.replicas not applied")
     pod = dep["spec"]["template"]["spec"]
-    for name in ("csi-provisioner", "csi-resizer"):
+    for name in ("csi-provisioner", "csi-resizer", "csi-attacher"):
         args = container(pod, name).get("args", [])
         check("--leader-election" in args and f"--leader-election-namespace={ns}" in args,
               f"all-values: {name} must use leader election in {ns} with 2 replicas")
@@ -878,7 +895,7 @@ def check_all_values(docs: list[dict], full: list[dict], values: dict, text: str
     check(values["controller"]["nodeSelector"].items() <= pod.get("nodeSelector", {}).items(), "all-values: controller nodeSelector not applied")
     check(pod.get("affinity") == values["controller"]["affinity"], "all-values: controller affinity not applied")
     check(pod.get("priorityClassName") == values["controller"]["priorityClassName"], "all-values: controller priorityClassName not applied")
-    for name, key in (("csi-provisioner", "provisioner"), ("csi-resizer", "resizer")):
+    for name, key in (("csi-provisioner", "provisioner"), ("csi-resizer", "resizer"), ("csi-attacher", "attacher")):
         c, v = container(pod, name), values["controller"][key]
         check(c.get("image") == f"{v['image']['repository']}:{v['image']['tag']}", f"all-values: {name} image not applied")
         check(c.get("resources") == v["resources"], f"all-values: {name} resources not applied")
