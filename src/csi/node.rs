@@ -454,6 +454,11 @@ impl NodeService {
             ))
         };
         let (v, secret) = self.state.load(vol).map_err(cannot)?;
+        if v.multi_node {
+            // A ReadWriteMany owner's terms start from S3 alone (each throws away the local
+            // state of the one before), and a gateway outside a term must not write for it.
+            return Ok(());
+        }
         let export = export_of(&self.state, &v, &secret).map_err(|s| cannot(s.message().to_string()))?;
         let store = connect(&*self.stores, &secret, &vol.bucket)
             .await

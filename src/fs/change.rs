@@ -365,8 +365,6 @@ impl Volume {
             let to_now = !matches!(attr.atime, Some(SetTime::At(_))) && !matches!(attr.mtime, Some(SetTime::At(_)));
             perm::check_times(cred, &inode, to_now)?;
         }
-        // What the journal is to carry of the file's bytes after this change (see below).
-        let mut journal_bytes = None;
         if let Some(size) = attr.size {
             if inode.kind == Kind::Dir {
                 return Err(FsError::IsDir);
@@ -404,15 +402,19 @@ impl Volume {
                     self.note_unsynced(&st);
                     // Bytes of the file the journal carries are older than this change, which
                     // is acknowledged durable: replayed after a crash, they would undo it. The
-                    // new bytes go with the new size, in one batch (or, grown past what the
-                    // journal carries, the file is synced on its own and they go).
+                    // new bytes go in, under the file's lock, so that no write lands between
+                    // their read and their record (or, grown past what the journal carries,
+                    // the file is synced on its own and they go). Before the new size's record:
+                    // a crash between the two leaves a truncation not yet acknowledged, done.
                     if self.meta.carries_bytes(ino) {
-                        journal_bytes = Some(if size <= super::bytes_in_journal::JOURNAL_MAX {
-                            Some(st.contents()?)
+                        let mut b = Batch::new();
+                        if size <= super::bytes_in_journal::JOURNAL_MAX {
+                            b.put_bytes(ino, st.contents()?);
                         } else {
                             st.sync()?;
-                            None
-                        });
+                            b.drop_bytes(ino);
+                        }
+                        self.meta.commit(b)?;
                     }
                 }
                 break;
@@ -452,11 +454,6 @@ impl Volume {
         inode.ctime = Time::now();
         let mut batch = Batch::new();
         batch.put_inode(&inode);
-        match journal_bytes {
-            Some(Some(bytes)) => batch.put_bytes(ino, bytes),
-            Some(None) => batch.drop_bytes(ino),
-            None => {}
-        }
         // atime alone is not worth an S3 request.
         let s3_visible = attr.mode.is_some()
             || attr.uid.is_some()
