@@ -1470,7 +1470,6 @@ async fn a_directory_whose_file_of_the_same_name_ends_a_page_stays_whole() {
 /// the directory (S3 as it was when the tree was listed) is not applied over it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directorys_own_listing_stands_against_an_older_listing_of_its_tree() {
-    use s3nfs::store::faulty::Op;
     let (gw, s3, faults, clock) = faulty_garage_listed_by_hand().await;
     for k in ["t/a/old", "t/b/0"] {
         s3.put(k, b"x").await;
@@ -1482,16 +1481,7 @@ async fn a_directorys_own_listing_stands_against_an_older_listing_of_its_tree() 
     assert_eq!(c.names(&a).await.unwrap(), ["old"]);
 
     // t is listed again, its whole tree in one LIST whose reply is held.
-    clock.advance(Duration::from_secs(60));
-    let mut hold = faults.hold_reply(Op::List, "t/");
-    let lister = {
-        let (addr, t) = (gw.addr, t.clone());
-        tokio::spawn(async move { Client::connect(addr).await.names(&t).await })
-    };
-    assert!(
-        hold.reached(Duration::from_secs(30)).await,
-        "no listing of t's tree: nothing checked"
-    );
+    let (hold, lister) = listed_with_reply_held(&gw, &faults, &clock, "t/", &t).await;
     // Meanwhile another client replaces a's file, and a is listed on its own, later.
     s3.delete("t/a/old").await;
     s3.put("t/a/new", b"x").await;
@@ -1507,13 +1497,38 @@ async fn a_directorys_own_listing_stands_against_an_older_listing_of_its_tree() 
     );
 }
 
+/// `dir` (listed as `prefix`) listed by another client once the refresh interval has passed,
+/// with the reply of the listing's LIST held (see `Faults::hold_reply`) once it has reached
+/// S3: the hold, and the listing, which ends with the names once the hold lets go.
+async fn listed_with_reply_held(
+    gw: &InProc,
+    faults: &s3nfs::store::faulty::Faults,
+    clock: &s3nfs::clock::Clock,
+    prefix: &str,
+    dir: &Fh,
+) -> (
+    s3nfs::store::faulty::Hold,
+    tokio::task::JoinHandle<Result<Vec<String>, Status>>,
+) {
+    clock.advance(Duration::from_secs(60));
+    let mut hold = faults.hold_reply(s3nfs::store::faulty::Op::List, prefix);
+    let lister = {
+        let (addr, dir) = (gw.addr, dir.clone());
+        tokio::spawn(async move { Client::connect(addr).await.names(&dir).await })
+    };
+    assert!(
+        hold.reached(Duration::from_secs(30)).await,
+        "no listing of {prefix:?}: nothing checked"
+    );
+    (hold, lister)
+}
+
 /// A directory whose only file went up while a listing of its parent was on its way (S3 held
 /// nothing under it when the page was made: another client had deleted what was there) is
 /// kept: the page predates the upload. It was forgotten, because only work still pending under
 /// it counted, and the file's handle went stale (a WRITE to it could be lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_whose_file_went_up_during_a_listing_of_its_parent_is_kept() {
-    use s3nfs::store::faulty::Op;
     let (gw, s3, faults, clock) = faulty_garage_listed_by_hand().await;
     s3.put("d/old", b"x").await;
     let mut c = Client::connect(gw.addr).await;
@@ -1525,16 +1540,7 @@ async fn a_directory_whose_file_went_up_during_a_listing_of_its_parent_is_kept()
     // Another client removes the old file: S3 holds nothing under d/ until the new one is up.
     s3.delete("d/old").await;
 
-    clock.advance(Duration::from_secs(60));
-    let mut hold = faults.hold_reply(Op::List, "");
-    let lister = {
-        let (addr, root) = (gw.addr, root.clone());
-        tokio::spawn(async move { Client::connect(addr).await.names(&root).await })
-    };
-    assert!(
-        hold.reached(Duration::from_secs(30)).await,
-        "no listing of the root: nothing checked"
-    );
+    let (hold, lister) = listed_with_reply_held(&gw, &faults, &clock, "", &root).await;
     gw.vol.flush_all().await.unwrap();
     assert_eq!(s3.get("d/new").await.as_deref(), Some(&b"written here"[..]));
     hold.release();

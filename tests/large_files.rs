@@ -17,6 +17,26 @@ static ROOT: std::sync::LazyLock<s3nfs::fs::Cred> = std::sync::LazyLock::new(s3n
 const MIB: usize = 1 << 20;
 const PART: u64 = 5 << 20;
 
+/// An embedded store in a directory of its own, and the same store behind a FaultyStore:
+/// (the directory, the store, the store under faults, the faults).
+fn embedded_with_faults() -> (tempfile::TempDir, Arc<dyn ObjectStore>, Arc<dyn ObjectStore>, Faults) {
+    let objects = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
+    let (faulty, faults) = FaultyStore::new(local.clone());
+    (objects, local, Arc::new(faulty), faults)
+}
+
+/// A volume's configuration in `state` that lists only when `clock` moves on past the
+/// refresh interval (a minute), and uploads only what the test flushes (a flush delay of an
+/// hour).
+fn by_hand(state: &std::path::Path, clock: &s3nfs::clock::Clock) -> VolumeConfig {
+    let mut cfg = VolumeConfig::new(state.to_path_buf());
+    cfg.flush_delay = std::time::Duration::from_secs(3600);
+    cfg.refresh = std::time::Duration::from_secs(60);
+    cfg.clock = clock.clone();
+    cfg
+}
+
 /// A new empty file in the root, as root; its inode number.
 async fn create_file(vol: &Volume, name: &[u8]) -> u64 {
     vol.create(&ROOT, vol.root(), name, SetAttr::default(), true)
@@ -174,11 +194,8 @@ async fn a_copy_of_what_s3_holds_is_not_trusted_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_during_a_server_side_copy_of_the_file_is_uploaded() {
     use std::time::Duration;
-    let objects = tempfile::tempdir().unwrap();
+    let (_objects, _local, store, faults) = embedded_with_faults();
     let state = tempfile::tempdir().unwrap();
-    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
-    let (faulty, faults) = FaultyStore::new(local.clone());
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let vol = open(state.path(), &store).await;
     let ino = create_file(&vol, b"f").await;
     let mut want = pattern(MIB, 4);
@@ -220,11 +237,8 @@ async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
     use s3nfs::fs::FsError;
     use std::time::Duration;
 
-    let objects = tempfile::tempdir().unwrap();
+    let (_objects, local, store, faults) = embedded_with_faults();
     let state = tempfile::tempdir().unwrap();
-    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
-    let (faulty, faults) = FaultyStore::new(local.clone());
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let mut cfg = VolumeConfig::new(state.path().to_path_buf());
     cfg.part_size = PART;
     cfg.stage_wait = Duration::from_millis(200);
@@ -336,11 +350,8 @@ async fn a_slow_s3_holds_up_only_the_file_that_waits_for_it() {
 async fn a_new_file_under_a_renamed_files_old_name_never_takes_its_bytes() {
     use s3nfs::store::StoreError;
 
-    let objects = tempfile::tempdir().unwrap();
+    let (_objects, _local, store, faults) = embedded_with_faults();
     let state = tempfile::tempdir().unwrap();
-    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
-    let (faulty, faults) = FaultyStore::new(local.clone());
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let vol = Volume::open(VolumeConfig::new(state.path().to_path_buf()), store.clone())
         .await
         .unwrap();
@@ -387,18 +398,12 @@ impl Between {
     /// until the test clears the delay. Also the round that copies, to be awaited.
     async fn held() -> (Between, tokio::task::JoinHandle<Result<usize, s3nfs::fs::FsError>>) {
         use std::time::Duration;
-        let objects = tempfile::tempdir().unwrap();
+        let (objects, local, store, faults) = embedded_with_faults();
         let state = tempfile::tempdir().unwrap();
-        let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
-        let (faulty, faults) = FaultyStore::new(local.clone());
-        let store: Arc<dyn ObjectStore> = Arc::new(faulty);
         let clock = s3nfs::clock::Clock::manual();
-        let mut cfg = VolumeConfig::new(state.path().to_path_buf());
-        cfg.refresh = Duration::from_secs(60);
-        cfg.flush_delay = Duration::from_secs(3600);
+        let mut cfg = by_hand(state.path(), &clock);
         // A COMMIT uploads the file: the way to sync one file while a round runs.
         cfg.durability = s3nfs::fs::durable::Durability::S3;
-        cfg.clock = clock.clone();
         let vol = Volume::open(cfg, store.clone()).await.unwrap();
         let root = vol.root();
         let ino = create_file(&vol, b"a").await;
@@ -555,10 +560,7 @@ async fn journalled_bytes_never_come_back_over_a_truncation_or_another_clients_v
     let state = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
     let clock = s3nfs::clock::Clock::manual();
-    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
-    cfg.flush_delay = std::time::Duration::from_secs(3600);
-    cfg.refresh = std::time::Duration::from_secs(60);
-    cfg.clock = clock.clone();
+    let cfg = by_hand(state.path(), &clock);
     let vol = Volume::open(cfg.clone(), store.clone()).await.unwrap();
     let size = |n: u64| SetAttr {
         size: Some(n),
@@ -639,16 +641,10 @@ async fn journalled_bytes_never_come_back_over_a_truncation_or_another_clients_v
 /// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_removed_while_its_upload_is_on_its_way_stays_removed() {
-    let objects = tempfile::tempdir().unwrap();
+    let (_objects, local, store, faults) = embedded_with_faults();
     let state = tempfile::tempdir().unwrap();
-    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
-    let (faulty, faults) = FaultyStore::new(local.clone());
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let clock = s3nfs::clock::Clock::manual();
-    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
-    cfg.flush_delay = std::time::Duration::from_secs(3600);
-    cfg.refresh = std::time::Duration::from_secs(60);
-    cfg.clock = clock.clone();
+    let cfg = by_hand(state.path(), &clock);
     let vol = Volume::open(cfg, store.clone()).await.unwrap();
     let root = vol.root();
     let ino = create_file(&vol, b"gone").await;
@@ -684,12 +680,8 @@ async fn a_move_over_a_file_whose_source_another_client_deleted_leaves_neither()
     let state = tempfile::tempdir().unwrap();
     let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
     let clock = s3nfs::clock::Clock::manual();
-    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
-    cfg.flush_delay = std::time::Duration::from_secs(3600);
-    cfg.refresh = std::time::Duration::from_secs(60);
-    cfg.clock = clock.clone();
+    let cfg = by_hand(state.path(), &clock);
     let vol = Volume::open(cfg, local.clone()).await.unwrap();
-    let root = vol.root();
     for (name, bytes) in [(&b"a"[..], &b"moved"[..]), (b"b", b"replaced")] {
         let ino = create_file(&vol, name).await;
         vol.write(&ROOT, ino, 0, bytes).await.unwrap();
@@ -698,10 +690,7 @@ async fn a_move_over_a_file_whose_source_another_client_deleted_leaves_neither()
     // Another gateway, which holds no copy of either file.
     drop(vol);
     let state = tempfile::tempdir().unwrap();
-    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
-    cfg.flush_delay = std::time::Duration::from_secs(3600);
-    cfg.refresh = std::time::Duration::from_secs(60);
-    cfg.clock = clock.clone();
+    let cfg = by_hand(state.path(), &clock);
     let vol = Volume::open(cfg, local.clone()).await.unwrap();
     let root = vol.root();
     vol.rename(&ROOT, root, b"a", root, b"b").await.unwrap();
@@ -725,11 +714,8 @@ async fn a_move_over_a_file_whose_source_another_client_deleted_leaves_neither()
 async fn an_upload_overtaken_by_a_rename_does_not_land_on_the_new_file_at_its_old_name() {
     use std::time::Duration;
     let within = |what: &'static str| (Duration::from_secs(30), what);
-    let objects = tempfile::tempdir().unwrap();
+    let (_objects, _local, store, faults) = embedded_with_faults();
     let state = tempfile::tempdir().unwrap();
-    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(objects.path()).unwrap());
-    let (faulty, faults) = FaultyStore::new(local);
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
     let mut cfg = VolumeConfig::new(state.path().to_path_buf());
     cfg.part_size = PART;
     cfg.flush_delay = Duration::from_secs(3600);

@@ -567,24 +567,34 @@ mod tests {
         }
     }
 
-    /// A campaign of node "a" for lease "l" in `api`, once it owns the lease: the task, its
-    /// role and its stop handle.
-    async fn owner(
+    /// A campaign of `me` for lease "l" in `api`, started: the task, its role and its stop
+    /// handle.
+    fn campaign(
+        me: Holder,
         clock: &Clock,
         api: &Arc<Mem>,
     ) -> (crate::tasks::Owned<()>, watch::Receiver<Role>, watch::Sender<bool>) {
-        let (tx, mut role) = watch::channel(Role::Unknown);
+        let (tx, role) = watch::channel(Role::Unknown);
         let (stop, stop_rx) = watch::channel(false);
-        let campaign = crate::tasks::owned(run(
+        let task = crate::tasks::owned(run(
             api.clone(),
             "l".into(),
-            Campaign::new(holder("a", 1), Timing::default()),
+            Campaign::new(me, Timing::default()),
             clock.clone(),
             tx,
             stop_rx,
         ));
+        (task, role, stop)
+    }
+
+    /// The [`campaign`] of node "a", once it owns the lease.
+    async fn owner(
+        clock: &Clock,
+        api: &Arc<Mem>,
+    ) -> (crate::tasks::Owned<()>, watch::Receiver<Role>, watch::Sender<bool>) {
+        let (task, mut role, stop) = campaign(holder("a", 1), clock, api);
         role.wait_for(|r| matches!(r, Role::Owner { .. })).await.unwrap();
-        (campaign, role, stop)
+        (task, role, stop)
     }
 
     #[tokio::test]
@@ -698,16 +708,7 @@ mod tests {
         api.stored(&held);
         let t0 = clock.now();
         *api.late_read.lock().unwrap() = Some((clock.clone(), Duration::from_secs(5)));
-        let (tx, _role) = watch::channel(Role::Unknown);
-        let (_stop, stop_rx) = watch::channel(false);
-        let _campaign = crate::tasks::owned(run(
-            api.clone(),
-            "l".into(),
-            Campaign::new(holder("b", 2), Timing::default()),
-            clock.clone(),
-            tx,
-            stop_rx,
-        ));
+        let (_campaign, _role, _stop) = campaign(holder("b", 2), &clock, &api);
         let step = Duration::from_millis(100);
         let renewed = t0 + Duration::from_millis(4900);
         let taken = loop {

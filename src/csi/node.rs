@@ -232,15 +232,8 @@ impl NodeService {
                     continue;
                 }
             };
-            let prepared = match (export_of(&self.state, &v, &secret), VolumeId::parse(&v.volume_id)) {
-                (Ok(export), Ok(id)) => match connect(&*self.stores, &secret, &id.bucket).await {
-                    Ok(store) => Ok((export, store)),
-                    Err(s) => Err(s),
-                },
-                (Err(s), _) | (_, Err(s)) => Err(s),
-            };
             if v.multi_node {
-                let started = match prepared {
+                let started = match self.recorded_export(&v, &secret).await {
                     Ok((export, store)) => self.start_member(&v, export, store, false).await,
                     Err(s) => Err(s),
                 };
@@ -253,21 +246,7 @@ impl NodeService {
                 self.staged.locked().insert(v.volume_id.clone(), v);
                 continue;
             }
-            let started = match prepared {
-                Ok((export, store)) => self
-                    .supervisor
-                    .send(StartVolume {
-                        export,
-                        check: false,
-                        term: None,
-                        store: Some(store),
-                    })
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| format!("{e:#}"))),
-                Err(s) => Err(s.message().to_string()),
-            };
-            match started {
+            match self.start_recorded(&v, &secret).await {
                 Ok(addr) => tracing::info!(volume = %v.volume_id, %addr, "gateway restored"),
                 Err(e) => tracing::error!(volume = %v.volume_id, error = %e, "cannot restore the gateway"),
             }
@@ -432,6 +411,36 @@ impl NodeService {
         Ok(())
     }
 
+    /// A recorded volume's export and store, as its record and secret say.
+    async fn recorded_export(
+        &self,
+        v: &StagedVolume,
+        secret: &S3Secret,
+    ) -> Result<(Export, Arc<dyn ObjectStore>), Status> {
+        let export = export_of(&self.state, v, secret)?;
+        let id = VolumeId::parse(&v.volume_id)?;
+        Ok((export, connect(&*self.stores, secret, &id.bucket).await?))
+    }
+
+    /// Starts the gateway of a recorded single-node volume from its record; its address. S3 is
+    /// not checked: the gateway serves what is staged and uploads later.
+    async fn start_recorded(&self, v: &StagedVolume, secret: &S3Secret) -> Result<SocketAddr, String> {
+        let (export, store) = self
+            .recorded_export(v, secret)
+            .await
+            .map_err(|s| s.message().to_string())?;
+        self.supervisor
+            .send(StartVolume {
+                export,
+                check: false,
+                term: None,
+                store: Some(store),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{e:#}"))
+    }
+
     /// Starts the gateway of a recorded volume that is not running, for its close to upload
     /// what its state holds; nothing to do for one running or without state. Unavailable (kubelet
     /// retries, the state stays) when it cannot start.
@@ -459,21 +468,7 @@ impl NodeService {
             // state of the one before), and a gateway outside a term must not write for it.
             return Ok(());
         }
-        let export = export_of(&self.state, &v, &secret).map_err(|s| cannot(s.message().to_string()))?;
-        let store = connect(&*self.stores, &secret, &vol.bucket)
-            .await
-            .map_err(|s| cannot(s.message().to_string()))?;
-        let started = self
-            .supervisor
-            .send(StartVolume {
-                export,
-                check: false,
-                term: None,
-                store: Some(store),
-            })
-            .await
-            .map_err(|e| cannot(e.to_string()))?;
-        started.map_err(|e| cannot(format!("{e:#}")))?;
+        self.start_recorded(&v, &secret).await.map_err(cannot)?;
         tracing::info!(volume = %id, "gateway started to upload what it holds before unstaging");
         Ok(())
     }
