@@ -412,6 +412,18 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             node.node_stage_volume(stage_req(&id, &other, rwo())).await,
             Code::AlreadyExists
         );
+        for mode in [Mode::SingleNodeReaderOnly, Mode::SingleNodeSingleWriter] {
+            expect!(
+                &format!("stage again in {mode:?}"),
+                node.node_stage_volume(stage_req(&id, &staging, mount_cap(mode))).await,
+                Code::AlreadyExists
+            );
+        }
+        expect!(
+            "stage again as before",
+            node.node_stage_volume(stage_req(&id, &staging, rwo())).await,
+            Code::Ok
+        );
 
         // NodePublish
         let t1 = dir.path().join("pods/1/mount");

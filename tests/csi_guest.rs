@@ -21,7 +21,7 @@ use common::csi::{
     connect, mount_cap, publish_req, rwo, stage_req as stage, unpublish_req as unpublish, unstage_req as unstage,
     Clients,
 };
-use common::guest::{guest_env as env, guest_s3 as s3, guest_secret, prelude, s3_get};
+use common::guest::{guest_env as env, guest_s3 as s3, guest_secret, prelude, s3_get, statvfs_total};
 use s3nfs::csi::pb::{self, volume_capability::access_mode::Mode};
 use s3nfs::store::{Body, ObjectStore, StoreError};
 
@@ -141,18 +141,6 @@ async fn clients() -> Clients {
 
 fn pattern(i: u64) -> Vec<u8> {
     (0..256 * 1024u64).map(|j| ((i * 7919 + j * 31) % 251) as u8).collect()
-}
-
-fn statvfs_total(p: &Path) -> u64 {
-    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(
-        unsafe { libc::statvfs(c.as_ptr(), &mut st) },
-        0,
-        "statvfs {}",
-        p.display()
-    );
-    st.f_blocks as u64 * st.f_frsize as u64
 }
 
 fn publish(

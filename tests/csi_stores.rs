@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::csi::{connect, run, rwo, stage_req, unstage_req, Clients, InProcPlugin};
+use common::csi::{connect, publish_req, run, rwo, stage_req, unpublish_req, unstage_req, Clients, InProcPlugin};
 use common::nfs::Client;
 use s3nfs::csi::mount::Mounter;
 use s3nfs::csi::pb;
@@ -236,6 +236,60 @@ fn unstaging_a_volume_whose_gateway_is_not_running_uploads_what_it_holds() {
             .unwrap();
         let got = b.get_range("kept.txt", 0..100).await.unwrap();
         assert_eq!(&got[..], b"acknowledged, not in S3");
+        plugin.stop().await;
+    });
+}
+
+/// A NodeStage without a secret (a static PV written for csi-s3 carries only a node-publish
+/// secret) is done at the first publish, which brings one. Kubelet does not repeat a NodeStage
+/// that succeeded, so a plugin restarted in between still knows it: that publish stages the
+/// volume. It answered FailedPrecondition ("not staged") for as long as the pod lived.
+#[test]
+fn a_stage_deferred_to_the_first_publish_is_done_after_a_plugin_restart() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (stores, _faults) = faulty_buckets(&dir.path().join("buckets"));
+        let plugin_dir = dir.path().join("plugin");
+        let plugin = InProcPlugin::start_on(&plugin_dir, 21340..21360, stores.clone()).await;
+        let Clients {
+            mut controller,
+            mut node,
+            ..
+        } = connect(&plugin.socket).await;
+        let vol = controller
+            .create_volume(create_req("pvc-deferred", &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let staging = dir.path().join("staging");
+        node.node_stage_volume(stage_req(&vol.volume_id, &staging, rwo(), HashMap::new(), &[]))
+            .await
+            .unwrap();
+        assert!(
+            plugin.mounter.mounted(&staging).unwrap().is_none(),
+            "staged without a secret"
+        );
+        drop((controller, node));
+        plugin.stop().await;
+
+        let plugin = InProcPlugin::start_on(&plugin_dir, 21340..21360, stores.clone()).await;
+        let Clients { mut node, .. } = connect(&plugin.socket).await;
+        let target = dir.path().join("pod");
+        node.node_publish_volume(publish_req(&vol.volume_id, &staging, &target, rwo(), false, secret()))
+            .await
+            .expect("the first publish after the restart stages the volume");
+        assert!(plugin.mounter.mounted(&staging).unwrap().is_some());
+        assert!(plugin.mounter.mounted(&target).unwrap().is_some());
+        node.node_unpublish_volume(unpublish_req(&vol.volume_id, &target))
+            .await
+            .unwrap();
+        node.node_unstage_volume(unstage_req(&vol.volume_id, &staging))
+            .await
+            .unwrap();
+        let left: Vec<_> = std::fs::read_dir(plugin.state.join("volumes")).unwrap().collect();
+        assert!(left.is_empty(), "state left after the unstage: {left:?}");
         plugin.stop().await;
     });
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::bed::{guest_path, require_guest, run_guest, s3nfs_bin, sh_quote, GuestOpts};
 use common::csi::{connect, mount_cap, publish_req, stage_req, unpublish_req, unstage_req, Clients};
-use common::guest::{guest_env as env, guest_s3, guest_secret, prelude, s3_get};
+use common::guest::{guest_env as env, guest_s3, guest_secret, prelude, s3_get, statvfs_total};
 use common::kube_api::KubeApi;
 use s3nfs::csi::pb::{self, volume_capability::access_mode::Mode};
 use s3nfs::store::ObjectStore;
@@ -84,6 +84,8 @@ const VOLUME: &str = "vol/shared";
 const ROOT: &str = "/tmp/rwx";
 const NAMESPACE: &str = "s3nfs";
 const NODES: [&str; 3] = ["a", "b", "c"];
+/// The size the volume is expanded to: room for everything the scenario writes.
+const CAPACITY: u64 = 1 << 30;
 
 /// How much slower than user-mode-linux this guest runs: bounds on waits scale with it.
 fn slow() -> u64 {
@@ -198,6 +200,26 @@ impl Node {
                 .await
                 .unwrap_or_else(|e| panic!("NodePublish on {}: {e}", self.name));
         }
+    }
+
+    /// NodeExpandVolume, as kubelet calls it on every node with the volume staged.
+    async fn expand(&self, bytes: u64) {
+        let mut c = self.clients().await;
+        let r = c
+            .node
+            .node_expand_volume(pb::NodeExpandVolumeRequest {
+                volume_id: VOLUME.into(),
+                volume_path: self.pod(0).to_string_lossy().into(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: bytes as i64,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("NodeExpandVolume on {}: {e}", self.name))
+            .into_inner();
+        assert_eq!(r.capacity_bytes, bytes as i64, "on {}", self.name);
     }
 
     /// What NodeGetVolumeStats says of the volume's condition.
@@ -449,6 +471,19 @@ async fn scenario() {
         );
     }
 
+    // An expansion, on every node as kubelet does it: df shows it everywhere (the owner's).
+    for n in &nodes {
+        n.expand(CAPACITY).await;
+    }
+    for n in &nodes {
+        assert_eq!(
+            statvfs_total(&n.pod(1)),
+            CAPACITY,
+            "df on {} after the expansion",
+            n.name
+        );
+    }
+
     // 3. SIGKILL a non-owner's plugin while its pod writes: it comes back, the writer resumes.
     let fi = nodes.iter().position(|n| n.name != owner).unwrap();
     let restart_p = nodes[fi].dir().join("restart.progress");
@@ -584,6 +619,11 @@ async fn scenario() {
     let fenced_at = log_time(&nodes[oi].log(), "gateway abandoned").expect("the cut-off owner never fenced itself");
     let new = nodes.iter().find(|n| n.name == new_owner).unwrap();
     let owns_at = log_time(&new.log(), "this node owns the volume now").expect("the new owner's log");
+    assert_eq!(
+        statvfs_total(&new.pod(0)),
+        CAPACITY,
+        "df under the new owner: the expansion holds in its term"
+    );
     kv("fence_margin_ms", owns_at.saturating_sub(fenced_at));
     assert!(
         fenced_at < owns_at,

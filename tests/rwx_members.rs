@@ -33,6 +33,8 @@ use s3nfs::cluster::lease::Holder;
 use s3nfs::cluster::member::{Member, MemberConfig, OwnerGateway};
 use s3nfs::cluster::tls::PeerTls;
 use s3nfs::config::{Backend, Export};
+use s3nfs::csi::params::{OnDelete, VolumeId};
+use s3nfs::csi::record::{self, VolumeRecord};
 use s3nfs::csi::shared::{lease_name, SupervisedOwner};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -83,7 +85,8 @@ impl Volume {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         Volume {
-            id: format!("{bucket}/rwx"),
+            // The volume id as CreateVolume makes it: the bucket and the prefix.
+            id: format!("{bucket}/{}", PREFIX.trim_end_matches('/')),
             api: KubeApi::start("127.0.0.1:0".parse().unwrap()).await,
             tls: peer_tls(dir.path(), "driver"),
             s3: S3Side::for_bucket(&bucket).await,
@@ -119,7 +122,8 @@ impl Volume {
             squash: Default::default(),
         };
         let store = s3nfs::actors::open_store(&export, false).await.unwrap();
-        let gateway = Arc::new(SupervisedOwner::new(Supervisor::default().start(), export, store));
+        let gateway =
+            Arc::new(SupervisedOwner::new(Supervisor::default().start(), export, store).with_record(self.volume_id()));
         let cfg = MemberConfig {
             lease: lease_name(&self.id),
             me: me.clone(),
@@ -137,6 +141,10 @@ impl Volume {
             endpoint,
             _state: state,
         }
+    }
+
+    fn volume_id(&self) -> VolumeId {
+        VolumeId::parse(&self.id).unwrap()
     }
 
     /// The lease's spec as the API server stores it.
@@ -259,6 +267,58 @@ fn a_new_owner_answers_the_old_owners_handles() {
         assert!(
             took >= earliest,
             "served {took:?} after the crash, before the lease expired"
+        );
+    });
+}
+
+/// The volume's size as `df` shows it through `endpoint`.
+async fn df_size(endpoint: SocketAddr) -> u64 {
+    let mut c = mount(endpoint).await;
+    let root = c.root.clone();
+    c.fsstat(&root).await.expect("FSSTAT").tbytes
+}
+
+/// A crash of the owner (see `a_new_owner_answers_the_old_owners_handles`); the new owner.
+async fn crash_owner(nodes: &mut Vec<Node>) -> usize {
+    let o = one_owner(nodes).await;
+    let crashed = nodes.remove(o);
+    drop(crashed.member);
+    crashed.gateway.fence().await;
+    one_owner(nodes).await
+}
+
+#[test]
+fn an_expansion_holds_on_every_node_and_in_every_later_term() {
+    run(async {
+        const GIB: u64 = 1 << 30;
+        let vol = Volume::new().await;
+        let mut nodes = vec![vol.node(2).await, vol.node(3).await, vol.node(4).await];
+        let o = one_owner(&nodes).await;
+        let follower = (0..3).find(|&i| i != o).unwrap();
+        // Kubelet expands the volume on every node that has it staged (NodeExpandVolume).
+        for n in &nodes {
+            assert_eq!(n.gateway.resize(3 * GIB).await, 3 * GIB);
+        }
+        assert_eq!(nodes[o].gateway.resize(GIB).await, 3 * GIB, "a volume never shrinks");
+        assert_eq!(df_size(nodes[follower].endpoint).await, 3 * GIB, "through a follower");
+
+        // The next owner's term starts with the size its node was told.
+        let new = crash_owner(&mut nodes).await;
+        assert_eq!(df_size(nodes[new].endpoint).await, 3 * GIB, "the next owner's term");
+
+        // The controller expanded the volume (its record) and no kubelet has told the nodes
+        // yet: the term after the next change of owner reads the record.
+        let rec = VolumeRecord {
+            name: "pv".into(),
+            capacity_bytes: 5 * GIB,
+            on_delete: OnDelete::Retain,
+        };
+        record::write(&*vol.s3.store, &vol.volume_id(), &rec).await.unwrap();
+        let last = crash_owner(&mut nodes).await;
+        assert_eq!(
+            df_size(nodes[last].endpoint).await,
+            5 * GIB,
+            "the term after the record grew"
         );
     });
 }

@@ -6,7 +6,7 @@
 //! Calls for one volume are serialised; a call that arrives while another for the same volume
 //! runs is answered Aborted, as the spec asks, and kubelet retries it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use super::params::{capacity_for, check_capability, Params, S3Secret, VolumeId};
 use super::pb::{self, node_server::Node, node_service_capability as nsc};
 use super::record;
 use super::shared::{lease_name, Cluster, SupervisedOwner};
-use super::state::{NodeState, StagedVolume};
+use super::state::{DeferredStage as Deferred, NodeState, StagedVolume};
 use super::{anyhow_status, store_status};
 use crate::actors::{ResizeVolume, StartVolume, StopVolume, Supervisor, VolumeOf, VolumeStatusOf};
 use crate::cluster::elect::Role;
@@ -49,22 +49,19 @@ pub struct NodeService {
     /// Set when the plugin may take part in ReadWriteMany volumes.
     cluster: Option<Arc<Cluster>>,
     /// The member of each ReadWriteMany volume staged here.
-    members: Arc<Mutex<HashMap<String, Member>>>,
+    members: Arc<Mutex<HashMap<String, SharedMember>>>,
+}
+
+/// This node's part in a ReadWriteMany volume: the member, and the gateway it runs in its
+/// terms as owner (which NodeExpandVolume resizes).
+struct SharedMember {
+    member: Member,
+    owner: Arc<SupervisedOwner>,
 }
 
 /// How long NodeStage waits for a ReadWriteMany volume's owner to be known: a free lease is
 /// taken at once, a lease held by a node that died is taken when it expires.
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(40);
-
-/// What NodeStage asked for.
-#[derive(Clone)]
-struct Deferred {
-    staging: PathBuf,
-    context: BTreeMap<String, String>,
-    single_target: bool,
-    read_only: bool,
-    multi_node: bool,
-}
 
 /// Held while a call works on a volume.
 struct VolumeLock {
@@ -150,7 +147,7 @@ impl NodeService {
                 .map(|(name, m)| crate::admin::source::SharedVolume {
                     name: name.clone(),
                     port: ports.get(name).copied().unwrap_or(0),
-                    role: m.role(),
+                    role: m.member.role(),
                 })
                 .collect()
         }
@@ -178,7 +175,8 @@ impl NodeService {
             ))
         })?;
         if !self.members.locked().contains_key(&v.volume_id) {
-            let owner = Arc::new(SupervisedOwner::new(self.supervisor.clone(), export, store));
+            let vol = VolumeId::parse(&v.volume_id)?;
+            let owner = Arc::new(SupervisedOwner::new(self.supervisor.clone(), export, store).with_record(vol));
             let cfg = MemberConfig {
                 lease: lease_name(&v.volume_id),
                 me: Holder {
@@ -188,25 +186,27 @@ impl NodeService {
                 endpoint: SocketAddr::from(([127, 0, 0, 1], v.port)),
                 timing: c.timing,
             };
-            let m = Member::start(
+            let member = Member::start(
                 cfg,
                 c.leases.clone(),
                 c.tls.clone(),
-                owner,
+                owner.clone(),
                 crate::clock::Clock::system(),
             )
             .await
             .map_err(|e| Status::internal(format!("volume {}: {e:#}", v.volume_id)))?;
-            self.members.locked().insert(v.volume_id.clone(), m);
+            self.members
+                .locked()
+                .insert(v.volume_id.clone(), SharedMember { member, owner });
         }
         if !settle {
             return Ok(());
         }
         let m = self.members.locked().remove(&v.volume_id);
         let Some(m) = m else { return Ok(()) };
-        let role = m.settled(SETTLE).await;
+        let role = m.member.settled(SETTLE).await;
         if role == Role::Unknown {
-            m.leave().await;
+            m.member.leave().await;
             return Err(Status::unavailable(format!(
                 "volume {}: no owner within {SETTLE:?}: is the Kubernetes API server reachable? will retry",
                 v.volume_id
@@ -220,6 +220,17 @@ impl NodeService {
     /// Brings back the gateway of every recorded volume on its port, before any call is
     /// answered. S3 need not be reachable: the gateway serves what is staged and uploads later.
     pub async fn restore(&self) {
+        for d in self.state.load_deferred() {
+            match d {
+                Ok((id, d)) => {
+                    tracing::info!(volume = %id, "stage deferred to the first publish, as recorded");
+                    self.deferred.locked().insert(id, d);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read a deferred stage's record; the volume's publish will fail until it is staged again")
+                }
+            }
+        }
         let recorded = self.state.load_all();
         if !recorded.is_empty() {
             tracing::info!(volumes = recorded.len(), "restoring the gateways of staged volumes");
@@ -298,7 +309,7 @@ impl NodeService {
     /// behind when it fails. The caller holds the volume's lock.
     async fn stage(&self, vol: &VolumeId, d: Deferred, secret: &S3Secret) -> Result<(), Status> {
         let id = vol.to_id();
-        let staging = d.staging;
+        let staging = d.staging_path;
         if let Some(v) = self.staged(&id) {
             if v.staging_path != staging {
                 return Err(Status::already_exists(format!(
@@ -307,6 +318,15 @@ impl NodeService {
                 )));
             }
             if self.is_staged_at(&staging, v.port).await? {
+                let same = (v.single_target, v.read_only, v.multi_node) == (d.single_target, d.read_only, d.multi_node);
+                if !same {
+                    // The spec's answer for a volume staged here with a capability this one
+                    // contradicts: it is not staged again under other terms.
+                    return Err(Status::already_exists(format!(
+                        "volume {id} is staged at {} with another access mode",
+                        staging.display()
+                    )));
+                }
                 return Ok(());
             }
         }
@@ -398,7 +418,7 @@ impl NodeService {
             let member = self.members.locked().remove(&id);
             let stopped = match member {
                 Some(m) => {
-                    m.leave().await;
+                    m.member.leave().await;
                     true
                 }
                 None => matches!(self.supervisor.send(StopVolume(id.clone())).await, Ok(Ok(()))),
@@ -406,7 +426,12 @@ impl NodeService {
             undo(self, stopped);
             return Err(s);
         }
-        self.deferred.locked().remove(&id);
+        if self.deferred.locked().remove(&id).is_some() {
+            if let Err(e) = self.state.remove_deferred(vol) {
+                // Harmless: a restarted plugin would find the volume staged at that path.
+                tracing::warn!(volume = %id, error = %e, "cannot remove the record of the deferred stage");
+            }
+        }
         tracing::info!(volume = %id, staging = %staging.display(), port, "volume staged");
         Ok(())
     }
@@ -527,23 +552,24 @@ impl Node for NodeService {
             // A static PV written for csi-s3 may carry only a node-publish secret: stage at
             // the first publish, which brings it.
             tracing::info!(volume = %id, "no node-stage secret: the gateway starts at the first publish");
-            self.deferred.locked().insert(
-                id,
-                Deferred {
-                    staging,
-                    context: r.volume_context.into_iter().collect(),
-                    single_target: access.single_target,
-                    read_only: access.read_only,
-                    multi_node: access.multi_node,
-                },
-            );
+            let d = Deferred {
+                staging_path: staging,
+                context: r.volume_context.into_iter().collect(),
+                single_target: access.single_target,
+                read_only: access.read_only,
+                multi_node: access.multi_node,
+            };
+            self.state
+                .save_deferred(&vol, &d)
+                .map_err(|e| internal("recording the deferred stage", e))?;
+            self.deferred.locked().insert(id, d);
             return Ok(Response::new(pb::NodeStageVolumeResponse {}));
         }
         let secret = S3Secret::parse(&r.secrets, "node-stage")?;
         self.stage(
             &vol,
             Deferred {
-                staging,
+                staging_path: staging,
                 context: r.volume_context.into_iter().collect(),
                 single_target: access.single_target,
                 read_only: access.read_only,
@@ -564,7 +590,6 @@ impl Node for NodeService {
         let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
         let id = vol.to_id();
         let _lock = self.lock(&id)?;
-        self.deferred.locked().remove(&id);
         // Unmounting first makes the kernel client send what it still holds.
         let st = staging.clone();
         self.mnt(move |m| m.unmount(&st))
@@ -582,7 +607,7 @@ impl Node for NodeService {
         let member = self.members.locked().remove(&id);
         if let Some(m) = member {
             // Hands the volume over if this node owns it (see `Member::leave`).
-            m.leave().await;
+            m.member.leave().await;
         } else {
             // A recorded volume whose gateway is not running (it could not be brought back
             // after a restart) may hold what is not in S3 yet: its gateway runs once more, to
@@ -600,6 +625,8 @@ impl Node for NodeService {
         self.state
             .remove(&vol)
             .map_err(|e| internal("removing the volume's local state", e))?;
+        // Its record went with the state.
+        self.deferred.locked().remove(&id);
         tracing::info!(volume = %id, "volume unstaged; all its data is in S3");
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
     }
@@ -622,7 +649,7 @@ impl Node for NodeService {
         let _lock = self.lock(&id)?;
         let deferred = self.deferred.locked().remove(&id);
         if let Some(d) = deferred {
-            if d.staging == staging {
+            if d.staging_path == staging {
                 let staged = match S3Secret::parse(&r.secrets, "node-publish") {
                     Ok(secret) => self.stage(&vol, d.clone(), &secret).await,
                     Err(s) => Err(s),
@@ -718,7 +745,7 @@ impl Node for NodeService {
                 path.display()
             )));
         }
-        let role = self.members.locked().get(&id).map(|m| m.role());
+        let role = self.members.locked().get(&id).map(|m| m.member.role());
         match role {
             None | Some(Role::Owner { .. }) => {}
             Some(r) => {
@@ -797,6 +824,21 @@ impl Node for NodeService {
         let capacity = v.capacity.map_or(wanted, |c| c.max(wanted));
         v.capacity = Some(capacity);
         self.save(&v, None)?;
+        if v.multi_node {
+            // Kubelet expands the volume on every node that has it staged: each member keeps
+            // the capacity for its terms as owner, and the owner's gateway takes it now.
+            let owner = self.members.locked().get(&id).map(|m| m.owner.clone());
+            let owner = owner.ok_or_else(|| {
+                Status::unavailable(format!(
+                    "volume {id}: its ReadWriteMany member is not running; will retry"
+                ))
+            })?;
+            let capacity = owner.resize(capacity).await;
+            tracing::info!(volume = %id, capacity, "ReadWriteMany volume capacity raised");
+            return Ok(Response::new(pb::NodeExpandVolumeResponse {
+                capacity_bytes: capacity as i64,
+            }));
+        }
         if !self
             .supervisor
             .send(ResizeVolume(id.clone(), Some(capacity)))

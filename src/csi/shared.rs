@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use actix::Addr;
 
-use crate::actors::{AbandonVolume, OwnerTerm, StartVolume, StopVolume, Supervisor};
+use super::params::VolumeId;
+use super::record;
+use crate::actors::{AbandonVolume, OwnerTerm, ResizeVolume, StartVolume, StopVolume, Supervisor};
 use crate::cluster::elect::Timing;
 use crate::cluster::lease::LeaseApi;
 use crate::cluster::member::OwnerGateway;
@@ -53,6 +55,11 @@ pub struct SupervisedOwner {
     store: Arc<dyn crate::store::ObjectStore>,
     /// Held while a term runs: raised by [`OwnerGateway::fence`].
     fence: Mutex<Option<Fence>>,
+    /// The capacity as last raised on this node (NodeExpandVolume), for every term to come.
+    capacity: Mutex<Option<u64>>,
+    /// The volume whose record each term reads its capacity from (see [`super::record`]):
+    /// this node's kubelet may not have expanded the volume yet when the node takes over.
+    record: Option<VolumeId>,
 }
 
 impl SupervisedOwner {
@@ -66,10 +73,58 @@ impl SupervisedOwner {
         export.flush_delay = export.flush_delay.min(SHARED_FLUSH_DELAY);
         SupervisedOwner {
             supervisor,
+            capacity: Mutex::new(export.capacity),
             export,
             store,
             fence: Mutex::new(None),
+            record: None,
         }
+    }
+
+    /// Each term reads the capacity in `vol`'s record too.
+    pub fn with_record(mut self, vol: VolumeId) -> SupervisedOwner {
+        self.record = Some(vol);
+        self
+    }
+
+    /// Raises the volume's capacity to at least `bytes`, for the term running on this node (if
+    /// one is) and for every later one; the capacity now. Every node with the volume staged is
+    /// told (kubelet expands it on each), so that whichever owns it next serves the new size.
+    pub async fn resize(&self, bytes: u64) -> u64 {
+        let now = self.raise(bytes);
+        // Sent after the capacity is recorded: a term starting meanwhile either is registered
+        // and gets this, or reads the new capacity itself when registered (see `start`).
+        if self.fence.locked().is_some() {
+            let _ = self
+                .supervisor
+                .send(ResizeVolume(self.export.name.clone(), Some(now)))
+                .await;
+        }
+        now
+    }
+
+    fn raise(&self, bytes: u64) -> u64 {
+        let mut c = self.capacity.locked();
+        let now = c.map_or(bytes, |c| c.max(bytes));
+        *c = Some(now);
+        now
+    }
+
+    /// The capacity a new term starts with: this node's, raised to the record's. A record that
+    /// cannot be read leaves this node's (logged): the term must not wait on it.
+    async fn term_capacity(&self) -> Option<u64> {
+        if let Some(vol) = &self.record {
+            match record::read(&*self.store, vol).await {
+                Ok(Some(rec)) => {
+                    self.raise(rec.capacity_bytes);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %self.export.name, error = %e, "cannot read the volume's record; the term starts with the capacity this node knows")
+                }
+            }
+        }
+        *self.capacity.locked()
     }
 
     fn base(&self) -> PathBuf {
@@ -96,13 +151,16 @@ impl OwnerGateway for SupervisedOwner {
         self.wipe().await;
         let mut export = self.export.clone();
         export.state_dir = self.base().join(format!("term-{epoch}"));
+        export.capacity = self.term_capacity().await;
         let fence = Fence::default();
         *self.fence.locked() = Some(fence.clone());
         let term = OwnerTerm {
             volume_id: crate::fs::keyed_volume_id(&export.name),
             fence,
         };
-        self.supervisor
+        let started = export.capacity;
+        let addr = self
+            .supervisor
             .send(StartVolume {
                 export,
                 check: false,
@@ -110,7 +168,12 @@ impl OwnerGateway for SupervisedOwner {
                 store: Some(self.store.clone()),
             })
             .await
-            .map_err(|e| anyhow::anyhow!("supervisor: {e}"))?
+            .map_err(|e| anyhow::anyhow!("supervisor: {e}"))??;
+        let now = *self.capacity.locked();
+        if now != started {
+            let _ = self.supervisor.send(ResizeVolume(self.export.name.clone(), now)).await;
+        }
+        Ok(addr)
     }
 
     async fn fence(&self) {

@@ -6,6 +6,7 @@
 //! ```text
 //! volumes/<volume id, '/' and '%' escaped>/
 //!     volume.toml   the volume, its port, staging path, publish targets (no secrets)
+//!     deferred.toml a NodeStage without a secret, to be done at the first publish (no secrets)
 //!     secret.toml   the S3 credentials, mode 0600 (readable by root alone)
 //!     gateway/      the gateway's own state: sled database, journal, staged files
 //! ```
@@ -41,6 +42,18 @@ pub struct StagedVolume {
     pub multi_node: bool,
 }
 
+/// What a NodeStage without a secret asked for: the gateway starts at the first publish,
+/// which brings one. Recorded, because kubelet does not repeat a NodeStage that succeeded: a
+/// plugin restarted in between must still stage the volume at that publish.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeferredStage {
+    pub staging_path: PathBuf,
+    pub context: BTreeMap<String, String>,
+    pub single_target: bool,
+    pub read_only: bool,
+    pub multi_node: bool,
+}
+
 #[derive(Serialize, Deserialize)]
 struct SecretFile {
     access_key_id: String,
@@ -52,6 +65,9 @@ struct SecretFile {
 pub struct NodeState {
     root: PathBuf,
 }
+
+const VOLUME: &str = "volume.toml";
+const DEFERRED: &str = "deferred.toml";
 
 fn escape(id: &str) -> String {
     id.replace('%', "%25").replace('/', "%2F")
@@ -114,10 +130,65 @@ impl NodeState {
             )?;
         }
         write_atomic(
-            &dir.join("volume.toml"),
+            &dir.join(VOLUME),
             toml::to_string(v).map_err(std::io::Error::other)?.as_bytes(),
             0o600,
         )
+    }
+
+    /// Records a stage deferred to the first publish.
+    pub fn save_deferred(&self, id: &VolumeId, d: &DeferredStage) -> std::io::Result<()> {
+        let dir = self.volume_dir(id);
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        write_atomic(
+            &dir.join(DEFERRED),
+            toml::to_string(d).map_err(std::io::Error::other)?.as_bytes(),
+            0o600,
+        )
+    }
+
+    /// Forgets a deferred stage (done, or unstaged); its volume's other records stay.
+    pub fn remove_deferred(&self, id: &VolumeId) -> std::io::Result<()> {
+        let dir = self.volume_dir(id);
+        match std::fs::remove_file(dir.join(DEFERRED)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        // A directory that held the deferred stage alone goes with it.
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Every recorded deferred stage, by volume id. Unreadable records are reported.
+    pub fn load_deferred(&self) -> Vec<Result<(String, DeferredStage), String>> {
+        self.volume_dirs()
+            .into_iter()
+            .filter(|(dir, _)| dir.join(DEFERRED).exists())
+            .map(|(dir, name)| {
+                let text = std::fs::read_to_string(dir.join(DEFERRED))
+                    .map_err(|e| format!("volume {name}: {DEFERRED}: {e}"))?;
+                let d = toml::from_str(&text).map_err(|e| format!("volume {name}: {DEFERRED}: {e}"))?;
+                Ok((name, d))
+            })
+            .collect()
+    }
+
+    /// Each volume's directory, with its volume id.
+    fn volume_dirs(&self) -> Vec<(PathBuf, String)> {
+        let Ok(rd) = std::fs::read_dir(self.root.join("volumes")) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .map(|e| (e.path(), unescape(&e.file_name().to_string_lossy())))
+            .collect()
     }
 
     /// Forgets a volume and its local state (after a clean unstage: everything is in S3).
@@ -133,19 +204,19 @@ impl NodeState {
         Self::load_dir(&self.volume_dir(id), &id.to_id())
     }
 
-    /// Every recorded volume with its secret. Unreadable records are reported, not fatal.
+    /// Every recorded staged volume with its secret (a volume whose stage is deferred and
+    /// never was done has none). Unreadable records are reported, not fatal.
     pub fn load_all(&self) -> Vec<Result<(StagedVolume, S3Secret), String>> {
-        let Ok(rd) = std::fs::read_dir(self.root.join("volumes")) else {
-            return Vec::new();
-        };
-        rd.flatten()
-            .map(|e| Self::load_dir(&e.path(), &unescape(&e.file_name().to_string_lossy())))
+        self.volume_dirs()
+            .into_iter()
+            .filter(|(dir, _)| !(dir.join(DEFERRED).exists() && !dir.join(VOLUME).exists()))
+            .map(|(dir, name)| Self::load_dir(&dir, &name))
             .collect()
     }
 
     fn load_dir(dir: &Path, name: &str) -> Result<(StagedVolume, S3Secret), String> {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("volume {name}: {f}: {e}"));
-        let v: StagedVolume = toml::from_str(&read("volume.toml")?).map_err(|e| format!("volume {name}: {e}"))?;
+        let v: StagedVolume = toml::from_str(&read(VOLUME)?).map_err(|e| format!("volume {name}: {e}"))?;
         let s: SecretFile = toml::from_str(&read("secret.toml")?).map_err(|e| format!("volume {name}: {e}"))?;
         Ok((
             v,
@@ -206,5 +277,34 @@ mod tests {
         st.remove(&id).unwrap();
         assert!(st.load_all().is_empty());
         st.remove(&id).unwrap();
+    }
+
+    #[test]
+    fn a_deferred_stage_is_recorded_apart_from_staged_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = NodeState::open(dir.path()).unwrap();
+        let id = VolumeId::parse("data/static").unwrap();
+        let d = DeferredStage {
+            staging_path: "/var/lib/kubelet/staging/s".into(),
+            context: [("options".to_string(), "--uid 1000".to_string())]
+                .into_iter()
+                .collect(),
+            single_target: false,
+            read_only: true,
+            multi_node: false,
+        };
+        st.save_deferred(&id, &d).unwrap();
+        assert!(st.load_all().is_empty(), "a deferred stage is no staged volume");
+        let got: Vec<_> = st.load_deferred().into_iter().map(Result::unwrap).collect();
+        assert_eq!(got, vec![("data/static".to_string(), d)]);
+        let mode = std::fs::metadata(st.volume_dir(&id).join(DEFERRED))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+        st.remove_deferred(&id).unwrap();
+        assert!(st.load_deferred().is_empty());
+        assert!(!st.volume_dir(&id).exists(), "an empty directory was left");
+        st.remove_deferred(&id).unwrap();
     }
 }

@@ -122,3 +122,17 @@ pub async fn s3_get(store: &S3Store, key: &str) -> Option<Vec<u8>> {
     }
     Some(store.get_range(key, 0..head.size).await.unwrap().to_vec())
 }
+
+/// The size of the file system at `p`, as df shows it.
+#[allow(dead_code)]
+pub fn statvfs_total(p: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::statvfs(c.as_ptr(), &mut st) },
+        0,
+        "statvfs {}",
+        p.display()
+    );
+    st.f_blocks as u64 * st.f_frsize as u64
+}

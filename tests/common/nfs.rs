@@ -8,8 +8,9 @@ use std::net::SocketAddr;
 use nfs3_client::nfs3_types::nfs3::{
     cookieverf3, createhow3, createverf3, diropargs3, fattr3, filename3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3,
     set_atime, set_gid3, set_mode3, set_mtime, set_size3, set_uid3, stable_how, symlinkdata3, ACCESS3args, COMMIT3args,
-    CREATE3args, GETATTR3args, LINK3args, LOOKUP3args, MKDIR3args, MKNOD3args, Nfs3Result, READ3args, READDIR3args,
-    READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, WRITE3args,
+    CREATE3args, FSSTAT3args, FSSTAT3resok, GETATTR3args, LINK3args, LOOKUP3args, MKDIR3args, MKNOD3args, Nfs3Result,
+    READ3args, READDIR3args, READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args,
+    SYMLINK3args, WRITE3args,
 };
 #[allow(unused_imports)]
 pub use nfs3_client::nfs3_types::nfs3::{devicedata3, mknoddata3, specdata3};
@@ -184,6 +185,13 @@ impl Client {
     pub async fn getattr(&mut self, fh: &Fh) -> R<fattr3> {
         let r = self.conn.getattr(&GETATTR3args { object: fh.0.clone() }).await;
         res(r, "GETATTR").map(|o| o.obj_attributes)
+    }
+
+    /// FSSTAT: what `df` shows.
+    #[allow(dead_code)]
+    pub async fn fsstat(&mut self, fh: &Fh) -> R<FSSTAT3resok> {
+        let r = self.conn.fsstat(&FSSTAT3args { fsroot: fh.0.clone() }).await;
+        res(r, "FSSTAT")
     }
 
     pub async fn setattr(&mut self, fh: &Fh, set: Set) -> R<()> {
