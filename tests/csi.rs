@@ -467,6 +467,16 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             Code::Ok
         );
         assert!(plugin.mounter.mounted(&t2).unwrap().unwrap().read_only);
+        // A bind of this volume that a publish made and did not record (its plugin killed
+        // between the two): the retry answers OK and records it, for the unpublish.
+        let t3 = dir.path().join("pods/3/mount");
+        plugin.mounter.bind(&staging, &t3, false).unwrap();
+        expect!(
+            "publish over this volume's unrecorded bind",
+            node.node_publish_volume(publish_req(&id, &staging, &t3, rwo(), false))
+                .await,
+            Code::Ok
+        );
 
         // NodeGetVolumeStats
         let stats = |path: &Path| pb::NodeGetVolumeStatsRequest {
@@ -572,6 +582,12 @@ fn every_rpc_answers_invalid_requests_with_the_spec_status_and_repeats_the_same_
             node.node_unpublish_volume(unpublish(&id, &t2)).await,
             Code::Ok
         );
+        expect!(
+            "unpublish of the recorded bind",
+            node.node_unpublish_volume(unpublish(&id, &t3)).await,
+            Code::Ok
+        );
+        assert!(plugin.mounter.mounted(&t3).unwrap().is_none());
         expect!(
             "unpublish of a target that never was",
             node.node_unpublish_volume(unpublish(&id, &dir.path().join("never")))

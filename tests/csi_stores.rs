@@ -294,6 +294,60 @@ fn a_stage_deferred_to_the_first_publish_is_done_after_a_plugin_restart() {
     });
 }
 
+/// A NodeStage whose caller gives up (kubelet's deadline passed while S3 was slow to answer)
+/// still runs to its end, holding the volume: the volume comes up staged with no further call,
+/// and the retry finds it so. The dropped call was abandoned where it stood.
+#[test]
+fn a_stage_whose_caller_gives_up_runs_to_its_end() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (stores, faults) = faulty_buckets(&dir.path().join("buckets"));
+        let plugin = InProcPlugin::start_on(&dir.path().join("plugin"), 21340..21360, stores.clone()).await;
+        let Clients {
+            mut controller,
+            mut node,
+            ..
+        } = connect(&plugin.socket).await;
+        let vol = controller
+            .create_volume(create_req("pvc-given-up", &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let staging = dir.path().join("staging");
+        let req = stage_req(&vol.volume_id, &staging, rwo(), secret(), &[]);
+        // The stage's first S3 request: the volume's record.
+        let mut hold = faults.hold_reply(Op::Head, s3nfs::fs::names::VOLUME_RECORD);
+        {
+            let call = node.node_stage_volume(req.clone());
+            tokio::pin!(call);
+            tokio::select! {
+                r = &mut call => panic!("the stage returned with S3's reply held: {r:?}"),
+                reached = hold.reached(std::time::Duration::from_secs(30)) => assert!(reached, "the stage never read the record"),
+            }
+            // The caller gives up: the call's stream is reset.
+        }
+        hold.release();
+        common::gateway::wait_for(
+            std::time::Duration::from_secs(30),
+            "the given-up stage to mount the volume",
+            || {
+                let m = plugin.mounter.mounted(&staging).unwrap();
+                async move { m.map(|_| ()) }
+            },
+        )
+        .await;
+        node.node_stage_volume(req).await.expect("the retry");
+        let running = plugin.supervisor.send(s3nfs::actors::StatusAll).await.unwrap();
+        assert_eq!(running.len(), 1, "{running:?}");
+        node.node_unstage_volume(unstage_req(&vol.volume_id, &staging))
+            .await
+            .unwrap();
+        plugin.stop().await;
+    });
+}
+
 /// DeleteVolume of a volume with thousands of objects deletes them in batches (one request per
 /// thousand keys, not one per object); a batch that fails leaves the record, so the CO's retry
 /// finishes the job.

@@ -23,6 +23,7 @@ use tonic::Status;
 use crate::store::StoreError;
 
 mod authority;
+mod calls;
 pub mod controller;
 pub mod identity;
 pub mod mount;

@@ -675,7 +675,14 @@ impl Node for NodeService {
         }
         let stage_dev = self.mounted(&staging).await?.map(|m| m.device);
         if let Some(m) = self.mounted(&target).await? {
-            if Some(&m.device) == stage_dev.as_ref() && m.read_only == read_only && v.targets.contains_key(&target) {
+            if Some(&m.device) == stage_dev.as_ref() && m.read_only == read_only {
+                if !v.targets.contains_key(&target) {
+                    // This volume's bind, made by a publish that ended before recording it (the
+                    // plugin killed in between): recorded now, so its unpublish and unstage
+                    // know it.
+                    v.targets.insert(target, read_only);
+                    self.save(&v, None)?;
+                }
                 return Ok(Response::new(pb::NodePublishVolumeResponse {}));
             }
             return Err(Status::already_exists(format!(

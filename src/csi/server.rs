@@ -11,6 +11,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::StreamExt;
 
 use super::authority::{AnyAuthority, MAX_FRAME};
+use super::calls::NodeCalls;
 use super::controller::ControllerService;
 use super::identity::IdentityService;
 use super::mount::Mounter;
@@ -70,10 +71,13 @@ pub async fn serve(
             }
             None => None,
         };
-        (Some(NodeServer::new(node)), admin)
+        let calls = NodeCalls::new(Arc::new(node));
+        let under_way = calls.under_way();
+        (Some((NodeServer::new(calls), under_way)), admin)
     } else {
         (None, None)
     };
+    let (node, node_calls) = node.unzip();
     let controller = opts
         .mode
         .controller()
@@ -109,5 +113,9 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     let _ = std::fs::remove_file(&opts.socket);
+    // A call whose caller gave up still runs: its volume is left as it ends, not half-done.
+    if let Some(calls) = node_calls {
+        calls.idle().await;
+    }
     Ok(())
 }
