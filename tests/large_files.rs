@@ -401,9 +401,9 @@ impl Between {
         let (objects, local, store, faults) = embedded_with_faults();
         let state = tempfile::tempdir().unwrap();
         let clock = s3nfs::clock::Clock::manual();
-        let mut cfg = by_hand(state.path(), &clock);
-        // A COMMIT uploads the file: the way to sync one file while a round runs.
-        cfg.durability = s3nfs::fs::durable::Durability::S3;
+        // Local durability: the renames below are answered from the journal while the copy
+        // is held (with `s3` they would wait for it).
+        let cfg = by_hand(state.path(), &clock);
         let vol = Volume::open(cfg, store.clone()).await.unwrap();
         let root = vol.root();
         let ino = create_file(&vol, b"a").await;
@@ -493,7 +493,8 @@ async fn a_new_file_where_a_move_is_landing_keeps_both_files() {
     t.vol.write(&ROOT, theirs, 0, b"the new file").await.unwrap();
     let committed = {
         let vol = t.vol.clone();
-        tokio::spawn(async move { vol.commit(theirs).await.map(|_| ()) })
+        // One file's sync while a round runs, as a COMMIT with `durability s3` makes it.
+        tokio::spawn(async move { vol.flush_inode(theirs).await })
     };
     t.faults.set_delay(std::time::Duration::ZERO);
     mover.await.unwrap().unwrap();
@@ -719,8 +720,6 @@ async fn an_upload_overtaken_by_a_rename_does_not_land_on_the_new_file_at_its_ol
     let mut cfg = VolumeConfig::new(state.path().to_path_buf());
     cfg.part_size = PART;
     cfg.flush_delay = Duration::from_secs(3600);
-    // A COMMIT uploads the file: the new file goes up while the old one's upload waits.
-    cfg.durability = s3nfs::fs::durable::Durability::S3;
     let vol = Volume::open(cfg, store.clone()).await.unwrap();
     let root = vol.root();
 
@@ -740,8 +739,12 @@ async fn an_upload_overtaken_by_a_rename_does_not_land_on_the_new_file_at_its_ol
     vol.rename(&ROOT, root, b"b", root, b"c").await.unwrap();
     let new = create_file(&vol, b"b").await;
     vol.write(&ROOT, new, 0, b"the new file").await.unwrap();
-    let (t, what) = within("the new file's COMMIT waited for the old upload");
-    tokio::time::timeout(t, vol.commit(new)).await.expect(what).unwrap();
+    // The new file's sync, as a COMMIT with `durability s3` makes it.
+    let (t, what) = within("the new file's sync waited for the old upload");
+    tokio::time::timeout(t, vol.flush_inode(new))
+        .await
+        .expect(what)
+        .unwrap();
     assert_eq!(object(&store, "b").await, b"the new file");
 
     hold.release();

@@ -16,7 +16,7 @@ use actix::Actor;
 use common::csi::run;
 use common::gateway::{free_port, wait_for, S3Side};
 use common::kube_api::KubeApi;
-use common::nfs::Client;
+use common::nfs::{Client, Set};
 use common::rpc::{call, X};
 use common::{garage, pattern};
 use nfs3_client::nfs3_types::nfs3::{ftype3, stable_how};
@@ -320,6 +320,76 @@ fn an_expansion_holds_on_every_node_and_in_every_later_term() {
             5 * GIB,
             "the term after the record grew"
         );
+    });
+}
+
+/// A namespace change acknowledged by the owner is in S3 when answered (RFC 1813's stable
+/// storage for these operations), so an owner's crash right after loses none: the next owner
+/// starts from S3 alone. They reached S3 only with the next flush round, and a crash before it
+/// took them with it.
+#[test]
+fn namespace_changes_are_in_s3_when_answered_and_survive_the_owners_crash() {
+    run(async {
+        let vol = Volume::new().await;
+        let mut nodes = vec![vol.node(2).await, vol.node(3).await];
+        let o = one_owner(&nodes).await;
+        let mut c = Client::connect(nodes[1 - o].endpoint).await;
+        let root = c.root.clone();
+        let mut fhs = Vec::new();
+        for name in ["a", "b", "c"] {
+            let fh = c.create(&root, name, 0o644).await.unwrap();
+            c.write(&fh, 0, name.as_bytes()).await.unwrap();
+            c.commit(&fh).await.unwrap();
+            fhs.push(fh);
+        }
+        let d = c.mkdir(&root, "d").await.unwrap();
+        c.rename(&root, "a", &d, "a2").await.unwrap();
+        c.remove(&root, "b").await.unwrap();
+        c.setattr(
+            &fhs[2],
+            Set {
+                mode: Some(0o600),
+                ..Set::default()
+            },
+        )
+        .await
+        .unwrap();
+        c.symlink(&d, "to-c", "../c").await.unwrap();
+        drop(c);
+
+        // In S3 as the replies came back.
+        let key = |k: &str| format!("{PREFIX}{k}");
+        assert!(vol.s3.head(&key("d/")).await.is_some(), "the new directory's marker");
+        assert_eq!(
+            vol.s3.get(&key("d/a2")).await.as_deref(),
+            Some(&b"a"[..]),
+            "the renamed file"
+        );
+        assert!(vol.s3.head(&key("a")).await.is_none(), "the renamed file's old name");
+        assert!(vol.s3.head(&key("b")).await.is_none(), "the removed file");
+        let c_meta = vol.s3.head(&key("c")).await.expect("c");
+        assert_eq!(
+            c_meta.user.get("mode").map(String::as_str),
+            Some("33152"),
+            "c's mode (0o100600)"
+        );
+        assert_eq!(
+            vol.s3.get(&key("d/to-c")).await.as_deref(),
+            Some(&b"../c"[..]),
+            "the symlink"
+        );
+
+        // The owner crashes right after: the next one serves every change.
+        let new = crash_owner(&mut nodes).await;
+        let mut c = mount(nodes[new].endpoint).await;
+        let root = c.root.clone();
+        let d = c.lookup(&root, "d").await.expect("d");
+        let a2 = c.lookup(&d, "a2").await.expect("d/a2");
+        assert_eq!(c.read_all(&a2).await.unwrap(), b"a");
+        assert!(c.lookup(&root, "a").await.is_err(), "a is back");
+        assert!(c.lookup(&root, "b").await.is_err(), "b is back");
+        let cf = c.lookup(&root, "c").await.unwrap();
+        assert_eq!(c.getattr(&cf).await.unwrap().mode & 0o7777, 0o600);
     });
 }
 

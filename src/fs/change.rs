@@ -133,6 +133,8 @@ impl Volume {
         self.commit_new(batch, &inode)?;
         // A new directory has nothing in S3 to list.
         self.freshness.note_listed(inode.ino, self.cfg.clock.now());
+        drop(_g);
+        self.in_s3(&[inode.ino], false).await;
         Ok(self.attr_of(&inode))
     }
 
@@ -151,6 +153,8 @@ impl Volume {
         inode.target = target.to_vec();
         inode.size = target.len() as u64;
         self.commit_new(batch, &inode)?;
+        drop(_g);
+        self.in_s3(&[inode.ino], false).await;
         Ok(self.attr_of(&inode))
     }
 
@@ -172,6 +176,8 @@ impl Volume {
         let mut inode = self.new_inode(&mut batch, cred, &d, name, kind, attr.mode.unwrap_or(0o644));
         apply_owner(&mut inode, cred, &attr);
         self.commit_new(batch, &inode)?;
+        drop(_g);
+        self.in_s3(&[inode.ino], false).await;
         Ok(self.attr_of(&inode))
     }
 
@@ -229,15 +235,39 @@ impl Volume {
         if victim.kind == Kind::Dir && self.meta.has_children(ino)? {
             return Err(FsError::NotEmpty);
         }
+        // A file with other names lives on, moved to one of them: that move is this change too.
+        let file = (!matches!(victim.kind, Kind::Link(_) | Kind::Dir)).then_some(victim.ino);
         let mut batch = Batch::new();
         self.drop_name(&mut batch, &victim)?;
         self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
         self.usage.changed();
+        drop(_g);
+        let moved: Vec<Ino> = file
+            .into_iter()
+            .filter(|i| matches!(self.meta.inode(*i), Ok(Some(_))))
+            .collect();
+        self.in_s3(&moved, false).await;
         Ok(())
     }
 
     pub async fn rename(&self, cred: &Cred, from_dir: Ino, from: &[u8], to_dir: Ino, to: &[u8]) -> FsResult<()> {
+        if let Some((moved, is_dir)) = self.rename_in_journal(cred, from_dir, from, to_dir, to).await? {
+            self.in_s3(&[moved], is_dir).await;
+        }
+        Ok(())
+    }
+
+    /// RENAME's change, journalled; the inode moved and whether it is a directory (`None`: nothing
+    /// moved).
+    async fn rename_in_journal(
+        &self,
+        cred: &Cred,
+        from_dir: Ino,
+        from: &[u8],
+        to_dir: Ino,
+        to: &[u8],
+    ) -> FsResult<Option<(Ino, bool)>> {
         let fd = self.inode(from_dir)?;
         if fd.kind != Kind::Dir {
             return Err(FsError::NotDir);
@@ -265,7 +295,7 @@ impl Volume {
         let src_file = self.inode(self.file_of(ino)?)?;
         perm::check_delete(cred, &self.inode(from_dir)?, &src_file)?;
         if from_dir == to_dir && from == to {
-            return Ok(());
+            return Ok(None);
         }
         // No directory may move under itself.
         if src.kind == Kind::Dir {
@@ -289,7 +319,7 @@ impl Volume {
             let target = self.inode(tino)?;
             if self.file_of(tino)? == src_file.ino {
                 // Two names of one file: rename(2) does nothing and succeeds.
-                return Ok(());
+                return Ok(None);
             }
             perm::check_delete(cred, &self.inode(to_dir)?, &self.inode(self.file_of(tino)?)?)?;
             match (src.kind == Kind::Dir, target.kind == Kind::Dir) {
@@ -331,7 +361,7 @@ impl Volume {
         }
         self.meta.commit(batch)?;
         self.usage.changed();
-        Ok(())
+        Ok(Some((ino, src.kind == Kind::Dir)))
     }
 
     /// Lists a directory recursively (no delimiter) so every object under it is in the namespace.
@@ -469,6 +499,9 @@ impl Volume {
         self.meta.commit(batch)?;
         self.usage.changed();
         drop(_g);
+        if s3_visible {
+            self.in_s3(&[ino], false).await;
+        }
         Ok(self.attr_of(&inode))
     }
 

@@ -228,6 +228,52 @@ impl Volume {
     }
 }
 
+impl Volume {
+    /// With [`Durability::S3`], a namespace change (RENAME, REMOVE, RMDIR, MKDIR, SYMLINK,
+    /// MKNOD, LINK, a SETATTR that S3 sees) is answered once it is in S3, as RFC 1813 asks of
+    /// these operations and of stable storage: what the change left pending (`inos`, and with
+    /// `subtree` everything under them: a directory moved) goes up, then every deletion queued
+    /// so far. A new owner of a ReadWriteMany volume starts from S3 alone, and a change only in
+    /// the old owner's journal was lost with its node.
+    ///
+    /// CREATE waits for nothing: the new file goes up at its first COMMIT (the client's close),
+    /// name and bytes in one PUT, where waiting here would cost every small file a second one.
+    /// If S3 fails, the change is answered all the same (logged): it is done and journalled, it
+    /// goes up with the next rounds, and a client that took the error for a failure would send
+    /// it again and find the name moved or gone.
+    pub(crate) async fn in_s3(&self, inos: &[Ino], subtree: bool) {
+        if self.cfg.durability != Durability::S3 {
+            return;
+        }
+        if let Err(e) = self.bring_to_s3(inos, subtree).await {
+            tracing::warn!(error = %e, "a namespace change is journalled but not yet in S3; it goes up with the next flush");
+        }
+    }
+
+    async fn bring_to_s3(&self, inos: &[Ino], subtree: bool) -> FsResult<()> {
+        use futures::StreamExt;
+        let mut pending = Vec::new();
+        let mut stack = inos.to_vec();
+        while let Some(i) = stack.pop() {
+            if self.meta.pending(i)?.is_some() {
+                pending.push(i);
+            }
+            if subtree {
+                for c in self.meta.child_inos(i) {
+                    stack.push(c?);
+                }
+            }
+        }
+        // A directory's moves side by side, as a round would send them.
+        let results: Vec<FsResult<()>> = futures::stream::iter(pending.into_iter().map(|i| self.flush_inode(i)))
+            .buffer_unordered(self.cfg.upload_concurrency)
+            .collect()
+            .await;
+        results.into_iter().collect::<FsResult<()>>()?;
+        self.flush_deletes().await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

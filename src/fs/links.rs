@@ -63,6 +63,8 @@ impl Volume {
         self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
         self.usage.changed();
+        drop(_g);
+        self.in_s3(&[name_ino], false).await;
         Ok(self.attr_of(&self.inode(ino)?))
     }
 

@@ -458,6 +458,10 @@ impl Volume {
         self.uploader.flush_inode(ino).await
     }
 
+    async fn flush_deletes(&self) -> FsResult<()> {
+        self.uploader.flush_deletes().await
+    }
+
     /// Notes that a client operation arrived: due uploads may wait for busy clients.
     pub fn note_activity(&self) {
         self.uploader.note_activity();

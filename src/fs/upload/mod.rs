@@ -350,6 +350,16 @@ impl Uploader {
         }
     }
 
+    /// Sends every deletion queued so far, now (a namespace change waiting for S3, see
+    /// `Volume::in_s3`). Those that fail stay journalled for the rounds; the first failure is
+    /// returned.
+    pub async fn flush_deletes(self: &Arc<Self>) -> FsResult<()> {
+        let results = self.delete_keys(self.meta.all_deletes()?, || false).await;
+        let mut first = None;
+        self.note_failures("delete", results, &mut first);
+        first.map_or(Ok(()), Err)
+    }
+
     /// Notes that a client operation arrived (see [`BusyClients::defers`]); called within the
     /// operation, whose arrival is the time.
     pub fn note_activity(&self) {
