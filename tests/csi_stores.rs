@@ -282,6 +282,15 @@ fn a_stage_deferred_to_the_first_publish_is_done_after_a_plugin_restart() {
             .expect("the first publish after the restart stages the volume");
         assert!(plugin.mounter.mounted(&staging).unwrap().is_some());
         assert!(plugin.mounter.mounted(&target).unwrap().is_some());
+        let deferred: Vec<_> = std::fs::read_dir(plugin.state.join("volumes"))
+            .unwrap()
+            .map(|e| e.unwrap().path().join("deferred.toml"))
+            .filter(|p| p.exists())
+            .collect();
+        assert!(
+            deferred.is_empty(),
+            "the deferred stage is still recorded: {deferred:?}"
+        );
         node.node_unpublish_volume(unpublish_req(&vol.volume_id, &target))
             .await
             .unwrap();

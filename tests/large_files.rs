@@ -1669,3 +1669,45 @@ async fn stable_writes_survive_a_crash_and_never_bring_back_older_journalled_byt
     assert!(object(&store, "carried").await == want_carried, "in S3");
     assert!(object(&store, "durable").await == want_durable, "in S3");
 }
+
+/// With durability s3 a RENAME waits for its move to reach S3; if the gateway's fence goes up
+/// meanwhile (a ReadWriteMany owner lost its lease: its journal is thrown away), the RENAME is
+/// answered JUKEBOX, so that the client sends it again to the next owner. It was answered OK,
+/// and the change, only in the journal of a term that was over, was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_waiting_for_s3_when_the_fence_goes_up_is_not_answered_ok() {
+    use s3nfs::store::fenced::{Fence, FencedStore};
+    use std::time::Duration;
+    let (_objects, _local, store, faults) = embedded_with_faults();
+    let fence = Fence::default();
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = VolumeConfig::new(state.path().to_path_buf());
+    cfg.durability = s3nfs::fs::durable::Durability::S3;
+    let vol = Volume::open(cfg, FencedStore::wrap(store, fence.clone()))
+        .await
+        .unwrap();
+    let root = vol.root();
+    let ino = create_file(&vol, b"a").await;
+    vol.write(&ROOT, ino, 0, b"committed").await.unwrap();
+    vol.commit(ino).await.unwrap();
+
+    let mut hold = faults.hold_reply(Op::Copy, "b");
+    let renaming = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.rename(&ROOT, root, b"a", root, b"b").await })
+    };
+    assert!(
+        hold.reached(Duration::from_secs(30)).await,
+        "the rename sent no copy: nothing checked"
+    );
+    fence.raise();
+    let r = tokio::time::timeout(Duration::from_secs(30), renaming)
+        .await
+        .expect("the rename still waits after the fence went up")
+        .unwrap();
+    assert!(
+        matches!(r, Err(s3nfs::fs::FsError::Retry(_))),
+        "answered {r:?} with the change lost to the fence"
+    );
+    vol.tasks().abort_all();
+}

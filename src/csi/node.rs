@@ -426,11 +426,12 @@ impl NodeService {
             undo(self, stopped);
             return Err(s);
         }
-        if self.deferred.locked().remove(&id).is_some() {
-            if let Err(e) = self.state.remove_deferred(vol) {
-                // Harmless: a restarted plugin would find the volume staged at that path.
-                tracing::warn!(volume = %id, error = %e, "cannot remove the record of the deferred stage");
-            }
+        // Done, whichever call staged it (a publish takes the deferred stage out of the map
+        // before it stages).
+        self.deferred.locked().remove(&id);
+        if let Err(e) = self.state.remove_deferred(vol) {
+            // Harmless: a restarted plugin would find the volume staged at that path.
+            tracing::warn!(volume = %id, error = %e, "cannot remove the record of the deferred stage");
         }
         tracing::info!(volume = %id, staging = %staging.display(), port, "volume staged");
         Ok(())

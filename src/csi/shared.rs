@@ -7,8 +7,8 @@
 //! a new owner to take over in seconds without losing what was acknowledged:
 //! - COMMIT waits for S3 (`Durability::S3`): what an fsync or close acknowledged survives the
 //!   owner's node;
-//! - namespace changes but CREATE are answered once in S3 too (`durability s3` again), and
-//!   what is left pending goes up within [`SHARED_FLUSH_DELAY`];
+//! - namespace changes are answered once in S3 too (`durability s3` again, see
+//!   `fs::durable`), and what is left pending goes up within [`SHARED_FLUSH_DELAY`];
 //! - file handles are keyed (see `fs::handles`), so a new owner answers the old owner's;
 //! - every term starts with no local state and ends by throwing its local state away.
 

@@ -134,7 +134,7 @@ impl Volume {
         // A new directory has nothing in S3 to list.
         self.freshness.note_listed(inode.ino, self.cfg.clock.now());
         drop(_g);
-        self.in_s3(&[inode.ino], false).await;
+        self.in_s3(&[inode.ino], false).await?;
         Ok(self.attr_of(&inode))
     }
 
@@ -154,7 +154,7 @@ impl Volume {
         inode.size = target.len() as u64;
         self.commit_new(batch, &inode)?;
         drop(_g);
-        self.in_s3(&[inode.ino], false).await;
+        self.in_s3(&[inode.ino], false).await?;
         Ok(self.attr_of(&inode))
     }
 
@@ -177,7 +177,7 @@ impl Volume {
         apply_owner(&mut inode, cred, &attr);
         self.commit_new(batch, &inode)?;
         drop(_g);
-        self.in_s3(&[inode.ino], false).await;
+        self.in_s3(&[inode.ino], false).await?;
         Ok(self.attr_of(&inode))
     }
 
@@ -247,19 +247,22 @@ impl Volume {
             .into_iter()
             .filter(|i| matches!(self.meta.inode(*i), Ok(Some(_))))
             .collect();
-        self.in_s3(&moved, false).await;
+        self.in_s3(&moved, false).await?;
         Ok(())
     }
 
     pub async fn rename(&self, cred: &Cred, from_dir: Ino, from: &[u8], to_dir: Ino, to: &[u8]) -> FsResult<()> {
-        if let Some((moved, is_dir)) = self.rename_in_journal(cred, from_dir, from, to_dir, to).await? {
-            self.in_s3(&[moved], is_dir).await;
+        if let Some((moved, is_dir, heir)) = self.rename_in_journal(cred, from_dir, from, to_dir, to).await? {
+            // The replaced file's move to another of its names is this change too.
+            let mut inos = vec![moved];
+            inos.extend(heir.filter(|i| matches!(self.meta.inode(*i), Ok(Some(_)))));
+            self.in_s3(&inos, is_dir).await?;
         }
         Ok(())
     }
 
-    /// RENAME's change, journalled; the inode moved and whether it is a directory (`None`: nothing
-    /// moved).
+    /// RENAME's change, journalled; the inode moved, whether it is a directory, and the file it
+    /// replaced, which lives on if it has other names (`None`: nothing moved).
     async fn rename_in_journal(
         &self,
         cred: &Cred,
@@ -267,7 +270,7 @@ impl Volume {
         from: &[u8],
         to_dir: Ino,
         to: &[u8],
-    ) -> FsResult<Option<(Ino, bool)>> {
+    ) -> FsResult<Option<(Ino, bool, Option<Ino>)>> {
         let fd = self.inode(from_dir)?;
         if fd.kind != Kind::Dir {
             return Err(FsError::NotDir);
@@ -315,6 +318,7 @@ impl Volume {
             }
         }
         let mut batch = Batch::new();
+        let mut replaced = None;
         if let Some(tino) = self.meta.lookup(to_dir, to)? {
             let target = self.inode(tino)?;
             if self.file_of(tino)? == src_file.ino {
@@ -331,6 +335,7 @@ impl Volume {
             // The moved object lands on the target's key, replacing it; only a directory's
             // marker needs deleting (the source's key differs from it only by being elsewhere).
             self.drop_name(&mut batch, &target)?;
+            replaced = (!matches!(target.kind, Kind::Link(_) | Kind::Dir)).then_some(target.ino);
         }
         batch.unlink(from_dir, from, ino, src.kind);
         batch.link(to_dir, to, ino, src.kind);
@@ -361,7 +366,7 @@ impl Volume {
         }
         self.meta.commit(batch)?;
         self.usage.changed();
-        Ok(Some((ino, src.kind == Kind::Dir)))
+        Ok(Some((ino, src.kind == Kind::Dir, replaced)))
     }
 
     /// Lists a directory recursively (no delimiter) so every object under it is in the namespace.
@@ -499,8 +504,9 @@ impl Volume {
         self.meta.commit(batch)?;
         self.usage.changed();
         drop(_g);
-        if s3_visible {
-            self.in_s3(&[ino], false).await;
+        // A new size is the file's bytes: they go up with its COMMIT, as a WRITE's do.
+        if s3_visible && attr.size.is_none() {
+            self.in_s3(&[ino], false).await?;
         }
         Ok(self.attr_of(&inode))
     }

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::meta::Ino;
+use crate::meta::{Ino, Kind};
 
 use super::{Attr, Cred, FsError, FsResult, Volume};
 
@@ -228,49 +228,93 @@ impl Volume {
     }
 }
 
+/// How long a namespace change waits for S3 before it is answered from the journal: below
+/// the kernel client's 60 s before it sends the call again, which would find the name moved.
+const NS_WAIT: Duration = Duration::from_secs(20);
+
 impl Volume {
     /// With [`Durability::S3`], a namespace change (RENAME, REMOVE, RMDIR, MKDIR, SYMLINK,
-    /// MKNOD, LINK, a SETATTR that S3 sees) is answered once it is in S3, as RFC 1813 asks of
-    /// these operations and of stable storage: what the change left pending (`inos`, and with
-    /// `subtree` everything under them: a directory moved) goes up, then every deletion queued
-    /// so far. A new owner of a ReadWriteMany volume starts from S3 alone, and a change only in
-    /// the old owner's journal was lost with its node.
+    /// MKNOD, LINK, a SETATTR of mode, owner or mtime) is answered once it is in S3, as RFC 1813
+    /// asks of these operations and of stable storage: what the change left pending (`inos`, in
+    /// that order, then with `subtree` everything under them: a directory moved) goes up, then
+    /// every deletion queued so far. A new owner of a ReadWriteMany volume starts from S3
+    /// alone, and a change only in the old owner's journal was lost with its node.
     ///
-    /// CREATE waits for nothing: the new file goes up at its first COMMIT (the client's close),
-    /// name and bytes in one PUT, where waiting here would cost every small file a second one.
-    /// If S3 fails, the change is answered all the same (logged): it is done and journalled, it
-    /// goes up with the next rounds, and a client that took the error for a failure would send
-    /// it again and find the name moved or gone.
-    pub(crate) async fn in_s3(&self, inos: &[Ino], subtree: bool) {
+    /// Not waited for, because they go up with the file's next COMMIT, name and bytes in one
+    /// request, and a wait here would cost a second one (or a whole upload): CREATE; a file
+    /// never uploaded; a file with bytes written and not yet uploaded. If S3 fails or takes
+    /// longer than [`NS_WAIT`], the change is answered once journalled (logged): it is done,
+    /// it goes up with the next rounds, and a client that took an error for a failure would
+    /// send it again and find the name moved or gone. The one exception is a fenced gateway
+    /// (its ReadWriteMany term is over and its journal is thrown away): the change is answered
+    /// JUKEBOX, and the client sends it again, to the next owner.
+    pub(crate) async fn in_s3(&self, inos: &[Ino], subtree: bool) -> FsResult<()> {
         if self.cfg.durability != Durability::S3 {
-            return;
+            return Ok(());
         }
-        if let Err(e) = self.bring_to_s3(inos, subtree).await {
-            tracing::warn!(error = %e, "a namespace change is journalled but not yet in S3; it goes up with the next flush");
+        let r = tokio::select! {
+            r = self.bring_to_s3(inos, subtree) => r,
+            () = self.cfg.clock.sleep(NS_WAIT) => Err(FsError::Retry(format!("not in S3 within {NS_WAIT:?}"))),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(_) if self.store.fenced() => Err(FsError::Retry(
+                "this gateway no longer owns the volume: the change is not kept".into(),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "a namespace change is journalled but not yet in S3; it goes up with the next flush");
+                Ok(())
+            }
         }
     }
 
     async fn bring_to_s3(&self, inos: &[Ino], subtree: bool) -> FsResult<()> {
         use futures::StreamExt;
-        let mut pending = Vec::new();
-        let mut stack = inos.to_vec();
-        while let Some(i) = stack.pop() {
-            if self.meta.pending(i)?.is_some() {
-                pending.push(i);
-            }
-            if subtree {
-                for c in self.meta.child_inos(i) {
-                    stack.push(c?);
-                }
+        // In order: a hard link's file before the link, which copies from the file's object.
+        for &i in inos {
+            if self.waits_for(i)? {
+                self.flush_inode(i).await?;
             }
         }
-        // A directory's moves side by side, as a round would send them.
-        let results: Vec<FsResult<()>> = futures::stream::iter(pending.into_iter().map(|i| self.flush_inode(i)))
-            .buffer_unordered(self.cfg.upload_concurrency)
-            .collect()
-            .await;
-        results.into_iter().collect::<FsResult<()>>()?;
+        if subtree {
+            let mut under = Vec::new();
+            let mut stack = inos.to_vec();
+            while let Some(i) = stack.pop() {
+                for c in self.meta.child_inos(i) {
+                    let c = c?;
+                    if self.waits_for(c)? {
+                        under.push(c);
+                    }
+                    stack.push(c);
+                }
+            }
+            // A directory's moves side by side, as a round would send them.
+            let results: Vec<FsResult<()>> = futures::stream::iter(under.into_iter().map(|i| self.flush_inode(i)))
+                .buffer_unordered(self.cfg.upload_concurrency)
+                .collect()
+                .await;
+            results.into_iter().collect::<FsResult<()>>()?;
+        }
         self.flush_deletes().await
+    }
+
+    /// Whether a namespace change waits for `ino`'s pending work (see [`Volume::in_s3`]).
+    fn waits_for(&self, ino: Ino) -> FsResult<bool> {
+        if self.meta.pending(ino)?.is_none() {
+            return Ok(false);
+        }
+        let Some(inode) = self.meta.inode(ino)? else {
+            return Ok(false);
+        };
+        if inode.kind == Kind::File {
+            if inode.remote.is_none() {
+                return Ok(false);
+            }
+            if self.staged(ino).is_some_and(|st| st.is_dirty()) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -76,6 +76,9 @@ impl ObjectStore for FencedStore {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+    fn fenced(&self) -> bool {
+        self.fence.is_raised()
+    }
     async fn check(&self) -> StoreResult<()> {
         self.inner.check().await
     }

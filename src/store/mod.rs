@@ -145,6 +145,11 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// A short description for logs and the start-up banner (never credentials).
     fn describe(&self) -> String;
 
+    /// Whether this store refuses every write for good: a fenced gateway's (see [`fenced`]).
+    fn fenced(&self) -> bool {
+        false
+    }
+
     /// Checks that the bucket exists and the credentials may list it. Called once at start-up
     /// so a wrong bucket or key stops the gateway with a clear message instead of serving errors.
     async fn check(&self) -> StoreResult<()>;
