@@ -50,6 +50,47 @@ fn delete_req(id: &str) -> pb::DeleteVolumeRequest {
     }
 }
 
+/// A plugin in a fresh directory on embedded buckets under one switch of faults, connected,
+/// with volume `name` created (ports 21340-21360). Its `dir` holds the buckets: keep it bound.
+struct Bed {
+    dir: tempfile::TempDir,
+    stores: Arc<dyn Connector>,
+    faults: Faults,
+    plugin: InProcPlugin,
+    clients: Clients,
+    vol: pb::Volume,
+}
+
+impl Bed {
+    async fn new(name: &str) -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        let (stores, faults) = faulty_buckets(&dir.path().join("buckets"));
+        let plugin = Self::plugin_in(&dir, &stores).await;
+        let mut clients = connect(&plugin.socket).await;
+        let vol = clients
+            .controller
+            .create_volume(create_req(name, &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        Bed {
+            dir,
+            stores,
+            faults,
+            plugin,
+            clients,
+            vol,
+        }
+    }
+
+    /// The plugin of `dir`, started (again) on `stores`.
+    async fn plugin_in(dir: &tempfile::TempDir, stores: &Arc<dyn Connector>) -> InProcPlugin {
+        InProcPlugin::start_on(&dir.path().join("plugin"), 21340..21360, stores.clone()).await
+    }
+}
+
 /// Embedded buckets in `root`, every one under the same faults.
 fn faulty_buckets(root: &std::path::Path) -> (Arc<dyn Connector>, Faults) {
     let faults = Faults::default();
@@ -188,21 +229,14 @@ fn an_outage_is_unavailable_and_leaves_nothing_behind() {
 #[test]
 fn unstaging_a_volume_whose_gateway_is_not_running_uploads_what_it_holds() {
     run(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (stores, faults) = faulty_buckets(&dir.path().join("buckets"));
-        let plugin = InProcPlugin::start_on(&dir.path().join("plugin"), 21340..21360, stores.clone()).await;
-        let Clients {
-            mut controller,
-            mut node,
-            ..
-        } = connect(&plugin.socket).await;
-        let vol = controller
-            .create_volume(create_req("pvc-not-running", &[]))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let Bed {
+            dir,
+            stores,
+            faults,
+            plugin,
+            clients: Clients { mut node, .. },
+            vol,
+        } = Bed::new("pvc-not-running").await;
         let staging = dir.path().join("staging");
         let req = stage_req(&vol.volume_id, &staging, rwo(), secret(), &[("flushDelay", "1h")]);
         node.node_stage_volume(req).await.unwrap();
@@ -247,22 +281,14 @@ fn unstaging_a_volume_whose_gateway_is_not_running_uploads_what_it_holds() {
 #[test]
 fn a_stage_deferred_to_the_first_publish_is_done_after_a_plugin_restart() {
     run(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (stores, _faults) = faulty_buckets(&dir.path().join("buckets"));
-        let plugin_dir = dir.path().join("plugin");
-        let plugin = InProcPlugin::start_on(&plugin_dir, 21340..21360, stores.clone()).await;
-        let Clients {
-            mut controller,
-            mut node,
+        let Bed {
+            dir,
+            stores,
+            plugin,
+            clients: Clients { mut node, .. },
+            vol,
             ..
-        } = connect(&plugin.socket).await;
-        let vol = controller
-            .create_volume(create_req("pvc-deferred", &[]))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        } = Bed::new("pvc-deferred").await;
         let staging = dir.path().join("staging");
         node.node_stage_volume(stage_req(&vol.volume_id, &staging, rwo(), HashMap::new(), &[]))
             .await
@@ -271,10 +297,10 @@ fn a_stage_deferred_to_the_first_publish_is_done_after_a_plugin_restart() {
             plugin.mounter.mounted(&staging).unwrap().is_none(),
             "staged without a secret"
         );
-        drop((controller, node));
+        drop(node);
         plugin.stop().await;
 
-        let plugin = InProcPlugin::start_on(&plugin_dir, 21340..21360, stores.clone()).await;
+        let plugin = Bed::plugin_in(&dir, &stores).await;
         let Clients { mut node, .. } = connect(&plugin.socket).await;
         let target = dir.path().join("pod");
         node.node_publish_volume(publish_req(&vol.volume_id, &staging, &target, rwo(), false, secret()))
@@ -309,21 +335,14 @@ fn a_stage_deferred_to_the_first_publish_is_done_after_a_plugin_restart() {
 #[test]
 fn a_stage_whose_caller_gives_up_runs_to_its_end() {
     run(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (stores, faults) = faulty_buckets(&dir.path().join("buckets"));
-        let plugin = InProcPlugin::start_on(&dir.path().join("plugin"), 21340..21360, stores.clone()).await;
-        let Clients {
-            mut controller,
-            mut node,
+        let Bed {
+            dir,
+            faults,
+            plugin,
+            clients: Clients { mut node, .. },
+            vol,
             ..
-        } = connect(&plugin.socket).await;
-        let vol = controller
-            .create_volume(create_req("pvc-given-up", &[]))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        } = Bed::new("pvc-given-up").await;
         let staging = dir.path().join("staging");
         let req = stage_req(&vol.volume_id, &staging, rwo(), secret(), &[]);
         // The stage's first S3 request: the volume's record.
@@ -363,17 +382,14 @@ fn a_stage_whose_caller_gives_up_runs_to_its_end() {
 #[test]
 fn delete_volume_deletes_in_batches_and_a_failed_batch_is_retried_to_the_same_end() {
     run(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (stores, faults) = faulty_buckets(&dir.path().join("buckets"));
-        let plugin = InProcPlugin::start_on(&dir.path().join("plugin"), 21340..21360, stores.clone()).await;
-        let Clients { mut controller, .. } = connect(&plugin.socket).await;
-        let vol = controller
-            .create_volume(create_req("pvc-many", &[]))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let Bed {
+            dir: _dir,
+            stores,
+            faults,
+            plugin,
+            clients: Clients { mut controller, .. },
+            vol,
+        } = Bed::new("pvc-many").await;
         let b = bucket(&*stores, &vol.volume_id).await;
         for i in 0..2500 {
             b.put(

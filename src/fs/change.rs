@@ -134,7 +134,7 @@ impl Volume {
         // A new directory has nothing in S3 to list.
         self.freshness.note_listed(inode.ino, self.cfg.clock.now());
         drop(_g);
-        self.in_s3(&[inode.ino], false).await?;
+        self.in_s3(&[], vec![inode.ino]).await?;
         Ok(self.attr_of(&inode))
     }
 
@@ -154,7 +154,7 @@ impl Volume {
         inode.size = target.len() as u64;
         self.commit_new(batch, &inode)?;
         drop(_g);
-        self.in_s3(&[inode.ino], false).await?;
+        self.in_s3(&[], vec![inode.ino]).await?;
         Ok(self.attr_of(&inode))
     }
 
@@ -177,7 +177,7 @@ impl Volume {
         apply_owner(&mut inode, cred, &attr);
         self.commit_new(batch, &inode)?;
         drop(_g);
-        self.in_s3(&[inode.ino], false).await?;
+        self.in_s3(&[], vec![inode.ino]).await?;
         Ok(self.attr_of(&inode))
     }
 
@@ -235,34 +235,25 @@ impl Volume {
         if victim.kind == Kind::Dir && self.meta.has_children(ino)? {
             return Err(FsError::NotEmpty);
         }
-        // A file with other names lives on, moved to one of them: that move is this change too.
-        let file = (!matches!(victim.kind, Kind::Link(_) | Kind::Dir)).then_some(victim.ino);
         let mut batch = Batch::new();
         self.drop_name(&mut batch, &victim)?;
         self.touch_dir(&mut batch, dir)?;
         self.meta.commit(batch)?;
         self.usage.changed();
         drop(_g);
-        let moved: Vec<Ino> = file
-            .into_iter()
-            .filter(|i| matches!(self.meta.inode(*i), Ok(Some(_))))
-            .collect();
-        self.in_s3(&moved, false).await?;
+        // A file with other names lives on, moved to one of them: that move is this change too.
+        self.in_s3(&[], vec![victim.ino]).await?;
         Ok(())
     }
 
     pub async fn rename(&self, cred: &Cred, from_dir: Ino, from: &[u8], to_dir: Ino, to: &[u8]) -> FsResult<()> {
-        if let Some((moved, is_dir, heir)) = self.rename_in_journal(cred, from_dir, from, to_dir, to).await? {
-            // The replaced file's move to another of its names is this change too.
-            let mut inos = vec![moved];
-            inos.extend(heir.filter(|i| matches!(self.meta.inode(*i), Ok(Some(_)))));
-            self.in_s3(&inos, is_dir).await?;
-        }
-        Ok(())
+        let moved = self.rename_in_journal(cred, from_dir, from, to_dir, to).await?;
+        self.in_s3(&[], moved).await
     }
 
-    /// RENAME's change, journalled; the inode moved, whether it is a directory, and the file it
-    /// replaced, which lives on if it has other names (`None`: nothing moved).
+    /// RENAME's change, journalled; the inodes it left to move in S3: the one renamed,
+    /// everything under it, and the file it replaced, which moves to another of its names if
+    /// it has one (none when nothing moved).
     async fn rename_in_journal(
         &self,
         cred: &Cred,
@@ -270,7 +261,7 @@ impl Volume {
         from: &[u8],
         to_dir: Ino,
         to: &[u8],
-    ) -> FsResult<Option<(Ino, bool, Option<Ino>)>> {
+    ) -> FsResult<Vec<Ino>> {
         let fd = self.inode(from_dir)?;
         if fd.kind != Kind::Dir {
             return Err(FsError::NotDir);
@@ -298,7 +289,7 @@ impl Volume {
         let src_file = self.inode(self.file_of(ino)?)?;
         perm::check_delete(cred, &self.inode(from_dir)?, &src_file)?;
         if from_dir == to_dir && from == to {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         // No directory may move under itself.
         if src.kind == Kind::Dir {
@@ -318,12 +309,12 @@ impl Volume {
             }
         }
         let mut batch = Batch::new();
-        let mut replaced = None;
+        let mut moved = Vec::new();
         if let Some(tino) = self.meta.lookup(to_dir, to)? {
             let target = self.inode(tino)?;
             if self.file_of(tino)? == src_file.ino {
                 // Two names of one file: rename(2) does nothing and succeeds.
-                return Ok(None);
+                return Ok(Vec::new());
             }
             perm::check_delete(cred, &self.inode(to_dir)?, &self.inode(self.file_of(tino)?)?)?;
             match (src.kind == Kind::Dir, target.kind == Kind::Dir) {
@@ -335,7 +326,7 @@ impl Volume {
             // The moved object lands on the target's key, replacing it; only a directory's
             // marker needs deleting (the source's key differs from it only by being elsewhere).
             self.drop_name(&mut batch, &target)?;
-            replaced = (!matches!(target.kind, Kind::Link(_) | Kind::Dir)).then_some(target.ino);
+            moved.push(target.ino);
         }
         batch.unlink(from_dir, from, ino, src.kind);
         batch.link(to_dir, to, ino, src.kind);
@@ -352,6 +343,7 @@ impl Volume {
         let mut stack = vec![ino];
         while let Some(i) = stack.pop() {
             batch.mark_pending(i, self.next_seq());
+            moved.push(i);
             let remote = self.meta.inode(i)?.and_then(|n| n.remote);
             if let Some(r) = &remote {
                 batch.moving_from(&r.key, i);
@@ -366,7 +358,7 @@ impl Volume {
         }
         self.meta.commit(batch)?;
         self.usage.changed();
-        Ok(Some((ino, src.kind == Kind::Dir, replaced)))
+        Ok(moved)
     }
 
     /// Lists a directory recursively (no delimiter) so every object under it is in the namespace.
@@ -506,7 +498,7 @@ impl Volume {
         drop(_g);
         // A new size is the file's bytes: they go up with its COMMIT, as a WRITE's do.
         if s3_visible && attr.size.is_none() {
-            self.in_s3(&[ino], false).await?;
+            self.in_s3(&[], vec![ino]).await?;
         }
         Ok(self.attr_of(&inode))
     }

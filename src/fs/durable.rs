@@ -235,9 +235,9 @@ const NS_WAIT: Duration = Duration::from_secs(20);
 impl Volume {
     /// With [`Durability::S3`], a namespace change (RENAME, REMOVE, RMDIR, MKDIR, SYMLINK,
     /// MKNOD, LINK, a SETATTR of mode, owner or mtime) is answered once it is in S3, as RFC 1813
-    /// asks of these operations and of stable storage: what the change left pending (`inos`, in
-    /// that order, then with `subtree` everything under them: a directory moved) goes up, then
-    /// every deletion queued so far. A new owner of a ReadWriteMany volume starts from S3
+    /// asks of these operations and of stable storage: what the change left pending goes up
+    /// (`first` one after the other, then `inos` side by side: a directory's moves), then every
+    /// deletion queued so far. An inode gone or with nothing pending is passed over. A new owner of a ReadWriteMany volume starts from S3
     /// alone, and a change only in the old owner's journal was lost with its node.
     ///
     /// Not waited for, because they go up with the file's next COMMIT, name and bytes in one
@@ -248,12 +248,12 @@ impl Volume {
     /// send it again and find the name moved or gone. The one exception is a fenced gateway
     /// (its ReadWriteMany term is over and its journal is thrown away): the change is answered
     /// JUKEBOX, and the client sends it again, to the next owner.
-    pub(crate) async fn in_s3(&self, inos: &[Ino], subtree: bool) -> FsResult<()> {
+    pub(crate) async fn in_s3(&self, first: &[Ino], inos: Vec<Ino>) -> FsResult<()> {
         if self.cfg.durability != Durability::S3 {
             return Ok(());
         }
         let r = tokio::select! {
-            r = self.bring_to_s3(inos, subtree) => r,
+            r = self.bring_to_s3(first, inos) => r,
             () = self.cfg.clock.sleep(NS_WAIT) => Err(FsError::Retry(format!("not in S3 within {NS_WAIT:?}"))),
         };
         match r {
@@ -268,33 +268,26 @@ impl Volume {
         }
     }
 
-    async fn bring_to_s3(&self, inos: &[Ino], subtree: bool) -> FsResult<()> {
+    async fn bring_to_s3(&self, first: &[Ino], inos: Vec<Ino>) -> FsResult<()> {
         use futures::StreamExt;
-        // In order: a hard link's file before the link, which copies from the file's object.
-        for &i in inos {
+        // A hard link's file goes before the link, which copies from the file's object.
+        for &i in first {
             if self.waits_for(i)? {
                 self.flush_inode(i).await?;
             }
         }
-        if subtree {
-            let mut under = Vec::new();
-            let mut stack = inos.to_vec();
-            while let Some(i) = stack.pop() {
-                for c in self.meta.child_inos(i) {
-                    let c = c?;
-                    if self.waits_for(c)? {
-                        under.push(c);
-                    }
-                    stack.push(c);
-                }
+        let mut waited = Vec::with_capacity(inos.len());
+        for i in inos {
+            if self.waits_for(i)? {
+                waited.push(i);
             }
-            // A directory's moves side by side, as a round would send them.
-            let results: Vec<FsResult<()>> = futures::stream::iter(under.into_iter().map(|i| self.flush_inode(i)))
-                .buffer_unordered(self.cfg.upload_concurrency)
-                .collect()
-                .await;
-            results.into_iter().collect::<FsResult<()>>()?;
         }
+        // A directory's moves side by side, as a round would send them.
+        let results: Vec<FsResult<()>> = futures::stream::iter(waited.into_iter().map(|i| self.flush_inode(i)))
+            .buffer_unordered(self.cfg.upload_concurrency)
+            .collect()
+            .await;
+        results.into_iter().collect::<FsResult<()>>()?;
         self.flush_deletes().await
     }
 

@@ -64,7 +64,7 @@ impl Volume {
         self.meta.commit(batch)?;
         self.usage.changed();
         drop(_g);
-        self.in_s3(&[ino, name_ino], false).await?;
+        self.in_s3(&[ino], vec![name_ino]).await?;
         Ok(self.attr_of(&self.inode(ino)?))
     }
 
